@@ -1,0 +1,180 @@
+"""QTensor: a tensor resident in its format's width.
+
+Storage of the elements (``QTensor.data``):
+
+=====================  ======================================  ==================
+format                 data                                    bytes / element
+=====================  ======================================  ==================
+fp32 / bf16 / fp16     that dtype                              4 / 2 / 2
+fp8_e4m3, mxfp8        torch.float8_e4m3fn                     1
+fp8_e5m2               torch.float8_e5m2                       1
+int8                   torch.int8                              1
+fp4_e2m1, mxfp4, nvfp4 4-bit E2M1 codes, 2 per uint8            1/2
+ternary                2-bit codes (code = value + 1), 4/byte  1/4
+binary                 1 bit (1 = +1, 0 = -1), 8 per byte      1/8
+=====================  ======================================  ==================
+
+plus the scales (``QTensor.scale``: fp32 per tensor/row/block, E8M0 as uint8 for MX, E4M3 for
+NVFP4 blocks) and NVFP4's fp32 tensor scale. Block formats store the padded last dimension.
+``nbytes`` counts exactly these storages.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .formats import Format, format as get_format
+from .packing import pack_codes, unpack_codes
+from .quantize import E8M0_NAN, Groups, check_input, e8m0_to_float, from_groups, quantize_groups, to_groups
+from .rounding import check_rounding, torch_dtype_of
+
+# E2M1 magnitudes by 3-bit code: exponent 2 bits, mantissa 1 bit.
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+# index = 2 * |value| -> 3-bit magnitude code (only the entries of E2M1_VALUES are reached).
+_E2M1_CODE_OF_TWICE = torch.tensor([0, 1, 2, 3, 4, 0, 5, 0, 6, 0, 0, 0, 7], dtype=torch.uint8)
+
+
+def e2m1_encode(values: torch.Tensor) -> torch.Tensor:
+    """E2M1 values (exactly on the grid; NaN allowed, encoded as +0) -> 4-bit codes (uint8)."""
+    v = torch.nan_to_num(values, nan=0.0)
+    twice = (v.abs() * 2).to(torch.long)
+    mag = _E2M1_CODE_OF_TWICE.to(v.device)[twice]
+    return mag | (torch.signbit(v).to(torch.uint8) << 3)
+
+
+def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes -> float32 E2M1 values (the sign bit gives -0.0 for code 8)."""
+    mag = E2M1_VALUES.to(codes.device)[(codes & 7).long()]
+    return torch.where((codes >> 3).bool(), -mag, mag)
+
+
+def _packed_bits(fmt: Format) -> int | None:
+    if fmt.kind == "float" and fmt.bits == 4:
+        return 4
+    return {"ternary": 2, "binary": 1}.get(fmt.kind)
+
+
+class QTensor:
+    """Packed elements + scales + format + logical shape. Build with :func:`quantize`."""
+
+    def __init__(self, data, scale, global_scale, fmt: Format, shape, padded_last: int):
+        self.data = data
+        self.scale = scale
+        self.global_scale = global_scale
+        self.fmt = fmt
+        self.shape = torch.Size(shape)
+        self.padded_last = padded_last
+
+    # ---- storage ------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def _storages(self):
+        return [t for t in (self.data, self.scale, self.global_scale) if t is not None]
+
+    @property
+    def nbytes(self) -> int:
+        """Real resident bytes: packed elements + scales."""
+        return sum(t.numel() * t.element_size() for t in self._storages())
+
+    @property
+    def bits_per_element(self) -> float:
+        return 8 * self.nbytes / max(self.numel(), 1)
+
+    def to(self, device) -> "QTensor":
+        """A copy on ``device`` (formats and codes unchanged)."""
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return QTensor(mv(self.data), mv(self.scale), mv(self.global_scale), self.fmt, self.shape, self.padded_last)
+
+    def _groups(self) -> Groups:
+        n_pad = (self.shape[:-1].numel() if len(self.shape) else 1) * self.padded_last
+        g = self.scale.numel() if self.fmt.is_scaled else 1
+        return Groups(self.shape, self.padded_last, g, n_pad // g if g else 0)
+
+    # ---- values -------------------------------------------------------------------------
+    def values(self) -> torch.Tensor:
+        """Element-domain values ``(G, N)`` (float32, before scaling)."""
+        groups = self._groups()
+        fmt = self.fmt
+        bits = _packed_bits(fmt)
+        n = groups.G * groups.N
+        if bits is None:
+            v = self.data.to(torch.float32)
+        else:
+            codes = unpack_codes(self.data, bits, n)
+            if bits == 4:
+                v = e2m1_decode(codes)
+            elif bits == 2:
+                v = codes.to(torch.float32) - 1.0
+            else:
+                v = codes.to(torch.float32) * 2.0 - 1.0
+        return v.reshape(groups.G, groups.N)
+
+    def group_scales(self) -> torch.Tensor:
+        """fp32 scale of every group, ``(G, 1)``."""
+        G = self._groups().G
+        fmt = self.fmt
+        if not fmt.is_scaled:
+            return torch.ones(G, 1, device=self.device)
+        if fmt.scale == "e8m0":
+            return e8m0_to_float(self.scale).reshape(G, 1)
+        s = self.scale.to(torch.float32).reshape(G, 1)
+        if fmt.scale == "nvfp4":
+            s = s * self.global_scale
+        return s
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The represented tensor, in ``dtype``, with the logical shape."""
+        x = self.values() * self.group_scales()
+        return from_groups(x, self._groups()).to(dtype)
+
+    def __repr__(self) -> str:
+        mib = self.nbytes / 2**20
+        return (
+            f"QTensor(format={self.fmt}, shape={tuple(self.shape)}, nbytes={self.nbytes} "
+            f"({mib:.3f} MiB, {self.bits_per_element:.3f} bits/element), device={self.device})"
+        )
+
+
+def quantize(x: torch.Tensor, fmt, *, rounding: str = "nearest", generator: torch.Generator | None = None) -> QTensor:
+    """Quantize ``x`` to ``fmt`` (a name or a :class:`Format`) and pack it.
+
+    rounding: ``"nearest"`` (ties to even) or ``"stochastic"`` (unbiased, noise from
+    ``generator``). Non-finite input makes its scale group NaN (see :mod:`lowprec.formats`)."""
+    fmt = get_format(fmt)
+    check_input(x)
+    check_rounding(rounding)
+    xg, groups = to_groups(x, fmt)
+    values, _, stored, g = quantize_groups(xg, fmt, rounding, generator)
+    bits = _packed_bits(fmt)
+    if not fmt.has_nan:  # NaN groups are carried by their NaN scale; keep the codes defined
+        values = torch.nan_to_num(values, nan=0.0)
+    if bits == 4:
+        data = pack_codes(e2m1_encode(values), 4)
+    elif bits == 2:
+        data = pack_codes((values + 1).to(torch.uint8), 2)
+    elif bits == 1:
+        data = pack_codes((values > 0).to(torch.uint8), 1)
+    elif fmt.kind == "int":
+        data = values.to(torch.int8)
+    else:
+        data = values.to(torch_dtype_of(fmt))
+    if fmt.is_scaled and stored is not None:
+        stored = stored.reshape(groups.scale_shape(fmt))
+    return QTensor(data, stored, g, fmt, groups.shape, groups.padded_last)
+
+
+def _register_safe_globals():
+    """Let ``torch.load`` (weights_only, the default) read QTensors back."""
+    add = getattr(torch.serialization, "add_safe_globals", None)
+    if add is not None:
+        add([QTensor, Format, Groups])
+
+
+_register_safe_globals()
+
+__all__ = ["QTensor", "quantize", "e2m1_encode", "e2m1_decode", "E8M0_NAN"]

@@ -1,0 +1,166 @@
+"""Scale groups, scale rules and element rounding: the arithmetic of every format.
+
+``x`` (any shape, floating) is viewed as ``G`` scale groups of ``N`` elements (``(G, N)``):
+
+- ``tensor`` (and unscaled formats): G = 1, N = numel.
+- ``row``: G = numel / K, N = K = x.shape[-1] (per row; for activations, per token).
+- ``block``: the last dimension is zero-padded to a multiple of ``block`` (padding is cropped
+  again on dequantize; zero padding changes no block's amax or the absmean of whole blocks,
+  and only the last, partial block sees it), G = numel_padded / block, N = block.
+
+For each group a scale ``s`` (fp32, shape ``(G, 1)``) is chosen by ``fmt.scale`` (see
+:mod:`lowprec.formats`), then ``values = round(x / s)`` on the element grid; ``x ~= values * s``.
+Inputs are computed in float32 (fp64 input is first cast to float32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .formats import Format, format as get_format
+from .rounding import check_rounding, round_to_grid
+
+ABSMEAN_EPS = 1e-5  # BitNet b1.58's guard: scale = max(mean|W|, 1e-5)
+E8M0_BIAS = 127
+E8M0_NAN = 255
+NVFP4_GLOBAL = 448.0 * 6.0  # E4M3 max x E2M1 max: the tensor scale maps amax onto it
+
+
+@dataclass
+class Groups:
+    """How a tensor of logical ``shape`` is laid out as ``(G, N)`` scale groups."""
+
+    shape: torch.Size
+    padded_last: int  # last dimension after block padding (== shape[-1] without padding)
+    G: int
+    N: int
+
+    def scale_shape(self, fmt: Format) -> tuple[int, ...]:
+        lead = tuple(self.shape[:-1]) if len(self.shape) else ()
+        if not fmt.is_scaled or fmt.granularity == "tensor":
+            return ()
+        if fmt.granularity == "row":
+            return lead if len(self.shape) > 1 else (1,)
+        return lead + (self.padded_last // fmt.block,)
+
+
+def check_input(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"quantize expects a floating-point tensor, got dtype {x.dtype}; convert it first")
+
+
+def to_groups(x: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, Groups]:
+    """float32 ``(G, N)`` view of ``x`` (padded for block formats)."""
+    shape = x.shape
+    x = x.to(torch.float32).reshape(shape if len(shape) else (1,))
+    last = x.shape[-1]
+    if fmt.is_scaled and fmt.granularity == "block":
+        pad = (-last) % fmt.block
+        if pad:
+            x = F.pad(x, (0, pad))
+        n = fmt.block
+    elif fmt.is_scaled and fmt.granularity == "row":
+        n = last
+    else:
+        n = x.numel()
+    padded_last = x.shape[-1]
+    if n:
+        g = x.numel() // n
+    else:  # empty: one (empty) group per row for row scales, else one group
+        g = x.shape[:-1].numel() if fmt.is_scaled and fmt.granularity == "row" else 1
+    return x.reshape(g, n), Groups(shape, padded_last, g, n)
+
+
+def from_groups(xg: torch.Tensor, groups: Groups) -> torch.Tensor:
+    """Inverse of :func:`to_groups`: crop the block padding and restore the logical shape."""
+    shape = groups.shape
+    lead = tuple(shape[:-1]) if len(shape) else ()
+    x = xg.reshape(lead + (groups.padded_last,))
+    last = shape[-1] if len(shape) else 1
+    if groups.padded_last != last:
+        x = x[..., :last]
+    return x.reshape(shape)
+
+
+def group_scales(xg: torch.Tensor, fmt: Format):
+    """Scales of each group.
+
+    Returns ``(s, stored, global_scale)``: ``s`` is the fp32 multiplier ``(G, 1)`` (NaN for a
+    group holding NaN/inf), ``stored`` the scales as they are kept (fp32, E8M0 codes as uint8, or
+    E4M3), ``global_scale`` the fp32 tensor scale of NVFP4 (else None)."""
+    G = xg.shape[0]
+    if not fmt.is_scaled:
+        return torch.ones(G, 1, device=xg.device), None, None
+    if xg.numel() == 0:
+        ones = torch.ones(G, 1, device=xg.device)
+        if fmt.scale == "e8m0":
+            return ones, torch.full((G,), E8M0_BIAS, dtype=torch.uint8, device=xg.device), None
+        if fmt.scale == "nvfp4":
+            return ones, ones.reshape(G).to(torch.float8_e4m3fn), torch.ones((), device=xg.device)
+        return ones, ones.reshape(G), None
+    nan = torch.tensor(float("nan"), device=xg.device)
+    a = xg.abs()
+    finite = torch.isfinite(xg).all(dim=1, keepdim=True)
+    if fmt.scale == "absmax":
+        amax = a.amax(dim=1, keepdim=True)
+        s = torch.where(amax > 0, amax / fmt.max_value, 1.0)
+        s = torch.where(finite, s, nan)
+        return s, s.reshape(G), None
+    if fmt.scale == "absmean":
+        s = a.mean(dim=1, keepdim=True).clamp(min=ABSMEAN_EPS)
+        s = torch.where(finite, s, nan)
+        return s, s.reshape(G), None
+    if fmt.scale == "e8m0":
+        # OCP MX v1.0: shared exponent = floor(log2(amax)) - emax_elem, in E8M0's range.
+        amax = a.amax(dim=1, keepdim=True)
+        _, exp = torch.frexp(amax)
+        shared = (exp - 1 - fmt.max_exp).clamp(-E8M0_BIAS, E8M0_BIAS)
+        code = torch.where(amax > 0, shared + E8M0_BIAS, 0)
+        code = torch.where(finite, code, E8M0_NAN)
+        return e8m0_to_float(code), code.reshape(G).to(torch.uint8), None
+    # nvfp4: two-level scaling.
+    amax_t = a.amax()
+    all_finite = finite.all()
+    g = torch.where(amax_t > 0, amax_t / NVFP4_GLOBAL, 1.0)
+    g = torch.where(all_finite, g, nan)
+    amax_b = a.amax(dim=1, keepdim=True)
+    sb = (amax_b / fmt.max_value / g).clamp(max=448.0).to(torch.float8_e4m3fn)
+    s = sb.to(torch.float32) * g
+    return s, sb.reshape(G), g
+
+
+def e8m0_to_float(code: torch.Tensor) -> torch.Tensor:
+    """2^(code - 127) as float32; code 255 is NaN."""
+    code = code.to(torch.int32)
+    s = torch.ldexp(torch.ones(code.shape, device=code.device), code - E8M0_BIAS)
+    return torch.where(code == E8M0_NAN, float("nan"), s)
+
+
+def quantize_groups(xg: torch.Tensor, fmt: Format, rounding: str, generator=None):
+    """Element-domain values ``(G, N)`` on ``fmt``'s grid, with the scales of
+    :func:`group_scales`. ``values * s`` is the dequantized tensor."""
+    s, stored, g = group_scales(xg, fmt)
+    v = xg / s
+    if fmt.scale == "nvfp4":
+        v = torch.where(s == 0, 0.0, v)  # a block whose E4M3 scale underflowed is all zeros
+    values = round_to_grid(v, fmt, rounding, generator)
+    return values, s, stored, g
+
+
+def quantize_dequantize(x: torch.Tensor, fmt, *, rounding: str = "nearest", generator=None):
+    """``(x_q, s_elem)``: ``x`` rounded through ``fmt`` (float32, shape of ``x``) and the fp32
+    scale that applies to each element (shape of ``x``). The fast path for fake quantization
+    and the emulated backend; no packing."""
+    fmt = get_format(fmt)
+    check_input(x)
+    check_rounding(rounding)
+    xg, groups = to_groups(x, fmt)
+    values, s, _, _ = quantize_groups(xg, fmt, rounding, generator)
+    xq = from_groups(values * s, groups)
+    s_elem = from_groups(s.expand_as(values), groups)
+    return xq, s_elem

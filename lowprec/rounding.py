@@ -1,0 +1,113 @@
+"""Rounding onto an element grid: nearest (ties to even) and stochastic (unbiased).
+
+All functions take and return float32 tensors holding values *in the element domain*
+(already divided by their scale) and never pack anything.
+
+Float grids. For a minifloat with ``m`` mantissa bits and smallest normal exponent ``e_min``,
+the spacing (quantum) of representable values around ``a = |v|`` is::
+
+    e = max(floor(log2 a), e_min)        q = 2^(e - m)
+
+so ``a / q`` is exact in fp32 and rounding ``a`` to the grid is rounding ``a / q`` to an integer:
+``round_half_even(a / q) * q`` (nearest) or ``floor(a / q + u) * q`` with ``u ~ U[0, 1)``
+(stochastic; ``E[floor(r + u)] = r``, so the result is unbiased for every value inside the range).
+Values beyond ``max_value`` saturate to it (finite input never becomes inf or NaN).
+
+Integer-like grids (int8, ternary, binary) round ``v`` to integers in ``[-max, max]`` the same way;
+stochastic rounding first clamps to the range so that ``E[q] = clamp(v)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .formats import Format
+
+ROUNDINGS = ("nearest", "stochastic")
+
+# torch dtypes whose own cast *is* the format's nearest-even rounding.
+_TORCH_DTYPES = {
+    ("float", 4, 3): torch.float8_e4m3fn,
+    ("float", 5, 2): torch.float8_e5m2,
+    ("float", 5, 10): torch.float16,
+    ("float", 8, 7): torch.bfloat16,
+}
+
+
+def check_rounding(rounding: str) -> None:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}; choose one of {ROUNDINGS}")
+
+
+def torch_dtype_of(fmt: Format) -> torch.dtype | None:
+    """The torch dtype that stores ``fmt``'s elements exactly, if torch has one."""
+    if fmt.kind == "float" and fmt.bits == 32:
+        return torch.float32
+    return _TORCH_DTYPES.get((fmt.kind, fmt.exp_bits, fmt.man_bits))
+
+
+def uniform_like(v: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """U[0, 1) noise shaped like ``v``, from ``generator`` (reproducible) or the global RNG."""
+    return torch.rand(v.shape, generator=generator, device=v.device, dtype=torch.float32)
+
+
+def round_float_grid(v: torch.Tensor, fmt: Format, rounding: str, generator=None) -> torch.Tensor:
+    """Round float32 ``v`` onto ``fmt``'s minifloat grid, saturating at ``fmt.max_value``.
+
+    NaN stays NaN and +-inf stays +-inf; every finite input gives a finite output.
+    With ``rounding="nearest"`` this is bit-identical to ``v.clamp(-max, max).to(dtype)`` for
+    the formats torch has a dtype for (tested exhaustively)."""
+    if fmt.bits == 32:
+        return v
+    mx = fmt.max_value
+    finite = torch.isfinite(v)
+    a = torch.where(finite, v.abs().clamp(max=mx), v.abs())
+    _, exp = torch.frexp(a)  # a = mant * 2^exp with mant in [0.5, 1): floor(log2 a) = exp - 1
+    e = (exp - 1).clamp(min=fmt.min_normal_exp)
+    quantum = torch.ldexp(torch.ones_like(a), e - fmt.man_bits)
+    r = a / quantum
+    if rounding == "nearest":
+        r = torch.round(r)  # ties to even
+    else:
+        r = torch.floor(r + uniform_like(r, generator))
+    out = (r * quantum).clamp(max=mx)
+    out = torch.where(finite, out, a)
+    return torch.copysign(out, v)
+
+
+def round_int_grid(v: torch.Tensor, max_int: float, rounding: str, generator=None) -> torch.Tensor:
+    """Round float32 ``v`` to integers in ``[-max_int, max_int]`` (ties to even / stochastic)."""
+    v = v.clamp(-max_int, max_int)
+    if rounding == "nearest":
+        return torch.round(v)
+    return torch.floor(v + uniform_like(v, generator)).clamp(-max_int, max_int)
+
+
+def round_binary(v: torch.Tensor, rounding: str, generator=None) -> torch.Tensor:
+    """Map ``v`` (in units of the scale) to {-1, +1}.
+
+    nearest: sign(v) with sign(0) = +1 (also for -0.0). stochastic: +1 with probability
+    clamp((v + 1) / 2, 0, 1), so ``E[q] = clamp(v, -1, 1)``."""
+    if rounding == "nearest":
+        return torch.where(v >= 0, 1.0, -1.0).to(torch.float32)
+    p_plus = ((v + 1) * 0.5).clamp(0, 1)
+    return torch.where(uniform_like(v, generator) < p_plus, 1.0, -1.0).to(torch.float32)
+
+
+def round_to_grid(v: torch.Tensor, fmt: Format, rounding: str, generator=None) -> torch.Tensor:
+    """Round element-domain values ``v`` to ``fmt``'s element grid (float32 out)."""
+    if fmt.kind == "float":
+        if rounding == "nearest" and (dt := torch_dtype_of(fmt)) is not None and fmt.bits < 32:
+            # torch's cast is the reference; clamping first makes it saturate like the spec.
+            finite = torch.isfinite(v)
+            out = torch.where(finite, v.clamp(-fmt.max_value, fmt.max_value), v).to(dt).to(torch.float32)
+        else:
+            out = round_float_grid(v, fmt, rounding, generator)
+        if not fmt.has_inf:  # E4M3 (fn) has no infinity: +-inf becomes its NaN code
+            out = torch.where(torch.isinf(out), float("nan"), out)
+        return out
+    if fmt.kind == "int":
+        return round_int_grid(v, fmt.max_value, rounding, generator)
+    if fmt.kind == "ternary":
+        return round_int_grid(v, 1.0, rounding, generator)
+    return round_binary(v, rounding, generator)
