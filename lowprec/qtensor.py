@@ -159,10 +159,10 @@ def quantize(x: torch.Tensor, fmt, *, rounding: str = "nearest", generator: torc
         data = pack_codes((values + 1).to(torch.uint8), 2)
     elif bits == 1:
         data = pack_codes((values > 0).to(torch.uint8), 1)
-    elif fmt.kind == "int":
-        data = values.to(torch.int8)
-    else:
-        data = values.to(torch_dtype_of(fmt))
+    else:  # byte-wide or wider: keep the (padded) logical layout, as torch kernels expect
+        lead = tuple(groups.shape[:-1]) if len(groups.shape) else ()
+        data = values.reshape(lead + (groups.padded_last,))
+        data = data.to(torch.int8 if fmt.kind == "int" else torch_dtype_of(fmt))
     if fmt.is_scaled and stored is not None:
         stored = stored.reshape(groups.scale_shape(fmt))
     return QTensor(data, stored, g, fmt, groups.shape, groups.padded_last)

@@ -1,0 +1,129 @@
+"""QTensor storage: packing, real byte counts, serialization, devices, and bad input."""
+import io
+
+import pytest
+import torch
+
+import lowprec
+from lowprec.packing import pack_codes, unpack_codes
+
+ALL = list(lowprec.FORMATS)
+
+
+@pytest.mark.parametrize("nbits", [1, 2, 4])
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1000, 1023])
+def test_pack_unpack_round_trip(nbits, n, device):
+    codes = torch.randint(0, 2**nbits, (n,), generator=torch.Generator().manual_seed(n)).to(torch.uint8).to(device)
+    packed = pack_codes(codes, nbits)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-n * nbits // 8)
+    assert torch.equal(unpack_codes(packed, nbits, n), codes)
+
+
+def test_pack_layout_is_little_end_first():
+    assert pack_codes(torch.tensor([1, 2, 3, 0], dtype=torch.uint8), 2).tolist() == [1 | 2 << 2 | 3 << 4]
+    assert pack_codes(torch.tensor([0xA, 0x5], dtype=torch.uint8), 4).tolist() == [0x5A]
+    with pytest.raises(ValueError):
+        pack_codes(torch.zeros(4, dtype=torch.uint8), 3)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("shape", [(1,), (3, 5), (2, 3, 70), (64, 64)])
+def test_quantize_dequantize_storage_round_trip(name, shape, device):
+    """Packing is lossless: unpacked values times scales equal the unpacked fast path."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5)).to(device)
+    q = lowprec.quantize(x, name)
+    xq, _ = lowprec.quantize_dequantize(x, name)
+    assert q.dequantize().shape == x.shape
+    assert torch.equal(q.dequantize(), xq)
+    # re-quantizing a dequantized tensor changes nothing where the scale only depends on amax
+    # (absmean scales move: mean|Q(x)| != mean|x|, so ternary/binary are not closed that way)
+    if lowprec.format(name).scale != "absmean":
+        q2 = lowprec.quantize(q.dequantize(), name)
+        assert torch.equal(q2.dequantize(), q.dequantize())
+
+
+def test_nbytes_is_real():
+    x = torch.randn(1024, 1024)
+    n = 1024 * 1024
+    expected = {
+        "fp32": 4 * n, "bf16": 2 * n, "fp16": 2 * n,
+        "fp8_e4m3": n + 4, "fp8_e5m2": n + 4, "int8": n + 4,
+        "fp4_e2m1": n // 2 + 4,
+        "mxfp8": n + n // 32, "mxfp4": n // 2 + n // 32,
+        "nvfp4": n // 2 + n // 16 + 4,
+        "ternary": n // 4 + 4, "binary": n // 8 + 4,
+    }
+    for name in ALL:
+        q = lowprec.quantize(x, name)
+        assert q.nbytes == expected[name], name
+        assert q.nbytes == sum(t.untyped_storage().nbytes() for t in (q.data, q.scale, q.global_scale) if t is not None)
+    big = torch.randn(4096, 4096)
+    assert lowprec.quantize(big, "ternary").nbytes == 4096 * 4096 // 4 + 4 <= 4.2 * 2**20
+    assert lowprec.quantize(big, "binary").nbytes == 4096 * 4096 // 8 + 4 <= 2.1 * 2**20
+
+
+def test_row_and_block_scales_are_counted():
+    x = torch.randn(10, 100)
+    q = lowprec.quantize(x, lowprec.format("fp8_e4m3", granularity="row"))
+    assert q.nbytes == 10 * 100 + 10 * 4
+    qb = lowprec.quantize(x, lowprec.format("int8", granularity="block", block=64))
+    assert qb.data.shape == (10, 128) and qb.scale.shape == (10, 2)  # padded to whole blocks
+    assert qb.nbytes == 10 * 128 + 20 * 4
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_save_load_to_and_repr(name, device, tmp_path):
+    x = torch.randn(6, 40)
+    q = lowprec.quantize(x, name).to(device)
+    assert q.device.type == device.type
+    path = tmp_path / "q.pt"
+    torch.save(q, path)
+    r = torch.load(path)  # weights_only (torch's default) works: QTensor is an allowed global
+    assert isinstance(r, lowprec.QTensor) and r.fmt == q.fmt and r.shape == q.shape
+    assert torch.equal(r.dequantize(), q.dequantize())
+    back = r.to("cpu")
+    assert torch.equal(back.dequantize(), lowprec.quantize(x, name).dequantize())
+    text = repr(q)
+    assert name in text and "(6, 40)" in text and f"nbytes={q.nbytes}" in text
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_empty_and_zero_dim(name):
+    for shape in [(0,), (0, 5), (3, 0)]:
+        q = lowprec.quantize(torch.empty(shape), name)
+        assert q.dequantize().shape == shape and q.nbytes >= 0
+    q = lowprec.quantize(torch.tensor(0.75), name)
+    assert q.dequantize().shape == ()
+    xq, _ = lowprec.quantize_dequantize(torch.tensor(0.75), name)
+    assert torch.equal(q.dequantize(), xq)
+
+
+def test_integer_and_non_tensor_inputs_are_refused():
+    with pytest.raises(TypeError, match="floating-point.*torch.int64"):
+        lowprec.quantize(torch.arange(4), "int8")
+    with pytest.raises(TypeError, match="expected a torch.Tensor"):
+        lowprec.quantize([1.0, 2.0], "int8")
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_never_becomes_a_finite_code(name, bad):
+    """Documented rule: a NaN/inf poisons its scale group (NaN); unscaled formats keep it."""
+    x = torch.randn(4, 64)
+    x[1, 3] = bad
+    out = lowprec.quantize(x, name).dequantize()
+    fmt = lowprec.format(name)
+    if not fmt.is_scaled:
+        assert torch.equal(out[1, 3].isnan(), torch.tensor(bad != bad))
+        if bad == bad:
+            assert out[1, 3] == bad
+        assert torch.isfinite(out[0]).all()
+        return
+    assert out[1, 3].isnan()
+    if fmt.granularity == "tensor":
+        assert out.isnan().all()
+    else:  # block formats: only that block (nvfp4: its fp32 tensor scale is poisoned too)
+        if fmt.scale == "nvfp4":
+            assert out.isnan().all()
+        else:
+            assert out[1, : fmt.block].isnan().all() and torch.isfinite(out[0]).all()
