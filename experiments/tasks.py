@@ -1,0 +1,316 @@
+"""Long-context retrieval tasks: a passkey, or one of several ``key: value`` records, hidden
+in filler text and asked for at the end.
+
+Every prompt is built in *token space* for a given tokenizer, from separately encoded
+pieces, so lengths are exact::
+
+    [intro] filler+records  NEEDLE_HEAD ANSWER NEEDLE_TAIL  filler+records  QUESTION  | ANSWER
+                                        ^ needle_pos                                   ^ len(prompt)
+
+``distance = len(prompt_ids) - needle_pos``: how many tokens back the first answer token
+was stated. A model with attention window W, generating the answer at position
+``len(prompt)``, cannot attend to the needle when ``distance > W`` — only memory (the RNN
+state) can carry it; that is the point of the task. The question ends with the same words
+as the needle's head, so a model copies what followed them.
+
+Passkey:  "... The pass key is 71432. Remember it. ... What is the pass key? The pass key is" → " 71432"
+Key–value: "... kzqwe: 40917. ... What is kzqwe? kzqwe:" → " 40917", beside ``n_pairs - 1``
+distractor records placed at random before or after the queried one.
+
+Filler is either the tokens of some repeated plain sentences or any token stream (e.g.
+the validation split's), read cyclically from a random offset and cut to exact length.
+Everything is drawn from ``random.Random`` seeded with strings, so it is identical across
+runs and machines.
+"""
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .tokenizer import Tokenizer
+
+__all__ = [
+    "TASKS", "DEFAULT_DISTANCES", "RetrievalConfig", "RetrievalExample", "make_example",
+    "retrieval_examples", "evaluate_retrieval", "retrieval_accuracy", "RetrievalBatches",
+]
+
+TASKS = ("passkey", "kv")
+DEFAULT_DISTANCES = (256, 1024, 4096, 16384, 65536)
+FILLERS = ("repeat", "corpus")
+
+FILLER_TEXT = (
+    " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+)
+_INTRO = {
+    "passkey": "There is a pass key hidden inside a lot of irrelevant text. Find it and "
+               "remember it. You will be asked for it at the end.",
+    "kv": "Some records of the form key: value are hidden inside a lot of irrelevant text. "
+          "Remember them. You will be asked for one value at the end.",
+}
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """The retrieval evaluation of a run (the ``retrieval`` block of a data config)."""
+
+    kinds: tuple[str, ...] = TASKS
+    distances: tuple[int, ...] = DEFAULT_DISTANCES
+    per_bucket: int = 20          # prompts per (kind, distance)
+    n_digits: int = 5             # digits of a passkey / value
+    n_pairs: int = 8              # kv: records per prompt, the queried one included
+    filler: str = "repeat"        # repeat: FILLER_TEXT; corpus: the validation split's tokens
+    intro: bool = False           # prepend the instruction sentence (for instruction-tuned models)
+    seed: int = 1234
+
+    def __post_init__(self):
+        object.__setattr__(self, "kinds", tuple(self.kinds))
+        object.__setattr__(self, "distances", tuple(int(d) for d in self.distances))
+        for k in self.kinds:
+            if k not in TASKS:
+                raise ValueError(f"unknown retrieval kind {k!r}; choose from {TASKS}")
+        if not self.distances or min(self.distances) <= 0:
+            raise ValueError(f"retrieval distances must be positive token counts, got {self.distances}")
+        if self.filler not in FILLERS:
+            raise ValueError(f"unknown retrieval filler {self.filler!r}; choose one of {FILLERS}")
+        for name in ("per_bucket", "n_digits", "n_pairs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"retrieval.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class RetrievalExample:
+    """One prompt; ``prompt_ids[needle_pos:needle_pos+len(answer_ids)] == answer_ids``."""
+
+    kind: str
+    prompt_ids: list[int]
+    answer_ids: list[int]
+    answer: str              # the answer's text, e.g. " 71432"
+    distance: int            # len(prompt_ids) - needle_pos, in tokens
+    needle_pos: int
+    meta: dict = field(default_factory=dict)
+
+
+def _take(filler: Sequence[int], n: int, rng: random.Random) -> list[int]:
+    """``n`` tokens of ``filler`` read cyclically from a random offset."""
+    if n <= 0:
+        return []
+    start = rng.randrange(len(filler))
+    reps = (start + n) // len(filler) + 1
+    return (list(filler) * reps)[start:start + n] if reps > 1 else list(filler[start:start + n])
+
+
+def _region(length: int, records: list[list[int]], filler, rng: random.Random) -> list[int]:
+    """Exactly ``length`` tokens: filler with ``records`` placed at random cut points."""
+    free = length - sum(map(len, records))
+    assert free >= 0, (length, records)
+    cuts = sorted(rng.randint(0, free) for _ in records)
+    out, prev = [], 0
+    for cut, rec in zip(cuts, records):
+        out += _take(filler, cut - prev, rng) + rec
+        prev = cut
+    return out + _take(filler, free - prev, rng)
+
+
+def _digits(n: int, rng: random.Random) -> str:
+    return str(rng.randint(10 ** (n - 1), 10 ** n - 1))
+
+
+def make_example(
+    kind: str,
+    tokenizer: Tokenizer,
+    distance: int | None,
+    *,
+    rng: random.Random,
+    filler: Sequence[int] | torch.Tensor | None = None,
+    prefix_tokens: int = 0,
+    total_len: int | None = None,
+    n_digits: int = 5,
+    n_pairs: int = 8,
+    intro: bool = False,
+) -> RetrievalExample:
+    """One retrieval prompt whose needle is exactly ``distance`` tokens before its end.
+
+    ``prefix_tokens``: filler tokens before the needle (records placed there add to it).
+    ``total_len``: instead make ``len(prompt_ids) + len(answer_ids) == total_len`` (a training
+    row), the prefix taking up the rest; with ``distance=None`` the distance is then drawn
+    uniformly over what fits.
+    """
+    if kind not in TASKS:
+        raise ValueError(f"unknown retrieval kind {kind!r}; choose from {TASKS}")
+    if distance is None and total_len is None:
+        raise ValueError("make_example needs a distance, or a total_len to draw one within")
+    enc = tokenizer.encode
+    if filler is None:
+        filler = enc(FILLER_TEXT)
+    elif isinstance(filler, torch.Tensor):
+        filler = filler.reshape(-1).tolist()
+    if len(filler) == 0:
+        raise ValueError("retrieval filler is empty")
+
+    records: list[list[int]] = []
+    secret = _digits(n_digits, rng)
+    if kind == "passkey":
+        head, tail = enc(" The pass key is"), enc(". Remember it.")
+        question = enc(" What is the pass key? The pass key is")
+    else:
+        keys: list[str] = []
+        while len(keys) < n_pairs:
+            k = "".join(rng.choice(string.ascii_lowercase) for _ in range(5))
+            if k not in keys:
+                keys.append(k)
+        head, tail = enc(f" {keys[0]}:"), enc(".")
+        question = enc(f" What is {keys[0]}? {keys[0]}:")
+        records = [enc(f" {k}:") + enc(" " + _digits(n_digits, rng)) + enc(".") for k in keys[1:]]
+    answer_text = " " + secret
+    answer = enc(answer_text)
+    intro_ids = enc(_INTRO[kind]) if intro else []
+
+    # Records go before or after the needle at random, so position says nothing about which is asked.
+    side_after = [rng.random() < 0.5 for _ in records]
+    min_distance = len(answer) + len(tail) + len(question)
+    fixed = len(intro_ids) + len(head)  # tokens of the prompt outside distance and prefix
+    n_records = sum(map(len, records))
+    if total_len is not None:
+        room = total_len - len(answer) - fixed - n_records  # for the free filler of both regions
+        if room < min_distance:
+            raise ValueError(
+                f"total_len={total_len} is too short for a {kind} row: it needs >= "
+                f"{total_len - room + min_distance} tokens with this tokenizer"
+            )
+        if distance is None:
+            distance = rng.randint(min_distance, room) + sum(
+                len(r) for r, after in zip(records, side_after) if after)
+    if distance < min_distance:
+        raise ValueError(
+            f"{kind} distance {distance} is shorter than the answer, needle tail and question "
+            f"take ({min_distance} tokens with this tokenizer)"
+        )
+    gap = distance - min_distance
+    after = [r for r, a in zip(records, side_after) if a]
+    before = [r for r, a in zip(records, side_after) if not a]
+    while sum(map(len, after)) > gap:  # records that do not fit after the needle go before it
+        before.append(after.pop())
+    prefix = prefix_tokens + sum(map(len, before))
+    if total_len is not None:
+        prefix = total_len - len(answer) - fixed - distance
+        if prefix < sum(map(len, before)):
+            raise ValueError(
+                f"total_len={total_len} cannot hold a {kind} needle at distance {distance}: it "
+                f"needs >= {total_len - prefix + sum(map(len, before))} tokens with this tokenizer"
+            )
+    prompt = (intro_ids + _region(prefix, before, filler, rng) + head + answer + tail
+              + _region(gap, after, filler, rng) + question)
+    needle_pos = len(prompt) - distance
+    assert prompt[needle_pos:needle_pos + len(answer)] == answer
+    return RetrievalExample(kind, prompt, answer, answer_text, distance, needle_pos,
+                            meta={"n_records": len(records) + (kind == "kv")})
+
+
+def retrieval_examples(
+    tokenizer: Tokenizer,
+    kind: str = "passkey",
+    *,
+    distances: Sequence[int] = DEFAULT_DISTANCES,
+    per_bucket: int = 20,
+    seed: int = 0,
+    filler: Sequence[int] | torch.Tensor | None = None,
+    **kwargs,
+) -> list[RetrievalExample]:
+    """``per_bucket`` prompts at each distance; example ``i`` at ``d`` depends only on
+    (seed, kind, d, i), so buckets can be added without changing the others."""
+    out = []
+    for d in distances:
+        for i in range(per_bucket):
+            rng = random.Random(f"retrieval:{seed}:{kind}:{d}:{i}")
+            out.append(make_example(kind, tokenizer, int(d), rng=rng, filler=filler, **kwargs))
+    return out
+
+
+PredictFn = Callable[[list[int], int], Sequence[int]]
+
+
+def evaluate_retrieval(
+    predict_fn: PredictFn,
+    tokenizer: Tokenizer | None = None,
+    *,
+    kind: str = "passkey",
+    examples: Sequence[RetrievalExample] | None = None,
+    **kwargs,
+) -> dict[int, tuple[int, int]]:
+    """Accuracy by distance: ``{distance: (correct, total)}``, distances ascending.
+
+    ``predict_fn(prompt_ids, n)`` returns the model's ``n`` continuation ids (e.g. greedy
+    decoding); an example counts as correct iff they equal ``answer_ids`` exactly.
+    Examples come from ``examples`` or ``retrieval_examples(tokenizer, kind, **kwargs)``.
+    """
+    if examples is None:
+        if tokenizer is None:
+            raise ValueError("evaluate_retrieval needs a tokenizer or a list of examples")
+        examples = retrieval_examples(tokenizer, kind, **kwargs)
+    results: dict[int, list[int]] = {}
+    for ex in examples:
+        pred = [int(t) for t in list(predict_fn(list(ex.prompt_ids), len(ex.answer_ids)))]
+        tally = results.setdefault(ex.distance, [0, 0])
+        tally[0] += pred[:len(ex.answer_ids)] == ex.answer_ids
+        tally[1] += 1
+    return {d: (c, n) for d, (c, n) in sorted(results.items())}
+
+
+def retrieval_accuracy(results: dict[int, tuple[int, int]]) -> dict[int, float]:
+    """``{distance: correct / total}`` of ``evaluate_retrieval``'s result."""
+    return {d: c / n for d, (c, n) in results.items()}
+
+
+class RetrievalBatches:
+    """Training batches of retrieval prompts: each row is prompt + answer, exactly T+1 tokens.
+
+    Yields ``(x, y, answer_mask)``: x, y (B, T) int64 with y = x shifted by one, and
+    answer_mask (B, T) bool, True where y is an answer token (to weight or restrict the loss).
+    The distance of each row is uniform over what fits in T. Batch ``s`` depends only on
+    (seed, s), so ``state_dict`` (the step) resumes exactly.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, batch_size: int, seq_len: int, seed: int = 0, *,
+                 kind: str = "passkey", filler: Sequence[int] | torch.Tensor | None = None,
+                 **kwargs):
+        if kind not in TASKS:
+            raise ValueError(f"unknown retrieval kind {kind!r}; choose from {TASKS}")
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
+        if isinstance(filler, torch.Tensor):
+            filler = filler.reshape(-1).tolist()
+        self.tokenizer, self.batch_size, self.seq_len, self.seed = tokenizer, batch_size, seq_len, seed
+        self.kind, self.filler, self.kwargs = kind, filler, kwargs
+        self.step = 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T = self.batch_size, self.seq_len
+        x = torch.empty(B, T, dtype=torch.int64)
+        y = torch.empty(B, T, dtype=torch.int64)
+        mask = torch.zeros(B, T, dtype=torch.bool)
+        for b in range(B):
+            rng = random.Random(f"retrieval-train:{self.seed}:{self.kind}:{self.step}:{b}")
+            ex = make_example(self.kind, self.tokenizer, None, rng=rng, filler=self.filler,
+                              total_len=T + 1, **self.kwargs)
+            row = torch.tensor(ex.prompt_ids + ex.answer_ids, dtype=torch.int64)
+            x[b], y[b] = row[:-1], row[1:]
+            start = len(ex.prompt_ids) - 1
+            mask[b, start:start + len(ex.answer_ids)] = True
+        self.step += 1
+        return x, y, mask
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "kind": self.kind, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["seed"], state["kind"]) != (self.seed, self.kind):
+            raise ValueError(f"RetrievalBatches state is for seed/kind {state['seed']}/{state['kind']}, "
+                             f"this one is {self.seed}/{self.kind}")
+        self.step = int(state["step"])

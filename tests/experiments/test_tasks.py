@@ -1,0 +1,137 @@
+"""Long-context retrieval prompts: exact distances, determinism, evaluation, training rows."""
+import random
+import re
+
+import pytest
+import torch
+
+from experiments import (
+    ByteTokenizer,
+    RetrievalBatches,
+    RetrievalConfig,
+    evaluate_retrieval,
+    make_example,
+    retrieval_accuracy,
+    retrieval_examples,
+    train_bpe,
+)
+from experiments.tasks import FILLER_TEXT
+
+DISTANCES = [64, 256, 1024, 4096, 16384, 65536]
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    text = (FILLER_TEXT * 50 + " The pass key is 12345. Remember it. What is the pass key?"
+            " abcde: 67890. What is abcde? 0123456789") * 20
+    return train_bpe([text], 300, cache_dir=tmp_path_factory.mktemp("tok"), corpus_id="tasks")
+
+
+@pytest.fixture(params=["bytes", "bpe"])
+def tokenizer(request, bpe):
+    return ByteTokenizer() if request.param == "bytes" else bpe
+
+
+@pytest.mark.parametrize("kind", ["passkey", "kv"])
+def test_needle_is_exactly_distance_tokens_before_the_end(kind, tokenizer):
+    for ex in retrieval_examples(tokenizer, kind, distances=DISTANCES, per_bucket=2, seed=5):
+        n = len(ex.answer_ids)
+        pos = len(ex.prompt_ids) - ex.distance
+        assert ex.distance in DISTANCES and pos == ex.needle_pos
+        assert ex.prompt_ids[pos:pos + n] == ex.answer_ids
+        assert re.fullmatch(r" [1-9]\d{4}", ex.answer) and tokenizer.decode(ex.answer_ids) == ex.answer
+        prompt = tokenizer.decode(ex.prompt_ids)
+        if kind == "passkey":
+            assert prompt.endswith(" What is the pass key? The pass key is")
+            assert prompt.count(ex.answer.strip()) == 1  # stated once
+        else:
+            key = re.search(r"What is (\w+)\? \1:$", prompt).group(1)
+            records = re.findall(r" ([a-z]{5}): (\d{5})\.", prompt)
+            assert len(records) == 8 and dict(records)[key] == ex.answer.strip()
+
+
+def test_prompts_are_a_pure_function_of_the_seed():
+    tok = ByteTokenizer()
+    a = retrieval_examples(tok, "kv", distances=[300], per_bucket=3, seed=1)
+    b = retrieval_examples(tok, "kv", distances=[300], per_bucket=3, seed=1)
+    c = retrieval_examples(tok, "kv", distances=[300], per_bucket=3, seed=2)
+    assert [e.prompt_ids for e in a] == [e.prompt_ids for e in b]
+    assert [e.answer for e in a] != [e.answer for e in c]
+    # Adding a bucket leaves the others' prompts as they were.
+    d = retrieval_examples(tok, "kv", distances=[100, 300], per_bucket=3, seed=1)
+    assert [e.prompt_ids for e in d[3:]] == [e.prompt_ids for e in a]
+
+
+def test_corpus_filler_and_intro():
+    tok = ByteTokenizer()
+    filler = tok.encode("To be, or not to be, that is the question. " * 10)
+    ex = make_example("passkey", tok, 500, rng=random.Random(0), filler=torch.tensor(filler),
+                      prefix_tokens=100, intro=True)
+    prompt = tok.decode(ex.prompt_ids)
+    assert prompt.startswith("There is a pass key hidden") and "not to be" in prompt
+    assert len(ex.prompt_ids) - ex.needle_pos == 500
+
+
+def _oracle(examples):
+    answers = {tuple(e.prompt_ids): e.answer_ids for e in examples}
+    return lambda prompt, n: answers[tuple(prompt)][:n]
+
+
+@pytest.mark.parametrize("kind", ["passkey", "kv"])
+def test_evaluator_scores_an_oracle_1_and_a_wrong_answer_0(kind, tokenizer):
+    examples = retrieval_examples(tokenizer, kind, distances=[256, 4096], per_bucket=4, seed=0)
+    right = evaluate_retrieval(_oracle(examples), examples=examples)
+    assert right == {256: (4, 4), 4096: (4, 4)}
+    assert retrieval_accuracy(right) == {256: 1.0, 4096: 1.0}
+    wrong = evaluate_retrieval(lambda prompt, n: [0] * n, examples=examples)
+    assert retrieval_accuracy(wrong) == {256: 0.0, 4096: 0.0}
+    # Built from the tokenizer directly, the same prompts are scored.
+    again = evaluate_retrieval(_oracle(examples), tokenizer, kind=kind, distances=[256, 4096],
+                               per_bucket=4, seed=0)
+    assert again == right
+
+
+def test_a_windowed_copier_fails_exactly_beyond_its_window():
+    tok = ByteTokenizer()
+    head = tok.encode(" The pass key is")
+    window = 1000
+
+    def copy_within_window(prompt, n):  # what attention limited to `window` tokens can do
+        seen = prompt[-window:]
+        for i in range(len(seen) - len(head) - n):
+            if seen[i:i + len(head)] == head:
+                return seen[i + len(head):i + len(head) + n]
+        return [0] * n
+
+    acc = retrieval_accuracy(evaluate_retrieval(copy_within_window, tok, distances=[256, 900, 1100, 4096],
+                                                per_bucket=3, seed=0))
+    assert acc == {256: 1.0, 900: 1.0, 1100: 0.0, 4096: 0.0}
+
+
+@pytest.mark.parametrize("kind", ["passkey", "kv"])
+def test_training_rows_fill_seq_len_and_mask_the_answer(kind, tokenizer):
+    batches = RetrievalBatches(tokenizer, 4, 128, seed=0, kind=kind, n_pairs=3)
+    x, y, mask = next(batches)
+    assert x.shape == y.shape == mask.shape == (4, 128)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    for b in range(4):
+        answer = tokenizer.decode(y[b][mask[b]].tolist())
+        assert re.fullmatch(r" \d{5}", answer)
+        assert int(mask[b].nonzero()[-1]) == 127  # the answer ends the row
+    state = batches.state_dict()
+    expected = next(batches)
+    resumed = RetrievalBatches(tokenizer, 4, 128, seed=0, kind=kind, n_pairs=3)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(next(resumed), expected))
+
+
+def test_bad_input_is_refused_with_the_numbers():
+    tok = ByteTokenizer()
+    with pytest.raises(ValueError, match=r"unknown retrieval kind 'needle'; choose from \('passkey', 'kv'\)"):
+        make_example("needle", tok, 100, rng=random.Random(0))
+    with pytest.raises(ValueError, match=r"passkey distance 10 is shorter than .* \(58 tokens"):
+        make_example("passkey", tok, 10, rng=random.Random(0))
+    with pytest.raises(ValueError, match="total_len=40 is too short for a passkey row"):
+        next(RetrievalBatches(tok, 1, 39))
+    with pytest.raises(ValueError, match="unknown retrieval filler 'lorem'"):
+        RetrievalConfig(filler="lorem")
