@@ -1,8 +1,27 @@
-"""lowprec: number formats, exact quantization, packed tensors and STE for low-precision training."""
+"""lowprec: number formats, exact quantization, packed tensors, STE, precision-aware layers,
+per-layer policies, loss scaling and numerics telemetry for low-precision training."""
 
 from .formats import FORMATS, Format, format
-from .qtensor import QTensor, quantize
+from .precision import LayerPrecision
+from .qtensor import QTensor, predicted_nbytes, quantize
 from .quantize import quantize_dequantize
 from .ste import STES, fake_quantize
+from .telemetry import Telemetry
+from . import nn  # noqa: E402  (layers need the names above)
 
-__all__ = ["FORMATS", "Format", "format", "QTensor", "quantize", "quantize_dequantize", "fake_quantize", "STES"]
+__all__ = [
+    "FORMATS", "Format", "format", "QTensor", "quantize", "quantize_dequantize", "predicted_nbytes",
+    "fake_quantize", "STES", "LayerPrecision", "Telemetry", "nn",
+]
+try:  # written alongside; exported once present
+    from .policy import PolicyReport, PrecisionPolicy, apply_policy  # noqa: F401
+
+    __all__ += ["PrecisionPolicy", "apply_policy", "PolicyReport"]
+except ImportError:
+    pass
+try:
+    from .loss_scaler import LossScaler  # noqa: F401
+
+    __all__ += ["LossScaler"]
+except ImportError:
+    pass

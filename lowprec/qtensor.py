@@ -140,6 +140,25 @@ class QTensor:
         )
 
 
+def predicted_nbytes(shape, fmt) -> int:
+    """Bytes a QTensor of ``shape`` in ``fmt`` occupies, from shapes alone (meta tensors, budgets).
+    Equal to ``quantize(x, fmt).nbytes`` (tested)."""
+    fmt = get_format(fmt)
+    shape = torch.Size(shape)
+    lead = shape[:-1].numel() if len(shape) else 1
+    last = shape[-1] if len(shape) else 1
+    if fmt.is_scaled and fmt.granularity == "block":
+        last += (-last) % fmt.block
+    n = lead * last
+    bits = _packed_bits(fmt)
+    data = -(-n * bits // 8) if bits else n * (fmt.bits // 8)
+    if not fmt.is_scaled:
+        return data
+    groups = n // fmt.block if fmt.granularity == "block" else (lead if fmt.granularity == "row" else 1)
+    scale_bytes = groups * fmt.scale_bits // 8
+    return data + scale_bytes + (4 if fmt.scale == "nvfp4" else 0)
+
+
 def quantize(x: torch.Tensor, fmt, *, rounding: str = "nearest", generator: torch.Generator | None = None) -> QTensor:
     """Quantize ``x`` to ``fmt`` (a name or a :class:`Format`) and pack it.
 
@@ -177,4 +196,4 @@ def _register_safe_globals():
 
 _register_safe_globals()
 
-__all__ = ["QTensor", "quantize", "e2m1_encode", "e2m1_decode", "E8M0_NAN"]
+__all__ = ["QTensor", "quantize", "predicted_nbytes", "e2m1_encode", "e2m1_decode", "E8M0_NAN"]

@@ -87,12 +87,13 @@ def from_groups(xg: torch.Tensor, groups: Groups) -> torch.Tensor:
     return x.reshape(shape)
 
 
-def group_scales(xg: torch.Tensor, fmt: Format):
+def group_scales(xg: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None):
     """Scales of each group.
 
     Returns ``(s, stored, global_scale)``: ``s`` is the fp32 multiplier ``(G, 1)`` (NaN for a
     group holding NaN/inf), ``stored`` the scales as they are kept (fp32, E8M0 codes as uint8, or
-    E4M3), ``global_scale`` the fp32 tensor scale of NVFP4 (else None)."""
+    E4M3), ``global_scale`` the fp32 tensor scale of NVFP4 (else None).
+    ``amax`` (per-tensor absmax formats only) replaces the measured amax: delayed scaling."""
     G = xg.shape[0]
     if not fmt.is_scaled:
         return torch.ones(G, 1, device=xg.device), None, None
@@ -107,7 +108,10 @@ def group_scales(xg: torch.Tensor, fmt: Format):
     a = xg.abs()
     finite = torch.isfinite(xg).all(dim=1, keepdim=True)
     if fmt.scale == "absmax":
-        amax = a.amax(dim=1, keepdim=True)
+        if amax is None:
+            amax = a.amax(dim=1, keepdim=True)
+        else:
+            amax = amax.to(torch.float32).reshape(1, 1).expand(G, 1)
         s = torch.where(amax > 0, amax / fmt.max_value, 1.0)
         s = torch.where(finite, s, nan)
         return s, s.reshape(G), None
@@ -141,10 +145,10 @@ def e8m0_to_float(code: torch.Tensor) -> torch.Tensor:
     return torch.where(code == E8M0_NAN, float("nan"), s)
 
 
-def quantize_groups(xg: torch.Tensor, fmt: Format, rounding: str, generator=None):
+def quantize_groups(xg: torch.Tensor, fmt: Format, rounding: str, generator=None, amax=None):
     """Element-domain values ``(G, N)`` on ``fmt``'s grid, with the scales of
     :func:`group_scales`. ``values * s`` is the dequantized tensor."""
-    s, stored, g = group_scales(xg, fmt)
+    s, stored, g = group_scales(xg, fmt, amax)
     v = xg / s
     if fmt.scale == "nvfp4":
         v = torch.where(s == 0, 0.0, v)  # a block whose E4M3 scale underflowed is all zeros
@@ -152,15 +156,17 @@ def quantize_groups(xg: torch.Tensor, fmt: Format, rounding: str, generator=None
     return values, s, stored, g
 
 
-def quantize_dequantize(x: torch.Tensor, fmt, *, rounding: str = "nearest", generator=None):
+def quantize_dequantize(x: torch.Tensor, fmt, *, rounding: str = "nearest", generator=None, amax=None):
     """``(x_q, s_elem)``: ``x`` rounded through ``fmt`` (float32, shape of ``x``) and the fp32
     scale that applies to each element (shape of ``x``). The fast path for fake quantization
-    and the emulated backend; no packing."""
+    and the emulated backend; no packing. ``amax``: see :func:`group_scales`."""
     fmt = get_format(fmt)
     check_input(x)
     check_rounding(rounding)
+    if amax is not None and not (fmt.scale == "absmax" and fmt.granularity == "tensor"):
+        raise ValueError(f"an explicit amax (delayed scaling) needs a per-tensor absmax format, not {fmt}")
     xg, groups = to_groups(x, fmt)
-    values, s, _, _ = quantize_groups(xg, fmt, rounding, generator)
+    values, s, _, _ = quantize_groups(xg, fmt, rounding, generator, amax)
     xq = from_groups(values * s, groups)
     s_elem = from_groups(s.expand_as(values), groups)
     return xq, s_elem

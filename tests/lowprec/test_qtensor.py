@@ -127,3 +127,16 @@ def test_non_finite_never_becomes_a_finite_code(name, bad):
             assert out.isnan().all()
         else:
             assert out[1, : fmt.block].isnan().all() and torch.isfinite(out[0]).all()
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("shape", [(5,), (3, 7), (2, 4, 100), (0, 3)])
+def test_predicted_nbytes_equals_real(name, shape):
+    from lowprec.qtensor import predicted_nbytes
+
+    q = lowprec.quantize(torch.randn(shape), name)
+    assert predicted_nbytes(shape, name) == q.nbytes
+    row = lowprec.format(name)
+    if row.is_scaled and row.granularity == "tensor":
+        row = row.with_scaling("row")
+        assert predicted_nbytes(shape, row) == lowprec.quantize(torch.randn(shape), row).nbytes

@@ -1,0 +1,189 @@
+"""QLinear / QEmbedding: numerics of the three GEMMs, storage, STE, delayed scaling, telemetry."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lowprec
+from lowprec import LayerPrecision
+from lowprec.nn import QEmbedding, QLinear
+
+fq = lambda t, name: lowprec.quantize_dequantize(t, name)[0]  # noqa: E731
+FP8 = {"weight": "fp8_e4m3", "input": "fp8_e4m3", "grad": "fp8_e5m2"}
+
+
+def lp(**fields):
+    return LayerPrecision.from_fields(fields)
+
+
+def pair(precision, n_in=48, n_out=24, seed=0, device="cpu"):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(n_in, n_out).to(device)
+    ref_w, ref_b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    return QLinear.from_float(lin, precision), ref_w, ref_b
+
+
+def test_full_precision_layer_matches_nn_linear(device):
+    q, w, b = pair(LayerPrecision(), device=device)
+    x = torch.randn(5, 7, 48, device=device)
+    # same fp32 products; addmm and matmul-then-add may sum in different orders (1 ulp-ish)
+    torch.testing.assert_close(q(x), F.linear(x, w, b), rtol=1e-6, atol=1e-6)
+
+
+def test_fprop_dgrad_wgrad_follow_their_formats(device):
+    p = lp(**FP8, backend="emulated")
+    q, w, b = pair(p, device=device)
+    x = torch.randn(33, 48, device=device, requires_grad=True)
+    dy = torch.randn(33, 24, device=device)
+    y = q(x)
+    y.backward(dy)
+    xr, wr = fq(x.detach(), p.input), fq(w, p.weight)
+    assert torch.equal(y, xr @ wr.t() + b)  # the emulated backend is exactly this formula
+    gq = fq(dy, p.grad)
+    assert torch.equal(x.grad, gq @ wr)
+    assert torch.equal(q.weight.grad, gq.t() @ xr)
+    assert torch.equal(q.bias.grad, dy.sum(0))
+
+
+def test_per_gemm_override_changes_only_that_gemm():
+    p = lp(**FP8, wgrad={"grad": None, "input": None}, backend="emulated")
+    q, w, _ = pair(p)
+    x = torch.randn(16, 48, requires_grad=True)
+    dy = torch.randn(16, 24)
+    q(x).backward(dy)
+    assert torch.equal(q.weight.grad, dy.t() @ x.detach())  # wgrad unquantized
+    assert torch.equal(x.grad, fq(dy, p.grad) @ fq(w, p.weight))  # dgrad still fp8
+
+
+def test_activation_formats_default_to_per_token():
+    p = lp(weight="ternary", input="int8", grad="fp8_e5m2")
+    assert p.input.granularity == "row" and p.grad.granularity == "row"
+    assert p.weight.granularity == "tensor"
+    assert lp(input={"format": "int8", "granularity": "tensor"}).input.granularity == "tensor"
+
+
+def test_ternary_layer_weights_take_exactly_three_values():
+    q, w, _ = pair(lp(weight="ternary"), n_in=64, n_out=32)
+    q.bias = None
+    wq = q(torch.eye(64)).t()  # an identity input reads the quantized weight back out
+    s = w.abs().mean()
+    values = set(wq.unique().tolist())
+    assert values == {-float(s), 0.0, float(s)}
+
+
+def test_ste_gradient_reaches_latent_weight():
+    x = torch.randn(20, 48)
+    dy = torch.randn(20, 24)
+    q, w, _ = pair(lp(weight="ternary", ste="identity"))
+    q(x).backward(dy)
+    assert torch.equal(q.weight.grad, dy.t() @ x)  # identity STE: dL/dW = dy^T x
+    q2, w2, _ = pair(lp(weight="ternary", ste="clipped"))
+    q2(x).backward(dy)
+    inside = (w2.abs() / w2.abs().mean() <= 1).float()
+    assert torch.equal(q2.weight.grad, (dy.t() @ x) * inside)
+    assert 0 < inside.mean() < 1
+
+
+def test_native_binary_layer_is_packed_and_collects_its_gradient():
+    p = lp(weight="binary", storage="native")
+    q, w, b = pair(p, n_in=64, n_out=32)
+    assert q.weight is None and q.w_data.dtype == torch.uint8
+    assert q.resident_bytes() == 64 * 32 // 8 + 4 + 32 * 4  # 1 bit/weight + fp32 scale + fp32 bias
+    assert q.weight_bits() == pytest.approx(1 + 32 / (64 * 32))
+    x = torch.randn(10, 64)  # no input requires grad: backward must still run for the weight
+    dy = torch.randn(10, 32)
+    y = q(x)
+    assert torch.equal(y, x @ fq(w, "binary").t() + b)
+    y.backward(dy)
+    assert torch.equal(q.native_grad, dy.t() @ x)
+    seen = []
+    q.native_grad_hook = lambda layer, g: seen.append(g.shape)
+    q(x).backward(dy)
+    assert seen == [(32, 64)]
+    # an optimizer writes the weight back in its own format
+    flipped = lowprec.quantize(-q.native_weight.dequantize(), "binary")
+    q.set_native_weight(flipped)
+    assert torch.equal(q.native_weight.dequantize(), flipped.dequantize())
+    with pytest.raises(ValueError, match="expected"):
+        q.set_native_weight(lowprec.quantize(torch.randn(32, 64), "ternary"))
+
+
+def test_delayed_scaling_uses_the_amax_history():
+    p = lp(weight="fp8_e4m3", input={"format": "fp8_e4m3", "granularity": "tensor"}, scaling="delayed",
+           amax_history=4, backend="emulated")
+    q, w, b = pair(p)
+    big = torch.randn(8, 48) * 10
+    small = torch.randn(8, 48)
+    q(big)
+    assert q.amax_history_input[0] == big.abs().max()
+    y = q(small)  # quantized with the scale of the larger amax in the history
+    xs = lowprec.quantize_dequantize(small, p.input, amax=big.abs().max())[0]
+    assert torch.equal(y, xs @ fq(w, p.weight).t() + b)
+    assert torch.equal(q.amax_history_input[:2], torch.stack([small.abs().max(), big.abs().max()]))
+
+
+def test_embedding_quantizes_table_and_gradient():
+    p = lp(weight="fp8_e4m3", grad="fp8_e5m2")
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(50, 16)
+    w = emb.weight.detach().clone()
+    q = QEmbedding.from_float(emb, p)
+    idx = torch.tensor([[1, 4, 4, 7]])
+    out = q(idx)
+    assert torch.equal(out, fq(w, p.weight)[idx])
+    g = torch.randn(1, 4, 16)
+    out.backward(g)
+    gq = fq(g, p.grad)
+    expected = torch.zeros(50, 16).index_add_(0, idx.reshape(-1), gq.reshape(-1, 16))
+    assert torch.equal(q.weight.grad, expected)
+
+
+def test_telemetry_counts_on_crafted_inputs():
+    p = lp(weight="fp8_e4m3", input={"format": "fp8_e4m3", "granularity": "tensor"}, backend="emulated")
+    model = torch.nn.Sequential(QLinear(16, 16, precision=p), QLinear(16, 16, precision=p))
+    tel = lowprec.Telemetry(model)
+    assert tel.layers == ["0", "1"]
+    x = torch.full((4, 16), 1e-6)
+    x[0, 0] = 448.0  # scale 1: 1e-6 is below E4M3's smallest subnormal (2^-9 / 2): flushed
+    model(x)
+    assert tel.stats() == {}  # off: nothing recorded
+    tel.enable()
+    model(x)
+    st = tel.stats()[("0", "input")]
+    assert st["amax"] == 448.0
+    assert st["flushed"] == 63 / 64 and st["saturated"] == 1 / 64 and st["nonfinite"] == 0
+    assert tel.first_nonfinite() is None
+    # a NaN entering the second layer's weight: reported there, in execution order
+    with torch.no_grad():
+        model[1].weight[3, 3] = float("nan")
+    x2 = torch.randn(4, 16, requires_grad=True)
+    model(x2).sum().backward()
+    assert tel.stats()[("1", "weight")]["nonfinite"] == 1
+    assert tel.first_nonfinite() == ("1", "weight")
+    assert "| 0 | input |" in tel.table()
+
+
+def test_bad_precision_fields():
+    with pytest.raises(ValueError, match="unknown storage 'packed'"):
+        lp(storage="packed")
+    with pytest.raises(ValueError, match="unknown backend"):
+        lp(backend="cuda")
+    with pytest.raises(ValueError, match="unknown precision field"):
+        lp(wieght="fp8_e4m3")
+    with pytest.raises(ValueError, match="native.*needs a weight format"):
+        lp(storage="native")
+    with pytest.raises(ValueError, match="dgrad has operands"):
+        lp(dgrad={"input": "fp8_e4m3"})
+    with pytest.raises(ValueError, match="unknown format"):
+        lp(weight="fp7")
+    if not torch.cuda.is_available():
+        q, _, _ = pair(lp(weight="fp8_e4m3", backend="tensorcore"))
+        with pytest.raises(RuntimeError, match="tensorcore.*unavailable"):
+            q(torch.randn(2, 48))
+
+
+def test_compiles_into_one_graph():
+    p = lp(**FP8)
+    model = torch.nn.Sequential(QLinear(32, 64, precision=p), torch.nn.GELU(), QLinear(64, 32, precision=p))
+    x = torch.randn(8, 32)
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
