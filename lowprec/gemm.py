@@ -129,16 +129,18 @@ def _w_fp8(layer, weight, fmt, amax=None):
     return _fp8_operand(weight, fmt, amax=amax)
 
 
-def _scaled_mm(a, sa, b_t, sb, out_dtype):
+def _scaled_mm(a, sa, b_t, sb, out_dtype, fast_accum=False):
     """``(a * sa) @ (b_t * sb)^T`` on FP8 tensor cores: a (M, K) row-major, b_t (N, K) row-major;
-    sa (M, 1) or (1,), sb (N, 1) or (1,). Mixed per-row/per-tensor scales are broadcast."""
+    sa (M, 1) or (1,), sb (N, 1) or (1,). Mixed per-row/per-tensor scales are broadcast.
+    ``fast_accum``: Hopper's faster FP8 accumulation (used for fprop only, as torchao does)."""
     M, N = a.shape[0], b_t.shape[0]
     if sa.numel() != 1 or sb.numel() != 1:  # rowwise: both scales must be vectors, bf16 out
         sa = sa.reshape(-1, 1).expand(M, 1).contiguous()
         sb = sb.reshape(1, -1).expand(1, N).contiguous()
-        out = torch._scaled_mm(a, b_t.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+        out = torch._scaled_mm(a, b_t.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
         return out.to(out_dtype)
-    return torch._scaled_mm(a, b_t.t(), scale_a=sa.reshape(()), scale_b=sb.reshape(()), out_dtype=out_dtype)
+    return torch._scaled_mm(a, b_t.t(), scale_a=sa.reshape(()), scale_b=sb.reshape(()), out_dtype=out_dtype,
+                            use_fast_accum=fast_accum)
 
 
 def _pad_rows(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
@@ -166,10 +168,18 @@ class QLinearFunction(torch.autograd.Function):
         amax_x = layer.delayed_amax("input", x2)
         amax_w = layer.delayed_amax("weight", weight)
         out_dtype = x2.dtype
+        empty = x2.new_empty(0)
+        w_keep = x_keep = (empty, empty)
         if mode == "tensorcore" and _gemm_on_fp8(p, "fprop"):
             xa, sx = _fp8_operand(x2, f_in, amax=amax_x)
             wb, sw = _w_fp8(layer, weight, f_w, amax_w)
-            y = _scaled_mm(xa, sx, wb, sw, out_dtype)
+            y = _scaled_mm(xa, sx, wb, sw, out_dtype, fast_accum=True)
+            # backward reuses FP8 operands instead of quantizing them again (and keeps 1 byte per
+            # activation instead of 2): the weight for dgrad, the input for wgrad (per-tensor there)
+            if p.operand("dgrad", "weight") == f_w:
+                w_keep = (wb, sw)
+            if p.operand("wgrad", "input") == f_in and sx.numel() == 1 and _gemm_on_fp8(p, "wgrad"):
+                x_keep = (xa, sx)
         elif mode == "tensorcore":
             y = _bf16_gemm(_fq(x2, f_in, amax=amax_x), _w_fq(layer, weight, f_w, amax_w)).to(out_dtype)
         elif mode == "bf16":
@@ -182,12 +192,13 @@ class QLinearFunction(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.w_dtype = weight.dtype
-        ctx.save_for_backward(x2, weight)
+        ctx.x_dtype = x2.dtype
+        ctx.save_for_backward(x2 if not x_keep[0].numel() else empty, weight, *w_keep, *x_keep)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight = ctx.saved_tensors
+        x2, weight, wb_kept, sw_kept, xa_kept, sx_kept = ctx.saved_tensors
         layer = ctx.layer
         p = layer.precision
         mode = layer.gemm_mode
@@ -197,30 +208,36 @@ class QLinearFunction(torch.autograd.Function):
         amax_g = layer.delayed_amax("grad", dy)
         rnd = p.grad_rounding
         dx = dw = None
+        g_keep = None
         needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or layer.is_native
         # dgrad
         if needs_x:
             f_wd = p.operand("dgrad", "weight")
             if mode == "tensorcore" and _gemm_on_fp8(p, "dgrad"):
-                wb, sw = _w_fp8(layer, weight, f_wd)
+                wb, sw = (wb_kept, sw_kept) if wb_kept.numel() else _w_fp8(layer, weight, f_wd)
                 if sw.numel() != 1:  # per-output-channel weight scale: fold into dy's columns
                     dy_s, sw = dy.float() * sw.reshape(1, -1), sw.new_ones(1)
                 else:
                     dy_s = dy
                 ga, sg = _fp8_operand(dy_s, f_g, rnd, amax=None if dy_s is not dy else amax_g)
-                dx = _scaled_mm(ga, sg, wb.t().contiguous(), sw, x2.dtype)
+                dx = _scaled_mm(ga, sg, wb.t().contiguous(), sw, ctx.x_dtype)
+                if dy_s is dy and sg.numel() == 1 and p.operand("wgrad", "grad") == f_g and not dy.shape[0] % 16:
+                    g_keep = (ga, sg)  # wgrad reuses the per-tensor FP8 gradient
             elif mode == "tensorcore":
-                dx = _bf16_gemm(_fq(dy, f_g, rnd, amax_g), _w_fq(layer, weight, f_wd).t()).to(x2.dtype)
+                dx = _bf16_gemm(_fq(dy, f_g, rnd, amax_g), _w_fq(layer, weight, f_wd).t()).to(ctx.x_dtype)
             elif mode == "bf16":
-                dx = (dy.to(torch.bfloat16) @ weight.to(torch.bfloat16)).to(x2.dtype)
+                dx = (dy.to(torch.bfloat16) @ weight.to(torch.bfloat16)).to(ctx.x_dtype)
             else:
-                dx = (_fq(dy, f_g, rnd, amax_g) @ _w_fq(layer, weight, f_wd)).to(x2.dtype)
+                dx = (_fq(dy, f_g, rnd, amax_g) @ _w_fq(layer, weight, f_wd)).to(ctx.x_dtype)
         # wgrad
         if needs_w:
             f_gw, f_xw = p.operand("wgrad", "grad"), p.operand("wgrad", "input")
             if mode == "tensorcore" and _gemm_on_fp8(p, "wgrad"):
-                ga, sg = _fp8_operand(_pad_rows(dy), f_gw, rnd, tensorwise=True)
-                xb, sx = _fp8_operand(_pad_rows(x2), f_xw, tensorwise=True)
+                ga, sg = g_keep if g_keep is not None else _fp8_operand(_pad_rows(dy), f_gw, rnd, tensorwise=True)
+                if xa_kept.numel():
+                    xb, sx = _pad_rows(xa_kept), sx_kept
+                else:
+                    xb, sx = _fp8_operand(_pad_rows(x2), f_xw, tensorwise=True)
                 dw = _scaled_mm(ga.t().contiguous(), sg, xb.t().contiguous(), sx, torch.float32)
             elif mode == "tensorcore":
                 dw = _bf16_gemm(_fq(dy, f_gw, rnd).t(), _fq(x2, f_xw).t())

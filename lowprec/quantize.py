@@ -112,7 +112,7 @@ def group_scales(xg: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None
             amax = a.amax(dim=1, keepdim=True)
         else:
             amax = amax.to(torch.float32).reshape(1, 1).expand(G, 1)
-        s = torch.where(amax > 0, amax / fmt.max_value, 1.0)
+        s = torch.where(amax > 0, amax / _const(fmt.max_value, xg), 1.0)
         s = torch.where(finite, s, nan)
         return s, s.reshape(G), None
     if fmt.scale == "absmean":
@@ -130,12 +130,19 @@ def group_scales(xg: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None
     # nvfp4: two-level scaling.
     amax_t = a.amax()
     all_finite = finite.all()
-    g = torch.where(amax_t > 0, amax_t / NVFP4_GLOBAL, 1.0)
+    g = torch.where(amax_t > 0, amax_t / _const(NVFP4_GLOBAL, xg), 1.0)
     g = torch.where(all_finite, g, nan)
     amax_b = a.amax(dim=1, keepdim=True)
-    sb = (amax_b / fmt.max_value / g).clamp(max=448.0).to(torch.float8_e4m3fn)
+    sb = (amax_b / _const(fmt.max_value, xg) / g).clamp(max=448.0).to(torch.float8_e4m3fn)
     s = sb.to(torch.float32) * g
     return s, sb.reshape(G), g
+
+
+def _const(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A 0-d float32 tensor on ``like``'s device. Dividing by it is a true IEEE division on every
+    device (CUDA turns division by a Python scalar into a multiplication by its reciprocal, which
+    can differ in the last bit from the CPU reference)."""
+    return torch.full((), value, dtype=torch.float32, device=like.device)
 
 
 def e8m0_to_float(code: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,127 @@
+"""FFN block benchmark: Linear d->4d, GELU, Linear 4d->d, forward + backward, per precision.
+
+    python -m experiments.bench_layers                       # the issue's grid (GPU)
+    python -m experiments.bench_layers --dims 1024 4096 --tokens 8192 --precisions bf16 fp8
+
+Prints a markdown table: ms per fwd+bwd, TFLOP/s (GEMM FLOPs only: 3 GEMMs x 2 layers x
+2*T*d*4d), speedup vs bf16 of the same (d, tokens). Everything runs compiled (torch.compile), as
+the torchao figures it is compared with. torchao float8 (tensorwise) runs in the same process
+when torchao is importable.
+
+Precisions (weights in bf16 master storage; activations/grads per-tensor scaled, as torchao):
+  fp8        weight e4m3, input e4m3, grad e5m2, tensor cores for all three GEMMs
+  fp8-auto   the same with backend auto (small GEMMs stay bf16)
+  ternary    BitNet absmean ternary weights (exact in E4M3), e4m3 inputs, e5m2 grads, tensor cores
+  binary     sign weights with mean-|w| scale, e4m3 inputs, e5m2 grads, tensor cores
+  nvfp4      NVFP4 weights, inputs and grads: emulated (no FP4 tensor cores on Hopper)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+
+import torch
+import torch.nn as nn
+
+ACT = {"input": {"format": "fp8_e4m3", "granularity": "tensor"}, "grad": {"format": "fp8_e5m2", "granularity": "tensor"}}
+PRECISIONS = {
+    "fp8": {"weight": "fp8_e4m3", **ACT, "backend": "tensorcore"},
+    "fp8-auto": {"weight": "fp8_e4m3", **ACT, "backend": "auto"},
+    "ternary": {"weight": "ternary", **ACT, "backend": "tensorcore"},
+    "binary": {"weight": "binary", **ACT, "backend": "tensorcore"},
+    "nvfp4": {"weight": "nvfp4", "input": "nvfp4", "grad": "nvfp4", "backend": "tensorcore"},
+}
+ALL = ["bf16", "torchao", *PRECISIONS]
+
+
+def ffn(d: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(d, 4 * d, bias=False), nn.GELU(), nn.Linear(4 * d, d, bias=False))
+
+
+def build(name: str, d: int) -> nn.Module | None:
+    model = ffn(d).to("cuda", torch.bfloat16)
+    if name == "bf16":
+        return model
+    if name == "torchao":
+        try:
+            from torchao.float8 import convert_to_float8_training
+        except ImportError:
+            return None
+        convert_to_float8_training(model)
+        return model
+    from lowprec import LayerPrecision
+    from lowprec.nn import QLinear
+
+    p = LayerPrecision.from_fields(PRECISIONS[name])
+    for i in (0, 2):
+        model[i] = QLinear.from_float(model[i], p)
+    return model
+
+
+def time_step(model, x, iters: int) -> float:
+    """Median ms of one forward+backward (after warm-up, which includes compilation)."""
+    def step():
+        model(x).sum().backward()
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dims", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
+    ap.add_argument("--precisions", nargs="+", default=ALL, choices=ALL)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--no-compile", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_layers needs a CUDA GPU")
+    dev = torch.cuda.get_device_name()
+    print(f"# FFN fwd+bwd, {dev}, torch {torch.__version__}, {datetime.date.today()}, "
+          f"{'eager' if args.no_compile else 'compiled'}")
+    print("| d | tokens | precision | ms | TFLOP/s | vs bf16 | note |")
+    print("|---|---|---|---|---|---|---|")
+    for d in args.dims:
+        for t in args.tokens:
+            flops = 3 * 2 * 2 * t * d * 4 * d
+            base = None
+            for name in args.precisions:
+                torch.manual_seed(0)
+                model = build(name, d)
+                if model is None:
+                    print(f"| {d} | {t} | {name} | - | - | - | torchao not installed |")
+                    continue
+                note = ""
+                if hasattr(model[0], "backend_note"):
+                    note = model[0].backend_note() + " / " + model[2].backend_note()
+                run = model if args.no_compile else torch.compile(model)
+                x = torch.randn(t, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                try:
+                    ms = time_step(run, x, args.iters)
+                except torch.OutOfMemoryError:
+                    print(f"| {d} | {t} | {name} | OOM | - | - | |")
+                    ms = None
+                if ms is not None:
+                    base = ms if name == "bf16" else base
+                    speed = f"{base / ms:.2f}x" if base else "-"
+                    print(f"| {d} | {t} | {name} | {ms:.2f} | {flops / ms / 1e9:.0f} | {speed} | {note} |", flush=True)
+                del model, run, x
+                gc.collect()
+                torch.cuda.empty_cache()
+                torch._dynamo.reset()
+
+
+if __name__ == "__main__":
+    main()
