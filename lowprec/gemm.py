@@ -131,16 +131,24 @@ def _w_fp8(layer, weight, fmt, amax=None):
 
 def _scaled_mm(a, sa, b_t, sb, out_dtype, fast_accum=False):
     """``(a * sa) @ (b_t * sb)^T`` on FP8 tensor cores: a (M, K) row-major, b_t (N, K) row-major;
-    sa (M, 1) or (1,), sb (N, 1) or (1,). Mixed per-row/per-tensor scales are broadcast.
-    ``fast_accum``: Hopper's faster FP8 accumulation (used for fprop only, as torchao does)."""
+    sa (M, 1) or (1,), sb (N, 1) or (1,). ``fast_accum``: Hopper's faster FP8 accumulation (used
+    for fprop only, as torchao does).
+
+    Per-row scales use cuBLAS's rowwise kernel when both operands are E4M3; otherwise (E5M2 with
+    per-row scales) the GEMM runs with unit scales into fp32 and the row/column scales multiply
+    the output — the same product, since scaling a row of ``a`` scales that row of the result."""
     M, N = a.shape[0], b_t.shape[0]
-    if sa.numel() != 1 or sb.numel() != 1:  # rowwise: both scales must be vectors, bf16 out
+    if sa.numel() == 1 and sb.numel() == 1:
+        return torch._scaled_mm(a, b_t.t(), scale_a=sa.reshape(()), scale_b=sb.reshape(()), out_dtype=out_dtype,
+                                use_fast_accum=fast_accum)
+    if a.dtype == b_t.dtype == torch.float8_e4m3fn:
         sa = sa.reshape(-1, 1).expand(M, 1).contiguous()
         sb = sb.reshape(1, -1).expand(1, N).contiguous()
         out = torch._scaled_mm(a, b_t.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
         return out.to(out_dtype)
-    return torch._scaled_mm(a, b_t.t(), scale_a=sa.reshape(()), scale_b=sb.reshape(()), out_dtype=out_dtype,
-                            use_fast_accum=fast_accum)
+    one = torch.ones((), device=a.device)
+    out = torch._scaled_mm(a, b_t.t(), scale_a=one, scale_b=one, out_dtype=torch.float32, use_fast_accum=fast_accum)
+    return (out * sa.reshape(-1, 1) * sb.reshape(1, -1)).to(out_dtype)
 
 
 def _pad_rows(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:

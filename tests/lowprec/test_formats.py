@@ -122,7 +122,8 @@ def test_fp8_scaled_matches_torch_after_scaling(name, granularity, shape, magnit
         pad = (-last) % 32
         xs = torch.nn.functional.pad(x, (0, pad)).reshape(-1, 32)
     amax = xs.abs().amax(dim=1, keepdim=True)
-    s = torch.where(amax > 0, amax / fmt.max_value, torch.ones_like(amax))
+    # a true IEEE division (CUDA divides by a Python scalar via its reciprocal)
+    s = torch.where(amax > 0, amax / torch.tensor(fmt.max_value, device=device), torch.ones_like(amax))
     ref = (xs / s).clamp(-fmt.max_value, fmt.max_value).to(dtype)
     assert torch.equal(q.data.reshape(ref.shape).view(torch.uint8), ref.view(torch.uint8))
     deq = (ref.float() * s).reshape(*shape[:-1], -1)[..., :last]
@@ -160,8 +161,8 @@ def test_fp4_random_tensors_match_ml_dtypes(shape, magnitude, device):
     x = (torch.randn(shape, generator=g) * magnitude).to(device)
     fmt = lowprec.format("fp4_e2m1", scale="absmax")
     q = lowprec.quantize(x, fmt)
-    s = x.abs().max() / 6.0
-    assert torch.equal(bits(q.dequantize().cpu()), bits(ml_e2m1(x / s) * s.cpu()))
+    s = (x.abs().max() / torch.tensor(6.0, device=device)).cpu()
+    assert torch.equal(bits(q.dequantize().cpu()), bits(ml_e2m1(x.cpu() / s) * s))
     # out-of-range and random unscaled values: generic rounding vs ml_dtypes, saturating at 6
     y = torch.randn(50_000, generator=g) * 4
     assert torch.equal(bits(round_float_grid(y, fmt, "nearest")), bits(ml_e2m1(y)))

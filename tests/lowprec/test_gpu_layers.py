@@ -46,21 +46,23 @@ def data():
 @pytest.mark.parametrize("act", [ACT, ACT_ROW], ids=["tensorwise", "per-token"])
 def test_tensorcore_agrees_with_emulated(data, weight, act):
     """Tolerances (relative Frobenius error vs the fp32 emulated reference):
-    fprop/dgrad 2e-2: same quantized operands; differences are the bf16 output rounding (2^-9
-    relative) and accumulation order, plus, for per-token grads folded with a per-channel weight
-    scale, one E5M2 re-rounding (2^-3 relative per element, averaging down over K).
-    wgrad 8e-2: on tensor cores wgrad uses per-tensor scales (its contraction runs over tokens),
-    so a per-token E5M2 gradient is re-rounded with another scale: up to 2^-3 relative per
-    element, averaging over the 200-token contraction."""
+    2e-2 where both backends multiply the same quantized operands: the differences are the bf16
+    output rounding (2^-9 relative), FP8 fast accumulation in fprop and accumulation order.
+    0.12 where the tensor-core path rounds a gradient to E5M2 with another scale than the
+    reference (a per-channel weight scale folded into dy for dgrad; per-tensor instead of
+    per-token scales in wgrad, whose contraction runs over tokens): two independent E5M2
+    roundings differ by up to 2^-3 relative per element (RMS about 6%), and the relative error
+    of a sum of such terms stays of that order."""
     x, w, b, dy = data
     emu = LayerPrecision.from_fields({"weight": weight, **act, "backend": "emulated"})
     tc = LayerPrecision.from_fields({"weight": weight, **act, "backend": "tensorcore"})
     y0, dx0, dw0, _ = run(emu, w, b, x, dy)
     y1, dx1, dw1, layer = run(tc, w, b, x, dy)
     assert layer.gemm_mode == "tensorcore"
+    w_per_row = tc.weight.granularity == "row"
     assert rel(y1, y0) < 2e-2
-    assert rel(dx1, dx0) < 2e-2 + (0.04 if act is ACT_ROW else 0)
-    assert rel(dw1, dw0) < (8e-2 if act is ACT_ROW else 2e-2)
+    assert rel(dx1, dx0) < (0.12 if w_per_row else 2e-2), rel(dx1, dx0)
+    assert rel(dw1, dw0) < (0.12 if act is ACT_ROW else 2e-2), rel(dw1, dw0)
 
 
 def test_tensorcore_native_ternary_matches_emulated(data):
@@ -95,6 +97,6 @@ def test_tensorcore_compiles(data):
                                 QLinear(512, 512, precision=p, device="cuda", dtype=torch.bfloat16))
     eager = model(x)
     explained = torch._dynamo.explain(model)(x)
-    assert explained.graph_break_count == 0
+    assert explained.graph_break_count == 0, [str(r.reason) for r in explained.break_reasons]
     compiled = torch.compile(model)(x)
     assert rel(compiled, eager) < 1e-2  # fused kernels may round the bf16 intermediates differently
