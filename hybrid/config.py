@@ -92,6 +92,9 @@ class HybridConfig:
             if d % self.xattn_heads:
                 fail(f"xattn_heads={self.xattn_heads} does not divide d_model={d} "
                      f"(rule: cross-attention heads have size d_model / xattn_heads)")
+            if (d // self.xattn_heads) % 2:
+                fail(f"d_model / xattn_heads = {d // self.xattn_heads} is odd "
+                     f"(rule: rotary cross-attention rotates pairs of channels)")
             if self.window % self.chunk:
                 fail(f"chunk={self.chunk} does not divide window={self.window} "
                      f"(rule: a full segment holds a whole number of chunks)")

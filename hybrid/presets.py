@@ -2,11 +2,11 @@
 
 | name      | d_model | blocks | heads q/kv × size | FFN   | vocab | window | LSTM | params (exact: `hybrid.budget`) |
 |-----------|---------|--------|-------------------|-------|-------|--------|------|---------------------------------|
-| paper     | 16384   | 128    | 128/16 × 128      | 65536 | 65536 | 131072 | 16   | 392.76B (392.73B weight matrices) |
-| slice16k  | 16384   | 1      | 128/16 × 128      | 65536 | 65536 | 2048   | 1    | 9.05B  (one width-16384 GPU step) |
-| medium    | 512     | 8      | 8/2 × 64          | 2048  | 256   | 512    | 2    | 28.3M  (CPU in minutes)           |
-| small     | 256     | 8      | 8/2 × 32          | 1024  | 256   | 256    | 1    | 6.6M   (Shakespeare, byte-level)  |
-| tiny      | 32      | 2      | 4/2 × 8           | 128   | 32    | 16     | 2    | 43K    (tests)                    |
+| paper     | 16384   | 128    | 128/16 × 128      | 65536 | 65536 | 131072 | 16   | 392,731,140,096 (392.73B)         |
+| slice16k  | 16384   | 1      | 128/16 × 128      | 65536 | 65536 | 2048   | 1    | 8.96B  (one width-16384 GPU step) |
+| medium    | 512     | 8      | 8/2 × 64          | 2048  | 256   | 512    | 2    | 28.6M  (CPU in minutes)           |
+| small     | 256     | 8      | 8/2 × 32          | 1024  | 256   | 256    | 1    | 6.7M   (Shakespeare, byte-level)  |
+| tiny      | 32      | 2      | 4/2 × 8           | 128   | 32    | 16     | 2    | 50K    (tests)                    |
 
 The YAML files in `configs/model/` hold the same values (a test keeps them equal).
 """
@@ -31,14 +31,14 @@ presets: dict[str, HybridConfig] = {
         memory=True, rnn_layers=1, rnn_mode="stream", chunk=64, compressor_hidden=8192,
         xattn_heads=16, max_memory=64, tbptt_segments=2,
     ),
-    # ~28M parameters, byte-level: trains on CPU in minutes.
+    # ~28.6M parameters, byte-level: trains on CPU in minutes.
     "medium": HybridConfig(
         d_model=512, n_blocks=8, n_heads=8, n_kv_heads=2, head_dim=64, d_ff=2048,
         vocab_size=256, window=512, max_window=512,
         memory=True, rnn_layers=2, rnn_mode="chunked", chunk=32, compressor_hidden=256,
         xattn_heads=8, max_memory=64, tbptt_segments=2, dropout=0.1,
     ),
-    # ~6.6M parameters, byte-level: sized to the 5 MB Shakespeare corpus (DESIGN.md).
+    # ~6.7M parameters, byte-level: sized to the 5 MB Shakespeare corpus (DESIGN.md).
     "small": HybridConfig(
         d_model=256, n_blocks=8, n_heads=8, n_kv_heads=2, head_dim=32, d_ff=1024,
         vocab_size=256, window=256, max_window=256,

@@ -106,18 +106,20 @@ def group_scales(xg: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None
         return ones, ones.reshape(G), None
     nan = torch.tensor(float("nan"), device=xg.device)
     a = xg.abs()
-    finite = torch.isfinite(xg).all(dim=1, keepdim=True)
+    # a NaN/inf element makes its group's amax (or mean) NaN/inf: no separate finiteness pass
     if fmt.scale == "absmax":
         if amax is None:
             amax = a.amax(dim=1, keepdim=True)
+            finite = torch.isfinite(amax)
         else:
+            finite = torch.isfinite(a.amax(dim=1, keepdim=True))
             amax = amax.to(torch.float32).reshape(1, 1).expand(G, 1)
         s = torch.where(amax > 0, amax / _const(fmt.max_value, xg), 1.0)
         s = torch.where(finite, s, nan)
         return s, s.reshape(G), None
     if fmt.scale == "absmean":
-        s = a.mean(dim=1, keepdim=True).clamp(min=ABSMEAN_EPS)
-        s = torch.where(finite, s, nan)
+        s = a.mean(dim=1, keepdim=True)
+        s = torch.where(torch.isfinite(s), s.clamp(min=ABSMEAN_EPS), nan)
         return s, s.reshape(G), None
     if fmt.scale == "e8m0":
         # OCP MX v1.0: shared exponent = floor(log2(amax)) - emax_elem, in E8M0's range.
@@ -125,14 +127,13 @@ def group_scales(xg: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None
         _, exp = torch.frexp(amax)
         shared = (exp - 1 - fmt.max_exp).clamp(-E8M0_BIAS, E8M0_BIAS)
         code = torch.where(amax > 0, shared + E8M0_BIAS, 0)
-        code = torch.where(finite, code, E8M0_NAN)
+        code = torch.where(torch.isfinite(amax), code, E8M0_NAN)
         return e8m0_to_float(code), code.reshape(G).to(torch.uint8), None
-    # nvfp4: two-level scaling.
-    amax_t = a.amax()
-    all_finite = finite.all()
-    g = torch.where(amax_t > 0, amax_t / _const(NVFP4_GLOBAL, xg), 1.0)
-    g = torch.where(all_finite, g, nan)
+    # nvfp4: two-level scaling; the tensor scale is one group over the whole tensor.
     amax_b = a.amax(dim=1, keepdim=True)
+    amax_t = amax_b.amax()
+    g = torch.where(amax_t > 0, amax_t / _const(NVFP4_GLOBAL, xg), 1.0)
+    g = torch.where(torch.isfinite(amax_t), g, nan)
     sb = (amax_b / _const(fmt.max_value, xg) / g).clamp(max=448.0).to(torch.float8_e4m3fn)
     s = sb.to(torch.float32) * g
     return s, sb.reshape(G), g

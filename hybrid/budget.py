@@ -1,0 +1,68 @@
+"""`python -m hybrid.budget model=paper precision=paper`: the budget report as a Hydra app.
+
+Config groups come from the repository's `configs/` (`model/`, `precision/`); the precision is
+optional (without it every weight is counted at `default_bits`). Other keys: `window` (tokens per
+segment for FLOPs and the KV cache; default `model.window`), `kv_bits`, `act_bits` (memory bank),
+`other_bits` (biases and norms), `check_meta` (build on the meta device and compare counts).
+The numbers and formulas are in `hybrid.accounting`; `component_budget` is re-exported here.
+
+Bits per weight under a policy: `PrecisionPolicy.from_config(cfg.precision).resolve(name).weight.effective_bits`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from .accounting import (PAPER_TABLE1, ComponentBudget, component_budget, format_report,  # noqa: F401
+                         param_counts, state_bytes)
+from .config import HybridConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _budget_node() -> dict:
+    return {
+        "defaults": ["_self_", {"model": "paper"}, {"precision": None},
+                     {"override hydra/job_logging": "none"}, {"override hydra/hydra_logging": "none"}],
+        "window": None,
+        "kv_bits": 16,
+        "act_bits": 16,
+        "default_bits": 16,
+        "other_bits": 32,
+        "check_meta": True,
+        # a report, not a run: no output directory, no log files
+        "hydra": {"output_subdir": None, "run": {"dir": "."}},
+    }
+
+
+def bits_from_policy(precision_cfg) -> Callable[[str], float]:
+    """bits_of(module_name) = the policy's weight `effective_bits` for that module."""
+    import lowprec  # only the policy part of the report needs lowprec
+    policy = lowprec.PrecisionPolicy.from_config(precision_cfg)
+    return lambda name: float(policy.resolve(name).weight.effective_bits)
+
+
+def _run(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+    model_cfg = HybridConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    if cfg.get("precision") is not None:
+        bits_of = bits_from_policy(cfg.precision)
+        name = HydraConfig.get().runtime.choices.get("precision") or "policy"
+    else:
+        default = float(cfg.default_bits)
+        bits_of, name = (lambda _n: default), f"none (every weight at {cfg.default_bits:g} bits)"
+    print(format_report(model_cfg, bits_of, window=cfg.window, other_bits=cfg.other_bits,
+                        kv_bits=cfg.kv_bits, act_bits=cfg.act_bits, policy_name=name,
+                        check_meta=cfg.check_meta))
+
+
+def main() -> None:
+    import hydra
+    from hydra.core.config_store import ConfigStore
+    ConfigStore.instance().store(name="hybrid_budget", node=_budget_node())
+    hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="hybrid_budget")(_run)()
+
+
+if __name__ == "__main__":
+    main()

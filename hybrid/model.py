@@ -1,0 +1,157 @@
+"""`HybridLM`: the hybrid Transformer-RNN language model, one segment per call.
+
+    e      = embed.tok(tokens)                                   (B, T, d)
+    x      = e + embed.pos(0..T-1)                               positions count from the segment start
+    m_new  = rnn(e, state)                                       (B, K, d): one vector per chunk ending in this segment
+    x      = fusion(x, [bank ; m_new], pos)                      gated cross-attention to the memory (causal)
+    x      = blocks[0..n_blocks-1](x)                            causal GQA within the segment
+    logits = head(norm_f(x))                                     (B, T, vocab)
+
+and the returned `HybridState` carries the LSTM state, the last `max_memory` chunk vectors and the
+absolute position. Self-attention sees only the current segment (at most `window` tokens); what
+lies further back reaches a token only through the LSTM memory. With `memory=False` there are no
+`rnn`/`fusion` modules: a windowed GQA transformer of the same width (the ablation baseline).
+
+Module names are the paper's words, so precision policies (glob rules over names) can target them:
+`embed.tok`, `embed.pos`, `rnn.lstm.N.{ih,hh,norm}`, `rnn.compressor.{fc1,fc2}`, `fusion.norm`,
+`fusion.xattn.{q,k,v,o}`, `fusion.gate`, `blocks.N.{norm1,attn.{q,k,v,o},norm2,ffn.{up,down}}`,
+`norm_f`, `head`. Every weight matrix is a plain `nn.Linear` or `nn.Embedding`, always called as a
+module (never through its `.weight`), so `lowprec.apply_policy` can swap it in place. No precision
+is chosen here.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .attention import Block, Fusion
+from .config import HybridConfig
+from .rnn import RNNMemory
+from .state import HybridState
+
+
+class HybridLM(nn.Module):
+    """The hybrid Transformer-RNN. `model(tokens, state=None) -> (logits, state)`."""
+
+    def __init__(self, cfg: HybridConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.embed = nn.ModuleDict({
+            "tok": nn.Embedding(cfg.vocab_size, d),
+            "pos": nn.Embedding(cfg.max_window, d),
+        })
+        self.drop = nn.Dropout(cfg.dropout)
+        if cfg.memory:
+            self.rnn = RNNMemory(d, cfg.rnn_layers, cfg.chunk, cfg.compressor_hidden, cfg.norm_eps)
+            self.fusion = Fusion(d, cfg.xattn_heads, cfg.chunk, cfg.max_memory, cfg.norm_eps)
+        self.blocks = nn.ModuleList(
+            Block(d, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.dropout, cfg.norm_eps)
+            for _ in range(cfg.n_blocks))
+        self.norm_f = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 style init: N(0, init_std) for matrices, residual outputs scaled by 1/√(2·n_blocks);
+        the memory path (compressor, cross-attention, gate) N(0, 1/fan_in); LSTM matrices U(±1/√d)
+        as torch.nn.LSTM, forget-gate bias 1 (remember by default).
+
+        Whole-tensor initializers only: on the meta device they cost nothing.
+        """
+        cfg = self.cfg
+        std = cfg.init_std
+        for mod in self.modules():
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(mod.weight, 0.0, std)
+                if getattr(mod, "bias", None) is not None:
+                    nn.init.zeros_(mod.bias)
+        for blk in self.blocks:
+            nn.init.normal_(blk.attn.o.weight, 0.0, std / math.sqrt(2 * cfg.n_blocks))
+            nn.init.normal_(blk.ffn.down.weight, 0.0, std / math.sqrt(2 * cfg.n_blocks))
+        if cfg.memory:
+            # The memory path is a long chain (LSTM -> compressor -> xattn k/v -> o -> gate): at
+            # N(0, 0.02) a small model's memory signal starts vanishingly small and never learns,
+            # so these layers keep unit-scale activations with std 1/sqrt(fan_in).
+            for mod in (*self.rnn.compressor.children(), *self.fusion.xattn.children(), self.fusion.gate):
+                nn.init.normal_(mod.weight, 0.0, 1.0 / math.sqrt(mod.in_features))
+            bound = 1.0 / math.sqrt(cfg.d_model)
+            for layer in self.rnn.lstm:
+                nn.init.uniform_(layer.ih.weight, -bound, bound)
+                nn.init.uniform_(layer.hh.weight, -bound, bound)
+                nn.init.zeros_(layer.ih.bias)
+                layer.ih.bias[cfg.d_model:2 * cfg.d_model].fill_(1.0)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed["tok"].weight
+
+    # ---- one segment --------------------------------------------------------------------
+    def initial_state(self) -> HybridState:
+        """The state before the first token of a document (tensors are created on first use)."""
+        return HybridState(pos=0)
+
+    def forward(self, tokens: Tensor, state: HybridState | None = None) -> tuple[Tensor, HybridState]:
+        """tokens (B, T) int64, 1 <= T <= window -> logits (B, T, vocab), state after the segment.
+
+        Any T is allowed: a chunk may span segments (stream mode carries the LSTM over it;
+        chunked mode keeps its tokens in `state.pending`).
+        """
+        cfg = self.cfg
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (batch, time); got shape {tuple(tokens.shape)}")
+        B, T = tokens.shape
+        if not 1 <= T <= cfg.window:
+            raise ValueError(f"segment length T={T} must be in [1, window={cfg.window}]")
+        state = self.initial_state() if state is None else state
+        for name, t in (("h", state.h), ("memory", state.memory), ("pending", state.pending)):
+            if t is not None and t.shape[-2 if name == "h" else 0] != B:
+                raise ValueError(f"state.{name} has batch {t.shape[-2 if name == 'h' else 0]}, tokens have {B}")
+
+        e = self.embed["tok"](tokens)
+        x = self.drop(e + self.embed["pos"](torch.arange(T, device=tokens.device)))
+        new = HybridState(pos=state.pos + T)
+        if cfg.memory:
+            x, new = self._memory(tokens, e, x, state, new)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm_f(x)), new
+
+    def _memory(self, tokens: Tensor, e: Tensor, x: Tensor, state: HybridState,
+                new: HybridState) -> tuple[Tensor, HybridState]:
+        """Run the RNN memory, fuse the bank into x, and fill `new` with the carried state."""
+        cfg = self.cfg
+        h, c = (state.h, state.c) if state.h is not None else self.rnn.zero_state(e)
+        if cfg.rnn_mode == "stream":
+            m_new, h, c = self.rnn.stream(e, state.pos, h, c)
+        else:
+            if state.pending is not None and state.pending.shape[1]:
+                e = torch.cat([self.embed["tok"](state.pending), e], dim=1)
+                tokens = torch.cat([state.pending, tokens], dim=1)
+            n_full = tokens.shape[1] // cfg.chunk * cfg.chunk
+            m_new, h, c = self.rnn.chunked(e[:, :n_full], h, c)
+            new.pending = tokens[:, n_full:]
+        keys = m_new if state.memory is None else torch.cat([state.memory, m_new], dim=1)
+        x = self.fusion(x, keys, state.pos)
+        new.h, new.c, new.memory = h, c, keys[:, -cfg.max_memory:]
+        return x, new
+
+    # ---- a long document ----------------------------------------------------------------
+    def stream(self, tokens: Tensor, state: HybridState | None = None,
+               segment: int | None = None) -> Iterator[tuple[Tensor, HybridState]]:
+        """Process a long document (B, N) segment by segment; yields (logits (B, T_i, vocab), state).
+
+        Segments are `segment` tokens (default: `window`), the last one possibly shorter. Memory is
+        bounded by the segment and the state, not by N. Wrap in `torch.no_grad()` for inference;
+        for training see `hybrid.tbptt`.
+        """
+        L = self.cfg.window if segment is None else segment
+        for s in range(0, tokens.shape[1], L):
+            logits, state = self(tokens[:, s:s + L], state)
+            yield logits, state
+
+    def num_params(self) -> int:
+        """Parameters, tied ones counted once."""
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,65 @@
+"""HybridConfig validation, presets and their YAML twins in configs/model/."""
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from hybrid import RNN_MODES, HybridConfig, preset, presets
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
+
+
+@pytest.mark.parametrize("changes, words", [
+    (dict(d_model=30, n_heads=4, head_dim=None), ["n_heads=4", "d_model=30"]),
+    (dict(d_model=32, n_heads=4, head_dim=16), ["n_heads * head_dim", "64", "d_model=32"]),
+    (dict(n_heads=4, n_kv_heads=3), ["n_kv_heads=3", "n_heads=4"]),
+    (dict(window=64, max_window=32), ["window=64", "max_window=32"]),
+    (dict(rnn_mode="lstm"), ["'lstm'", "stream", "chunked"]),
+    (dict(xattn_heads=3), ["xattn_heads=3", "d_model=32"]),
+    (dict(chunk=5), ["chunk=5", "window=16"]),
+    (dict(d_model=40, head_dim=10, d_ff=160, xattn_heads=8), ["= 5 is odd", "rotary"]),
+    (dict(rnn_layers=0), ["rnn_layers=0"]),
+    (dict(window=0), ["window=0"]),
+    (dict(dropout=1.0), ["dropout=1.0"]),
+])
+def test_bad_config_names_value_and_rule(changes, words):
+    with pytest.raises(ValueError) as e:
+        preset("tiny").replace(**changes)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_memory_off_skips_memory_rules():
+    cfg = preset("tiny").replace(memory=False, xattn_heads=3, chunk=5)
+    assert not cfg.memory
+
+
+def test_derived_fields_are_resolved():
+    cfg = HybridConfig(d_model=64, n_heads=4, n_kv_heads=1)
+    assert (cfg.head_dim, cfg.d_ff, cfg.compressor_hidden) == (16, 256, 32)
+
+
+def test_unknown_preset_lists_choices():
+    with pytest.raises(ValueError, match="unknown preset 'huge'.*paper.*tiny"):
+        preset("huge")
+
+
+def test_unknown_key_fails():
+    with pytest.raises(ValueError, match="unknown key.*'widht'"):
+        HybridConfig.from_dict({"widht": 3})
+
+
+def test_paper_preset_is_the_spec():
+    c = preset("paper")
+    assert (c.d_model, c.n_blocks, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff, c.vocab_size) == \
+        (16384, 128, 128, 16, 128, 65536, 65536)
+    assert (c.max_window, c.rnn_layers, c.chunk, c.compressor_hidden, c.xattn_heads) == \
+        (131072, 16, 64, 8192, 16)
+    assert c.memory and c.rnn_mode in RNN_MODES
+
+
+@pytest.mark.parametrize("name", list(presets))
+def test_yaml_matches_preset(name):
+    y = OmegaConf.to_container(OmegaConf.load(CONFIGS / f"{name}.yaml"))
+    assert HybridConfig.from_dict(y) == presets[name]
+    assert set(y) == set(presets[name].to_dict())

@@ -1,0 +1,88 @@
+"""The carried state: save/load round trip, detach, bounded size; truncated BPTT."""
+import io
+
+import pytest
+import torch
+
+from hybrid import HybridLM, HybridState, preset, tbptt
+
+
+@pytest.mark.parametrize("mode", ["stream", "chunked"])
+@pytest.mark.parametrize("weights_only", [True, False])
+def test_state_round_trip_gives_identical_logits(mode, weights_only, tmp_path):
+    torch.manual_seed(0)
+    model = HybridLM(preset("tiny").replace(rnn_mode=mode)).eval()
+    x = torch.randint(0, 32, (3, 40))
+    with torch.no_grad():
+        _, s = model(x[:, :14])          # 14: stops mid-chunk, so chunked mode has pending tokens
+        _, s = model(x[:, 14:23], s)
+        torch.save(s, tmp_path / "state.pt")
+        loaded = torch.load(tmp_path / "state.pt", weights_only=weights_only)
+        assert isinstance(loaded, HybridState) and loaded.pos == 23
+        if mode == "chunked":
+            assert loaded.pending.shape == (3, 23 % 4)
+        a, sa = model(x[:, 23:39], s)
+        b, sb = model(x[:, 23:39], loaded)
+    assert torch.equal(a, b)             # exact: same inputs, same ops
+    assert torch.equal(sa.memory, sb.memory) and torch.equal(sa.h, sb.h)
+
+
+def test_state_dict_form_and_detach():
+    torch.manual_seed(0)
+    model = HybridLM(preset("tiny"))
+    _, s = model(torch.randint(0, 32, (2, 16)))
+    assert s.h.requires_grad and s.h.dtype == torch.float32 and s.c.dtype == torch.float32
+    d = s.detach()
+    assert not d.h.requires_grad and not d.memory.requires_grad and d.pos == s.pos
+    buf = io.BytesIO()
+    torch.save(d.state_dict(), buf)
+    buf.seek(0)
+    back = HybridState.from_state_dict(torch.load(buf))
+    assert torch.equal(back.memory, d.memory) and back.pos == 16
+
+
+def test_lstm_state_stays_fp32_in_a_bf16_model():
+    torch.manual_seed(0)
+    model = HybridLM(preset("tiny")).to(torch.bfloat16)
+    logits, s = model(torch.randint(0, 32, (2, 16)))
+    assert logits.dtype == torch.bfloat16 and s.memory.dtype == torch.bfloat16
+    assert s.h.dtype == s.c.dtype == torch.float32
+
+
+@pytest.mark.parametrize("mode", ["stream", "chunked"])
+def test_state_size_does_not_grow(mode):
+    """A short version of `python -m hybrid.stream_demo`: the state is bounded by max_memory."""
+    from hybrid.stream_demo import stream_document
+    torch.manual_seed(0)
+    cfg = preset("tiny").replace(rnn_mode=mode)
+    model = HybridLM(cfg).eval()
+    rows = stream_document(model, 16 * 60, segment=15, every=10, log=None)
+    sizes = [r["state_bytes"] for r in rows]
+    full = cfg.max_memory * cfg.d_model * 4 + 2 * cfg.rnn_layers * cfg.d_model * 4
+    assert all(s <= full + 8 * (cfg.chunk - 1) for s in sizes)   # + pending token ids (chunked)
+    assert len(set(sizes[1:])) <= cfg.chunk                      # only the pending part varies
+
+
+def test_bad_calls_fail_clearly():
+    model = HybridLM(preset("tiny"))
+    with pytest.raises(ValueError, match="T=17 must be in \\[1, window=16\\]"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    _, s = model(torch.zeros(2, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="batch"):
+        model(torch.zeros(3, 8, dtype=torch.long), s)
+
+
+def test_tbptt_cuts_the_graph_every_k_segments():
+    torch.manual_seed(0)
+    model = HybridLM(preset("tiny"))
+    x = torch.randint(0, 32, (2, 16 * 5 + 1))
+    steps = list(tbptt(model, x, k=2))
+    assert [s.segments for s in steps] == [2, 2, 1]
+    assert sum(s.n_tokens for s in steps) == 80 and steps[-1].state.pos == 80
+    # step 2's loss must not reach step 1's segments: its graph starts from a detached state
+    model.zero_grad()
+    steps[1].loss.backward()
+    emb_grad = model.embed["tok"].weight.grad
+    used_later = torch.zeros(32, dtype=torch.bool)
+    used_later[x[:, 32:64].flatten()] = True
+    assert emb_grad[~used_later].abs().sum() == 0
