@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .formats import Format
 from .quantize import quantize_dequantize, quantize_groups, to_groups
 from .ste import STES
@@ -116,17 +117,29 @@ def _fp8_operand(t: torch.Tensor, fmt: Format, rounding="nearest", amax=None, te
 
 
 def _w_fq(layer, weight, fmt, amax=None):
-    """The weight operand, fake-quantized; a native weight already on its grid is used as is
-    (re-deriving an absmean scale from dequantized codes would change it)."""
-    if layer.is_native and fmt == layer.precision.weight:
-        return weight.float()
-    return _fq(weight, fmt, amax=amax)
+    """The weight operand, fake-quantized to fp32. A native weight is already on its grid and is
+    used as stored (re-deriving an absmean scale from dequantized codes would change it)."""
+    if layer.is_native:
+        w = layer.dequantized_native()
+        return w if fmt == layer.precision.weight else _fq(w, fmt)
+    return layer.weight_cache(("fq", fmt), weight, amax, lambda: _fq(weight, fmt, amax=amax))
+
+
+def _w_bf16(layer, weight, fmt, amax=None):
+    """The weight operand fake-quantized, in bf16 (for GEMMs emulated on bf16 tensor cores)."""
+    key = ("bf16", fmt)
+    if layer.is_native:
+        return layer.weight_cache(key, None, None, lambda: _w_fq(layer, weight, fmt).to(torch.bfloat16))
+    return layer.weight_cache(key, weight, amax, lambda: _fq(weight, fmt, amax=amax).to(torch.bfloat16))
 
 
 def _w_fp8(layer, weight, fmt, amax=None):
-    if layer.is_native and fmt == layer.precision.weight:
-        return layer.native_fp8_operand()
-    return _fp8_operand(weight, fmt, amax=amax)
+    """The weight operand as (FP8 codes, scale)."""
+    if layer.is_native:
+        if fmt == layer.precision.weight:
+            return layer.native_fp8_operand()
+        return _fp8_operand(layer.dequantized_native(), fmt)
+    return layer.weight_cache(("fp8", fmt), weight, amax, lambda: _fp8_operand(weight, fmt, amax=amax))
 
 
 def _scaled_mm(a, sa, b_t, sb, out_dtype, fast_accum=False):
@@ -162,9 +175,10 @@ def _bf16_gemm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
 
 # ---- the autograd function -------------------------------------------------------------------
 class QLinearFunction(torch.autograd.Function):
-    """Inputs: x2 (M, K), weight (N, K) on its grid or latent, bias or None, anchor (a 0-d
-    tensor that requires grad so backward always runs for native weights), layer (the module:
-    precision, mode, amax histories, native-grad sink, telemetry)."""
+    """Inputs: x2 (M, K), weight (N, K) (the latent master; for a native layer its packed
+    buffer, read through the layer), bias or None, anchor (a 0-d tensor that requires grad so
+    backward always runs for native weights), layer (the module: precision, mode, amax
+    histories, weight caches, native-grad sink, telemetry)."""
 
     @staticmethod
     def forward(ctx, x2, weight, bias, anchor, layer):
@@ -172,13 +186,16 @@ class QLinearFunction(torch.autograd.Function):
         mode = layer.gemm_mode
         f_in, f_w = p.operand("fprop", "input"), p.operand("fprop", "weight")
         maybe_record(layer, "input", x2, f_in)
-        maybe_record(layer, "weight", weight, f_w)
+        maybe_record(layer, "weight", lambda: layer.dequantized_native() if layer.is_native else weight, f_w)
         amax_x = layer.delayed_amax("input", x2)
         amax_w = layer.delayed_amax("weight", weight)
         out_dtype = x2.dtype
         empty = x2.new_empty(0)
         w_keep = x_keep = (empty, empty)
-        if mode == "tensorcore" and _gemm_on_fp8(p, "fprop"):
+        if mode == "tensorcore" and kernels.use_ternary_gemv(layer, x2, f_w):
+            # few tokens: the GEMV is memory-bound, reading 2-bit codes beats any FP8 GEMM
+            y = kernels.ternary_gemv(_fq(x2, f_in, amax=amax_x), layer).to(out_dtype)
+        elif mode == "tensorcore" and _gemm_on_fp8(p, "fprop"):
             xa, sx = _fp8_operand(x2, f_in, amax=amax_x)
             wb, sw = _w_fp8(layer, weight, f_w, amax_w)
             y = _scaled_mm(xa, sx, wb, sw, out_dtype, fast_accum=True)
@@ -189,7 +206,7 @@ class QLinearFunction(torch.autograd.Function):
             if p.operand("wgrad", "input") == f_in and sx.numel() == 1 and _gemm_on_fp8(p, "wgrad"):
                 x_keep = (xa, sx)
         elif mode == "tensorcore":
-            y = _bf16_gemm(_fq(x2, f_in, amax=amax_x), _w_fq(layer, weight, f_w, amax_w)).to(out_dtype)
+            y = _bf16_gemm(_fq(x2, f_in, amax=amax_x), _w_bf16(layer, weight, f_w, amax_w)).to(out_dtype)
         elif mode == "bf16":
             y = (x2.to(torch.bfloat16) @ weight.to(torch.bfloat16).t()).to(out_dtype)
         else:
@@ -232,7 +249,7 @@ class QLinearFunction(torch.autograd.Function):
                 if dy_s is dy and sg.numel() == 1 and p.operand("wgrad", "grad") == f_g and not dy.shape[0] % 16:
                     g_keep = (ga, sg)  # wgrad reuses the per-tensor FP8 gradient
             elif mode == "tensorcore":
-                dx = _bf16_gemm(_fq(dy, f_g, rnd, amax_g), _w_fq(layer, weight, f_wd).t()).to(ctx.x_dtype)
+                dx = _bf16_gemm(_fq(dy, f_g, rnd, amax_g), _w_bf16(layer, weight, f_wd).t()).to(ctx.x_dtype)
             elif mode == "bf16":
                 dx = (dy.to(torch.bfloat16) @ weight.to(torch.bfloat16)).to(ctx.x_dtype)
             else:

@@ -100,8 +100,9 @@ class Telemetry:
         return "\n".join(rows)
 
 
-def maybe_record(module, operand: str, x: torch.Tensor, fmt) -> None:
-    """Called by layers; a no-op unless a Telemetry is attached and enabled."""
+def maybe_record(module, operand: str, x, fmt) -> None:
+    """Called by layers; a no-op unless a Telemetry is attached and enabled. ``x`` is a tensor or
+    a zero-argument callable giving it (so nothing is computed while telemetry is off)."""
     slot = module.telemetry_slot
     if slot is not None and slot[0].enabled:
-        slot[0].record(slot[1], operand, x, fmt)
+        slot[0].record(slot[1], operand, x() if callable(x) else x, fmt)

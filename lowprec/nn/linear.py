@@ -113,8 +113,7 @@ class QLinear(NativeWeightMixin, nn.Module):
             raise ValueError(f"QLinear expects last dimension {self.in_features}, got input {tuple(x.shape)}")
         self._ensure_plan(x.device)
         if self.is_native:
-            weight = self.native_weight.dequantize(torch.float32)
-            anchor = self._anchor
+            weight, anchor = self.w_data, self._anchor  # read through the layer, on demand
         else:
             weight, anchor = self.weight, None
         x2 = x.reshape(-1, self.in_features)

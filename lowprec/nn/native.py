@@ -20,6 +20,31 @@ from ..qtensor import QTensor, predicted_nbytes, quantize
 class NativeWeightMixin:
     """Shared by QLinear and QEmbedding. Needs ``self.precision`` set."""
 
+    cache_weights = True
+
+    def weight_cache(self, key, weight, amax, make):
+        """``make()``, reused while the weight is unchanged (eager mode only).
+
+        A layer called many times per step (an LSTM's recurrent projection runs once per token)
+        would otherwise quantize the same weight every call. The key holds the weight's version
+        counter (bumped by every in-place update, i.e. every optimizer step) and storage; delayed
+        scaling (a changing amax) and compiled graphs bypass the cache. Costs the quantized copy
+        (FP8 codes on tensor cores, fp32 on the emulated backend) between uses; set
+        ``cache_weights = False`` to trade that memory for recomputation."""
+        if amax is not None or not self.cache_weights or torch.compiler.is_compiling():
+            return make()
+        if weight is None:
+            tag = (key, "native", self._w_version, self.w_data.data_ptr())
+        else:
+            tag = (key, weight._version, weight.data_ptr())
+        cache = self.__dict__.setdefault("_wcache", {})
+        hit = cache.get(key)
+        if hit is not None and hit[0] == tag:
+            return hit[1]
+        value = make()
+        cache[key] = (tag, value)
+        return value
+
     @property
     def is_native(self) -> bool:
         return self.precision.storage == "native"
@@ -80,6 +105,11 @@ class NativeWeightMixin:
 
     def zero_native_grad(self) -> None:
         self.native_grad = None
+
+    def dequantized_native(self) -> torch.Tensor:
+        """The native weight in fp32, transient (kept only while the weight version is unchanged
+        and caching is on; see ``QLinear.weight_cache``)."""
+        return self.weight_cache(("native",), None, None, lambda: self.native_weight.dequantize(torch.float32))
 
     def native_fp8_operand(self):
         """(codes as float8 E4M3, scale) of the native weight for FP8 GEMMs, cached per version."""

@@ -102,3 +102,25 @@ def test_tensorcore_compiles(data):
     # inductor may turn "amax / 448" into a multiplication by 1/448 (1 ulp off the eager scale),
     # which moves a few elements to the neighbouring FP8 code: differences of about 1e-2
     assert rel(compiled, eager) < 3e-2
+
+
+@pytest.mark.parametrize("m", [1, 8, 33])
+def test_packed_ternary_gemv_matches_emulated(m):
+    """The Triton kernel reads 2-bit codes; x is rounded to bf16 (2^-9 relative per element) and
+    products accumulate in fp32, so outputs agree with the fp32 reference to ~1e-3."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from lowprec import kernels
+
+    if kernels.triton is None:
+        pytest.skip("needs triton")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(512, 1000, bias=False, device="cuda")
+    x = torch.randn(m, 512, device="cuda")
+    out = {}
+    for backend in ("emulated", "tensorcore"):
+        layer = QLinear.from_float(lin, LayerPrecision.from_fields({"weight": "ternary", "storage": "native", "backend": backend}))
+        if backend == "tensorcore":
+            assert kernels.use_ternary_gemv(layer, x, layer.precision.weight)
+        out[backend] = layer(x)
+    assert rel(out["tensorcore"], out["emulated"]) < 5e-3

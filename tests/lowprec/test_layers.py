@@ -187,3 +187,20 @@ def test_compiles_into_one_graph():
     x = torch.randn(8, 32)
     explained = torch._dynamo.explain(model)(x)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+def test_weight_cache_follows_in_place_updates():
+    """A layer called many times reuses its quantized weight, but never a stale one."""
+    p = lp(**FP8, backend="emulated")
+    q, w, b = pair(p)
+    x = torch.randn(4, 48)
+    y1 = q(x)
+    assert torch.equal(q(x), y1)
+    with torch.no_grad():
+        q.weight.mul_(-3.0)  # an optimizer step: in place, bumps the version counter
+    assert torch.equal(q(x), fq(x, p.input) @ fq(-3.0 * w, p.weight).t() + b)
+    qn, wn, bn = pair(lp(weight="ternary", storage="native"))
+    qn(x)
+    new = lowprec.quantize(-qn.native_weight.dequantize(), "ternary")
+    qn.set_native_weight(new)
+    assert torch.equal(qn(x), x @ new.dequantize().t() + bn)
