@@ -4,7 +4,7 @@ per-layer policies, loss scaling and numerics telemetry for low-precision traini
 from .formats import FORMATS, Format, format
 from .precision import LayerPrecision
 from .qtensor import QTensor, predicted_nbytes, quantize
-from .quantize import quantize_dequantize
+from .scaling import quantize_dequantize
 from .ste import STES, fake_quantize
 from .telemetry import Telemetry
 from . import nn  # noqa: E402  (layers need the names above)

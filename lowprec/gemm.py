@@ -29,7 +29,7 @@ import torch
 
 from . import kernels
 from .formats import Format
-from .quantize import quantize_dequantize, quantize_groups, to_groups
+from .scaling import CHUNK_ELEMENTS, fake_quant, quantize_dequantize, quantize_groups, quantize_large, to_groups
 from .ste import STES
 from .telemetry import maybe_record
 
@@ -100,7 +100,7 @@ def _fq(t: torch.Tensor, fmt, rounding="nearest", amax=None) -> torch.Tensor:
     if fmt is None:
         return t.float()
     amax = amax if (fmt.scale == "absmax" and fmt.granularity == "tensor") else None
-    return quantize_dequantize(t, fmt, rounding=rounding, amax=amax)[0]
+    return fake_quant(t, fmt, rounding=rounding, amax=amax)
 
 
 def _fp8_operand(t: torch.Tensor, fmt: Format, rounding="nearest", amax=None, tensorwise=False):
@@ -110,6 +110,9 @@ def _fp8_operand(t: torch.Tensor, fmt: Format, rounding="nearest", amax=None, te
         fmt = fmt.with_scaling("tensor")
     if not (fmt.scale == "absmax" and fmt.granularity == "tensor"):
         amax = None
+    if t.numel() > CHUNK_ELEMENTS:  # e.g. a 16384 x 65536 weight: no float32 copy of it
+        codes, s = quantize_large(t, fmt, rounding=rounding, amax=amax, out_dtype=fp8_grid(fmt), scaled=False)
+        return codes, (s.reshape(1) if fmt.granularity == "tensor" else s.reshape(-1, 1))
     xg, _ = to_groups(t, fmt)
     values, s, _, _ = quantize_groups(xg, fmt, rounding, None, amax)
     codes = values.reshape(t.shape).to(fp8_grid(fmt))
@@ -130,7 +133,9 @@ def _w_bf16(layer, weight, fmt, amax=None):
     key = ("bf16", fmt)
     if layer.is_native:
         return layer.weight_cache(key, None, None, lambda: _w_fq(layer, weight, fmt).to(torch.bfloat16))
-    return layer.weight_cache(key, weight, amax, lambda: _fq(weight, fmt, amax=amax).to(torch.bfloat16))
+    if fmt is None:
+        return layer.weight_cache(key, weight, amax, lambda: weight.to(torch.bfloat16))
+    return layer.weight_cache(key, weight, amax, lambda: fake_quant(weight, fmt, amax=amax, out_dtype=torch.bfloat16))
 
 
 def _w_fp8(layer, weight, fmt, amax=None):

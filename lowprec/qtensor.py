@@ -25,7 +25,7 @@ import torch
 
 from .formats import Format, format as get_format
 from .packing import pack_codes, unpack_codes
-from .quantize import E8M0_NAN, Groups, check_input, e8m0_to_float, from_groups, quantize_groups, to_groups
+from .scaling import E8M0_NAN, Groups, check_input, e8m0_to_float, from_groups, quantize_groups, to_groups
 from .rounding import check_rounding, torch_dtype_of
 
 # E2M1 magnitudes by 3-bit code: exponent 2 bits, mantissa 1 bit.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .formats import format as get_format
-from .quantize import quantize_dequantize
+from .scaling import quantize_dequantize
 
 SWISH_BETA = 5.0  # larq's default beta for SwishSign
 

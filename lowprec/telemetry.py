@@ -23,7 +23,7 @@ import itertools
 import torch
 import torch.nn as nn
 
-from .quantize import quantize_dequantize
+from .scaling import quantize_dequantize
 
 STATS = ("amax", "saturated", "flushed", "nonfinite")
 

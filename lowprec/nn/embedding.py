@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..precision import FULL_PRECISION, LayerPrecision
-from ..quantize import quantize_dequantize
+from ..scaling import quantize_dequantize
 from ..ste import fake_quantize
 from ..telemetry import maybe_record
 from .native import NativeWeightMixin, check_module_precision, resident_param_bytes

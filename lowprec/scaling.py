@@ -114,12 +114,11 @@ def group_scales(xg: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None
         else:
             finite = torch.isfinite(a.amax(dim=1, keepdim=True))
             amax = amax.to(torch.float32).reshape(1, 1).expand(G, 1)
-        s = torch.where(amax > 0, amax / _const(fmt.max_value, xg), 1.0)
-        s = torch.where(finite, s, nan)
+        s = torch.where(finite, scale_from_stat(amax, fmt), nan)
         return s, s.reshape(G), None
     if fmt.scale == "absmean":
         s = a.mean(dim=1, keepdim=True)
-        s = torch.where(torch.isfinite(s), s.clamp(min=ABSMEAN_EPS), nan)
+        s = torch.where(torch.isfinite(s), scale_from_stat(s, fmt), nan)
         return s, s.reshape(G), None
     if fmt.scale == "e8m0":
         # OCP MX v1.0: shared exponent = floor(log2(amax)) - emax_elem, in E8M0's range.
@@ -137,6 +136,13 @@ def group_scales(xg: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None
     sb = (amax_b / _const(fmt.max_value, xg) / g).clamp(max=448.0).to(torch.float8_e4m3fn)
     s = sb.to(torch.float32) * g
     return s, sb.reshape(G), g
+
+
+def scale_from_stat(stat: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """The scale of an absmax (stat = amax) or absmean (stat = mean|x|) group."""
+    if fmt.scale == "absmax":
+        return torch.where(stat > 0, stat / _const(fmt.max_value, stat), 1.0)
+    return stat.clamp(min=ABSMEAN_EPS)
 
 
 def _const(value: float, like: torch.Tensor) -> torch.Tensor:
@@ -178,3 +184,64 @@ def quantize_dequantize(x: torch.Tensor, fmt, *, rounding: str = "nearest", gene
     xq = from_groups(values * s, groups)
     s_elem = from_groups(s.expand_as(values), groups)
     return xq, s_elem
+
+
+# ---- very large tensors ---------------------------------------------------------------------
+CHUNK_ELEMENTS = 1 << 25  # 32M elements: keeps each float32 temporary at 128 MiB
+
+
+def tensor_stat(x: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """amax (absmax) or mean|x| (absmean) of all of ``x`` in fp32, with no full-size temporary.
+    NaN/inf propagate into the result."""
+    if fmt.scale == "absmax":
+        lo, hi = torch.aminmax(x)
+        return torch.maximum(-lo, hi).float()
+    return torch.linalg.vector_norm(x, 1, dtype=torch.float32) / max(x.numel(), 1)
+
+
+def quantize_large(x: torch.Tensor, fmt: Format, *, rounding="nearest", generator=None, amax=None,
+                   out_dtype=torch.float32, scaled=True):
+    """``(out, s)`` for a tensor too large to quantize in one piece: ``out`` (shape of ``x``,
+    ``out_dtype``) holds the dequantized values (``scaled``) or the element codes, ``s`` the
+    fp32 scales ``(G, 1)``. Pieces of at most ``CHUNK_ELEMENTS`` elements (whole rows for row and
+    block scales) are rounded one after another, so float32 temporaries stay small.
+
+    Same result as the one-piece path for absmax scales; for absmean (ternary/binary) the
+    tensor's mean is summed in another order, which can move the scale by an ulp. Stochastic
+    rounding draws its noise piece by piece (reproducible, but not the one-piece draw).
+    NVFP4 (its tensor scale spans every block) is not supported here."""
+    if fmt.scale == "nvfp4":
+        raise ValueError("quantize_large does not split NVFP4 tensors (one tensor scale spans all blocks)")
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if not fmt.is_scaled or fmt.granularity == "tensor":
+        if fmt.is_scaled:
+            now = tensor_stat(x, fmt)
+            base = now if amax is None else amax.to(torch.float32)
+            s = torch.where(torch.isfinite(now), scale_from_stat(base, fmt), float("nan"))
+        else:
+            s = torch.ones((), device=x.device)
+        flat, oflat = x.reshape(-1), out.view(-1)
+        for i in range(0, flat.numel(), CHUNK_ELEMENTS):
+            v = round_to_grid(flat[i:i + CHUNK_ELEMENTS].float() / s, fmt, rounding, generator)
+            oflat[i:i + CHUNK_ELEMENTS] = (v * s if scaled else v).to(out_dtype)
+        return out, s.reshape(1, 1)
+    last = x.shape[-1]
+    rows, orows = x.reshape(-1, last), out.view(-1, last)
+    step = max(1, CHUNK_ELEMENTS // last)
+    scales = []
+    for r in range(0, rows.shape[0], step):
+        xg, groups = to_groups(rows[r:r + step], fmt)
+        values, s, _, _ = quantize_groups(xg, fmt, rounding, generator)
+        orows[r:r + step] = from_groups(values * s if scaled else values, groups).to(out_dtype)
+        scales.append(s)
+    return out, torch.cat(scales)
+
+
+def fake_quant(x: torch.Tensor, fmt, *, rounding="nearest", generator=None, amax=None, out_dtype=torch.float32):
+    """``Q(x)`` (quantize -> dequantize) in ``out_dtype``, splitting very large tensors."""
+    fmt = get_format(fmt)
+    if x.numel() > CHUNK_ELEMENTS and fmt.scale != "nvfp4" and x.dim() > 0:
+        check_input(x)
+        check_rounding(rounding)
+        return quantize_large(x, fmt, rounding=rounding, generator=generator, amax=amax, out_dtype=out_dtype)[0]
+    return quantize_dequantize(x, fmt, rounding=rounding, generator=generator, amax=amax)[0].to(out_dtype)

@@ -1,0 +1,153 @@
+"""GPU evidence for the width-16384 model (issue 5): run on one H100/H200.
+
+    python -m hybrid.gpu_bench                 # both parts
+    python -m hybrid.gpu_bench --part lstm     # only the recurrent-step table
+
+Part ``lstm``: one LSTM recurrent step at width 16384 — ``hh(h)``, a (B x 16384) @ (16384 x 65536)
+GEMV, the sequential part of the memory — per weight format, next to its memory-bandwidth floor
+(weight bytes / measured device-to-device copy bandwidth; the step is memory-bound at small B).
+
+Part ``step``: one training step of the ``slice16k`` preset (8.96B parameters: 1 block, 1 LSTM
+layer, width 16384) under the ``paper`` precision policy: time, tokens/s, peak memory. Weights are
+bf16 and the optimizer is SGD with momentum (bf16 state): AdamW's two states would not fit beside
+8.96B bf16 weights and gradients on one 80 GB GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import time
+from pathlib import Path
+
+import torch
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _ms(fn, iters=20) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / iters
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = _ms(lambda: dst.copy_(src), iters=10)
+    return 2 * src.numel() / (ms / 1e3)
+
+
+@torch.no_grad()
+def lstm_table(batch_sizes=(1, 16), d=16384):
+    from lowprec import LayerPrecision
+    from lowprec.nn import QLinear
+
+    bw = copy_bandwidth()
+    print(f"\n## LSTM recurrent step hh(h) at width {d} (16384 -> 65536), {torch.cuda.get_device_name()}, "
+          f"copy bandwidth {bw / 1e12:.2f} TB/s, {datetime.date.today()}\n")
+    print("| weights | B | ms / step | weight bytes | floor ms (bytes / bandwidth) | % of floor | path |")
+    print("|---|---|---|---|---|---|---|")
+    base = torch.nn.Linear(d, 4 * d, bias=False, device="cuda", dtype=torch.bfloat16)
+    variants = {
+        "bf16": None,
+        "fp8 (latent, e4m3 codes cached)": {"weight": "fp8_e4m3", "input": {"format": "fp8_e4m3", "granularity": "tensor"},
+                                            "backend": "tensorcore"},
+        "fp8 (native)": {"weight": "fp8_e4m3", "input": {"format": "fp8_e4m3", "granularity": "tensor"},
+                         "storage": "native", "backend": "tensorcore"},
+        "ternary (native, packed 2-bit kernel)": {"weight": "ternary", "storage": "native", "backend": "tensorcore"},
+        "binary (native, e4m3 codes)": {"weight": "binary", "input": {"format": "fp8_e4m3", "granularity": "tensor"},
+                                        "storage": "native", "backend": "tensorcore"},
+    }
+    for name, fields in variants.items():
+        layer = base if fields is None else QLinear.from_float(base, LayerPrecision.from_fields(fields))
+        for B in batch_sizes:
+            h = torch.randn(B, d, device="cuda", dtype=torch.bfloat16)
+            ms = _ms(lambda: layer(h))
+            if fields is None:
+                nbytes, path = base.weight.numel() * 2, "cuBLAS bf16"
+            elif layer.is_native:
+                nbytes = layer.native_nbytes()
+                path = "Triton 2-bit GEMV" if "packed" in name else "FP8 GEMM on cached E4M3 codes (1 B/weight read)"
+                if "packed" not in name:
+                    nbytes = layer.out_features * layer.in_features  # what the GEMM reads
+            else:
+                nbytes, path = base.weight.numel(), "FP8 GEMM (cached E4M3 weight)"
+            floor = nbytes / bw * 1e3
+            print(f"| {name} | {B} | {ms:.3f} | {nbytes / 2**20:.0f} MiB | {floor:.3f} | {100 * floor / ms:.0f}% | {path} |", flush=True)
+        del layer
+        torch.cuda.empty_cache()
+
+
+def slice_step(tokens=2048, policy="paper"):
+    from omegaconf import OmegaConf
+
+    import lowprec
+    from hybrid import HybridLM, preset
+
+    cfg = preset("slice16k")
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = HybridLM(cfg)
+    torch.set_default_dtype(torch.float32)
+    pol = lowprec.PrecisionPolicy.from_config(OmegaConf.load(CONFIGS / "precision" / f"{policy}.yaml"))
+    report = lowprec.apply_policy(model, pol)
+    notes = {}
+    for name, mod in model.named_modules():
+        if hasattr(mod, "backend_note"):
+            notes.setdefault(mod.backend_note(), []).append(name)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    x = torch.randint(0, cfg.vocab_size, (1, tokens + 1), device="cuda")
+
+    def step():
+        logits, _ = model(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), x[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.perf_counter()
+    step()  # warm-up: allocations, optimizer state, autotuning
+    torch.cuda.synchronize()
+    warm = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    loss = step()
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated()
+    print(f"\n## slice16k training step under precision={policy}, {torch.cuda.get_device_name()}, {datetime.date.today()}\n")
+    print(f"- parameters: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B (+ native buffers), "
+          f"weights at the policy's formats: {report.total_format_bytes / 2**30:.1f} GiB")
+    print(f"- tokens per step: {tokens} (batch 1, rnn_mode={cfg.rnn_mode}), loss {loss.item():.3f}")
+    print(f"- step time: {dt:.2f} s ({tokens / dt:.0f} tokens/s); first step {warm:.2f} s")
+    print(f"- peak memory: {peak / 2**30:.1f} GiB (torch.cuda.max_memory_allocated over the step)")
+    for note, names in notes.items():
+        print(f"- {len(names)} layers: {note}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["lstm", "step", "all"], default="all")
+    ap.add_argument("--tokens", type=int, default=2048)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("hybrid.gpu_bench needs a CUDA GPU")
+    if args.part in ("lstm", "all"):
+        lstm_table()
+    if args.part in ("step", "all"):
+        slice_step(args.tokens)
+
+
+if __name__ == "__main__":
+    main()
