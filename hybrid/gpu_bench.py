@@ -9,8 +9,8 @@ GEMV, the sequential part of the memory — per weight format, next to its memor
 
 Part ``step``: one training step of the ``slice16k`` preset (8.96B parameters: 1 block, 1 LSTM
 layer, width 16384) under the ``paper`` precision policy: time, tokens/s, peak memory. Weights are
-bf16 and the optimizer is SGD with momentum (bf16 state): AdamW's two states would not fit beside
-8.96B bf16 weights and gradients on one 80 GB GPU.
+bf16 and the optimizer is plain SGD (no state): AdamW's two states (or even one momentum) would not
+fit beside 8.96B bf16 weights, their gradients and the weight caches on one 80 GB GPU.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def slice_step(tokens=2048, policy="paper"):
     for name, mod in model.named_modules():
         if hasattr(mod, "backend_note"):
             notes.setdefault(mod.backend_note(), []).append(name)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     x = torch.randint(0, cfg.vocab_size, (1, tokens + 1), device="cuda")
 
     def step():

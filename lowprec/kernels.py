@@ -6,7 +6,8 @@ bits ``2 (k % 4)``) and a per-tensor scale ``s``. It reads the packed bytes dire
 small-batch GEMV (an LSTM's recurrent step) moves 2 bits per weight instead of 8 or 16: the step
 is memory-bound there. Codes are exact in bf16; ``x`` is rounded to bf16 (as the bf16 tensor-core
 fallback does) and products accumulate in fp32. Used in fprop for at most ``GEMV_MAX_ROWS``
-tokens on CUDA when Triton is importable; otherwise the caller's FP8/bf16 path runs.
+tokens on CUDA when Triton is importable; otherwise the caller's FP8/bf16 path runs. Block sizes
+are autotuned per (M, N, K) on first use.
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
 
 if triton is not None:
 
+    _CONFIGS = [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K4": bk}, num_warps=w, num_stages=st)
+        for bn, bk, w, st in [(64, 64, 4, 3), (128, 32, 4, 3), (32, 128, 4, 3), (64, 128, 8, 3),
+                              (128, 64, 8, 4), (256, 32, 8, 3), (32, 64, 2, 4)]
+    ]
+
+    @triton.autotune(configs=_CONFIGS, key=["M", "N", "K4"])
     @triton.jit
     def _ternary_gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K4, stride_xm, stride_ym,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K4: tl.constexpr):
@@ -61,7 +69,6 @@ def ternary_gemv(x: torch.Tensor, layer) -> torch.Tensor:
     x = x.to(torch.bfloat16).contiguous()
     y = torch.empty(M, N, device=x.device, dtype=torch.float32)
     block_m = max(16, triton.next_power_of_2(M))
-    grid = (triton.cdiv(N, 64),)
-    _ternary_gemv_kernel[grid](x, w, y, M, N, K // 4, x.stride(0), y.stride(0),
-                               BLOCK_M=block_m, BLOCK_N=64, BLOCK_K4=64, num_warps=4)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _ternary_gemv_kernel[grid](x, w, y, M, N, K // 4, x.stride(0), y.stride(0), BLOCK_M=block_m)
     return y * layer.w_scale.to(torch.float32)
