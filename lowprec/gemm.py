@@ -34,9 +34,12 @@ from .ste import STES
 from .telemetry import maybe_record
 
 MODES = ("emulated", "tensorcore", "bf16")
-# auto: FP8 tensor-core GEMMs only where both weight dimensions reach this size (measured on an
-# H100: below it the quantization passes cost more than the FP8 GEMM saves; docs/benchmarks.md).
+# auto: FP8 tensor-core GEMMs only where both weight dimensions reach AUTO_MIN_DIM and the GEMM has
+# at least AUTO_MIN_WORK multiply-adds (tokens x in x out) at its first call. Measured on an H100
+# (docs/benchmarks.md, FFN fwd+bwd): d=1024 FP8 0.79-0.80x bf16; d=2048 0.79x at 4096 tokens
+# (2^36 MACs per GEMM) but 1.06x at 16384 (2^38); d=4096 1.12x at 4096 tokens (2^38).
 AUTO_MIN_DIM = 2048
+AUTO_MIN_WORK = 2**38
 
 
 # ---- operand grids ---------------------------------------------------------------------------
@@ -64,8 +67,10 @@ def tensorcore_available(device: torch.device) -> tuple[bool, str]:
     return True, "ok"
 
 
-def plan_gemms(precision, in_features: int, out_features: int, device: torch.device) -> tuple[str, str]:
-    """(mode, note) for a layer: how its GEMMs run and why."""
+def plan_gemms(precision, in_features: int, out_features: int, device: torch.device,
+               tokens: int | None = None) -> tuple[str, str]:
+    """(mode, note) for a layer: how its GEMMs run and why. ``tokens``: rows of the first input
+    (None before any call: ``auto`` then judges by the weight's shape alone)."""
     backend = precision.backend
     if not precision.is_quantized:
         return "emulated", "full precision"
@@ -76,8 +81,11 @@ def plan_gemms(precision, in_features: int, out_features: int, device: torch.dev
         raise RuntimeError(f"backend 'tensorcore' unavailable: {why}; use backend 'auto' or 'emulated'")
     if not ok:
         return "emulated", f"emulated ({why})"
-    if backend == "auto" and min(in_features, out_features) < AUTO_MIN_DIM and precision.storage == "latent":
-        return "bf16", f"bf16 (GEMM {out_features}x{in_features} below FP8 break-even {AUTO_MIN_DIM})"
+    if backend == "auto" and precision.storage == "latent":
+        if min(in_features, out_features) < AUTO_MIN_DIM:
+            return "bf16", f"bf16 (GEMM {out_features}x{in_features} below FP8 break-even {AUTO_MIN_DIM})"
+        if tokens is not None and tokens * in_features * out_features < AUTO_MIN_WORK:
+            return "bf16", f"bf16 ({tokens}x{in_features}x{out_features} GEMM below FP8 break-even 2^38 MACs)"
     fp8 = [g for g in ("fprop", "dgrad", "wgrad") if _gemm_on_fp8(precision, g)]
     emu = [g for g in ("fprop", "dgrad", "wgrad") if g not in fp8]
     note = "tensorcore fp8: " + ("/".join(fp8) or "none")

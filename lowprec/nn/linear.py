@@ -27,7 +27,7 @@ class QLinear(NativeWeightMixin, nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.precision = precision
         self.telemetry_slot = None
-        self._plan = None  # (device, mode, note), made at the first forward on a device
+        self._plan = None  # (device, mode, note, tokens), made at the first forward on a device
         if weight is None:
             weight = torch.empty(out_features, in_features, device=device, dtype=dtype)
             if weight.device.type != "meta":
@@ -84,10 +84,12 @@ class QLinear(NativeWeightMixin, nn.Module):
         return used
 
     # ---- GEMM plan, STE ---------------------------------------------------------------------------
-    def _ensure_plan(self, device: torch.device) -> None:
-        if self._plan is None or self._plan[0] != device:
-            mode, note = gemm.plan_gemms(self.precision, self.in_features, self.out_features, device)
-            self._plan = (device, mode, note)
+    def _ensure_plan(self, device: torch.device, tokens: int | None = None) -> None:
+        """Decide how the GEMMs run on ``device`` (once per device: ``auto`` judges by the
+        weight's shape and the token count of the first call)."""
+        if self._plan is None or self._plan[0] != device or (self._plan[3] is None and tokens is not None):
+            mode, note = gemm.plan_gemms(self.precision, self.in_features, self.out_features, device, tokens)
+            self._plan = (device, mode, note, tokens)
 
     @property
     def gemm_mode(self) -> str:
@@ -111,7 +113,7 @@ class QLinear(NativeWeightMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QLinear expects last dimension {self.in_features}, got input {tuple(x.shape)}")
-        self._ensure_plan(x.device)
+        self._ensure_plan(x.device, x.numel() // self.in_features)
         if self.is_native:
             weight, anchor = self.w_data, self._anchor  # read through the layer, on demand
         else:
