@@ -1,0 +1,232 @@
+"""The common frame of the optimizers that update weights in their own storage.
+
+A *target* is what one of these optimizers updates: a native layer (``lowprec.nn.QLinear`` /
+``QEmbedding`` with ``storage="native"``: packed weight in buffers, fp32 gradient in
+``layer.native_grad``) or, for :class:`~optim.SRAdamW`, a float ``Parameter`` (``.grad``).
+
+They are ``torch.optim.Optimizer`` subclasses, so learning-rate schedulers drive their ``lr``; a
+param group's ``"params"`` entry is a :class:`NativeGrads` view whose iteration yields the
+gradients the next ``step()`` will read: each Parameter (a reader takes its ``.grad``, as for any
+optimizer) and each native layer's current ``native_grad`` (a plain tensor: itself the gradient).
+That is exactly what ``lowprec.LossScaler`` reads, so ``scaler.step(optimizer)`` unscales and checks
+native gradients too, with nothing to pass. The targets themselves are ``group["layers"]`` and
+``group["tensors"]``.
+
+State is kept per target (``self.state[target]``) with a Python-int ``"step"``; ``state_dict()``
+numbers targets in group order and round-trips exactly (tensors are copied bit for bit; the
+stochastic-rounding noise is reseeded from (seed, target, step), see :mod:`optim.moments`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from numbers import Real
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowprec.nn.native import NativeWeightMixin
+
+from .moments import SeededGenerators
+
+
+def is_native_layer(obj) -> bool:
+    """True for a lowprec layer whose weight lives only packed (``storage="native"``)."""
+    return isinstance(obj, NativeWeightMixin) and obj.is_native
+
+
+def describe_target(t) -> str:
+    if isinstance(t, nn.Module):
+        p = getattr(t, "precision", None)
+        return f"{type(t).__name__}(weight={getattr(p, 'weight', None)}, storage={getattr(p, 'storage', None)})"
+    if isinstance(t, torch.Tensor):
+        kind = "Parameter" if isinstance(t, nn.Parameter) else "tensor"
+        return f"{kind}(shape={tuple(t.shape)}, dtype={t.dtype})"
+    return type(t).__name__
+
+
+def check_real(name: str, value: Any, valid: str, ok) -> float:
+    """``value`` as a float if it is a finite real satisfying ``ok``; else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or not ok(float(value)):
+        raise ValueError(f"{name}={value!r} is invalid; {name} must be a finite number {valid}")
+    return float(value)
+
+
+def check_betas(name: str, betas) -> tuple[float, float]:
+    try:
+        b1, b2 = betas
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={betas!r} is invalid; give two numbers in [0, 1)") from None
+    return (check_real(f"{name}[0]", b1, "in [0, 1)", lambda v: 0 <= v < 1),
+            check_real(f"{name}[1]", b2, "in [0, 1)", lambda v: 0 <= v < 1))
+
+
+class NativeGrads:
+    """``group["params"]`` of a target optimizer: iterating yields the group's Parameters and the
+    current ``native_grad`` of each of its native layers (those that have one)."""
+
+    def __init__(self, layers: list[nn.Module], tensors: list[torch.Tensor]):
+        self.layers, self.tensors = layers, tensors
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        yield from self.tensors
+        for layer in self.layers:
+            if layer.native_grad is not None:
+                yield layer.native_grad
+
+    def __len__(self) -> int:
+        return len(self.tensors) + sum(layer.native_grad is not None for layer in self.layers)
+
+    def __repr__(self) -> str:
+        return f"NativeGrads({len(self.layers)} native layers, {len(self.tensors)} parameters)"
+
+
+class TargetOptimizer(torch.optim.Optimizer):
+    """Base: param groups of native layers and/or Parameters; per-target ``_update``.
+
+    Subclasses define ``_check_group(group)`` (validate hyperparameters, raising ValueError),
+    ``_check_target(t)`` (raise TypeError for what they cannot update) and
+    ``_update(group, target, grad, index)`` (one target, in fp32, written back in its storage)."""
+
+    def __init__(self, params, defaults: dict[str, Any], seed: int = 0):
+        self._noise = SeededGenerators(seed, type(self).__name__)
+        self.seed = seed
+        self._index: dict[int, int] = {}
+        self._group_of: dict[int, dict] = {}
+        super().__init__(params, defaults)
+
+    # ---- groups ---------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        items = param_group["params"]
+        if isinstance(items, NativeGrads):
+            items = [*items.layers, *items.tensors]
+        elif isinstance(items, (torch.Tensor, nn.Module)):
+            items = [items]
+        elif isinstance(items, set):
+            raise TypeError("targets must be an ordered collection (a list), not a set")
+        layers, tensors = [], []
+        for t in items:
+            self._check_target(t)
+            if id(t) in self._index:
+                raise ValueError(f"{describe_target(t)} appears in more than one param group")
+            (layers if isinstance(t, nn.Module) else tensors).append(t)
+        for name, default in self.defaults.items():
+            param_group.setdefault(name, default)
+        self._check_group(param_group)
+        param_group["params"] = NativeGrads(layers, tensors)
+        param_group["layers"], param_group["tensors"] = layers, tensors
+        for t in (*layers, *tensors):
+            self._index[id(t)] = len(self._index)
+            self._group_of[id(t)] = param_group
+        self.param_groups.append(param_group)
+
+    def _check_group(self, group: dict) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _check_target(self, t) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _update(self, group: dict, target, grad: torch.Tensor, index: int) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def targets(self) -> list:
+        """Every target, in group order (the numbering of ``state_dict``)."""
+        return [t for g in self.param_groups for t in (*g["layers"], *g["tensors"])]
+
+    # ---- stepping ------------------------------------------------------------------------------
+    @staticmethod
+    def _grad_of(t) -> torch.Tensor | None:
+        return t.native_grad if isinstance(t, nn.Module) else t.grad
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Update every target that has a gradient (targets without one are left untouched)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for t in (*group["layers"], *group["tensors"]):
+                grad = self._grad_of(t)
+                if grad is not None:
+                    self._update(group, t, grad, self._index[id(t)])
+        return loss
+
+    @torch.no_grad()
+    def update_now(self, target, grad: torch.Tensor) -> None:
+        """Update one target from ``grad`` at once (the update-in-backward path)."""
+        group = self._group_of.get(id(target))
+        if group is None:
+            raise ValueError(f"{describe_target(target)} is not a target of this {type(self).__name__}")
+        self._update(group, target, grad, self._index[id(target)])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for layer in group["layers"]:
+                layer.zero_native_grad()
+            for p in group["tensors"]:
+                if p.grad is not None:
+                    if set_to_none:
+                        p.grad = None
+                    else:
+                        p.grad.detach_().zero_()
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """``{"state": {index: {...}}, "param_groups": [...], "seed": int}``; tensors are references
+        (as torch.optim does: ``torch.save`` copies them)."""
+        groups = []
+        for g in self.param_groups:
+            entry = {k: v for k, v in g.items() if k not in ("params", "layers", "tensors")}
+            members = (*g["layers"], *g["tensors"])
+            entry["targets"] = [self._index[id(t)] for t in members]
+            entry["shapes"] = [list(self._shape_of(t)) for t in members]
+            groups.append(entry)
+        state = {self._index[id(t)]: dict(self.state[t]) for t in self.targets() if t in self.state}
+        return {"state": state, "param_groups": groups, "seed": self.seed}
+
+    @staticmethod
+    def _shape_of(t) -> torch.Size:
+        return t.native_weight.shape if isinstance(t, nn.Module) else t.shape
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` exactly into an optimizer built the same way (same targets in the
+        same order, same shapes); tensors are copied onto each target's device."""
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"{type(self).__name__}: the state has {len(groups)} param groups, this "
+                             f"optimizer {len(self.param_groups)}")
+        for i, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            members = (*group["layers"], *group["tensors"])
+            shapes = [list(self._shape_of(t)) for t in members]
+            if saved["shapes"] != shapes:
+                raise ValueError(f"{type(self).__name__}: param group {i} holds targets of shapes "
+                                 f"{saved['shapes']} in the state, {shapes} here")
+        targets = self.targets()
+        self.state.clear()
+        for index, entry in state_dict["state"].items():
+            t = targets[int(index)]
+            device = (t.w_data if isinstance(t, nn.Module) else t).device
+            self.state[t] = {k: v.detach().clone().to(device) if isinstance(v, torch.Tensor) else v
+                             for k, v in entry.items()}
+        for saved, group in zip(groups, self.param_groups):
+            for k, v in saved.items():
+                if k not in ("targets", "shapes"):
+                    group[k] = v
+            self._check_group(group)
+        self.seed = state_dict["seed"]
+        self._noise = SeededGenerators(self.seed, type(self).__name__)
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} (seed={self.seed})"]
+        for i, g in enumerate(self.param_groups):
+            hyper = ", ".join(f"{k}={v}" for k, v in g.items() if k not in ("params", "layers", "tensors"))
+            lines.append(f"  group {i}: {len(g['layers'])} native layers, {len(g['tensors'])} parameters; {hyper}")
+        return "\n".join(lines)
+
+
+__all__ = ["TargetOptimizer", "NativeGrads", "is_native_layer", "check_real", "check_betas", "describe_target"]

@@ -1,0 +1,197 @@
+"""Latent-free optimizers for binary and ternary weights: Bop and its ternary extension.
+
+Both update a native layer whose weight is ``W = s * c`` with codes ``c`` packed (binary: 1 bit,
+``c in {-1, +1}``; ternary: 2 bits, ``c in {-1, 0, +1}``) and a float scale ``s`` per scale group
+(one per tensor for the ``binary``/``ternary`` formats). No float copy of ``W`` exists.
+
+Gradients. Backward gives ``G = dL/dW`` (fp32, ``layer.native_grad``). The codes see
+``g = dL/dc = s * G`` (the gradient with respect to the +-1 / ternary weight itself, as in the
+paper, whose binary networks have no scale), and the scale of group ``k`` sees
+``dL/ds_k = sum_{i in k} G_i c_i``.
+
+Bop (Helwegen et al., "Latent Weights Do Not Exist: Rethinking Binarized Neural Network
+Optimization", NeurIPS 2019, Algorithm 1), per element::
+
+    m_t = (1 - gamma) m_{t-1} + gamma g_t                              (gamma: adaptivity rate, in (0, 1])
+    c_t = -c_{t-1}  if |m_t| > tau and sign(m_t) = sign(c_{t-1})       (tau: threshold, >= 0)
+          c_{t-1}   otherwise
+
+A positive ``m`` says the loss grows with ``c``: a weight at +1 that the gradient keeps pushing
+down flips to -1 once the push is consistent (``|m| > tau``); a weight already agreeing with the
+push (``sign(m) = -sign(c)``) stays. This is larq's ``Bop`` (``sign(-sign(w m - tau) w)``).
+A flip needs no momentum reset: afterwards ``m`` opposes ``c``, so flipping back needs ``m`` to
+cross to the other side of zero and past ``tau`` (hysteresis of at least ``tau``).
+
+TernaryBop (this project's ternary rule), per element::
+
+    m_t = (1 - gamma) m_{t-1} + gamma g_t
+    c_t = clip(c_{t-1} - sign(m_t) [|m_t| > tau], -1, +1)               one step along -sign(m): -1 <-> 0 <-> +1
+    m_t = 0  where c_t != c_{t-1}                                       reset the momentum of moved weights
+
+For ``c = +-1`` this is Bop's rule with "flip" replaced by "step to 0" (a step outward is clipped:
+the weight already agrees with the push, and its momentum is kept). Why the reset: with three
+states Bop's hysteresis is gone, since after ``+1 -> 0`` the same momentum (still ``> tau``) would
+move ``0 -> -1`` on the very next step with no new evidence, so zero would never be a state a weight
+rests in. Resetting makes every transition need fresh evidence: ``|m|`` must grow again from 0 to
+``tau`` (at least ``log(1 - tau / |E g|) / log(1 - gamma)`` steps for a steady push ``E g``). The
+alternative ``m <- m - tau sign(m)`` (keep the surplus) turns ``m`` into an accumulator, a latent
+weight in disguise; the reset keeps ``m`` a pure gradient average, as in Bop.
+
+The scale. Flips cannot change ``s`` and ``s = mean|W|`` would be a constant of the codes, so
+``s`` is a small float parameter (one fp32 per scale group) learned by Adam (the ordinary
+optimizer's rule, with this group's ``lr``, ``betas``, ``eps``; ``lr = 0`` keeps it fixed at its
+initial absmean) in log space::
+
+    l = log s,   dL/dl = s dL/ds = s sum_{i in k} G_i c_i,   l <- Adam(l, dL/dl),   s = max(exp(l), 1e-5)
+
+Adam's step is about ``lr`` in the parameter's own units whatever the gradient's size; on ``s``
+itself that would be an absolute step, fatal to a layer whose scale is ``~lr`` (measured: a
+2e-3-scale layer of the hybrid model hit the 1e-5 floor in two steps at lr 2e-3). On ``log s`` it
+is a relative step of about ``lr`` per step, for every layer alike, and ``s`` stays positive.
+Learning rate schedulers act on ``lr``, i.e. on the scale; ``gamma`` and ``tau`` are constant
+unless set in the param group.
+
+State per layer: ``momentum`` (``(G, N)`` in ``momentum_dtype``: ``bf16`` by default, written with
+stochastic rounding, see :mod:`optim.moments`; or ``fp32``), ``scale_exp_avg``,
+``scale_exp_avg_sq`` (fp32, one per scale group) and ``step``. Resident bytes per weight, bf16
+momentum: binary 1/8 + 2 = 2.125, ternary 2/8 + 2 = 2.25, plus 12 bytes per scale group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowprec.packing import pack_codes, unpack_codes
+from lowprec.scaling import ABSMEAN_EPS, to_groups
+from lowprec.qtensor import QTensor
+
+from .base import TargetOptimizer, check_betas, check_real, describe_target, is_native_layer
+from .moments import check_moment_dtype, load, store, store_zeros
+
+MOMENTUM_DTYPES = ("fp32", "bf16")
+
+
+class _CodeMomentumOptimizer(TargetOptimizer):
+    """Shared frame of Bop and TernaryBop: momentum of ``dL/dc``, a code transition, the scale."""
+
+    kind = ""  # weight format kind updated
+    bits = 0  # packed bits per code
+
+    def __init__(self, params, lr: float = 1e-3, gamma: float = 1e-4, threshold: float = 1e-8,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, momentum_dtype: str = "bf16",
+                 seed: int = 0):
+        defaults = dict(lr=lr, gamma=gamma, threshold=threshold, betas=betas, eps=eps,
+                        momentum_dtype=momentum_dtype)
+        super().__init__(params, defaults, seed)
+
+    def _check_group(self, group: dict) -> None:
+        check_real("gamma", group["gamma"], "in (0, 1] (the adaptivity rate of the gradient average)",
+                   lambda v: 0 < v <= 1)
+        check_real("threshold", group["threshold"], ">= 0 (the momentum a weight must exceed to move)",
+                   lambda v: v >= 0)
+        check_real("lr", group["lr"], ">= 0 (the learning rate of the weight scale; 0 keeps it fixed)",
+                   lambda v: v >= 0)
+        group["betas"] = check_betas("betas", group["betas"])
+        check_real("eps", group["eps"], "> 0", lambda v: v > 0)
+        check_moment_dtype("momentum_dtype", group["momentum_dtype"], MOMENTUM_DTYPES)
+
+    def _check_target(self, t) -> None:
+        name = type(self).__name__
+        if isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} updates native {self.kind} layers (lowprec QLinear/QEmbedding with "
+                            f"storage='native' and a {self.kind} weight), not tensors; got {describe_target(t)}. "
+                            "A float Parameter is a latent weight: give it to AdamW")
+        if not is_native_layer(t):
+            raise TypeError(f"{name} updates native {self.kind} layers; got {describe_target(t)}")
+        kind = t.precision.weight.kind
+        if kind != self.kind:
+            rule = {"binary": "Bop", "ternary": "TernaryBop"}.get(kind, "SRAdamW")
+            raise TypeError(f"{name} updates {self.kind} weights; {describe_target(t)} holds "
+                            f"{t.precision.weight}: give it to {rule}")
+
+    def _values(self, codes: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _transition(self, data, codes, c, m, tau):  # pragma: no cover - abstract
+        """(new packed data, mask of moved weights or None)."""
+        raise NotImplementedError
+
+    def _update(self, group: dict, layer, grad: torch.Tensor, index: int) -> None:
+        q = layer.native_weight
+        g_w, groups = to_groups(grad, q.fmt)  # (G, N) fp32, block padding zero
+        shape = g_w.shape
+        codes = unpack_codes(q.data, self.bits, groups.G * groups.N).view(shape)
+        c = self._values(codes)
+        s = q.group_scales()  # (G, 1)
+        st = self.state[layer]
+        dtype = group["momentum_dtype"]
+        if not st:
+            st["step"] = 0
+            store_zeros(st, "momentum", shape, dtype, g_w.device)
+            st["scale_exp_avg"] = torch.zeros_like(s)
+            st["scale_exp_avg_sq"] = torch.zeros_like(s)
+        st["step"] += 1
+        m = load(st, "momentum", dtype, shape)
+        m = m.lerp(g_w * s, group["gamma"])  # m + gamma (g - m), g = dL/dc
+        data, moved = self._transition(q.data, codes, c, m, group["threshold"])
+        if moved is not None:
+            m.masked_fill_(moved, 0.0)
+        gen = None if dtype == "fp32" else self._noise(g_w.device, index, st["step"])
+        store(st, "momentum", m, dtype, gen)
+        s_new = self._scale_step(group, st, s, (g_w * c).sum(dim=1, keepdim=True) * s)
+        scale = s_new.reshape(q.scale.shape).to(q.scale.dtype)
+        layer.set_native_weight(QTensor(data, scale, q.global_scale, q.fmt, q.shape, q.padded_last))
+
+    @staticmethod
+    def _scale_step(group: dict, st: dict, s: torch.Tensor, dlog_s: torch.Tensor) -> torch.Tensor:
+        """Adam on ``log s`` (torch.optim.Adam's arithmetic) from ``dL/dlog s = s dL/ds``; floored at 1e-5."""
+        b1, b2 = group["betas"]
+        step = st["step"]
+        m, v = st["scale_exp_avg"], st["scale_exp_avg_sq"]
+        m.lerp_(dlog_s, 1 - b1)
+        v.mul_(b2).addcmul_(dlog_s, dlog_s, value=1 - b2)
+        denom = (v.sqrt() / (1 - b2**step) ** 0.5).add_(group["eps"])
+        # exp(log s - step) written as s * exp(-step): exact when the step is 0 (lr = 0)
+        return (s * torch.exp(m / denom * (-group["lr"] / (1 - b1**step)))).clamp_(min=ABSMEAN_EPS)
+
+
+class Bop(_CodeMomentumOptimizer):
+    """Binary optimizer (Helwegen et al. 2019) for native binary layers; math in the module doc.
+
+    Args:
+        params: native binary layers (``lowprec.nn.QLinear``/``QEmbedding`` with
+            ``storage="native"`` and a ``binary`` weight), or param-group dicts of them.
+        gamma: adaptivity rate of the gradient average, in (0, 1] (paper: 1e-4).
+        threshold: tau, >= 0 (paper: 1e-8); in units of ``dL/dc``.
+        lr, betas, eps: Adam for the scale (``lr = 0``: fixed scale).
+        momentum_dtype: ``"bf16"`` (stochastic rounding) or ``"fp32"``.
+        seed: seeds the stochastic rounding of the momentum.
+    """
+
+    kind, bits = "binary", 1
+
+    def _values(self, codes):
+        return codes.to(torch.float32) * 2 - 1
+
+    def _transition(self, data, codes, c, m, tau):
+        flip = (m.abs() > tau) & (m * c > 0)
+        return data ^ pack_codes(flip, 1), None  # flipping a sign is flipping its bit
+
+
+class TernaryBop(_CodeMomentumOptimizer):
+    """Latent-free ternary rule (momentum-driven -1 <-> 0 <-> +1 steps); math in the module doc.
+
+    Args as :class:`Bop`, for native ``ternary`` layers."""
+
+    kind, bits = "ternary", 2
+
+    def _values(self, codes):
+        return codes.to(torch.float32) - 1
+
+    def _transition(self, data, codes, c, m, tau):
+        step = torch.where(m.abs() > tau, -torch.sign(m), 0.0)
+        new = (c + step).clamp_(-1, 1)
+        return pack_codes((new + 1).to(torch.uint8), 2), new != c
+
+
+__all__ = ["Bop", "TernaryBop", "MOMENTUM_DTYPES"]

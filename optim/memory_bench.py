@@ -1,0 +1,162 @@
+"""Memory of one training step per optimizer recipe, against bf16 AdamW: ``python -m optim.memory_bench``.
+
+For each case a real model (``hybrid.HybridLM(hybrid.preset(...))``; a stack of 2048-wide Linear
+layers if ``hybrid`` is unavailable) gets a precision policy and an optimizer config from
+``configs/``, takes one warm-up step (optimizer state is allocated at the first step), then one
+measured step. Printed, as markdown rows for ``docs/benchmarks.md``:
+
+- ``resident B/param``: :func:`optim.memory_report` (weights + optimizer state, actual storages);
+- ``at step B/param``: the same + the gradients a step holds (0 for native layers updated in backward);
+- on CUDA: ``torch.cuda.memory_allocated`` after the step (everything resident between steps) and
+  ``torch.cuda.max_memory_allocated`` during it (activations, gradients and transients included),
+  and the peak relative to the bf16 AdamW baseline.
+
+Cases: bf16 AdamW (fp32 master and moments: 16 B/param at the step); native binary + Bop,
+native ternary + TernaryBop and native FP8 + SRAdamW with fp8 moments, each with the update after
+backward, inside backward, and inside backward with the layers' dequantized-weight cache off
+(``cache_weights = False``: no transient fp32 weight kept between uses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+import lowprec
+
+from . import build_optimizer, memory_report
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+# name -> (precision config or dict, optimizer config, overrides of the optimizer config, cache on)
+CASES = {
+    "bf16 + AdamW (fp32 master, moments)": ("bf16", "adamw", {}, True),
+    "binary native + Bop": ("binary_native", "binary_native", {}, True),
+    "binary native + Bop, in backward": ("binary_native", "binary_native", {"in_backward": True}, True),
+    "binary native + Bop, in backward, no cache": ("binary_native", "binary_native", {"in_backward": True}, False),
+    "ternary native + TernaryBop": ("ternary_native", "ternary_native", {}, True),
+    "ternary native + TernaryBop, in backward": ("ternary_native", "ternary_native", {"in_backward": True}, True),
+    "ternary native + TernaryBop, in backward, no cache": ("ternary_native", "ternary_native",
+                                                          {"in_backward": True}, False),
+    "fp8 native + SRAdamW fp8 moments": ("fp8_native", "sr_adamw", {}, True),
+    "fp8 native + SRAdamW fp8 moments, in backward": ("fp8_native", "sr_adamw", {"in_backward": True}, True),
+    "fp8 native + SRAdamW fp8 moments, in backward, no cache": ("fp8_native", "sr_adamw",
+                                                               {"in_backward": True}, False),
+}
+
+
+def policy_config(name: str):
+    if name == "fp8_native":  # configs/precision/fp8.yaml with every weight native
+        cfg = OmegaConf.load(CONFIGS / "precision" / "fp8.yaml")
+        cfg.name = "fp8_native"
+        cfg.default.storage = "native"
+        return cfg
+    return OmegaConf.load(CONFIGS / "precision" / f"{name}.yaml")
+
+
+class LinearStack(nn.Module):
+    """Fallback model: embedding, ``n`` Linear(width, width) with LayerNorm + GELU, head."""
+
+    def __init__(self, width: int = 2048, n: int = 8, vocab: int = 256):
+        super().__init__()
+        self.embed = nn.ModuleDict({"tok": nn.Embedding(vocab, width)})
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(n))
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(n))
+        self.head = nn.Linear(width, vocab, bias=False)
+
+    def forward(self, tokens):
+        x = self.embed["tok"](tokens)
+        for lin, norm in zip(self.blocks, self.norms):
+            x = x + F.gelu(lin(norm(x)))
+        return self.head(x), None
+
+
+def make_model(preset: str) -> nn.Module:
+    try:
+        import hybrid
+
+        return hybrid.HybridLM(hybrid.preset(preset))
+    except ImportError:  # pragma: no cover - hybrid is part of this repository
+        return LinearStack()
+
+
+def run_case(name, preset, device, batch, seq, vocab=256):
+    policy, optim_cfg, overrides, cache = CASES[name]
+    torch.manual_seed(0)
+    model = make_model(preset)
+    lowprec.apply_policy(model, policy_config(policy))
+    model.to(device)
+    for m in model.modules():
+        if hasattr(m, "cache_weights"):
+            m.cache_weights = cache
+    cfg = OmegaConf.merge(OmegaConf.load(CONFIGS / "optim" / f"{optim_cfg}.yaml"), overrides)
+    opt = build_optimizer(model, cfg)
+    vocab = getattr(getattr(model, "cfg", None), "vocab_size", vocab)
+    tokens = torch.randint(0, vocab, (batch, seq), device=device)
+
+    def step():
+        logits, _ = model(tokens)
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens.reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # allocates optimizer state
+    report = memory_report(model, opt)
+    row = {"case": name, "params": report.total.params, "resident": report.total.resident_per_param,
+           "at_step": report.total.step_per_param}
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        gc.collect()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        row["allocated_mib"] = torch.cuda.memory_allocated() / 2**20
+        row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        row["before_mib"] = before / 2**20
+    del model, opt
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="medium", help="hybrid preset (default: medium, 28.6M params)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cases", nargs="*", default=list(CASES), help="subset of the case names")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"`python -m optim.memory_bench {' '.join(sys.argv[1:] if argv is None else argv)}` — model "
+          f"{args.preset}, batch {args.batch} x {args.seq} tokens, {where}, torch {torch.__version__}, "
+          f"{datetime.date.today().isoformat()}\n")
+    head = "| case | params | resident B/param | at step B/param |"
+    if device.type == "cuda":
+        head += " allocated after step (MiB) | peak in step (MiB) | peak / bf16 AdamW |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    base_peak = None
+    for name in args.cases:
+        r = run_case(name, args.preset, device, args.batch, args.seq)
+        line = f"| {r['case']} | {r['params']:,} | {r['resident']:.3f} | {r['at_step']:.3f} |"
+        if "peak_mib" in r:
+            base_peak = base_peak or r["peak_mib"]
+            line += f" {r['allocated_mib']:.1f} | {r['peak_mib']:.1f} | {r['peak_mib'] / base_peak:.3f} |"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""SRAdamW: AdamW whose weights and moments stay in low precision, written back with stochastic rounding.
+
+For a target with weight ``w`` in its own storage (a native FP8 / FP4 / MX / NVFP4 / int8 / bf16
+layer, or a bf16/fp16/fp32 ``Parameter``) and gradient ``g``, one step is torch's AdamW
+(decoupled weight decay), computed in fp32 *transiently*::
+
+    w32 = dequantize(w)                         m = decode(m_stored)   v = decode(v_stored)
+    m   = beta1 m + (1 - beta1) g               v = beta2 v + (1 - beta2) g^2
+    w32 = w32 (1 - lr wd) - lr / (1 - beta1^t) * m / (sqrt(v / (1 - beta2^t)) + eps)
+    w   = quantize(w32, format(w), rounding="stochastic")                 the weight's own format
+    m_stored, v_stored = encode(m), encode(v)                             see optim.moments
+
+Stochastic rounding (SR) rounds ``x`` to one of its two grid neighbours with probabilities that make
+``E[round(x)] = x``: an update much smaller than the grid step (``lr * 1 = 1e-3`` against an FP8
+E4M3 step of ``2^-3 |w|``) is applied with the right probability instead of being lost, so over many
+steps the weight follows the fp32 trajectory in expectation. For scaled formats the scale is
+recomputed from ``w32`` (absmax / absmean of the new values) and the elements are rounded
+stochastically on that grid. A fp32 Parameter is written exactly (no rounding).
+
+Moments (``moment_dtype``): ``fp32`` (8 bytes/weight; with a fp32 Parameter this is torch.optim.AdamW
+bit for bit), ``bf16`` (4 bytes, SR), or ``fp8`` (E4M3 with one fp32 absmax scale per
+``moment_block`` consecutive elements, ``None`` = per row; the second moment is stored as
+``sqrt(v)``, see :mod:`optim.moments`): ``2 + 8 / moment_block`` bytes per weight. Native FP8
+weights (1 byte + a per-tensor scale) with fp8 moments and ``moment_block=128``: 3.0625 bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import lowprec
+
+from .base import TargetOptimizer, check_betas, check_real, describe_target, is_native_layer
+from .moments import MOMENT_DTYPES, check_block, check_moment_dtype, load, store, store_zeros
+
+_SR_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}  # Parameters written back with SR
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class SRAdamW(TargetOptimizer):
+    """AdamW for weights in their own low-precision storage; math in the module doc.
+
+    Args:
+        params: native layers (any weight format), float Parameters (fp32 / bf16 / fp16), or
+            param-group dicts of them.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decoupled weight decay).
+        moment_dtype: ``"fp32"``, ``"bf16"`` or ``"fp8"``.
+        moment_block: consecutive elements per fp8 moment scale (None: one scale per row).
+        seed: seeds the stochastic rounding (per target and step, see :mod:`optim.moments`).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, moment_dtype: str = "fp32", moment_block: int | None = 128,
+                 seed: int = 0):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, moment_dtype=moment_dtype,
+                        moment_block=moment_block)
+        super().__init__(params, defaults, seed)
+
+    def _check_group(self, group: dict) -> None:
+        check_real("lr", group["lr"], ">= 0", lambda v: v >= 0)
+        group["betas"] = check_betas("betas", group["betas"])
+        check_real("eps", group["eps"], "> 0", lambda v: v > 0)
+        check_real("weight_decay", group["weight_decay"], ">= 0", lambda v: v >= 0)
+        check_moment_dtype("moment_dtype", group["moment_dtype"])
+        check_block(group["moment_block"])
+
+    def _check_target(self, t) -> None:
+        if isinstance(t, nn.Module):
+            if not is_native_layer(t):
+                raise TypeError(f"SRAdamW updates native layers (storage='native') and float Parameters; got "
+                                f"{describe_target(t)}: pass a latent layer's weight Parameter instead")
+            return
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"SRAdamW updates native layers and Parameters, not {type(t).__name__}")
+        if t.dtype not in PARAM_DTYPES or not t.requires_grad:
+            dtypes = ", ".join(map(str, PARAM_DTYPES))
+            raise TypeError(f"SRAdamW updates float Parameters that require grad ({dtypes}); "
+                            f"got {describe_target(t)} (requires_grad={t.requires_grad}). A native layer's packed "
+                            "buffer is not a parameter: pass the layer itself")
+
+    def _update(self, group: dict, target, grad: torch.Tensor, index: int) -> None:
+        native = isinstance(target, nn.Module)
+        if native:
+            fmt = target.precision.weight
+            w = target.native_weight.dequantize(torch.float32)
+        else:
+            # a fp32 Parameter is updated in place, exactly as torch.optim.AdamW does
+            w = target.detach() if target.dtype == torch.float32 else target.detach().float()
+        grad = grad.to(torch.float32)
+        st = self.state[target]
+        dtype, block = group["moment_dtype"], group["moment_block"]
+        if not st:
+            st["step"] = 0
+            store_zeros(st, "exp_avg", w.shape, dtype, w.device, block=block)
+            store_zeros(st, "exp_avg_sq", w.shape, dtype, w.device, block=block)
+        st["step"] += 1
+        step = st["step"]
+        b1, b2 = group["betas"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        m = load(st, "exp_avg", dtype, w.shape, block=block)
+        v = load(st, "exp_avg_sq", dtype, w.shape, block=block, sqrt=True)
+        # the same operations in the same order as torch.optim.adam._single_tensor_adam
+        if wd != 0:
+            w.mul_(1 - lr * wd)
+        m.lerp_(grad, 1 - b1)
+        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        step_size = lr / (1 - b1**step)
+        denom = (v.sqrt() / (1 - b2**step) ** 0.5).add_(eps)
+        w.addcdiv_(m, denom, value=-step_size)
+        gen = self._noise(w.device, index, step)
+        if native:
+            target.set_native_weight(lowprec.quantize(w, fmt, rounding="stochastic", generator=gen))
+        elif target.dtype != torch.float32:
+            q = lowprec.quantize(w, _SR_DTYPES[target.dtype], rounding="stochastic", generator=gen)
+            target.copy_(q.data.reshape(target.shape))
+        if dtype != "fp32":
+            store(st, "exp_avg", m, dtype, gen, block=block)
+            store(st, "exp_avg_sq", v, dtype, gen, block=block, sqrt=True)
+
+
+__all__ = ["SRAdamW", "PARAM_DTYPES"]

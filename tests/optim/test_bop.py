@@ -1,0 +1,176 @@
+"""Bop and TernaryBop: exact transitions from hand-made momenta, the scale's gradient, learning."""
+
+import pytest
+import torch
+from torch import nn
+
+import lowprec
+import optim
+
+
+def native_layer(kind: str, out_f: int = 8, in_f: int = 16, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(in_f, out_f, bias=False))
+    lowprec.apply_policy(model, {"default": {"weight": kind, "storage": "native"}})
+    return model[0]
+
+
+def codes_of(layer) -> torch.Tensor:
+    """The layer's element codes (-1/+1 or -1/0/+1) in its logical shape."""
+    q = layer.native_weight
+    return q.values().reshape(q.shape)
+
+
+def hand_momentum(layer, opt, m0: torch.Tensor) -> None:
+    """Install momentum ``m0`` (fp32, logical shape; tensor-scaled formats have G = 1)."""
+    s = layer.native_weight.group_scales()
+    opt.state[layer] = {"step": 0, "momentum": m0.reshape(1, -1).clone(),
+                        "scale_exp_avg": torch.zeros_like(s), "scale_exp_avg_sq": torch.zeros_like(s)}
+    layer.native_grad = torch.zeros(layer.native_weight.shape)  # g = 0: m1 = (1 - gamma) m0
+
+
+def momenta_around(tau: float, gamma: float, shape, gen) -> torch.Tensor:
+    """|m0| from {0.5, 0.9, 1.1, 3} x tau / (1 - gamma), random signs: after one step with g = 0,
+    |m1| = (1 - gamma) |m0| lies at 0.5/0.9/1.1/3 x tau, never within 10% of the threshold (so
+    float rounding in the EMA cannot decide a crossing)."""
+    mags = torch.tensor([0.5, 0.9, 1.1, 3.0])[torch.randint(0, 4, shape, generator=gen)]
+    signs = torch.where(torch.rand(shape, generator=gen) < 0.5, -1.0, 1.0)
+    return signs * mags * tau / (1 - gamma)
+
+
+def test_bop_flips_exactly_the_weights_whose_momentum_crosses_tau():
+    layer = native_layer("binary")
+    gamma, tau = 0.25, 1e-3
+    opt = optim.Bop([layer], gamma=gamma, threshold=tau, lr=0.0, momentum_dtype="fp32")
+    gen = torch.Generator().manual_seed(1)
+    m0 = momenta_around(tau, gamma, layer.native_weight.shape, gen)
+    c0 = codes_of(layer)
+    hand_momentum(layer, opt, m0)
+    scale0 = layer.w_scale.clone()
+    opt.step()
+    m1 = (1 - gamma) * m0
+    flip = (m1.abs() > tau) & (torch.sign(m1) == torch.sign(c0))
+    assert flip.any() and (~flip).any()
+    assert torch.equal(codes_of(layer), torch.where(flip, -c0, c0))
+    # Bop keeps the momentum of flipped weights (its hysteresis needs it)
+    torch.testing.assert_close(opt.state[layer]["momentum"].reshape(m0.shape), m1, rtol=1e-6, atol=0)
+    assert torch.equal(layer.w_scale, scale0)  # lr = 0: fixed scale
+
+
+def test_ternary_bop_steps_one_state_along_minus_sign_m_and_resets_moved_momentum():
+    layer = native_layer("ternary", 12, 16)
+    gamma, tau = 0.1, 1e-3
+    opt = optim.TernaryBop([layer], gamma=gamma, threshold=tau, lr=0.0, momentum_dtype="fp32")
+    gen = torch.Generator().manual_seed(2)
+    m0 = momenta_around(tau, gamma, layer.native_weight.shape, gen)
+    c0 = codes_of(layer)
+    assert set(c0.unique().tolist()) == {-1.0, 0.0, 1.0}
+    hand_momentum(layer, opt, m0)
+    opt.step()
+    m1 = (1 - gamma) * m0
+    push = torch.where(m1.abs() > tau, -torch.sign(m1), 0.0)
+    expected = (c0 + push).clamp(-1, 1)
+    moved = expected != c0
+    # every transition kind happens: +1 -> 0, 0 -> +-1, -1 -> 0, and a clipped push keeps +-1
+    for a, b in [(1, 0), (0, 1), (0, -1), (-1, 0)]:
+        assert ((c0 == a) & (expected == b)).any(), (a, b)
+    assert ((push != 0) & ~moved).any()
+    assert torch.equal(codes_of(layer), expected)
+    m_after = opt.state[layer]["momentum"].reshape(m0.shape)
+    assert torch.equal(m_after[moved], torch.zeros_like(m_after[moved]))
+    torch.testing.assert_close(m_after[~moved], m1[~moved], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kind,cls", [("binary", optim.Bop), ("ternary", optim.TernaryBop)])
+def test_scale_gradient_is_sum_of_grad_times_codes(kind, cls):
+    """dL/ds = sum(dL/dW * c); the scale learns log s, so after one Adam step from zero
+    scale_exp_avg = (1 - beta1) dL/dlog s = (1 - beta1) s dL/ds."""
+    layer = native_layer(kind)
+    x = torch.randn(5, 16)
+    s = layer.native_weight.group_scales().reshape(()).clone().requires_grad_(True)
+    c = codes_of(layer)
+    (torch.sin(x @ (s * c).T)).sum().backward()
+    layer(x).sin().sum().backward()
+    opt = cls([layer], gamma=0.5, threshold=1.0, lr=1e-3, betas=(0.9, 0.999), momentum_dtype="fp32")
+    opt.step()
+    torch.testing.assert_close(opt.state[layer]["scale_exp_avg"].reshape(()), 0.1 * s.detach() * s.grad,
+                               rtol=1e-5, atol=0)
+    # Adam's first step moves log s by lr against the sign of its gradient
+    expected = s.detach() * torch.exp(-1e-3 * torch.sign(s.grad))
+    torch.testing.assert_close(layer.native_weight.group_scales().reshape(()), expected, rtol=1e-6, atol=0)
+
+
+def teacher_student(kind: str, opt_fn, steps: int = 200, seed: int = 0):
+    """Full-batch regression y = X W*^T with W* = 0.1 x codes of ``kind``; the student is a native
+    layer from a different random init. Returns (losses, student codes, teacher codes)."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(512, 64, generator=g)
+    if kind == "binary":
+        teacher = torch.where(torch.rand(16, 64, generator=g) < 0.5, -1.0, 1.0)
+    else:
+        teacher = torch.randint(0, 3, (16, 64), generator=g) - 1.0
+    y = X @ (0.1 * teacher).T
+    layer = native_layer(kind, 16, 64, seed=seed + 1)
+    opt = opt_fn(layer)
+    losses = []
+    for _ in range(steps):
+        loss = (layer(X) - y).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, codes_of(layer), teacher
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("momentum_dtype", ["bf16", "fp32"])
+def test_bop_learns_the_teachers_signs(seed, momentum_dtype):
+    losses, codes, teacher = teacher_student(
+        "binary", lambda l: optim.Bop([l], gamma=0.05, threshold=1e-5, lr=1e-2, momentum_dtype=momentum_dtype),
+        seed=seed)
+    # A random student has about half its signs wrong (loss ~ 2 x the signal); the teacher is
+    # exactly representable, so recovering its signs and scale drives the loss to ~0: 1% of the
+    # start leaves room for a few wrong signs.
+    assert losses[-1] < 0.01 * losses[0]
+    assert (codes == teacher).float().mean() >= 0.99
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("momentum_dtype", ["bf16", "fp32"])
+def test_ternary_bop_learns_the_teachers_codes(seed, momentum_dtype):
+    losses, codes, teacher = teacher_student(
+        "ternary", lambda l: optim.TernaryBop([l], gamma=0.05, threshold=1e-4, lr=1e-2,
+                                              momentum_dtype=momentum_dtype), seed=seed)
+    # as for Bop: the ternary teacher is representable, 1% of the start allows a few wrong codes
+    assert losses[-1] < 0.01 * losses[0]
+    assert (codes == teacher).float().mean() >= 0.98
+
+
+@pytest.mark.parametrize("cls", [optim.Bop, optim.TernaryBop])
+@pytest.mark.parametrize("kwargs,match", [
+    ({"threshold": -1e-8}, "threshold=-1e-08"),
+    ({"gamma": 0.0}, "gamma=0.0"),
+    ({"gamma": 1.5}, "gamma=1.5"),
+    ({"gamma": float("nan")}, "gamma=nan"),
+    ({"lr": -1.0}, "lr=-1.0"),
+    ({"betas": (0.9, 1.0)}, r"betas\[1\]=1.0"),
+    ({"momentum_dtype": "fp16"}, "unknown momentum_dtype 'fp16'; choose one of"),
+])
+def test_bad_hyperparameters_raise_naming_the_value(cls, kwargs, match):
+    kind = "binary" if cls is optim.Bop else "ternary"
+    with pytest.raises(ValueError, match=match):
+        cls([native_layer(kind)], **kwargs)
+
+
+def test_wrong_targets_raise():
+    binary, ternary = native_layer("binary"), native_layer("ternary")
+    with pytest.raises(TypeError, match="latent weight: give it to AdamW"):
+        optim.Bop([nn.Parameter(torch.zeros(3))])
+    with pytest.raises(TypeError, match="Bop updates binary weights"):
+        optim.Bop([ternary])
+    with pytest.raises(TypeError, match="TernaryBop updates ternary weights"):
+        optim.TernaryBop([binary])
+    latent = nn.Sequential(nn.Linear(4, 4))
+    lowprec.apply_policy(latent, {"default": {"weight": "binary", "storage": "latent"}})
+    with pytest.raises(TypeError, match="native binary layers"):
+        optim.Bop([latent[0]])
