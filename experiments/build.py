@@ -1,0 +1,200 @@
+"""Everything a training run needs, built from the composed Hydra config, with bad input caught
+before the first step.
+
+Order (cheap checks first, so a typo fails in a second, not after the data is read):
+``train`` keys → device → ``data`` keys and path → ``model`` (vocabulary from the tokenizer) →
+``precision`` policy applied → ``optim`` + schedule → loss scaler → data read and tokenized →
+token source and validation windows. Every failure is a :class:`ConfigError` whose message
+starts with the config key at fault (``model: HybridConfig: unknown rnn_mode 'foo'; choose one
+of stream, chunked``).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+__all__ = ["ConfigError", "Run", "TRAIN_KEYS", "resolve_device", "check_train", "build_run", "choose_scaler_mode"]
+
+log = logging.getLogger(__name__)
+
+
+# `${min:128,${model.window}}` in configs/config.yaml: the main job's segment length, capped by
+# the model's window (registered on import, before Hydra composes anything).
+if not OmegaConf.has_resolver("min"):
+    OmegaConf.register_new_resolver("min", lambda *xs: min(xs))
+
+
+class ConfigError(ValueError):
+    """Bad input found before training starts; the message names the key and the valid choices."""
+
+
+# key -> (type, rule text, check); None values allowed where the rule says "or null"
+_POS = (int, ">= 1", lambda v: v >= 1)
+TRAIN_KEYS: dict[str, tuple] = {
+    "steps": _POS, "batch_size": _POS, "seq_len": _POS, "eval_every": _POS, "eval_batches": _POS,
+    "log_every": _POS, "ckpt_every": _POS, "keep_ckpts": _POS, "max_bad_steps": _POS,
+    "tbptt_segments": _POS,
+    "telemetry_every": (int, ">= 0 (0: off)", lambda v: v >= 0),
+    "sample_tokens": (int, ">= 0", lambda v: v >= 0),
+    "seed": (int, "an int", lambda v: True),
+    "grad_clip": (float, "> 0 or null", lambda v: v > 0),
+    "sample_temperature": (float, ">= 0 (0: greedy)", lambda v: v >= 0),
+    "threads": (int, ">= 1 or null", lambda v: v >= 1),
+}
+_OTHER_TRAIN_KEYS = ("device", "compile", "tbptt", "loss_scale", "sample_prompt", "progress", "debug")
+SCALER_MODES = ("auto", "dynamic", "static", "none")
+NULLABLE = ("grad_clip", "threads")
+
+
+def check_train(train: DictConfig) -> dict[str, Any]:
+    """The ``train`` section as a plain dict, every value checked."""
+    t = OmegaConf.to_container(train, resolve=True)
+    unknown = sorted(set(t) - set(TRAIN_KEYS) - set(_OTHER_TRAIN_KEYS))
+    if unknown:
+        raise ConfigError(f"train: unknown key(s) {unknown}; valid: {sorted([*TRAIN_KEYS, *_OTHER_TRAIN_KEYS])}")
+    for key, (typ, rule, ok) in TRAIN_KEYS.items():
+        v = t.get(key)
+        if v is None and key in NULLABLE:
+            continue
+        good = isinstance(v, (int, float)) and not isinstance(v, bool) if typ is float else \
+            isinstance(v, int) and not isinstance(v, bool)
+        if not good or not ok(v):
+            raise ConfigError(f"train.{key}={v!r} is invalid; it must be {rule}")
+    for key in ("compile", "tbptt", "progress"):
+        if not isinstance(t.get(key), bool):
+            raise ConfigError(f"train.{key}={t.get(key)!r} must be true or false")
+    ls = t.get("loss_scale") or {}
+    if ls.get("mode", "auto") not in SCALER_MODES:
+        raise ConfigError(f"train.loss_scale.mode={ls.get('mode')!r} is unknown; choose one of {SCALER_MODES}")
+    return t
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → ``cuda`` when a CUDA device is present, else ``cpu``; other names as torch reads them."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"train.device={name!r} is not a device ({e}); use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but no CUDA device is available; use train.device=auto or cpu")
+    return dev
+
+
+def choose_scaler_mode(model: torch.nn.Module, mode: str) -> str:
+    """``auto``: ``dynamic`` when some layer computes a gradient GEMM in unscaled fp16 (whose small
+    gradients underflow without a loss scale), else ``none`` (scaled FP8/FP4 gradients and bf16
+    keep their range by themselves); every mode still skips steps with inf/NaN gradients."""
+    if mode != "auto":
+        return mode
+    for mod in model.modules():
+        p = getattr(mod, "precision", None)
+        if p is None or not hasattr(p, "operand"):
+            continue
+        for gemm in ("dgrad", "wgrad"):
+            fmt = p.operand(gemm, "grad")
+            if fmt is not None and fmt.name == "fp16" and not fmt.is_scaled:
+                return "dynamic"
+    return "none"
+
+
+@dataclass
+class Run:
+    """The built pieces of a run (see ``experiments.train``)."""
+
+    train: dict[str, Any]
+    device: torch.device
+    data: Any
+    model: torch.nn.Module
+    report: Any               # lowprec.PolicyReport
+    optimizer: Any            # optim.MixedOptimizer
+    scheduler: Any
+    scaler: Any               # lowprec.LossScaler
+    source: Any               # SegmentStreamer (tbptt) or TokenBatcher
+    val_windows: Any          # SegmentStreamer of the validation split (tbptt) or ValidationWindows
+
+
+def _stage(what: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, KeyError, FileNotFoundError, ModuleNotFoundError) as e:
+        msg = str(e) if not isinstance(e, KeyError) else f"missing key {e}"
+        raise ConfigError(f"{what}: {msg}") from e
+
+
+def _model_config(cfg: DictConfig, vocab_size: int):
+    from hybrid import HybridConfig
+
+    mc = dict(OmegaConf.to_container(cfg.model, resolve=True))
+    if mc.get("vocab_size") != vocab_size:
+        log.info("model.vocab_size %s -> %d (the tokenizer's)", mc.get("vocab_size"), vocab_size)
+        mc["vocab_size"] = vocab_size
+    return HybridConfig.from_dict(mc)
+
+
+def _vocab_size(data_cfg) -> int:
+    if data_cfg.tokenizer == "bytes":
+        return 256
+    if data_cfg.vocab_size <= 256:
+        raise ValueError(f"vocab_size={data_cfg.vocab_size} must be > 256 for tokenizer=bpe")
+    return int(data_cfg.vocab_size)
+
+
+def build_run(cfg: DictConfig) -> Run:
+    """Build (and check) everything; see the module doc. Sets ``cfg.model.vocab_size`` to the
+    tokenizer's so that the saved config is the one the model was built from."""
+    import lowprec
+    import optim
+    from hybrid import HybridLM
+
+    from .data import DataConfig, prepare_data
+
+    t = check_train(cfg.train)
+    device = resolve_device(str(t["device"]))
+    if t["threads"]:
+        torch.set_num_threads(t["threads"])
+    data_cfg = _stage("data", DataConfig.from_config, cfg.data)
+    vocab = _stage("data", _vocab_size, data_cfg)
+    model_cfg = _stage("model", _model_config, cfg, vocab)
+    with open_dict(cfg):
+        cfg.model.vocab_size = vocab
+    if t["seq_len"] > model_cfg.window:
+        raise ConfigError(f"train.seq_len={t['seq_len']} exceeds model.window={model_cfg.window} "
+                          "(a segment must fit the attention window)")
+    policy = _stage("precision", lowprec.PrecisionPolicy.from_config, cfg.precision)
+
+    torch.manual_seed(t["seed"])
+    model = HybridLM(model_cfg)
+    report = _stage("precision", lowprec.apply_policy, model, policy)
+    if report.unmatched_rules:
+        log.warning("precision rules that matched no layer: %s", ", ".join(map(str, report.unmatched_rules)))
+    model.to(device)
+    optimizer = _stage("optim", optim.build_optimizer, model, cfg.optim)
+    scheduler = _stage("optim.schedule", optim.build_scheduler, optimizer, cfg.optim, t["steps"])
+    ls = dict(t.get("loss_scale") or {})
+    mode = choose_scaler_mode(model, ls.pop("mode", "auto"))
+    scaler = _stage("train.loss_scale", lowprec.LossScaler, mode, **({} if mode == "none" else ls))
+
+    k = t["tbptt_segments"] if t["tbptt"] else 1
+    data = _stage("data", prepare_data, data_cfg, batch_size=t["batch_size"], seq_len=t["seq_len"])
+    if t["tbptt"]:
+        source = _stage("data", data.segments, t["batch_size"], t["seq_len"], t["seed"])
+        if source.segments_per_epoch < k:
+            raise ConfigError(f"data: the training split gives {source.segments_per_epoch} segments of "
+                              f"{t['batch_size']}x{t['seq_len']} per epoch, fewer than train.tbptt_segments={k}")
+    else:
+        source = _stage("data", data.batcher, t["batch_size"], t["seq_len"], t["seed"])
+    if t["tbptt"]:  # read in order with the state carried, as the model was trained
+        from .data import SegmentStreamer
+
+        val = _stage("data", SegmentStreamer, data.val_tokens, t["batch_size"], t["seq_len"], t["seed"])
+    else:
+        val = _stage("data", data.val_windows, t["batch_size"], t["seq_len"], t["eval_batches"])
+    return Run(t, device, data, model, report, optimizer, scheduler, scaler, source, val)

@@ -1,0 +1,332 @@
+"""``python -m experiments.train``: train a hybrid model in a precision policy, on real text.
+
+    python -m experiments.train                                   # the main job (CPU, minutes)
+    python -m experiments.train precision=ternary optim=bitnet train.steps=2000
+    python -m experiments.train '+precision.override={match: "blocks.*.ffn.*", weight: ternary}'
+    python -m experiments.train hydra.run.dir=runs/a resume=auto  # continue run a (same command again)
+    tensorboard --logdir runs
+
+The run directory (``run_dir``, by default Hydra's output directory) receives ``config.yaml`` (the
+resolved config), ``precision_report.md`` (the policy's per-layer table and the optimizer's
+memory), ``tb/`` (TensorBoard events), ``checkpoints/ckpt-<step>.pt`` and ``summary.json`` (final
+and best validation loss / bits per character, throughput, the sample). Each step is described
+in :mod:`experiments.loop`; checkpoints in :mod:`experiments.checkpoint`; configuration checks in
+:mod:`experiments.build`.
+
+Exit status: 0 done; 2 bad input (config, data, checkpoint), with one line naming the cause;
+1 stopped after ``train.max_bad_steps`` consecutive steps with inf/NaN, naming the first layer
+where non-finite values appeared (the last good checkpoint is kept).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .build import ConfigError, Run, build_run
+from .checkpoint import CheckpointManager, CorruptCheckpointError, load_checkpoint, rng_state, set_rng_state
+from .loop import Stepper, evaluate, evaluate_stream, generate, nonfinite_tensors
+
+__all__ = ["train", "main", "NonFiniteError"]
+
+log = logging.getLogger("experiments.train")
+
+# config sections that must match for a checkpoint to be resumed (the data stream's shape too)
+_RESUME_MUST_MATCH = ("model", "precision", "data", "train.batch_size", "train.seq_len", "train.tbptt",
+                      "train.tbptt_segments", "train.seed")
+
+
+class NonFiniteError(RuntimeError):
+    """``train.max_bad_steps`` consecutive steps had inf/NaN; the message names where they began."""
+
+
+# ----------------------------------------------------------------------------------- resume
+
+def _select(cfg: dict, dotted: str):
+    for part in dotted.split("."):
+        cfg = cfg.get(part) if isinstance(cfg, dict) else None
+    return cfg
+
+
+def _find_resume(resume, ckpts: CheckpointManager) -> tuple[Path, dict] | None:
+    """The checkpoint to continue from: ``None``/false → none (and the run dir must hold none);
+    ``auto`` → the newest valid one in the run dir, if any; a file → that file; a directory → the
+    newest valid one in it (or in its ``checkpoints/``)."""
+    if resume in (None, False, "", "null", "none"):
+        if ckpts.checkpoints():
+            raise ConfigError(f"resume=null but {ckpts.dir} already holds checkpoints "
+                              f"({ckpts.checkpoints()[-1][1].name}, ...); pass resume=auto to continue "
+                              "that run, or choose another run_dir / hydra.run.dir")
+        return None
+    if resume == "auto":
+        found = ckpts.latest_valid()
+        if found is None:
+            log.info("resume=auto: no checkpoint in %s, starting from step 0", ckpts.dir)
+        return found
+    path = Path(str(resume)).expanduser()
+    if path.is_dir():
+        sub = path / "checkpoints"
+        found = CheckpointManager(sub if sub.is_dir() else path).latest_valid()
+        if found is None:
+            raise ConfigError(f"resume={str(resume)!r}: no checkpoint (ckpt-<step>.pt) in that directory")
+        return found
+    if not path.exists():
+        raise ConfigError(f"resume={str(resume)!r}: no such file or directory; give a checkpoint file, "
+                          "a run directory, auto or null")
+    return path, load_checkpoint(path)
+
+
+def _restore(run: Run, stepper: Stepper, path: Path, payload: dict, cfg_now: dict) -> int:
+    saved = OmegaConf.to_container(OmegaConf.create(payload["config"]))
+    diff = [k for k in _RESUME_MUST_MATCH if _select(saved, k) != _select(cfg_now, k)]
+    if diff:
+        raise ConfigError(f"checkpoint {str(path)!r} was written by a run whose {', '.join(diff)} "
+                          "differ from this one's; resume with the same settings (see its config.yaml)")
+    if _select(saved, "train.steps") != _select(cfg_now, "train.steps"):
+        log.warning("train.steps changed from %s to %s: the learning-rate schedule follows the new length",
+                    _select(saved, "train.steps"), _select(cfg_now, "train.steps"))
+    try:
+        run.model.load_state_dict(payload["model"])
+        run.optimizer.load_state_dict(payload["optimizer"])
+        run.scheduler.load_state_dict(payload["scheduler"])
+        run.scaler.load_state_dict(payload["scaler"])
+        stepper.load_state_dict(payload["stepper"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ConfigError(f"checkpoint {str(path)!r} does not fit this run: {e}") from None
+    set_rng_state(payload["rng"])
+    return int(payload["step"])
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+def _inject_nan(model: torch.nn.Module, name: str) -> str:
+    """Debug hook (train.debug.nan_layer): fill a parameter/buffer, or a layer's weight, with NaN."""
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    for cand in (name, f"{name}.weight", f"{name}.w_scale"):
+        if cand in tensors and tensors[cand] is not None and tensors[cand].is_floating_point():
+            with torch.no_grad():
+                tensors[cand].fill_(float("nan"))
+            return cand
+    raise ConfigError(f"train.debug.nan_layer={name!r} names no floating parameter or layer; "
+                      f"e.g. {', '.join(list(tensors)[:6])}, ...")
+
+
+def _log_telemetry(writer, stats: dict, step: int) -> None:
+    for (layer, operand), st in stats.items():
+        for stat, value in st.items():
+            writer.add_scalar(f"{stat}/{layer}/{operand}", value, step)
+
+
+def _checkpoint_payload(run: Run, stepper: Stepper, step: int, cfg_yaml: str, meta: dict) -> dict[str, Any]:
+    return {"format": 1, "step": step, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+            "stepper": stepper.state_dict(), "rng": rng_state(), "config": cfg_yaml, "meta": meta}
+
+
+def _validate(run: Run) -> dict[str, float]:
+    """Validation loss and bits/char: streams with carried state after TBPTT training (the first
+    ``eval_batches`` segments of each), else ``eval_batches`` batches of fresh windows."""
+    if run.train["tbptt"]:
+        s = run.val_windows
+        s.load_state_dict(dict(s.state_dict(), epoch=0, segment=0))
+        n = min(run.train["eval_batches"], s.segments_per_epoch)
+        return evaluate_stream(run.model, s, n, run.data.tokenizer, run.device)
+    return evaluate(run.model, run.val_windows, run.data.tokenizer, run.device)
+
+
+def _sample(run: Run, t: dict) -> str:
+    tok = run.data.tokenizer
+    prompt = torch.tensor(tok.encode(t["sample_prompt"] or "\n"), dtype=torch.int64)
+    g = torch.Generator().manual_seed(t["seed"])
+    ids = generate(run.model, prompt, t["sample_tokens"], window=t["seq_len"],
+                   temperature=t["sample_temperature"], generator=g)
+    return (t["sample_prompt"] or "") + tok.decode(ids.tolist())
+
+
+# ------------------------------------------------------------------------------------- train
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run the training job described by ``cfg`` (the composed config); returns the summary."""
+    t_start = time.perf_counter()
+    run = build_run(cfg)  # every ConfigError surfaces here, before anything is written
+    t = run.train
+    run_dir = Path(str(cfg.run_dir))
+    ckpts = CheckpointManager(run_dir / "checkpoints", t["keep_ckpts"])
+    stepper = Stepper(run.model, run.optimizer, run.scheduler, run.scaler, run.source, tbptt=t["tbptt"],
+                      k=t["tbptt_segments"] if t["tbptt"] else 1, grad_clip=t["grad_clip"], device=run.device,
+                      forward=torch.compile(run.model) if t["compile"] else None)
+    cfg_now = OmegaConf.to_container(cfg, resolve=True)
+    cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    found = _find_resume(cfg.get("resume"), ckpts)
+    start, meta = 0, {"tokens": 0, "train_s": 0.0, "best_val_loss": math.inf, "best_val_bpc": math.inf}
+    if found is not None:
+        start = _restore(run, stepper, *found, cfg_now)
+        meta.update(found[1].get("meta", {}))
+        log.info("resumed from %s at step %d", found[0], start)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg_yaml)
+    import optim
+
+    mem = optim.memory_report(run.model, run.optimizer)
+    (run_dir / "precision_report.md").write_text(
+        f"# precision report\n\n{run.report}\n\n# optimizer\n\n{run.optimizer.describe()}\n\n"
+        f"# memory per parameter (weights + optimizer state)\n\n{mem}\n")
+    n_params = sum(p.numel() for p in run.model.parameters()) + sum(
+        m.native_weight.numel() for m in run.model.modules() if getattr(m, "is_native", False))
+    ds, mc, k = run.data.summary(), run.model.cfg, stepper.k
+    for line in (
+        f"model: HybridLM d_model={mc.d_model}, {mc.n_blocks} blocks, window {mc.window}, memory "
+        f"{'on (' + mc.rnn_mode + ')' if mc.memory else 'off'}: {n_params:,} parameters on {run.device}",
+        f"precision {run.report.policy!r}: {run.report.total_format_bytes:,} weight bytes at format "
+        f"({run.report.total_format_bytes / max(run.report.bf16_bytes, 1):.3f}x bf16), "
+        f"{run.report.total_resident_bytes:,} resident; table in {run_dir / 'precision_report.md'}",
+        f"loss scaling: {run.scaler.mode}; optimizer parts: {', '.join(run.optimizer.parts)}",
+        f"data: {ds['source']} ({ds['tokenizer']}, vocab {ds['vocab_size']}): train {ds['train']['documents']} "
+        f"documents {ds['train']['tokens']:,} tokens, val {ds['val']['documents']} documents {ds['val']['tokens']:,} tokens",
+        f"steps {start + 1}..{t['steps']}, {k}x{t['batch_size']}x{t['seq_len']} tokens each "
+        f"({'TBPTT, state carried' if t['tbptt'] else 'random windows'})",
+    ):
+        log.info("%s", line)
+
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    import lowprec
+
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1 if start else None)
+    if start == 0:
+        writer.add_text("config", "```\n" + cfg_yaml + "\n```", 0)
+        writer.add_text("precision_report", str(run.report), 0)
+    telemetry = lowprec.Telemetry(run.model)
+    debug = t.get("debug") or {}
+    last_good_ckpt = ckpts.checkpoints()[-1][1] if ckpts.checkpoints() else None
+    val = None
+    bar = tqdm(total=t["steps"], initial=start, disable=not t["progress"], dynamic_ncols=True,
+               file=sys.stderr, unit="step", mininterval=1.0)
+    ema, window_tokens, window_s = None, 0, 0.0
+    step = start
+    try:
+        with logging_redirect_tqdm():
+            for step in range(start + 1, t["steps"] + 1):
+                if debug.get("nan_at_step") == step:
+                    log.warning("debug: %s set to NaN before step %d", _inject_nan(run.model, debug["nan_layer"]), step)
+                watch = bool(t["telemetry_every"]) and step % t["telemetry_every"] == 0
+                if watch:
+                    telemetry.reset()
+                    telemetry.enable()
+                res = stepper.step()
+                if watch:
+                    telemetry.disable()
+                    _log_telemetry(writer, telemetry.stats(), step)
+                meta["tokens"] += res.tokens
+                meta["train_s"] += res.seconds
+                window_tokens, window_s = window_tokens + res.tokens, window_s + res.seconds
+                if res.taken:
+                    ema = res.loss if ema is None else 0.9 * ema + 0.1 * res.loss
+                else:
+                    log.warning("step %d: inf/NaN (loss %.4g), update skipped (%d in a row, limit %d); "
+                                "loss scale now %g", step, res.loss, run.scaler.consecutive_bad,
+                                t["max_bad_steps"], run.scaler.loss_scale)
+                    if run.scaler.consecutive_bad >= t["max_bad_steps"]:
+                        raise NonFiniteError(_diagnose(run, stepper, telemetry, step, res, t, last_good_ckpt))
+                lr = run.optimizer.param_groups[0]["lr"]
+                if step % t["log_every"] == 0 or step == t["steps"]:
+                    tps = window_tokens / max(window_s, 1e-9)
+                    for tag, v in (("train/loss", res.loss), ("train/lr", lr), ("train/grad_norm", res.grad_norm),
+                                   ("train/loss_scale", res.loss_scale), ("train/tokens_per_s", tps)):
+                        writer.add_scalar(tag, v, step)
+                    bar.set_postfix(loss=f"{ema:.3f}" if ema is not None else "nan", tok_s=f"{tps:,.0f}",
+                                    lr=f"{lr:.2e}", refresh=False)
+                    window_tokens, window_s = 0, 0.0
+                if step % t["eval_every"] == 0 or step == t["steps"]:
+                    val = _validate(run)
+                    writer.add_scalar("val/loss", val["loss"], step)
+                    writer.add_scalar("val/bpc", val["bpc"], step)
+                    meta["best_val_loss"] = min(meta["best_val_loss"], val["loss"])
+                    meta["best_val_bpc"] = min(meta["best_val_bpc"], val["bpc"])
+                    log.info("step %d: val loss %.4f nats/token, %.4f bits/char", step, val["loss"], val["bpc"])
+                if (step % t["ckpt_every"] == 0 or step == t["steps"]) and run.scaler.consecutive_bad == 0:
+                    last_good_ckpt = ckpts.save(step, _checkpoint_payload(run, stepper, step, cfg_yaml, meta))
+                bar.update(1)
+    except KeyboardInterrupt:
+        bar.close()
+        if step > start and run.scaler.consecutive_bad == 0:
+            ckpts.save(step, _checkpoint_payload(run, stepper, step, cfg_yaml, meta))
+            log.warning("interrupted: saved step %d; continue with resume=auto", step)
+        raise
+    finally:
+        bar.close()
+        writer.flush()
+
+    if val is None:  # nothing left to train (resumed a finished run)
+        val = _validate(run)
+    sample = ""
+    if t["sample_tokens"]:
+        try:
+            sample = _sample(run, t)
+        except RuntimeError as e:  # the checkpoints and numbers above stand without a sample
+            log.error("sampling failed (%s: %s); the run's checkpoints and summary are unaffected",
+                      type(e).__name__, e)
+    writer.add_text("sample", "```\n" + sample + "\n```", step)
+    writer.close()
+    summary = {
+        "steps": step, "val_loss": val["loss"], "val_bpc": val["bpc"],
+        "best_val_loss": min(meta["best_val_loss"], val["loss"]), "best_val_bpc": min(meta["best_val_bpc"], val["bpc"]),
+        "tokens": meta["tokens"], "tokens_per_s": meta["tokens"] / max(meta["train_s"], 1e-9),
+        "wall_s": time.perf_counter() - t_start, "params": n_params, "policy": run.report.policy,
+        "weight_format_bytes": run.report.total_format_bytes, "device": str(run.device),
+        "checkpoint": str(last_good_ckpt) if last_good_ckpt else None, "sample": sample,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"\nvalidation: loss {val['loss']:.4f} nats/token, {val['bpc']:.4f} bits/char "
+          f"(best {summary['best_val_bpc']:.4f}) after {step} steps, {meta['tokens']:,} tokens, "
+          f"{summary['tokens_per_s']:,.0f} tokens/s, {summary['wall_s']:.0f} s in all\n"
+          f"run directory: {run_dir}\n--- sample ---\n{sample}\n--------------")
+    return summary
+
+
+def _diagnose(run: Run, stepper: Stepper, telemetry, step: int, res, t: dict, last_good) -> str:
+    """Re-run the last step's forward and backward with telemetry on; say where inf/NaN began."""
+    telemetry.reset()
+    telemetry.enable()
+    try:
+        stepper.rerun_last()
+    finally:
+        telemetry.disable()
+    first = telemetry.first_nonfinite()
+    where = (f"first non-finite values in layer {first[0]!r} ({first[1]})" if first else
+             "no quantized layer saw a non-finite operand (the loss or an unquantized module did)")
+    bad = nonfinite_tensors(run.model)
+    params = f"; non-finite parameters/buffers: {', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}" if bad else ""
+    keep = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+    return (f"stopped at step {step}: {t['max_bad_steps']} consecutive steps with inf/NaN "
+            f"(train.max_bad_steps; last loss {res.loss:.4g}, loss scale {run.scaler.loss_scale:g}); "
+            f"{where}{params}; {keep}")
+
+
+@hydra.main(config_path="../configs", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    except (ConfigError, CorruptCheckpointError) as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteError as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

