@@ -101,7 +101,10 @@ class QLinear(NativeWeightMixin, nn.Module):
             dev = (self.weight if self.weight is not None else self.w_data).device
             if dev.type == "meta":
                 return f"{self.precision.backend} (not placed yet)"
-            self._ensure_plan(dev)
+            try:
+                return gemm.plan_gemms(self.precision, self.in_features, self.out_features, dev)[1]
+            except RuntimeError as e:  # e.g. tensorcore asked for, weights still on the CPU
+                return f"{self.precision.backend} (on {dev}: {e})"
         return self._plan[2]
 
     def weight_pseudo_grad(self, weight: torch.Tensor):
