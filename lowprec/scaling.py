@@ -131,7 +131,8 @@ def group_scales(xg: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None
     # nvfp4: two-level scaling; the tensor scale is one group over the whole tensor.
     amax_b = a.amax(dim=1, keepdim=True)
     amax_t = amax_b.amax()
-    g = torch.where(amax_t > 0, amax_t / _const(NVFP4_GLOBAL, xg), 1.0)
+    g = amax_t / _const(NVFP4_GLOBAL, xg)
+    g = torch.where(g > 0, g, 1.0)  # also when a subnormal amax underflows
     g = torch.where(torch.isfinite(amax_t), g, nan)
     sb = (amax_b / _const(fmt.max_value, xg) / g).clamp(max=448.0).to(torch.float8_e4m3fn)
     s = sb.to(torch.float32) * g
@@ -141,7 +142,9 @@ def group_scales(xg: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None
 def scale_from_stat(stat: torch.Tensor, fmt: Format) -> torch.Tensor:
     """The scale of an absmax (stat = amax) or absmean (stat = mean|x|) group."""
     if fmt.scale == "absmax":
-        return torch.where(stat > 0, stat / _const(fmt.max_value, stat), 1.0)
+        # test the quotient, not the amax: a subnormal amax divided by max underflows to 0
+        s = stat / _const(fmt.max_value, stat)
+        return torch.where(s > 0, s, 1.0)
     return stat.clamp(min=ABSMEAN_EPS)
 
 

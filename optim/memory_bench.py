@@ -150,7 +150,14 @@ def main(argv: list[str] | None = None) -> None:
     print("|" + "---|" * (head.count("|") - 1))
     base_peak = None
     for name in args.cases:
-        r = run_case(name, args.preset, device, args.batch, args.seq)
+        try:
+            r = run_case(name, args.preset, device, args.batch, args.seq)
+        except Exception as e:  # one failing case must not hide the others' rows
+            print(f"| {name} | failed: {type(e).__name__}: {str(e)[:200]} |", flush=True)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         line = f"| {r['case']} | {r['params']:,} | {r['resident']:.3f} | {r['at_step']:.3f} |"
         if "peak_mib" in r:
             base_peak = base_peak or r["peak_mib"]

@@ -32,7 +32,7 @@ from torch import nn
 import lowprec
 
 from .base import TargetOptimizer, check_betas, check_real, describe_target, is_native_layer
-from .moments import MOMENT_DTYPES, check_block, check_moment_dtype, load, store, store_zeros
+from .moments import check_block, check_moment_dtype, load, store, store_zeros
 
 _SR_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}  # Parameters written back with SR
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

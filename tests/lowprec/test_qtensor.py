@@ -170,3 +170,15 @@ def test_large_tensors_quantize_in_pieces_like_one_piece(monkeypatch, name, gran
         assert bad.isnan().all()  # one scale group: the whole tensor
     elif fmt.is_scaled:
         assert bad[30].isnan().any() and torch.isfinite(bad[:30]).all()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_subnormal_amax_gives_finite_output(name):
+    """amax / max underflows for a subnormal amax: the scale must fall back, not become 0 (NaN)."""
+    fmt = lowprec.format(name)
+    if fmt.is_scaled and fmt.granularity == "tensor" and fmt.kind in ("float", "int"):
+        fmt = fmt.with_scaling("row")
+    x = torch.tensor([[6.4e-44, 0.0, 0.0, -1e-45] + [0.0] * 28, [1.0] * 32])
+    out = lowprec.quantize(x, fmt).dequantize()
+    assert torch.isfinite(out).all(), name
+    assert torch.equal(lowprec.quantize_dequantize(x, fmt)[0], out)
