@@ -11,13 +11,15 @@ of stream, chunked``).
 from __future__ import annotations
 
 import logging
+import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-__all__ = ["ConfigError", "Run", "TRAIN_KEYS", "resolve_device", "check_train", "build_run", "choose_scaler_mode"]
+__all__ = ["ConfigError", "Run", "TRAIN_KEYS", "resolve_device", "resolve_threads", "check_train", "build_run", "choose_scaler_mode"]
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +45,10 @@ TRAIN_KEYS: dict[str, tuple] = {
     "seed": (int, "an int", lambda v: True),
     "grad_clip": (float, "> 0 or null", lambda v: v > 0),
     "sample_temperature": (float, ">= 0 (0: greedy)", lambda v: v >= 0),
-    "threads": (int, ">= 1 or null", lambda v: v >= 1),
 }
-_OTHER_TRAIN_KEYS = ("device", "compile", "tbptt", "loss_scale", "sample_prompt", "progress", "debug")
+_OTHER_TRAIN_KEYS = ("device", "threads", "compile", "tbptt", "loss_scale", "sample_prompt", "progress", "debug")
 SCALER_MODES = ("auto", "dynamic", "static", "none")
-NULLABLE = ("grad_clip", "threads")
+NULLABLE = ("grad_clip",)
 
 
 def check_train(train: DictConfig) -> dict[str, Any]:
@@ -67,6 +68,9 @@ def check_train(train: DictConfig) -> dict[str, Any]:
     for key in ("compile", "tbptt", "progress"):
         if not isinstance(t.get(key), bool):
             raise ConfigError(f"train.{key}={t.get(key)!r} must be true or false")
+    th = t.get("threads")
+    if not (th in (None, "auto") or (isinstance(th, int) and not isinstance(th, bool) and th >= 1)):
+        raise ConfigError(f"train.threads={th!r} is invalid; give an int >= 1, auto or null")
     ls = t.get("loss_scale") or {}
     if ls.get("mode", "auto") not in SCALER_MODES:
         raise ConfigError(f"train.loss_scale.mode={ls.get('mode')!r} is unknown; choose one of {SCALER_MODES}")
@@ -84,6 +88,23 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name!r} but no CUDA device is available; use train.device=auto or cpu")
     return dev
+
+
+def resolve_threads(value) -> int:
+    """CPU threads for torch: an int as given; null: torch's default; ``auto``: torch's default
+    less the cores other processes keep busy (1-minute load average), at least 1. Threads that
+    compete with another process's threads for the same cores spin at every parallel region and
+    can slow a CPU run down 10x; one thread per free core does not."""
+    default = torch.get_num_threads()
+    if value is None:
+        return default
+    if value != "auto":
+        return int(value)
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return default
+    return max(1, min(default, math.floor((os.cpu_count() or default) - busy + 0.5)))
 
 
 def choose_scaler_mode(model: torch.nn.Module, mode: str) -> str:
@@ -158,8 +179,10 @@ def build_run(cfg: DictConfig) -> Run:
 
     t = check_train(cfg.train)
     device = resolve_device(str(t["device"]))
-    if t["threads"]:
-        torch.set_num_threads(t["threads"])
+    threads = resolve_threads(t["threads"])
+    if threads != torch.get_num_threads():
+        log.info("torch threads: %d (train.threads=%s)", threads, t["threads"])
+        torch.set_num_threads(threads)
     data_cfg = _stage("data", DataConfig.from_config, cfg.data)
     vocab = _stage("data", _vocab_size, data_cfg)
     model_cfg = _stage("model", _model_config, cfg, vocab)

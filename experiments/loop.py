@@ -14,7 +14,7 @@ Loss (nats/token) over the step's ``n = k·B·T`` targets, then the loss-scaled 
     (S·loss).backward()                   S: the LossScaler's scale (1 when scaling is off)
     g     ← g / S;  skip if any g is inf/NaN (scaler)
     g     ← g · min(1, c / ‖g‖₂)            clipping at c = grad_clip (‖g‖ over every gradient, native ones too)
-    step; schedule step
+    step, then the schedule (taken steps only: a skipped step leaves both untouched)
 
 Evaluation scores validation windows, each from a fresh state (``evaluate``), or, for a model
 trained with carried state, the validation split read as B contiguous streams with the state

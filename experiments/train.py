@@ -131,6 +131,18 @@ def _checkpoint_payload(run: Run, stepper: Stepper, step: int, cfg_yaml: str, me
             "stepper": stepper.state_dict(), "rng": rng_state(), "config": cfg_yaml, "meta": meta}
 
 
+def _write_report(run: Run, run_dir: Path, with_memory: bool) -> bool:
+    """``precision_report.md``: the policy's per-layer table, the optimizer's parts and (once the
+    optimizer holds its state) the resident bytes per parameter of weights + state."""
+    import optim
+
+    text = f"# precision report\n\n{run.report}\n\n# optimizer\n\n{run.optimizer.describe()}\n"
+    if with_memory:
+        text += f"\n# memory per parameter (weights + optimizer state)\n\n{optim.memory_report(run.model, run.optimizer)}\n"
+    (run_dir / "precision_report.md").write_text(text)
+    return with_memory
+
+
 def _validate(run: Run) -> dict[str, float]:
     """Validation loss and bits/char: streams with carried state after TBPTT training (the first
     ``eval_batches`` segments of each), else ``eval_batches`` batches of fresh windows."""
@@ -174,12 +186,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg_yaml)
-    import optim
-
-    mem = optim.memory_report(run.model, run.optimizer)
-    (run_dir / "precision_report.md").write_text(
-        f"# precision report\n\n{run.report}\n\n# optimizer\n\n{run.optimizer.describe()}\n\n"
-        f"# memory per parameter (weights + optimizer state)\n\n{mem}\n")
+    _write_report(run, run_dir, with_memory=start > 0)
     n_params = sum(p.numel() for p in run.model.parameters()) + sum(
         m.native_weight.numel() for m in run.model.modules() if getattr(m, "is_native", False))
     ds, mc, k = run.data.summary(), run.model.cfg, stepper.k
@@ -213,7 +220,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     val = None
     bar = tqdm(total=t["steps"], initial=start, disable=not t["progress"], dynamic_ncols=True,
                file=sys.stderr, unit="step", mininterval=1.0)
-    ema, window_tokens, window_s = None, 0, 0.0
+    ema, window_tokens, window_s, report_done = None, 0, 0.0, start > 0
     step = start
     try:
         with logging_redirect_tqdm():
@@ -228,6 +235,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 if watch:
                     telemetry.disable()
                     _log_telemetry(writer, telemetry.stats(), step)
+                if res.taken and not report_done:  # optimizer state exists after the first update
+                    report_done = _write_report(run, run_dir, with_memory=True)
                 meta["tokens"] += res.tokens
                 meta["train_s"] += res.seconds
                 window_tokens, window_s = window_tokens + res.tokens, window_s + res.seconds

@@ -120,7 +120,8 @@ class RNNMemory(nn.Module):
         y, h, c = self.run_stack(e, h, c)
         C = self.chunk
         first = (C - 1 - pos) % C  # local index of the first chunk end in this segment
-        ends = torch.arange(first, e.shape[1], C, device=e.device)
+        # no chunk ends here when the segment is shorter than the way to the next end
+        ends = torch.arange(min(first, e.shape[1]), e.shape[1], C, device=e.device)
         return self.compressor(y[:, ends]), h, c
 
     def chunked(self, e: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:

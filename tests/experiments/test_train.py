@@ -84,7 +84,8 @@ def test_cli_run_writes_checkpoints_tensorboard_and_learns(corpus, tmp_path):
 
     saved = (run_dir / "config.yaml").read_text()
     assert "vocab_size: 256" in saved and "${" not in saved  # resolved, with the tokenizer's vocabulary
-    assert "| blocks.0.ffn.up |" in (run_dir / "precision_report.md").read_text()
+    report = (run_dir / "precision_report.md").read_text()
+    assert "| blocks.0.ffn.up |" in report and "# memory per parameter" in report
 
     tags = _scalars(run_dir)
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/loss_scale", "val/loss", "val/bpc"):
@@ -104,14 +105,18 @@ def test_cli_run_writes_checkpoints_tensorboard_and_learns(corpus, tmp_path):
 # ---------------------------------------------------------------------------------- resume
 
 def _params(model_sd: dict) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model_sd.items() if v.is_floating_point()}
+    """Every tensor of a model state dict: float weights, and the packed codes of native layers."""
+    return {k: v for k, v in model_sd.items() if isinstance(v, torch.Tensor)}
 
 
-def test_resume_gives_the_identical_next_steps(corpus, tmp_path):
+@pytest.mark.parametrize("recipe", [(), ("precision=ternary_native", "optim=ternary_native")],
+                         ids=["paper-latent", "ternary-native"])
+def test_resume_gives_the_identical_next_steps(corpus, tmp_path, recipe):
     """12 steps in one go vs. 6 steps + resume from that run's step-6 checkpoint + 6 steps: the
-    parameters, optimizer state and per-step losses are bit-identical (dropout on, TBPTT state
-    carried, dynamic loss scaling, telemetry on some steps: every piece of state matters)."""
-    extra = ("model.dropout=0.1",)
+    parameters (packed native buffers included), optimizer state and per-step losses are
+    bit-identical (dropout on, TBPTT state carried, dynamic loss scaling for the paper policy's
+    fp16 RNN, telemetry on some steps: every piece of state matters)."""
+    extra = ("model.dropout=0.1", *recipe)
     a = tmp_path / "a"
     train(_cfg(corpus, a, *extra))
     b = tmp_path / "b"
@@ -153,11 +158,33 @@ def test_corrupt_checkpoint_named_when_resumed_explicitly(corpus, tmp_path):
         train(_cfg(corpus, tmp_path / "run", f"resume={bad}"))
 
 
-def test_fresh_start_refused_over_existing_checkpoints(corpus, tmp_path):
+def test_fresh_start_refused_over_existing_checkpoints_and_mismatch_named(corpus, tmp_path):
     run = tmp_path / "run"
     train(_cfg(corpus, run, "train.steps=6", "train.sample_tokens=0"))
     with pytest.raises(ConfigError, match="resume=auto"):
         train(_cfg(corpus, run, "resume=null"))
+    with pytest.raises(ConfigError, match=r"ckpt-00000006.pt' was written by a run whose model, train.batch_size differ"):
+        train(_cfg(corpus, run, "model.d_ff=64", "train.batch_size=2"))
+
+
+def test_device_auto_and_threads(monkeypatch):
+    from experiments.build import resolve_device, resolve_threads
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="train.device='cuda' but no CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(ConfigError, match="train.device='gpu0' is not a device"):
+        resolve_device("gpu0")
+    torch.set_num_threads(2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))  # another process holds a core
+    assert resolve_threads("auto") == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))  # quiet machine
+    assert resolve_threads("auto") == 2
+    assert resolve_threads(None) == 2 and resolve_threads(3) == 3
 
 
 # -------------------------------------------------------------------------------------- NaN
@@ -175,7 +202,7 @@ def test_nan_stops_after_k_bad_steps_naming_the_layer(corpus, tmp_path):
     mgr = CheckpointManager(run / "checkpoints")
     assert [s for s, _ in mgr.checkpoints()] == [2, 4]  # no checkpoint of a bad step
     _, good = mgr.latest_valid()
-    assert all(torch.isfinite(v).all() for v in _params(good["model"]).values())
+    assert all(torch.isfinite(v).all() for v in _params(good["model"]).values() if v.is_floating_point())
 
 
 # -------------------------------------------------------------------------------- bad input
@@ -189,6 +216,7 @@ def test_nan_stops_after_k_bad_steps_naming_the_layer(corpus, tmp_path):
     (["optim.schedule.warmup_steps=50"], r"optim.schedule: warmup_steps=50 is invalid"),
     (["train.loss_scale.mode=huge"], r"train.loss_scale.mode='huge' is unknown; choose one of"),
     (["optim.native.binary=adamw"], r"optim: native.binary='adamw'"),
+    (["train.threads=many"], r"train.threads='many' is invalid; give an int >= 1, auto or null"),
 ])
 def test_bad_config_fails_before_anything_is_written(corpus, tmp_path, overrides, pattern):
     run = tmp_path / "run"
