@@ -145,19 +145,28 @@ class Stepper:
         self.state = None if hs is None else HybridState.from_state_dict(hs).to(self.device)
 
 
+def _score(model: nn.Module, x, y, state, tokenizer, device):
+    """(nats, tokens, chars, state) of one (B, T) batch."""
+    logits, state = model(x.to(device), state)
+    nats = float(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum"))
+    return nats, y.numel(), tokenizer.count_chars(y), state
+
+
+def _totals(scores) -> dict[str, float]:
+    nats = sum(s[0] for s in scores)
+    tokens = sum(s[1] for s in scores)
+    chars = sum(s[2] for s in scores)
+    return {"loss": nats / tokens, "bpc": nats / (max(chars, 1) * math.log(2)), "tokens": tokens, "chars": chars}
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, windows: Iterable, tokenizer, device) -> dict[str, float]:
     """{"loss": nats/token, "bpc": bits/char, "tokens", "chars"} over ``windows`` ((x, y) batches)."""
     was_training = model.training
     model.eval()
-    nats, tokens, chars = 0.0, 0, 0
-    for x, y in windows:
-        logits, _ = model(x.to(device), None)
-        nats += float(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum"))
-        tokens += y.numel()
-        chars += tokenizer.count_chars(y)
+    scores = [_score(model, x, y, None, tokenizer, device) for x, y in windows]
     model.train(was_training)
-    return {"loss": nats / tokens, "bpc": nats / (max(chars, 1) * math.log(2)), "tokens": tokens, "chars": chars}
+    return _totals(scores)
 
 
 @torch.no_grad()
@@ -167,15 +176,14 @@ def evaluate_stream(model: nn.Module, streamer, n_segments: int, tokenizer, devi
     TBPTT-trained model reads text (it has rarely seen a cold state, so fresh windows underrate it)."""
     was_training = model.training
     model.eval()
-    nats, tokens, chars, state = 0.0, 0, 0, None
+    scores, state = [], None
     for _ in range(n_segments):
         x, y, reset = next(streamer)
-        logits, state = model(x.to(device), None if reset else state)
-        nats += float(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum"))
-        tokens += y.numel()
-        chars += tokenizer.count_chars(y)
+        score = _score(model, x, y, None if reset else state, tokenizer, device)
+        state = score[3]
+        scores.append(score)
     model.train(was_training)
-    return {"loss": nats / tokens, "bpc": nats / (max(chars, 1) * math.log(2)), "tokens": tokens, "chars": chars}
+    return _totals(scores)
 
 
 @torch.no_grad()
