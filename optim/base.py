@@ -19,6 +19,7 @@ stochastic-rounding noise is reseeded from (seed, target, step), see :mod:`optim
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Iterator
 from numbers import Real
@@ -83,7 +84,7 @@ class NativeGrads:
         return f"NativeGrads({len(self.layers)} native layers, {len(self.tensors)} parameters)"
 
 
-class TargetOptimizer(torch.optim.Optimizer):
+class TargetOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
     """Base: param groups of native layers and/or Parameters; per-target ``_update``.
 
     Subclasses define ``_check_group(group)`` (validate hyperparameters, raising ValueError),
@@ -124,14 +125,17 @@ class TargetOptimizer(torch.optim.Optimizer):
             self._group_of[id(t)] = param_group
         self.param_groups.append(param_group)
 
-    def _check_group(self, group: dict) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _check_group(self, group: dict) -> None:
+        """Validate a param group's hyperparameters (ValueError naming the bad one)."""
 
-    def _check_target(self, t) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _check_target(self, t) -> None:
+        """Refuse a target this rule cannot update (TypeError naming the rule to use)."""
 
-    def _update(self, group: dict, target, grad: torch.Tensor, index: int) -> None:  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _update(self, group: dict, target, grad: torch.Tensor, index: int) -> None:
+        """Apply one step to ``target`` from its gradient ``grad``."""
 
     def targets(self) -> list:
         """Every target, in group order (the numbering of ``state_dict``)."""

@@ -59,6 +59,8 @@ momentum: binary 1/8 + 2 = 2.125, ternary 2/8 + 2 = 2.25, plus 12 bytes per scal
 
 from __future__ import annotations
 
+import abc
+
 import torch
 
 from lowprec.packing import pack_codes, unpack_codes
@@ -109,12 +111,13 @@ class _CodeMomentumOptimizer(TargetOptimizer):
             raise TypeError(f"{name} updates {self.kind} weights; {describe_target(t)} holds "
                             f"{t.precision.weight}: give it to {rule}")
 
-    def _values(self, codes: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _values(self, codes: torch.Tensor) -> torch.Tensor:
+        """Element values (±1, or -1/0/+1) of the unpacked codes."""
 
-    def _transition(self, data, codes, c, m, tau):  # pragma: no cover - abstract
+    @abc.abstractmethod
+    def _transition(self, data, codes, c, m, tau):
         """(new packed data, mask of moved weights or None)."""
-        raise NotImplementedError
 
     def _update(self, group: dict, layer, grad: torch.Tensor, index: int) -> None:
         q = layer.native_weight
