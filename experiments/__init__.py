@@ -18,7 +18,7 @@ _EXPORTS = {
     # experiments.tasks
     "TASKS": "tasks", "DEFAULT_DISTANCES": "tasks", "RetrievalConfig": "tasks",
     "RetrievalExample": "tasks", "make_example": "tasks", "retrieval_examples": "tasks",
-    "evaluate_retrieval": "tasks", "retrieval_accuracy": "tasks", "RetrievalBatches": "tasks",
+    "evaluate_retrieval": "tasks", "retrieval_accuracy": "tasks", "RetrievalBatches": "tasks", "RetrievalStreamer": "tasks",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -46,7 +46,9 @@ TRAIN_KEYS: dict[str, tuple] = {
     "grad_clip": (float, "> 0 or null", lambda v: v > 0),
     "sample_temperature": (float, ">= 0 (0: greedy)", lambda v: v >= 0),
 }
-_OTHER_TRAIN_KEYS = ("device", "threads", "compile", "tbptt", "loss_scale", "sample_prompt", "progress", "debug")
+_OTHER_TRAIN_KEYS = ("device", "threads", "compile", "tbptt", "loss_scale", "sample_prompt", "progress", "debug",
+                     "task", "retrieval_eval")
+TASKS = ("lm", "passkey", "kv")  # train.task: language modeling on the corpus, or a retrieval task
 SCALER_MODES = ("auto", "dynamic", "static", "none")
 NULLABLE = ("grad_clip",)
 
@@ -65,7 +67,14 @@ def check_train(train: DictConfig) -> dict[str, Any]:
             isinstance(v, int) and not isinstance(v, bool)
         if not good or not ok(v):
             raise ConfigError(f"train.{key}={v!r} is invalid; it must be {rule}")
-    for key in ("compile", "tbptt", "progress"):
+    t.setdefault("task", "lm")
+    t.setdefault("retrieval_eval", False)
+    if t["task"] not in TASKS:
+        raise ConfigError(f"train.task={t['task']!r} is unknown; choose one of {TASKS}")
+    if t["task"] != "lm" and not t.get("tbptt"):
+        raise ConfigError(f"train.task={t['task']} needs train.tbptt=true: a prompt spans tbptt_segments "
+                          "segments read in order with the state carried")
+    for key in ("compile", "tbptt", "progress", "retrieval_eval"):
         if not isinstance(t.get(key), bool):
             raise ConfigError(f"train.{key}={t.get(key)!r} must be true or false")
     th = t.get("threads")
@@ -136,7 +145,7 @@ class Run:
     optimizer: Any            # optim.MixedOptimizer
     scheduler: Any
     scaler: Any               # lowprec.LossScaler
-    source: Any               # SegmentStreamer (tbptt) or TokenBatcher
+    source: Any               # SegmentStreamer (tbptt), TokenBatcher, or RetrievalStreamer (train.task)
     val_windows: Any          # SegmentStreamer of the validation split (tbptt) or ValidationWindows
 
 
@@ -207,7 +216,14 @@ def build_run(cfg: DictConfig) -> Run:
 
     k = t["tbptt_segments"] if t["tbptt"] else 1
     data = _stage("data", prepare_data, data_cfg, batch_size=t["batch_size"], seq_len=t["seq_len"])
-    if t["tbptt"]:
+    if t["task"] != "lm":  # retrieval prompts of k segments; filler per data.retrieval.filler
+        from .tasks import RetrievalStreamer
+
+        r = data_cfg.retrieval
+        source = _stage("data", RetrievalStreamer, data.tokenizer, t["batch_size"], t["seq_len"], k, t["seed"],
+                        kind=t["task"], filler=data.train_tokens if r.filler == "corpus" else None,
+                        n_digits=r.n_digits, n_pairs=r.n_pairs, intro=r.intro)
+    elif t["tbptt"]:
         source = _stage("data", data.segments, t["batch_size"], t["seq_len"], t["seed"])
         if source.segments_per_epoch < k:
             raise ConfigError(f"data: the training split gives {source.segments_per_epoch} segments of "

@@ -11,10 +11,11 @@ controls, and the post-training-quantization baseline beside natively trained mo
   unquantized weights, e.g. ``precision=bf16``), quantized afterwards with NVIDIA ModelOpt
   (:mod:`experiments.ptq`), evaluated on the same windows.
 - ``compare``: other checkpoints (trained natively in a precision) evaluated on the same windows.
-- ``retrieval``: passkey accuracy by distance, the prompt streamed segment by segment with the
-  state carried, then greedy decoding; three controls: memory ``on``; ``off`` (the carried state is
-  dropped before every segment: a windowed model); ``shuffled`` (the state carried into the last
-  segment comes from another example's prompt).
+- ``retrieval``: accuracy by distance on ``kind`` (passkey or kv), each prompt read in segments
+  of the run's ``train.seq_len`` with the state carried, scored as greedy decoding would answer;
+  three controls: memory ``on``; ``off`` (the carried state is dropped before every segment: a
+  windowed model); ``shuffled`` (the state carried into the answer's segment comes from another
+  prompt of the same distance). See :func:`memory_retrieval_accuracy`.
 Writes ``evaluation.json`` and ``evaluation.md`` next to the checkpoint's run directory.
 """
 
@@ -32,7 +33,7 @@ from .checkpoint import CheckpointManager, load_checkpoint
 from .loop import evaluate
 
 log = logging.getLogger(__name__)
-ARGS = {"checkpoint", "ptq", "compare", "retrieval", "distances", "per_bucket", "eval_batches", "device"}
+ARGS = {"checkpoint", "ptq", "compare", "retrieval", "kind", "distances", "per_bucket", "eval_batches", "device"}
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -80,51 +81,73 @@ def load_run(path: str | Path, device: str = "cpu", *, plain: bool = False):
 
 
 @torch.no_grad()
-def _run(model, ids: torch.Tensor, state, *, carry: bool = True):
-    """Feed ``ids`` (1, N) segment by segment; returns (logits (1, N, V), state).
+def _run(model, ids: torch.Tensor, state, segment: int, *, carry: bool = True):
+    """Feed ``ids`` (B, N) ``segment`` tokens at a time; returns (logits (B, N, V), state).
     ``carry=False`` drops the state before every segment (a windowed model)."""
-    L = model.cfg.window
     outs = []
-    for s in range(0, ids.shape[1], L):
-        logits, state = model(ids[:, s:s + L], state if carry else None)
+    for s in range(0, ids.shape[1], segment):
+        logits, state = model(ids[:, s:s + segment], state if carry else None)
         outs.append(logits)
     return (torch.cat(outs, dim=1) if outs else None), state
 
 
-@torch.no_grad()
-def retrieval_accuracy(model, tokenizer, *, distances, per_bucket, device, seed=0) -> dict[str, dict[int, float]]:
-    """{control: {distance: accuracy}} for the passkey task with memory ``on`` / ``off`` / ``shuffled``.
+def _roll(state):
+    """The state of row b replaced by row b+1's (cyclically): each prompt gets a neighbour's memory."""
+    from dataclasses import replace
 
-    Scored by teacher forcing: the prompt plus the answer's first k-1 tokens go in, and an example
-    counts as correct iff the argmax at each of the k answer positions is the answer token — which
-    is exactly when greedy decoding would produce the answer. The segment holding the first answer
-    position starts at ``cut``; ``shuffled`` replaces the state carried into it by the state of
-    another prompt of the same distance bucket (read up to the same point)."""
+    dims = {"h": 1, "c": 1, "memory": 0, "pending": 0}
+    return replace(state, **{k: torch.roll(getattr(state, k), 1, dims[k]) for k in dims
+                             if getattr(state, k) is not None})
+
+
+CONTROLS = ("on", "off", "shuffled")
+
+
+@torch.no_grad()
+def memory_retrieval_accuracy(model, tokenizer, *, distances, per_bucket: int, device, segment: int,
+                              kind: str = "passkey", seed: int = 0, **example_kwargs) -> dict[str, dict[int, float]]:
+    """{control: {distance: accuracy}} for a retrieval task with memory ``on`` / ``off`` / ``shuffled``.
+
+    Each prompt is read ``segment`` tokens at a time (the training segment length: self-attention
+    sees the current segment, everything earlier arrives through the carried state). Scored by
+    teacher forcing: prompt + the answer's first k-1 tokens go in, and an example counts as correct
+    iff the argmax at each of the k answer positions is the answer token, which is exactly when
+    greedy decoding would produce the answer. The segment holding the first answer position starts
+    at ``cut``. Controls: ``on`` carries the state; ``off`` drops it before every segment (a
+    windowed model); ``shuffled`` carries into the segment at ``cut`` the state another prompt of
+    the same distance bucket left there (prompts of a bucket are scored as one batch, the state
+    rolled by one row), so only what the memory holds about THIS prompt can help."""
     from .tasks import retrieval_examples
 
-    examples = retrieval_examples(tokenizer, "passkey", distances=distances, per_bucket=per_bucket, seed=seed)
-    L = model.cfg.window
-    out: dict[str, dict[int, float]] = {}
-    for mode in ("on", "off", "shuffled"):
-        hits: dict[int, list[int]] = {}
-        for i, ex in enumerate(examples):
-            answer = list(ex.answer_ids)
-            ids = torch.tensor([list(ex.prompt_ids) + answer[:-1]], device=device)
-            first = len(ex.prompt_ids) - 1  # the position whose prediction is answer[0]
-            cut = first // L * L
-            if mode == "shuffled" and cut:
-                j = i + 1 if (i + 1) % per_bucket else i - per_bucket + 1  # a neighbour in the same bucket
-                other = torch.tensor([list(examples[j].prompt_ids)], device=device)
-                _, state = _run(model, other[:, :min(cut, other.shape[1] // L * L)], None)
-                if state is not None:
-                    state.pos = cut
-            else:
-                _, state = _run(model, ids[:, :cut], None, carry=mode != "off") if cut else (None, None)
-            logits, _ = _run(model, ids[:, cut:], state if mode != "off" else None, carry=mode != "off")
-            pred = logits[0, first - cut:first - cut + len(answer)].argmax(-1).tolist()
-            hits.setdefault(ex.distance, []).append(int(pred == answer))
-        out[mode] = {d: sum(v) / len(v) for d, v in sorted(hits.items())}
-    return out
+    if per_bucket < 2:
+        raise ValueError(f"per_bucket={per_bucket}: the shuffled control needs >= 2 prompts per distance")
+    examples = retrieval_examples(tokenizer, kind, distances=distances, per_bucket=per_bucket, seed=seed,
+                                  **example_kwargs)
+    groups: dict[tuple[int, int], list] = {}
+    for ex in examples:  # rows of a group share the distance and the cut (equal prompt prefixes)
+        groups.setdefault((ex.distance, (len(ex.prompt_ids) - 1) // segment * segment), []).append(ex)
+    hits: dict[str, dict[int, list[int]]] = {m: {} for m in CONTROLS}
+    was_training = model.training
+    model.eval()
+    for (distance, cut), exs in groups.items():
+        if len(exs) < 2:
+            log.warning("retrieval: a lone prompt at distance %d (its prefix length differs from the bucket's) "
+                        "is left out: the shuffled control needs a neighbour", distance)
+            continue
+        prefix = torch.tensor([ex.prompt_ids[:cut] for ex in exs], dtype=torch.int64, device=device)
+        tails = [ex.prompt_ids[cut:] + ex.answer_ids[:-1] for ex in exs]
+        width = max(map(len, tails))
+        tail = torch.tensor([t + [0] * (width - len(t)) for t in tails], dtype=torch.int64, device=device)
+        _, state = _run(model, prefix, None, segment) if cut else (None, None)
+        for mode in CONTROLS:
+            carried = None if mode == "off" or state is None else (_roll(state) if mode == "shuffled" else state)
+            logits, _ = _run(model, tail, carried, segment, carry=mode != "off")
+            pred = logits.argmax(-1).tolist()
+            for ex, p in zip(exs, pred):
+                first = len(ex.prompt_ids) - 1 - cut
+                hits[mode].setdefault(distance, []).append(int(p[first:first + len(ex.answer_ids)] == ex.answer_ids))
+    model.train(was_training)
+    return {m: {d: sum(v) / len(v) for d, v in sorted(h.items())} for m, h in hits.items()}
 
 
 def main(argv=None) -> dict:
@@ -151,8 +174,9 @@ def main(argv=None) -> dict:
                      evaluate(m2, windows, data.tokenizer, device)))
     result = {"rows": [{"kind": k, "what": w, "precision": p, **v} for k, w, p, v in rows]}
     if args.get("retrieval"):
-        result["retrieval"] = retrieval_accuracy(model, data.tokenizer, distances=list(args.get("distances", [64, 256, 1024])),
-                                                 per_bucket=int(args.get("per_bucket", 5)), device=device)
+        result["retrieval"] = memory_retrieval_accuracy(
+            model, data.tokenizer, distances=list(args.get("distances", [64, 256, 1024])),
+            per_bucket=int(args.get("per_bucket", 5)), device=device, segment=T, kind=str(args.get("kind", "passkey")))
     md = ["| kind | model | precision | val loss (nats/token) | bits/char |", "|---|---|---|---|---|"]
     md += [f"| {r['kind']} | {r['what']} | {r['precision']} | {r['loss']:.4f} | {r['bpc']:.4f} |" for r in result["rows"]]
     if "retrieval" in result:

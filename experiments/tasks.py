@@ -35,7 +35,7 @@ from .tokenizer import Tokenizer
 
 __all__ = [
     "TASKS", "DEFAULT_DISTANCES", "RetrievalConfig", "RetrievalExample", "make_example",
-    "retrieval_examples", "evaluate_retrieval", "retrieval_accuracy", "RetrievalBatches",
+    "retrieval_examples", "evaluate_retrieval", "retrieval_accuracy", "RetrievalBatches", "RetrievalStreamer",
 ]
 
 TASKS = ("passkey", "kv")
@@ -314,3 +314,66 @@ class RetrievalBatches:
             raise ValueError(f"RetrievalBatches state is for seed/kind {state['seed']}/{state['kind']}, "
                              f"this one is {self.seed}/{self.kind}")
         self.step = int(state["step"])
+
+
+class RetrievalStreamer:
+    """Retrieval prompts for TBPTT training, read like a ``SegmentStreamer``: B rows of
+    ``k·T + 1`` tokens (prompt + answer), served as k segments (B, T) in order.
+
+    Yields ``(x, y, reset)``; ``reset`` is True on a row set's first segment (the carried state
+    must be dropped: a new prompt starts). The needle's distance is drawn uniformly over what
+    fits the row, so most needles sit in an earlier segment than the answer and only the carried
+    state (the memory) can bring them back. Row set ``r`` depends only on (seed, kind, r);
+    ``state_dict`` (row set, segment) resumes exactly. ``kwargs`` go to :func:`make_example`
+    (n_digits, n_pairs, intro)."""
+
+    def __init__(self, tokenizer: Tokenizer, batch_size: int, seq_len: int, segments: int, seed: int = 0, *,
+                 kind: str = "passkey", filler: Sequence[int] | torch.Tensor | None = None, **kwargs):
+        if kind not in TASKS:
+            raise ValueError(f"unknown retrieval kind {kind!r}; choose from {TASKS}")
+        if min(batch_size, seq_len, segments) < 1:
+            raise ValueError(f"batch_size, seq_len and segments must be >= 1, got {batch_size}, {seq_len}, {segments}")
+        if isinstance(filler, torch.Tensor):
+            filler = filler.reshape(-1).tolist()
+        self.tokenizer, self.batch_size, self.seq_len, self.segments, self.seed = (
+            tokenizer, batch_size, seq_len, segments, seed)
+        self.kind, self.filler, self.kwargs = kind, filler, kwargs
+        self.rowset, self.segment = 0, 0
+        self._rows: tuple[int, torch.Tensor] | None = None
+        self._make(0)  # fail now (row too short for the task) rather than at the first step
+
+    def _make(self, r: int) -> torch.Tensor:
+        if self._rows is None or self._rows[0] != r:
+            L = self.segments * self.seq_len + 1
+            rows = torch.empty(self.batch_size, L, dtype=torch.int64)
+            for b in range(self.batch_size):
+                rng = random.Random(f"retrieval-stream:{self.seed}:{self.kind}:{r}:{b}")
+                ex = make_example(self.kind, self.tokenizer, None, rng=rng, filler=self.filler, total_len=L,
+                                  **self.kwargs)
+                rows[b] = torch.tensor(ex.prompt_ids + ex.answer_ids, dtype=torch.int64)
+            self._rows = (r, rows)
+        return self._rows[1]
+
+    @property
+    def segments_per_epoch(self) -> int:
+        return self.segments
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        if self.segment >= self.segments:
+            self.rowset, self.segment = self.rowset + 1, 0
+        rows, T, s = self._make(self.rowset), self.seq_len, self.segment
+        x, y = rows[:, s * T:(s + 1) * T], rows[:, s * T + 1:(s + 1) * T + 1]
+        self.segment += 1
+        return x.contiguous(), y.contiguous(), s == 0
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "kind": self.kind, "rowset": self.rowset, "segment": self.segment}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["seed"], state["kind"]) != (self.seed, self.kind):
+            raise ValueError(f"RetrievalStreamer state is for seed/kind {state['seed']}/{state['kind']}, "
+                             f"this one is {self.seed}/{self.kind}")
+        self.rowset, self.segment = int(state["rowset"]), int(state["segment"])

@@ -41,7 +41,7 @@ log = logging.getLogger("experiments.train")
 
 # config sections that must match for a checkpoint to be resumed (the data stream's shape too)
 _RESUME_MUST_MATCH = ("model", "precision", "data", "train.batch_size", "train.seq_len", "train.tbptt",
-                      "train.tbptt_segments", "train.seed")
+                      "train.tbptt_segments", "train.seed", "train.task")
 
 
 class NonFiniteError(RuntimeError):
@@ -287,13 +287,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log.error("sampling failed (%s: %s); the run's checkpoints and summary are unaffected",
                       type(e).__name__, e)
     writer.add_text("sample", "```\n" + sample + "\n```", step)
+    retrieval = _retrieval(run, t) if t["retrieval_eval"] else None
+    if retrieval:
+        for mode, accs in retrieval.items():
+            for d, acc in accs.items():
+                writer.add_scalar(f"retrieval_{mode}/d{d}", acc, step)
     writer.close()
+    import optim
+
     summary = {
         "steps": step, "val_loss": val["loss"], "val_bpc": val["bpc"],
         "best_val_loss": min(meta["best_val_loss"], val["loss"]), "best_val_bpc": min(meta["best_val_bpc"], val["bpc"]),
         "tokens": meta["tokens"], "tokens_per_s": meta["tokens"] / max(meta["train_s"], 1e-9),
         "wall_s": time.perf_counter() - t_start, "params": n_params, "policy": run.report.policy,
         "weight_format_bytes": run.report.total_format_bytes, "device": str(run.device),
+        "train_bytes_per_param": optim.memory_report(run.model, run.optimizer).total.resident_per_param,
+        # accuracy by distance with memory on (what ablate tabulates), and every control
+        "retrieval": retrieval["on"] if retrieval else None, "retrieval_controls": retrieval,
         "checkpoint": str(last_good_ckpt) if last_good_ckpt else None, "sample": sample,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -302,6 +312,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
           f"{summary['tokens_per_s']:,.0f} tokens/s, {summary['wall_s']:.0f} s in all\n"
           f"run directory: {run_dir}\n--- sample ---\n{sample}\n--------------")
     return summary
+
+
+def _retrieval(run: Run, t: dict) -> dict[str, dict[int, float]]:
+    """Retrieval accuracy by distance (data.retrieval: its first kind, distances, per_bucket, seed)
+    with memory on / off / shuffled, read in segments of train.seq_len."""
+    from .evaluate import memory_retrieval_accuracy
+
+    r = run.data.config.retrieval
+    res = memory_retrieval_accuracy(run.model, run.data.tokenizer, distances=list(r.distances), per_bucket=r.per_bucket,
+                                    device=run.device, segment=t["seq_len"], kind=r.kinds[0], seed=r.seed,
+                                    n_digits=r.n_digits, n_pairs=r.n_pairs, intro=r.intro,
+                                    filler=run.data.val_tokens if r.filler == "corpus" else None)
+    for mode, accs in res.items():
+        log.info("retrieval (%s, memory %s): %s", r.kinds[0], mode, ", ".join(f"d={d}: {a:.2f}" for d, a in accs.items()))
+    return res
 
 
 def _diagnose(run: Run, stepper: Stepper, telemetry, step: int, res, t: dict, last_good) -> str:

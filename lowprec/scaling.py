@@ -243,6 +243,12 @@ def quantize_large(x: torch.Tensor, fmt: Format, *, rounding="nearest", generato
 def fake_quant(x: torch.Tensor, fmt, *, rounding="nearest", generator=None, amax=None, out_dtype=torch.float32):
     """``Q(x)`` (quantize -> dequantize) in ``out_dtype``, splitting very large tensors."""
     fmt = get_format(fmt)
+    if not fmt.is_scaled and amax is None and x.numel() <= CHUNK_ELEMENTS:
+        # a plain cast (bf16, fp16, unscaled fp8/fp4): no groups and no unit scales to multiply
+        # by; the same rounding as quantize_dequantize (tested bit for bit)
+        check_input(x)
+        check_rounding(rounding)
+        return round_to_grid(x.to(torch.float32), fmt, rounding, generator).to(out_dtype)
     if x.numel() > CHUNK_ELEMENTS and fmt.scale != "nvfp4" and x.dim() > 0:
         check_input(x)
         check_rounding(rounding)

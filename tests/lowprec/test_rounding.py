@@ -90,3 +90,24 @@ def test_stochastic_quantize_reproducible_and_unbiased_end_to_end(name):
 def test_unknown_rounding():
     with pytest.raises(ValueError, match="unknown rounding 'up'.*nearest.*stochastic"):
         lowprec.quantize(torch.ones(3), "int8", rounding="up")
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_fake_quant_cast_path_matches_the_grouped_path_bit_for_bit(name, rounding):
+    """fake_quant skips groups and unit scales for unscaled formats; it must give exactly what
+    quantize_dequantize gives, over every bf16/fp16 bit pattern plus fp32 values around the
+    format's max (saturation), its subnormal range, +-0, +-inf and NaN."""
+    from lowprec.scaling import fake_quant, quantize_dequantize
+
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    x = x.view(torch.bfloat16 if name == "bf16" else torch.float16).float()
+    fmt = lowprec.format(name)
+    mx, tiny = fmt.max_value, 2.0 ** (fmt.min_normal_exp - fmt.man_bits)
+    extra = torch.tensor([mx, mx * 1.001, 3.4e38, -3.4e38, tiny * 0.3, tiny * 0.5, tiny * 0.7, -tiny * 1.5,
+                          0.0, -0.0, math.inf, -math.inf, math.nan])
+    x = torch.cat([x, extra, torch.randn(4096) * 1e3])
+    fast = fake_quant(x, fmt, rounding=rounding, generator=torch.Generator().manual_seed(3))
+    ref, _ = quantize_dequantize(x, fmt, rounding=rounding, generator=torch.Generator().manual_seed(3))
+    same = (fast.view(torch.int32) == ref.view(torch.int32)) | (fast.isnan() & ref.isnan())
+    assert bool(same.all()), x[~same][:8]
