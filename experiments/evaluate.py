@@ -11,6 +11,9 @@ controls, and the post-training-quantization baseline beside natively trained mo
   unquantized weights, e.g. ``precision=bf16``), quantized afterwards with NVIDIA ModelOpt
   (:mod:`experiments.ptq`), evaluated on the same windows.
 - ``compare``: other checkpoints (trained natively in a precision) evaluated on the same windows.
+- ``backend``: emulated | tensorcore | auto for every quantized layer of the checkpoint and the
+  compared ones (default: each run's own policy). Use ``emulated`` (or ``tensorcore``) on a GPU:
+  ``auto`` runs GEMMs below the FP8 break-even in plain bf16, i.e. unquantized.
 - ``retrieval``: accuracy by distance on ``kind`` (passkey or kv), each prompt read in segments
   of the run's ``train.seq_len`` with the state carried, scored as greedy decoding would answer;
   three controls: memory ``on``; ``off`` (the carried state is dropped before every segment: a
@@ -33,7 +36,9 @@ from .checkpoint import CheckpointManager, load_checkpoint
 from .loop import evaluate
 
 log = logging.getLogger(__name__)
-ARGS = {"checkpoint", "ptq", "compare", "retrieval", "kind", "distances", "per_bucket", "eval_batches", "device"}
+ARGS = {"checkpoint", "ptq", "compare", "retrieval", "kind", "distances", "per_bucket", "eval_batches", "device",
+        "backend"}
+BACKENDS = ("emulated", "tensorcore", "auto")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -50,9 +55,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_run(path: str | Path, device: str = "cpu", *, plain: bool = False):
+def load_run(path: str | Path, device: str = "cpu", *, plain: bool = False, backend: str | None = None):
     """(model, data, cfg) of a checkpoint. ``plain``: build the model without its precision policy
-    (plain nn.Linear/nn.Embedding) and load the float weights into it (for PTQ)."""
+    (plain nn.Linear/nn.Embedding) and load the float weights into it (for PTQ). ``backend``: run
+    every quantized layer on this GEMM backend instead of the policy's (``auto`` keeps small GEMMs
+    in plain bf16 on a GPU, which is not the precision the model was trained in; ``emulated`` is
+    exact everywhere)."""
     from hybrid import HybridConfig, HybridLM
 
     from .build import _model_config, _vocab_size, check_train
@@ -67,7 +75,13 @@ def load_run(path: str | Path, device: str = "cpu", *, plain: bool = False):
     if not plain:
         import lowprec
 
-        lowprec.apply_policy(model, lowprec.PrecisionPolicy.from_config(cfg.precision))
+        policy = OmegaConf.to_container(cfg.precision, resolve=True)
+        if backend is not None:
+            if backend not in BACKENDS:
+                raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+            extra = policy.get("override") or []
+            policy["override"] = [*(extra if isinstance(extra, list) else [extra]), {"match": "*", "backend": backend}]
+        lowprec.apply_policy(model, lowprec.PrecisionPolicy.from_config(policy))
         model.load_state_dict(payload["model"])
     else:
         state = {k: v for k, v in payload["model"].items() if k in model.state_dict()}
@@ -157,7 +171,10 @@ def main(argv=None) -> dict:
         raise SystemExit(f"usage: python -m experiments.evaluate checkpoint=PATH [key=value ...]; keys {sorted(ARGS)}"
                          + (f"; unknown {sorted(unknown)}" if unknown else ""))
     device = args.get("device", "cuda" if torch.cuda.is_available() else "cpu")
-    model, data, cfg = load_run(args.checkpoint, device)
+    backend = args.get("backend")
+    if backend is not None and backend not in BACKENDS:
+        raise SystemExit(f"unknown backend={backend!r}; choose one of {BACKENDS}")
+    model, data, cfg = load_run(args.checkpoint, device, backend=backend)
     B, T = int(cfg.train.batch_size), int(min(cfg.train.seq_len, model.cfg.window))
     windows = list(data.val_windows(B, T, int(args.get("eval_batches", 8))))
     rows = [("checkpoint", str(resolve_checkpoint(args.checkpoint)), cfg.precision.get("name", "?"),
@@ -169,7 +186,7 @@ def main(argv=None) -> dict:
         q = quantize_post_training(plain, recipe, [x.to(device) for x, _ in windows[:4]], forward=lambda m, b: m(b))
         rows.append(("post-training", f"{recipe} (ModelOpt) of the checkpoint", recipe, evaluate(q, windows, data.tokenizer, device)))
     for other in args.get("compare", []) or []:
-        m2, _, cfg2 = load_run(other, device)
+        m2, _, cfg2 = load_run(other, device, backend=backend)
         rows.append(("trained natively", str(resolve_checkpoint(other)), cfg2.precision.get("name", "?"),
                      evaluate(m2, windows, data.tokenizer, device)))
     result = {"rows": [{"kind": k, "what": w, "precision": p, **v} for k, w, p, v in rows]}

@@ -19,7 +19,11 @@ Backends (one mode per layer, chosen by :func:`plan_gemms`):
   with per-tensor or per-row scales. A weight's per-output-channel scale is applied to the output
   in fprop and folded into ``dy``'s columns in dgrad (exact). wgrad contracts over tokens, so its
   operands take per-tensor scales there. Other operands (block-scaled MX/NVFP4, FP4 activations,
-  int8) are quantized exactly and multiplied in bf16 — "emulated on tensor cores".
+  int8, fp16) are quantized exactly, then cast to bf16 and multiplied on bf16 tensor cores —
+  "emulated on tensor cores". The cast is exact for bf16, E2M1/E4M3 codes times a power-of-two
+  block scale (MX) and unscaled E2M1; it rounds once more (relative error <= 2^-9) for fp16
+  values, int8 codes times an fp32 scale, NVFP4 (E4M3 block scale times fp32 tensor scale) and
+  unquantized fp32 operands. Use ``emulated`` where that last rounding matters.
 - ``bf16``: no quantization at all (``auto`` keeps GEMMs too small for FP8 to pay off here).
 """
 

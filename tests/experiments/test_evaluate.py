@@ -53,3 +53,18 @@ def test_missing_checkpoint(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="no valid checkpoint"):
         resolve_checkpoint(tmp_path)
+
+
+def test_backend_override_and_bad_backend(bf16_run, tmp_path):
+    """backend= forces every quantized layer of the loaded runs onto one GEMM backend."""
+    from experiments.evaluate import load_run, main
+
+    fp8_run = tmp_path / "fp8"
+    _train(fp8_run, "precision=fp8")
+    model, _, _ = load_run(fp8_run, "cpu", backend="emulated")
+    qlayers = [m for m in model.modules() if hasattr(m, "precision") and m.precision.is_quantized]
+    assert qlayers and all(m.precision.backend == "emulated" for m in qlayers)
+    with pytest.raises(SystemExit, match=r"unknown backend='fast'; choose one of \('emulated', 'tensorcore', 'auto'\)"):
+        main([f"checkpoint={bf16_run}", "backend=fast"])
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        load_run(fp8_run, "cpu", backend="fast")

@@ -1,0 +1,134 @@
+"""Retrieval as a training task (RetrievalStreamer, train.task) and the memory on/off/shuffled scoring."""
+import pytest
+import torch
+from torch import nn
+
+from experiments.evaluate import memory_retrieval_accuracy
+from experiments.tasks import RetrievalStreamer
+from experiments.tokenizer import ByteTokenizer
+from hybrid import HybridState
+
+
+@pytest.fixture
+def tok():
+    return ByteTokenizer()
+
+
+def test_streamer_serves_each_prompt_as_k_segments_in_order(tok):
+    s = RetrievalStreamer(tok, batch_size=3, seq_len=64, segments=4, seed=7)
+    segs = [next(s) for _ in range(8)]
+    assert [r for _, _, r in segs] == [True, False, False, False] * 2  # a new prompt every 4 segments
+    for first in (0, 4):
+        x = torch.cat([segs[first + i][0] for i in range(4)], dim=1)
+        y = torch.cat([segs[first + i][1] for i in range(4)], dim=1)
+        assert x.shape == (3, 256) and torch.equal(x[:, 1:], y[:, :-1])  # one row, y = x shifted
+        for b in range(3):  # each row ends with the question and its answer
+            text = tok.decode(torch.cat([x[b], y[b, -1:]]).tolist())
+            key = text.split(" The pass key is ")[1][:5]
+            assert key.isdigit() and text.endswith("What is the pass key? The pass key is " + key)
+    assert not torch.equal(segs[0][0], segs[4][0])
+
+
+def test_streamer_is_deterministic_and_resumes_exactly(tok):
+    a = RetrievalStreamer(tok, 2, 64, 3, seed=1)
+    [next(a) for _ in range(4)]
+    b = RetrievalStreamer(tok, 2, 64, 3, seed=1)
+    b.load_state_dict(a.state_dict())
+    for _ in range(5):
+        xa, ya, ra = next(a)
+        xb, yb, rb = next(b)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and ra == rb
+    with pytest.raises(ValueError, match="seed/kind"):
+        RetrievalStreamer(tok, 2, 64, 3, seed=2).load_state_dict(a.state_dict())
+
+
+def test_streamer_bad_input(tok):
+    with pytest.raises(ValueError, match=r"total_len=33 is too short for a passkey row"):
+        RetrievalStreamer(tok, 2, 16, 2)
+    with pytest.raises(ValueError, match="unknown retrieval kind 'needle'"):
+        RetrievalStreamer(tok, 2, 64, 2, kind="needle")
+
+
+class InductionOracle(nn.Module):
+    """Predicts, at every position, the token that followed the latest earlier occurrence of the
+    last ``m`` tokens, searching everything it was shown: the current segment, plus the tokens
+    carried in the state (``pending`` holds the whole history). A perfect memory, so the scoring
+    must give 1 with memory on, 1 with it off only where the needle is in the answer's segment,
+    and 0 with another prompt's memory."""
+
+    def __init__(self, m: int = 16, vocab: int = 256):
+        super().__init__()
+        self.m, self.vocab = m, vocab
+
+    def forward(self, x, state=None):
+        hist = x if state is None else torch.cat([state.pending, x], dim=1)
+        B, T = x.shape
+        n0 = hist.shape[1] - T
+        logits = torch.zeros(B, T, self.vocab)
+        for b in range(B):
+            h = hist[b].tolist()
+            for t in range(T):
+                i = n0 + t
+                ctx = h[i - self.m + 1:i + 1]
+                nxt = 0
+                for s in range(i - 1, self.m - 2, -1):
+                    if h[s - self.m + 1:s + 1] == ctx:
+                        nxt = h[s + 1]
+                        break
+                logits[b, t, nxt] = 1.0
+        return logits, HybridState(pos=hist.shape[1], pending=hist)
+
+
+def test_memory_controls_with_a_perfect_memory(tok):
+    acc = memory_retrieval_accuracy(InductionOracle(), tok, distances=[60, 200], per_bucket=3, device="cpu",
+                                    segment=64)
+    assert acc["on"] == {60: 1.0, 200: 1.0}
+    # both distances put the needle in an earlier segment than the answer (d=60: a 76-token prompt,
+    # needle at 16, answer's segment from 64), so without the state or with another prompt's it fails
+    assert acc["off"] == {60: 0.0, 200: 0.0}
+    assert acc["shuffled"] == {60: 0.0, 200: 0.0}
+    short = memory_retrieval_accuracy(InductionOracle(), tok, distances=[60], per_bucket=2, device="cpu", segment=128)
+    assert short == {"on": {60: 1.0}, "off": {60: 1.0}, "shuffled": {60: 1.0}}  # one segment: no state involved
+    with pytest.raises(ValueError, match="per_bucket=1"):
+        memory_retrieval_accuracy(InductionOracle(), tok, distances=[60], per_bucket=1, device="cpu", segment=64)
+
+
+def test_train_task_config_errors():
+    from omegaconf import OmegaConf
+
+    from experiments.build import ConfigError, check_train
+    from hydra import compose, initialize_config_dir
+
+    from pathlib import Path
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "configs"), version_base=None):
+        cfg = compose("config")
+    t = OmegaConf.to_container(cfg.train, resolve=True)
+    assert check_train(OmegaConf.create(t))["task"] == "lm"
+    with pytest.raises(ConfigError, match=r"train.task='needle' is unknown; choose one of \('lm', 'passkey', 'kv'\)"):
+        check_train(OmegaConf.create({**t, "task": "needle"}))
+    with pytest.raises(ConfigError, match="train.task=passkey needs train.tbptt=true"):
+        check_train(OmegaConf.create({**t, "task": "passkey", "tbptt": False}))
+    with pytest.raises(ConfigError, match="train.retrieval_eval='yes' must be true or false"):
+        check_train(OmegaConf.create({**t, "retrieval_eval": "yes"}))
+
+
+def test_train_on_passkeys_scores_retrieval_into_the_summary(tmp_path):
+    """A real (tiny) run: train.task=passkey reads prompts in TBPTT segments; retrieval_eval puts the
+    accuracy by distance with every control into summary.json (and ablate's column)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cmd = [sys.executable, "-m", "experiments.train", "model=tiny", "model.window=32", "precision=bf16",
+           "train.task=passkey", "train.tbptt_segments=4", "train.steps=4", "train.eval_every=4",
+           "train.eval_batches=1", "train.sample_tokens=0", "optim.schedule.warmup_steps=1", "train.progress=false",
+           "train.retrieval_eval=true", "data.retrieval.distances=[64,100]", "data.retrieval.per_bucket=2",
+           f"hydra.run.dir={tmp_path}"]
+    subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], check=True, capture_output=True)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert set(s["retrieval_controls"]) == {"on", "off", "shuffled"}
+    assert all(set(v) == {"64", "100"} and all(0 <= a <= 1 for a in v.values()) for v in s["retrieval_controls"].values())
+    assert s["retrieval"] == s["retrieval_controls"]["on"]
+    assert s["train_bytes_per_param"] > 0
