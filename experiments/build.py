@@ -47,7 +47,8 @@ TRAIN_KEYS: dict[str, tuple] = {
     "sample_temperature": (float, ">= 0 (0: greedy)", lambda v: v >= 0),
 }
 _OTHER_TRAIN_KEYS = ("device", "threads", "compile", "tbptt", "loss_scale", "sample_prompt", "progress", "debug",
-                     "task", "retrieval_eval")
+                     "task", "task_loss", "retrieval_eval")
+TASK_LOSSES = ("all", "answer")  # train.task_loss: every token of a retrieval prompt, or its answer only
 TASKS = ("lm", "passkey", "kv")  # train.task: language modeling on the corpus, or a retrieval task
 SCALER_MODES = ("auto", "dynamic", "static", "none")
 NULLABLE = ("grad_clip",)
@@ -69,6 +70,9 @@ def check_train(train: DictConfig) -> dict[str, Any]:
             raise ConfigError(f"train.{key}={v!r} is invalid; it must be {rule}")
     t.setdefault("task", "lm")
     t.setdefault("retrieval_eval", False)
+    t.setdefault("task_loss", "all")
+    if t["task_loss"] not in TASK_LOSSES:
+        raise ConfigError(f"train.task_loss={t['task_loss']!r} is unknown; choose one of {TASK_LOSSES}")
     if t["task"] not in TASKS:
         raise ConfigError(f"train.task={t['task']!r} is unknown; choose one of {TASKS}")
     if t["task"] != "lm" and not t.get("tbptt"):
@@ -222,7 +226,7 @@ def build_run(cfg: DictConfig) -> Run:
         r = data_cfg.retrieval
         source = _stage("data", RetrievalStreamer, data.tokenizer, t["batch_size"], t["seq_len"], k, t["seed"],
                         kind=t["task"], filler=data.train_tokens if r.filler == "corpus" else None,
-                        n_digits=r.n_digits, n_pairs=r.n_pairs, intro=r.intro)
+                        answer_only=t["task_loss"] == "answer", n_digits=r.n_digits, n_pairs=r.n_pairs, intro=r.intro)
     elif t["tbptt"]:
         source = _stage("data", data.segments, t["batch_size"], t["seq_len"], t["seed"])
         if source.segments_per_epoch < k:
@@ -230,6 +234,16 @@ def build_run(cfg: DictConfig) -> Run:
                               f"{t['batch_size']}x{t['seq_len']} per epoch, fewer than train.tbptt_segments={k}")
     else:
         source = _stage("data", data.batcher, t["batch_size"], t["seq_len"], t["seed"])
+    if t["retrieval_eval"]:  # the end-of-run scoring's prompts must be buildable: fail now, not after training
+        from .tasks import retrieval_examples
+
+        r = data_cfg.retrieval
+        _stage("data.retrieval", retrieval_examples, data.tokenizer, r.kinds[0], distances=r.distances, per_bucket=1,
+               seed=r.seed, n_digits=r.n_digits, n_pairs=r.n_pairs, intro=r.intro,
+               filler=data.val_tokens if r.filler == "corpus" else None)
+        if r.per_bucket < 2:
+            raise ConfigError(f"data.retrieval.per_bucket={r.per_bucket}: train.retrieval_eval's shuffled control "
+                              "needs >= 2 prompts per distance")
     if t["tbptt"]:  # read in order with the state carried, as the model was trained
         from .data import SegmentStreamer
 

@@ -91,7 +91,10 @@ class Stepper:
         return [(x, y, True)]
 
     def _forward(self, batches, state) -> tuple[torch.Tensor, Any, int]:
-        total, count = None, 0
+        """(mean loss over the scored targets, state, tokens read). Targets of -100 (cross-entropy's
+        ignore_index: a retrieval task's non-answer tokens with train.task_loss=answer) are read
+        but not scored."""
+        total, count, scored = None, 0, 0
         for x, y, reset in batches:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             fwd = self.model if self.forward is None else self.forward
@@ -99,7 +102,8 @@ class Stepper:
             nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
             total = nats if total is None else total + nats
             count += y.numel()
-        return total / count, state, count
+            scored += int((y >= 0).sum()) if getattr(self.source, "answer_only", False) else y.numel()
+        return total / max(scored, 1), state, count
 
     def step(self) -> StepResult:
         t0 = time.perf_counter()

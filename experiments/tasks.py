@@ -323,12 +323,16 @@ class RetrievalStreamer:
     Yields ``(x, y, reset)``; ``reset`` is True on a row set's first segment (the carried state
     must be dropped: a new prompt starts). The needle's distance is drawn uniformly over what
     fits the row, so most needles sit in an earlier segment than the answer and only the carried
-    state (the memory) can bring them back. Row set ``r`` depends only on (seed, kind, r);
-    ``state_dict`` (row set, segment) resumes exactly. ``kwargs`` go to :func:`make_example`
-    (n_digits, n_pairs, intro)."""
+    state (the memory) can bring them back. ``answer_only``: every target but the answer's is
+    ``IGNORE`` (-100, cross-entropy's ignore_index), so the loss is the answer's alone. Row set
+    ``r`` depends only on (seed, kind, r); ``state_dict`` (row set, segment) resumes exactly.
+    ``kwargs`` go to :func:`make_example` (n_digits, n_pairs, intro)."""
+
+    IGNORE = -100
 
     def __init__(self, tokenizer: Tokenizer, batch_size: int, seq_len: int, segments: int, seed: int = 0, *,
-                 kind: str = "passkey", filler: Sequence[int] | torch.Tensor | None = None, **kwargs):
+                 kind: str = "passkey", filler: Sequence[int] | torch.Tensor | None = None,
+                 answer_only: bool = False, **kwargs):
         if kind not in TASKS:
             raise ValueError(f"unknown retrieval kind {kind!r}; choose from {TASKS}")
         if min(batch_size, seq_len, segments) < 1:
@@ -337,22 +341,27 @@ class RetrievalStreamer:
             filler = filler.reshape(-1).tolist()
         self.tokenizer, self.batch_size, self.seq_len, self.segments, self.seed = (
             tokenizer, batch_size, seq_len, segments, seed)
-        self.kind, self.filler, self.kwargs = kind, filler, kwargs
+        self.kind, self.filler, self.kwargs, self.answer_only = kind, filler, kwargs, answer_only
         self.rowset, self.segment = 0, 0
-        self._rows: tuple[int, torch.Tensor] | None = None
+        self._rows: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self._make(0)  # fail now (row too short for the task) rather than at the first step
 
-    def _make(self, r: int) -> torch.Tensor:
+    def _make(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows (B, L) of prompt + answer, targets (B, L - 1): the rows shifted by one)."""
         if self._rows is None or self._rows[0] != r:
             L = self.segments * self.seq_len + 1
             rows = torch.empty(self.batch_size, L, dtype=torch.int64)
+            targets = torch.empty(self.batch_size, L - 1, dtype=torch.int64)
             for b in range(self.batch_size):
                 rng = random.Random(f"retrieval-stream:{self.seed}:{self.kind}:{r}:{b}")
                 ex = make_example(self.kind, self.tokenizer, None, rng=rng, filler=self.filler, total_len=L,
                                   **self.kwargs)
                 rows[b] = torch.tensor(ex.prompt_ids + ex.answer_ids, dtype=torch.int64)
-            self._rows = (r, rows)
-        return self._rows[1]
+                targets[b] = rows[b, 1:]
+                if self.answer_only:
+                    targets[b, :len(ex.prompt_ids) - 1] = self.IGNORE
+            self._rows = (r, rows, targets)
+        return self._rows[1], self._rows[2]
 
     @property
     def segments_per_epoch(self) -> int:
@@ -364,8 +373,8 @@ class RetrievalStreamer:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
         if self.segment >= self.segments:
             self.rowset, self.segment = self.rowset + 1, 0
-        rows, T, s = self._make(self.rowset), self.seq_len, self.segment
-        x, y = rows[:, s * T:(s + 1) * T], rows[:, s * T + 1:(s + 1) * T + 1]
+        (rows, targets), T, s = self._make(self.rowset), self.seq_len, self.segment
+        x, y = rows[:, s * T:(s + 1) * T], targets[:, s * T:(s + 1) * T]
         self.segment += 1
         return x.contiguous(), y.contiguous(), s == 0
 

@@ -109,6 +109,8 @@ def test_train_task_config_errors():
         check_train(OmegaConf.create({**t, "task": "needle"}))
     with pytest.raises(ConfigError, match="train.task=passkey needs train.tbptt=true"):
         check_train(OmegaConf.create({**t, "task": "passkey", "tbptt": False}))
+    with pytest.raises(ConfigError, match=r"train.task_loss='tokens' is unknown; choose one of \('all', 'answer'\)"):
+        check_train(OmegaConf.create({**t, "task_loss": "tokens"}))
     with pytest.raises(ConfigError, match="train.retrieval_eval='yes' must be true or false"):
         check_train(OmegaConf.create({**t, "retrieval_eval": "yes"}))
 
@@ -132,3 +134,48 @@ def test_train_on_passkeys_scores_retrieval_into_the_summary(tmp_path):
     assert all(set(v) == {"64", "100"} and all(0 <= a <= 1 for a in v.values()) for v in s["retrieval_controls"].values())
     assert s["retrieval"] == s["retrieval_controls"]["on"]
     assert s["train_bytes_per_param"] > 0
+
+
+def test_retrieval_eval_bad_distances_fail_before_training(tmp_path):
+    """A distance too short for the prompt is refused when the run is built, not after training."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cmd = [sys.executable, "-m", "experiments.train", "model=tiny", "train.steps=2", "optim.schedule.warmup_steps=1", "train.retrieval_eval=true",
+           "data.retrieval.distances=[20]", "train.progress=false", f"hydra.run.dir={tmp_path}"]
+    r = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "data.retrieval: passkey distance 20 is shorter than the answer" in r.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_answer_only_targets_score_the_answer_alone(tok):
+    full = RetrievalStreamer(tok, 2, 64, 3, seed=4)
+    ans = RetrievalStreamer(tok, 2, 64, 3, seed=4, answer_only=True)
+    ys_full = torch.cat([next(full)[1] for _ in range(3)], dim=1)
+    ys_ans = torch.cat([next(ans)[1] for _ in range(3)], dim=1)
+    kept = ys_ans != RetrievalStreamer.IGNORE
+    # exactly the 5 answer digits (+ the leading space) at the end of each row stay, unchanged
+    assert kept.sum(1).tolist() == [6, 6] and bool(kept[:, -6:].all())
+    assert torch.equal(ys_ans[kept], ys_full[kept])
+    assert tok.decode(ys_ans[0, -6:].tolist()).strip().isdigit()
+
+
+def test_stepper_loss_is_the_mean_over_scored_targets(tok):
+    """With answer-only targets the step's loss is the mean cross-entropy of the answer tokens
+    (not diluted by the ignored ones), and the token count is still every token read."""
+    import torch.nn.functional as F
+
+    from experiments.loop import Stepper
+
+    class Uniform(nn.Module):  # logits that give log(256) nats on every target
+        def forward(self, x, state=None):
+            return torch.zeros(*x.shape, 256, requires_grad=True), HybridState()
+
+    src = RetrievalStreamer(tok, 2, 64, 3, seed=4, answer_only=True)
+    st = Stepper(Uniform(), None, None, None, src, tbptt=True, k=3)
+    loss, _, count = st._forward(st._next_batches(), None)
+    assert count == 2 * 3 * 64
+    # rel 1e-6: the same float32 log(256), summed over 12 targets in another order
+    assert float(loss.detach()) == pytest.approx(float(F.cross_entropy(torch.zeros(1, 256), torch.tensor([0]))), rel=1e-6)
