@@ -41,7 +41,7 @@ log = logging.getLogger("experiments.train")
 
 # config sections that must match for a checkpoint to be resumed (the data stream's shape too)
 _RESUME_MUST_MATCH = ("model", "precision", "data", "train.batch_size", "train.seq_len", "train.tbptt",
-                      "train.tbptt_segments", "train.seed", "train.task")
+                      "train.tbptt_segments", "train.seed", "train.task", "train.task_loss")
 
 
 class NonFiniteError(RuntimeError):
