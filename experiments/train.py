@@ -42,6 +42,8 @@ log = logging.getLogger("experiments.train")
 # config sections that must match for a checkpoint to be resumed (the data stream's shape too)
 _RESUME_MUST_MATCH = ("model", "precision", "data", "train.batch_size", "train.seq_len", "train.tbptt",
                       "train.tbptt_segments", "train.seed", "train.task", "train.task_loss")
+# what a checkpoint written before a key existed ran with
+_RESUME_DEFAULTS = {"train.task": "lm", "train.task_loss": "all"}
 
 
 class NonFiniteError(RuntimeError):
@@ -86,7 +88,11 @@ def _find_resume(resume, ckpts: CheckpointManager) -> tuple[Path, dict] | None:
 
 def _restore(run: Run, stepper: Stepper, path: Path, payload: dict, cfg_now: dict) -> int:
     saved = OmegaConf.to_container(OmegaConf.create(payload["config"]))
-    diff = [k for k in _RESUME_MUST_MATCH if _select(saved, k) != _select(cfg_now, k)]
+    def value(cfg, k):
+        v = _select(cfg, k)
+        return _RESUME_DEFAULTS.get(k) if v is None else v
+
+    diff = [k for k in _RESUME_MUST_MATCH if value(saved, k) != value(cfg_now, k)]
     if diff:
         raise ConfigError(f"checkpoint {str(path)!r} was written by a run whose {', '.join(diff)} "
                           "differ from this one's; resume with the same settings (see its config.yaml)")

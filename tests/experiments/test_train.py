@@ -246,3 +246,25 @@ def test_cli_bad_input_is_one_clear_line(corpus, tmp_path):
     res = _run_cli("model=huge", f"hydra.run.dir={tmp_path / 'run'}", timeout=60)
     assert res.returncode != 0
     assert "Could not find 'model/huge'" in res.stderr and "small" in res.stderr and "tiny" in res.stderr
+
+
+def test_resume_a_checkpoint_written_before_train_task_existed(corpus, tmp_path):
+    """A checkpoint whose saved config has no train.task / train.task_loss ran the corpus (lm, all):
+    it resumes; one saved with another task is refused."""
+    from omegaconf import OmegaConf
+
+    from experiments.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    train(_cfg(corpus, run, "train.steps=6", "train.sample_tokens=0"))
+    path = CheckpointManager(run / "checkpoints").checkpoints()[-1][1]
+    payload = load_checkpoint(path)
+    old = OmegaConf.create(payload["config"])
+    del old.train["task"], old.train["task_loss"]
+    save_checkpoint(path, dict(payload, config=OmegaConf.to_yaml(old)))
+    assert train(_cfg(corpus, run, "train.steps=8", "train.sample_tokens=0"))["steps"] == 8
+    other = OmegaConf.create(payload["config"])
+    other.train.task_loss = "answer"
+    save_checkpoint(path, dict(payload, config=OmegaConf.to_yaml(other)))
+    with pytest.raises(ConfigError, match="train.task_loss"):
+        train(_cfg(corpus, tmp_path / "run2", f"resume={path}", "train.steps=8", "train.sample_tokens=0"))
