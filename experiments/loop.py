@@ -94,16 +94,15 @@ class Stepper:
         """(mean loss over the scored targets, state, tokens read). Targets of -100 (cross-entropy's
         ignore_index: a retrieval task's non-answer tokens with train.task_loss=answer) are read
         but not scored."""
-        total, count, scored = None, 0, 0
+        total, scored, count = 0, 0, 0
         for x, y, reset in batches:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             fwd = self.model if self.forward is None else self.forward
             logits, state = fwd(x, None if reset else state)
-            nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-            total = nats if total is None else total + nats
+            total = total + F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+            scored = scored + (y >= 0).sum()  # a tensor: no device sync
             count += y.numel()
-            scored += int((y >= 0).sum()) if getattr(self.source, "answer_only", False) else y.numel()
-        return total / max(scored, 1), state, count
+        return total / scored.clamp(min=1), state, count
 
     def step(self) -> StepResult:
         t0 = time.perf_counter()

@@ -21,6 +21,7 @@ version), and later constructions load it.
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import math
 import os
@@ -42,20 +43,22 @@ TOKENIZERS = ("bytes", "bpe")
 BPE_VERSION = 1
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """Common interface: text ↔ ids, and the byte string each id stands for."""
 
     name: str
     vocab_size: int
 
+    @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """The ids of ``text``."""
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
+    @abc.abstractmethod
     def token_bytes(self, token_id: int) -> bytes:
-        raise NotImplementedError
+        """The bytes token ``token_id`` stands for."""
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``; a cut through a multi-byte character decodes to U+FFFD."""
