@@ -238,9 +238,11 @@ def build_run(cfg: DictConfig) -> Run:
         from .tasks import retrieval_examples
 
         r = data_cfg.retrieval
+        # a run trained on a retrieval task is scored on prompts as long as its rows: distances must fit them
+        row = {} if t["task"] == "lm" else {"total_len": k * t["seq_len"] + 1}
         _stage("data.retrieval", retrieval_examples, data.tokenizer, r.kinds[0], distances=r.distances, per_bucket=1,
                seed=r.seed, n_digits=r.n_digits, n_pairs=r.n_pairs, intro=r.intro,
-               filler=data.val_tokens if r.filler == "corpus" else None)
+               filler=data.val_tokens if r.filler == "corpus" else None, **row)
         if r.per_bucket < 2:
             raise ConfigError(f"data.retrieval.per_bucket={r.per_bucket}: train.retrieval_eval's shuffled control "
                               "needs >= 2 prompts per distance")

@@ -6,11 +6,13 @@ controls, and the post-training-quantization baseline beside natively trained mo
     python -m experiments.evaluate checkpoint=RUN retrieval=true distances=[64,256,1024] per_bucket=10
 
 ``checkpoint``: a checkpoint file or a run directory (its newest valid checkpoint).
-- Validation: independent windows of the validation split (``eval_batches`` x the run's batch).
+- Validation: read as the run was validated while training: for a TBPTT run the first
+  ``eval_batches`` segments of the run's batch of validation streams, state carried (the same
+  numbers as its TensorBoard ``val/loss``); otherwise ``eval_batches`` independent windows.
 - ``ptq``: the checkpoint's model rebuilt with plain float layers (it must have been trained with
   unquantized weights, e.g. ``precision=bf16``), quantized afterwards with NVIDIA ModelOpt
-  (:mod:`experiments.ptq`), evaluated on the same windows.
-- ``compare``: other checkpoints (trained natively in a precision) evaluated on the same windows.
+  (:mod:`experiments.ptq`, calibrated on the first 4 validation batches), evaluated on the same data.
+- ``compare``: other checkpoints (trained natively in a precision) evaluated on the same data.
 - ``backend``: emulated | tensorcore | auto for every quantized layer of the checkpoint and the
   compared ones (default: each run's own policy). Use ``emulated`` (or ``tensorcore``) on a GPU:
   ``auto`` runs GEMMs below the FP8 break-even in plain bf16, i.e. unquantized.
@@ -33,7 +35,7 @@ import torch
 from omegaconf import OmegaConf
 
 from .checkpoint import CheckpointManager, load_checkpoint
-from .loop import evaluate
+from .loop import evaluate, evaluate_stream
 
 log = logging.getLogger(__name__)
 ARGS = {"checkpoint", "ptq", "compare", "retrieval", "kind", "distances", "per_bucket", "eval_batches", "device",
@@ -119,7 +121,8 @@ CONTROLS = ("on", "off", "shuffled")
 
 @torch.no_grad()
 def memory_retrieval_accuracy(model, tokenizer, *, distances, per_bucket: int, device, segment: int,
-                              kind: str = "passkey", seed: int = 0, **example_kwargs) -> dict[str, dict[int, float]]:
+                              kind: str = "passkey", seed: int = 0, row_len: int | None = None,
+                              **example_kwargs) -> dict[str, dict[int, float]]:
     """{control: {distance: accuracy}} for a retrieval task with memory ``on`` / ``off`` / ``shuffled``.
 
     Each prompt is read ``segment`` tokens at a time (the training segment length: self-attention
@@ -130,11 +133,19 @@ def memory_retrieval_accuracy(model, tokenizer, *, distances, per_bucket: int, d
     at ``cut``. Controls: ``on`` carries the state; ``off`` drops it before every segment (a
     windowed model); ``shuffled`` carries into the segment at ``cut`` the state another prompt of
     the same distance bucket left there (prompts of a bucket are scored as one batch, the state
-    rolled by one row), so only what the memory holds about THIS prompt can help."""
+    rolled by one row), so only what the memory holds about THIS prompt can help.
+
+    ``row_len``: every prompt + answer is exactly this long (filler before the needle makes up the
+    rest), as the rows of a retrieval training task are: a model trained on such rows has only
+    seen the question at their end (in the last segment, at the same in-segment positions), so
+    shorter prompts would score it on positions it never answered at. None: the prompts are as
+    short as the distance allows (a model trained on running text)."""
     from .tasks import retrieval_examples
 
     if per_bucket < 2:
         raise ValueError(f"per_bucket={per_bucket}: the shuffled control needs >= 2 prompts per distance")
+    if row_len is not None:
+        example_kwargs["total_len"] = row_len
     examples = retrieval_examples(tokenizer, kind, distances=distances, per_bucket=per_bucket, seed=seed,
                                   **example_kwargs)
     groups: dict[tuple[int, int], list] = {}
@@ -164,6 +175,13 @@ def memory_retrieval_accuracy(model, tokenizer, *, distances, per_bucket: int, d
     return {m: {d: sum(v) / len(v) for d, v in sorted(h.items())} for m, h in hits.items()}
 
 
+def _row_len(train) -> int | None:
+    """Prompt + answer length of a retrieval task's training rows (None for a language model)."""
+    if train.get("task", "lm") == "lm":
+        return None
+    return int(train.tbptt_segments) * int(train.seq_len) + 1
+
+
 def main(argv=None) -> dict:
     args = OmegaConf.from_dotlist(list(sys.argv[1:] if argv is None else argv))
     unknown = set(args) - ARGS
@@ -176,24 +194,37 @@ def main(argv=None) -> dict:
         raise SystemExit(f"unknown backend={backend!r}; choose one of {BACKENDS}")
     model, data, cfg = load_run(args.checkpoint, device, backend=backend)
     B, T = int(cfg.train.batch_size), int(min(cfg.train.seq_len, model.cfg.window))
-    windows = list(data.val_windows(B, T, int(args.get("eval_batches", 8))))
-    rows = [("checkpoint", str(resolve_checkpoint(args.checkpoint)), cfg.precision.get("name", "?"),
-             evaluate(model, windows, data.tokenizer, device))]
+    n_batches = int(args.get("eval_batches", cfg.train.eval_batches))
+    if cfg.train.get("tbptt", True):  # as the run validated itself: streams, state carried
+        from .data import SegmentStreamer
+
+        def streamer():
+            return SegmentStreamer(data.val_tokens, B, T, int(cfg.train.seed))
+
+        n_batches = min(n_batches, streamer().segments_per_epoch)
+        first = streamer()
+        calibration = [next(first)[0] for _ in range(min(4, n_batches))]
+        score = lambda m: evaluate_stream(m, streamer(), n_batches, data.tokenizer, device)  # noqa: E731
+    else:
+        windows = list(data.val_windows(B, T, n_batches))
+        calibration = [x for x, _ in windows[:4]]
+        score = lambda m: evaluate(m, windows, data.tokenizer, device)  # noqa: E731
+    rows = [("checkpoint", str(resolve_checkpoint(args.checkpoint)), cfg.precision.get("name", "?"), score(model))]
     for recipe in args.get("ptq", []) or []:
         from .ptq import quantize_post_training
 
         plain, _, _ = load_run(args.checkpoint, device, plain=True)
-        q = quantize_post_training(plain, recipe, [x.to(device) for x, _ in windows[:4]], forward=lambda m, b: m(b))
-        rows.append(("post-training", f"{recipe} (ModelOpt) of the checkpoint", recipe, evaluate(q, windows, data.tokenizer, device)))
+        q = quantize_post_training(plain, recipe, [x.to(device) for x in calibration], forward=lambda m, b: m(b))
+        rows.append(("post-training", f"{recipe} (ModelOpt) of the checkpoint", recipe, score(q)))
     for other in args.get("compare", []) or []:
         m2, _, cfg2 = load_run(other, device, backend=backend)
-        rows.append(("trained natively", str(resolve_checkpoint(other)), cfg2.precision.get("name", "?"),
-                     evaluate(m2, windows, data.tokenizer, device)))
+        rows.append(("trained natively", str(resolve_checkpoint(other)), cfg2.precision.get("name", "?"), score(m2)))
     result = {"rows": [{"kind": k, "what": w, "precision": p, **v} for k, w, p, v in rows]}
     if args.get("retrieval"):
         result["retrieval"] = memory_retrieval_accuracy(
             model, data.tokenizer, distances=list(args.get("distances", [64, 256, 1024])),
-            per_bucket=int(args.get("per_bucket", 5)), device=device, segment=T, kind=str(args.get("kind", "passkey")))
+            per_bucket=int(args.get("per_bucket", 5)), device=device, segment=T, kind=str(args.get("kind", "passkey")),
+            row_len=_row_len(cfg.train))
     md = ["| kind | model | precision | val loss (nats/token) | bits/char |", "|---|---|---|---|---|"]
     md += [f"| {r['kind']} | {r['what']} | {r['precision']} | {r['loss']:.4f} | {r['bpc']:.4f} |" for r in result["rows"]]
     if "retrieval" in result:

@@ -149,6 +149,29 @@ def _write_report(run: Run, run_dir: Path, with_memory: bool) -> bool:
     return with_memory
 
 
+def _init_from(run: Run, source) -> Path:
+    """Load the model weights of checkpoint ``source`` (a file or a run directory) into ``run.model``;
+    ``ConfigError`` naming what differs when the model or its precision does not match."""
+    from .evaluate import resolve_checkpoint
+
+    try:
+        path = resolve_checkpoint(str(source))
+    except FileNotFoundError as e:
+        raise ConfigError(f"init_from: {e}") from None
+    theirs = load_checkpoint(path)["model"]
+    ours = run.model.state_dict()
+    missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+    shapes = sorted(k for k in set(ours) & set(theirs) if isinstance(ours[k], torch.Tensor)
+                    and tuple(ours[k].shape) != tuple(theirs[k].shape))
+    if missing or extra or shapes:
+        what = "; ".join(f"{name} {keys[:3]}{'...' if len(keys) > 3 else ''}" for name, keys in
+                         (("missing", missing), ("unexpected", extra), ("shape differs", shapes)) if keys)
+        raise ConfigError(f"init_from={str(source)!r}: {path.name} does not fit this model ({what}); "
+                          "give a checkpoint of the same model and precision (see its config.yaml)")
+    run.model.load_state_dict(theirs)
+    return path
+
+
 def _validate(run: Run) -> dict[str, float]:
     """Validation loss and bits/char: streams with carried state after TBPTT training (the first
     ``eval_batches`` segments of each), else ``eval_batches`` batches of fresh windows."""
@@ -189,6 +212,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         start = _restore(run, stepper, *found, cfg_now)
         meta.update(found[1].get("meta", {}))
         log.info("resumed from %s at step %d", found[0], start)
+    elif cfg.get("init_from"):
+        log.info("model weights from %s (init_from); optimizer, schedule and data start fresh",
+                 _init_from(run, cfg.init_from))
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg_yaml)
@@ -223,7 +249,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     telemetry = lowprec.Telemetry(run.model)
     debug = t.get("debug") or {}
     last_good_ckpt = ckpts.checkpoints()[-1][1] if ckpts.checkpoints() else None
-    val = None
+    val = retrieval = None
     bar = tqdm(total=t["steps"], initial=start, disable=not t["progress"], dynamic_ncols=True,
                file=sys.stderr, unit="step", mininterval=1.0)
     ema, window_tokens, window_s, report_done = None, 0, 0.0, start > 0
@@ -270,6 +296,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     meta["best_val_loss"] = min(meta["best_val_loss"], val["loss"])
                     meta["best_val_bpc"] = min(meta["best_val_bpc"], val["bpc"])
                     log.info("step %d: val loss %.4f nats/token, %.4f bits/char", step, val["loss"], val["bpc"])
+                    if t["retrieval_eval"]:  # accuracy along training, not only at the end
+                        retrieval = _retrieval(run, t)
+                        for mode, accs in retrieval.items():
+                            for d, acc in accs.items():
+                                writer.add_scalar(f"retrieval_{mode}/d{d}", acc, step)
                 if (step % t["ckpt_every"] == 0 or step == t["steps"]) and run.scaler.consecutive_bad == 0:
                     last_good_ckpt = ckpts.save(step, _checkpoint_payload(run, stepper, step, cfg_yaml, meta))
                 bar.update(1)
@@ -293,11 +324,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log.error("sampling failed (%s: %s); the run's checkpoints and summary are unaffected",
                       type(e).__name__, e)
     writer.add_text("sample", "```\n" + sample + "\n```", step)
-    retrieval = _retrieval(run, t) if t["retrieval_eval"] else None
-    if retrieval:
-        for mode, accs in retrieval.items():
-            for d, acc in accs.items():
-                writer.add_scalar(f"retrieval_{mode}/d{d}", acc, step)
+    if t["retrieval_eval"] and retrieval is None:  # resumed a finished run
+        retrieval = _retrieval(run, t)
     writer.close()
     import optim
 
@@ -322,12 +350,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _retrieval(run: Run, t: dict) -> dict[str, dict[int, float]]:
     """Retrieval accuracy by distance (data.retrieval: its first kind, distances, per_bucket, seed)
-    with memory on / off / shuffled, read in segments of train.seq_len."""
+    with memory on / off / shuffled, read in segments of train.seq_len; a run trained on a retrieval
+    task is scored on prompts of its training rows' length."""
     from .evaluate import memory_retrieval_accuracy
 
     r = run.data.config.retrieval
+    row_len = None if t["task"] == "lm" else t["tbptt_segments"] * t["seq_len"] + 1  # as the training rows
     res = memory_retrieval_accuracy(run.model, run.data.tokenizer, distances=list(r.distances), per_bucket=r.per_bucket,
-                                    device=run.device, segment=t["seq_len"], kind=r.kinds[0], seed=r.seed,
+                                    device=run.device, segment=t["seq_len"], kind=r.kinds[0], seed=r.seed, row_len=row_len,
                                     n_digits=r.n_digits, n_pairs=r.n_pairs, intro=r.intro,
                                     filler=run.data.val_tokens if r.filler == "corpus" else None)
     for mode, accs in res.items():

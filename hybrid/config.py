@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 RNN_MODES = ("stream", "chunked")
+CHUNK_POOLS = ("last", "mean")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class HybridConfig:
     compressor_hidden: int | None = None
     xattn_heads: int = 4
     max_memory: int = 64
+    # a chunk's summary (chunked mode): the top LSTM output at its last token, or the mean over its tokens
+    chunk_pool: str = "last"
+    rnn_forget_bias: float = 1.0  # initial LSTM forget-gate bias (sigma(b): the share of c kept per step)
     # training
     tbptt_segments: int = 2
     dropout: float = 0.0
@@ -100,6 +104,11 @@ class HybridConfig:
                      f"(rule: a full segment holds a whole number of chunks)")
             if not isinstance(self.rnn_layers, int) or self.rnn_layers < 1:
                 fail(f"rnn_layers={self.rnn_layers!r} must be >= 1 when memory is on")
+        if self.chunk_pool not in CHUNK_POOLS:
+            fail(f"unknown chunk_pool {self.chunk_pool!r}; choose one of {', '.join(CHUNK_POOLS)}")
+        if self.chunk_pool == "mean" and self.rnn_mode != "chunked":
+            fail(f"chunk_pool='mean' needs rnn_mode='chunked' (in stream mode a chunk's tokens may span "
+                 f"segments; its summary is the output at its last token); got rnn_mode={self.rnn_mode!r}")
         if self.compressor_hidden is None:
             object.__setattr__(self, "compressor_hidden", d // 2)
         if self.compressor_hidden < 1:

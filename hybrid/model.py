@@ -46,7 +46,7 @@ class HybridLM(nn.Module):
         })
         self.drop = nn.Dropout(cfg.dropout)
         if cfg.memory:
-            self.rnn = RNNMemory(d, cfg.rnn_layers, cfg.chunk, cfg.compressor_hidden, cfg.norm_eps)
+            self.rnn = RNNMemory(d, cfg.rnn_layers, cfg.chunk, cfg.compressor_hidden, cfg.norm_eps, cfg.chunk_pool)
             self.fusion = Fusion(d, cfg.xattn_heads, cfg.chunk, cfg.max_memory, cfg.norm_eps)
         self.blocks = nn.ModuleList(
             Block(d, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.dropout, cfg.norm_eps)
@@ -59,7 +59,7 @@ class HybridLM(nn.Module):
     def reset_parameters(self) -> None:
         """GPT-2 style init: N(0, init_std) for matrices, residual outputs scaled by 1/√(2·n_blocks);
         the memory path (compressor, cross-attention, gate) N(0, 1/fan_in); LSTM matrices U(±1/√d)
-        as torch.nn.LSTM, forget-gate bias 1 (remember by default).
+        as torch.nn.LSTM, forget-gate bias `rnn_forget_bias` (default 1: remember by default).
 
         Whole-tensor initializers only: on the meta device they cost nothing.
         """
@@ -84,7 +84,7 @@ class HybridLM(nn.Module):
                 nn.init.uniform_(layer.ih.weight, -bound, bound)
                 nn.init.uniform_(layer.hh.weight, -bound, bound)
                 nn.init.zeros_(layer.ih.bias)
-                layer.ih.bias[cfg.d_model:2 * cfg.d_model].fill_(1.0)
+                layer.ih.bias[cfg.d_model:2 * cfg.d_model].fill_(cfg.rnn_forget_bias)
         if cfg.tie_embeddings:
             self.head.weight = self.embed["tok"].weight
 

@@ -37,7 +37,9 @@ Two modes produce the memory vectors (`RNNMemory.stream` / `RNNMemory.chunked`):
   and segments; chunk j's summary is the top layer's output at the chunk's last token.
 - `chunked`: every chunk is encoded by the SAME stack from a zero state, all chunks of the
   segment batched together (C sequential steps instead of T); its summary is the top output at
-  its last token. The SAME stack (same weights) then recurs over the chunk summaries with the
+  its last token (`pool="last"`) or the mean of the top outputs over its C tokens (`pool="mean"`:
+  every token reaches the summary directly, so what the chunk said early is not left to survive
+  C forget gates; same parameters). The SAME stack (same weights) then recurs over the chunk summaries with the
   state carried across chunks and segments (T/C steps). Sequential steps per segment: C + T/C
   instead of T (64 + 2048 vs 131072 for the paper's largest window). Same parameters as `stream`.
 """
@@ -87,9 +89,11 @@ class Compressor(nn.Module):
 class RNNMemory(nn.Module):
     """`lstm` (ModuleList of `LSTMLayer`) + `compressor`; turns token embeddings into chunk vectors."""
 
-    def __init__(self, d: int, n_layers: int, chunk: int, hidden: int, eps: float = 1e-5):
+    def __init__(self, d: int, n_layers: int, chunk: int, hidden: int, eps: float = 1e-5, pool: str = "last"):
         super().__init__()
-        self.chunk = chunk
+        if pool not in ("last", "mean"):
+            raise ValueError(f"unknown chunk pool {pool!r}; choose 'last' or 'mean'")
+        self.chunk, self.pool = chunk, pool
         self.lstm = nn.ModuleList(LSTMLayer(d, eps) for _ in range(n_layers))
         self.compressor = Compressor(d, hidden)
 
@@ -137,6 +141,6 @@ class RNNMemory(nn.Module):
         xs = e.reshape(B * K, C, d)  # chunks are independent: batch them
         h0, c0 = self.zero_state(xs)
         y, _, _ = self.run_stack(xs, h0, c0)
-        summaries = y[:, -1].reshape(B, K, d)
+        summaries = (y[:, -1] if self.pool == "last" else y.mean(dim=1)).reshape(B, K, d)
         z, h, c = self.run_stack(summaries, h, c)  # the same stack recurs over the chunk summaries
         return self.compressor(z), h, c

@@ -40,6 +40,19 @@ def test_evaluate_ptq_and_retrieval(bf16_run):
     assert (bf16_run / "evaluation.md").read_text().count("|") > 10
 
 
+def test_validation_reads_like_the_training_run(bf16_run):
+    """A TBPTT run's checkpoint is validated on the same streams, state carried, as during training:
+    evaluate's loss is the run's own final validation loss (summary.json), to float rounding
+    (both sum the same cross-entropies; 1e-6 relative covers a different summation order)."""
+    import json
+
+    from experiments.evaluate import main
+
+    res = main([f"checkpoint={bf16_run}", "device=cpu"])  # eval_batches: the run's own (1)
+    summary = json.loads((bf16_run / "summary.json").read_text())
+    assert res["rows"][0]["loss"] == pytest.approx(summary["val_loss"], rel=1e-6)
+
+
 def test_ptq_refuses_a_natively_quantized_checkpoint(tmp_path):
     from experiments.evaluate import load_run
 

@@ -93,6 +93,19 @@ def test_memory_controls_with_a_perfect_memory(tok):
         memory_retrieval_accuracy(InductionOracle(), tok, distances=[60], per_bucket=1, device="cpu", segment=64)
 
 
+def test_prompts_as_long_as_the_training_rows(tok):
+    """row_len: prompt + answer fill a training row (2 x 128 + 1 tokens), so the question sits at
+    the end of the last segment as in training; d=60 then puts the needle in the answer's segment
+    (the windowed control answers it; with the short 76-token prompt above the answer's segment
+    would be the first one) and d=200 in the first segment, where only the memory reaches it."""
+    acc = memory_retrieval_accuracy(InductionOracle(), tok, distances=[60, 200], per_bucket=3, device="cpu",
+                                    segment=128, row_len=2 * 128 + 1)
+    assert acc == {"on": {60: 1.0, 200: 1.0}, "off": {60: 1.0, 200: 0.0}, "shuffled": {60: 1.0, 200: 0.0}}
+    with pytest.raises(ValueError, match="cannot hold a passkey needle at distance 300"):
+        memory_retrieval_accuracy(InductionOracle(), tok, distances=[300], per_bucket=2, device="cpu",
+                                  segment=128, row_len=2 * 128 + 1)
+
+
 def test_train_task_config_errors():
     from omegaconf import OmegaConf
 
@@ -147,6 +160,13 @@ def test_retrieval_eval_bad_distances_fail_before_training(tmp_path):
     r = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True)
     assert r.returncode == 2
     assert "data.retrieval: passkey distance 20 is shorter than the answer" in r.stderr
+    assert not (tmp_path / "checkpoints").exists()
+    # trained on passkey rows of 2 x 64 + 1 tokens, it is scored on prompts that long: d=200 cannot fit
+    r = subprocess.run([*cmd[:-2], "train.task=passkey", "train.tbptt_segments=2", "train.seq_len=64", "model.window=64",
+                        "model.max_window=64", "data.retrieval.distances=[200]", f"hydra.run.dir={tmp_path}"],
+                       cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "data.retrieval: total_len=129 cannot hold a passkey needle at distance 200" in r.stderr, r.stderr[-400:]
     assert not (tmp_path / "checkpoints").exists()
 
 

@@ -268,3 +268,37 @@ def test_resume_a_checkpoint_written_before_train_task_existed(corpus, tmp_path)
     save_checkpoint(path, dict(payload, config=OmegaConf.to_yaml(other)))
     with pytest.raises(ConfigError, match="train.task_loss"):
         train(_cfg(corpus, tmp_path / "run2", f"resume={path}", "train.steps=8", "train.sample_tokens=0"))
+
+
+# --------------------------------------------------------------------------------- init_from
+
+def test_init_from_starts_a_fresh_run_from_the_weights(corpus, tmp_path):
+    """init_from loads the model weights only: with lr=0 the new run's weights stay exactly the
+    source's (so they were loaded, all of them), and it counts its own steps from 1."""
+    a = tmp_path / "a"
+    train(_cfg(corpus, a, "train.steps=6", "train.sample_tokens=0"))
+    b = tmp_path / "b"
+    summary = train(_cfg(corpus, b, "train.steps=2", "optim.schedule.warmup_steps=0", "train.sample_tokens=0",
+                         "train.ckpt_every=2", "optim.lr=0.0", "optim.weight_decay=0.0", f"init_from={a}"))
+    assert summary["steps"] == 2
+    pa = _params(load_checkpoint(a / "checkpoints" / "ckpt-00000006.pt")["model"])
+    pb = _params(load_checkpoint(b / "checkpoints" / "ckpt-00000002.pt")["model"])
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+    # a fresh start from the same seed differs from the source: the weights came from init_from
+    c = tmp_path / "c"
+    train(_cfg(corpus, c, "train.steps=2", "optim.schedule.warmup_steps=0", "train.sample_tokens=0", "train.ckpt_every=2",
+               "optim.lr=0.0", "optim.weight_decay=0.0"))
+    pc = _params(load_checkpoint(c / "checkpoints" / "ckpt-00000002.pt")["model"])
+    assert any(not torch.equal(pa[k], pc[k]) for k in pa)
+
+
+def test_init_from_refuses_another_model_or_a_missing_path(corpus, tmp_path):
+    a = tmp_path / "a"
+    train(_cfg(corpus, a, "train.steps=2", "optim.schedule.warmup_steps=0", "train.sample_tokens=0", "train.ckpt_every=2"))
+    with pytest.raises(ConfigError, match=r"init_from=.*does not fit this model \(shape differs \['blocks.0.ffn"):
+        train(_cfg(corpus, tmp_path / "b", "model.d_ff=64", f"init_from={a}"))
+    with pytest.raises(ConfigError, match=r"init_from: checkpoint .*nowhere.* does not exist"):
+        train(_cfg(corpus, tmp_path / "c", f"init_from={tmp_path / 'nowhere'}"))
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()  # refused before writing

@@ -21,6 +21,8 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
     (dict(rnn_layers=0), ["rnn_layers=0"]),
     (dict(window=0), ["window=0"]),
     (dict(dropout=1.0), ["dropout=1.0"]),
+    (dict(rnn_mode="chunked", chunk_pool="max"), ["'max'", "last", "mean"]),
+    (dict(rnn_mode="stream", chunk_pool="mean"), ["chunk_pool='mean'", "rnn_mode='chunked'", "'stream'"]),
 ])
 def test_bad_config_names_value_and_rule(changes, words):
     with pytest.raises(ValueError) as e:

@@ -108,3 +108,29 @@ def test_stream_mode_accepts_segments_shorter_than_a_chunk():
     # one token at a time, attention sees only the current segment: not the same logits as the
     # full window, but the memory bank advances (and the first token is identical)
     assert torch.allclose(outs[0], full[:, :1], atol=1e-6)
+
+
+def test_mean_pooled_chunk_summaries_and_forget_bias():
+    """chunk_pool='mean': a chunk's summary is the mean of the top LSTM outputs over its tokens
+    (rebuilt here by hand from the same layers), not the output at its last token; the forget-gate
+    bias starts at rnn_forget_bias. Same parameters either way."""
+    torch.manual_seed(0)
+    cfg = preset("tiny").replace(rnn_mode="chunked", chunk_pool="mean", rnn_forget_bias=3.0)
+    model = HybridLM(cfg).double()
+    d, C = cfg.d_model, cfg.chunk
+    for layer in model.rnn.lstm:
+        assert torch.equal(layer.ih.bias[d:2 * d], torch.full((d,), 3.0, dtype=torch.float64))
+        assert torch.equal(layer.ih.bias[:d], torch.zeros(d, dtype=torch.float64))
+    x = torch.randint(0, cfg.vocab_size, (2, 3 * C))
+    _, state = model(x)
+    e = model.embed["tok"](x).reshape(2 * 3, C, d)
+    h0, c0 = model.rnn.zero_state(e)
+    y, _, _ = model.rnn.run_stack(e, h0, c0)
+    s = y.mean(dim=1).reshape(2, 3, d)
+    h1, c1 = model.rnn.zero_state(s)
+    z, _, _ = model.rnn.run_stack(s, h1, c1)
+    # same ops in the same order in float64: equal to rounding (1e-12, far below any real difference)
+    torch.testing.assert_close(state.memory, model.rnn.compressor(z), rtol=0, atol=1e-12)
+    last = HybridLM(cfg.replace(chunk_pool="last")).double()
+    last.load_state_dict(model.state_dict())  # same parameters, another summary
+    assert not torch.allclose(last(x)[1].memory, state.memory)
