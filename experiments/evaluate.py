@@ -175,13 +175,6 @@ def memory_retrieval_accuracy(model, tokenizer, *, distances, per_bucket: int, d
     return {m: {d: sum(v) / len(v) for d, v in sorted(h.items())} for m, h in hits.items()}
 
 
-def _row_len(train) -> int | None:
-    """Prompt + answer length of a retrieval task's training rows (None for a language model)."""
-    if train.get("task", "lm") == "lm":
-        return None
-    return int(train.tbptt_segments) * int(train.seq_len) + 1
-
-
 def main(argv=None) -> dict:
     args = OmegaConf.from_dotlist(list(sys.argv[1:] if argv is None else argv))
     unknown = set(args) - ARGS
@@ -221,10 +214,12 @@ def main(argv=None) -> dict:
         rows.append(("trained natively", str(resolve_checkpoint(other)), cfg2.precision.get("name", "?"), score(m2)))
     result = {"rows": [{"kind": k, "what": w, "precision": p, **v} for k, w, p, v in rows]}
     if args.get("retrieval"):
+        from .tasks import training_row_len
+
         result["retrieval"] = memory_retrieval_accuracy(
             model, data.tokenizer, distances=list(args.get("distances", [64, 256, 1024])),
             per_bucket=int(args.get("per_bucket", 5)), device=device, segment=T, kind=str(args.get("kind", "passkey")),
-            row_len=_row_len(cfg.train))
+            row_len=training_row_len(cfg.train))
     md = ["| kind | model | precision | val loss (nats/token) | bits/char |", "|---|---|---|---|---|"]
     md += [f"| {r['kind']} | {r['what']} | {r['precision']} | {r['loss']:.4f} | {r['bpc']:.4f} |" for r in result["rows"]]
     if "retrieval" in result:

@@ -36,6 +36,7 @@ from .tokenizer import Tokenizer
 __all__ = [
     "TASKS", "DEFAULT_DISTANCES", "RetrievalConfig", "RetrievalExample", "make_example",
     "retrieval_examples", "evaluate_retrieval", "retrieval_accuracy", "RetrievalBatches", "RetrievalStreamer",
+    "training_row_len",
 ]
 
 TASKS = ("passkey", "kv")
@@ -314,6 +315,15 @@ class RetrievalBatches:
             raise ValueError(f"RetrievalBatches state is for seed/kind {state['seed']}/{state['kind']}, "
                              f"this one is {self.seed}/{self.kind}")
         self.step = int(state["step"])
+
+
+def training_row_len(train) -> int | None:
+    """Prompt + answer length of the rows a run's ``train`` section trains on with a retrieval task
+    (``tbptt_segments x seq_len + 1``, as :class:`RetrievalStreamer` builds them); None for a run
+    trained on running text (``task=lm``)."""
+    if train.get("task", "lm") == "lm":
+        return None
+    return int(train["tbptt_segments"]) * int(train["seq_len"]) + 1
 
 
 class RetrievalStreamer:

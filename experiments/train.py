@@ -353,11 +353,12 @@ def _retrieval(run: Run, t: dict) -> dict[str, dict[int, float]]:
     with memory on / off / shuffled, read in segments of train.seq_len; a run trained on a retrieval
     task is scored on prompts of its training rows' length."""
     from .evaluate import memory_retrieval_accuracy
+    from .tasks import training_row_len
 
     r = run.data.config.retrieval
-    row_len = None if t["task"] == "lm" else t["tbptt_segments"] * t["seq_len"] + 1  # as the training rows
     res = memory_retrieval_accuracy(run.model, run.data.tokenizer, distances=list(r.distances), per_bucket=r.per_bucket,
-                                    device=run.device, segment=t["seq_len"], kind=r.kinds[0], seed=r.seed, row_len=row_len,
+                                    device=run.device, segment=t["seq_len"], kind=r.kinds[0], seed=r.seed,
+                                    row_len=training_row_len(t),
                                     n_digits=r.n_digits, n_pairs=r.n_pairs, intro=r.intro,
                                     filler=run.data.val_tokens if r.filler == "corpus" else None)
     for mode, accs in res.items():
