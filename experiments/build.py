@@ -221,11 +221,11 @@ def build_run(cfg: DictConfig) -> Run:
     k = t["tbptt_segments"] if t["tbptt"] else 1
     data = _stage("data", prepare_data, data_cfg, batch_size=t["batch_size"], seq_len=t["seq_len"])
     if t["task"] != "lm":  # retrieval prompts of k segments; filler per data.retrieval.filler
-        from .tasks import RetrievalStreamer
+        from .tasks import RetrievalStreamer, filler_source
 
         r = data_cfg.retrieval
         source = _stage("data", RetrievalStreamer, data.tokenizer, t["batch_size"], t["seq_len"], k, t["seed"],
-                        kind=t["task"], filler=data.train_tokens if r.filler == "corpus" else None,
+                        kind=t["task"], filler=filler_source(r.filler, data.train_tokens),
                         answer_only=t["task_loss"] == "answer", n_digits=r.n_digits, n_pairs=r.n_pairs, intro=r.intro)
     elif t["tbptt"]:
         source = _stage("data", data.segments, t["batch_size"], t["seq_len"], t["seed"])
@@ -235,14 +235,14 @@ def build_run(cfg: DictConfig) -> Run:
     else:
         source = _stage("data", data.batcher, t["batch_size"], t["seq_len"], t["seed"])
     if t["retrieval_eval"]:  # the end-of-run scoring's prompts must be buildable: fail now, not after training
-        from .tasks import retrieval_examples, training_row_len
+        from .tasks import filler_source, retrieval_examples, training_row_len
 
         r = data_cfg.retrieval
         # a run trained on a retrieval task is scored on prompts as long as its rows: distances must fit them
         row = {} if training_row_len(t) is None else {"total_len": training_row_len(t)}
         _stage("data.retrieval", retrieval_examples, data.tokenizer, r.kinds[0], distances=r.distances, per_bucket=1,
                seed=r.seed, n_digits=r.n_digits, n_pairs=r.n_pairs, intro=r.intro,
-               filler=data.val_tokens if r.filler == "corpus" else None, **row)
+               filler=filler_source(r.filler, data.val_tokens), **row)
         if r.per_bucket < 2:
             raise ConfigError(f"data.retrieval.per_bucket={r.per_bucket}: train.retrieval_eval's shuffled control "
                               "needs >= 2 prompts per distance")

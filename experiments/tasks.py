@@ -17,8 +17,11 @@ Passkey:  "... The pass key is 71432. Remember it. ... What is the pass key? The
 Key–value: "... kzqwe: 40917. ... What is kzqwe? kzqwe:" → " 40917", beside ``n_pairs - 1``
 distractor records placed at random before or after the queried one.
 
-Filler is either the tokens of some repeated plain sentences or any token stream (e.g.
-the validation split's), read cyclically from a random offset and cut to exact length.
+Filler is the tokens of some repeated plain sentences (``repeat``), any token stream such as the
+validation split's (``corpus``), or a phrase of random lowercase words drawn for each prompt and
+repeated (``random``: it cannot be memorized in the weights, so predicting it pays for copying
+from earlier text on every token, the skill retrieval needs), read cyclically from a random
+offset and cut to exact length.
 Everything is drawn from ``random.Random`` seeded with strings, so it is identical across
 runs and machines.
 """
@@ -36,12 +39,12 @@ from .tokenizer import Tokenizer
 __all__ = [
     "TASKS", "DEFAULT_DISTANCES", "RetrievalConfig", "RetrievalExample", "make_example",
     "retrieval_examples", "evaluate_retrieval", "retrieval_accuracy", "RetrievalBatches", "RetrievalStreamer",
-    "training_row_len",
+    "training_row_len", "random_phrase", "filler_source",
 ]
 
 TASKS = ("passkey", "kv")
 DEFAULT_DISTANCES = (256, 1024, 4096, 16384, 65536)
-FILLERS = ("repeat", "corpus")
+FILLERS = ("repeat", "corpus", "random")
 
 FILLER_TEXT = (
     " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -63,7 +66,7 @@ class RetrievalConfig:
     per_bucket: int = 20          # prompts per (kind, distance)
     n_digits: int = 5             # digits of a passkey / value
     n_pairs: int = 8              # kv: records per prompt, the queried one included
-    filler: str = "repeat"        # repeat: FILLER_TEXT; corpus: the validation split's tokens
+    filler: str = "repeat"        # repeat: FILLER_TEXT; corpus: the validation split's tokens; random: per prompt
     intro: bool = False           # prepend the instruction sentence (for instruction-tuned models)
     seed: int = 1234
 
@@ -116,6 +119,21 @@ def _region(length: int, records: list[list[int]], filler, rng: random.Random) -
     return out + _take(filler, free - prev, rng)
 
 
+def random_phrase(rng: random.Random, words: tuple[int, int] = (3, 6)) -> str:
+    """`` w1 w2 ... wn.``: a random number of random lowercase words (2-6 letters; no digits, so it
+    never looks like a key), the unit a ``random`` filler repeats."""
+    n = rng.randint(*words)
+    return " " + " ".join("".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 6)))
+                          for _ in range(n)) + "."
+
+
+def filler_source(mode: str, corpus_tokens):
+    """What :func:`make_example` takes as ``filler`` for a ``data.retrieval.filler`` mode."""
+    if mode not in FILLERS:
+        raise ValueError(f"unknown retrieval filler {mode!r}; choose one of {FILLERS}")
+    return {"repeat": None, "corpus": corpus_tokens, "random": "random"}[mode]
+
+
 def _digits(n: int, rng: random.Random) -> str:
     return str(rng.randint(10 ** (n - 1), 10 ** n - 1))
 
@@ -126,7 +144,7 @@ def make_example(
     distance: int | None,
     *,
     rng: random.Random,
-    filler: Sequence[int] | torch.Tensor | None = None,
+    filler: Sequence[int] | torch.Tensor | str | None = None,
     prefix_tokens: int = 0,
     total_len: int | None = None,
     n_digits: int = 5,
@@ -145,6 +163,10 @@ def make_example(
     if distance is None and total_len is None:
         raise ValueError("make_example needs a distance, or a total_len to draw one within")
     enc = tokenizer.encode
+    if isinstance(filler, str):
+        if filler != "random":
+            raise ValueError(f"filler={filler!r}: give token ids, None (the plain sentences) or 'random'")
+        filler = enc(random_phrase(rng))
     if filler is None:
         filler = enc(FILLER_TEXT)
     elif isinstance(filler, torch.Tensor):
@@ -218,7 +240,7 @@ def retrieval_examples(
     distances: Sequence[int] = DEFAULT_DISTANCES,
     per_bucket: int = 20,
     seed: int = 0,
-    filler: Sequence[int] | torch.Tensor | None = None,
+    filler: Sequence[int] | torch.Tensor | str | None = None,
     **kwargs,
 ) -> list[RetrievalExample]:
     """``per_bucket`` prompts at each distance; example ``i`` at ``d`` depends only on
@@ -276,7 +298,7 @@ class RetrievalBatches:
     """
 
     def __init__(self, tokenizer: Tokenizer, batch_size: int, seq_len: int, seed: int = 0, *,
-                 kind: str = "passkey", filler: Sequence[int] | torch.Tensor | None = None,
+                 kind: str = "passkey", filler: Sequence[int] | torch.Tensor | str | None = None,
                  **kwargs):
         if kind not in TASKS:
             raise ValueError(f"unknown retrieval kind {kind!r}; choose from {TASKS}")
@@ -341,7 +363,7 @@ class RetrievalStreamer:
     IGNORE = -100
 
     def __init__(self, tokenizer: Tokenizer, batch_size: int, seq_len: int, segments: int, seed: int = 0, *,
-                 kind: str = "passkey", filler: Sequence[int] | torch.Tensor | None = None,
+                 kind: str = "passkey", filler: Sequence[int] | torch.Tensor | str | None = None,
                  answer_only: bool = False, **kwargs):
         if kind not in TASKS:
             raise ValueError(f"unknown retrieval kind {kind!r}; choose from {TASKS}")

@@ -135,3 +135,31 @@ def test_bad_input_is_refused_with_the_numbers():
         next(RetrievalBatches(tok, 1, 39))
     with pytest.raises(ValueError, match="unknown retrieval filler 'lorem'"):
         RetrievalConfig(filler="lorem")
+
+
+def test_random_filler_is_a_repeated_phrase_drawn_per_prompt():
+    """filler='random': around the needle and question, the prompt is one phrase of random lowercase
+    words repeated (read from a random offset); the phrase depends only on the prompt's rng."""
+    from experiments.tasks import filler_source, random_phrase
+
+    tok = ByteTokenizer()
+    exs = [make_example("passkey", tok, 120, rng=random.Random(f"r{i}"), filler="random") for i in range(3)]
+    again = make_example("passkey", tok, 120, rng=random.Random("r0"), filler="random")
+    assert again.prompt_ids == exs[0].prompt_ids
+    phrases = []
+    for i, ex in enumerate(exs):
+        text = tok.decode(ex.prompt_ids)
+        head = text.index(" The pass key is")
+        phrase = random_phrase(random.Random(f"r{i}"))
+        assert re.fullmatch(r"( [a-z]{2,6}){3,6}\.", phrase)
+        # the text before the needle is a run of the phrase, cut at both ends
+        assert text[:head] in phrase * (head // len(phrase) + 2)
+        assert not re.search(r"[0-9]", text.replace(ex.answer, ""))  # no digit but the key's
+        phrases.append(phrase)
+    assert len(set(phrases)) == 3
+    assert filler_source("random", None) == "random" and filler_source("repeat", [1]) is None
+    with pytest.raises(ValueError, match="unknown retrieval filler 'noise'"):
+        filler_source("noise", None)
+    with pytest.raises(ValueError, match="filler='noise'"):
+        make_example("passkey", tok, 120, rng=random.Random(0), filler="noise")
+    assert RetrievalConfig(filler="random").filler == "random"
