@@ -235,14 +235,12 @@ def build_run(cfg: DictConfig) -> Run:
     else:
         source = _stage("data", data.batcher, t["batch_size"], t["seq_len"], t["seed"])
     if t["retrieval_eval"]:  # the end-of-run scoring's prompts must be buildable: fail now, not after training
-        from .tasks import filler_source, retrieval_examples, training_row_len
+        from .tasks import prompt_kwargs, retrieval_examples, training_row_len
 
         r = data_cfg.retrieval
         # a run trained on a retrieval task is scored on prompts as long as its rows: distances must fit them
-        row = {} if training_row_len(t) is None else {"total_len": training_row_len(t)}
         _stage("data.retrieval", retrieval_examples, data.tokenizer, r.kinds[0], distances=r.distances, per_bucket=1,
-               seed=r.seed, n_digits=r.n_digits, n_pairs=r.n_pairs, intro=r.intro,
-               filler=filler_source(r.filler, data.val_tokens), **row)
+               seed=r.seed, total_len=training_row_len(t), **prompt_kwargs(r, data.val_tokens))
         if r.per_bucket < 2:
             raise ConfigError(f"data.retrieval.per_bucket={r.per_bucket}: train.retrieval_eval's shuffled control "
                               "needs >= 2 prompts per distance")

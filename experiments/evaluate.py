@@ -214,14 +214,12 @@ def main(argv=None) -> dict:
         rows.append(("trained natively", str(resolve_checkpoint(other)), cfg2.precision.get("name", "?"), score(m2)))
     result = {"rows": [{"kind": k, "what": w, "precision": p, **v} for k, w, p, v in rows]}
     if args.get("retrieval"):
-        from .tasks import filler_source, training_row_len
+        from .tasks import prompt_kwargs, training_row_len
 
-        r = data.config.retrieval  # the run's digits, records and filler
-        result["retrieval"] = memory_retrieval_accuracy(
+        result["retrieval"] = memory_retrieval_accuracy(  # with the run's digits, records and filler
             model, data.tokenizer, distances=list(args.get("distances", [64, 256, 1024])),
             per_bucket=int(args.get("per_bucket", 5)), device=device, segment=T, kind=str(args.get("kind", "passkey")),
-            row_len=training_row_len(cfg.train), n_digits=r.n_digits, n_pairs=r.n_pairs, intro=r.intro,
-            filler=filler_source(r.filler, data.val_tokens))
+            row_len=training_row_len(cfg.train), **prompt_kwargs(data.config.retrieval, data.val_tokens))
     md = ["| kind | model | precision | val loss (nats/token) | bits/char |", "|---|---|---|---|---|"]
     md += [f"| {r['kind']} | {r['what']} | {r['precision']} | {r['loss']:.4f} | {r['bpc']:.4f} |" for r in result["rows"]]
     if "retrieval" in result:

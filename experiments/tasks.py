@@ -39,7 +39,7 @@ from .tokenizer import Tokenizer
 __all__ = [
     "TASKS", "DEFAULT_DISTANCES", "RetrievalConfig", "RetrievalExample", "make_example",
     "retrieval_examples", "evaluate_retrieval", "retrieval_accuracy", "RetrievalBatches", "RetrievalStreamer",
-    "training_row_len", "random_phrase", "filler_source",
+    "training_row_len", "random_phrase", "filler_source", "prompt_kwargs",
 ]
 
 TASKS = ("passkey", "kv")
@@ -132,6 +132,13 @@ def filler_source(mode: str, corpus_tokens):
     if mode not in FILLERS:
         raise ValueError(f"unknown retrieval filler {mode!r}; choose one of {FILLERS}")
     return {"repeat": None, "corpus": corpus_tokens, "random": "random"}[mode]
+
+
+def prompt_kwargs(retrieval, corpus_tokens) -> dict:
+    """The :func:`make_example` keywords a ``data.retrieval`` block sets (digits, records, intro,
+    filler), ``corpus_tokens`` standing in for the ``corpus`` filler."""
+    return {"n_digits": retrieval.n_digits, "n_pairs": retrieval.n_pairs, "intro": retrieval.intro,
+            "filler": filler_source(retrieval.filler, corpus_tokens)}
 
 
 def _digits(n: int, rng: random.Random) -> str:

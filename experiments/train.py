@@ -353,14 +353,12 @@ def _retrieval(run: Run, t: dict) -> dict[str, dict[int, float]]:
     with memory on / off / shuffled, read in segments of train.seq_len; a run trained on a retrieval
     task is scored on prompts of its training rows' length."""
     from .evaluate import memory_retrieval_accuracy
-    from .tasks import filler_source, training_row_len
+    from .tasks import prompt_kwargs, training_row_len
 
     r = run.data.config.retrieval
     res = memory_retrieval_accuracy(run.model, run.data.tokenizer, distances=list(r.distances), per_bucket=r.per_bucket,
                                     device=run.device, segment=t["seq_len"], kind=r.kinds[0], seed=r.seed,
-                                    row_len=training_row_len(t),
-                                    n_digits=r.n_digits, n_pairs=r.n_pairs, intro=r.intro,
-                                    filler=filler_source(r.filler, run.data.val_tokens))
+                                    row_len=training_row_len(t), **prompt_kwargs(r, run.data.val_tokens))
     for mode, accs in res.items():
         log.info("retrieval (%s, memory %s): %s", r.kinds[0], mode, ", ".join(f"d={d}: {a:.2f}" for d, a in accs.items()))
     return res
