@@ -137,6 +137,17 @@ def _checkpoint_payload(run: Run, stepper: Stepper, step: int, cfg_yaml: str, me
             "stepper": stepper.state_dict(), "rng": rng_state(), "config": cfg_yaml, "meta": meta}
 
 
+def _warn_unquantized(run: Run) -> None:
+    """Warn when quantized layers ran their GEMMs in plain bf16 (``backend: auto`` below the FP8
+    break-even): such a run trains those layers at bf16, not at the policy's formats."""
+    names = run.report.unquantized_gemms(run.model)
+    if names:
+        log.warning("%d quantized layer(s) run unquantized bf16 GEMMs (backend auto: too small for FP8 to "
+                    "pay off), so their formats are NOT trained: %s%s. To train the formats, add the rule "
+                    "'++precision.override={match: \"*\", backend: tensorcore}' (or backend: emulated).",
+                    len(names), ", ".join(names[:6]), ", ..." if len(names) > 6 else "")
+
+
 def _write_report(run: Run, run_dir: Path, with_memory: bool) -> bool:
     """``precision_report.md``: the policy's per-layer table, the optimizer's parts and (once the
     optimizer holds its state) the resident bytes per parameter of weights + state."""
@@ -252,7 +263,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     val = retrieval = None
     bar = tqdm(total=t["steps"], initial=start, disable=not t["progress"], dynamic_ncols=True,
                file=sys.stderr, unit="step", mininterval=1.0)
-    ema, window_tokens, window_s, report_done = None, 0, 0.0, start > 0
+    ema, window_tokens, window_s, report_done = None, 0, 0.0, False
     step = start
     try:
         with logging_redirect_tqdm():
@@ -268,7 +279,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     telemetry.disable()
                     _log_telemetry(writer, telemetry.stats(), step)
                 if res.taken and not report_done:  # optimizer state exists after the first update
+                    run.report = run.report.refreshed(run.model)  # backends as they ran on run.device
                     report_done = _write_report(run, run_dir, with_memory=True)
+                    _warn_unquantized(run)
                 meta["tokens"] += res.tokens
                 meta["train_s"] += res.seconds
                 window_tokens, window_s = window_tokens + res.tokens, window_s + res.seconds

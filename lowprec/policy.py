@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -268,6 +268,24 @@ class PolicyReport:
     @property
     def bf16_bytes(self) -> int:
         return 2 * self.total_params
+
+    def refreshed(self, model: nn.Module) -> "PolicyReport":
+        """This report with its ``backend`` column re-read from ``model``'s layers. The column is
+        filled when the policy is applied, usually before the model moves to its device and before
+        ``auto`` has seen a token count; after the first step it says how the GEMMs really ran.
+        Layers no longer found under their name keep their row."""
+        mods = dict(model.named_modules())
+        rows = [replace(r, backend=mods[r.name].backend_note())
+                if hasattr(mods.get(r.name), "backend_note") else r for r in self.layers]
+        return PolicyReport(self.policy, rows, list(self.unmatched_rules))
+
+    def unquantized_gemms(self, model: nn.Module) -> list[str]:
+        """Names of ``model``'s quantized Linear layers whose GEMMs run in plain bf16, without their
+        formats (the ``bf16`` mode ``auto`` picks for GEMMs too small for FP8 to pay off): their
+        formats shape neither the forward nor the gradients. Known once a layer has run."""
+        mods = dict(model.named_modules())
+        return [r.name for r in self.layers
+                if getattr(mods.get(r.name), "gemm_mode", None) == "bf16"]
 
     def to_rows(self) -> list[dict]:
         """One dict per layer, keys ``COLUMNS`` (for ``csv.DictWriter(f, PolicyReport.COLUMNS)``)."""

@@ -92,8 +92,9 @@ class QLinear(NativeWeightMixin, nn.Module):
             self._plan = (device, mode, note, tokens)
 
     @property
-    def gemm_mode(self) -> str:
-        return self._plan[1]
+    def gemm_mode(self) -> str | None:
+        """How this layer's GEMMs ran at its last forward (``gemm.MODES``); None before any."""
+        return None if self._plan is None else self._plan[1]
 
     def backend_note(self) -> str:
         """How this layer's GEMMs run (decided for the device of its weight, or of its last input)."""

@@ -124,3 +124,19 @@ def test_packed_ternary_gemv_matches_emulated(m):
             assert kernels.use_ternary_gemv(layer, x, layer.precision.weight)
         out[backend] = layer(x)
     assert rel(out["tensorcore"], out["emulated"]) < 5e-3
+
+
+def test_report_names_layers_that_auto_runs_unquantized():
+    """``auto`` runs a 256-wide FP8 layer as a plain bf16 GEMM: after a forward, the refreshed report
+    says so and ``unquantized_gemms`` names it; forced onto the tensor cores it is not named."""
+    if not torch.cuda.is_available() or not tensorcore_available(torch.device("cuda"))[0]:
+        pytest.skip("needs FP8 tensor cores")
+    from lowprec.policy import apply_policy
+
+    for backend, named in (("auto", ["0"]), ("tensorcore", [])):
+        model = torch.nn.Sequential(torch.nn.Linear(256, 256))
+        report = apply_policy(model, {"default": {"weight": "fp8_e4m3", **ACT, "backend": backend}})
+        model.cuda()(torch.randn(64, 256, device="cuda"))
+        fresh = report.refreshed(model)
+        assert fresh.unquantized_gemms(model) == named
+        assert fresh.layers[0].backend.startswith("bf16" if named else "tensorcore"), fresh.layers[0].backend

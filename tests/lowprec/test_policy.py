@@ -2,6 +2,7 @@
 command-line overrides through Hydra, and apply_policy's swap and report."""
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -516,3 +517,22 @@ def test_hydra_override_reaches_the_model():
     rows = {r.name: r for r in report.layers}
     assert rows["blocks.1.ffn.down"].weight == "ternary[absmean/tensor]"
     assert rows["head"].weight == "fp4_e2m1[absmax/row]"
+
+
+def test_refreshed_report_reads_the_backend_where_the_model_runs():
+    """The backend column is filled when the policy is applied (here on the meta device, as before
+    a run moves its model); refreshed() re-reads it from the layers once they are placed. The rows
+    keep everything else; full-precision and embedding rows keep their own notes."""
+    with torch.device("meta"):
+        model = MiniHybrid()
+    report = apply_policy(model, load("paper"))
+    lin = [r for r in report.layers if r.kind == "Linear" and r.storage == "latent"]
+    assert lin and all("not placed yet" in r.backend for r in lin)
+    model.to_empty(device="cpu")
+    fresh = report.refreshed(model)
+    mods = dict(model.named_modules())
+    for old, new in zip(report.layers, fresh.layers):
+        assert new.backend == mods[old.name].backend_note()
+        assert replace(new, backend=old.backend) == old
+    assert all(r.backend.startswith("emulated") for r in fresh.layers if r.kind == "Linear")
+    assert fresh.unquantized_gemms(model) == []          # no layer has run yet, and the CPU emulates
