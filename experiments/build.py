@@ -238,8 +238,10 @@ def build_run(cfg: DictConfig) -> Run:
         from .tasks import prompt_kwargs, retrieval_examples, training_row_len
 
         r = data_cfg.retrieval
-        # a run trained on a retrieval task is scored on prompts as long as its rows: distances must fit them
-        _stage("data.retrieval", retrieval_examples, data.tokenizer, r.kinds[0], distances=r.distances, per_bucket=1,
+        # a run trained on a retrieval task is scored on prompts as long as its rows: distances must fit them.
+        # Every prompt the scoring will read is built now (kv records fall before or after the needle at random)
+        _stage("data.retrieval", retrieval_examples, data.tokenizer, r.kinds[0], distances=r.distances,
+               per_bucket=r.per_bucket,
                seed=r.seed, total_len=training_row_len(t), **prompt_kwargs(r, data.val_tokens))
         if r.per_bucket < 2:
             raise ConfigError(f"data.retrieval.per_bucket={r.per_bucket}: train.retrieval_eval's shuffled control "

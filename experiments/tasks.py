@@ -227,6 +227,9 @@ def make_example(
     prefix = prefix_tokens + sum(map(len, before))
     if total_len is not None:
         prefix = total_len - len(answer) - fixed - distance
+        # records that do not fit before the needle go after it, where the gap has room
+        while before and sum(map(len, before)) > prefix and sum(map(len, after)) + len(before[-1]) <= gap:
+            after.append(before.pop())
         if prefix < sum(map(len, before)):
             raise ValueError(
                 f"total_len={total_len} cannot hold a {kind} needle at distance {distance}: it "

@@ -163,3 +163,20 @@ def test_random_filler_is_a_repeated_phrase_drawn_per_prompt():
     with pytest.raises(ValueError, match="filler='noise'"):
         make_example("passkey", tok, 120, rng=random.Random(0), filler="noise")
     assert RetrievalConfig(filler="random").filler == "random"
+
+
+def test_kv_records_move_after_the_needle_when_the_row_has_no_room_before_it():
+    """A 385-token row, 8 records of 11 bytes, the needle 320 tokens from the end: the 7 distractors
+    fit only if some go after the needle (before it there are 385 - 3 - 7 - 320 = 55 tokens). Every
+    draw still gives an exact row with every record in it, for any random side of each record."""
+    tok = ByteTokenizer()
+    sides = set()
+    for i in range(100):
+        ex = make_example("kv", tok, 320, rng=random.Random(f"kv-fit:{i}"), total_len=385, n_digits=2, n_pairs=8)
+        assert len(ex.prompt_ids) + len(ex.answer_ids) == 385 and ex.distance == 320
+        assert ex.prompt_ids[ex.needle_pos:ex.needle_pos + len(ex.answer_ids)] == ex.answer_ids
+        text = tok.decode(ex.prompt_ids)
+        records = re.findall(r" ([a-z]{5}): (\d{2})\.", text)
+        assert len(records) == 8 and len({k for k, _ in records}) == 8  # 7 distractors + the needle
+        sides.add(sum(text.index(f" {k}:") < ex.needle_pos for k, _ in records) - 1)  # the needle's own is one
+    assert max(sides) <= 5  # never all seven before the needle: 5 x 11 = 55 tokens is all there is
