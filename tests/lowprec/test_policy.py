@@ -522,7 +522,7 @@ def test_hydra_override_reaches_the_model():
 def test_refreshed_report_reads_the_backend_where_the_model_runs():
     """The backend column is filled when the policy is applied (here on the meta device, as before
     a run moves its model); refreshed() re-reads it from the layers once they are placed. The rows
-    keep everything else; full-precision and embedding rows keep their own notes."""
+    keep everything else."""
     with torch.device("meta"):
         model = MiniHybrid()
     report = apply_policy(model, load("paper"))
