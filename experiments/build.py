@@ -221,12 +221,11 @@ def build_run(cfg: DictConfig) -> Run:
     k = t["tbptt_segments"] if t["tbptt"] else 1
     data = _stage("data", prepare_data, data_cfg, batch_size=t["batch_size"], seq_len=t["seq_len"])
     if t["task"] != "lm":  # retrieval prompts of k segments; filler per data.retrieval.filler
-        from .tasks import RetrievalStreamer, filler_source
+        from .tasks import RetrievalStreamer, prompt_kwargs
 
-        r = data_cfg.retrieval
         source = _stage("data", RetrievalStreamer, data.tokenizer, t["batch_size"], t["seq_len"], k, t["seed"],
-                        kind=t["task"], filler=filler_source(r.filler, data.train_tokens),
-                        answer_only=t["task_loss"] == "answer", n_digits=r.n_digits, n_pairs=r.n_pairs, intro=r.intro)
+                        kind=t["task"], answer_only=t["task_loss"] == "answer",
+                        **prompt_kwargs(data_cfg.retrieval, data.train_tokens))
     elif t["tbptt"]:
         source = _stage("data", data.segments, t["batch_size"], t["seq_len"], t["seed"])
         if source.segments_per_epoch < k:

@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import CHUNK_POOLS
+
 
 class LSTMLayer(nn.Module):
     """One LSTM layer (`ih`, `hh`) with a LayerNorm on its input sequence (`norm`)."""
@@ -91,8 +93,8 @@ class RNNMemory(nn.Module):
 
     def __init__(self, d: int, n_layers: int, chunk: int, hidden: int, eps: float = 1e-5, pool: str = "last"):
         super().__init__()
-        if pool not in ("last", "mean"):
-            raise ValueError(f"unknown chunk pool {pool!r}; choose 'last' or 'mean'")
+        if pool not in CHUNK_POOLS:
+            raise ValueError(f"unknown chunk pool {pool!r}; choose one of {', '.join(CHUNK_POOLS)}")
         self.chunk, self.pool = chunk, pool
         self.lstm = nn.ModuleList(LSTMLayer(d, eps) for _ in range(n_layers))
         self.compressor = Compressor(d, hidden)
