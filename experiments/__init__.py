@@ -18,7 +18,7 @@ _EXPORTS = {
     # experiments.tasks
     "TASKS": "tasks", "DEFAULT_DISTANCES": "tasks", "RetrievalConfig": "tasks",
     "RetrievalExample": "tasks", "make_example": "tasks", "retrieval_examples": "tasks",
-    "evaluate_retrieval": "tasks", "retrieval_accuracy": "tasks", "RetrievalBatches": "tasks", "RetrievalStreamer": "tasks",
+    "RetrievalStreamer": "tasks", "memory_retrieval_accuracy": "tasks",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -8,15 +8,16 @@
 A sweep file (``configs/sweep/<name>.yaml``) lists ``base`` overrides applied to every run,
 ``variants`` (name -> list of overrides: precision, optimizer, learning rate, model...) and
 ``seeds``. Every (variant, seed) is one ``python -m experiments.train`` process writing its own
-run directory ``<out>/<variant>/seed<k>``; ``jobs`` of them run at once (small models leave a
+run directory ``<out>/<variant>/seed<k>`` (``out`` relative to the current directory); ``jobs`` of them run at once (small models leave a
 GPU mostly idle). A run whose ``summary.json`` exists is not run again, so an interrupted sweep
 continues where it stopped.
 
 The summary (``summary.md``, ``summary.csv``, ``val_loss.png``, ``retrieval.png``) reports per
 variant, over seeds (mean ± sample std): the BEST validation loss and bits/char along the curve
-(not the last: small corpora overfit, see DESIGN.md), the gap to ``bf16`` in %, tokens/s, weight
+(not the last: small corpora overfit, so low precision can look like a regularizer), the gap to ``bf16`` in %, tokens/s, weight
 bytes at the policy's formats, training bytes per parameter (weights + optimizer state), and
-long-context retrieval accuracy when the runs measured it.
+long-context retrieval accuracy when the runs measured it. The validation curves come from each
+run's ``summary.json`` (``curve``), plotted against training tokens.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
-SWEEPS = ROOT / "configs" / "sweep"
+from .plot import line_plot
+
+SWEEPS = Path(__file__).resolve().parents[1] / "configs" / "sweep"  # installed beside this package
 
 
 def load_sweep(name: str):
@@ -61,25 +63,16 @@ def run_one(out: Path, variant: str, overrides: list[str], seed: int, base: list
            f"hydra.run.dir={run_dir}", "resume=auto", "train.progress=false"]
     t0 = time.perf_counter()
     with open(run_dir / "train.log", "w") as f:
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
     log(f"{variant} seed {seed}: {'ok' if rc == 0 else f'FAILED (exit {rc}, see {run_dir}/train.log)'} "
         f"in {time.perf_counter() - t0:.0f} s")
     return json.loads(summary.read_text()) if rc == 0 and summary.exists() else None
 
 
-def _val_curve(run_dir: Path) -> tuple[list[int], list[float]]:
-    """Validation loss along training, read back from the run's TensorBoard events."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    tb = run_dir / "tb"
-    if not tb.exists():
-        return [], []
-    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
-    acc.Reload()
-    if "val/loss" not in acc.Tags().get("scalars", []):
-        return [], []
-    ev = acc.Scalars("val/loss")
-    return [e.step for e in ev], [e.value for e in ev]
+def _val_curve(summary: dict) -> tuple[list[int], list[float]]:
+    """(training tokens, validation loss) along a run, from its ``summary.json``."""
+    curve = summary.get("curve") or {}
+    return list(curve.get("tokens", [])), list(curve.get("val_loss", []))
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -91,8 +84,6 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 def summarize(out: Path, baseline: str = "bf16") -> str:
     """Write summary.md / summary.csv / PNGs for every run under ``out``; returns the markdown."""
-    from .plot import line_plot
-
     rows, curves, retrieval = [], {}, {}
     variants = sorted(p.name for p in out.iterdir() if p.is_dir())
     for v in variants:
@@ -109,7 +100,7 @@ def summarize(out: Path, baseline: str = "bf16") -> str:
                      "best_val_bpc": bpc, "bpc_std": bpc_sd, "tokens_per_s": tps,
                      "weight_bytes": sums[0].get("weight_format_bytes"), "params": sums[0].get("params"),
                      "train_bytes_per_param": bpp})
-        steps_curves = [_val_curve(d) for d in runs]
+        steps_curves = [_val_curve(s) for s in sums]
         if steps_curves and steps_curves[0][0]:
             n = min(len(c[0]) for c in steps_curves)
             curves[v] = (steps_curves[0][0][:n], [statistics.fmean(c[1][i] for c in steps_curves) for i in range(n)])
@@ -138,10 +129,11 @@ def summarize(out: Path, baseline: str = "bf16") -> str:
     text = "\n".join(md)
     (out / "summary.md").write_text(text + "\n")
     if curves:
-        line_plot(out / "val_loss.png", curves, title="validation loss (mean over seeds)", xlabel="step", ylabel="nats/token")
+        line_plot(out / "val_loss.png", curves, title="validation loss (mean over seeds)", xlabel="training tokens",
+                  ylabel="validation loss (nats/token)", logx=True)
     if retrieval:
-        line_plot(out / "retrieval.png", retrieval, title="retrieval accuracy", xlabel="distance (tokens)", ylabel="accuracy",
-                  logx=True)
+        line_plot(out / "retrieval.png", retrieval, title="retrieval accuracy, memory on (mean over seeds)",
+                  xlabel="distance to the needle (tokens)", ylabel="accuracy", logx=True, ylim=(0, 1))
     return text
 
 
@@ -163,8 +155,6 @@ def main(argv=None) -> None:
             raise SystemExit(f"unknown variant(s) {sorted(missing)}; this sweep has {sorted(variants)}")
         variants = {k: variants[k] for k in args.variants}
     out = Path(args.get("out", sweep.get("out", f"runs/sweeps/{sweep['name']}")))
-    if not out.is_absolute():
-        out = ROOT / out
     jobs = int(args.get("jobs", sweep.get("jobs", 1)))
     base = list(sweep.get("base", []))
     todo = [(v, ov, s) for v, ov in variants.items() for s in seeds]

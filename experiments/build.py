@@ -19,7 +19,15 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-__all__ = ["ConfigError", "Run", "TRAIN_KEYS", "resolve_device", "resolve_threads", "check_train", "build_run", "choose_scaler_mode"]
+import lowprec
+import optim
+from hybrid import HybridConfig, HybridLM
+
+from .data import DataConfig, SegmentStreamer, prepare_data
+from .tasks import RetrievalStreamer, prompt_kwargs, retrieval_examples, training_row_len
+
+__all__ = ["ConfigError", "Run", "TRAIN_KEYS", "resolve_device", "resolve_threads", "check_train", "model_config",
+           "vocab_size", "build_run", "choose_scaler_mode"]
 
 log = logging.getLogger(__name__)
 
@@ -163,17 +171,17 @@ def _stage(what: str, fn, *args, **kwargs):
         raise ConfigError(f"{what}: {msg}") from e
 
 
-def _model_config(cfg: DictConfig, vocab_size: int):
-    from hybrid import HybridConfig
-
+def model_config(cfg: DictConfig, vocab: int) -> HybridConfig:
+    """The ``HybridConfig`` of a run's ``model`` section, with the tokenizer's vocabulary size."""
     mc = dict(OmegaConf.to_container(cfg.model, resolve=True))
-    if mc.get("vocab_size") != vocab_size:
-        log.info("model.vocab_size %s -> %d (the tokenizer's)", mc.get("vocab_size"), vocab_size)
-        mc["vocab_size"] = vocab_size
+    if mc.get("vocab_size") != vocab:
+        log.info("model.vocab_size %s -> %d (the tokenizer's)", mc.get("vocab_size"), vocab)
+        mc["vocab_size"] = vocab
     return HybridConfig.from_dict(mc)
 
 
-def _vocab_size(data_cfg) -> int:
+def vocab_size(data_cfg) -> int:
+    """The vocabulary a ``data`` section's tokenizer will have (256 for bytes)."""
     if data_cfg.tokenizer == "bytes":
         return 256
     if data_cfg.vocab_size <= 256:
@@ -184,12 +192,6 @@ def _vocab_size(data_cfg) -> int:
 def build_run(cfg: DictConfig) -> Run:
     """Build (and check) everything; see the module doc. Sets ``cfg.model.vocab_size`` to the
     tokenizer's so that the saved config is the one the model was built from."""
-    import lowprec
-    import optim
-    from hybrid import HybridLM
-
-    from .data import DataConfig, prepare_data
-
     t = check_train(cfg.train)
     device = resolve_device(str(t["device"]))
     threads = resolve_threads(t["threads"])
@@ -197,8 +199,8 @@ def build_run(cfg: DictConfig) -> Run:
         log.info("torch threads: %d (train.threads=%s)", threads, t["threads"])
         torch.set_num_threads(threads)
     data_cfg = _stage("data", DataConfig.from_config, cfg.data)
-    vocab = _stage("data", _vocab_size, data_cfg)
-    model_cfg = _stage("model", _model_config, cfg, vocab)
+    vocab = _stage("data", vocab_size, data_cfg)
+    model_cfg = _stage("model", model_config, cfg, vocab)
     with open_dict(cfg):
         cfg.model.vocab_size = vocab
     if t["seq_len"] > model_cfg.window:
@@ -221,8 +223,6 @@ def build_run(cfg: DictConfig) -> Run:
     k = t["tbptt_segments"] if t["tbptt"] else 1
     data = _stage("data", prepare_data, data_cfg, batch_size=t["batch_size"], seq_len=t["seq_len"])
     if t["task"] != "lm":  # retrieval prompts of k segments; filler per data.retrieval.filler
-        from .tasks import RetrievalStreamer, prompt_kwargs
-
         source = _stage("data", RetrievalStreamer, data.tokenizer, t["batch_size"], t["seq_len"], k, t["seed"],
                         kind=t["task"], answer_only=t["task_loss"] == "answer",
                         **prompt_kwargs(data_cfg.retrieval, data.train_tokens))
@@ -234,8 +234,6 @@ def build_run(cfg: DictConfig) -> Run:
     else:
         source = _stage("data", data.batcher, t["batch_size"], t["seq_len"], t["seed"])
     if t["retrieval_eval"]:  # the end-of-run scoring's prompts must be buildable: fail now, not after training
-        from .tasks import prompt_kwargs, retrieval_examples, training_row_len
-
         r = data_cfg.retrieval
         # a run trained on a retrieval task is scored on prompts as long as its rows: distances must fit them.
         # Every prompt the scoring will read is built now (kv records fall before or after the needle at random)
@@ -246,8 +244,6 @@ def build_run(cfg: DictConfig) -> Run:
             raise ConfigError(f"data.retrieval.per_bucket={r.per_bucket}: train.retrieval_eval's shuffled control "
                               "needs >= 2 prompts per distance")
     if t["tbptt"]:  # read in order with the state carried, as the model was trained
-        from .data import SegmentStreamer
-
         val = _stage("data", SegmentStreamer, data.val_tokens, t["batch_size"], t["seq_len"], t["seed"])
     else:
         val = _stage("data", data.val_windows, t["batch_size"], t["seq_len"], t["eval_batches"])

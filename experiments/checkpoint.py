@@ -31,10 +31,11 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = ["MAGIC", "CorruptCheckpointError", "save_checkpoint", "load_checkpoint", "CheckpointManager",
-           "rng_state", "set_rng_state"]
+           "resolve_checkpoint", "rng_state", "set_rng_state"]
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,20 @@ class CheckpointManager:
                 p.unlink(missing_ok=True)
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file as given, or the newest valid checkpoint of a run directory (in its
+    ``checkpoints/`` when it has one); ``FileNotFoundError`` naming the path when there is none."""
+    path = Path(path)
+    if path.is_dir():
+        found = CheckpointManager(path / "checkpoints" if (path / "checkpoints").is_dir() else path).latest_valid()
+        if found is None:
+            raise FileNotFoundError(f"no valid checkpoint in {str(path)!r}")
+        path = found[0]
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    return path
+
+
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -189,10 +204,6 @@ def rng_state() -> dict[str, Any]:
         state["cuda"] = torch.cuda.get_rng_state_all()
     version, internal, gauss = random.getstate()
     state["python"] = (version, torch.tensor(internal, dtype=torch.int64), gauss)
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy comes with torch's usual installs
-        return state
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached))
     return state
@@ -206,7 +217,5 @@ def set_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(int(v) for v in internal.tolist()), gauss))
     if "numpy" in state:
-        import numpy as np
-
         kind, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))

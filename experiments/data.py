@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
+from omegaconf import OmegaConf
 
 from .tasks import RetrievalConfig
 from .tokenizer import TOKENIZERS, ByteTokenizer, Tokenizer, build_tokenizer
@@ -284,8 +285,6 @@ class DataConfig:
         if cfg is None:
             return cls()
         if type(cfg).__module__.startswith("omegaconf"):
-            from omegaconf import OmegaConf
-
             cfg = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
         cfg = dict(cfg)
         known = {f.name for f in fields(cls)}

@@ -20,41 +20,31 @@ controls, and the post-training-quantization baseline beside natively trained mo
   of the run's ``train.seq_len`` with the state carried, scored as greedy decoding would answer;
   three controls: memory ``on``; ``off`` (the carried state is dropped before every segment: a
   windowed model); ``shuffled`` (the state carried into the answer's segment comes from another
-  prompt of the same distance). See :func:`memory_retrieval_accuracy`.
+  prompt of the same distance). See :func:`experiments.tasks.memory_retrieval_accuracy`.
 Writes ``evaluation.json`` and ``evaluation.md`` next to the checkpoint's run directory.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
-from .checkpoint import CheckpointManager, load_checkpoint
-from .loop import evaluate, evaluate_stream
+import lowprec
+from hybrid import HybridLM
 
-log = logging.getLogger(__name__)
+from .build import check_train, model_config, vocab_size
+from .checkpoint import load_checkpoint, resolve_checkpoint
+from .data import DataConfig, SegmentStreamer, prepare_data
+from .loop import evaluate, evaluate_stream
+from .tasks import memory_retrieval_accuracy, prompt_kwargs, training_row_len
+
 ARGS = {"checkpoint", "ptq", "compare", "retrieval", "kind", "distances", "per_bucket", "eval_batches", "device",
         "backend"}
 BACKENDS = ("emulated", "tensorcore", "auto")
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or the newest valid checkpoint of a run directory."""
-    path = Path(path)
-    if path.is_dir():
-        ckpts = CheckpointManager(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
-        found = ckpts.latest_valid()
-        if found is None:
-            raise FileNotFoundError(f"no valid checkpoint in {str(path)!r}")
-        path = found[0]
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    return path
 
 
 def load_run(path: str | Path, device: str = "cpu", *, plain: bool = False, backend: str | None = None):
@@ -63,20 +53,13 @@ def load_run(path: str | Path, device: str = "cpu", *, plain: bool = False, back
     every quantized layer on this GEMM backend instead of the policy's (``auto`` keeps small GEMMs
     in plain bf16 on a GPU, which is not the precision the model was trained in; ``emulated`` is
     exact everywhere)."""
-    from hybrid import HybridConfig, HybridLM
-
-    from .build import _model_config, _vocab_size, check_train
-    from .data import DataConfig, prepare_data
-
     payload = load_checkpoint(resolve_checkpoint(path))
     cfg = OmegaConf.create(payload["config"])
     t = check_train(cfg.train)
     data_cfg = DataConfig.from_config(cfg.data)
     data = prepare_data(data_cfg, batch_size=t["batch_size"], seq_len=t["seq_len"])
-    model = HybridLM(_model_config(cfg, _vocab_size(data_cfg)))
+    model = HybridLM(model_config(cfg, vocab_size(data_cfg)))
     if not plain:
-        import lowprec
-
         policy = OmegaConf.to_container(cfg.precision, resolve=True)
         if backend is not None:
             if backend not in BACKENDS:
@@ -92,87 +75,7 @@ def load_run(path: str | Path, device: str = "cpu", *, plain: bool = False, back
             raise ValueError(f"checkpoint {path} has no float weights for {sorted(missing)[:4]}...: PTQ needs a model "
                              "trained with unquantized (latent) weights, e.g. precision=bf16")
         model.load_state_dict({k: v.float() for k, v in state.items()})
-    assert isinstance(model.cfg, HybridConfig)
     return model.to(device).eval(), data, cfg
-
-
-@torch.no_grad()
-def _run(model, ids: torch.Tensor, state, segment: int, *, carry: bool = True):
-    """Feed ``ids`` (B, N) ``segment`` tokens at a time; returns (logits (B, N, V), state).
-    ``carry=False`` drops the state before every segment (a windowed model)."""
-    outs = []
-    for s in range(0, ids.shape[1], segment):
-        logits, state = model(ids[:, s:s + segment], state if carry else None)
-        outs.append(logits)
-    return (torch.cat(outs, dim=1) if outs else None), state
-
-
-def _roll(state):
-    """The state of row b replaced by row b+1's (cyclically): each prompt gets a neighbour's memory."""
-    from dataclasses import replace
-
-    dims = {"h": 1, "c": 1, "memory": 0, "pending": 0}
-    return replace(state, **{k: torch.roll(getattr(state, k), 1, dims[k]) for k in dims
-                             if getattr(state, k) is not None})
-
-
-CONTROLS = ("on", "off", "shuffled")
-
-
-@torch.no_grad()
-def memory_retrieval_accuracy(model, tokenizer, *, distances, per_bucket: int, device, segment: int,
-                              kind: str = "passkey", seed: int = 0, row_len: int | None = None,
-                              **example_kwargs) -> dict[str, dict[int, float]]:
-    """{control: {distance: accuracy}} for a retrieval task with memory ``on`` / ``off`` / ``shuffled``.
-
-    Each prompt is read ``segment`` tokens at a time (the training segment length: self-attention
-    sees the current segment, everything earlier arrives through the carried state). Scored by
-    teacher forcing: prompt + the answer's first k-1 tokens go in, and an example counts as correct
-    iff the argmax at each of the k answer positions is the answer token, which is exactly when
-    greedy decoding would produce the answer. The segment holding the first answer position starts
-    at ``cut``. Controls: ``on`` carries the state; ``off`` drops it before every segment (a
-    windowed model); ``shuffled`` carries into the segment at ``cut`` the state another prompt of
-    the same distance bucket left there (prompts of a bucket are scored as one batch, the state
-    rolled by one row), so only what the memory holds about THIS prompt can help.
-
-    ``row_len``: every prompt + answer is exactly this long (filler before the needle makes up the
-    rest), as the rows of a retrieval training task are: a model trained on such rows has only
-    seen the question at their end (in the last segment, at the same in-segment positions), so
-    shorter prompts would score it on positions it never answered at. None: the prompts are as
-    short as the distance allows (a model trained on running text)."""
-    from .tasks import retrieval_examples
-
-    if per_bucket < 2:
-        raise ValueError(f"per_bucket={per_bucket}: the shuffled control needs >= 2 prompts per distance")
-    if row_len is not None:
-        example_kwargs["total_len"] = row_len
-    examples = retrieval_examples(tokenizer, kind, distances=distances, per_bucket=per_bucket, seed=seed,
-                                  **example_kwargs)
-    groups: dict[tuple[int, int], list] = {}
-    for ex in examples:  # rows of a group share the distance and the cut (equal prompt prefixes)
-        groups.setdefault((ex.distance, (len(ex.prompt_ids) - 1) // segment * segment), []).append(ex)
-    hits: dict[str, dict[int, list[int]]] = {m: {} for m in CONTROLS}
-    was_training = model.training
-    model.eval()
-    for (distance, cut), exs in groups.items():
-        if len(exs) < 2:
-            log.warning("retrieval: a lone prompt at distance %d (its prefix length differs from the bucket's) "
-                        "is left out: the shuffled control needs a neighbour", distance)
-            continue
-        prefix = torch.tensor([ex.prompt_ids[:cut] for ex in exs], dtype=torch.int64, device=device)
-        tails = [ex.prompt_ids[cut:] + ex.answer_ids[:-1] for ex in exs]
-        width = max(map(len, tails))
-        tail = torch.tensor([t + [0] * (width - len(t)) for t in tails], dtype=torch.int64, device=device)
-        _, state = _run(model, prefix, None, segment) if cut else (None, None)
-        for mode in CONTROLS:
-            carried = None if mode == "off" or state is None else (_roll(state) if mode == "shuffled" else state)
-            logits, _ = _run(model, tail, carried, segment, carry=mode != "off")
-            pred = logits.argmax(-1).tolist()
-            for ex, p in zip(exs, pred):
-                first = len(ex.prompt_ids) - 1 - cut
-                hits[mode].setdefault(distance, []).append(int(p[first:first + len(ex.answer_ids)] == ex.answer_ids))
-    model.train(was_training)
-    return {m: {d: sum(v) / len(v) for d, v in sorted(h.items())} for m, h in hits.items()}
 
 
 def main(argv=None) -> dict:
@@ -189,8 +92,6 @@ def main(argv=None) -> dict:
     B, T = int(cfg.train.batch_size), int(min(cfg.train.seq_len, model.cfg.window))
     n_batches = int(args.get("eval_batches", cfg.train.eval_batches))
     if cfg.train.get("tbptt", True):  # as the run validated itself: streams, state carried
-        from .data import SegmentStreamer
-
         def streamer():
             return SegmentStreamer(data.val_tokens, B, T, int(cfg.train.seed))
 
@@ -204,7 +105,7 @@ def main(argv=None) -> dict:
         score = lambda m: evaluate(m, windows, data.tokenizer, device)  # noqa: E731
     rows = [("checkpoint", str(resolve_checkpoint(args.checkpoint)), cfg.precision.get("name", "?"), score(model))]
     for recipe in args.get("ptq", []) or []:
-        from .ptq import quantize_post_training
+        from .ptq import quantize_post_training  # the optional [ptq] extra: imported only when asked for
 
         plain, _, _ = load_run(args.checkpoint, device, plain=True)
         q = quantize_post_training(plain, recipe, [x.to(device) for x in calibration], forward=lambda m, b: m(b))
@@ -214,8 +115,6 @@ def main(argv=None) -> dict:
         rows.append(("trained natively", str(resolve_checkpoint(other)), cfg2.precision.get("name", "?"), score(m2)))
     result = {"rows": [{"kind": k, "what": w, "precision": p, **v} for k, w, p, v in rows]}
     if args.get("retrieval"):
-        from .tasks import prompt_kwargs, training_row_len
-
         result["retrieval"] = memory_retrieval_accuracy(  # with the run's digits, records and filler
             model, data.tokenizer, distances=list(args.get("distances", [64, 256, 1024])),
             per_bucket=int(args.get("per_bucket", 5)), device=device, segment=T, kind=str(args.get("kind", "passkey")),

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybrid import HybridState
+
 __all__ = ["StepResult", "Stepper", "evaluate", "evaluate_stream", "generate", "clip_grads_", "nonfinite_tensors"]
 
 
@@ -141,8 +143,6 @@ class Stepper:
                 "hybrid_state": None if self.state is None else self.state.to("cpu").state_dict()}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        from hybrid import HybridState
-
         self.source.load_state_dict(sd["source"])
         hs = sd.get("hybrid_state")
         self.state = None if hs is None else HybridState.from_state_dict(hs).to(self.device)

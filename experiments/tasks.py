@@ -24,23 +24,29 @@ from earlier text on every token, the skill retrieval needs), read cyclically fr
 offset and cut to exact length.
 Everything is drawn from ``random.Random`` seeded with strings, so it is identical across
 runs and machines.
+
+Training reads such prompts as TBPTT segments (:class:`RetrievalStreamer`); a model is scored by
+:func:`memory_retrieval_accuracy`, with its memory on, off and shuffled across prompts.
 """
 from __future__ import annotations
 
+import logging
 import random
 import string
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Sequence
 
 import torch
 
 from .tokenizer import Tokenizer
 
 __all__ = [
-    "TASKS", "DEFAULT_DISTANCES", "RetrievalConfig", "RetrievalExample", "make_example",
-    "retrieval_examples", "evaluate_retrieval", "retrieval_accuracy", "RetrievalBatches", "RetrievalStreamer",
+    "TASKS", "DEFAULT_DISTANCES", "CONTROLS", "RetrievalConfig", "RetrievalExample", "make_example",
+    "retrieval_examples", "RetrievalStreamer", "memory_retrieval_accuracy",
     "training_row_len", "random_phrase", "filler_source", "prompt_kwargs",
 ]
+
+log = logging.getLogger(__name__)
 
 TASKS = ("passkey", "kv")
 DEFAULT_DISTANCES = (256, 1024, 4096, 16384, 65536)
@@ -263,92 +269,6 @@ def retrieval_examples(
     return out
 
 
-PredictFn = Callable[[list[int], int], Sequence[int]]
-
-
-def evaluate_retrieval(
-    predict_fn: PredictFn,
-    tokenizer: Tokenizer | None = None,
-    *,
-    kind: str = "passkey",
-    examples: Sequence[RetrievalExample] | None = None,
-    **kwargs,
-) -> dict[int, tuple[int, int]]:
-    """Accuracy by distance: ``{distance: (correct, total)}``, distances ascending.
-
-    ``predict_fn(prompt_ids, n)`` returns the model's ``n`` continuation ids (e.g. greedy
-    decoding); an example counts as correct iff they equal ``answer_ids`` exactly.
-    Examples come from ``examples`` or ``retrieval_examples(tokenizer, kind, **kwargs)``.
-    """
-    if examples is None:
-        if tokenizer is None:
-            raise ValueError("evaluate_retrieval needs a tokenizer or a list of examples")
-        examples = retrieval_examples(tokenizer, kind, **kwargs)
-    results: dict[int, list[int]] = {}
-    for ex in examples:
-        pred = [int(t) for t in list(predict_fn(list(ex.prompt_ids), len(ex.answer_ids)))]
-        tally = results.setdefault(ex.distance, [0, 0])
-        tally[0] += pred[:len(ex.answer_ids)] == ex.answer_ids
-        tally[1] += 1
-    return {d: (c, n) for d, (c, n) in sorted(results.items())}
-
-
-def retrieval_accuracy(results: dict[int, tuple[int, int]]) -> dict[int, float]:
-    """``{distance: correct / total}`` of ``evaluate_retrieval``'s result."""
-    return {d: c / n for d, (c, n) in results.items()}
-
-
-class RetrievalBatches:
-    """Training batches of retrieval prompts: each row is prompt + answer, exactly T+1 tokens.
-
-    Yields ``(x, y, answer_mask)``: x, y (B, T) int64 with y = x shifted by one, and
-    answer_mask (B, T) bool, True where y is an answer token (to weight or restrict the loss).
-    The distance of each row is uniform over what fits in T. Batch ``s`` depends only on
-    (seed, s), so ``state_dict`` (the step) resumes exactly.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, batch_size: int, seq_len: int, seed: int = 0, *,
-                 kind: str = "passkey", filler: Sequence[int] | torch.Tensor | str | None = None,
-                 **kwargs):
-        if kind not in TASKS:
-            raise ValueError(f"unknown retrieval kind {kind!r}; choose from {TASKS}")
-        if batch_size < 1 or seq_len < 1:
-            raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
-        if isinstance(filler, torch.Tensor):
-            filler = filler.reshape(-1).tolist()
-        self.tokenizer, self.batch_size, self.seq_len, self.seed = tokenizer, batch_size, seq_len, seed
-        self.kind, self.filler, self.kwargs = kind, filler, kwargs
-        self.step = 0
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, T = self.batch_size, self.seq_len
-        x = torch.empty(B, T, dtype=torch.int64)
-        y = torch.empty(B, T, dtype=torch.int64)
-        mask = torch.zeros(B, T, dtype=torch.bool)
-        for b in range(B):
-            rng = random.Random(f"retrieval-train:{self.seed}:{self.kind}:{self.step}:{b}")
-            ex = make_example(self.kind, self.tokenizer, None, rng=rng, filler=self.filler,
-                              total_len=T + 1, **self.kwargs)
-            row = torch.tensor(ex.prompt_ids + ex.answer_ids, dtype=torch.int64)
-            x[b], y[b] = row[:-1], row[1:]
-            start = len(ex.prompt_ids) - 1
-            mask[b, start:start + len(ex.answer_ids)] = True
-        self.step += 1
-        return x, y, mask
-
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "kind": self.kind, "step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        if (state["seed"], state["kind"]) != (self.seed, self.kind):
-            raise ValueError(f"RetrievalBatches state is for seed/kind {state['seed']}/{state['kind']}, "
-                             f"this one is {self.seed}/{self.kind}")
-        self.step = int(state["step"])
-
-
 def training_row_len(train) -> int | None:
     """Prompt + answer length of the rows a run's ``train`` section trains on with a retrieval task
     (``tbptt_segments x seq_len + 1``, as :class:`RetrievalStreamer` builds them); None for a run
@@ -428,3 +348,80 @@ class RetrievalStreamer:
             raise ValueError(f"RetrievalStreamer state is for seed/kind {state['seed']}/{state['kind']}, "
                              f"this one is {self.seed}/{self.kind}")
         self.rowset, self.segment = int(state["rowset"]), int(state["segment"])
+
+
+# ------------------------------------------------------------------------------- scoring
+
+@torch.no_grad()
+def _run(model, ids: torch.Tensor, state, segment: int, *, carry: bool = True):
+    """Feed ``ids`` (B, N) ``segment`` tokens at a time; returns (logits (B, N, V), state).
+    ``carry=False`` drops the state before every segment (a windowed model)."""
+    outs = []
+    for s in range(0, ids.shape[1], segment):
+        logits, state = model(ids[:, s:s + segment], state if carry else None)
+        outs.append(logits)
+    return (torch.cat(outs, dim=1) if outs else None), state
+
+
+def _roll(state):
+    """The state of row b replaced by row b+1's (cyclically): each prompt gets a neighbour's memory."""
+    dims = {"h": 1, "c": 1, "memory": 0, "pending": 0}
+    return replace(state, **{k: torch.roll(getattr(state, k), 1, dims[k]) for k in dims
+                             if getattr(state, k) is not None})
+
+
+CONTROLS = ("on", "off", "shuffled")
+
+
+@torch.no_grad()
+def memory_retrieval_accuracy(model, tokenizer, *, distances, per_bucket: int, device, segment: int,
+                              kind: str = "passkey", seed: int = 0, row_len: int | None = None,
+                              **example_kwargs) -> dict[str, dict[int, float]]:
+    """{control: {distance: accuracy}} for a retrieval task with memory ``on`` / ``off`` / ``shuffled``.
+
+    Each prompt is read ``segment`` tokens at a time (the training segment length: self-attention
+    sees the current segment, everything earlier arrives through the carried state). Scored by
+    teacher forcing: prompt + the answer's first k-1 tokens go in, and an example counts as correct
+    iff the argmax at each of the k answer positions is the answer token, which is exactly when
+    greedy decoding would produce the answer. The segment holding the first answer position starts
+    at ``cut``. Controls: ``on`` carries the state; ``off`` drops it before every segment (a
+    windowed model); ``shuffled`` carries into the segment at ``cut`` the state another prompt of
+    the same distance bucket left there (prompts of a bucket are scored as one batch, the state
+    rolled by one row), so only what the memory holds about THIS prompt can help.
+
+    ``row_len``: every prompt + answer is exactly this long (filler before the needle makes up the
+    rest), as the rows of a retrieval training task are: a model trained on such rows has only
+    seen the question at their end (in the last segment, at the same in-segment positions), so
+    shorter prompts would score it on positions it never answered at. None: the prompts are as
+    short as the distance allows (a model trained on running text)."""
+    if per_bucket < 2:
+        raise ValueError(f"per_bucket={per_bucket}: the shuffled control needs >= 2 prompts per distance")
+    if row_len is not None:
+        example_kwargs["total_len"] = row_len
+    examples = retrieval_examples(tokenizer, kind, distances=distances, per_bucket=per_bucket, seed=seed,
+                                  **example_kwargs)
+    groups: dict[tuple[int, int], list] = {}
+    for ex in examples:  # rows of a group share the distance and the cut (equal prompt prefixes)
+        groups.setdefault((ex.distance, (len(ex.prompt_ids) - 1) // segment * segment), []).append(ex)
+    hits: dict[str, dict[int, list[int]]] = {m: {} for m in CONTROLS}
+    was_training = model.training
+    model.eval()
+    for (distance, cut), exs in groups.items():
+        if len(exs) < 2:
+            log.warning("retrieval: a lone prompt at distance %d (its prefix length differs from the bucket's) "
+                        "is left out: the shuffled control needs a neighbour", distance)
+            continue
+        prefix = torch.tensor([ex.prompt_ids[:cut] for ex in exs], dtype=torch.int64, device=device)
+        tails = [ex.prompt_ids[cut:] + ex.answer_ids[:-1] for ex in exs]
+        width = max(map(len, tails))
+        tail = torch.tensor([t + [0] * (width - len(t)) for t in tails], dtype=torch.int64, device=device)
+        _, state = _run(model, prefix, None, segment) if cut else (None, None)
+        for mode in CONTROLS:
+            carried = None if mode == "off" or state is None else (_roll(state) if mode == "shuffled" else state)
+            logits, _ = _run(model, tail, carried, segment, carry=mode != "off")
+            pred = logits.argmax(-1).tolist()
+            for ex, p in zip(exs, pred):
+                first = len(ex.prompt_ids) - 1 - cut
+                hits[mode].setdefault(distance, []).append(int(p[first:first + len(ex.answer_ids)] == ex.answer_ids))
+    model.train(was_training)
+    return {m: {d: sum(v) / len(v) for d, v in sorted(h.items())} for m, h in hits.items()}

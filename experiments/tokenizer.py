@@ -31,7 +31,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import tokenizers
 import torch
+from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
 __all__ = [
     "TOKENIZERS", "BPE_VERSION", "Tokenizer", "ByteTokenizer", "BPETokenizer",
@@ -154,8 +156,6 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def load(cls, path: str | Path) -> "BPETokenizer":
-        from tokenizers import Tokenizer as HFTokenizer
-
         return cls(HFTokenizer.from_file(str(path)), path=Path(path), loaded_from_cache=True)
 
     def encode(self, text: str) -> list[int]:
@@ -192,8 +192,6 @@ def default_cache_dir() -> Path:
 
 
 def _cache_key(corpus_id: str, vocab_size: int) -> str:
-    import tokenizers
-
     spec = f"{corpus_id}|vocab={vocab_size}|bpe_v{BPE_VERSION}|tokenizers={tokenizers.__version__}"
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
@@ -225,8 +223,6 @@ def train_bpe(
     path = cache_dir / f"bpe-{vocab_size}-{_cache_key(corpus_id, vocab_size)}.json"
     if path.exists():
         return BPETokenizer.load(path)
-
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -9,7 +9,7 @@
 The run directory (``run_dir``, by default Hydra's output directory) receives ``config.yaml`` (the
 resolved config), ``precision_report.md`` (the policy's per-layer table and the optimizer's
 memory), ``tb/`` (TensorBoard events), ``checkpoints/ckpt-<step>.pt`` and ``summary.json`` (final
-and best validation loss / bits per character, throughput, the sample). Each step is described
+and best validation loss / bits per character, the validation curve, throughput, the sample). Each step is described
 in :mod:`experiments.loop`; checkpoints in :mod:`experiments.checkpoint`; configuration checks in
 :mod:`experiments.build`.
 
@@ -30,10 +30,18 @@ from typing import Any
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+import lowprec
+import optim
 
 from .build import ConfigError, Run, build_run
-from .checkpoint import CheckpointManager, CorruptCheckpointError, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import (CheckpointManager, CorruptCheckpointError, load_checkpoint, resolve_checkpoint, rng_state,
+                         set_rng_state)
 from .loop import Stepper, evaluate, evaluate_stream, generate, nonfinite_tensors
+from .tasks import memory_retrieval_accuracy, prompt_kwargs, training_row_len
 
 __all__ = ["train", "main", "NonFiniteError"]
 
@@ -151,8 +159,6 @@ def _warn_unquantized(run: Run) -> None:
 def _write_report(run: Run, run_dir: Path, with_memory: bool) -> bool:
     """``precision_report.md``: the policy's per-layer table, the optimizer's parts and (once the
     optimizer holds its state) the resident bytes per parameter of weights + state."""
-    import optim
-
     text = f"# precision report\n\n{run.report}\n\n# optimizer\n\n{run.optimizer.describe()}\n"
     if with_memory:
         text += f"\n# memory per parameter (weights + optimizer state)\n\n{optim.memory_report(run.model, run.optimizer)}\n"
@@ -163,8 +169,6 @@ def _write_report(run: Run, run_dir: Path, with_memory: bool) -> bool:
 def _init_from(run: Run, source) -> Path:
     """Load the model weights of checkpoint ``source`` (a file or a run directory) into ``run.model``;
     ``ConfigError`` naming what differs when the model or its precision does not match."""
-    from .evaluate import resolve_checkpoint
-
     try:
         path = resolve_checkpoint(str(source))
     except FileNotFoundError as e:
@@ -218,7 +222,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     cfg_now = OmegaConf.to_container(cfg, resolve=True)
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     found = _find_resume(cfg.get("resume"), ckpts)
-    start, meta = 0, {"tokens": 0, "train_s": 0.0, "best_val_loss": math.inf, "best_val_bpc": math.inf}
+    # meta travels in every checkpoint: the validation curve (step, tokens, loss, bpc) survives a resume
+    start, meta = 0, {"tokens": 0, "train_s": 0.0, "best_val_loss": math.inf, "best_val_bpc": math.inf, "curve": []}
     if found is not None:
         start = _restore(run, stepper, *found, cfg_now)
         meta.update(found[1].get("meta", {}))
@@ -246,12 +251,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         f"({'TBPTT, state carried' if t['tbptt'] else 'random windows'})",
     ):
         log.info("%s", line)
-
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    import lowprec
 
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1 if start else None)
     if start == 0:
@@ -308,6 +307,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     writer.add_scalar("val/bpc", val["bpc"], step)
                     meta["best_val_loss"] = min(meta["best_val_loss"], val["loss"])
                     meta["best_val_bpc"] = min(meta["best_val_bpc"], val["bpc"])
+                    meta["curve"].append([step, meta["tokens"], val["loss"], val["bpc"]])
                     log.info("step %d: val loss %.4f nats/token, %.4f bits/char", step, val["loss"], val["bpc"])
                     if t["retrieval_eval"]:  # accuracy along training, not only at the end
                         retrieval = _retrieval(run, t)
@@ -340,8 +340,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if t["retrieval_eval"] and retrieval is None:  # resumed a finished run
         retrieval = _retrieval(run, t)
     writer.close()
-    import optim
-
+    curve = meta["curve"]
     summary = {
         "steps": step, "val_loss": val["loss"], "val_bpc": val["bpc"],
         "best_val_loss": min(meta["best_val_loss"], val["loss"]), "best_val_bpc": min(meta["best_val_bpc"], val["bpc"]),
@@ -352,6 +351,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # accuracy by distance with memory on (what ablate tabulates), and every control
         "retrieval": retrieval["on"] if retrieval else None, "retrieval_controls": retrieval,
         "checkpoint": str(last_good_ckpt) if last_good_ckpt else None, "sample": sample,
+        # validation along training, what experiments.ablate plots
+        "curve": {"step": [c[0] for c in curve], "tokens": [c[1] for c in curve],
+                  "val_loss": [c[2] for c in curve], "val_bpc": [c[3] for c in curve]},
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nvalidation: loss {val['loss']:.4f} nats/token, {val['bpc']:.4f} bits/char "
@@ -365,9 +367,6 @@ def _retrieval(run: Run, t: dict) -> dict[str, dict[int, float]]:
     """Retrieval accuracy by distance (data.retrieval: its first kind, distances, per_bucket, seed)
     with memory on / off / shuffled, read in segments of train.seq_len; a run trained on a retrieval
     task is scored on prompts of its training rows' length."""
-    from .evaluate import memory_retrieval_accuracy
-    from .tasks import prompt_kwargs, training_row_len
-
     r = run.data.config.retrieval
     res = memory_retrieval_accuracy(run.model, run.data.tokenizer, distances=list(r.distances), per_bucket=r.per_bucket,
                                     device=run.device, segment=t["seq_len"], kind=r.kinds[0], seed=r.seed,

@@ -1,6 +1,7 @@
 """Number formats: what a value may be once quantized, and how its scale is chosen.
 
-A :class:`Format` is a frozen description; the arithmetic lives in :mod:`lowprec.quantize`.
+A :class:`Format` is a frozen description; the arithmetic lives in :mod:`lowprec.scaling` (scales
+and rounding) and :mod:`lowprec.qtensor` (packed storage).
 Every format quantizes a tensor ``x`` in *scale groups* (the whole tensor, one row, or one
 block of ``block`` consecutive elements along the last dimension)::
 

@@ -1,8 +1,7 @@
-"""Memory of one training step per optimizer recipe, against bf16 AdamW: ``python -m optim.memory_bench``.
+"""Memory of one training step per optimizer recipe, against bf16 AdamW: ``python -m experiments.memory_bench``.
 
-For each case a real model (``hybrid.HybridLM(hybrid.preset(...))``; a stack of 2048-wide Linear
-layers if ``hybrid`` is unavailable) gets a precision policy and an optimizer config from
-``configs/``, takes one warm-up step (optimizer state is allocated at the first step), then one
+For each case a real model (``hybrid.HybridLM(hybrid.preset(...))``) gets a precision policy and an
+optimizer config from ``configs/``, takes one warm-up step (optimizer state is allocated at the first step), then one
 measured step. Printed, as markdown rows for ``docs/benchmarks.md``:
 
 - ``resident B/param``: :func:`optim.memory_report` (weights + optimizer state, actual storages);
@@ -29,11 +28,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from torch import nn
 
+import hybrid
 import lowprec
-
-from . import build_optimizer, memory_report
+from optim import build_optimizer, memory_report
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -63,36 +61,10 @@ def policy_config(name: str):
     return OmegaConf.load(CONFIGS / "precision" / f"{name}.yaml")
 
 
-class LinearStack(nn.Module):
-    """Fallback model: embedding, ``n`` Linear(width, width) with LayerNorm + GELU, head."""
-
-    def __init__(self, width: int = 2048, n: int = 8, vocab: int = 256):
-        super().__init__()
-        self.embed = nn.ModuleDict({"tok": nn.Embedding(vocab, width)})
-        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(n))
-        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(n))
-        self.head = nn.Linear(width, vocab, bias=False)
-
-    def forward(self, tokens):
-        x = self.embed["tok"](tokens)
-        for lin, norm in zip(self.blocks, self.norms):
-            x = x + F.gelu(lin(norm(x)))
-        return self.head(x), None
-
-
-def make_model(preset: str) -> nn.Module:
-    try:
-        import hybrid
-
-        return hybrid.HybridLM(hybrid.preset(preset))
-    except ImportError:  # pragma: no cover - hybrid is part of this repository
-        return LinearStack()
-
-
-def run_case(name, preset, device, batch, seq, vocab=256):
+def run_case(name, preset, device, batch, seq):
     policy, optim_cfg, overrides, cache = CASES[name]
     torch.manual_seed(0)
-    model = make_model(preset)
+    model = hybrid.HybridLM(hybrid.preset(preset))
     lowprec.apply_policy(model, policy_config(policy))
     model.to(device)
     for m in model.modules():
@@ -100,7 +72,7 @@ def run_case(name, preset, device, batch, seq, vocab=256):
             m.cache_weights = cache
     cfg = OmegaConf.merge(OmegaConf.load(CONFIGS / "optim" / f"{optim_cfg}.yaml"), overrides)
     opt = build_optimizer(model, cfg)
-    vocab = getattr(getattr(model, "cfg", None), "vocab_size", vocab)
+    vocab = model.cfg.vocab_size
     tokens = torch.randint(0, vocab, (batch, seq), device=device)
 
     def step():
@@ -140,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"`python -m optim.memory_bench {' '.join(sys.argv[1:] if argv is None else argv)}` — model "
+    print(f"`python -m experiments.memory_bench {' '.join(sys.argv[1:] if argv is None else argv)}` — model "
           f"{args.preset}, batch {args.batch} x {args.seq} tokens, {where}, torch {torch.__version__}, "
           f"{datetime.date.today().isoformat()}\n")
     head = "| case | params | resident B/param | at step B/param |"
