@@ -34,7 +34,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 from .config import HybridConfig
+from .model import HybridLM
 
 # The paper's Table 1, billions of parameters, and its stated memory (GB).
 PAPER_TABLE1: dict[str, float] = {
@@ -59,7 +62,7 @@ PAPER_ROW: dict[str, str] = {
 }
 COMPONENTS = tuple(PAPER_ROW)
 
-# Why each Table 1 row differs from the spec as built (DESIGN.md, "The paper's numbers (audited)").
+# Why each Table 1 row differs from the spec as built (docs/hybrid.md, "Budget").
 PAPER_WHY: dict[str, str] = {
     "transformer blocks": "the spec (q, o d×d; k, v d×(H_kv·hd) for GQA 128/16×128; FFN up+down d×65536) "
                           "gives 2,751,463,424 weights per block = 352.19B for 128 blocks (+8.4M norm "
@@ -148,9 +151,6 @@ def model_param_counts(model) -> dict[str, int]:
 
 def meta_param_counts(cfg: HybridConfig) -> dict[str, int]:
     """Build `HybridLM(cfg)` on the meta device (no memory) and count its parameters."""
-    import torch
-
-    from .model import HybridLM
     with torch.device("meta"):
         model = HybridLM(cfg)
     return model_param_counts(model)

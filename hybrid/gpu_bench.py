@@ -1,4 +1,4 @@
-"""GPU evidence for the width-16384 model (issue 5): run on one H100/H200.
+"""GPU evidence for the width-16384 model: run on one H100/H200.
 
     python -m hybrid.gpu_bench                 # both parts
     python -m hybrid.gpu_bench --part lstm     # only the recurrent-step table
@@ -21,6 +21,13 @@ import time
 from pathlib import Path
 
 import torch
+
+import lowprec
+from lowprec import LayerPrecision
+from lowprec.nn import QLinear
+
+from .model import HybridLM
+from .presets import preset
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -48,9 +55,6 @@ def copy_bandwidth() -> float:
 
 @torch.no_grad()
 def lstm_table(batch_sizes=(1, 16), d=16384):
-    from lowprec import LayerPrecision
-    from lowprec.nn import QLinear
-
     bw = copy_bandwidth()
     print(f"\n## LSTM recurrent step hh(h) at width {d} (16384 -> 65536), {torch.cuda.get_device_name()}, "
           f"copy bandwidth {bw / 1e12:.2f} TB/s, {datetime.date.today()}\n")
@@ -88,10 +92,7 @@ def lstm_table(batch_sizes=(1, 16), d=16384):
 
 
 def slice_step(tokens=2048, policy="paper"):
-    from omegaconf import OmegaConf
-
-    import lowprec
-    from hybrid import HybridLM, preset
+    from omegaconf import OmegaConf  # the [train] extra: the hybrid core does not depend on it
 
     cfg = preset("slice16k")
     torch.manual_seed(0)

@@ -8,20 +8,11 @@ from .scaling import quantize_dequantize
 from .ste import STES, fake_quantize
 from .telemetry import Telemetry
 from . import nn  # noqa: E402  (layers need the names above)
+from .policy import PolicyReport, PrecisionPolicy, apply_policy  # noqa: E402  (policies build lowprec.nn layers)
+from .loss_scaler import LossScaler
 
 __all__ = [
     "FORMATS", "Format", "format", "QTensor", "quantize", "quantize_dequantize", "predicted_nbytes",
     "fake_quantize", "STES", "LayerPrecision", "Telemetry", "nn",
+    "PrecisionPolicy", "apply_policy", "PolicyReport", "LossScaler",
 ]
-try:  # written alongside; exported once present
-    from .policy import PolicyReport, PrecisionPolicy, apply_policy  # noqa: F401
-
-    __all__ += ["PrecisionPolicy", "apply_policy", "PolicyReport"]
-except ImportError:
-    pass
-try:
-    from .loss_scaler import LossScaler  # noqa: F401
-
-    __all__ += ["LossScaler"]
-except ImportError:
-    pass

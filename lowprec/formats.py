@@ -32,6 +32,7 @@ float formats keep NaN and +-inf elementwise and saturate finite values at ``max
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 KINDS = ("float", "int", "ternary", "binary")
@@ -109,8 +110,6 @@ class Format:
     @property
     def max_exp(self) -> int:
         """Exponent of the largest normal number (emax_elem in the OCP MX spec)."""
-        import math
-
         return math.floor(math.log2(self.max_value))
 
     @property

@@ -36,12 +36,12 @@ iteration: ``step`` is what ends the step.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
-from numbers import Real
 from typing import Any
 
 import torch
+
+from .common import check_real
 
 MODES = ("dynamic", "static", "none")
 GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -53,23 +53,17 @@ _FUSED = hasattr(torch, "_amp_foreach_non_finite_check_and_unscale_")
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.float64)
 
 
-def _check_real(name: str, value: Any, valid: str, ok: Callable[[float], bool]) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or not ok(float(value)):
-        raise ValueError(f"{name}={value!r} is invalid; {name} must be a finite number {valid}")
-    return float(value)
-
-
 def _check_config(mode, init_scale, growth_factor, backoff_factor, growth_interval, min_scale, max_scale):
     """Validated copies of the constructor's arguments (raises ValueError naming the bad one)."""
     if mode not in MODES:
         raise ValueError(f"unknown loss-scaling mode {mode!r}; choose one of {MODES}")
-    min_scale = _check_real("min_scale", min_scale, "> 0", lambda v: v > 0)
-    max_scale = _check_real("max_scale", max_scale, f">= min_scale ({min_scale})", lambda v: v >= min_scale)
-    init_scale = _check_real("init_scale", init_scale, "> 0", lambda v: v > 0)
+    min_scale = check_real("min_scale", min_scale, "> 0", lambda v: v > 0)
+    max_scale = check_real("max_scale", max_scale, f">= min_scale ({min_scale})", lambda v: v >= min_scale)
+    init_scale = check_real("init_scale", init_scale, "> 0", lambda v: v > 0)
     if mode != "none" and not min_scale <= init_scale <= max_scale:
         raise ValueError(f"init_scale={init_scale!r} is outside [min_scale, max_scale] = [{min_scale}, {max_scale}]")
-    growth_factor = _check_real("growth_factor", growth_factor, "> 1", lambda v: v > 1)
-    backoff_factor = _check_real("backoff_factor", backoff_factor, "in (0, 1)", lambda v: 0 < v < 1)
+    growth_factor = check_real("growth_factor", growth_factor, "> 1", lambda v: v > 1)
+    backoff_factor = check_real("backoff_factor", backoff_factor, "in (0, 1)", lambda v: 0 < v < 1)
     if isinstance(growth_interval, bool) or not isinstance(growth_interval, int) or growth_interval < 1:
         raise ValueError(f"growth_interval={growth_interval!r} is invalid; it must be an int >= 1")
     return mode, init_scale, growth_factor, backoff_factor, growth_interval, min_scale, max_scale

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .common import human_bytes as _human_bytes, plain as _plain
 from .formats import FORMATS
 from .precision import FULL_PRECISION, LayerPrecision
 from .qtensor import predicted_nbytes
@@ -54,21 +55,6 @@ TOP_KEYS = ("name", "default", "rules", "override")
 # LayerPrecision ties to "some weight format exists" (native storage, sign pseudo-gradients),
 # so only the rule's own values (names, choices, and conflicts inside the rule) can fail.
 _RULE_CHECK_BASE = LayerPrecision(weight=FORMATS["binary"])
-
-
-def _plain(value: Any) -> Any:
-    """OmegaConf containers -> plain dicts/lists (interpolations resolved), recursively."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # OmegaConf is optional for dict-built policies
-        DictConfig = ListConfig = ()  # noqa: N806
-    if DictConfig and isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 @dataclass(frozen=True)
@@ -229,14 +215,6 @@ class LayerReport:
     format_bytes: int
     resident_bytes: int
     params: int
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 @dataclass

@@ -20,14 +20,13 @@ stochastic-rounding noise is reseeded from (seed, target, step), see :mod:`optim
 from __future__ import annotations
 
 import abc
-import math
 from collections.abc import Iterator
-from numbers import Real
 from typing import Any
 
 import torch
 from torch import nn
 
+from lowprec.common import check_real
 from lowprec.nn.native import NativeWeightMixin
 
 from .moments import SeededGenerators
@@ -46,13 +45,6 @@ def describe_target(t) -> str:
         kind = "Parameter" if isinstance(t, nn.Parameter) else "tensor"
         return f"{kind}(shape={tuple(t.shape)}, dtype={t.dtype})"
     return type(t).__name__
-
-
-def check_real(name: str, value: Any, valid: str, ok) -> float:
-    """``value`` as a float if it is a finite real satisfying ``ok``; else ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or not ok(float(value)):
-        raise ValueError(f"{name}={value!r} is invalid; {name} must be a finite number {valid}")
-    return float(value)
 
 
 def check_betas(name: str, betas) -> tuple[float, float]:
@@ -233,4 +225,4 @@ class TargetOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         return "\n".join(lines)
 
 
-__all__ = ["TargetOptimizer", "NativeGrads", "is_native_layer", "check_real", "check_betas", "describe_target"]
+__all__ = ["TargetOptimizer", "NativeGrads", "is_native_layer", "check_betas", "describe_target"]

@@ -63,11 +63,12 @@ import abc
 
 import torch
 
+from lowprec.common import check_real
 from lowprec.packing import pack_codes, unpack_codes
-from lowprec.scaling import ABSMEAN_EPS, to_groups
 from lowprec.qtensor import QTensor
+from lowprec.scaling import ABSMEAN_EPS, to_groups
 
-from .base import TargetOptimizer, check_betas, check_real, describe_target, is_native_layer
+from .base import TargetOptimizer, check_betas, describe_target, is_native_layer
 from .moments import check_moment_dtype, load, store, store_zeros
 
 MOMENTUM_DTYPES = ("fp32", "bf16")

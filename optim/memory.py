@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lowprec.common import human_bytes as _human
+
 from .moments import state_nbytes
 
 
@@ -58,14 +60,6 @@ class MemoryRow:
     @property
     def step_per_param(self) -> float:
         return self.per_param(self.step_bytes)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n} B"  # pragma: no cover
 
 
 @dataclass

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowprec.common import plain
 from lowprec.nn.native import NativeWeightMixin
 
 from .bop import Bop, TernaryBop
@@ -44,21 +45,6 @@ CONFIG_KEYS = ("name", "lr", "betas", "eps", "weight_decay", "seed", "latent", "
                "native", "schedule", "in_backward")
 SHARED_KEYS = ("lr", "betas", "eps", "weight_decay", "seed")
 _OWN = {"SRAdamW": SRAdamW}
-
-
-def plain(cfg: Any) -> Any:
-    """OmegaConf containers -> plain dicts/lists (interpolations resolved), recursively."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover - hydra is a dependency, but dicts need no OmegaConf
-        DictConfig = ListConfig = ()  # noqa: N806
-    if DictConfig and isinstance(cfg, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(cfg, resolve=True)
-    if isinstance(cfg, Mapping):
-        return {k: plain(v) for k, v in cfg.items()}
-    if isinstance(cfg, (list, tuple)):
-        return [plain(v) for v in cfg]
-    return cfg
 
 
 class _MergedState(Mapping):

@@ -34,7 +34,7 @@ from typing import Any
 
 from torch.optim.lr_scheduler import LambdaLR
 
-from .base import check_real
+from lowprec.common import check_real, plain
 
 SCHEDULES = ("constant", "cosine", "two_stage")
 
@@ -121,8 +121,6 @@ def build_scheduler(optimizer, cfg: Mapping | None, total_steps: int) -> Schedul
     """The schedule named by ``cfg["name"]`` (``constant``, ``cosine``, ``two_stage``); the other
     keys are its keyword arguments (``warmup_steps`` and those of :func:`warmup_cosine` /
     :func:`two_stage_schedule`). ``cfg`` may be the whole optimizer config (its ``schedule`` key)."""
-    from .mixed import plain
-
     cfg = plain(cfg) or {}
     if "schedule" in cfg:
         cfg = cfg["schedule"] or {}
