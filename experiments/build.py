@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import lowprec
 import optim
-from hybrid import HybridConfig, HybridLM
+from hybrid import HybridConfig, HybridLM, store_in_hydra
 
 from .data import DataConfig, SegmentStreamer, prepare_data
 from .tasks import RetrievalStreamer, prompt_kwargs, retrieval_examples, training_row_len
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 # the model's window (registered on import, before Hydra composes anything).
 if not OmegaConf.has_resolver("min"):
     OmegaConf.register_new_resolver("min", lambda *xs: min(xs))
+# The `model` config group is hybrid's presets (`model=tiny`), registered before Hydra composes.
+store_in_hydra()
 
 
 class ConfigError(ValueError):

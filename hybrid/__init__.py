@@ -13,12 +13,12 @@ from .attention import memory_mask
 from .accounting import PAPER_TABLE1, component_budget, param_counts, weight_modules
 from .config import RNN_MODES, HybridConfig
 from .model import HybridLM
-from .presets import preset, presets
+from .presets import preset, presets, store_in_hydra
 from .state import HybridState
 from .tbptt import TBPTTStep, tbptt
 
 __all__ = [
-    "HybridConfig", "HybridLM", "HybridState", "RNN_MODES", "presets", "preset",
+    "HybridConfig", "HybridLM", "HybridState", "RNN_MODES", "presets", "preset", "store_in_hydra",
     "tbptt", "TBPTTStep", "memory_mask",
     "param_counts", "weight_modules", "component_budget", "PAPER_TABLE1",
 ]

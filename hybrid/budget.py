@@ -1,6 +1,6 @@
 """`python -m hybrid.budget model=paper precision=paper`: the budget report as a Hydra app.
 
-Config groups come from the repository's `configs/` (`model/`, `precision/`); the precision is
+Config groups: `model` (the presets of `hybrid/presets.py`) and `precision` (`configs/precision/`); the precision is
 optional (without it every weight is counted at `default_bits`). Other keys: `window` (tokens per
 segment for FLOPs and the KV cache; default `model.window`), `kv_bits`, `act_bits` (memory bank),
 `other_bits` (biases and norms), `check_meta` (build on the meta device and compare counts).
@@ -13,9 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import lowprec
+
 from .accounting import (PAPER_TABLE1, ComponentBudget, component_budget, format_report,  # noqa: F401
                          param_counts, state_bytes)
 from .config import HybridConfig
+from .presets import store_in_hydra
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -37,14 +40,14 @@ def _budget_node() -> dict:
 
 def bits_from_policy(precision_cfg) -> Callable[[str], float]:
     """bits_of(module_name) = the policy's weight `effective_bits` for that module."""
-    import lowprec  # only the policy part of the report needs lowprec
     policy = lowprec.PrecisionPolicy.from_config(precision_cfg)
     return lambda name: float(policy.resolve(name).weight.effective_bits)
 
 
 def _run(cfg) -> None:
-    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.hydra_config import HydraConfig  # Hydra comes with the [train] extra, not the core
     from omegaconf import OmegaConf
+
     model_cfg = HybridConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
     if cfg.get("precision") is not None:
         bits_of = bits_from_policy(cfg.precision)
@@ -58,9 +61,11 @@ def _run(cfg) -> None:
 
 
 def main() -> None:
-    import hydra
+    import hydra  # the [train] extra: `import hybrid` must work without it
     from hydra.core.config_store import ConfigStore
+
     ConfigStore.instance().store(name="hybrid_budget", node=_budget_node())
+    store_in_hydra()  # the `model` group: hybrid's presets
     hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="hybrid_budget")(_run)()
 
 

@@ -8,7 +8,10 @@
 | small     | 256     | 8      | 8/2 × 32          | 1024  | 256   | 256    | 1    | 6.7M   (Shakespeare, byte-level)  |
 | tiny      | 32      | 2      | 4/2 × 8           | 128   | 32    | 16     | 2    | 50K    (tests)                    |
 
-The YAML files in `configs/model/` hold the same values (a test keeps them equal).
+This file is the only place the presets are written down. The Hydra apps (`python -m
+experiments.train model=tiny`, `python -m hybrid.budget model=paper`) read them as the config
+group `model`, registered from here by :func:`store_in_hydra`; any field can then be overridden on
+the command line (`model.window=64`).
 """
 from __future__ import annotations
 
@@ -23,8 +26,8 @@ presets: dict[str, HybridConfig] = {
         memory=True, rnn_layers=16, rnn_mode="stream", chunk=64, compressor_hidden=8192,
         xattn_heads=16, max_memory=2048, tbptt_segments=2,
     ),
-    # Every width-16384 layer of the paper once (n_blocks=2 is the other end of the issue's
-    # 1-2 range), with a short window and position table so it fits one GPU.
+    # Every width-16384 layer of the paper once, with a short window and position table so it
+    # fits one GPU.
     "slice16k": HybridConfig(
         d_model=16384, n_blocks=1, n_heads=128, n_kv_heads=16, head_dim=128, d_ff=65536,
         vocab_size=65536, window=2048, max_window=2048,
@@ -38,7 +41,8 @@ presets: dict[str, HybridConfig] = {
         memory=True, rnn_layers=2, rnn_mode="chunked", chunk=32, compressor_hidden=256,
         xattn_heads=8, max_memory=64, tbptt_segments=2, dropout=0.1,
     ),
-    # ~6.7M parameters, byte-level: sized to the 5 MB Shakespeare corpus (DESIGN.md).
+    # ~6.7M parameters, byte-level: sized to the 5 MB Shakespeare corpus (a larger model overfits it
+    # within a few epochs).
     "small": HybridConfig(
         d_model=256, n_blocks=8, n_heads=8, n_kv_heads=2, head_dim=32, d_ff=1024,
         vocab_size=256, window=256, max_window=256,
@@ -61,3 +65,12 @@ def preset(name: str) -> HybridConfig:
         return presets[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(presets)}") from None
+
+
+def store_in_hydra(group: str = "model") -> None:
+    """Register every preset in Hydra's ConfigStore as ``<group>=<name>`` (fields as keys)."""
+    from hydra.core.config_store import ConfigStore  # Hydra comes with the [train] extra, not the core
+
+    store = ConfigStore.instance()
+    for name, cfg in presets.items():
+        store.store(group=group, name=name, node=cfg.to_dict())

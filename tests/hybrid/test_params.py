@@ -1,17 +1,14 @@
 """Parameter counts (model vs hand formulas), module names, the meta build and the budget report."""
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from hybrid import HybridLM, component_budget, param_counts, preset, presets
+from lowprec import FORMATS
 from hybrid.accounting import PAPER_TABLE1, format_report, model_param_counts, state_bytes
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def hand_total(c) -> int:
@@ -43,7 +40,7 @@ def test_paper_exact_counts_and_fast_meta_build():
     assert time.perf_counter() - t0 < 10
     assert all(p.is_meta for p in model.parameters())
     c = param_counts(preset("paper"))
-    # DESIGN.md's audit: 352.20B blocks, 34.36B LSTM, 1.07 + 0.54 + 0.27B fusion, 392.73B total
+    # the audit of docs/hybrid.md: 352.20B blocks, 34.36B LSTM, 1.07 + 0.54 + 0.27B fusion, 392.73B total
     assert c["blocks.attn"] + c["blocks.ffn"] == 128 * 2_751_463_424 == 352_187_318_272
     assert c["blocks.norm"] == 128 * 4 * 16384
     assert c["rnn.lstm"] == 16 * (8 * 16384**2 + 6 * 16384) == 34_361_311_232
@@ -130,30 +127,25 @@ def test_report_states_every_paper_difference():
         assert f"| {row} |" in text
 
 
-def test_budget_app_runs():
-    out = subprocess.run([sys.executable, "-m", "hybrid.budget", "model=tiny", "kv_bits=8"], cwd=REPO,
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert "| **total** |" in out.stdout and "counts one of the two" in out.stdout
+def test_budget_app_runs(monkeypatch, capsys):
+    """The Hydra app in this process: the model group is hybrid's presets, the policy a config file."""
+    from hybrid import budget
+
+    monkeypatch.setattr(sys, "argv", ["hybrid.budget", "model=tiny", "precision=nvfp4", "kv_bits=8"])
+    budget.main()
+    out = capsys.readouterr().out
+    assert "| **total** |" in out and "counts one of the two" in out
+    assert "precision: nvfp4; window T=16" in out
 
 
-def test_bits_from_policy_uses_weight_effective_bits(monkeypatch):
-    """The policy part of the report, against the lowprec contract (a stand-in module here)."""
-    import types
-
+def test_bits_from_policy_uses_weight_effective_bits():
+    """The report's bits per weight are the real policy's weight format's effective_bits."""
     from hybrid.budget import bits_from_policy
 
-    class Policy:
-        @classmethod
-        def from_config(cls, cfg):
-            p = cls()
-            p.cfg = cfg
-            return p
-
-        def resolve(self, name):
-            bits = 4.5 if name.startswith("blocks.") else 8.0
-            return types.SimpleNamespace(weight=types.SimpleNamespace(effective_bits=bits))
-
-    monkeypatch.setitem(sys.modules, "lowprec", types.SimpleNamespace(PrecisionPolicy=Policy))
-    bits_of = bits_from_policy({"rules": []})
-    assert bits_of("blocks.0.ffn.up") == 4.5 and bits_of("rnn.lstm.0.hh") == 8.0
+    bits_of = bits_from_policy({"name": "t", "default": {"weight": "fp8_e4m3"},
+                                "rules": [{"match": "blocks.*.ffn.*", "weight": "nvfp4"},
+                                          {"match": "rnn.*", "weight": "ternary"}]})
+    # nvfp4: 4-bit E2M1 + one 8-bit E4M3 scale per 16 elements = 4.5; fp8: 8; ternary: packed 2-bit codes
+    assert bits_of("blocks.0.ffn.up") == 4.5
+    assert bits_of("head") == bits_of("blocks.3.attn.q") == 8.0
+    assert bits_of("rnn.lstm.0.hh") == FORMATS["ternary"].effective_bits
