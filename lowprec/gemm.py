@@ -1,4 +1,4 @@
-"""The three GEMMs of a quantized linear layer, on the emulated and the tensor-core backend.
+"""The three GEMMs of a quantized linear layer, run as its :class:`~lowprec.plan.GemmPlan` says.
 
 For ``y = x W^T + b`` with ``x: (M, K)`` (M tokens), ``W: (N, K)``::
 
@@ -6,297 +6,166 @@ For ``y = x W^T + b`` with ``x: (M, K)`` (M tokens), ``W: (N, K)``::
     dgrad  dx = Q(dy; dgrad.grad)  @ Q(W; dgrad.weight)
     wgrad  dW = Q(dy; wgrad.grad)^T @ Q(x; wgrad.input)      (then the weight STE)
 
-``Q(t; fmt)`` is quantize -> dequantize (identity for ``None``). Activation gradients pass
-straight through to ``x`` (identity STE); the weight gradient is multiplied by the layer's weight
-pseudo-gradient (``LayerPrecision.ste``).
+``Q(t; fmt)`` quantizes (identity for ``None``); each GEMM runs on the kernel its plan names
+(:mod:`lowprec.kernels`), so nothing here decides anything. Activation gradients pass straight
+through to ``x`` (identity STE); the weight gradient is multiplied by the weight pseudo-gradient
+of ``LayerPrecision.ste`` (latent storage). What backward reuses from forward (FP8 codes of the
+weight and the input) is the plan's ``reuse_*``.
 
-Backends (one mode per layer, chosen by :func:`plan_gemms`):
-
-- ``emulated``: the reference. Operands are quantized exactly per their formats, dequantized to
-  fp32 and multiplied in fp32. Runs anywhere.
-- ``tensorcore``: FP8 ``torch._scaled_mm`` for every GEMM whose two operands are on an FP8 grid
-  (fp8_e4m3/fp8_e5m2 and, exactly, ternary, binary and fp4_e2m1 codes, which are all E4M3 values)
-  with per-tensor or per-row scales. A weight's per-output-channel scale is applied to the output
-  in fprop and folded into ``dy``'s columns in dgrad (exact). wgrad contracts over tokens, so its
-  operands take per-tensor scales there. Other operands (block-scaled MX/NVFP4, FP4 activations,
-  int8, fp16) are quantized exactly, then cast to bf16 and multiplied on bf16 tensor cores —
-  "emulated on tensor cores". The cast is exact for bf16, E2M1/E4M3 codes times a power-of-two
-  block scale (MX) and unscaled E2M1; it rounds once more (relative error <= 2^-9) for fp16
-  values, int8 codes times an fp32 scale, NVFP4 (E4M3 block scale times fp32 tensor scale) and
-  unquantized fp32 operands. Use ``emulated`` where that last rounding matters.
-- ``bf16``: no quantization at all (``auto`` keeps GEMMs too small for FP8 to pay off here).
+The autograd function receives tensors, the plan and a :class:`LayerIO` (the layer's operand cache,
+the sink of a native weight's gradient, telemetry and the gradient's amax history), never the
+module.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
-from . import kernels
+from . import gemv
 from .formats import Format
-from .scaling import CHUNK_ELEMENTS, fake_quant, quantize_dequantize, quantize_groups, quantize_large, to_groups
+from .kernels import GEMV_MAX_ROWS, KERNELS
+from .plan import GemmPlan
+from .qtensor import QTensor
+from .scaling import quantize_dequantize
 from .ste import STES
-from .telemetry import maybe_record
-
-MODES = ("emulated", "tensorcore", "bf16")
-# auto: FP8 tensor-core GEMMs only where both weight dimensions reach AUTO_MIN_DIM and the GEMM has
-# at least AUTO_MIN_WORK multiply-adds (tokens x in x out) at its first call. Measured on an H100
-# (docs/benchmarks.md, FFN fwd+bwd): d=1024 FP8 0.79-0.80x bf16; d=2048 0.79x at 4096 tokens
-# (2^36 MACs per GEMM) but 1.06x at 16384 (2^38); d=4096 1.12x at 4096 tokens (2^38).
-AUTO_MIN_DIM = 2048
-AUTO_MIN_WORK = 2**38
 
 
-# ---- operand grids ---------------------------------------------------------------------------
-def fp8_grid(fmt: Format | None) -> torch.dtype | None:
-    """The float8 dtype that holds every element of ``fmt`` exactly, with a per-tensor or per-row
-    scale usable by ``_scaled_mm``; None if there is none."""
-    if fmt is None or not fmt.is_scaled or fmt.granularity not in ("tensor", "row"):
+@dataclass(eq=False)
+class LayerIO:
+    """What a layer's GEMMs touch besides tensors: ``cache.get(key, tag, make)`` (quantized weight
+    operands shared within a step, see :class:`lowprec.nn.native.OperandCache`), ``grad_sink(dW)``
+    (a native weight's fp32 gradient), ``record(operand, tensor_or_thunk, fmt)`` (telemetry) and
+    ``grad_history`` (delayed scaling of the gradient: an amax history updated in place)."""
+
+    cache: object
+    grad_sink: Callable | None = None
+    record: Callable | None = None
+    grad_history: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def delayed_amax(history: torch.Tensor | None, t: torch.Tensor):
+    """Delayed scaling (Transformer Engine's DelayedScaling): the amax used now is the max of the
+    history (this tensor's own amax while the history is empty); this amax is then pushed into the
+    history, in place. None without a history."""
+    if history is None:
         return None
-    if fmt.kind in ("ternary", "binary"):
-        return torch.float8_e4m3fn
-    if fmt.kind == "float" and (fmt.exp_bits, fmt.man_bits) in ((4, 3), (2, 1)):
-        return torch.float8_e4m3fn
-    if fmt.kind == "float" and (fmt.exp_bits, fmt.man_bits) == (5, 2):
-        return torch.float8_e5m2
-    return None
+    now = torch.where(torch.isfinite(t), t.detach().abs(), 0).amax().float() if t.numel() else history.new_zeros(())
+    past = history.amax()
+    used = torch.where(past > 0, past, now)
+    history.copy_(torch.cat([now.reshape(1), history[:-1]]))
+    return used
 
 
-def tensorcore_available(device: torch.device) -> tuple[bool, str]:
-    """(available, reason): FP8 tensor cores need CUDA with compute capability >= 8.9."""
-    if device.type != "cuda":
-        return False, f"device {device} is not CUDA"
-    cap = torch.cuda.get_device_capability(device)
-    if cap < (8, 9):
-        return False, f"compute capability {cap[0]}.{cap[1]} < 8.9 has no FP8 tensor cores"
-    return True, "ok"
+def _for(fmt: Format | None, amax):
+    """A delayed amax applies only to per-tensor absmax formats."""
+    return amax if fmt is not None and fmt.scale == "absmax" and fmt.granularity == "tensor" else None
 
 
-def plan_gemms(precision, in_features: int, out_features: int, device: torch.device,
-               tokens: int | None = None) -> tuple[str, str]:
-    """(mode, note) for a layer: how its GEMMs run and why. ``tokens``: rows of the first input
-    (None before any call: ``auto`` then judges by the weight's shape alone)."""
-    backend = precision.backend
-    if not precision.is_quantized:
-        return "emulated", "full precision"
-    if backend == "emulated":
-        return "emulated", "emulated (reference)"
-    ok, why = tensorcore_available(device)
-    if backend == "tensorcore" and not ok:
-        raise RuntimeError(f"backend 'tensorcore' unavailable: {why}; use backend 'auto' or 'emulated'")
-    if not ok:
-        return "emulated", f"emulated ({why})"
-    if backend == "auto" and precision.storage == "latent":
-        if min(in_features, out_features) < AUTO_MIN_DIM:
-            return "bf16", f"bf16 (GEMM {out_features}x{in_features} below FP8 break-even {AUTO_MIN_DIM})"
-        if tokens is not None and tokens * in_features * out_features < AUTO_MIN_WORK:
-            return "bf16", f"bf16 ({tokens}x{in_features}x{out_features} GEMM below FP8 break-even 2^38 MACs)"
-    fp8 = [g for g in ("fprop", "dgrad", "wgrad") if _gemm_on_fp8(precision, g)]
-    emu = [g for g in ("fprop", "dgrad", "wgrad") if g not in fp8]
-    note = "tensorcore fp8: " + ("/".join(fp8) or "none")
-    if emu:
-        note += "; emulated in bf16: " + "/".join(emu)
-        if any(f is not None and f.bits == 4 and f.kind == "float" for f in (precision.operand("fprop", "input"), precision.grad)):
-            note += " (FP4 activations/gradients: no FP4 tensor cores on this GPU)"
-    return "tensorcore", note
+def _weight_operand(kernel, fmt, transposed, plan: GemmPlan, w, io: LayerIO, amax=None):
+    """Operand of the weight (``w``: the master, or the native ``(data, scale, global)``), shared
+    through the layer's cache while the weight is unchanged."""
+    p = plan.precision
+    if p.storage == "native":
+        data, scale, glob = w
+        q = QTensor(data, scale, glob, p.weight, (plan.out_features, plan.in_features),
+                    _padded(p.weight, plan.in_features))
+        if fmt == p.weight:  # as stored: re-deriving a scale from dequantized codes could change it
+            make = lambda: kernel.operand_from_qtensor(q, transposed)  # noqa: E731
+        else:
+            make = lambda: kernel.operand(q.dequantize(torch.float32), fmt, transposed=transposed)  # noqa: E731
+    else:
+        amax = _for(fmt, amax)
+        make = lambda: kernel.operand(w, fmt, amax=amax, transposed=transposed)  # noqa: E731
+    if amax is not None or torch.compiler.is_compiling():
+        return make()
+    tag = tuple((t._version, t.data_ptr()) for t in (w if isinstance(w, tuple) else (w,)) if t is not None)
+    return io.cache.get((kernel.name, fmt, transposed), tag, make)
 
 
-def _gemm_on_fp8(precision, gemm: str) -> bool:
-    a, b = {"fprop": ("input", "weight"), "dgrad": ("grad", "weight"), "wgrad": ("grad", "input")}[gemm]
-    da, db = fp8_grid(precision.operand(gemm, a)), fp8_grid(precision.operand(gemm, b))
-    return da is not None and db is not None and not (da == db == torch.float8_e5m2)
+def _padded(fmt: Format, last: int) -> int:
+    return last + (-last) % fmt.block if fmt.is_scaled and fmt.granularity == "block" else last
 
 
-# ---- quantization helpers --------------------------------------------------------------------
-def _fq(t: torch.Tensor, fmt, rounding="nearest", amax=None) -> torch.Tensor:
-    """Quantize-dequantize to fp32 (``None``: plain fp32)."""
-    if fmt is None:
-        return t.float()
-    amax = amax if (fmt.scale == "absmax" and fmt.granularity == "tensor") else None
-    return fake_quant(t, fmt, rounding=rounding, amax=amax)
+def _transposed_codes(op):
+    """An FP8 operand kept from another GEMM, in the transposed layout (contraction padded)."""
+    return KERNELS["fp8_tensorwise"].transposed(op)
 
 
-def _fp8_operand(t: torch.Tensor, fmt: Format, rounding="nearest", amax=None, tensorwise=False):
-    """(codes in float8, scale) with ``t ~= codes * scale``; scale is (rows, 1) or a 1-element
-    tensor. ``tensorwise`` forces a per-tensor scale (for GEMMs contracting over rows)."""
-    if tensorwise and fmt.granularity != "tensor":
-        fmt = fmt.with_scaling("tensor")
-    if not (fmt.scale == "absmax" and fmt.granularity == "tensor"):
-        amax = None
-    if t.numel() > CHUNK_ELEMENTS:  # e.g. a 16384 x 65536 weight: no float32 copy of it
-        codes, s = quantize_large(t, fmt, rounding=rounding, amax=amax, out_dtype=fp8_grid(fmt), scaled=False)
-        return codes, (s.reshape(1) if fmt.granularity == "tensor" else s.reshape(-1, 1))
-    xg, _ = to_groups(t, fmt)
-    values, s, _, _ = quantize_groups(xg, fmt, rounding, None, amax)
-    codes = values.reshape(t.shape).to(fp8_grid(fmt))
-    return codes, (s.reshape(1) if fmt.granularity == "tensor" else s.reshape(-1, 1))
-
-
-def _w_fq(layer, weight, fmt, amax=None):
-    """The weight operand, fake-quantized to fp32. A native weight is already on its grid and is
-    used as stored (re-deriving an absmean scale from dequantized codes would change it)."""
-    if layer.is_native:
-        w = layer.dequantized_native()
-        return w if fmt == layer.precision.weight else _fq(w, fmt)
-    return layer.weight_cache(("fq", fmt), weight, amax, lambda: _fq(weight, fmt, amax=amax))
-
-
-def _w_bf16(layer, weight, fmt, amax=None):
-    """The weight operand fake-quantized, in bf16 (for GEMMs emulated on bf16 tensor cores)."""
-    key = ("bf16", fmt)
-    if layer.is_native:
-        return layer.weight_cache(key, None, None, lambda: _w_fq(layer, weight, fmt).to(torch.bfloat16))
-    if fmt is None:
-        return layer.weight_cache(key, weight, amax, lambda: weight.to(torch.bfloat16))
-    return layer.weight_cache(key, weight, amax, lambda: fake_quant(weight, fmt, amax=amax, out_dtype=torch.bfloat16))
-
-
-def _w_fp8(layer, weight, fmt, amax=None):
-    """The weight operand as (FP8 codes, scale)."""
-    if layer.is_native:
-        if fmt == layer.precision.weight:
-            return layer.native_fp8_operand()
-        return _fp8_operand(layer.dequantized_native(), fmt)
-    return layer.weight_cache(("fp8", fmt), weight, amax, lambda: _fp8_operand(weight, fmt, amax=amax))
-
-
-def _scaled_mm(a, sa, b_t, sb, out_dtype, fast_accum=False):
-    """``(a * sa) @ (b_t * sb)^T`` on FP8 tensor cores: a (M, K) row-major, b_t (N, K) row-major;
-    sa (M, 1) or (1,), sb (N, 1) or (1,). ``fast_accum``: Hopper's faster FP8 accumulation (used
-    for fprop only, as torchao does).
-
-    Per-row scales use cuBLAS's rowwise kernel when both operands are E4M3; otherwise (E5M2 with
-    per-row scales) the GEMM runs with unit scales into fp32 and the row/column scales multiply
-    the output — the same product, since scaling a row of ``a`` scales that row of the result."""
-    M, N = a.shape[0], b_t.shape[0]
-    if sa.numel() == 1 and sb.numel() == 1:
-        return torch._scaled_mm(a, b_t.t(), scale_a=sa.reshape(()), scale_b=sb.reshape(()), out_dtype=out_dtype,
-                                use_fast_accum=fast_accum)
-    if a.dtype == b_t.dtype == torch.float8_e4m3fn:
-        sa = sa.reshape(-1, 1).expand(M, 1).contiguous()
-        sb = sb.reshape(1, -1).expand(1, N).contiguous()
-        out = torch._scaled_mm(a, b_t.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
-        return out.to(out_dtype)
-    one = torch.ones((), device=a.device)
-    out = torch._scaled_mm(a, b_t.t(), scale_a=one, scale_b=one, out_dtype=torch.float32, use_fast_accum=fast_accum)
-    return (out * sa.reshape(-1, 1) * sb.reshape(1, -1)).to(out_dtype)
-
-
-def _pad_rows(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
-    pad = (-t.shape[0]) % multiple
-    return torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t
-
-
-def _bf16_gemm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
-    return (a.to(torch.bfloat16) @ b_t.to(torch.bfloat16).t()).float()
-
-
-# ---- the autograd function -------------------------------------------------------------------
 class QLinearFunction(torch.autograd.Function):
-    """Inputs: x2 (M, K), weight (N, K) (the latent master; for a native layer its packed
-    buffer, read through the layer), bias or None, anchor (a 0-d tensor that requires grad so
-    backward always runs for native weights), layer (the module: precision, mode, amax
-    histories, weight caches, native-grad sink, telemetry)."""
+    """Inputs: x2 (M, K); w_a, w_b, w_c: the latent master weight (and two Nones), or the native
+    weight's packed data, scale and global scale; bias or None; anchor (a 0-d tensor requiring grad,
+    so backward runs for native weights); amax_x, amax_w (delayed scaling, or None); plan; io."""
 
     @staticmethod
-    def forward(ctx, x2, weight, bias, anchor, layer):
-        p = layer.precision
-        mode = layer.gemm_mode
-        f_in, f_w = p.operand("fprop", "input"), p.operand("fprop", "weight")
-        maybe_record(layer, "input", x2, f_in)
-        maybe_record(layer, "weight", lambda: layer.dequantized_native() if layer.is_native else weight, f_w)
-        amax_x = layer.delayed_amax("input", x2)
-        amax_w = layer.delayed_amax("weight", weight)
+    def forward(ctx, x2, w_a, w_b, w_c, bias, anchor, amax_x, amax_w, plan: GemmPlan, io: LayerIO):
+        p, fp = plan.precision, plan.fprop
+        native = p.storage == "native"
+        w = (w_a, w_b, w_c) if native else w_a
+        if io.record is not None:
+            io.record("input", x2, fp.a)
+            io.record("weight", (lambda: QTensor(w_a, w_b, w_c, p.weight, (plan.out_features, plan.in_features),
+                                                 _padded(p.weight, plan.in_features)).dequantize()) if native else w_a, fp.b)
         out_dtype = x2.dtype
-        empty = x2.new_empty(0)
-        w_keep = x_keep = (empty, empty)
-        if mode == "tensorcore" and kernels.use_ternary_gemv(layer, x2, f_w):
-            # few tokens: the GEMV is memory-bound, reading 2-bit codes beats any FP8 GEMM
-            y = kernels.ternary_gemv(_fq(x2, f_in, amax=amax_x), layer).to(out_dtype)
-        elif mode == "tensorcore" and _gemm_on_fp8(p, "fprop"):
-            xa, sx = _fp8_operand(x2, f_in, amax=amax_x)
-            wb, sw = _w_fp8(layer, weight, f_w, amax_w)
-            y = _scaled_mm(xa, sx, wb, sw, out_dtype, fast_accum=True)
-            # backward reuses FP8 operands instead of quantizing them again (and keeps 1 byte per
-            # activation instead of 2): the weight for dgrad, the input for wgrad (per-tensor there)
-            if p.operand("dgrad", "weight") == f_w:
-                w_keep = (wb, sw)
-            if p.operand("wgrad", "input") == f_in and sx.numel() == 1 and _gemm_on_fp8(p, "wgrad"):
-                x_keep = (xa, sx)
-        elif mode == "tensorcore":
-            y = _bf16_gemm(_fq(x2, f_in, amax=amax_x), _w_bf16(layer, weight, f_w, amax_w)).to(out_dtype)
-        elif mode == "bf16":
-            y = (x2.to(torch.bfloat16) @ weight.to(torch.bfloat16).t()).to(out_dtype)
+        A = B = None
+        if plan.gemv is not None and x2.is_cuda and x2.shape[0] <= GEMV_MAX_ROWS:
+            xq = KERNELS["emulated"].operand(x2, fp.a, amax=_for(fp.a, amax_x))[0]
+            y = gemv.ternary_gemv(xq, w_a, w_b, plan.out_features).to(out_dtype)
         else:
-            y = (_fq(x2, f_in, amax=amax_x) @ _w_fq(layer, weight, f_w, amax_w).t()).to(out_dtype)
+            k = KERNELS[fp.kernel]
+            A = k.operand(x2, fp.a, amax=_for(fp.a, amax_x))
+            B = _weight_operand(k, fp.b, False, plan, w, io, amax_w)
+            y = k.mm(A, B, out_dtype, fast_accum=fp.kernel.startswith("fp8"))
         if bias is not None:
             y = y + bias.to(out_dtype)
-        ctx.layer = layer
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.w_dtype = weight.dtype
-        ctx.x_dtype = x2.dtype
-        ctx.save_for_backward(x2 if not x_keep[0].numel() else empty, weight, *w_keep, *x_keep)
+        keep_x = plan.reuse_input and A is not None
+        keep_w = plan.reuse_weight and B is not None
+        ctx.plan, ctx.io = plan, io
+        ctx.meta = (bias is not None, None if bias is None else bias.dtype, w_a.dtype, x2.dtype, keep_x, keep_w)
+        ctx.save_for_backward(None if keep_x else x2, w_a, w_b, w_c,
+                              *(A if keep_x else (None, None)), *(B if keep_w else (None, None)))
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, wb_kept, sw_kept, xa_kept, sx_kept = ctx.saved_tensors
-        layer = ctx.layer
-        p = layer.precision
-        mode = layer.gemm_mode
+        x2, w_a, w_b, w_c, xa, xs, wb, ws = ctx.saved_tensors
+        plan, io = ctx.plan, ctx.io
+        has_bias, bias_dtype, w_dtype, x_dtype, keep_x, keep_w = ctx.meta
+        p, dg, wg = plan.precision, plan.dgrad, plan.wgrad
+        native = p.storage == "native"
+        w = (w_a, w_b, w_c) if native else w_a
         dy = dy.contiguous()
-        f_g = p.operand("dgrad", "grad")
-        maybe_record(layer, "grad", dy, f_g)
-        amax_g = layer.delayed_amax("grad", dy)
+        if io.record is not None:
+            io.record("grad", dy, dg.a)
+        amax_g = delayed_amax(io.grad_history, dy)
         rnd = p.grad_rounding
         dx = dw = None
-        g_keep = None
-        needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or layer.is_native
-        # dgrad
-        if needs_x:
-            f_wd = p.operand("dgrad", "weight")
-            if mode == "tensorcore" and _gemm_on_fp8(p, "dgrad"):
-                wb, sw = (wb_kept, sw_kept) if wb_kept.numel() else _w_fp8(layer, weight, f_wd)
-                if sw.numel() != 1:  # per-output-channel weight scale: fold into dy's columns
-                    dy_s, sw = dy.float() * sw.reshape(1, -1), sw.new_ones(1)
-                else:
-                    dy_s = dy
-                ga, sg = _fp8_operand(dy_s, f_g, rnd, amax=None if dy_s is not dy else amax_g)
-                dx = _scaled_mm(ga, sg, wb.t().contiguous(), sw, ctx.x_dtype)
-                if dy_s is dy and sg.numel() == 1 and p.operand("wgrad", "grad") == f_g and not dy.shape[0] % 16:
-                    g_keep = (ga, sg)  # wgrad reuses the per-tensor FP8 gradient
-            elif mode == "tensorcore":
-                dx = _bf16_gemm(_fq(dy, f_g, rnd, amax_g), _w_bf16(layer, weight, f_wd).t()).to(ctx.x_dtype)
-            elif mode == "bf16":
-                dx = (dy.to(torch.bfloat16) @ weight.to(torch.bfloat16)).to(ctx.x_dtype)
+        G = None
+        if ctx.needs_input_grad[0]:
+            k = KERNELS[dg.kernel]
+            G = k.operand(dy, dg.a, rounding=rnd, amax=_for(dg.a, amax_g))
+            B = k.transposed((wb, ws)) if keep_w else None
+            B = B if B is not None else _weight_operand(k, dg.b, True, plan, w, io)
+            dx = k.mm(G, B, x_dtype)
+        if ctx.needs_input_grad[1] or native:
+            k = KERNELS[wg.kernel]
+            if plan.reuse_grad and G is not None:
+                A = _transposed_codes(G)
             else:
-                dx = (_fq(dy, f_g, rnd, amax_g) @ _w_fq(layer, weight, f_wd)).to(ctx.x_dtype)
-        # wgrad
-        if needs_w:
-            f_gw, f_xw = p.operand("wgrad", "grad"), p.operand("wgrad", "input")
-            if mode == "tensorcore" and _gemm_on_fp8(p, "wgrad"):
-                ga, sg = g_keep if g_keep is not None else _fp8_operand(_pad_rows(dy), f_gw, rnd, tensorwise=True)
-                if xa_kept.numel():
-                    xb, sx = _pad_rows(xa_kept), sx_kept
-                else:
-                    xb, sx = _fp8_operand(_pad_rows(x2), f_xw, tensorwise=True)
-                dw = _scaled_mm(ga.t().contiguous(), sg, xb.t().contiguous(), sx, torch.float32)
-            elif mode == "tensorcore":
-                dw = _bf16_gemm(_fq(dy, f_gw, rnd).t(), _fq(x2, f_xw).t())
-            elif mode == "bf16":
-                dw = (dy.to(torch.bfloat16).t() @ x2.to(torch.bfloat16)).float()
+                A = k.operand(dy, wg.a, rounding=rnd, amax=_for(wg.a, amax_g) if wg.a == dg.a else None, transposed=True)
+            B = _transposed_codes((xa, xs)) if keep_x else k.operand(x2, wg.b, transposed=True)
+            dw = k.mm(A, B, torch.float32 if native else w_dtype)
+            if not native:
+                pseudo = weight_pseudo_grad(w_a, plan.fprop.b, p.ste)
+                dw = dw if pseudo is None else (dw.float() * pseudo).to(w_dtype)
             else:
-                dw = _fq(dy, f_gw, rnd).t() @ _fq(x2, f_xw)
-            pseudo = layer.weight_pseudo_grad(weight)
-            if pseudo is not None:
-                dw = dw * pseudo
-            if layer.is_native:
-                layer.accumulate_native_grad(dw)
+                io.grad_sink(dw)
                 dw = None
-            else:
-                dw = dw.to(ctx.w_dtype)
-        db = dy.sum(0).to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None
+        db = dy.sum(0).to(bias_dtype) if has_bias and ctx.needs_input_grad[4] else None
+        return dx, dw, None, None, db, None, None, None, None, None
 
 
 def weight_pseudo_grad(weight: torch.Tensor, fmt: Format | None, ste: str) -> torch.Tensor | None:
@@ -306,3 +175,6 @@ def weight_pseudo_grad(weight: torch.Tensor, fmt: Format | None, ste: str) -> to
     _, s = quantize_dequantize(weight.detach(), fmt)
     u = torch.where(s > 0, weight.detach().float() / s, 0.0)
     return STES[ste](u, fmt.max_value)
+
+
+__all__ = ["QLinearFunction", "LayerIO", "delayed_amax", "weight_pseudo_grad"]

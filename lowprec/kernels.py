@@ -1,74 +1,332 @@
-"""GPU kernels for packed weights (Triton; optional).
+"""The kernel registry: every way a GEMM ``C = A @ B^T`` of a quantized layer can run.
 
-``ternary_gemv``: ``y = s * x @ T^T`` for a native ternary weight ``T`` (N, K) stored as 2-bit
-codes (4 per byte, code = value + 1, little-end first: byte ``(n, k // 4)`` holds ``T[n, k]`` in
-bits ``2 (k % 4)``) and a per-tensor scale ``s``. It reads the packed bytes directly, so a
-small-batch GEMV (an LSTM's recurrent step) moves 2 bits per weight instead of 8 or 16: the step
-is memory-bound there. Codes are exact in bf16; ``x`` is rounded to bf16 (as the bf16 tensor-core
-fallback does) and products accumulate in fp32. Used in fprop for at most ``GEMV_MAX_ROWS``
-tokens on CUDA when Triton is importable; otherwise the caller's FP8/bf16 path runs. Block sizes
-are autotuned per (M, N, K) on first use.
+A kernel quantizes each operand exactly per its format and multiplies. An operand is a pair
+``(values, outer)``: ``values`` hold the quantized elements, ``outer`` (fp32, ``(1,)`` per tensor,
+``(rows, 1)`` per row, or None) a scale that factors out of the GEMM and multiplies ``C``'s rows
+(for ``A``) or columns (for ``B``). A scale can factor out only if it is constant along the
+contraction: per-tensor scales always, per-row (per-token, per-output-channel) scales only while the
+operand is not transposed. Every other scale is folded into ``values``.
+
+==========================  =====================================================================
+``emulated``                The reference: operands quantized then dequantized to fp32
+                            (:func:`lowprec.scaling.fake_quant`), fp32 matmul. Any format, device.
+``fp8_tensorwise``          ``torch._scaled_mm`` on FP8 tensor cores (CUDA, compute capability
+                            >= 8.9): both operands on an FP8 grid with per-tensor scales. FP8
+                            grids hold E4M3/E5M2 and, exactly, ternary, binary and E2M1 codes.
+``fp8_rowwise``             The same with per-row scales where they factor out (CUDA >= 9.0).
+``bf16_tensorcore``         Quantized element values (and folded scales) in bf16, bf16 tensor-core
+                            GEMM with fp32 accumulation, outer scales on the fp32 output. Exact
+                            whenever the folded values fit bf16 (FP8/FP4/int8/ternary/binary
+                            codes, MX power-of-two and NVFP4 E4M3 block scales); otherwise it
+                            rounds each operand once more (relative error <= 2^-9).
+``matmul``                  Both operands unquantized: a plain matmul in their dtype.
+``bf16``                    Backend ``unquantized`` only: formats NOT applied, plain bf16 GEMM.
+``packed_ternary_gemv``     fprop with at most ``GEMV_MAX_ROWS`` tokens, native ternary weight:
+                            reads the 2-bit codes directly (:mod:`lowprec.gemv`).
+==========================  =====================================================================
+
+Each kernel answers ``check_support(gemm, a, b, device, shape) -> (ok, reason)``; a plan
+(:mod:`lowprec.plan`) asks them in order and keeps the first that can run. ``exact_for`` says
+whether a kernel multiplies the quantized operands with no further rounding (accumulation order
+aside), i.e. whether it equals the reference up to fp32 summation order.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-GEMV_MAX_ROWS = 64
+from . import gemv
+from .formats import Format
+from .scaling import CHUNK_ELEMENTS, fake_quant, from_groups, quantize_groups, quantize_large, to_groups
 
-try:  # Triton ships with CUDA builds of torch; the CPU build runs without it
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised on machines without triton
-    triton = None
-
-
-if triton is not None:
-
-    _CONFIGS = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K4": bk}, num_warps=w, num_stages=st)
-        for bn, bk, w, st in [(64, 64, 4, 3), (128, 32, 4, 3), (32, 128, 4, 3), (64, 128, 8, 3),
-                              (128, 64, 8, 4), (256, 32, 8, 3), (32, 64, 2, 4)]
-    ]
-
-    @triton.autotune(configs=_CONFIGS, key=["M", "N", "K4"])
-    @triton.jit
-    def _ternary_gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K4, stride_xm, stride_ym,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K4: tl.constexpr):
-        pid = tl.program_id(0)
-        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm = tl.arange(0, BLOCK_M)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K4, BLOCK_K4):
-            rk = k0 + tl.arange(0, BLOCK_K4)
-            w_mask = (rn[:, None] < N) & (rk[None, :] < K4)
-            wb = tl.load(w_ptr + rn[:, None] * K4 + rk[None, :], mask=w_mask, other=0x55)  # 0x55: four zeros
-            for lane in tl.static_range(4):
-                code = (((wb >> (2 * lane)) & 3).to(tl.float32) - 1.0).to(tl.bfloat16)
-                x_mask = (rm[:, None] < M) & (rk[None, :] < K4)
-                xk = tl.load(x_ptr + rm[:, None] * stride_xm + (rk * 4 + lane)[None, :], mask=x_mask, other=0.0)
-                acc += tl.dot(xk.to(tl.bfloat16), tl.trans(code))
-        y_mask = (rm[:, None] < M) & (rn[None, :] < N)
-        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=y_mask)
+GEMV_MAX_ROWS = gemv.GEMV_MAX_ROWS
+# operands of each GEMM that are transposed, i.e. whose quantization rows lie along the contraction
+TRANSPOSED = {"fprop": (False, False), "dgrad": (False, True), "wgrad": (True, True)}
+_MM_FP32_OUT = hasattr(torch.ops.aten.mm, "dtype")  # bf16 x bf16 -> fp32 output (CUDA)
 
 
-def use_ternary_gemv(layer, x2: torch.Tensor, f_w) -> bool:
-    """Whether fprop of ``layer`` on ``x2`` can read its packed ternary weight directly."""
-    return (
-        triton is not None and x2.is_cuda and layer.is_native and f_w == layer.precision.weight
-        and f_w.kind == "ternary" and f_w.granularity == "tensor"
-        and x2.shape[0] <= GEMV_MAX_ROWS and layer.in_features % 4 == 0
-    )
+# ---- operand grids ---------------------------------------------------------------------------
+def fp8_grid(fmt: Format | None) -> torch.dtype | None:
+    """The float8 dtype that holds every element of ``fmt`` exactly, with a per-tensor or per-row
+    scale usable by ``_scaled_mm``; None if there is none."""
+    if fmt is None or not fmt.is_scaled or fmt.granularity not in ("tensor", "row"):
+        return None
+    if fmt.kind in ("ternary", "binary"):
+        return torch.float8_e4m3fn
+    if fmt.kind == "float" and (fmt.exp_bits, fmt.man_bits) in ((4, 3), (2, 1)):
+        return torch.float8_e4m3fn
+    if fmt.kind == "float" and (fmt.exp_bits, fmt.man_bits) == (5, 2):
+        return torch.float8_e5m2
+    return None
 
 
-def ternary_gemv(x: torch.Tensor, layer) -> torch.Tensor:
-    """fp32 ``(M, N)`` = ``x (M, K) @ dequantized(layer.native_weight)^T``."""
-    M, K = x.shape
-    N = layer.out_features
-    w = layer.w_data.view(N, K // 4)
-    x = x.to(torch.bfloat16).contiguous()
-    y = torch.empty(M, N, device=x.device, dtype=torch.float32)
-    block_m = max(16, triton.next_power_of_2(M))
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _ternary_gemv_kernel[grid](x, w, y, M, N, K // 4, x.stride(0), y.stride(0), BLOCK_M=block_m)
-    return y * layer.w_scale.to(torch.float32)
+def bf16_exact(fmt: Format | None, transposed: bool) -> bool:
+    """Whether an operand of ``fmt`` enters a bf16 GEMM with no rounding (None: the operand is the
+    compute dtype, taken as exact)."""
+    if fmt is None:
+        return True
+    elements_fit = (fmt.kind == "float" and fmt.man_bits <= 7 and fmt.exp_bits <= 8) or \
+        (fmt.kind == "int" and fmt.max_value <= 256) or fmt.kind in ("ternary", "binary")
+    if not elements_fit:
+        return False
+    if not fmt.is_scaled or fmt.granularity == "tensor" or fmt.scale in ("e8m0", "nvfp4"):
+        return True  # outer scale, or a folded block scale that keeps the values exact
+    return fmt.granularity == "row" and not transposed
+
+
+# ---- operands: (values, outer scale) -----------------------------------------------------------
+def split(t: torch.Tensor, fmt: Format, *, rounding="nearest", amax=None, transposed=False):
+    """``(values, outer)`` of ``t`` quantized per ``fmt`` in ``t``'s own layout (fp32 values in
+    ``t``'s shape, already transposed if ``transposed``); see the module doc."""
+    xg, groups = to_groups(t, fmt)
+    values, s, stored, g = quantize_groups(xg, fmt, rounding, None, amax)
+    return _outer(values, s, stored, g, groups, fmt, transposed)
+
+
+def split_qtensor(q, transposed=False):
+    """``(values, outer)`` of a packed :class:`~lowprec.QTensor` (no re-quantization)."""
+    groups = q._groups()
+    s = q.group_scales()
+    g = q.global_scale
+    return _outer(q.values(), s, q.scale, g, groups, q.fmt, transposed)
+
+
+def _outer(values, s, stored, g, groups, fmt: Format, transposed: bool):
+    if fmt.is_scaled and (fmt.granularity == "tensor" or (fmt.granularity == "row" and not transposed)):
+        outer = s.reshape(1) if fmt.granularity == "tensor" else s.reshape(-1, 1)
+    elif fmt.scale == "nvfp4":  # fold the E4M3 block scale (exact), keep the fp32 tensor scale
+        outer, values = g.reshape(1), values * stored.to(torch.float32).reshape(-1, 1)
+    else:
+        outer, values = None, values * s
+    v = from_groups(values, groups)
+    return (v.t() if transposed else v), outer
+
+
+def _pad_last(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
+    """Zero-pad the last (contraction) dimension: zeros add nothing to the GEMM."""
+    pad = (-t.shape[-1]) % multiple
+    if not pad:
+        return t
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # pad the bytes: 0x00 is +0.0
+        return F.pad(t.view(torch.uint8), (0, pad)).view(t.dtype)
+    return F.pad(t, (0, pad))
+
+
+def _scale_output(c: torch.Tensor, sa, sb) -> torch.Tensor:
+    if sa is not None:
+        c = c * sa
+    if sb is not None:
+        c = c * sb.reshape(1, -1)
+    return c
+
+
+# ---- kernels ------------------------------------------------------------------------------------
+class Kernel:
+    """One way to run a GEMM. Subclasses define ``operand`` / ``operand_from_qtensor`` (operand
+    preparation, in the layout ``A`` or ``B`` of ``C = A @ B^T``) and ``mm``."""
+
+    name = ""
+    summary = ""
+
+    def check_support(self, gemm, a, b, device, shape) -> tuple[bool, str]:
+        return True, "ok"
+
+    def exact_for(self, gemm, a, b) -> bool:
+        return True
+
+    def operand(self, t, fmt, *, rounding="nearest", amax=None, transposed=False):
+        raise NotImplementedError
+
+    def operand_from_qtensor(self, q, transposed=False):
+        return self.operand(q.dequantize(torch.float32), None, transposed=transposed)
+
+    def mm(self, A, B, out_dtype, fast_accum=False) -> torch.Tensor:
+        raise NotImplementedError
+
+    def transposed(self, op):
+        """The operand of the transposed tensor, from an untransposed one (backward reuses the
+        weight operand of fprop this way); None where the outer scale would lie along the
+        contraction (it must be folded: quantize again)."""
+        v, outer = op
+        return None if (outer is not None and outer.numel() != 1) else (v.t(), outer)
+
+
+class Emulated(Kernel):
+    name = "emulated"
+    summary = "reference: fake-quantized fp32 operands, fp32 matmul"
+
+    def operand(self, t, fmt, *, rounding="nearest", amax=None, transposed=False):
+        v = t.float() if fmt is None else fake_quant(t, fmt, rounding=rounding, amax=amax)
+        return (v.t() if transposed else v), None
+
+    def operand_from_qtensor(self, q, transposed=False):
+        v = q.dequantize(torch.float32)
+        return (v.t() if transposed else v), None
+
+    def mm(self, A, B, out_dtype, fast_accum=False):
+        return (A[0] @ B[0].t()).to(out_dtype)
+
+
+class Matmul(Kernel):
+    name = "matmul"
+    summary = "unquantized operands: matmul in their dtype"
+
+    def check_support(self, gemm, a, b, device, shape):
+        return (a is None and b is None), "operands are quantized"
+
+    def operand(self, t, fmt, *, rounding="nearest", amax=None, transposed=False):
+        return (t.t() if transposed else t), None
+
+    def mm(self, A, B, out_dtype, fast_accum=False):
+        dt = torch.promote_types(A[0].dtype, B[0].dtype)
+        return (A[0].to(dt) @ B[0].to(dt).t()).to(out_dtype)
+
+
+class Unquantized(Matmul):
+    name = "bf16"
+    summary = "formats NOT applied: plain bf16 GEMM (backend unquantized)"
+
+    def exact_for(self, gemm, a, b):
+        return a is None and b is None
+
+    def operand(self, t, fmt, *, rounding="nearest", amax=None, transposed=False):
+        t = t.to(torch.bfloat16)
+        return (t.t() if transposed else t), None
+
+
+class Bf16TensorCore(Kernel):
+    name = "bf16_tensorcore"
+    summary = "quantized values in bf16 on bf16 tensor cores, outer scales on the fp32 output"
+
+    def check_support(self, gemm, a, b, device, shape):
+        return (device.type == "cuda"), f"device {device} is not CUDA"
+
+    def exact_for(self, gemm, a, b):
+        ta, tb = TRANSPOSED[gemm]
+        return bf16_exact(a, ta) and bf16_exact(b, tb)
+
+    def operand(self, t, fmt, *, rounding="nearest", amax=None, transposed=False):
+        if fmt is None:
+            v, outer = t, None
+            v = v.t() if transposed else v
+        else:
+            v, outer = split(t, fmt, rounding=rounding, amax=amax, transposed=transposed)
+        return v.to(torch.bfloat16), outer
+
+    def operand_from_qtensor(self, q, transposed=False):
+        v, outer = split_qtensor(q, transposed)
+        return v.to(torch.bfloat16), outer
+
+    def mm(self, A, B, out_dtype, fast_accum=False):
+        a, b = A[0], B[0].t()
+        c = torch.mm(a, b, out_dtype=torch.float32) if (_MM_FP32_OUT and a.is_cuda) else (a @ b).float()
+        return _scale_output(c, A[1], B[1]).to(out_dtype)
+
+
+class Fp8(Kernel):
+    """FP8 ``torch._scaled_mm``; ``rowwise`` admits per-row outer scales."""
+
+    def __init__(self, rowwise: bool):
+        self.rowwise = rowwise
+        self.name = "fp8_rowwise" if rowwise else "fp8_tensorwise"
+        self.summary = f"FP8 tensor cores, {'per-row' if rowwise else 'per-tensor'} scales"
+
+    def check_support(self, gemm, a, b, device, shape):
+        ok, why = device.fp8_tensor_cores
+        if not ok:
+            return False, why
+        if self.rowwise and device.capability < (9, 0):
+            return False, f"{device}: row-wise FP8 GEMMs need compute capability 9.0"
+        grids = [fp8_grid(a), fp8_grid(b)]
+        for fmt, grid, transposed in zip((a, b), grids, TRANSPOSED[gemm]):
+            if grid is None:
+                return False, f"{fmt or 'unquantized'} is not on an FP8 grid with tensor/row scales"
+            if fmt.granularity == "row" and transposed:
+                return False, f"{gemm}: per-row scales of {fmt} lie along the contraction"
+        if grids[0] == grids[1] == torch.float8_e5m2:
+            return False, "E5M2 x E5M2 is not an FP8 tensor-core GEMM"
+        rows = any(f.granularity == "row" for f in (a, b))
+        if rows != self.rowwise:
+            return False, "per-row scales" if rows else "per-tensor scales only"
+        if any(n % 16 for n in shape):
+            return False, f"layer {shape[0]}->{shape[1]}: FP8 GEMMs need dimensions divisible by 16"
+        return True, "ok"
+
+    def operand(self, t, fmt, *, rounding="nearest", amax=None, transposed=False):
+        dtype = fp8_grid(fmt)
+        if t.numel() > CHUNK_ELEMENTS and not torch.compiler.is_compiling() and fmt.granularity != "block":
+            # eager, e.g. a 16384 x 65536 weight: no float32 copy of it
+            codes, s = quantize_large(t, fmt, rounding=rounding, amax=amax, out_dtype=dtype, scaled=False)
+            outer = s.reshape(1) if fmt.granularity == "tensor" else s.reshape(-1, 1)
+        else:
+            v, outer = split(t, fmt, rounding=rounding, amax=amax)
+            codes = v.to(dtype)
+        return self._layout(codes, outer, transposed)
+
+    def operand_from_qtensor(self, q, transposed=False):
+        v, outer = split_qtensor(q)
+        return self._layout(v.to(fp8_grid(q.fmt)), outer, transposed)
+
+    @staticmethod
+    def _layout(codes, outer, transposed):
+        return (_pad_last(codes.t().contiguous()) if transposed else codes), outer
+
+    def transposed(self, op):
+        return None if op[1].numel() != 1 else self._layout(op[0], op[1], True)
+
+    def mm(self, A, B, out_dtype, fast_accum=False):
+        """``A @ B^T``: cuBLAS wants A row-major and B^T column-major, i.e. both (rows, K)
+        row-major here. Per-row scales use the row-wise kernel when both operands are E4M3;
+        otherwise (E5M2 with per-row scales) unit scales into fp32 and the scales on the output."""
+        a, sa = A
+        b, sb = B
+        if sa.numel() == 1 and sb.numel() == 1:
+            return torch._scaled_mm(a, b.t(), scale_a=sa.reshape(()), scale_b=sb.reshape(()),
+                                    out_dtype=out_dtype, use_fast_accum=fast_accum)
+        M, N = a.shape[0], b.shape[0]
+        if a.dtype == b.dtype == torch.float8_e4m3fn:
+            sa = sa.reshape(-1, 1).expand(M, 1).contiguous()
+            sb = sb.reshape(1, -1).expand(1, N).contiguous()
+            out = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
+            return out.to(out_dtype)
+        one = torch.ones((), device=a.device)
+        out = torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.float32, use_fast_accum=fast_accum)
+        return _scale_output(out, sa.reshape(-1, 1), sb).to(out_dtype)
+
+
+class PackedTernaryGemv(Kernel):
+    name = "packed_ternary_gemv"
+    summary = f"fprop with <= {GEMV_MAX_ROWS} tokens reading 2-bit ternary codes (Triton)"
+
+    def check_support(self, gemm, a, b, device, shape):
+        if gemm != "fprop":
+            return False, "fprop only"
+        if gemv.triton is None or device.type != "cuda":
+            return False, "needs CUDA and Triton"
+        if b is None or b.kind != "ternary" or b.granularity != "tensor" or shape[0] % 4:
+            return False, "needs a native per-tensor ternary weight, in_features divisible by 4"
+        return True, "ok"
+
+    def exact_for(self, gemm, a, b):
+        return bf16_exact(a, False)
+
+
+KERNELS: dict[str, Kernel] = {k.name: k for k in (
+    Emulated(), Matmul(), Unquantized(), Bf16TensorCore(), Fp8(False), Fp8(True), PackedTernaryGemv())}
+AUTO_ORDER = ("fp8_tensorwise", "fp8_rowwise", "bf16_tensorcore", "emulated")
+
+
+def select(gemm: str, a, b, device, shape) -> tuple[str, str]:
+    """(kernel name, reason): the first kernel of ``AUTO_ORDER`` that supports this GEMM."""
+    passed = []
+    for name in AUTO_ORDER:
+        ok, why = KERNELS[name].check_support(gemm, a, b, device, shape)
+        if ok:
+            return name, "; ".join(passed) or "first choice"
+        passed.append(f"not {name}: {why}")
+    raise AssertionError("the emulated kernel supports every GEMM")  # pragma: no cover
+
+
+__all__ = ["KERNELS", "Kernel", "AUTO_ORDER", "select", "fp8_grid", "bf16_exact", "split", "split_qtensor",
+           "GEMV_MAX_ROWS", "TRANSPOSED"]

@@ -258,12 +258,13 @@ class PolicyReport:
         return PolicyReport(self.policy, rows, list(self.unmatched_rules))
 
     def unquantized_gemms(self, model: nn.Module) -> list[str]:
-        """Names of ``model``'s quantized Linear layers whose GEMMs run in plain bf16, without their
-        formats (the ``bf16`` mode ``auto`` picks for GEMMs too small for FP8 to pay off): their
-        formats shape neither the forward nor the gradients. Known once a layer has run."""
+        """Names of ``model``'s quantized Linear layers whose GEMMs run in plain bf16 without their
+        formats (backend ``unquantized``, an explicit choice): their formats shape neither the
+        forward nor the gradients. Read from each layer's plan."""
         mods = dict(model.named_modules())
         return [r.name for r in self.layers
-                if getattr(mods.get(r.name), "gemm_mode", None) == "bf16"]
+                if getattr(mods.get(r.name), "precision", None) is not None
+                and mods[r.name].precision.backend == "unquantized" and mods[r.name].precision.is_quantized]
 
     def to_rows(self) -> list[dict]:
         """One dict per layer, keys ``COLUMNS`` (for ``csv.DictWriter(f, PolicyReport.COLUMNS)``)."""

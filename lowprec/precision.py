@@ -27,7 +27,7 @@ from .rounding import ROUNDINGS
 from .ste import STES
 
 STORAGES = ("latent", "native")
-BACKENDS = ("auto", "emulated", "tensorcore")
+BACKENDS = ("auto", "emulated", "tensorcore", "unquantized")
 SCALINGS = ("current", "delayed")
 GEMMS = {"fprop": ("input", "weight"), "dgrad": ("grad", "weight"), "wgrad": ("grad", "input")}
 OPERANDS = ("weight", "input", "grad")
@@ -63,8 +63,10 @@ class LayerPrecision:
     weight/input/grad: operand formats (None = compute dtype). overrides: per-GEMM operand
     formats, ``((gemm, operand), Format | None)`` pairs. storage: ``latent`` (float master
     weight, quantized every forward, STE backward) or ``native`` (the weight exists only packed).
-    backend: ``emulated`` (quantize -> dequantize -> fp32 matmul, the reference), ``tensorcore``
-    (FP8 ``torch._scaled_mm``) or ``auto``. scaling: ``current`` (scale from this tensor) or
+    backend: how the GEMMs run (see :mod:`lowprec.plan`): ``auto`` (the fastest kernel that
+    computes these formats), ``emulated`` (quantize -> dequantize -> fp32 matmul, the reference),
+    ``tensorcore`` (as auto, requiring FP8 tensor cores) or ``unquantized`` (formats NOT applied:
+    plain bf16 GEMMs, an explicit choice for speed comparisons). scaling: ``current`` (scale from this tensor) or
     ``delayed`` (scale from the max of the last ``amax_history`` amaxes, per-tensor formats).
     ste: weight pseudo-gradient (latent storage). grad_rounding: rounding of gradient operands
     (the NVFP4 recipe rounds gradients stochastically).

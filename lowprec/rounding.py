@@ -103,8 +103,8 @@ def round_to_grid(v: torch.Tensor, fmt: Format, rounding: str, generator=None) -
             out = torch.where(finite, v.clamp(-fmt.max_value, fmt.max_value), v).to(dt).to(torch.float32)
         else:
             out = round_float_grid(v, fmt, rounding, generator)
-        if not fmt.has_inf:  # E4M3 (fn) has no infinity: +-inf becomes its NaN code
-            out = torch.where(torch.isinf(out), float("nan"), out)
+        if not fmt.has_inf:  # E4M3 (fn) has no infinity: +-inf becomes its NaN code, in both roundings
+            out = torch.where(torch.isinf(v), float("nan"), out)
         return out
     if fmt.kind == "int":
         return round_int_grid(v, fmt.max_value, rounding, generator)

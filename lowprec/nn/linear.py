@@ -2,7 +2,8 @@
 
 Storage ``latent``: ``weight`` is an ordinary float Parameter (the master), quantized in every
 forward; its gradient passes the weight STE. Storage ``native``: see :mod:`lowprec.nn.native`.
-The bias stays in the dtype it was given (bf16/fp32). How the GEMMs run: :mod:`lowprec.gemm`.
+The bias stays in the dtype it was given (bf16/fp32). How the GEMMs run is the layer's
+:class:`~lowprec.plan.GemmPlan` (``layer.plan``), built once per device; :mod:`lowprec.gemm` runs it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import torch
 import torch.nn as nn
 
 from .. import gemm
+from ..plan import GemmPlan, build_plan
 from ..precision import FULL_PRECISION, LayerPrecision
-from .native import NativeWeightMixin, check_module_precision, resident_param_bytes
+from ..telemetry import maybe_record
+from .native import NativeWeightMixin, OperandCache, check_module_precision, resident_param_bytes
 
 
 class QLinear(NativeWeightMixin, nn.Module):
@@ -27,7 +30,10 @@ class QLinear(NativeWeightMixin, nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.precision = precision
         self.telemetry_slot = None
-        self._plan = None  # (device, mode, note, tokens), made at the first forward on a device
+        self._plan: GemmPlan | None = None
+        self._plan_error: ValueError | None = None
+        self._plan_device: torch.device | None = None
+        self._operands = OperandCache()
         if weight is None:
             weight = torch.empty(out_features, in_features, device=device, dtype=dtype)
             if weight.device.type != "meta":
@@ -48,6 +54,12 @@ class QLinear(NativeWeightMixin, nn.Module):
         else:
             self.register_parameter("bias", None)
         self._init_delayed(weight.device)
+        self._io = gemm.LayerIO(self._operands, self.accumulate_native_grad if self.is_native else None,
+                                self._record, getattr(self, "amax_history_grad", None))
+        self._replan()
+
+    def _record(self, operand, x, fmt):
+        maybe_record(self, operand, x, fmt)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, precision: LayerPrecision) -> "QLinear":
@@ -68,62 +80,68 @@ class QLinear(NativeWeightMixin, nn.Module):
                 self.register_buffer(f"amax_history_{operand}", buf)
                 self._delayed[operand] = f"amax_history_{operand}"
 
-    @torch.no_grad()
-    def delayed_amax(self, operand: str, t: torch.Tensor):
-        """Delayed scaling (Transformer Engine's DelayedScaling): the amax used now is the max of
-        the last ``amax_history`` amaxes (this one if the history is empty); this tensor's amax is
-        then pushed into the history. None for operands with current scaling."""
+    def _delayed_amax(self, operand: str, t: torch.Tensor):
+        """The amax delayed scaling uses now for ``operand`` (None with current scaling)."""
         name = self._delayed.get(operand)
         if name is None or (operand == "weight" and self.is_native):
             return None
-        hist = getattr(self, name)
-        now = torch.where(torch.isfinite(t), t.detach().abs(), 0).amax().float() if t.numel() else hist.new_zeros(())
-        past = hist.amax()
-        used = torch.where(past > 0, past, now)
-        hist.copy_(torch.cat([now.reshape(1), hist[:-1]]))
-        return used
+        return gemm.delayed_amax(getattr(self, name), t)
 
-    # ---- GEMM plan, STE ---------------------------------------------------------------------------
-    def _ensure_plan(self, device: torch.device, tokens: int | None = None) -> None:
-        """Decide how the GEMMs run on ``device`` (once per device: ``auto`` judges by the
-        weight's shape and the token count of the first call)."""
-        if self._plan is None or self._plan[0] != device or (self._plan[3] is None and tokens is not None):
-            mode, note = gemm.plan_gemms(self.precision, self.in_features, self.out_features, device, tokens)
-            self._plan = (device, mode, note, tokens)
+    # ---- the plan ----------------------------------------------------------------------------------
+    def plan_for(self, device) -> GemmPlan:
+        """This layer's plan on ``device`` (a torch device or a described GPU such as ``"sm90"``)."""
+        return build_plan(self.precision, self.in_features, self.out_features, device)
+
+    def _replan(self) -> None:
+        """Build the plan for the device the weight is on (when it is placed and whenever it moves)."""
+        dev = (self.weight if self.weight is not None else self.w_data).device
+        self._plan, self._plan_error, self._plan_device = None, None, dev
+        if dev.type != "meta":
+            try:
+                self._plan = self.plan_for(dev)
+            except ValueError as e:  # e.g. backend tensorcore while the model is still on the CPU
+                self._plan_error = e
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._replan()
+        return out
 
     @property
-    def gemm_mode(self) -> str | None:
-        """How this layer's GEMMs ran at its last forward (``gemm.MODES``); None before any."""
-        return None if self._plan is None else self._plan[1]
+    def plan(self) -> GemmPlan:
+        """The plan for the device the weight is on (built when the layer is placed or moved)."""
+        dev = (self.weight if self.weight is not None else self.w_data).device
+        if self._plan_device != dev:
+            self._replan()
+        if self._plan is None:
+            raise self._plan_error or ValueError(f"QLinear on {dev} is not placed on a device yet")
+        return self._plan
 
     def backend_note(self) -> str:
-        """How this layer's GEMMs run (decided for the device of its weight, or of its last input)."""
-        if self._plan is None:
-            dev = (self.weight if self.weight is not None else self.w_data).device
-            if dev.type == "meta":
-                return f"{self.precision.backend} (not placed yet)"
-            try:
-                return gemm.plan_gemms(self.precision, self.in_features, self.out_features, dev)[1]
-            except RuntimeError as e:  # e.g. tensorcore asked for, weights still on the CPU
-                return f"{self.precision.backend} (on {dev}: {e})"
-        return self._plan[2]
-
-    def weight_pseudo_grad(self, weight: torch.Tensor):
-        if self.is_native:
-            return None
-        return gemm.weight_pseudo_grad(weight, self.precision.operand("fprop", "weight"), self.precision.ste)
+        """The plan, in one line (or why none can be built where the weight is now)."""
+        dev = (self.weight if self.weight is not None else self.w_data).device
+        if dev.type == "meta":
+            return f"{self.precision.backend} (not placed yet)"
+        try:
+            return self.plan.describe()
+        except ValueError as e:
+            return f"{self.precision.backend} (on {dev}: {e})"
 
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QLinear expects last dimension {self.in_features}, got input {tuple(x.shape)}")
-        self._ensure_plan(x.device, x.numel() // self.in_features)
-        if self.is_native:
-            weight, anchor = self.w_data, self._anchor  # read through the layer, on demand
-        else:
-            weight, anchor = self.weight, None
+        plan = self.plan
+        if self._delayed:  # the buffer is replaced when the module moves
+            self._io.grad_history = self._buffers.get("amax_history_grad")
         x2 = x.reshape(-1, self.in_features)
-        y = gemm.QLinearFunction.apply(x2, weight, self.bias, anchor, self)
+        amax_x = self._delayed_amax("input", x2) if self._delayed else None
+        if self.is_native:
+            w, anchor, amax_w = (self.w_data, self.w_scale, self.w_global), self._anchor, None
+        else:
+            w, anchor = (self.weight, None, None), None
+            amax_w = self._delayed_amax("weight", self.weight) if self._delayed else None
+        y = gemm.QLinearFunction.apply(x2, *w, self.bias, anchor, amax_x, amax_w, plan, self._io)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     # ---- accounting ---------------------------------------------------------------------------

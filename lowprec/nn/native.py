@@ -1,8 +1,12 @@
 """Native weight storage: a weight that exists only in its packed format between steps.
 
 A layer with ``storage="native"`` keeps its weight as the buffers of a :class:`QTensor`
-(``w_data`` packed codes, ``w_scale``, ``w_global``) — no float copy. Each forward dequantizes it
-transiently. The weight gradient is not a ``Parameter.grad`` (there is no float parameter): it is
+(``w_data`` packed codes, ``w_scale``, ``w_global``) — no float copy. Each forward derives the
+operand its kernel needs (FP8 codes, or dequantized values) from the codes; that operand lives only
+while the step's autograd graph holds it (:class:`OperandCache`). The buffers are plain tensors:
+where a weight row fills whole bytes, ``w_data`` is ``(out_features, row_bytes)`` and row ``n``
+packs row ``n`` of the weight, so ``state_dict``, ``torch.distributed.checkpoint`` and a row-wise
+(dim-0) shard see the packed form. The weight gradient is not a ``Parameter.grad`` (there is no float parameter): it is
 accumulated into ``layer.native_grad`` (fp32), or handed to ``layer.native_grad_hook(layer, grad)``
 as soon as backward produces it (an optimizer can update the layer right there, so full-precision
 gradients never exist for the whole model at once). Optimizers write the new weight back with
@@ -11,39 +15,45 @@ gradients never exist for the whole model at once). Optimizers write the new wei
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 
-from ..qtensor import QTensor, predicted_nbytes, quantize
+from ..qtensor import QTensor, _packed_bits, predicted_nbytes, quantize
+
+
+class OperandCache:
+    """Quantized operands derived from a layer's weight, shared by every call of one training step
+    and freed with it.
+
+    A layer called many times per step (an LSTM's recurrent projection runs once per token) would
+    otherwise quantize the same weight at every call. Entries are *weak* references tagged with the
+    weight's version counters (bumped by every in-place update, i.e. every optimizer step): an
+    operand stays reachable exactly as long as an autograd graph holds it for backward, so no
+    quantized or dequantized copy of a weight outlives the step that made it. Compiled graphs
+    bypass the cache (the compiler shares the operand itself)."""
+
+    def __init__(self):
+        self._entries: dict = {}
+
+    def get(self, key, tag, make):
+        if torch.compiler.is_compiling():
+            return make()
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] == tag:
+            value = tuple(None if r is None else r() for r in hit[1])
+            if all(v is not None for v, r in zip(value, hit[1]) if r is not None):
+                return value
+        value = make()
+        self._entries[key] = (tag, tuple(None if v is None else weakref.ref(v) for v in value))
+        return value
 
 
 class NativeWeightMixin:
-    """Shared by QLinear and QEmbedding. Needs ``self.precision`` set."""
-
-    cache_weights = True
-
-    def weight_cache(self, key, weight, amax, make):
-        """``make()``, reused while the weight is unchanged (eager mode only).
-
-        A layer called many times per step (an LSTM's recurrent projection runs once per token)
-        would otherwise quantize the same weight every call. The key holds the weight's version
-        counter (bumped by every in-place update, i.e. every optimizer step) and storage; delayed
-        scaling (a changing amax) and compiled graphs bypass the cache. Costs the quantized copy
-        (FP8 codes on tensor cores, fp32 on the emulated backend) between uses; set
-        ``cache_weights = False`` to trade that memory for recomputation."""
-        if amax is not None or not self.cache_weights or torch.compiler.is_compiling():
-            return make()
-        if weight is None:
-            tag = (key, "native", self._w_version, self.w_data.data_ptr())
-        else:
-            tag = (key, weight._version, weight.data_ptr())
-        cache = self.__dict__.setdefault("_wcache", {})
-        hit = cache.get(key)
-        if hit is not None and hit[0] == tag:
-            return hit[1]
-        value = make()
-        cache[key] = (tag, value)
-        return value
+    """The owner of a layer's weight, shared by QLinear and QEmbedding (needs ``self.precision``):
+    the packed codes and scales of a native weight (buffers ``w_data``, ``w_scale``, ``w_global``)
+    or the float master of a latent one (``weight``), and the operand cache derived from either."""
 
     @property
     def is_native(self) -> bool:
@@ -63,13 +73,15 @@ class NativeWeightMixin:
             self._meta_nbytes = predicted_nbytes(weight.shape, fmt)
         else:
             q = quantize(weight.detach(), fmt)
-        self.register_buffer("w_data", q.data)
+        data = q.data
+        bits = 8 * data.element_size() if data.dtype != torch.uint8 else _packed_bits(fmt)
+        if data.numel() and data.dim() == 1 and len(weight.shape) == 2 and (q.padded_last * bits) % 8 == 0:
+            data = data.reshape(weight.shape[0], -1)  # one row of bytes per weight row (shardable)
+        self.register_buffer("w_data", data)
         self.register_buffer("w_scale", q.scale)
         self.register_buffer("w_global", q.global_scale)
         self._w_shape = tuple(weight.shape)
         self._w_padded_last = q.padded_last
-        self._w_version = 0
-        self._fp8_cache = None
         self.native_grad = None
         self.native_grad_hook = None
 
@@ -87,12 +99,10 @@ class NativeWeightMixin:
             if t is None:
                 continue
             buf = getattr(self, name)
-            if buf.shape == t.shape and buf.dtype == t.dtype:
-                buf.copy_(t)
+            if buf.numel() == t.numel() and buf.dtype == t.dtype:
+                buf.copy_(t.reshape(buf.shape))
             else:
                 setattr(self, name, t.to(buf.device))
-        self._w_version += 1
-        self._fp8_cache = None
 
     def accumulate_native_grad(self, grad: torch.Tensor) -> None:
         grad = grad.float()
@@ -105,21 +115,6 @@ class NativeWeightMixin:
 
     def zero_native_grad(self) -> None:
         self.native_grad = None
-
-    def dequantized_native(self) -> torch.Tensor:
-        """The native weight in fp32, transient (kept only while the weight version is unchanged
-        and caching is on; see ``QLinear.weight_cache``)."""
-        return self.weight_cache(("native",), None, None, lambda: self.native_weight.dequantize(torch.float32))
-
-    def native_fp8_operand(self):
-        """(codes as float8 E4M3, scale) of the native weight for FP8 GEMMs, cached per version."""
-        if self._fp8_cache is None or self._fp8_cache[0] != self._w_version:
-            q = self.native_weight
-            codes = q.values().reshape(q.shape[0], -1)[:, : q.shape[-1]].to(torch.float8_e4m3fn)
-            s = q.group_scales()
-            s = s.reshape(1) if s.numel() == 1 else s.reshape(-1, 1)
-            self._fp8_cache = (self._w_version, codes, s)
-        return self._fp8_cache[1], self._fp8_cache[2]
 
     def native_nbytes(self) -> int:
         if self.w_data.device.type == "meta":
@@ -138,4 +133,4 @@ def check_module_precision(precision) -> None:
         raise TypeError(f"precision must be a lowprec.LayerPrecision, got {type(precision).__name__}")
 
 
-__all__ = ["NativeWeightMixin", "resident_param_bytes", "check_module_precision", "nn"]
+__all__ = ["NativeWeightMixin", "OperandCache", "resident_param_bytes", "check_module_precision", "nn"]

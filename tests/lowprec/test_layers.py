@@ -177,7 +177,7 @@ def test_bad_precision_fields():
         lp(weight="fp7")
     if not torch.cuda.is_available():
         q, _, _ = pair(lp(weight="fp8_e4m3", backend="tensorcore"))
-        with pytest.raises(RuntimeError, match="tensorcore.*unavailable"):
+        with pytest.raises(ValueError, match="tensorcore.*unavailable"):
             q(torch.randn(2, 48))
 
 
