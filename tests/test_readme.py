@@ -16,6 +16,9 @@ def test_readme_has_exactly_two_commands():
     assert len(cmds) == 2, cmds
     assert all("\n" not in c for c in cmds)
     assert "pytest" in cmds[1] and "pytest" not in cmds[0]
+    # each installs what it runs: the Hydra apps need the [train] extra, the tests the [test] one
+    assert '-e ".[train]"' in cmds[0] and "experiments.train" in cmds[0]
+    assert '-e ".[test]"' in cmds[1]
 
 
 def test_ci_runs_the_readme_test_command():

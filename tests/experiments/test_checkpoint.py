@@ -15,6 +15,7 @@ from experiments.checkpoint import (
     CheckpointManager,
     CorruptCheckpointError,
     load_checkpoint,
+    resolve_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -148,6 +149,20 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     path, got = mgr.latest_valid()
     assert path.name == "ckpt-00000001.pt" and got["step"] == 1
     assert torch.equal(got["w"], torch.arange(8 * 2**20, dtype=torch.float32))
+
+
+def test_resolve_checkpoint_takes_a_file_or_a_run_directory(tmp_path):
+    mgr = CheckpointManager(tmp_path / "run" / "checkpoints")
+    mgr.save(1, _payload(1))
+    mgr.save(2, _payload(2))
+    assert resolve_checkpoint(tmp_path / "run") == mgr.path_for(2)  # its checkpoints/, newest
+    assert resolve_checkpoint(tmp_path / "run" / "checkpoints") == mgr.path_for(2)
+    assert resolve_checkpoint(mgr.path_for(1)) == mgr.path_for(1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no valid checkpoint in '.*empty'"):
+        resolve_checkpoint(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="checkpoint '.*nowhere.pt' does not exist"):
+        resolve_checkpoint(tmp_path / "nowhere.pt")
 
 
 def test_rng_state_round_trip():

@@ -1,4 +1,4 @@
-"""Long-context retrieval prompts: exact distances, determinism, evaluation, training rows."""
+"""Long-context retrieval prompts: exact distances, determinism, training rows."""
 import random
 import re
 
@@ -7,11 +7,9 @@ import torch
 
 from experiments import (
     ByteTokenizer,
-    RetrievalBatches,
     RetrievalConfig,
-    evaluate_retrieval,
+    RetrievalStreamer,
     make_example,
-    retrieval_accuracy,
     retrieval_examples,
     train_bpe,
 )
@@ -72,57 +70,27 @@ def test_corpus_filler_and_intro():
     assert len(ex.prompt_ids) - ex.needle_pos == 500
 
 
-def _oracle(examples):
-    answers = {tuple(e.prompt_ids): e.answer_ids for e in examples}
-    return lambda prompt, n: answers[tuple(prompt)][:n]
-
-
 @pytest.mark.parametrize("kind", ["passkey", "kv"])
-def test_evaluator_scores_an_oracle_1_and_a_wrong_answer_0(kind, tokenizer):
-    examples = retrieval_examples(tokenizer, kind, distances=[256, 4096], per_bucket=4, seed=0)
-    right = evaluate_retrieval(_oracle(examples), examples=examples)
-    assert right == {256: (4, 4), 4096: (4, 4)}
-    assert retrieval_accuracy(right) == {256: 1.0, 4096: 1.0}
-    wrong = evaluate_retrieval(lambda prompt, n: [0] * n, examples=examples)
-    assert retrieval_accuracy(wrong) == {256: 0.0, 4096: 0.0}
-    # Built from the tokenizer directly, the same prompts are scored.
-    again = evaluate_retrieval(_oracle(examples), tokenizer, kind=kind, distances=[256, 4096],
-                               per_bucket=4, seed=0)
-    assert again == right
-
-
-def test_a_windowed_copier_fails_exactly_beyond_its_window():
-    tok = ByteTokenizer()
-    head = tok.encode(" The pass key is")
-    window = 1000
-
-    def copy_within_window(prompt, n):  # what attention limited to `window` tokens can do
-        seen = prompt[-window:]
-        for i in range(len(seen) - len(head) - n):
-            if seen[i:i + len(head)] == head:
-                return seen[i + len(head):i + len(head) + n]
-        return [0] * n
-
-    acc = retrieval_accuracy(evaluate_retrieval(copy_within_window, tok, distances=[256, 900, 1100, 4096],
-                                                per_bucket=3, seed=0))
-    assert acc == {256: 1.0, 900: 1.0, 1100: 0.0, 4096: 0.0}
-
-
-@pytest.mark.parametrize("kind", ["passkey", "kv"])
-def test_training_rows_fill_seq_len_and_mask_the_answer(kind, tokenizer):
-    batches = RetrievalBatches(tokenizer, 4, 128, seed=0, kind=kind, n_pairs=3)
-    x, y, mask = next(batches)
-    assert x.shape == y.shape == mask.shape == (4, 128)
-    assert torch.equal(x[:, 1:], y[:, :-1])
+def test_training_rows_fill_the_segments_and_end_with_the_answer(kind, tokenizer):
+    """Rows of 2 segments x 64 tokens + 1: prompt + answer exactly, the answer last; with
+    answer_only every other target is ignored; a resumed streamer serves the identical next rows."""
+    rows = RetrievalStreamer(tokenizer, 4, 64, 2, seed=0, kind=kind, answer_only=True, n_pairs=3)
+    segs = [next(rows) for _ in range(2)]
+    x = torch.cat([segs[0][0], segs[1][0]], dim=1)
+    y = torch.cat([segs[0][1], segs[1][1]], dim=1)
+    assert x.shape == y.shape == (4, 128) and [r for _, _, r in segs] == [True, False]
+    scored = y != RetrievalStreamer.IGNORE
+    assert torch.equal(x[:, 1:][scored[:, :-1]], y[:, :-1][scored[:, :-1]])  # targets: the row shifted by one
     for b in range(4):
-        answer = tokenizer.decode(y[b][mask[b]].tolist())
+        answer = tokenizer.decode(y[b][scored[b]].tolist())
         assert re.fullmatch(r" \d{5}", answer)
-        assert int(mask[b].nonzero()[-1]) == 127  # the answer ends the row
-    state = batches.state_dict()
-    expected = next(batches)
-    resumed = RetrievalBatches(tokenizer, 4, 128, seed=0, kind=kind, n_pairs=3)
+        assert int(scored[b].nonzero()[-1]) == 127  # the answer ends the row
+    state = rows.state_dict()
+    expected = next(rows)
+    resumed = RetrievalStreamer(tokenizer, 4, 64, 2, seed=0, kind=kind, answer_only=True, n_pairs=3)
     resumed.load_state_dict(state)
-    assert all(torch.equal(a, b) for a, b in zip(next(resumed), expected))
+    got = next(resumed)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]) and got[2] == expected[2]
 
 
 def test_bad_input_is_refused_with_the_numbers():
@@ -132,7 +100,7 @@ def test_bad_input_is_refused_with_the_numbers():
     with pytest.raises(ValueError, match=r"passkey distance 10 is shorter than .* \(58 tokens"):
         make_example("passkey", tok, 10, rng=random.Random(0))
     with pytest.raises(ValueError, match="total_len=40 is too short for a passkey row"):
-        next(RetrievalBatches(tok, 1, 39))
+        RetrievalStreamer(tok, 1, 39, 1)
     with pytest.raises(ValueError, match="unknown retrieval filler 'lorem'"):
         RetrievalConfig(filler="lorem")
 

