@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 from hybrid import HybridLM, preset
 
-V, STEPS, BATCH = 8, 250, 32
+V, BATCH = 8, 32
 
 
-def train_copy(cfg, steps=STEPS, seed=0) -> list[float]:
+def train_copy(cfg, steps, seed=0) -> list[float]:
     torch.manual_seed(seed)
     model = HybridLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=6e-3, weight_decay=0.0)
@@ -35,14 +35,16 @@ def train_copy(cfg, steps=STEPS, seed=0) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize("mode", ["stream", "chunked"])
-def test_rnn_mode_learns_the_copy_task(mode):
-    losses = train_copy(preset("tiny").replace(vocab_size=V, rnn_mode=mode))
+# steps per mode: stream mode learns faster, so it is trained for less (a shorter test)
+@pytest.mark.parametrize("mode, steps", [("stream", 150), ("chunked", 250)])
+def test_rnn_mode_learns_the_copy_task(mode, steps):
+    losses = train_copy(preset("tiny").replace(vocab_size=V, rnn_mode=mode), steps=steps)
     start, end = sum(losses[:10]) / 10, sum(losses[-20:]) / 20
     assert start > 0.95
-    # measured over seeds 0-4 after 250 steps: stream 0.18-0.36, chunked 0.33-0.53 (ln V units);
-    # 0.75 leaves room for seed noise and is still far below the no-memory floor of 1.0
-    assert end < 0.75, f"{mode}: loss {end:.3f} ln V after {STEPS} steps"
+    # measured over seeds 0-4 (mean of the last 20 steps, ln V units): stream after 150 steps 0.41-0.55,
+    # chunked after 250 steps 0.30-0.54; 0.75 leaves room for seed noise and is still far below the
+    # no-memory floor of 1.0
+    assert end < 0.75, f"{mode}: loss {end:.3f} ln V after {steps} steps"
 
 
 def test_memory_off_cannot_copy():
