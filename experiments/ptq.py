@@ -40,9 +40,9 @@ def check_ptq_support(recipe: str, device: torch.device) -> tuple[bool, str]:
     if recipe not in RECIPES:
         return False, f"unknown PTQ recipe {recipe!r}; choose one of {', '.join(RECIPES)}"
     try:
-        import modelopt.torch.quantization  # noqa: F401
+        import modelopt.torch.quantization  # noqa: F401  (the optional [ptq] extra)
     except ImportError as e:
-        return False, f"nvidia-modelopt is not importable ({e}); pip install nvidia-modelopt requests huggingface_hub"
+        return False, f"nvidia-modelopt is not importable ({e}); pip install 'lowprec[ptq]'"
     if recipe in NEEDS_CUDA and torch.device(device).type != "cuda":
         return False, f"ModelOpt's {recipe} needs CUDA (its kernels); run on a GPU"
     return True, "ok"
@@ -56,7 +56,7 @@ def quantize_post_training(model: torch.nn.Module, recipe: str, calibration: Ite
     ok, why = check_ptq_support(recipe, device)
     if not ok:
         raise ValueError(why)
-    import modelopt.torch.quantization as mtq
+    import modelopt.torch.quantization as mtq  # the optional [ptq] extra, checked just above
 
     batches = list(calibration)
     if not batches:
