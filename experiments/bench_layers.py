@@ -9,11 +9,14 @@ the torchao figures it is compared with. torchao float8 (tensorwise) runs in the
 when torchao is importable.
 
 Precisions (weights in bf16 master storage; activations/grads per-tensor scaled, as torchao):
-  fp8        weight e4m3, input e4m3, grad e5m2, tensor cores for all three GEMMs
-  fp8-auto   the same with backend auto (small GEMMs stay bf16)
-  ternary    BitNet absmean ternary weights (exact in E4M3), e4m3 inputs, e5m2 grads, tensor cores
-  binary     sign weights with mean-|w| scale, e4m3 inputs, e5m2 grads, tensor cores
-  nvfp4      NVFP4 weights, inputs and grads: emulated (no FP4 tensor cores on Hopper)
+  fp8             weight e4m3, input e4m3, grad e5m2 (backend auto: FP8 tensor cores for all GEMMs)
+  ternary         BitNet absmean ternary weights (exact in E4M3), e4m3 inputs, e5m2 grads
+  ternary-native  the same with the weight stored as packed 2-bit codes (no float master)
+  binary          sign weights with mean-|w| scale, e4m3 inputs, e5m2 grads
+  nvfp4           NVFP4 weights, inputs and grads (no FP4 tensor cores on Hopper: bf16 tensor cores
+                  on the exact FP4 values)
+Each row's note is the layers' GemmPlan. The header records the versions and the GPU clocks the
+figures depend on.
 """
 
 from __future__ import annotations
@@ -27,11 +30,11 @@ import torch.nn as nn
 
 ACT = {"input": {"format": "fp8_e4m3", "granularity": "tensor"}, "grad": {"format": "fp8_e5m2", "granularity": "tensor"}}
 PRECISIONS = {
-    "fp8": {"weight": "fp8_e4m3", **ACT, "backend": "tensorcore"},
-    "fp8-auto": {"weight": "fp8_e4m3", **ACT, "backend": "auto"},
-    "ternary": {"weight": "ternary", **ACT, "backend": "tensorcore"},
-    "binary": {"weight": "binary", **ACT, "backend": "tensorcore"},
-    "nvfp4": {"weight": "nvfp4", "input": "nvfp4", "grad": "nvfp4", "backend": "tensorcore"},
+    "fp8": {"weight": "fp8_e4m3", **ACT},
+    "ternary": {"weight": "ternary", **ACT},
+    "ternary-native": {"weight": "ternary", **ACT, "storage": "native"},
+    "binary": {"weight": "binary", **ACT},
+    "nvfp4": {"weight": "nvfp4", "input": "nvfp4", "grad": "nvfp4"},
 }
 ALL = ["bf16", "torchao", *PRECISIONS]
 
@@ -58,6 +61,27 @@ def build(name: str, d: int) -> nn.Module | None:
     for i in (0, 2):
         model[i] = QLinear.from_float(model[i], p)
     return model
+
+
+def environment() -> str:
+    """Device, library versions and the GPU's clocks as found (figures depend on all of them)."""
+    import importlib.metadata as md
+    import subprocess
+
+    parts = [torch.cuda.get_device_name(), f"torch {torch.__version__}", f"CUDA {torch.version.cuda}"]
+    for pkg in ("triton", "torchao"):
+        try:
+            parts.append(f"{pkg} {md.version(pkg)}")
+        except md.PackageNotFoundError:
+            parts.append(f"{pkg} absent")
+    try:
+        q = "clocks.sm,clocks.max.sm,clocks.mem,power.limit"
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10).stdout.strip().splitlines()[0]
+        parts.append(f"clocks sm/max sm/mem, power limit: {out}")
+    except (OSError, IndexError, subprocess.SubprocessError):
+        parts.append("clocks unknown")
+    return ", ".join(parts)
 
 
 def time_step(model, x, iters: int) -> float:
@@ -88,9 +112,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_layers needs a CUDA GPU")
-    dev = torch.cuda.get_device_name()
-    print(f"# FFN fwd+bwd, {dev}, torch {torch.__version__}, {datetime.date.today()}, "
-          f"{'eager' if args.no_compile else 'compiled'}")
+    print(f"# FFN fwd+bwd, {environment()}, {datetime.date.today()}, {'eager' if args.no_compile else 'compiled'}")
     print("| d | tokens | precision | ms | TFLOP/s | vs bf16 | note |")
     print("|---|---|---|---|---|---|---|")
     for d in args.dims:
@@ -104,8 +126,8 @@ def main(argv=None):
                     print(f"| {d} | {t} | {name} | - | - | - | torchao not installed |")
                     continue
                 note = ""
-                if hasattr(model[0], "backend_note"):
-                    note = model[0].backend_note() + " / " + model[2].backend_note()
+                if hasattr(model[0], "plan"):
+                    note = model[0].plan.describe()
                 run = model if args.no_compile else torch.compile(model)
                 x = torch.randn(t, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                 try:

@@ -13,8 +13,8 @@ of ``LayerPrecision.ste`` (latent storage). What backward reuses from forward (F
 weight and the input) is the plan's ``reuse_*``.
 
 The autograd function receives tensors, the plan and a :class:`LayerIO` (the layer's operand cache,
-the sink of a native weight's gradient, telemetry and the gradient's amax history), never the
-module.
+telemetry and the gradient's amax history), never the module. A native weight's gradient is the
+gradient of its ``carrier`` input (see :mod:`lowprec.nn.native`), so autograd accumulates it.
 """
 
 from __future__ import annotations
@@ -36,12 +36,11 @@ from .ste import STES
 @dataclass(eq=False)
 class LayerIO:
     """What a layer's GEMMs touch besides tensors: ``cache.get(key, tag, make)`` (quantized weight
-    operands shared within a step, see :class:`lowprec.nn.native.OperandCache`), ``grad_sink(dW)``
-    (a native weight's fp32 gradient), ``record(operand, tensor_or_thunk, fmt)`` (telemetry) and
-    ``grad_history`` (delayed scaling of the gradient: an amax history updated in place)."""
+    operands shared within a step, see :class:`lowprec.nn.native.OperandCache`),
+    ``record(operand, tensor_or_thunk, fmt)`` (telemetry) and ``grad_history`` (delayed scaling of
+    the gradient: an amax history updated in place)."""
 
     cache: object
-    grad_sink: Callable | None = None
     record: Callable | None = None
     grad_history: torch.Tensor | None = None
 
@@ -97,11 +96,11 @@ def _transposed_codes(op):
 
 class QLinearFunction(torch.autograd.Function):
     """Inputs: x2 (M, K); w_a, w_b, w_c: the latent master weight (and two Nones), or the native
-    weight's packed data, scale and global scale; bias or None; anchor (a 0-d tensor requiring grad,
-    so backward runs for native weights); amax_x, amax_w (delayed scaling, or None); plan; io."""
+    weight's packed data, scale and global scale; bias or None; carrier (native: the leaf whose
+    gradient is the weight's; else None); amax_x, amax_w (delayed scaling, or None); plan; io."""
 
     @staticmethod
-    def forward(ctx, x2, w_a, w_b, w_c, bias, anchor, amax_x, amax_w, plan: GemmPlan, io: LayerIO):
+    def forward(ctx, x2, w_a, w_b, w_c, bias, carrier, amax_x, amax_w, plan: GemmPlan, io: LayerIO):
         p, fp = plan.precision, plan.fprop
         native = p.storage == "native"
         w = (w_a, w_b, w_c) if native else w_a
@@ -150,7 +149,7 @@ class QLinearFunction(torch.autograd.Function):
             B = k.transposed((wb, ws)) if keep_w else None
             B = B if B is not None else _weight_operand(k, dg.b, True, plan, w, io)
             dx = k.mm(G, B, x_dtype)
-        if ctx.needs_input_grad[1] or native:
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[5]:
             k = KERNELS[wg.kernel]
             if plan.reuse_grad and G is not None:
                 A = _transposed_codes(G)
@@ -161,10 +160,9 @@ class QLinearFunction(torch.autograd.Function):
             if not native:
                 pseudo = weight_pseudo_grad(w_a, plan.fprop.b, p.ste)
                 dw = dw if pseudo is None else (dw.float() * pseudo).to(w_dtype)
-            else:
-                io.grad_sink(dw)
-                dw = None
         db = dy.sum(0).to(bias_dtype) if has_bias and ctx.needs_input_grad[4] else None
+        if native:  # the weight's gradient goes to the carrier
+            return dx, None, None, None, db, dw, None, None, None, None
         return dx, dw, None, None, db, None, None, None, None, None
 
 

@@ -179,7 +179,7 @@ class Bop(_CodeMomentumOptimizer):
 
     def _transition(self, data, codes, c, m, tau):
         flip = (m.abs() > tau) & (m * c > 0)
-        return data ^ pack_codes(flip, 1), None  # flipping a sign is flipping its bit
+        return data ^ pack_codes(flip, 1).reshape(data.shape), None  # flipping a sign is flipping its bit
 
 
 class TernaryBop(_CodeMomentumOptimizer):

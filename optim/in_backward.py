@@ -7,10 +7,8 @@ gradient is complete and the gradient is freed, so at most the gradients of the 
 backward is in flight exist at once (one layer's, for a plain stack).
 
 "Complete": a layer called ``k`` times in the forward (a recurrent weight applied per time step, a
-shared layer) receives ``k`` gradient contributions. A forward pre-hook counts the calls made with
-grad enabled; the native-gradient hook accumulates contributions and updates on the ``k``-th.
-Anything left over (a call whose output did not reach the loss) is updated by the next ``step()``,
-as usual; the counts restart after every ``step()``.
+shared layer) receives ``k`` gradient contributions; autograd sums them into the layer's gradient
+carrier (:mod:`lowprec.nn.native`) and calls the hook once per backward pass, with the sum.
 
 Loss scaling: pass ``scaler`` (a ``lowprec.LossScaler``) and each layer's gradient is divided by
 its current scale before the update; a layer whose gradient holds inf/NaN is *not* updated and
@@ -43,8 +41,6 @@ class InBackward:
         self.updated = 0
         self._owner: dict[int, TargetOptimizer] = {}
         self._layers: list[nn.Module] = []
-        self._pending: dict[int, int] = {}
-        self._handles = []
         for part in _native_parts(optimizer):
             for group in part.param_groups:
                 for layer in group["layers"]:
@@ -57,20 +53,9 @@ class InBackward:
             raise ValueError("attach_in_backward: the optimizer updates no native layers")
         for layer in self._layers:
             layer.native_grad_hook = self._on_grad
-            self._handles.append(layer.register_forward_pre_hook(self._on_forward))
-        self._handles.append(optimizer.register_step_post_hook(lambda *_: self.end_step()))
-
-    def _on_forward(self, module, args) -> None:
-        if torch.is_grad_enabled():
-            self._pending[id(module)] = self._pending.get(id(module), 0) + 1
 
     def _on_grad(self, layer, grad: torch.Tensor) -> None:
         layer.native_grad = grad if layer.native_grad is None else layer.native_grad.add_(grad)
-        left = self._pending.get(id(layer), 1) - 1
-        if left > 0:
-            self._pending[id(layer)] = left
-            return
-        self._pending.pop(id(layer), None)
         g = layer.native_grad
         if self.scaler is not None:
             g.mul_(1.0 / self.scaler.loss_scale)  # power-of-two scales: exact
@@ -80,16 +65,10 @@ class InBackward:
         layer.native_grad = None
         self.updated += 1
 
-    def end_step(self) -> None:
-        self._pending.clear()
-
     def remove(self) -> None:
         for layer in self._layers:
             if layer.native_grad_hook == self._on_grad:
                 layer.native_grad_hook = None
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
 
 def attach_in_backward(model: nn.Module, optimizer, scaler=None) -> InBackward:

@@ -43,19 +43,14 @@ class QLinear(NativeWeightMixin, nn.Module):
         if self.is_native:
             self._init_native(weight)
             self.register_parameter("weight", None)
-            # backward must run even if nothing upstream needs a gradient, to deliver the
-            # native weight's gradient: this 0-d tensor is an input that requires grad
-            self._anchor = torch.zeros((), requires_grad=True)
         else:
             self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
-            self._anchor = None
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, device=weight.device, dtype=dtype or weight.dtype))
         else:
             self.register_parameter("bias", None)
         self._init_delayed(weight.device)
-        self._io = gemm.LayerIO(self._operands, self.accumulate_native_grad if self.is_native else None,
-                                self._record, getattr(self, "amax_history_grad", None))
+        self._io = gemm.LayerIO(self._operands, self._record, getattr(self, "amax_history_grad", None))
         self._replan()
 
     def _record(self, operand, x, fmt):
@@ -95,6 +90,8 @@ class QLinear(NativeWeightMixin, nn.Module):
     def _replan(self) -> None:
         """Build the plan for the device the weight is on (when it is placed and whenever it moves)."""
         dev = (self.weight if self.weight is not None else self.w_data).device
+        if self.is_native:
+            self._place_grad_carrier(dev)
         self._plan, self._plan_error, self._plan_device = None, None, dev
         if dev.type != "meta":
             try:
@@ -137,11 +134,11 @@ class QLinear(NativeWeightMixin, nn.Module):
         x2 = x.reshape(-1, self.in_features)
         amax_x = self._delayed_amax("input", x2) if self._delayed else None
         if self.is_native:
-            w, anchor, amax_w = (self.w_data, self.w_scale, self.w_global), self._anchor, None
+            w, carrier, amax_w = (self.w_data, self.w_scale, self.w_global), self._grad_carrier, None
         else:
-            w, anchor = (self.weight, None, None), None
+            w, carrier = (self.weight, None, None), None
             amax_w = self._delayed_amax("weight", self.weight) if self._delayed else None
-        y = gemm.QLinearFunction.apply(x2, *w, self.bias, anchor, amax_x, amax_w, plan, self._io)
+        y = gemm.QLinearFunction.apply(x2, *w, self.bias, carrier, amax_x, amax_w, plan, self._io)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     # ---- accounting ---------------------------------------------------------------------------

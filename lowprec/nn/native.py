@@ -7,7 +7,8 @@ while the step's autograd graph holds it (:class:`OperandCache`). The buffers ar
 where a weight row fills whole bytes, ``w_data`` is ``(out_features, row_bytes)`` and row ``n``
 packs row ``n`` of the weight, so ``state_dict``, ``torch.distributed.checkpoint`` and a row-wise
 (dim-0) shard see the packed form. The weight gradient is not a ``Parameter.grad`` (there is no float parameter): it is
-accumulated into ``layer.native_grad`` (fp32), or handed to ``layer.native_grad_hook(layer, grad)``
+accumulated by autograd into ``layer.native_grad`` (fp32; the ``.grad`` of a stride-0 carrier
+tensor), or handed to ``layer.native_grad_hook(layer, grad)``
 as soon as backward produces it (an optimizer can update the layer right there, so full-precision
 gradients never exist for the whole model at once). Optimizers write the new weight back with
 ``set_native_weight``.
@@ -82,8 +83,37 @@ class NativeWeightMixin:
         self.register_buffer("w_global", q.global_scale)
         self._w_shape = tuple(weight.shape)
         self._w_padded_last = q.padded_last
-        self.native_grad = None
         self.native_grad_hook = None
+        self._place_grad_carrier(weight.device)
+
+    # ---- the weight gradient ---------------------------------------------------------------------
+    def _place_grad_carrier(self, device) -> None:
+        """The tensor autograd delivers the native weight's gradient to: a leaf of the weight's shape
+        whose strides are all 0 (4 bytes of storage), so ``carrier.grad`` is an ordinary, dense fp32
+        gradient accumulated by autograd itself: no Python side effect in backward, which compiled
+        graphs could not trace."""
+        old = getattr(self, "_grad_carrier", None)
+        if old is not None and old.device == torch.device(device):
+            return
+        c = torch.empty_strided(self._w_shape, (0,) * len(self._w_shape), device=device).zero_().requires_grad_()
+        if old is not None and old.grad is not None:
+            c.grad = old.grad.to(device)
+        c.register_post_accumulate_grad_hook(self._on_grad_accumulated)
+        self._grad_carrier = c
+
+    def _on_grad_accumulated(self, carrier) -> None:
+        if self.native_grad_hook is not None:  # hand this call's gradient over (an in-backward update)
+            g, carrier.grad = carrier.grad, None
+            self.native_grad_hook(self, g)
+
+    @property
+    def native_grad(self) -> torch.Tensor | None:
+        """The native weight's fp32 gradient accumulated so far (None after ``zero_native_grad``)."""
+        return self._grad_carrier.grad
+
+    @native_grad.setter
+    def native_grad(self, grad) -> None:
+        self._grad_carrier.grad = grad
 
     @property
     def native_weight(self) -> QTensor:
