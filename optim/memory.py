@@ -9,10 +9,13 @@ Everything is measured from actual storages, never from formats on paper:
 - grads at the step: the gradient a training step holds between backward and ``step()``:
   ``numel * element_size`` of a Parameter's ``.grad``; ``4 * numel`` for a native layer's fp32
   ``native_grad``, or 0 for a layer updated inside backward (:func:`optim.attach_in_backward`),
-  whose gradient lives only while its own backward runs.
+  whose gradient lives only while its own backward runs;
+- buffers and caches: every other tensor a module holds (buffers such as amax histories, tensor
+  attributes such as a native layer's gradient carrier), by storage. Quantized weight operands
+  are shared within a step through weak references and hold nothing between steps.
 
-``resident = weights + state`` is what stays between steps (the issue's targets: binary + Bop
-<= 2.2, ternary + TernaryBop <= 2.3, FP8 + SRAdamW with fp8 moments <= 3.1 bytes per parameter);
+``resident = weights + state (+ buffers and caches)`` is what stays between steps (binary + Bop
+2.125, ternary + TernaryBop 2.25, FP8 + SRAdamW with fp8 moments 3.0625 bytes per parameter);
 ``at step = resident + grads`` is what the step needs at its peak, activations aside; for bf16
 mixed-precision AdamW (fp32 master, fp32 gradient, two fp32 moments) it is the classic 16.
 Optimizer state is allocated at the first ``step()``: report after one.
@@ -124,6 +127,43 @@ def _account(row: MemoryRow, target, state) -> bool:
     return bool(state)
 
 
+_WEIGHT_BUFFERS = ("w_data", "w_scale", "w_global")  # a native layer's weight, counted as weights
+
+
+def _held_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Every tensor the modules hold besides parameters and native weights, one per storage:
+    buffers (amax histories, norms' statistics), tensor attributes (a native layer's gradient
+    carrier) and tensors inside dict/list/tuple attributes. Gradients are not included (they are
+    ``grads at step``); weak references (the per-step operand caches) hold nothing."""
+    seen: set[tuple[int, int]] = set()
+    params = {(p.untyped_storage().data_ptr(), p.device.index or 0) for p in model.parameters()}
+    out = []
+
+    def visit(value, depth=0):
+        if isinstance(value, torch.Tensor):
+            key = (value.untyped_storage().data_ptr(), value.device.index or 0)
+            if key not in seen and key not in params and not isinstance(value, nn.Parameter):
+                seen.add(key)
+                out.append(value)
+        elif isinstance(value, dict) and depth < 4:
+            for v in value.values():
+                visit(v, depth + 1)
+        elif isinstance(value, (list, tuple)) and depth < 4:
+            for v in value:
+                visit(v, depth + 1)
+
+    for mod in model.modules():
+        native = getattr(mod, "is_native", False)
+        for name, buf in mod._buffers.items():
+            if buf is not None and not (native and name in _WEIGHT_BUFFERS):
+                visit(buf)
+        for name, value in vars(mod).items():
+            if name not in ("_parameters", "_buffers", "_modules") and not name.startswith("_forward") \
+                    and not name.startswith("_backward") and not name.startswith("_state_dict"):
+                visit(value)
+    return out
+
+
 def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer) -> MemoryReport:
     """Resident bytes per parameter of ``model`` under ``optimizer`` (a :class:`~optim.MixedOptimizer`,
     one of this package's optimizers, or any torch optimizer), by group; see the module doc.
@@ -142,6 +182,10 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer) -> MemoryR
                 covered.add(id(t))
                 if not _account(row, t, opt.state.get(t, {})) and key not in empty:
                     empty.append(key)
+    held = MemoryRow("buffers and caches", "-")
+    for t in _held_tensors(model):
+        held.targets += 1
+        held.weight_bytes += t.untyped_storage().nbytes()
     stray = MemoryRow("not optimized", "-")
     for mod in model.modules():
         if is_native_layer(mod) and id(mod) not in covered:
@@ -155,7 +199,7 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer) -> MemoryR
             stray.targets += 1
             stray.params += p.numel()
             stray.weight_bytes += p.numel() * p.element_size()
-    report = MemoryReport(list(rows.values()) + ([stray] if stray.targets else []))
+    report = MemoryReport(list(rows.values()) + [r for r in (stray, held) if r.targets])
     if empty:
         report.notes.append(f"state not allocated yet for some targets of {empty}: optimizers allocate it at "
                             "the first step(); report after one step")

@@ -16,6 +16,7 @@ gradients never exist for the whole model at once). Optimizers write the new wei
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -98,13 +99,10 @@ class NativeWeightMixin:
         c = torch.empty_strided(self._w_shape, (0,) * len(self._w_shape), device=device).zero_().requires_grad_()
         if old is not None and old.grad is not None:
             c.grad = old.grad.to(device)
-        c.register_post_accumulate_grad_hook(self._on_grad_accumulated)
+        # the hook lives in C++, out of the garbage collector's sight: a strong reference to the
+        # layer would keep every discarded native layer alive
+        c.register_post_accumulate_grad_hook(functools.partial(_on_grad_accumulated, weakref.ref(self)))
         self._grad_carrier = c
-
-    def _on_grad_accumulated(self, carrier) -> None:
-        if self.native_grad_hook is not None:  # hand this call's gradient over (an in-backward update)
-            g, carrier.grad = carrier.grad, None
-            self.native_grad_hook(self, g)
 
     @property
     def native_grad(self) -> torch.Tensor | None:
@@ -150,6 +148,13 @@ class NativeWeightMixin:
         if self.w_data.device.type == "meta":
             return self._meta_nbytes
         return self.native_weight.nbytes
+
+
+def _on_grad_accumulated(layer_ref, carrier) -> None:
+    layer = layer_ref()
+    if layer is not None and layer.native_grad_hook is not None:  # hand the gradient over (in-backward update)
+        g, carrier.grad = carrier.grad, None
+        layer.native_grad_hook(layer, g)
 
 
 def resident_param_bytes(t: torch.Tensor | None) -> int:

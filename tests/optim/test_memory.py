@@ -1,5 +1,9 @@
 """memory_report: exact bytes per parameter of weights + optimizer state, and the issue's targets."""
 
+import gc
+import types
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -87,3 +91,88 @@ def test_report_table_and_unallocated_state():
     stray = report.row("not optimized")
     assert stray.params == 12 and stray.weight_bytes == 48
     assert report.total.params == 8 * 8 + 8 + 16 + 64 + 12
+
+
+# ---- the report against what is really held ---------------------------------------------------
+WALK_POLICIES = {
+    "native ternary": native("ternary"),
+    "native binary": native("binary"),
+    "native fp8": native("fp8_e4m3"),
+    "native nvfp4": native("nvfp4"),
+    "native mxfp4": native("mxfp4"),
+    "latent fp8, delayed scaling": {"default": {"weight": "fp8_e4m3", "input": "fp8_e4m3", "grad": "fp8_e5m2",
+                                                "scaling": "delayed"}},
+    "latent ternary": {"default": {"weight": "ternary"}},
+    "latent nvfp4": {"default": {"weight": "nvfp4", "input": "nvfp4", "grad": "nvfp4"}},
+}
+_LEAVES = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, weakref.ref, str, bytes, int, float)
+
+
+def reachable_storages(*roots) -> dict:
+    """Bytes of every tensor storage reachable from ``roots`` through Python references (the garbage
+    collector's view of every object, not the report's notion of parameters and state)."""
+    seen, storages, stack = set(), {}, list(roots)
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, _LEAVES):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+            continue
+        stack.extend(gc.get_referents(obj))
+    return storages
+
+
+@pytest.mark.parametrize("name", list(WALK_POLICIES))
+def test_report_counts_every_tensor_the_model_and_optimizer_hold(name):
+    """After a step (gradients released), the report's resident bytes equal the bytes of every
+    tensor storage reachable from the model and the optimizer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64), nn.Linear(64, 64, bias=False))
+    lowprec.apply_policy(model, WALK_POLICIES[name])
+    opt = optim.build_optimizer(model, {})
+    for _ in range(2):
+        model(torch.randn(8, 64)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    report = optim.memory_report(model, opt)
+    walked = reachable_storages(model, opt)
+    assert report.total.resident_bytes == sum(walked.values()), (str(report), walked)
+
+
+@pytest.mark.parametrize("fmt", ["ternary", "binary", "fp8_e4m3", "nvfp4", "mxfp4", "mxfp8", "fp4_e2m1", "int8"])
+def test_no_float_copy_of_a_native_weight_survives_the_step(fmt):
+    """Dequantized or FP8 operands of a native weight live from a forward to the end of its backward:
+    after ``step()`` no float tensor of the weight's size is alive anywhere in the process, other
+    than its gradient (freed by ``zero_grad``) and the optimizer's own state. (The gradient carrier
+    has the weight's shape but 4 bytes of storage.)"""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 80, bias=False))
+    lowprec.apply_policy(model, native(fmt))
+    opt = optim.build_optimizer(model, {})
+    model(torch.randn(4, 96)).sum().backward()
+    opt.step()
+    layer = model[0]
+    state = {t.untyped_storage().data_ptr() for t in reachable_storages_tensors(opt)}
+    gc.collect()
+    copies = [t for t in gc.get_objects() if isinstance(t, torch.Tensor) and t.is_floating_point()
+              and t.numel() == 96 * 80 and t.untyped_storage().nbytes() >= 96 * 80 * t.element_size()
+              and t.untyped_storage().data_ptr() not in state and t is not layer.native_grad and t is not layer.w_data]
+    assert copies == [], [(t.dtype, tuple(t.shape)) for t in copies]
+    opt.zero_grad()
+    assert layer.native_grad is None
+
+
+def reachable_storages_tensors(*roots) -> list:
+    seen, out, stack = set(), [], list(roots)
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, _LEAVES):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            out.append(obj)
+            continue
+        stack.extend(gc.get_referents(obj))
+    return out

@@ -1,0 +1,111 @@
+"""GemmPlan decisions, made on this CPU for described devices: which kernel runs each GEMM."""
+import pytest
+import torch
+from torch import nn
+
+import lowprec
+from lowprec import LayerPrecision
+from lowprec.kernels import KERNELS
+from lowprec.nn import QLinear
+from lowprec.plan import DeviceSpec, build_plan
+
+TENSOR = {"input": {"format": "fp8_e4m3", "granularity": "tensor"}, "grad": {"format": "fp8_e5m2", "granularity": "tensor"}}
+TOKEN = {"input": "fp8_e4m3", "grad": "fp8_e5m2"}  # a bare name on activations: per-token scales
+
+
+def kernels_of(fields, device="sm90", shape=(4096, 4096)):
+    plan = build_plan(LayerPrecision.from_fields(fields), *shape, device)
+    return plan, tuple(g.kernel for g in plan.gemms)
+
+
+# (weight, activations) -> (fprop, dgrad, wgrad) kernels on an H100 (sm90)
+SM90 = [
+    ("fp8_e4m3", TENSOR, ("fp8_tensorwise",) * 3),
+    ("ternary", TENSOR, ("fp8_tensorwise",) * 3),
+    ("binary", TENSOR, ("fp8_tensorwise",) * 3),
+    ("fp4_e2m1", TENSOR, ("fp8_tensorwise",) * 3),
+    # per-token scales factor out of fprop and dgrad but lie along wgrad's contraction (tokens)
+    ("fp8_e4m3", TOKEN, ("fp8_rowwise", "fp8_rowwise", "bf16_tensorcore")),
+    # a per-output-channel weight scale lies along dgrad's contraction
+    ({"format": "fp8_e4m3", "granularity": "row"}, TENSOR, ("fp8_rowwise", "bf16_tensorcore", "fp8_tensorwise")),
+    # block scales: no FP8 GEMM (and no FP4 tensor cores on Hopper)
+    ("nvfp4", {"input": "nvfp4", "grad": "nvfp4"}, ("bf16_tensorcore",) * 3),
+    ("mxfp8", {"input": "mxfp8", "grad": "mxfp8"}, ("bf16_tensorcore",) * 3),
+    # a weight-only format: activations unquantized
+    ("ternary", {}, ("bf16_tensorcore",) * 2 + ("matmul",)),
+]
+
+
+@pytest.mark.parametrize("weight,act,expected", SM90, ids=lambda v: str(v)[:30])
+def test_kernels_on_sm90(weight, act, expected):
+    plan, kernels = kernels_of({"weight": weight, **act})
+    assert kernels == expected, plan.describe()
+
+
+def test_each_kernel_says_why_it_was_passed_over():
+    plan, _ = kernels_of({"weight": "nvfp4", "input": "nvfp4", "grad": "nvfp4"})
+    assert "not fp8_tensorwise: nvfp4" in plan.fprop.reason and "FP8 grid" in plan.fprop.reason
+    plan, _ = kernels_of({"weight": "fp8_e4m3", **TOKEN})
+    assert "lie along the contraction" in plan.wgrad.reason
+
+
+def test_devices_without_fp8_or_cuda():
+    fields = {"weight": "fp8_e4m3", **TENSOR}
+    assert kernels_of(fields, "sm89")[1] == ("fp8_tensorwise",) * 3  # Ada has FP8 tensor cores
+    assert kernels_of({"weight": "fp8_e4m3", **TOKEN}, "sm89")[1][0] == "bf16_tensorcore"  # row-wise needs sm90
+    assert kernels_of(fields, "sm80")[1] == ("bf16_tensorcore",) * 3  # A100: no FP8
+    assert kernels_of(fields, "cpu")[1] == ("emulated",) * 3
+    with pytest.raises(ValueError, match="tensorcore' unavailable.*sm80.*no FP8 tensor cores"):
+        build_plan(LayerPrecision.from_fields({**fields, "backend": "tensorcore"}), 64, 64, "sm80")
+    with pytest.raises(ValueError, match="unknown device 'h100'"):
+        DeviceSpec.of("h100")
+
+
+def test_shapes_fp8_cannot_take_fall_back_to_exact_kernels():
+    plan, kernels = kernels_of({"weight": "fp8_e4m3", **TENSOR}, shape=(100, 64))
+    assert kernels == ("bf16_tensorcore",) * 3 and "divisible by 16" in plan.fprop.reason
+
+
+def test_auto_never_drops_a_format_and_unquantized_is_explicit():
+    """No plan of ``auto`` or ``tensorcore`` ever names the unquantized kernel, at any size."""
+    for shape in [(16, 16), (256, 256), (4096, 16384)]:
+        for dev in ["sm90", "sm80", "cpu"]:
+            for backend in ["auto", "emulated"]:
+                plan, kernels = kernels_of({"weight": "ternary", **TOKEN, "backend": backend}, dev, shape)
+                assert "bf16" not in kernels and not plan.unquantized
+    plan, kernels = kernels_of({"weight": "ternary", **TOKEN, "backend": "unquantized"})
+    assert kernels == ("bf16",) * 3 and plan.unquantized and plan.describe().startswith("UNQUANTIZED")
+
+
+def test_exactness_and_reuse():
+    plan, _ = kernels_of({"weight": "fp8_e4m3", **TENSOR})
+    assert all(g.exact for g in plan.gemms)
+    assert plan.reuse_weight and plan.reuse_input and plan.reuse_grad
+    plan, _ = kernels_of({"weight": "fp8_e4m3", **TOKEN})
+    assert not plan.wgrad.exact  # per-token scales folded into the values: one more bf16 rounding
+    assert plan.reuse_weight and not plan.reuse_input and not plan.reuse_grad
+    plan, _ = kernels_of({"weight": "nvfp4", "input": "nvfp4", "grad": "nvfp4"})
+    assert all(g.exact for g in plan.gemms)  # E2M1 x E4M3 block scales fit bf16; the tensor scale is outer
+    assert "*" not in plan.describe()
+
+
+def test_layer_plans_once_per_device_and_reports_it():
+    layer = QLinear(64, 32, precision=LayerPrecision.from_fields({"weight": "ternary", **TENSOR}))
+    plan = layer.plan
+    assert plan.device == DeviceSpec("cpu") and layer.plan is plan  # built once
+    assert layer.plan_for("sm90").fprop.kernel == "fp8_tensorwise"
+    model = nn.Sequential(nn.Linear(64, 32))
+    report = lowprec.apply_policy(model, {"default": {"weight": "ternary", **TENSOR}})
+    assert report.layers[0].backend == model[0].plan.describe() == "emulated [cpu]"
+
+
+def test_tensorcore_on_the_cpu_fails_at_the_forward_not_at_build():
+    layer = QLinear(64, 32, precision=LayerPrecision.from_fields({"weight": "fp8_e4m3", "backend": "tensorcore"}))
+    assert "tensorcore (on cpu:" in layer.backend_note()
+    with pytest.raises(ValueError, match="backend 'tensorcore' unavailable: device cpu is not CUDA"):
+        layer(torch.randn(2, 64))
+
+
+def test_every_registered_kernel_is_named_consistently():
+    for name, kernel in KERNELS.items():
+        assert kernel.name == name and kernel.summary
