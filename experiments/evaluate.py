@@ -14,8 +14,8 @@ controls, and the post-training-quantization baseline beside natively trained mo
   (:mod:`experiments.ptq`, calibrated on the first 4 validation batches), evaluated on the same data.
 - ``compare``: other checkpoints (trained natively in a precision) evaluated on the same data.
 - ``backend``: emulated | tensorcore | auto for every quantized layer of the checkpoint and the
-  compared ones (default: each run's own policy). Use ``emulated`` (or ``tensorcore``) on a GPU:
-  ``auto`` runs GEMMs below the FP8 break-even in plain bf16, i.e. unquantized.
+  compared ones (default: each run's own policy). All three compute the policy's formats
+  (``emulated`` is the exact reference; see :mod:`lowprec.plan`).
 - ``retrieval``: accuracy by distance on ``kind`` (passkey or kv), each prompt read in segments
   of the run's ``train.seq_len`` with the state carried, scored as greedy decoding would answer;
   three controls: memory ``on``; ``off`` (the carried state is dropped before every segment: a
@@ -50,9 +50,8 @@ BACKENDS = ("emulated", "tensorcore", "auto")
 def load_run(path: str | Path, device: str = "cpu", *, plain: bool = False, backend: str | None = None):
     """(model, data, cfg) of a checkpoint. ``plain``: build the model without its precision policy
     (plain nn.Linear/nn.Embedding) and load the float weights into it (for PTQ). ``backend``: run
-    every quantized layer on this GEMM backend instead of the policy's (``auto`` keeps small GEMMs
-    in plain bf16 on a GPU, which is not the precision the model was trained in; ``emulated`` is
-    exact everywhere)."""
+    every quantized layer on this GEMM backend instead of the policy's (``emulated`` is the exact
+    reference everywhere)."""
     payload = load_checkpoint(resolve_checkpoint(path))
     cfg = OmegaConf.create(payload["config"])
     t = check_train(cfg.train)

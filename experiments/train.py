@@ -146,14 +146,12 @@ def _checkpoint_payload(run: Run, stepper: Stepper, step: int, cfg_yaml: str, me
 
 
 def _warn_unquantized(run: Run) -> None:
-    """Warn when quantized layers ran their GEMMs in plain bf16 (``backend: auto`` below the FP8
-    break-even): such a run trains those layers at bf16, not at the policy's formats."""
+    """Warn when quantized layers run with ``backend: unquantized`` (plain bf16 GEMMs): such a run
+    trains those layers at bf16, not at the policy's formats."""
     names = run.report.unquantized_gemms(run.model)
     if names:
-        log.warning("%d quantized layer(s) run unquantized bf16 GEMMs (backend auto: too small for FP8 to "
-                    "pay off), so their formats are NOT trained: %s%s. To train the formats, add the rule "
-                    "'++precision.override={match: \"*\", backend: tensorcore}' (or backend: emulated).",
-                    len(names), ", ".join(names[:6]), ", ..." if len(names) > 6 else "")
+        log.warning("%d quantized layer(s) have backend 'unquantized': their GEMMs run in plain bf16 and their "
+                    "formats are NOT trained: %s%s.", len(names), ", ".join(names[:6]), ", ..." if len(names) > 6 else "")
 
 
 def _write_report(run: Run, run_dir: Path, with_memory: bool) -> bool:

@@ -1,4 +1,5 @@
 """Stochastic rounding: unbiased between every pair of neighbouring codes, reproducible."""
+import dataclasses
 import math
 
 import pytest
@@ -111,3 +112,13 @@ def test_fake_quant_cast_path_matches_the_grouped_path_bit_for_bit(name, roundin
     ref, _ = quantize_dequantize(x, fmt, rounding=rounding, generator=torch.Generator().manual_seed(3))
     same = (fast.view(torch.int32) == ref.view(torch.int32)) | (fast.isnan() & ref.isnan())
     assert bool(same.all()), x[~same][:8]
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_unscaled_e4m3_maps_infinities_to_nan_in_both_roundings(rounding):
+    """E4M3 (fn) has no infinity: +-inf becomes NaN, finite overflow saturates to +-448."""
+    fmt = dataclasses.replace(lowprec.format("fp8_e4m3"), scale="none")
+    v = torch.tensor([float("inf"), -float("inf"), 1000.0, -1000.0, float("nan"), 1.0])
+    out = round_to_grid(v, fmt, rounding, torch.Generator().manual_seed(0))
+    assert torch.isnan(out[[0, 1, 4]]).all()
+    assert out[2:4].tolist() == [448.0, -448.0] and out[5].item() == 1.0
