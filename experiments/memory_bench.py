@@ -10,9 +10,11 @@ measured step. Printed, as markdown rows for ``docs/benchmarks.md``:
   ``torch.cuda.max_memory_allocated`` during it (activations, gradients and transients included),
   and the peak relative to the bf16 AdamW baseline.
 
-Also on CUDA, ``unaccounted``: memory allocated after the step minus the report's resident bytes and
-the batch of tokens; it is the CUDA allocator's rounding (512-byte blocks) when the report counts
-every tensor that survives the step.
+Also on CUDA, ``unaccounted``: memory allocated after the step minus what was allocated before the
+model (cuBLAS workspaces), the report's resident bytes and the batch of tokens. When the report
+counts every tensor that survives the step, it is the CUDA allocator's rounding of each of the
+model's ``tensors`` to whole 512-byte blocks, less the report's host-side tensors (AdamW's 0-d
+``step`` counters live on the CPU).
 
 Cases: bf16 AdamW (fp32 master and moments: 16 B/param at the step); native binary + Bop,
 native ternary + TernaryBop and native FP8 + SRAdamW with fp8 moments, each with the update after
@@ -60,7 +62,26 @@ def policy_config(name: str):
     return OmegaConf.load(CONFIGS / "precision" / f"{name}.yaml")
 
 
-def run_case(name, preset, device, batch, seq):
+def _held_on(model, device):
+    return [t for t in model.buffers() if t.device == device] + [
+        m._grad_carrier for m in model.modules() if getattr(m, "is_native", False)]
+
+
+def cuda_baseline(device) -> int:
+    """Bytes allocated before any model exists, after cuBLAS has made its workspaces (bf16, fp32 and
+    FP8 GEMMs): what every case has in common."""
+    a = torch.randn(64, 64, device=device)
+    a @ a, a.bfloat16() @ a.bfloat16()
+    if torch.cuda.get_device_capability(device) >= (8, 9):
+        f8, one = a.to(torch.float8_e4m3fn), torch.ones((), device=device)
+        torch._scaled_mm(f8, f8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    del a
+    gc.collect()
+    return torch.cuda.memory_allocated()
+
+
+def run_case(name, preset, device, batch, seq, baseline=0):
     policy, optim_cfg, overrides = CASES[name]
     torch.manual_seed(0)
     model = hybrid.HybridLM(hybrid.preset(preset))
@@ -89,7 +110,9 @@ def run_case(name, preset, device, batch, seq):
         step()
         torch.cuda.synchronize()
         row["allocated_mib"] = torch.cuda.memory_allocated() / 2**20
-        row["unaccounted"] = torch.cuda.memory_allocated() - report.total.resident_bytes - tokens.numel() * 8
+        row["unaccounted"] = (torch.cuda.memory_allocated() - baseline - report.total.resident_bytes
+                              - tokens.numel() * tokens.element_size())
+        row["tensors"] = sum(1 for _ in model.parameters()) + len(_held_on(model, device))
         row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         row["before_mib"] = before / 2**20
     del model, opt
@@ -114,13 +137,14 @@ def main(argv: list[str] | None = None) -> None:
           f"{datetime.date.today().isoformat()}\n")
     head = "| case | params | resident B/param | at step B/param |"
     if device.type == "cuda":
-        head += " allocated after step (MiB) | unaccounted (B) | peak in step (MiB) | peak / bf16 AdamW |"
+        head += " allocated after step (MiB) | unaccounted (B) | tensors | peak in step (MiB) | peak / bf16 AdamW |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     base_peak = None
+    baseline = cuda_baseline(device) if device.type == "cuda" else 0
     for name in args.cases:
         try:
-            r = run_case(name, args.preset, device, args.batch, args.seq)
+            r = run_case(name, args.preset, device, args.batch, args.seq, baseline)
         except Exception as e:  # one failing case must not hide the others' rows
             print(f"| {name} | failed: {type(e).__name__}: {str(e)[:200]} |", flush=True)
             gc.collect()
@@ -130,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         line = f"| {r['case']} | {r['params']:,} | {r['resident']:.3f} | {r['at_step']:.3f} |"
         if "peak_mib" in r:
             base_peak = base_peak or r["peak_mib"]
-            line += (f" {r['allocated_mib']:.1f} | {r['unaccounted']:,} | {r['peak_mib']:.1f} "
+            line += (f" {r['allocated_mib']:.1f} | {r['unaccounted']:,} | {r['tensors']} | {r['peak_mib']:.1f} "
                      f"| {r['peak_mib'] / base_peak:.3f} |")
         print(line, flush=True)
 

@@ -90,8 +90,6 @@ class QLinear(NativeWeightMixin, nn.Module):
     def _replan(self) -> None:
         """Build the plan for the device the weight is on (when it is placed and whenever it moves)."""
         dev = (self.weight if self.weight is not None else self.w_data).device
-        if self.is_native:
-            self._place_grad_carrier(dev)
         self._plan, self._plan_error, self._plan_device = None, None, dev
         if dev.type != "meta":
             try:

@@ -87,6 +87,12 @@ class NativeWeightMixin:
         self.native_grad_hook = None
         self._place_grad_carrier(weight.device)
 
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if self.is_native:
+            self._place_grad_carrier(self.w_data.device)
+        return out
+
     # ---- the weight gradient ---------------------------------------------------------------------
     def _place_grad_carrier(self, device) -> None:
         """The tensor autograd delivers the native weight's gradient to: a leaf of the weight's shape
