@@ -40,13 +40,6 @@ def corpus(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="session")
 def trained_run(corpus, tmp_path_factory):
     """``trained_run(*overrides)``: the run directory of a tiny run with these overrides, trained

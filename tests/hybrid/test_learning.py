@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from hybrid import HybridLM, preset
 
-V, BATCH = 8, 32
+V, BATCH, STEPS = 8, 32, 150
 
 
 def train_copy(cfg, steps, seed=0) -> list[float]:
@@ -35,16 +35,16 @@ def train_copy(cfg, steps, seed=0) -> list[float]:
     return losses
 
 
-# steps per mode: stream mode learns faster, so it is trained for less (a shorter test)
-@pytest.mark.parametrize("mode, steps", [("stream", 150), ("chunked", 250)])
-def test_rnn_mode_learns_the_copy_task(mode, steps):
-    losses = train_copy(preset("tiny").replace(vocab_size=V, rnn_mode=mode), steps=steps)
+# Mean loss of the last 20 of 150 steps, measured over seeds 0-4 (ln V units): stream 0.41-0.55,
+# chunked 0.52-0.74 (chunked learns more slowly: its summaries reach the memory once per chunk).
+# Each bound leaves room for seed noise above the worst seed and stays below the no-memory floor
+# of 1.0 (test_memory_off_cannot_copy: > 0.95).
+@pytest.mark.parametrize("mode, bound", [("stream", 0.75), ("chunked", 0.85)])
+def test_rnn_mode_learns_the_copy_task(mode, bound):
+    losses = train_copy(preset("tiny").replace(vocab_size=V, rnn_mode=mode), steps=STEPS)
     start, end = sum(losses[:10]) / 10, sum(losses[-20:]) / 20
     assert start > 0.95
-    # measured over seeds 0-4 (mean of the last 20 steps, ln V units): stream after 150 steps 0.41-0.55,
-    # chunked after 250 steps 0.30-0.54; 0.75 leaves room for seed noise and is still far below the
-    # no-memory floor of 1.0
-    assert end < 0.75, f"{mode}: loss {end:.3f} ln V after {steps} steps"
+    assert end < bound, f"{mode}: loss {end:.3f} ln V after {STEPS} steps"
 
 
 def test_memory_off_cannot_copy():
