@@ -11,10 +11,10 @@ measured step. Printed, as markdown rows for ``docs/benchmarks.md``:
   and the peak relative to the bf16 AdamW baseline.
 
 Also on CUDA, ``unaccounted``: memory allocated after the step minus what was allocated before the
-model (cuBLAS workspaces), the report's resident bytes and the batch of tokens. When the report
-counts every tensor that survives the step, it is the CUDA allocator's rounding of each of the
-model's ``tensors`` to whole 512-byte blocks, less the report's host-side tensors (AdamW's 0-d
-``step`` counters live on the CPU).
+model (cuBLAS workspaces of the forward and backward threads), the report's resident bytes and the
+batch of tokens. When the report counts every tensor that survives the step, it is the CUDA
+allocator's rounding of each of the model's ``tensors`` (storages) up to whole 512-byte blocks,
+less the report's host-side tensors (AdamW's 0-d ``step`` counters live on the CPU).
 
 Cases: bf16 AdamW (fp32 master and moments: 16 B/param at the step); native binary + Bop,
 native ternary + TernaryBop and native FP8 + SRAdamW with fp8 moments, each with the update after
@@ -62,21 +62,26 @@ def policy_config(name: str):
     return OmegaConf.load(CONFIGS / "precision" / f"{name}.yaml")
 
 
-def _held_on(model, device):
-    return [t for t in model.buffers() if t.device == device] + [
-        m._grad_carrier for m in model.modules() if getattr(m, "is_native", False)]
+def _device_storages(model, device) -> int:
+    """Distinct storages of the model on ``device``: parameters, buffers, gradient carriers."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [m._grad_carrier for m in model.modules() if getattr(m, "is_native", False)]
+    return len({t.untyped_storage().data_ptr() for t in tensors if t.device == device})
 
 
 def cuda_baseline(device) -> int:
-    """Bytes allocated before any model exists, after cuBLAS has made its workspaces (bf16, fp32 and
-    FP8 GEMMs): what every case has in common."""
-    a = torch.randn(64, 64, device=device)
-    a @ a, a.bfloat16() @ a.bfloat16()
-    if torch.cuda.get_device_capability(device) >= (8, 9):
-        f8, one = a.to(torch.float8_e4m3fn), torch.ones((), device=device)
-        torch._scaled_mm(f8, f8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+    """Bytes allocated before any model exists, once cuBLAS has made its workspaces for the forward
+    thread and autograd's backward thread (fp32, bf16 and FP8 GEMMs): what every case shares."""
+    fp8 = lowprec.LayerPrecision.from_fields({"weight": "fp8_e4m3", "input": {"format": "fp8_e4m3", "granularity": "tensor"},
+                                              "grad": {"format": "fp8_e5m2", "granularity": "tensor"}})
+    for dtype in (torch.float32, torch.bfloat16):
+        layers = [torch.nn.Linear(64, 64, device=device, dtype=dtype)]
+        if dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 9):
+            layers.append(lowprec.nn.QLinear(64, 64, precision=fp8, device=device, dtype=dtype))
+        for layer in layers:
+            layer(torch.randn(64, 64, device=device, dtype=dtype, requires_grad=True)).sum().backward()
+        del layers
     torch.cuda.synchronize()
-    del a
     gc.collect()
     return torch.cuda.memory_allocated()
 
@@ -112,7 +117,7 @@ def run_case(name, preset, device, batch, seq, baseline=0):
         row["allocated_mib"] = torch.cuda.memory_allocated() / 2**20
         row["unaccounted"] = (torch.cuda.memory_allocated() - baseline - report.total.resident_bytes
                               - tokens.numel() * tokens.element_size())
-        row["tensors"] = sum(1 for _ in model.parameters()) + len(_held_on(model, device))
+        row["tensors"] = _device_storages(model, device)
         row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         row["before_mib"] = before / 2**20
     del model, opt
