@@ -44,19 +44,22 @@ def test_validation_reads_like_the_training_run(bf16_run):
     assert res["rows"][0]["loss"] == pytest.approx(summary["val_loss"], rel=1e-6)
 
 
-def test_ptq_refuses_a_natively_quantized_checkpoint(trained_run):
-    run = trained_run("precision=ternary_native", "optim=ternary_native", *SHORT)
+@pytest.fixture
+def ternary_native_run(trained_run):
+    return trained_run("precision=ternary_native", "optim=ternary_native", *SHORT)
+
+
+def test_ptq_refuses_a_natively_quantized_checkpoint(ternary_native_run):
     with pytest.raises(ValueError, match="unquantized"):
-        load_run(run, plain=True)
+        load_run(ternary_native_run, plain=True)
 
 
-def test_backend_override_and_bad_backend(bf16_run, trained_run):
+def test_backend_override_and_bad_backend(bf16_run, ternary_native_run):
     """backend= forces every quantized layer of the loaded runs onto one GEMM backend."""
-    fp8_run = trained_run("precision=fp8", *SHORT)
-    model, _, _ = load_run(fp8_run, "cpu", backend="emulated")
+    model, _, _ = load_run(ternary_native_run, "cpu", backend="emulated")
     qlayers = [m for m in model.modules() if hasattr(m, "precision") and m.precision.is_quantized]
     assert qlayers and all(m.precision.backend == "emulated" for m in qlayers)
     with pytest.raises(SystemExit, match=r"unknown backend='fast'; choose one of \('emulated', 'tensorcore', 'auto'\)"):
         main([f"checkpoint={bf16_run}", "backend=fast"])
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
-        load_run(fp8_run, "cpu", backend="fast")
+        load_run(ternary_native_run, "cpu", backend="fast")

@@ -19,8 +19,8 @@ from experiments.checkpoint import CheckpointManager, CorruptCheckpointError, lo
 from experiments.train import NonFiniteError, main, train
 
 
-# the shared 6-step run that several tests read (conftest.trained_run)
-RUN6 = ("train.steps=6", "train.sample_tokens=0")
+# the shared 6-step run that several tests read (conftest.trained_run): checkpoints at 3 and 6
+RUN6 = ("train.steps=6", "train.ckpt_every=3", "train.sample_tokens=0")
 
 
 @pytest.fixture
@@ -115,19 +115,19 @@ def _params(model_sd: dict) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("recipe", [(), ("precision=ternary_native", "optim=ternary_native")],
                          ids=["paper-latent", "ternary-native"])
 def test_resume_gives_the_identical_next_steps(cfg, tmp_path, recipe):
-    """8 steps in one go vs. 4 steps + resume from that run's step-4 checkpoint + 4 steps: the
+    """6 steps in one go vs. 3 steps + resume from that run's step-3 checkpoint + 3 steps: the
     parameters (packed native buffers included), optimizer state and per-step losses are
     bit-identical (dropout on, TBPTT state carried, dynamic loss scaling for the paper policy's
     fp16 RNN, telemetry on some steps: every piece of state matters)."""
-    extra = ("model.dropout=0.1", "train.steps=8", "train.ckpt_every=4", "train.eval_every=4",
-             "train.telemetry_every=3", "train.sample_tokens=0", *recipe)
+    extra = ("model.dropout=0.1", "train.steps=6", "train.ckpt_every=3", "train.eval_every=3",
+             "train.telemetry_every=2", "train.sample_tokens=0", *recipe)
     a = tmp_path / "a"
     train(cfg(a, *extra))
     b = tmp_path / "b"
-    train(cfg(b, *extra, f"resume={a / 'checkpoints' / 'ckpt-00000004.pt'}"))
+    train(cfg(b, *extra, f"resume={a / 'checkpoints' / 'ckpt-00000003.pt'}"))
 
-    ck_a = load_checkpoint(a / "checkpoints" / "ckpt-00000008.pt")
-    ck_b = load_checkpoint(b / "checkpoints" / "ckpt-00000008.pt")
+    ck_a = load_checkpoint(a / "checkpoints" / "ckpt-00000006.pt")
+    ck_b = load_checkpoint(b / "checkpoints" / "ckpt-00000006.pt")
     pa, pb = _params(ck_a["model"]), _params(ck_b["model"])
     assert pa.keys() == pb.keys()
     for k in pa:
@@ -137,21 +137,21 @@ def test_resume_gives_the_identical_next_steps(cfg, tmp_path, recipe):
         assert (torch.equal(v, ck_b["stepper"]["hybrid_state"][k]) if isinstance(v, torch.Tensor)
                 else v == ck_b["stepper"]["hybrid_state"][k]), k
     la, lb = _scalars(a)["train/loss"], _scalars(b)["train/loss"]
-    assert [s for s, _ in lb] == list(range(5, 9))
-    assert dict(la)[5] == dict(lb)[5] and la[4:] == lb  # the identical next step, and every one after
-    # the moved-on run trained: a different model from the step-4 one
-    p4 = _params(load_checkpoint(a / "checkpoints" / "ckpt-00000004.pt")["model"])
-    assert any(not torch.equal(p4[k], pa[k]) for k in pa)
+    assert [s for s, _ in lb] == list(range(4, 7))
+    assert dict(la)[4] == dict(lb)[4] and la[3:] == lb  # the identical next step, and every one after
+    # the moved-on run trained: a different model from the step-3 one
+    p3 = _params(load_checkpoint(a / "checkpoints" / "ckpt-00000003.pt")["model"])
+    assert any(not torch.equal(p3[k], pa[k]) for k in pa)
 
 
 def test_resume_auto_skips_a_corrupt_newest_checkpoint(cfg, trained_run, copy_run, caplog):
-    run = copy_run(trained_run())  # 12 steps, checkpoints 6 and 12
-    newest = run / "checkpoints" / "ckpt-00000012.pt"
+    run = copy_run(trained_run(*RUN6))
+    newest = run / "checkpoints" / "ckpt-00000006.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a full disk
-    summary = train(cfg(run, "train.sample_tokens=0", "train.steps=12", "resume=auto"))
+    summary = train(cfg(run, *RUN6, "resume=auto"))
     assert str(newest) in caplog.text and "falling back" in caplog.text
-    assert summary["steps"] == 12  # steps 7..12 trained again from ckpt-6, and a good ckpt-12 written
-    assert load_checkpoint(newest)["step"] == 12
+    assert summary["steps"] == 6  # steps 4..6 trained again from ckpt-3, and a good ckpt-6 written
+    assert load_checkpoint(newest)["step"] == 6
 
 
 def test_corrupt_checkpoint_named_when_resumed_explicitly(cfg, tmp_path):
