@@ -66,7 +66,7 @@ def _device_storages(model, device) -> int:
     """Distinct storages of the model on ``device``: parameters, buffers, gradient carriers."""
     tensors = [*model.parameters(), *model.buffers()]
     tensors += [m._grad_carrier for m in model.modules() if getattr(m, "is_native", False)]
-    return len({t.untyped_storage().data_ptr() for t in tensors if t.device == device})
+    return len({t.untyped_storage().data_ptr() for t in tensors if t.device.type == device.type})
 
 
 def cuda_baseline(device) -> int:
