@@ -1,8 +1,6 @@
-"""Shared test setup: GPU-marked tests skip where CUDA is absent; CPU threads for the free cores."""
+"""Shared test setup: GPU-marked tests skip where CUDA is absent; one CPU thread per test."""
 import pytest
 import torch
-
-from experiments.build import resolve_threads
 
 _DEFAULT_THREADS = torch.get_num_threads()
 
@@ -29,11 +27,11 @@ def device(request):
 
 
 @pytest.fixture(autouse=True)
-def _threads_for_free_cores():
-    """Each test runs with one torch thread per core that other processes leave free (the rule of
-    train.threads=auto): on a shared machine, threads competing with another process's threads for
-    the same cores spin at every parallel region, and a test then takes 10-30x longer."""
-    torch.set_num_threads(_DEFAULT_THREADS)
-    torch.set_num_threads(resolve_threads("auto"))
+def _one_thread():
+    """Every test runs with one torch thread. The tests' tensors are small, so a second thread
+    costs more in synchronization than it computes (the CPU suite on 2 cores: 60 s with one thread,
+    66 s with two); and on a shared machine, threads that compete with another process's threads
+    for the same cores spin at every parallel region, which made single tests 10-30x slower."""
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(_DEFAULT_THREADS)
