@@ -89,11 +89,6 @@ def _padded(fmt: Format, last: int) -> int:
     return last + (-last) % fmt.block if fmt.is_scaled and fmt.granularity == "block" else last
 
 
-def _transposed_codes(op):
-    """An FP8 operand kept from another GEMM, in the transposed layout (contraction padded)."""
-    return KERNELS["fp8_tensorwise"].transposed(op)
-
-
 class QLinearFunction(torch.autograd.Function):
     """Inputs: x2 (M, K); w_a, w_b, w_c: the latent master weight (and two Nones), or the native
     weight's packed data, scale and global scale; bias or None; carrier (native: the leaf whose
@@ -151,11 +146,10 @@ class QLinearFunction(torch.autograd.Function):
             dx = k.mm(G, B, x_dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[5]:
             k = KERNELS[wg.kernel]
-            if plan.reuse_grad and G is not None:
-                A = _transposed_codes(G)
-            else:
+            A = k.transposed(G) if plan.reuse_grad and G is not None else None
+            if A is None:
                 A = k.operand(dy, wg.a, rounding=rnd, amax=_for(wg.a, amax_g) if wg.a == dg.a else None, transposed=True)
-            B = _transposed_codes((xa, xs)) if keep_x else k.operand(x2, wg.b, transposed=True)
+            B = k.transposed((xa, xs)) if keep_x else k.operand(x2, wg.b, transposed=True)
             dw = k.mm(A, B, torch.float32 if native else w_dtype)
             if not native:
                 pseudo = weight_pseudo_grad(w_a, plan.fprop.b, p.ste)

@@ -103,9 +103,9 @@ class GemmPlan:
     """How a layer of ``in_features -> out_features`` runs on ``device`` (see the module doc).
 
     ``reuse_weight``: dgrad takes fprop's weight operand (FP8 codes or quantized values: one
-    quantization of the weight per step, however often the layer is called); ``reuse_input``: wgrad takes fprop's
-    FP8 input codes (1 byte per activation saved instead of 2); ``reuse_grad``: wgrad takes dgrad's
-    FP8 gradient codes. ``gemv``: a kernel for fprop when at most ``kernels.GEMV_MAX_ROWS`` tokens
+    quantization of the weight per step, however often the layer is called); ``reuse_input``: wgrad
+    takes fprop's quantized input (with FP8, 1 byte per activation saved instead of 2);
+    ``reuse_grad``: wgrad takes dgrad's quantized gradient. ``gemv``: a kernel for fprop when at most ``kernels.GEMV_MAX_ROWS`` tokens
     come (the packed ternary weight read directly), or None."""
 
     precision: LayerPrecision
@@ -145,6 +145,15 @@ class GemmPlan:
         return f"{text} [{self.device}]"
 
 
+def _reusable(src: GemmSpec, dst: GemmSpec, fmt_src, fmt_dst) -> bool:
+    """Whether ``dst`` can take the operand ``src`` quantized, transposed: the same kernel and format,
+    and no per-row scale that the transposition would put along the contraction (the reference
+    quantizes in the operand's own layout, so any format transposes there)."""
+    if src.kernel != dst.kernel or fmt_src != fmt_dst or src.kernel == "bf16":
+        return False
+    return src.kernel in ("emulated", "matmul") or fmt_src is None or fmt_src.granularity != "row"
+
+
 def build_plan(precision: LayerPrecision, in_features: int, out_features: int, device) -> GemmPlan:
     """The :class:`GemmPlan` of a layer (see the module doc). ``device``: a torch device or a
     described one (``"sm90"``). ``ValueError`` if ``backend="tensorcore"`` and the device has no
@@ -167,12 +176,9 @@ def build_plan(precision: LayerPrecision, in_features: int, out_features: int, d
             kernel, reason = kernels.select(gemm, a, b, dev, shape)
         specs[gemm] = GemmSpec(gemm, a, b, kernel, reason)
     fp, dg, wg = specs["fprop"], specs["dgrad"], specs["wgrad"]
-    fp8 = lambda *gs: all(g.kernel.startswith("fp8") for g in gs)  # noqa: E731
-    tensorwise = lambda f: f is not None and f.granularity == "tensor"  # noqa: E731
-    reuse_weight = dg.kernel == fp.kernel and dg.b == fp.b and not (
-        fp.b is not None and fp.b.granularity == "row" and fp.kernel != "emulated")  # a row scale must be folded
-    reuse_input = fp8(fp, wg) and wg.b == fp.a and tensorwise(fp.a)
-    reuse_grad = fp8(dg, wg) and wg.a == dg.a and tensorwise(dg.a)
+    reuse_weight = _reusable(fp, dg, fp.b, dg.b)
+    reuse_input = _reusable(fp, wg, fp.a, wg.b)
+    reuse_grad = _reusable(dg, wg, dg.a, wg.a)
     gemv = None
     if precision.storage == "native" and backend in ("auto", "tensorcore") and fp.b == precision.weight:
         ok, _ = kernels.KERNELS["packed_ternary_gemv"].check_support("fprop", fp.a, fp.b, dev, shape)

@@ -122,3 +122,25 @@ def test_unscaled_e4m3_maps_infinities_to_nan_in_both_roundings(rounding):
     out = round_to_grid(v, fmt, rounding, torch.Generator().manual_seed(0))
     assert torch.isnan(out[[0, 1, 4]]).all()
     assert out[2:4].tolist() == [448.0, -448.0] and out[5].item() == 1.0
+
+
+@pytest.mark.parametrize("name,granularity", [("fp8_e4m3", "tensor"), ("fp8_e4m3", "row"), ("fp8_e5m2", "tensor"),
+                                              ("fp8_e5m2", "row"), ("fp8_e4m3", None), ("fp8_e5m2", None)])
+def test_fake_quant_cast_path_for_fp8_matches_the_grouped_path(name, granularity):
+    """The FP8 fast path (torch's casts on x / s) equals the general path bit for bit, on rows that
+    mix ordinary values with subnormal-scale rows, zeros, huge values, infinities and NaN."""
+    from lowprec.scaling import fake_quant, quantize_dequantize
+
+    fmt = lowprec.format(name)
+    fmt = dataclasses.replace(fmt, scale="none") if granularity is None else fmt.with_scaling(granularity)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 67, generator=g) * torch.logspace(-40, 38, 12).reshape(-1, 1).clamp(max=3e38)
+    x[1] = 0.0
+    x[2, 5] = math.inf
+    x[3, 7] = -math.inf
+    x[4, 9] = math.nan
+    x[5] = torch.randn(67, generator=g) * 1e-42  # subnormal fp32 row
+    for t in (x, x[6:8].clone(), x.reshape(-1)[:64].clone()):
+        fast, (ref, _) = fake_quant(t, fmt), quantize_dequantize(t, fmt)
+        same = (fast.view(torch.int32) == ref.view(torch.int32)) | (fast.isnan() & ref.isnan())
+        assert bool(same.all()), (t[~same][:8], fast[~same][:8], ref[~same][:8])
