@@ -36,7 +36,7 @@ iteration: ``step`` is what ends the step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch

@@ -1,5 +1,4 @@
 """QTensor storage: packing, real byte counts, serialization, devices, and bad input."""
-import io
 
 import pytest
 import torch
