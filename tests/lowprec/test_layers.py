@@ -189,13 +189,21 @@ def test_compiles_into_one_graph():
     assert explained.graph_break_count == 0 and explained.graph_count == 1
 
 
-def test_weight_cache_follows_in_place_updates():
-    """A layer called many times reuses its quantized weight, but never a stale one."""
+def test_weight_operand_lives_with_the_graph_and_follows_in_place_updates():
+    """Calls of one step share one quantized weight while an autograd graph holds it; it is freed
+    with the graph (nothing survives the step) and never reused once the weight changed."""
     p = lp(**FP8, backend="emulated")
     q, w, b = pair(p)
     x = torch.randn(4, 48)
     y1 = q(x)
-    assert torch.equal(q(x), y1)
+    (tag, refs), = q._operands._entries.values()
+    shared = refs[0]()
+    assert shared is not None
+    y2 = q(x)
+    assert refs[0]() is shared and torch.equal(y2, y1)  # the second call reused it
+    del y1, y2, shared
+    assert refs[0]() is None  # freed with the graphs that saved it
+    y1 = q(x).detach()
     with torch.no_grad():
         q.weight.mul_(-3.0)  # an optimizer step: in place, bumps the version counter
     assert torch.equal(q(x), fq(x, p.input) @ fq(-3.0 * w, p.weight).t() + b)
