@@ -22,12 +22,16 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
@@ -262,9 +266,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                file=sys.stderr, unit="step", mininterval=1.0)
     ema, window_tokens, window_s, report_done = None, 0, 0.0, False
     step = start
+    stop = _CtrlC()
     try:
-        with logging_redirect_tqdm():
+        with logging_redirect_tqdm(), stop:
             for step in range(start + 1, t["steps"] + 1):
+                if stop.requested:  # after a complete step: save it, then stop
+                    step -= 1
+                    raise KeyboardInterrupt
                 if debug.get("nan_at_step") == step:
                     log.warning("debug: %s set to NaN before step %d", _inject_nan(run.model, debug["nan_layer"]), step)
                 watch = bool(t["telemetry_every"]) and step % t["telemetry_every"] == 0
@@ -317,9 +325,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 bar.update(1)
     except KeyboardInterrupt:
         bar.close()
-        if step > start and run.scaler.consecutive_bad == 0:
+        if stop.requested == 1 and step > start and run.scaler.consecutive_bad == 0:
             ckpts.save(step, _checkpoint_payload(run, stepper, step, cfg_yaml, meta))
-            log.warning("interrupted: saved step %d; continue with resume=auto", step)
+            log.warning("interrupted: saved step %d in %s", step, ckpts.dir)
+        elif last_good_ckpt is not None:
+            log.warning("interrupted at step %d; the newest checkpoint is %s", step, last_good_ckpt)
+        if last_good_ckpt is not None or step > start:
+            print(f"\ninterrupted; to continue this run:\n  {resume_command(run_dir)}", file=sys.stderr)
         raise
     finally:
         bar.close()
@@ -393,10 +405,50 @@ def _diagnose(run: Run, stepper: Stepper, telemetry, step: int, res, t: dict, la
             f"{where}{params}; {keep}")
 
 
+class _CtrlC:
+    """While active, the first Ctrl-C asks the training loop to stop after the step in progress
+    (the loop saves that step's checkpoint); a second one stops at once (the newest checkpoint
+    stands). Outside the main thread signals cannot be caught: Ctrl-C stops at once there."""
+
+    def __init__(self):
+        self.requested = 0
+        self._old = None
+
+    def _handle(self, signum, frame):
+        self.requested += 1
+        if self.requested > 1:
+            raise KeyboardInterrupt
+        log.warning("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to stop at once)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues the run in ``run_dir``: this run's command-line overrides, the
+    same run directory, ``resume=auto``."""
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not launched by Hydra (train() called directly)
+        overrides = []
+    keep = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.run.dir=", "resume="))]
+    return " ".join(["python -m experiments.train", *(shlex.quote(o) for o in keep),
+                     shlex.quote(f"hydra.run.dir={run_dir}"), "resume=auto"])
+
+
 @hydra.main(config_path="../configs", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
+    except KeyboardInterrupt:
+        sys.exit(130)
     except (ConfigError, CorruptCheckpointError) as e:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)

@@ -28,6 +28,7 @@ decay at mid-training let them settle. Weight decay is set in every group that h
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -37,6 +38,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from lowprec.common import check_real, plain
 
 SCHEDULES = ("constant", "cosine", "two_stage")
+
+log = logging.getLogger(__name__)
 
 
 def _cos_interp(a: float, b: float, u: float) -> float:
@@ -120,7 +123,9 @@ def two_stage_schedule(optimizer, total_steps: int, warmup_steps: int = 0, *, sp
 def build_scheduler(optimizer, cfg: Mapping | None, total_steps: int) -> Schedule:
     """The schedule named by ``cfg["name"]`` (``constant``, ``cosine``, ``two_stage``); the other
     keys are its keyword arguments (``warmup_steps`` and those of :func:`warmup_cosine` /
-    :func:`two_stage_schedule`). ``cfg`` may be the whole optimizer config (its ``schedule`` key)."""
+    :func:`two_stage_schedule`). ``cfg`` may be the whole optimizer config (its ``schedule`` key).
+    A warmup as long as the run or longer is shortened to a tenth of the run, with a logged note
+    (a short run just runs); every other invalid value is a ``ValueError`` naming it."""
     cfg = plain(cfg) or {}
     if "schedule" in cfg:
         cfg = cfg["schedule"] or {}
@@ -128,6 +133,11 @@ def build_scheduler(optimizer, cfg: Mapping | None, total_steps: int) -> Schedul
     name = cfg.pop("name", "constant")
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose one of {SCHEDULES}")
+    t0 = cfg.get("warmup_steps", 0)
+    if isinstance(t0, int) and not isinstance(t0, bool) and isinstance(total_steps, int) and 1 <= total_steps <= t0:
+        cfg["warmup_steps"] = total_steps // 10
+        log.warning("warmup_steps=%d is not shorter than the run (%d steps): warming up for %d steps instead "
+                    "(a tenth of the run)", t0, total_steps, cfg["warmup_steps"])
     try:
         if name == "constant":
             t0 = cfg.pop("warmup_steps", 0)

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -215,7 +216,7 @@ def test_nan_stops_after_k_bad_steps_naming_the_layer(cfg, tmp_path):
     (["data.path=/nope/missing"], r"data: data path '/nope/missing' does not exist"),
     (["train.batch_size=0"], r"train.batch_size=0 is invalid; it must be >= 1"),
     (["train.seq_len=64"], r"train.seq_len=64 exceeds model.window=16"),
-    (["optim.schedule.warmup_steps=50"], r"optim.schedule: warmup_steps=50 is invalid"),
+    (["optim.schedule.warmup_steps=-5"], r"optim.schedule: warmup_steps=-5 is invalid"),
     (["train.loss_scale.mode=huge"], r"train.loss_scale.mode='huge' is unknown; choose one of"),
     (["optim.native.binary=adamw"], r"optim: native.binary='adamw'"),
     (["train.threads=many"], r"train.threads='many' is invalid; give an int >= 1, auto or null"),
@@ -297,3 +298,31 @@ def test_init_from_refuses_another_model_or_a_missing_path(cfg, trained_run, tmp
     with pytest.raises(ConfigError, match=r"init_from: checkpoint .*nowhere.* does not exist"):
         train(cfg(tmp_path / "c", f"init_from={tmp_path / 'nowhere'}"))
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()  # refused before writing
+
+
+def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes(corpus, tiny_overrides, run_app, tmp_path,
+                                                                       monkeypatch):
+    """Ctrl-C (SIGINT) during step 4 of 6: step 4 completes and is saved, the app exits 130 with the
+    command that continues the run in place, and that command finishes the run from step 5."""
+    import experiments.loop
+
+    real_step, calls = experiments.loop.Stepper.step, {"n": 0}
+
+    def step(self):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self)
+
+    monkeypatch.setattr(experiments.loop.Stepper, "step", step)
+    run_dir = tmp_path / "run"
+    args = [*tiny_overrides(corpus, run_dir), "train.steps=6", "train.ckpt_every=100", "train.sample_tokens=0"]
+    code, _, err = run_app(*[a for a in args if not a.startswith("run_dir=")], f"hydra.run.dir={run_dir}")
+    assert code == 130 and calls["n"] == 4
+    assert [p.name for p in (run_dir / "checkpoints").glob("ckpt-*.pt")] == ["ckpt-00000004.pt"]
+    assert load_checkpoint(run_dir / "checkpoints" / "ckpt-00000004.pt")["step"] == 4
+    command = err.split("to continue this run:\n")[1].strip().splitlines()[0]
+    assert command.startswith("python -m experiments.train ") and command.endswith(f"hydra.run.dir={run_dir} resume=auto")
+    monkeypatch.setattr(experiments.loop.Stepper, "step", real_step)
+    code, out, _ = run_app(*command.split()[3:])
+    assert code == 0 and "after 6 steps" in out and calls["n"] == 4

@@ -66,7 +66,8 @@ def test_schedule_state_round_trips():
 
 @pytest.mark.parametrize("cfg,match", [
     ({"name": "linear"}, "unknown schedule 'linear'; choose one of"),
-    ({"name": "cosine", "warmup_steps": 100}, r"warmup_steps=100 is invalid"),
+    ({"name": "cosine", "warmup_steps": -1}, r"warmup_steps=-1 is invalid"),
+    ({"name": "cosine", "warmup_steps": 2.5}, r"warmup_steps=2.5 is invalid"),
     ({"name": "two_stage", "split": 1.5}, "split=1.5"),
     ({"name": "two_stage", "warmup_steps": 60}, "inside the warmup"),
     ({"name": "cosine", "min_lr_ratio": 2}, "min_lr_ratio=2"),
@@ -75,3 +76,21 @@ def test_schedule_state_round_trips():
 def test_bad_schedules_raise(cfg, match):
     with pytest.raises(ValueError, match=match):
         optim.build_scheduler(adamw(), cfg, total_steps=100)
+
+
+@pytest.mark.parametrize("name", ["constant", "cosine", "two_stage"])
+def test_a_warmup_longer_than_the_run_is_shortened_with_a_note(name, caplog):
+    """``train.steps=30`` with the configs' 100-step warmup just runs: warmup becomes 3 steps (a tenth),
+    so the peak learning rate is reached at step 3, and the log says so."""
+    opt = adamw()
+    with caplog.at_level("WARNING", logger="optim.schedule"):
+        sched = optim.build_scheduler(opt, {"name": name, "warmup_steps": 100}, total_steps=30)
+    assert "warmup_steps=100 is not shorter than the run (30 steps): warming up for 3 steps" in caplog.text
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    peak = opt.param_groups[0]["initial_lr"]
+    assert lrs[:3] == [peak * k / 4 for k in (1, 2, 3)] and lrs[3] == pytest.approx(peak, rel=1e-2)
+
