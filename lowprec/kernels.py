@@ -218,6 +218,14 @@ class Bf16TensorCore(Kernel):
         v, outer = split_qtensor(q, transposed)
         return v.to(torch.bfloat16), outer
 
+    def transposed(self, op):
+        """Per-row scales fold into the values, as quantizing the transposed tensor would: the
+        element values are exact in bf16, so the fp32 products and their bf16 rounding are the same."""
+        v, outer = op
+        if outer is None or outer.numel() == 1:
+            return v.t(), outer
+        return (v.float() * outer).to(torch.bfloat16).t(), None
+
     def mm(self, A, B, out_dtype, fast_accum=False):
         a, b = A[0], B[0].t()
         c = torch.mm(a, b, out_dtype=torch.float32) if (_MM_FP32_OUT and a.is_cuda) else (a @ b).float()

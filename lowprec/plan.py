@@ -147,11 +147,11 @@ class GemmPlan:
 
 def _reusable(src: GemmSpec, dst: GemmSpec, fmt_src, fmt_dst) -> bool:
     """Whether ``dst`` can take the operand ``src`` quantized, transposed: the same kernel and format,
-    and no per-row scale that the transposition would put along the contraction (the reference
-    quantizes in the operand's own layout, so any format transposes there)."""
+    and no per-row scale that the transposition would put along an FP8 GEMM's contraction (the
+    reference and bf16 kernels fold such scales into the values, exactly as quantizing again would)."""
     if src.kernel != dst.kernel or fmt_src != fmt_dst or src.kernel == "bf16":
         return False
-    return src.kernel in ("emulated", "matmul") or fmt_src is None or fmt_src.granularity != "row"
+    return not src.kernel.startswith("fp8") or fmt_src.granularity != "row"
 
 
 def build_plan(precision: LayerPrecision, in_features: int, out_features: int, device) -> GemmPlan:

@@ -5,7 +5,7 @@ from torch import nn
 
 import lowprec
 from lowprec import LayerPrecision
-from lowprec.kernels import KERNELS
+from lowprec.kernels import KERNELS, fp8_grid
 from lowprec.nn import QLinear
 from lowprec.plan import DeviceSpec, build_plan
 
@@ -109,3 +109,23 @@ def test_tensorcore_on_the_cpu_fails_at_the_forward_not_at_build():
 def test_every_registered_kernel_is_named_consistently():
     for name, kernel in KERNELS.items():
         assert kernel.name == name and kernel.summary
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3", "nvfp4", "mxfp4", "ternary", {"format": "fp4_e2m1", "granularity": "row"}],
+                         ids=str)
+def test_a_kept_bf16_operand_transposes_to_what_quantizing_again_gives(fmt):
+    """Backward reuses forward's quantized operand (the plan's reuse_*): on the bf16 kernel its
+    transposed form, per-row scales folded in, is bit-identical to quantizing the tensor again."""
+    from lowprec.precision import parse_format
+
+    fmt = parse_format(fmt, per_token=True)
+    k = KERNELS["bf16_tensorcore"]
+    x = torch.randn(37, 64, generator=torch.Generator().manual_seed(0)) * 3
+    kept = k.transposed(k.operand(x, fmt))
+    again = k.operand(x, fmt, transposed=True)
+    assert torch.equal(kept[0], again[0]) and (kept[1] is None) == (again[1] is None)
+    if kept[1] is not None:
+        assert torch.equal(kept[1], again[1])
+    plan, _ = kernels_of({"weight": "ternary", "input": fmt, "storage": "native"}, shape=(64, 64))
+    if fp8_grid(fmt) is None:  # e.g. the int8 per-token inputs of the native ternary policy
+        assert plan.fprop.kernel == plan.wgrad.kernel == "bf16_tensorcore" and plan.reuse_input
