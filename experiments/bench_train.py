@@ -1,0 +1,151 @@
+"""Training throughput on one GPU, in one process: a plain reference GPT, torchao float8, and ours.
+
+    python -m experiments.bench_train                       # both sizes, every variant
+    python -m experiments.bench_train --sizes 30m --variants ref ref-torchao windowed:bf16 hybrid:paper
+
+One training step = forward, cross-entropy, backward, optimizer step (bf16 autocast for the
+reference; our models' precision from the policy), over random byte tokens (the speed of a step does
+not depend on the text). Every variant runs under ``torch.compile``. Reported per variant: tokens/s
+(median of the timed steps after warm-up, which includes compilation), model FLOPs utilization
+(6 x parameters x tokens/s over the H100's 989 TFLOP/s dense bf16 peak, attention FLOPs not
+counted), peak memory, and the speed relative to the reference in the same process.
+
+Sizes: ``30m`` = d 512, 10 blocks, T 128, B 128 (16K tokens/step); ``600m`` = d 2048, 12 blocks,
+T 1024, B 8 (8K tokens/step). Variants: ``ref`` (the reference GPT of :mod:`experiments.reference_gpt`
+at this size, fused AdamW), ``ref-torchao`` (the same with torchao float8 tensorwise linears, when
+torchao is installed), and ``windowed:<policy>`` / ``hybrid:<policy>`` (``HybridLM`` without / with
+its RNN memory, the same width, depth and heads, segment = T, state not carried) for the policies
+of ``configs/precision``. Each of ours prints its layers' plans.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+import hybrid
+import lowprec
+import optim
+
+from .bench_layers import environment
+from .reference_gpt import GPT
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PEAK_BF16 = 989e12
+SIZES = {"30m": dict(d=512, blocks=10, heads=8, T=128, B=128), "600m": dict(d=2048, blocks=12, heads=16, T=1024, B=8)}
+POLICIES = ["bf16", "fp8", "paper", "ternary", "ternary_native"]
+VARIANTS = ["ref", "ref-torchao", *(f"{m}:{p}" for m in ("windowed", "hybrid") for p in POLICIES)]
+
+
+def build(variant: str, size: dict):
+    """(model, optimizer, step function, parameter count, note)."""
+    d, L, H, T = size["d"], size["blocks"], size["heads"], size["T"]
+    if variant.startswith("ref"):
+        model = GPT(vocab=256, d=d, layers=L, heads=H, context=T).cuda()
+        note = ""
+        if variant == "ref-torchao":
+            from torchao.float8 import convert_to_float8_training  # optional: only this variant needs it
+
+            convert_to_float8_training(model, module_filter_fn=lambda m, name: name != "head")
+            note = "torchao float8 tensorwise"
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+        def loss_fn(x, y):
+            with torch.autocast("cuda", torch.bfloat16):
+                return F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
+        return model, opt, loss_fn, sum(p.numel() for p in model.parameters()), note
+    kind, policy = variant.split(":")
+    cfg = hybrid.preset("medium").replace(
+        d_model=d, n_blocks=L, n_heads=H, n_kv_heads=H // 4, head_dim=d // H, d_ff=4 * d, window=T, max_window=T,
+        memory=kind == "hybrid", dropout=0.0, chunk=64 if T >= 64 else T, compressor_hidden=d // 2, xattn_heads=H)
+    model = hybrid.HybridLM(cfg)
+    report = lowprec.apply_policy(model, OmegaConf.load(CONFIGS / "precision" / f"{policy}.yaml"))
+    model.cuda()
+    opt_cfg = OmegaConf.load(CONFIGS / "optim" / ("ternary_native.yaml" if policy.endswith("native") else "adamw.yaml"))
+    opt = optim.build_optimizer(model, opt_cfg)
+    plans = sorted({m.plan.describe() for m in model.modules() if hasattr(m, "plan")})
+    n = sum(p.numel() for p in model.parameters()) + sum(
+        m.native_weight.numel() for m in model.modules() if getattr(m, "is_native", False))
+
+    def loss_fn(x, y):
+        logits, _ = model(x)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    del report
+    return model, opt, loss_fn, n, "; ".join(plans)
+
+
+def measure(variant: str, size: dict, iters: int) -> dict:
+    torch.manual_seed(0)
+    model, opt, loss_fn, n_params, note = build(variant, size)
+    compiled = torch.compile(loss_fn)
+    B, T = size["B"], size["T"]
+    x = torch.randint(0, 256, (B, T + 1), device="cuda")
+    x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+
+    def step():
+        compiled(x, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    s = sorted(times)[len(times) // 2]
+    tps = B * T / s
+    row = dict(variant=variant, params=n_params, tokens_per_s=tps, mfu=6 * n_params * tps / PEAK_BF16,
+               peak_gib=torch.cuda.max_memory_allocated() / 2**30, note=note)
+    del model, opt, compiled
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    ap.add_argument("--iters", type=int, default=10)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_train needs a CUDA GPU")
+    print(f"# training step, {environment()}, {datetime.date.today()}, compiled")
+    print("| size | variant | params | tokens/s | MFU | peak GiB | vs ref | plans |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.sizes:
+        size, ref = SIZES[name], None
+        for variant in args.variants:
+            try:
+                r = measure(variant, size, args.iters)
+            except ImportError as e:
+                print(f"| {name} | {variant} | - | - | - | - | - | not run: {e} |", flush=True)
+                continue
+            except Exception as e:  # one failing variant must not hide the others' rows
+                print(f"| {name} | {variant} | - | - | - | - | - | failed: {type(e).__name__}: {str(e)[:160]} |", flush=True)
+                gc.collect()
+                torch.cuda.empty_cache()
+                torch._dynamo.reset()
+                continue
+            ref = r["tokens_per_s"] if variant == "ref" else ref
+            rel = f"{r['tokens_per_s'] / ref:.2f}" if ref else "-"
+            print(f"| {name} | {variant} | {r['params'] / 1e6:.1f}M | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.0f}% "
+                  f"| {r['peak_gib']:.1f} | {rel} | {r['note']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
