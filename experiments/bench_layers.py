@@ -84,11 +84,10 @@ def environment() -> str:
     return ", ".join(parts)
 
 
-def time_step(model, x, iters: int) -> float:
-    """Median ms of one forward+backward (after warm-up, which includes compilation)."""
-    def step():
-        model(x).sum().backward()
-    for _ in range(3):
+def median_ms(step, iters: int, warmup: int = 3) -> float:
+    """Median ms of ``step()`` over ``iters`` timed calls (CUDA events), after ``warmup`` calls (which
+    include compilation)."""
+    for _ in range(warmup):
         step()
     torch.cuda.synchronize()
     times = []
@@ -100,6 +99,11 @@ def time_step(model, x, iters: int) -> float:
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b))
     return sorted(times)[len(times) // 2]
+
+
+def time_step(model, x, iters: int) -> float:
+    """Median ms of one forward+backward (after warm-up, which includes compilation)."""
+    return median_ms(lambda: model(x).sum().backward(), iters)
 
 
 def main(argv=None):

@@ -33,7 +33,7 @@ import hybrid
 import lowprec
 import optim
 
-from .bench_layers import environment
+from .bench_layers import environment, median_ms
 from .reference_gpt import GPT
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -93,19 +93,10 @@ def measure(variant: str, size: dict, iters: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(3):
-        step()
+    step()  # compiles; the peak is measured over the steps after it
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    s = sorted(times)[len(times) // 2]
+    s = median_ms(step, iters, warmup=2) / 1e3
     tps = B * T / s
     row = dict(variant=variant, params=n_params, tokens_per_s=tps, mfu=6 * n_params * tps / PEAK_BF16,
                peak_gib=torch.cuda.max_memory_allocated() / 2**30, note=note)

@@ -108,20 +108,25 @@ WALK_POLICIES = {
 _LEAVES = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, weakref.ref, str, bytes, int, float)
 
 
-def reachable_storages(*roots) -> dict:
-    """Bytes of every tensor storage reachable from ``roots`` through Python references (the garbage
-    collector's view of every object, not the report's notion of parameters and state)."""
-    seen, storages, stack = set(), {}, list(roots)
+def reachable_tensors(*roots) -> list:
+    """Every tensor reachable from ``roots`` through Python references (the garbage collector's view
+    of every object, not the report's notion of parameters and state)."""
+    seen, out, stack = set(), [], list(roots)
     while stack:
         obj = stack.pop()
         if id(obj) in seen or isinstance(obj, _LEAVES):
             continue
         seen.add(id(obj))
         if isinstance(obj, torch.Tensor):
-            storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+            out.append(obj)
             continue
         stack.extend(gc.get_referents(obj))
-    return storages
+    return out
+
+
+def reachable_storages(*roots) -> dict:
+    """Bytes of each distinct storage of :func:`reachable_tensors`."""
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in reachable_tensors(*roots)}
 
 
 @pytest.mark.parametrize("name", list(WALK_POLICIES))
@@ -154,7 +159,7 @@ def test_no_float_copy_of_a_native_weight_survives_the_step(fmt):
     model(torch.randn(4, 96)).sum().backward()
     opt.step()
     layer = model[0]
-    state = {t.untyped_storage().data_ptr() for t in reachable_storages_tensors(opt)}
+    state = set(reachable_storages(opt))
     gc.collect()
     copies = [t for t in gc.get_objects() if isinstance(t, torch.Tensor) and t.is_floating_point()
               and t.numel() == 96 * 80 and t.untyped_storage().nbytes() >= 96 * 80 * t.element_size()
@@ -162,17 +167,3 @@ def test_no_float_copy_of_a_native_weight_survives_the_step(fmt):
     assert copies == [], [(t.dtype, tuple(t.shape)) for t in copies]
     opt.zero_grad()
     assert layer.native_grad is None
-
-
-def reachable_storages_tensors(*roots) -> list:
-    seen, out, stack = set(), [], list(roots)
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen or isinstance(obj, _LEAVES):
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            out.append(obj)
-            continue
-        stack.extend(gc.get_referents(obj))
-    return out
