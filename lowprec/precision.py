@@ -19,7 +19,7 @@ per token (one scale per row), as BitNet does for its int8 activations; write
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .formats import FORMATS, Format, format as get_format

@@ -1,6 +1,5 @@
 """Corpus, split, tokenizers, bits per character and resumable batching."""
 import math
-import os
 import sys
 from pathlib import Path
 

@@ -203,7 +203,6 @@ def test_weight_operand_lives_with_the_graph_and_follows_in_place_updates():
     assert refs[0]() is shared and torch.equal(y2, y1)  # the second call reused it
     del y1, y2, shared
     assert refs[0]() is None  # freed with the graphs that saved it
-    y1 = q(x).detach()
     with torch.no_grad():
         q.weight.mul_(-3.0)  # an optimizer step: in place, bumps the version counter
     assert torch.equal(q(x), fq(x, p.input) @ fq(-3.0 * w, p.weight).t() + b)
