@@ -69,9 +69,7 @@ def _weight_operand(kernel, fmt, transposed, plan: GemmPlan, w, io: LayerIO, ama
     through the layer's cache while the weight is unchanged."""
     p = plan.precision
     if p.storage == "native":
-        data, scale, glob = w
-        q = QTensor(data, scale, glob, p.weight, (plan.out_features, plan.in_features),
-                    _padded(p.weight, plan.in_features))
+        q = _native(plan, w)
         if fmt == p.weight:  # as stored: re-deriving a scale from dequantized codes could change it
             make = lambda: kernel.operand_from_qtensor(q, transposed)  # noqa: E731
         else:
@@ -85,8 +83,11 @@ def _weight_operand(kernel, fmt, transposed, plan: GemmPlan, w, io: LayerIO, ama
     return io.cache.get((kernel.name, fmt, transposed), tag, make)
 
 
-def _padded(fmt: Format, last: int) -> int:
-    return last + (-last) % fmt.block if fmt.is_scaled and fmt.granularity == "block" else last
+def _native(plan: GemmPlan, w) -> QTensor:
+    """The native weight ``(data, scale, global)`` as a QTensor (views, no copy)."""
+    fmt, K = plan.precision.weight, plan.in_features
+    padded = K + (-K) % fmt.block if fmt.is_scaled and fmt.granularity == "block" else K
+    return QTensor(*w, fmt, (plan.out_features, K), padded)
 
 
 class QLinearFunction(torch.autograd.Function):
@@ -101,8 +102,7 @@ class QLinearFunction(torch.autograd.Function):
         w = (w_a, w_b, w_c) if native else w_a
         if io.record is not None:
             io.record("input", x2, fp.a)
-            io.record("weight", (lambda: QTensor(w_a, w_b, w_c, p.weight, (plan.out_features, plan.in_features),
-                                                 _padded(p.weight, plan.in_features)).dequantize()) if native else w_a, fp.b)
+            io.record("weight", (lambda: _native(plan, w).dequantize()) if native else w_a, fp.b)
         out_dtype = x2.dtype
         A = B = None
         if plan.gemv is not None and x2.is_cuda and x2.shape[0] <= GEMV_MAX_ROWS:
