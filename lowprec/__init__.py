@@ -1,8 +1,11 @@
 """lowprec: number formats, exact quantization, packed tensors, STE, precision-aware layers,
-per-layer policies, loss scaling and numerics telemetry for low-precision training."""
+their GEMM plans and kernel registry, per-layer policies, loss scaling and numerics telemetry for
+low-precision training."""
 
 from .formats import FORMATS, Format, format
 from .precision import LayerPrecision
+from .kernels import KERNELS
+from .plan import DeviceSpec, GemmPlan, build_plan
 from .qtensor import QTensor, predicted_nbytes, quantize
 from .scaling import quantize_dequantize
 from .ste import STES, fake_quantize
@@ -14,5 +17,6 @@ from .loss_scaler import LossScaler
 __all__ = [
     "FORMATS", "Format", "format", "QTensor", "quantize", "quantize_dequantize", "predicted_nbytes",
     "fake_quantize", "STES", "LayerPrecision", "Telemetry", "nn",
-    "PrecisionPolicy", "apply_policy", "PolicyReport", "LossScaler",
+    "PrecisionPolicy", "apply_policy", "PolicyReport", "LossScaler", "GemmPlan", "DeviceSpec", "build_plan",
+    "KERNELS",
 ]

@@ -2,9 +2,8 @@
 import pytest
 import torch
 
-from lowprec import LayerPrecision
+from lowprec import DeviceSpec, LayerPrecision
 from lowprec.nn import QLinear
-from lowprec.plan import DeviceSpec
 
 pytestmark = pytest.mark.gpu
 

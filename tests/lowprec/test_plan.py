@@ -4,10 +4,9 @@ import torch
 from torch import nn
 
 import lowprec
-from lowprec import LayerPrecision
-from lowprec.kernels import KERNELS, fp8_grid
+from lowprec import KERNELS, DeviceSpec, LayerPrecision, build_plan
+from lowprec.kernels import fp8_grid
 from lowprec.nn import QLinear
-from lowprec.plan import DeviceSpec, build_plan
 
 TENSOR = {"input": {"format": "fp8_e4m3", "granularity": "tensor"}, "grad": {"format": "fp8_e5m2", "granularity": "tensor"}}
 TOKEN = {"input": "fp8_e4m3", "grad": "fp8_e5m2"}  # a bare name on activations: per-token scales
