@@ -87,6 +87,14 @@ class NativeWeightMixin:
         self.native_grad_hook = None
         self._place_grad_carrier(weight.device)
 
+    def __setstate__(self, state):
+        # a copy (copy.deepcopy, pickle) needs its own carrier: the hook is not copied with it
+        super().__setstate__(state)
+        old = self.__dict__.pop("_grad_carrier", None)
+        if old is not None:
+            self._place_grad_carrier(old.device)
+            self.native_grad = old.grad
+
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         if self.is_native:

@@ -285,3 +285,14 @@ def test_native_rules_accept_class_names():
 
 def test_all_configs_are_tested():
     assert {p.stem for p in (CONFIGS / "optim").glob("*.yaml")} == set(PAIRS)
+
+
+def test_a_deep_copy_of_a_native_model_updates_in_backward_too():
+    """copy.deepcopy (as PTQ does) gives each native layer its own gradient carrier and hook."""
+    import copy
+
+    x = torch.randn(6, 24, generator=torch.Generator().manual_seed(0))
+    model = copy.deepcopy(make_twice())
+    handle = optim.attach_in_backward(model, optim.build_optimizer(model, CFG))
+    model(x).pow(2).mean().backward()
+    assert handle.updated == 3 and model.b.native_grad is None and model.c.native_grad is None
