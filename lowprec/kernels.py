@@ -33,6 +33,8 @@ aside), i.e. whether it equals the reference up to fp32 summation order.
 
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.nn.functional as F
 
@@ -123,8 +125,7 @@ def _scale_output(c: torch.Tensor, sa, sb) -> torch.Tensor:
 
 # ---- kernels ------------------------------------------------------------------------------------
 class Kernel:
-    """One way to run a GEMM. Subclasses define ``operand`` / ``operand_from_qtensor`` (operand
-    preparation, in the layout ``A`` or ``B`` of ``C = A @ B^T``) and ``mm``."""
+    """One way to run a GEMM: what it supports (``check_support``) and whether it is exact there."""
 
     name = ""
     summary = ""
@@ -135,14 +136,21 @@ class Kernel:
     def exact_for(self, gemm, a, b) -> bool:
         return True
 
+
+class GemmKernel(Kernel, abc.ABC):
+    """A kernel that prepares its operands itself: ``operand`` / ``operand_from_qtensor`` (in the
+    layout ``A`` or ``B`` of ``C = A @ B^T``), ``transposed`` and ``mm``."""
+
+    @abc.abstractmethod
     def operand(self, t, fmt, *, rounding="nearest", amax=None, transposed=False):
-        raise NotImplementedError
+        """``(values, outer)`` of ``t`` quantized per ``fmt`` (None: unquantized)."""
 
     def operand_from_qtensor(self, q, transposed=False):
         return self.operand(q.dequantize(torch.float32), None, transposed=transposed)
 
+    @abc.abstractmethod
     def mm(self, A, B, out_dtype, fast_accum=False) -> torch.Tensor:
-        raise NotImplementedError
+        """``A @ B^T`` with the outer scales applied, in ``out_dtype``."""
 
     def transposed(self, op):
         """The operand of the transposed tensor, from an untransposed one (backward reuses the
@@ -152,7 +160,7 @@ class Kernel:
         return None if (outer is not None and outer.numel() != 1) else (v.t(), outer)
 
 
-class Emulated(Kernel):
+class Emulated(GemmKernel):
     name = "emulated"
     summary = "reference: fake-quantized fp32 operands, fp32 matmul"
 
@@ -168,7 +176,7 @@ class Emulated(Kernel):
         return (A[0] @ B[0].t()).to(out_dtype)
 
 
-class Matmul(Kernel):
+class Matmul(GemmKernel):
     name = "matmul"
     summary = "unquantized operands: matmul in their dtype"
 
@@ -195,7 +203,7 @@ class Unquantized(Matmul):
         return (t.t() if transposed else t), None
 
 
-class Bf16TensorCore(Kernel):
+class Bf16TensorCore(GemmKernel):
     name = "bf16_tensorcore"
     summary = "quantized values in bf16 on bf16 tensor cores, outer scales on the fp32 output"
 
@@ -232,7 +240,7 @@ class Bf16TensorCore(Kernel):
         return _scale_output(c, A[1], B[1]).to(out_dtype)
 
 
-class Fp8(Kernel):
+class Fp8(GemmKernel):
     """FP8 ``torch._scaled_mm``; ``rowwise`` admits per-row outer scales."""
 
     def __init__(self, rowwise: bool):
@@ -304,6 +312,8 @@ class Fp8(Kernel):
 
 
 class PackedTernaryGemv(Kernel):
+    """Reads the packed codes itself (:func:`lowprec.gemv.ternary_gemv`): no operand preparation."""
+
     name = "packed_ternary_gemv"
     summary = f"fprop with <= {GEMV_MAX_ROWS} tokens reading 2-bit ternary codes (Triton)"
 
@@ -336,5 +346,5 @@ def select(gemm: str, a, b, device, shape) -> tuple[str, str]:
     raise AssertionError("the emulated kernel supports every GEMM")  # pragma: no cover
 
 
-__all__ = ["KERNELS", "Kernel", "AUTO_ORDER", "select", "fp8_grid", "bf16_exact", "split", "split_qtensor",
+__all__ = ["KERNELS", "Kernel", "GemmKernel", "AUTO_ORDER", "select", "fp8_grid", "bf16_exact", "split", "split_qtensor",
            "GEMV_MAX_ROWS", "TRANSPOSED"]
