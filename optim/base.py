@@ -12,9 +12,18 @@ That is exactly what ``lowprec.LossScaler`` reads, so ``scaler.step(optimizer)``
 native gradients too, with nothing to pass. The targets themselves are ``group["layers"]`` and
 ``group["tensors"]``.
 
-State is kept per target (``self.state[target]``) with a Python-int ``"step"``; ``state_dict()``
-numbers targets in group order and round-trips exactly (tensors are copied bit for bit; the
-stochastic-rounding noise is reseeded from (seed, target, step), see :mod:`optim.moments`).
+State is kept per target (``self.state[target]``): ``"step"``, the updates taken, a 0-d float32
+tensor on the target's device (as torch.optim keeps it), and ``"calls"``, the updates tried (taken or
+skipped), a Python int; ``state_dict()`` numbers targets in group order and round-trips exactly
+(tensors are copied bit for bit; the stochastic-rounding noise is reseeded from (seed, target,
+calls), see :mod:`optim.moments`).
+
+Skipping on the device. ``step(found_inf=flag)`` (a 0-d tensor from ``LossScaler.unscale_and_check_``,
+1.0 for a step whose gradients hold inf/NaN) computes every update and then keeps, where the flag is
+set, the old weight and the old state tensors (``torch.where``): a skipped step leaves the weights,
+moments and ``step`` bit-identical (only ``calls`` moves), and nothing waits for the device to
+decide. Subclasses therefore never change a state tensor in place: ``_update`` reads them, writes new
+ones into the state dict and returns the new weight; :meth:`_apply` commits or keeps.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from torch import nn
 
 from lowprec.common import check_real
 from lowprec.nn.native import NativeWeightMixin
+from lowprec.qtensor import QTensor
 
 from .moments import SeededGenerators
 
@@ -80,8 +90,10 @@ class TargetOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
     """Base: param groups of native layers and/or Parameters; per-target ``_update``.
 
     Subclasses define ``_check_group(group)`` (validate hyperparameters, raising ValueError),
-    ``_check_target(t)`` (raise TypeError for what they cannot update) and
-    ``_update(group, target, grad, index)`` (one target, in fp32, written back in its storage)."""
+    ``_check_target(t)`` (raise TypeError for what they cannot update), ``_init_state(group,
+    target, st)`` (the state of a target's first update) and ``_update(group, target, grad, index)``
+    (one target, in fp32: new state tensors into ``self.state[target]``, and the new weight returned
+    in its storage: a QTensor for a native layer, a tensor of the Parameter's dtype otherwise)."""
 
     def __init__(self, params, defaults: dict[str, Any], seed: int = 0):
         self._noise = SeededGenerators(seed, type(self).__name__)
@@ -126,8 +138,13 @@ class TargetOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         """Refuse a target this rule cannot update (TypeError naming the rule to use)."""
 
     @abc.abstractmethod
-    def _update(self, group: dict, target, grad: torch.Tensor, index: int) -> None:
-        """Apply one step to ``target`` from its gradient ``grad``."""
+    def _init_state(self, group: dict, target, st: dict) -> None:
+        """Fill the empty state ``st`` of ``target`` (``step`` and ``calls`` are there already)."""
+
+    @abc.abstractmethod
+    def _update(self, group: dict, target, grad: torch.Tensor, index: int):
+        """One step of ``target`` from ``grad``: new state tensors into ``self.state[target]`` (whose
+        ``step`` already counts this update), never changed in place; returns the new weight."""
 
     def targets(self) -> list:
         """Every target, in group order (the numbering of ``state_dict``)."""
@@ -139,17 +156,20 @@ class TargetOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         return t.native_grad if isinstance(t, nn.Module) else t.grad
 
     @torch.no_grad()
-    def step(self, closure=None):
-        """Update every target that has a gradient (targets without one are left untouched)."""
+    def step(self, closure=None, found_inf: torch.Tensor | None = None):
+        """Update every target that has a gradient (targets without one are left untouched).
+        ``found_inf``: a 0-d device tensor; where it is nonzero every update is computed and
+        discarded (see the module doc), with no host sync."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        skip = None if found_inf is None else found_inf.reshape(()) > 0
         for group in self.param_groups:
             for t in (*group["layers"], *group["tensors"]):
                 grad = self._grad_of(t)
                 if grad is not None:
-                    self._update(group, t, grad, self._index[id(t)])
+                    self._apply(group, t, grad, self._index[id(t)], skip)
         return loss
 
     @torch.no_grad()
@@ -158,7 +178,36 @@ class TargetOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         group = self._group_of.get(id(target))
         if group is None:
             raise ValueError(f"{describe_target(target)} is not a target of this {type(self).__name__}")
-        self._update(group, target, grad, self._index[id(target)])
+        self._apply(group, target, grad, self._index[id(target)])
+
+    def _apply(self, group: dict, target, grad: torch.Tensor, index: int, skip: torch.Tensor | None = None) -> None:
+        """Run ``_update`` and write its result; where ``skip`` (a 0-d bool tensor) is set, keep
+        the old weight and state tensors instead."""
+        st = self.state[target]
+        device = self._device_of(target)
+        if not st:
+            st["step"], st["calls"] = torch.zeros((), device=device), 0
+            self._init_state(group, target, st)
+        elif not isinstance(st["step"], torch.Tensor):  # a state written with a Python-int step
+            st["step"], st["calls"] = torch.full((), float(st["step"]), device=device), st.get("calls", st["step"])
+        old = dict(st)
+        st["calls"] += 1
+        st["step"] = st["step"] + 1
+        new = self._update(group, target, grad, index)
+        native = isinstance(target, nn.Module)
+        if skip is not None:
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor) and v is not old[k]:
+                    st[k] = torch.where(skip, old[k], v)
+            new = _keep_qtensor(skip, target.native_weight, new) if native else torch.where(skip, target, new)
+        if native:
+            target.set_native_weight(new)
+        elif new is not target:
+            target.copy_(new)
+
+    @staticmethod
+    def _device_of(t) -> torch.device:
+        return (t.w_data if isinstance(t, nn.Module) else t).device
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for group in self.param_groups:
@@ -206,9 +255,12 @@ class TargetOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         self.state.clear()
         for index, entry in state_dict["state"].items():
             t = targets[int(index)]
-            device = (t.w_data if isinstance(t, nn.Module) else t).device
-            self.state[t] = {k: v.detach().clone().to(device) if isinstance(v, torch.Tensor) else v
-                             for k, v in entry.items()}
+            device = self._device_of(t)
+            st = {k: v.detach().clone().to(device) if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+            if not isinstance(st.get("step"), torch.Tensor):  # written with a Python-int step
+                st["calls"] = st.get("calls", st["step"])
+                st["step"] = torch.full((), float(st["step"]), device=device)
+            self.state[t] = st
         for saved, group in zip(groups, self.param_groups):
             for k, v in saved.items():
                 if k not in ("targets", "shapes"):
@@ -223,6 +275,14 @@ class TargetOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
             hyper = ", ".join(f"{k}={v}" for k, v in g.items() if k not in ("params", "layers", "tensors"))
             lines.append(f"  group {i}: {len(g['layers'])} native layers, {len(g['tensors'])} parameters; {hyper}")
         return "\n".join(lines)
+
+
+def _keep_qtensor(skip: torch.Tensor, old: QTensor, new: QTensor) -> QTensor:
+    """``new``, with ``old``'s data and scales where the 0-d bool ``skip`` is set."""
+    def pick(o, n):
+        return None if n is None else torch.where(skip, o.reshape(n.shape), n)
+    return QTensor(pick(old.data, new.data), pick(old.scale, new.scale), pick(old.global_scale, new.global_scale),
+                   new.fmt, new.shape, new.padded_last)
 
 
 __all__ = ["TargetOptimizer", "NativeGrads", "is_native_layer", "check_betas", "describe_target"]

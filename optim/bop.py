@@ -53,8 +53,9 @@ unless set in the param group.
 
 State per layer: ``momentum`` (``(G, N)`` in ``momentum_dtype``: ``bf16`` by default, written with
 stochastic rounding, see :mod:`optim.moments`; or ``fp32``), ``scale_exp_avg``,
-``scale_exp_avg_sq`` (fp32, one per scale group) and ``step``. Resident bytes per weight, bf16
-momentum: binary 1/8 + 2 = 2.125, ternary 2/8 + 2 = 2.25, plus 12 bytes per scale group.
+``scale_exp_avg_sq`` (fp32, one per scale group), ``step`` (a 0-d fp32 tensor) and ``calls`` (see
+:mod:`optim.base`). Resident bytes per weight, bf16 momentum: binary 1/8 + 2 = 2.125, ternary
+2/8 + 2 = 2.25, plus 12 bytes per scale group and 4 per layer.
 """
 
 from __future__ import annotations
@@ -120,7 +121,15 @@ class _CodeMomentumOptimizer(TargetOptimizer):
     def _transition(self, data, codes, c, m, tau):
         """(new packed data, mask of moved weights or None)."""
 
-    def _update(self, group: dict, layer, grad: torch.Tensor, index: int) -> None:
+    def _init_state(self, group: dict, layer, st: dict) -> None:
+        q = layer.native_weight
+        groups = to_groups(torch.empty(q.shape, device="meta"), q.fmt)[1]
+        store_zeros(st, "momentum", (groups.G, groups.N), group["momentum_dtype"], q.data.device)
+        s = q.group_scales()
+        st["scale_exp_avg"] = torch.zeros_like(s)
+        st["scale_exp_avg_sq"] = torch.zeros_like(s)
+
+    def _update(self, group: dict, layer, grad: torch.Tensor, index: int) -> QTensor:
         q = layer.native_weight
         g_w, groups = to_groups(grad, q.fmt)  # (G, N) fp32, block padding zero
         shape = g_w.shape
@@ -129,34 +138,29 @@ class _CodeMomentumOptimizer(TargetOptimizer):
         s = q.group_scales()  # (G, 1)
         st = self.state[layer]
         dtype = group["momentum_dtype"]
-        if not st:
-            st["step"] = 0
-            store_zeros(st, "momentum", shape, dtype, g_w.device)
-            st["scale_exp_avg"] = torch.zeros_like(s)
-            st["scale_exp_avg_sq"] = torch.zeros_like(s)
-        st["step"] += 1
         m = load(st, "momentum", dtype, shape)
         m = m.lerp(g_w * s, group["gamma"])  # m + gamma (g - m), g = dL/dc
         data, moved = self._transition(q.data, codes, c, m, group["threshold"])
         if moved is not None:
             m.masked_fill_(moved, 0.0)
-        gen = None if dtype == "fp32" else self._noise(g_w.device, index, st["step"])
+        gen = None if dtype == "fp32" else self._noise(g_w.device, index, st["calls"])
         store(st, "momentum", m, dtype, gen)
         s_new = self._scale_step(group, st, s, (g_w * c).sum(dim=1, keepdim=True) * s)
         scale = s_new.reshape(q.scale.shape).to(q.scale.dtype)
-        layer.set_native_weight(QTensor(data, scale, q.global_scale, q.fmt, q.shape, q.padded_last))
+        return QTensor(data, scale, q.global_scale, q.fmt, q.shape, q.padded_last)
 
     @staticmethod
     def _scale_step(group: dict, st: dict, s: torch.Tensor, dlog_s: torch.Tensor) -> torch.Tensor:
-        """Adam on ``log s`` (torch.optim.Adam's arithmetic) from ``dL/dlog s = s dL/ds``; floored at 1e-5."""
+        """Adam on ``log s`` (torch.optim.Adam's arithmetic) from ``dL/dlog s = s dL/ds``; floored at 1e-5.
+        The moments are written anew into ``st``; the step counter is the device tensor."""
         b1, b2 = group["betas"]
-        step = st["step"]
-        m, v = st["scale_exp_avg"], st["scale_exp_avg_sq"]
-        m.lerp_(dlog_s, 1 - b1)
-        v.mul_(b2).addcmul_(dlog_s, dlog_s, value=1 - b2)
-        denom = (v.sqrt() / (1 - b2**step) ** 0.5).add_(group["eps"])
+        t = st["step"].double()
+        m = st["scale_exp_avg"].lerp(dlog_s, 1 - b1)
+        v = st["scale_exp_avg_sq"].mul(b2).addcmul_(dlog_s, dlog_s, value=1 - b2)
+        st["scale_exp_avg"], st["scale_exp_avg_sq"] = m, v
+        denom = (v.sqrt() / (1 - b2**t) ** 0.5).add_(group["eps"])
         # exp(log s - step) written as s * exp(-step): exact when the step is 0 (lr = 0)
-        return (s * torch.exp(m / denom * (-group["lr"] / (1 - b1**step)))).clamp_(min=ABSMEAN_EPS)
+        return (s * torch.exp(m / denom * (-group["lr"] / (1 - b1**t)))).clamp_(min=ABSMEAN_EPS)
 
 
 class Bop(_CodeMomentumOptimizer):

@@ -13,8 +13,12 @@ nothing is configured twice::
 
 The result is a :class:`MixedOptimizer`: a ``torch.optim.Optimizer`` whose ``param_groups`` are
 the parts' own groups (schedulers set their ``lr``; each group carries ``route``), with one
-``step()``, one ``zero_grad()`` (clearing native gradients too), ``grads()`` (every gradient the
+``step()`` (``step(found_inf=flag)`` skips a step with inf/NaN gradients without a host sync: see
+``docs/optim.md``), one ``zero_grad()`` (clearing native gradients too), ``grads()`` (every gradient the
 step will read, native ones included) and a ``state_dict()`` that round-trips exactly.
+Torch optimizers that can be fused (AdamW, Adam, SGD, ...) are built fused when their parameters are
+on CUDA and the config chooses neither ``fused`` nor ``foreach``: one kernel per step, and the
+device-side skip.
 ``lowprec.LossScaler.step(optimizer)`` finds native gradients through the groups (see
 :mod:`optim.base`); ``scaler.step(optimizer, grads=optimizer.grads())`` is the explicit spelling.
 """
@@ -31,6 +35,7 @@ from torch import nn
 from lowprec.common import plain
 from lowprec.nn.native import NativeWeightMixin
 
+from .base import TargetOptimizer
 from .bop import Bop, TernaryBop
 from .sr_adamw import SRAdamW
 
@@ -84,13 +89,28 @@ class MixedOptimizer(torch.optim.Optimizer):
         self.param_groups.append(param_group)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, found_inf: torch.Tensor | None = None):
+        """Step every part. ``found_inf`` (a 0-d float32 device tensor, 1.0 on a step whose
+        gradients hold inf/NaN) skips the step exactly: Bop/TernaryBop/SRAdamW and torch's fused
+        optimizers on the device; any other torch optimizer after reading the flag on the host."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for opt in self.parts.values():
-            opt.step()
+            if found_inf is None:
+                opt.step()
+            elif isinstance(opt, TargetOptimizer):
+                opt.step(found_inf=found_inf)
+            elif getattr(opt, "_step_supports_amp_scaling", False):
+                # torch's fused optimizers read the flag as torch.amp.GradScaler hands it over
+                opt.grad_scale, opt.found_inf = None, found_inf
+                try:
+                    opt.step()
+                finally:
+                    del opt.grad_scale, opt.found_inf
+            elif not bool(found_inf):  # a host sync on CUDA: this optimizer cannot take the flag
+                opt.step()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -146,6 +166,14 @@ def _optimizer_class(part: str, name: str) -> type:
         raise ValueError(f"{part}.name={name!r} is not an optimizer; choose SRAdamW or one of torch.optim's: "
                          f"{', '.join(choices)}")
     return cls
+
+
+def _fusable(cls: type, params: list, kw: dict) -> bool:
+    """True for a torch optimizer with a fused CUDA kernel, all of whose parameters are floating
+    CUDA tensors, when the config chose neither ``fused`` nor ``foreach``."""
+    accepted = inspect.signature(cls.__init__).parameters
+    return ("fused" in accepted and "fused" not in kw and kw.get("foreach") is None
+            and all(p.is_cuda and p.is_floating_point() for p in params))
 
 
 def _kwargs(part: str, cls: type, shared: dict, own: dict) -> dict:
@@ -242,6 +270,8 @@ def build_optimizer(model: nn.Module, cfg: Mapping | None = None) -> MixedOptimi
             groups = [g for g in groups if g["params"]]
         else:
             groups = [{"params": items, "route": part, **({} if wd is None else {"weight_decay": wd})}]
+        if part in ("latent", "other") and _fusable(cls, items, kw):
+            kw["fused"] = True
         try:
             parts[part] = cls(groups, **kw)
         except (TypeError, ValueError) as e:

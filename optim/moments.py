@@ -30,10 +30,11 @@ subnormal = 448 / 2^-9 ~ 2^17.8) cannot hold; ``sqrt(v)`` spans the gradients' o
 Adam denominator needs exactly ``sqrt(v)``. SR makes ``E[r] = sqrt(v)`` (so ``E[r^2] >= v``, a
 slight over-estimate of the denominator: conservative, never a blow-up).
 
-Noise is drawn from a generator reseeded per (optimizer seed, target, step) by
-:func:`seeded_generator`, so a run is reproducible, independent of the order in which targets are
+Noise is drawn from a generator reseeded per (optimizer seed, target, calls) by
+:class:`SeededGenerators` (``calls``: the target's updates tried, a host counter, see
+:mod:`optim.base`), so a run is reproducible, independent of the order in which targets are
 updated (in backward or in ``step()``), and a checkpoint needs no generator state beyond the
-step counters.
+counters.
 """
 
 from __future__ import annotations

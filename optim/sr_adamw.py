@@ -80,44 +80,42 @@ class SRAdamW(TargetOptimizer):
                             f"got {describe_target(t)} (requires_grad={t.requires_grad}). A native layer's packed "
                             "buffer is not a parameter: pass the layer itself")
 
-    def _update(self, group: dict, target, grad: torch.Tensor, index: int) -> None:
+    def _init_state(self, group: dict, target, st: dict) -> None:
+        shape = self._shape_of(target)
+        for key in ("exp_avg", "exp_avg_sq"):
+            store_zeros(st, key, shape, group["moment_dtype"], self._device_of(target), block=group["moment_block"])
+
+    def _update(self, group: dict, target, grad: torch.Tensor, index: int):
         native = isinstance(target, nn.Module)
         if native:
             fmt = target.precision.weight
             w = target.native_weight.dequantize(torch.float32)
         else:
-            # a fp32 Parameter is updated in place, exactly as torch.optim.AdamW does
-            w = target.detach() if target.dtype == torch.float32 else target.detach().float()
+            w = target.detach().float()  # a fp32 Parameter itself: read, not written, here
         grad = grad.to(torch.float32)
         st = self.state[target]
         dtype, block = group["moment_dtype"], group["moment_block"]
-        if not st:
-            st["step"] = 0
-            store_zeros(st, "exp_avg", w.shape, dtype, w.device, block=block)
-            store_zeros(st, "exp_avg_sq", w.shape, dtype, w.device, block=block)
-        st["step"] += 1
-        step = st["step"]
         b1, b2 = group["betas"]
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         m = load(st, "exp_avg", dtype, w.shape, block=block)
         v = load(st, "exp_avg_sq", dtype, w.shape, block=block, sqrt=True)
-        # the same operations in the same order as torch.optim.adam._single_tensor_adam
+        # torch.optim.adam._single_tensor_adam's operations in its order, out of place; the bias
+        # corrections from the device step counter in float64, as Python computes them
+        t = st["step"].double()
         if wd != 0:
-            w.mul_(1 - lr * wd)
-        m.lerp_(grad, 1 - b1)
-        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        step_size = lr / (1 - b1**step)
-        denom = (v.sqrt() / (1 - b2**step) ** 0.5).add_(eps)
-        w.addcdiv_(m, denom, value=-step_size)
-        gen = self._noise(w.device, index, step)
+            w = w.mul(1 - lr * wd)
+        m = m.lerp(grad, 1 - b1)
+        v = v.mul(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (v.sqrt() / (1 - b2**t) ** 0.5).add_(eps)
+        w = w + m.mul(-lr / (1 - b1**t)).div_(denom)  # addcdiv_(m, denom, value=-step_size) as the CPU computes it
+        gen = self._noise(w.device, index, st["calls"])
         if native:
-            target.set_native_weight(lowprec.quantize(w, fmt, rounding="stochastic", generator=gen))
+            w = lowprec.quantize(w, fmt, rounding="stochastic", generator=gen)
         elif target.dtype != torch.float32:
-            q = lowprec.quantize(w, _SR_DTYPES[target.dtype], rounding="stochastic", generator=gen)
-            target.copy_(q.data.reshape(target.shape))
-        if dtype != "fp32":
-            store(st, "exp_avg", m, dtype, gen, block=block)
-            store(st, "exp_avg_sq", v, dtype, gen, block=block, sqrt=True)
+            w = lowprec.quantize(w, _SR_DTYPES[target.dtype], rounding="stochastic", generator=gen).data.reshape(target.shape)
+        store(st, "exp_avg", m, dtype, gen, block=block)
+        store(st, "exp_avg_sq", v, dtype, gen, block=block, sqrt=True)
+        return w
 
 
 __all__ = ["SRAdamW", "PARAM_DTYPES"]

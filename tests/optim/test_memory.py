@@ -38,7 +38,7 @@ def test_binary_with_bop_bf16_momentum():
     r = report.row("bop")
     assert (r.params, r.targets) == (L * N, L)
     assert r.weight_bytes == L * (N // 8 + 4)  # sign bits + one fp32 scale
-    assert r.state_bytes == L * (2 * N + 8)  # bf16 momentum + the scale's two Adam moments
+    assert r.state_bytes == L * (2 * N + 8 + 4)  # bf16 momentum + the scale's two Adam moments + step
     assert r.resident_per_param == pytest.approx(2.125, abs=1e-4) and r.resident_per_param <= 2.2
     assert r.grad_bytes == L * 4 * N  # fp32 native gradients exist at step() unless updated in backward
 
@@ -47,7 +47,7 @@ def test_ternary_with_ternary_bop_bf16_momentum():
     _, report = one_step(stack(native("ternary")), {"ternary": {"momentum_dtype": "bf16"}})
     r = report.row("ternary")
     assert r.weight_bytes == L * (N // 4 + 4)
-    assert r.state_bytes == L * (2 * N + 8)
+    assert r.state_bytes == L * (2 * N + 8 + 4)
     assert r.resident_per_param == pytest.approx(2.25, abs=1e-4) and r.resident_per_param <= 2.3
 
 
@@ -55,7 +55,7 @@ def test_fp8_with_sradamw_fp8_moments():
     _, report = one_step(stack(native("fp8_e4m3")), {"sr": {"moment_dtype": "fp8", "moment_block": 128}})
     r = report.row("sr")
     assert r.weight_bytes == L * (N + 4)
-    assert r.state_bytes == L * 2 * (N + 4 * N // 128)  # two E4M3 moments + fp32 scale per 128
+    assert r.state_bytes == L * (2 * (N + 4 * N // 128) + 4)  # two E4M3 moments + fp32 scale per 128 + step
     assert r.resident_per_param == pytest.approx(3.0625, abs=1e-4) and r.resident_per_param <= 3.1
 
 
