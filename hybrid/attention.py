@@ -27,8 +27,12 @@ chunk j iff
 
     (j+1)C - 1 <= p                 the chunk has ended at or before p (p itself may be its last token)
     j >= n(p) - max_memory          only the max_memory most recent ones, n(p) = (p+1) // C
+    j >= 0                          a slot of the bank not filled yet holds no chunk
 
-so no memory vector a token reads holds information from a token after it.
+so no memory vector a token reads holds information from a token after it. The memory vectors
+come in slots of fixed number (the bank's `max_memory` plus the most chunks a segment of T tokens
+can complete), so the mask, not the shapes, says which ones exist: a compiled model sees the same
+shapes at every position of a document.
 """
 from __future__ import annotations
 
@@ -91,11 +95,12 @@ def memory_mask(p: Tensor, j: Tensor, chunk: int, max_memory: int) -> Tensor:
     """Which memory vectors each token may read: bool (len(p), len(j)), True = allowed.
 
     p: absolute token positions; j: absolute chunk indices. Key j is allowed for position p iff
-    n(p) - max_memory <= j < n(p), with n(p) = (p + 1) // chunk the chunks completed by p
+    max(n(p) - max_memory, 0) <= j < n(p), with n(p) = (p + 1) // chunk the chunks completed by p
     (module docstring). The always-allowed null slot is not part of this mask.
     """
     n_done = torch.div(p + 1, chunk, rounding_mode="floor")[:, None]
-    return (j[None, :] < n_done) & (j[None, :] >= n_done - max_memory)
+    j = j[None, :]
+    return (j < n_done) & (j >= n_done - max_memory) & (j >= 0)
 
 
 def rotate(x: Tensor, idx: Tensor, base: float = 10000.0) -> Tensor:
@@ -134,16 +139,21 @@ class CrossAttention(nn.Module):
         self.v = nn.Linear(d, d, bias=False)
         self.o = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: Tensor, m: Tensor, pos: int) -> Tensor:
-        """x (B, T, d) tokens at absolute positions pos.., m (B, S, d) memory vectors of chunks
-        first..first+S-1 with first = (pos + T) // chunk - S (oldest first) -> ctx (B, T, d)."""
+    def forward(self, x: Tensor, m: Tensor, pos: Tensor) -> Tensor:
+        """x (B, T, d) tokens at absolute positions pos.. (pos: () int64), m (B, S, d) memory slots:
+        slot s holds chunk pos // chunk - max_memory + s -> ctx (B, T, d).
+
+        Slots that hold no chunk a token may read (not filled yet, not completed by that token, or
+        too old) are masked, so S is fixed by the config and T, not by pos.
+        """
         B, T, d = x.shape
         S = m.shape[1]
-        H, hd, C = self.n_heads, self.head_dim, self.chunk
-        first = (pos + T) // C - S
-        p = torch.arange(pos, pos + T, device=x.device)
-        j = torch.arange(first, first + S, device=x.device)
-        # indices relative to the oldest key keep the rotary angles small
+        H, hd, C, M = self.n_heads, self.head_dim, self.chunk, self.max_memory
+        base = torch.div(pos, C, rounding_mode="floor") - M  # chunk index of slot 0
+        first = base.clamp(min=0)  # the oldest chunk any token of the segment may read
+        p = pos + torch.arange(T, device=x.device)
+        j = base + torch.arange(S, device=x.device)
+        # indices relative to the oldest readable key keep the rotary angles small
         q = rotate(self.q(x).view(B, T, H, hd).transpose(1, 2), torch.div(p + 1, C, rounding_mode="floor") - first)
         k = rotate(self.k(m).view(B, S, H, hd).transpose(1, 2), j - first + 1)
         v = self.v(m).view(B, S, H, hd).transpose(1, 2)
@@ -151,10 +161,10 @@ class CrossAttention(nn.Module):
         ys = []
         for t0 in range(0, T, self.q_block):
             t1 = min(T, t0 + self.q_block)
-            # keys any token of the block may read: [n(first token) - max_memory, n(last token))
-            ks = max((pos + t0 + 1) // C - self.max_memory - first, 0)
-            ke = max(min((pos + t1) // C - first, S), ks)
-            mask = memory_mask(p[t0:t1], j[ks:ke], C, self.max_memory)
+            # slots any token of the block may read, whatever pos is: n(p) - pos // C lies in
+            # [(t0 + 1) // C, ceil(t1 / C)] for p in [pos + t0, pos + t1)
+            ks, ke = (t0 + 1) // C, min(S, M + -(-t1 // C))
+            mask = memory_mask(p[t0:t1], j[ks:ke], C, M)
             mask = torch.cat([mask, mask.new_ones(t1 - t0, 1)], dim=1)
             ys.append(F.scaled_dot_product_attention(
                 q[:, :, t0:t1], torch.cat([k[:, :, ks:ke], null], dim=2),
@@ -172,8 +182,8 @@ class Fusion(nn.Module):
         self.xattn = CrossAttention(d, n_heads, chunk, max_memory)
         self.gate = nn.Linear(2 * d, d)
 
-    def forward(self, x: Tensor, m: Tensor, pos: int) -> Tensor:
-        """x (B, T, d) at absolute positions pos.., m (B, S, d) memory keys -> x' (B, T, d)."""
+    def forward(self, x: Tensor, m: Tensor, pos: Tensor) -> Tensor:
+        """x (B, T, d) at absolute positions pos.., m (B, S, d) memory slots (see CrossAttention) -> x' (B, T, d)."""
         u = self.norm(x)
         ctx = self.xattn(u, m, pos)
         g = torch.sigmoid(self.gate(torch.cat([u, ctx], dim=-1)))

@@ -2,13 +2,15 @@
 
     e      = embed.tok(tokens)                                   (B, T, d)
     x      = e + embed.pos(0..T-1)                               positions count from the segment start
-    m_new  = rnn(e, state)                                       (B, K, d): one vector per chunk ending in this segment
-    x      = fusion(x, [bank ; m_new], pos)                      gated cross-attention to the memory (causal)
+    m_new  = rnn(e, state)                                       (B, K, d): a slot per chunk that can end in this segment
+    x      = fusion(x, [bank ; m_new], pos)                      gated cross-attention to the memory (causal, masked)
     x      = blocks[0..n_blocks-1](x)                            causal GQA within the segment
     logits = head(norm_f(x))                                     (B, T, vocab)
 
-and the returned `HybridState` carries the LSTM state, the last `max_memory` chunk vectors and the
-absolute position. Self-attention sees only the current segment (at most `window` tokens); what
+and the returned `HybridState` carries the LSTM state, a bank of the last `max_memory` chunk vectors
+and the absolute position, all of shapes fixed by the config (`hybrid.state`): which slots hold a
+chunk follows from the position, a tensor, so a compiled model does not recompile as a document
+goes on. Self-attention sees only the current segment (at most `window` tokens); what
 lies further back reaches a token only through the LSTM memory. With `memory=False` there are no
 `rnn`/`fusion` modules: a windowed GQA transformer of the same width (the ablation baseline).
 
@@ -25,6 +27,7 @@ import math
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import Block, Fusion
@@ -97,7 +100,8 @@ class HybridLM(nn.Module):
         """tokens (B, T) int64, 1 <= T <= window -> logits (B, T, vocab), state after the segment.
 
         Any T is allowed: a chunk may span segments (stream mode carries the LSTM over it;
-        chunked mode keeps its tokens in `state.pending`).
+        chunked mode keeps its tokens in `state.pending`). The shapes of the returned state depend
+        only on the config and B, so a compiled model compiles once per segment length.
         """
         cfg = self.cfg
         if tokens.dim() != 2:
@@ -109,34 +113,73 @@ class HybridLM(nn.Module):
         for name, t in (("h", state.h), ("memory", state.memory), ("pending", state.pending)):
             if t is not None and t.shape[-2 if name == "h" else 0] != B:
                 raise ValueError(f"state.{name} has batch {t.shape[-2 if name == 'h' else 0]}, tokens have {B}")
+        pos = state.pos if isinstance(state.pos, Tensor) else torch.tensor(state.pos)  # a state pickled before pos was a tensor
+        pos = pos.to(device=tokens.device, dtype=torch.int64)
 
         e = self.embed["tok"](tokens)
         x = self.drop(e + self.embed["pos"](torch.arange(T, device=tokens.device)))
-        new = HybridState(pos=state.pos + T)
+        new = HybridState(pos=pos + T)
         if cfg.memory:
-            x, new = self._memory(tokens, e, x, state, new)
+            x, new = self._memory(tokens, e, x, state, pos, new)
         for blk in self.blocks:
             x = blk(x)
         return self.head(self.norm_f(x)), new
 
-    def _memory(self, tokens: Tensor, e: Tensor, x: Tensor, state: HybridState,
+    def _memory(self, tokens: Tensor, e: Tensor, x: Tensor, state: HybridState, pos: Tensor,
                 new: HybridState) -> tuple[Tensor, HybridState]:
-        """Run the RNN memory, fuse the bank into x, and fill `new` with the carried state."""
+        """Run the RNN memory, fuse the bank into x, and fill `new` with the carried state.
+
+        The new chunk vectors go into slots after the bank's M (`rnn.stream` / `rnn.chunked`
+        return a fixed number, the first K = (pos + T) // C - pos // C real), so slot s of
+        [bank ; new] holds chunk pos // C - M + s in both modes, and the next bank is slots K..K+M-1.
+        """
         cfg = self.cfg
+        T = tokens.shape[1]
+        C, M = cfg.chunk, cfg.max_memory
         h, c = (state.h, state.c) if state.h is not None else self.rnn.zero_state(e)
+        done = torch.div(pos, C, rounding_mode="floor")  # chunks completed before this segment
         if cfg.rnn_mode == "stream":
-            m_new, h, c = self.rnn.stream(e, state.pos, h, c)
+            m_new, h, c = self.rnn.stream(e, pos, h, c)
         else:
-            if state.pending is not None and state.pending.shape[1]:
-                e = torch.cat([self.embed["tok"](state.pending), e], dim=1)
-                tokens = torch.cat([state.pending, tokens], dim=1)
-            n_full = tokens.shape[1] // cfg.chunk * cfg.chunk
-            m_new, h, c = self.rnn.chunked(e[:, :n_full], h, c)
-            new.pending = tokens[:, n_full:]
-        keys = m_new if state.memory is None else torch.cat([state.memory, m_new], dim=1)
-        x = self.fusion(x, keys, state.pos)
-        new.h, new.c, new.memory = h, c, keys[:, -cfg.max_memory:]
+            # the r = pos % C pending tokens sit right-aligned in a (B, C - 1) buffer: chunk k of
+            # [pending ; tokens] starts at C - 1 - r + kC; ceil((C - 1 + T) / C) slots cover every case
+            pending = self._pending(state.pending, tokens)
+            r = pos - done * C
+            buf = torch.cat([pending, tokens], dim=1)
+            e_buf = torch.cat([self.embed["tok"](pending), e], dim=1)
+            k_max = buf.shape[1] // C
+            idx = (C - 1 - r) + torch.arange(k_max * C, device=e.device)
+            m_new, h, c = self.rnn.chunked(e_buf[:, idx.clamp(max=buf.shape[1] - 1)],
+                                           torch.div(r + T, C, rounding_mode="floor"), h, c)
+            new.pending = buf[:, T:]
+        bank = self._bank(state.memory, m_new)
+        keys = torch.cat([bank, m_new], dim=1)
+        x = self.fusion(x, keys, pos)
+        k_done = torch.div(pos + T, C, rounding_mode="floor") - done
+        new.h, new.c = h, c
+        new.memory = keys.index_select(1, k_done + torch.arange(M, device=keys.device))
         return x, new
+
+    def _bank(self, memory: Tensor | None, like: Tensor) -> Tensor:
+        """The carried bank as (B, M, d): zeros for a fresh document; a bank saved before it had a
+        fixed size ((B, min(n, M), d), oldest first) is left-padded with empty slots."""
+        B, _, d = like.shape
+        M = self.cfg.max_memory
+        if memory is None:
+            return like.new_zeros(B, M, d)
+        if memory.shape[1] > M:
+            raise ValueError(f"state.memory has {memory.shape[1]} slots; this model's max_memory is {M}")
+        return F.pad(memory, (0, 0, M - memory.shape[1], 0)) if memory.shape[1] < M else memory
+
+    def _pending(self, pending: Tensor | None, tokens: Tensor) -> Tensor:
+        """The pending tokens as a (B, C - 1) buffer (right-aligned; a saved (B, r) one is left-padded)."""
+        P = self.cfg.chunk - 1
+        if pending is None:
+            return tokens.new_zeros(tokens.shape[0], P)
+        if pending.shape[1] > P:
+            raise ValueError(f"state.pending has {pending.shape[1]} tokens; a chunk of {self.cfg.chunk} leaves "
+                             f"at most {P} pending")
+        return F.pad(pending, (P - pending.shape[1], 0)) if pending.shape[1] < P else pending
 
     # ---- a long document ----------------------------------------------------------------
     def stream(self, tokens: Tensor, state: HybridState | None = None,

@@ -61,16 +61,24 @@ class LSTMLayer(nn.Module):
         self.hh = nn.Linear(d, 4 * d, bias=False)
         self.norm = nn.LayerNorm(d, eps=eps)
 
-    def forward(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, T, d) activations; h, c (B, d) in the state dtype -> (h_1..T (B, T, d), h_T, c_T)."""
+    def forward(self, x: Tensor, h: Tensor, c: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, T, d) activations; h, c (B, d) in the state dtype -> (h_1..T (B, T, d), h_T, c_T).
+
+        valid: None, or (T,) bool: at a step t with valid[t] False the state is held (h_t = h_{t-1},
+        c_t = c_{t-1}), so steps past the end of a shorter sequence change nothing.
+        """
         sd = h.dtype
         gx = self.ih(self.norm(x)).to(sd)  # all T input projections in one GEMM
         outs = []
         for t in range(x.shape[1]):
             gates = gx[:, t] + self.hh(h.to(x.dtype)).to(sd)
             i, f, g, o = gates.chunk(4, dim=-1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
+            c_t = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h_t = torch.sigmoid(o) * torch.tanh(c_t)
+            if valid is None:
+                h, c = h_t, c_t
+            else:
+                h, c = torch.where(valid[t], h_t, h), torch.where(valid[t], c_t, c)
             outs.append(h)
         y = torch.stack(outs, dim=1) if outs else h.new_zeros(x.shape[0], 0, h.shape[-1])
         return y.to(x.dtype), h, c
@@ -108,41 +116,44 @@ class RNNMemory(nn.Module):
         z = x.new_zeros(len(self.lstm), x.shape[0], x.shape[-1], dtype=self.state_dtype(x.dtype))
         return z, z.clone()
 
-    def run_stack(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """All layers over x (B, T, d) from (h, c) (L, B, d) -> (top output (B, T, d), h', c')."""
+    def run_stack(self, x: Tensor, h: Tensor, c: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """All layers over x (B, T, d) from (h, c) (L, B, d) -> (top output (B, T, d), h', c');
+        `valid` (T,) bool or None as in `LSTMLayer.forward`."""
         hs, cs = [], []
         for n, layer in enumerate(self.lstm):
-            x, hn, cn = layer(x, h[n], c[n])
+            x, hn, cn = layer(x, h[n], c[n], valid)
             hs.append(hn)
             cs.append(cn)
         return x, torch.stack(hs), torch.stack(cs)
 
-    def stream(self, e: Tensor, pos: int, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """`stream` mode. e (B, T, d) embeddings of absolute positions pos..pos+T-1.
+    def stream(self, e: Tensor, pos: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`stream` mode. e (B, T, d) embeddings of absolute positions pos..pos+T-1 (pos: () int64).
 
-        Returns memory vectors (B, K, d) of the K chunks that end in this segment (a chunk ends
-        at absolute position p with (p + 1) % chunk == 0), and the carried (h, c).
+        Returns memory vectors (B, ceil(T / C), d): vector k is chunk pos // C + k, summarized at
+        its last token (a chunk ends at absolute position p with (p + 1) % chunk == 0); only the
+        first (pos + T) // C - pos // C of them end in this segment, the rest are placeholders
+        (the output at the segment's last token) that the caller must ignore. And the carried (h, c).
         """
         y, h, c = self.run_stack(e, h, c)
-        C = self.chunk
+        C, T = self.chunk, e.shape[1]
         first = (C - 1 - pos) % C  # local index of the first chunk end in this segment
-        # no chunk ends here when the segment is shorter than the way to the next end
-        ends = torch.arange(min(first, e.shape[1]), e.shape[1], C, device=e.device)
-        return self.compressor(y[:, ends]), h, c
+        ends = first + C * torch.arange(-(-T // C), device=e.device)
+        return self.compressor(y[:, ends.clamp(max=T - 1)]), h, c
 
-    def chunked(self, e: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """`chunked` mode. e (B, K*C, d): embeddings of K whole chunks (pending tokens first).
+    def chunked(self, e: Tensor, n_chunks: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`chunked` mode. e (B, K*C, d): embeddings of K chunks, of which the first n_chunks
+        (() int64, <= K) are whole chunks of the document and the rest placeholders.
 
-        Returns memory vectors (B, K, d) and the carried chunk-level (h, c).
+        Returns memory vectors (B, K, d) (placeholders past n_chunks, to be ignored) and the
+        carried chunk-level (h, c), which the placeholders leave unchanged.
         """
         B, n, d = e.shape
         C = self.chunk
         K = n // C
-        if K == 0:
-            return e.new_zeros(B, 0, d), h, c
         xs = e.reshape(B * K, C, d)  # chunks are independent: batch them
         h0, c0 = self.zero_state(xs)
         y, _, _ = self.run_stack(xs, h0, c0)
         summaries = (y[:, -1] if self.pool == "last" else y.mean(dim=1)).reshape(B, K, d)
-        z, h, c = self.run_stack(summaries, h, c)  # the same stack recurs over the chunk summaries
+        valid = torch.arange(K, device=e.device) < n_chunks
+        z, h, c = self.run_stack(summaries, h, c, valid)  # the same stack recurs over the chunk summaries
         return self.compressor(z), h, c
