@@ -8,13 +8,27 @@ A step (``Stepper.step``) reads its tokens from one of two sources:
   ``reset`` (a new epoch). Gradients flow through at most ``k`` segments.
 - windows (``tbptt=False``): a ``TokenBatcher``'s random windows (B, T), each from a fresh state.
 
-Loss (nats/token) over the step's ``n = k·B·T`` targets, then the loss-scaled update::
+Loss (nats/token) over the step's ``n = k·B·T`` targets, then the loss-scaled update
+(``Stepper.train_step``)::
 
     loss  = (1/n) Σ CE(logits, y)
     (S·loss).backward()                   S: the LossScaler's scale (1 when scaling is off)
-    g     ← g / S;  skip if any g is inf/NaN (scaler)
-    g     ← g · min(1, c / ‖g‖₂)            clipping at c = grad_clip (‖g‖ over every gradient, native ones too)
-    step, then the schedule (taken steps only: a skipped step leaves both untouched)
+    g     ← g / S;  found_inf = any g is inf/NaN                      a flag on the device
+    g     ← g · min(1, c / (‖g‖₂ + 1e-6))   clipping at c = grad_clip (‖g‖ over every gradient, native
+                                            ones too; a non-finite ‖g‖ leaves g as it is)
+    step, skipped where found_inf: weights, moments and step counters keep their bits
+    S and its counters updated from found_inf; the schedule advances (skipped steps too)
+
+Nothing in it waits for the device: the loss, ‖g‖, the flag and S stay tensors in the
+``StepResult`` until the caller reads them (``read_results``, one copy for many steps), so the host
+runs ahead and queues the next step while the device computes. The learning-rate schedule is a
+function of the step number: a skipped update still advances it (as with ``torch.amp.GradScaler``),
+which keeps that decision off the device too. The batches are copied to the device from pinned
+memory, asynchronously.
+
+``compile=True`` compiles the forward and the loss over the step's segments (and, through
+AOTAutograd, their backward); the update runs eager: Bop/TernaryBop/SRAdamW reseed a host generator
+per weight (a graph break) and torch's fused AdamW is one kernel already.
 
 Evaluation scores validation windows, each from a fresh state (``evaluate``), or, for a model
 trained with carried state, the validation split read as B contiguous streams with the state
@@ -35,26 +49,44 @@ from torch import nn
 
 from hybrid import HybridState
 
-__all__ = ["StepResult", "Stepper", "evaluate", "evaluate_stream", "generate", "clip_grads_", "nonfinite_tensors"]
+__all__ = ["StepResult", "Stepper", "evaluate", "evaluate_stream", "generate", "clip_grads_", "nonfinite_tensors",
+           "read_results"]
 
 
 @dataclass
 class StepResult:
-    loss: float            # mean nats/token of the step (NaN/inf on a bad step)
-    tokens: int            # targets in the step
-    grad_norm: float       # ‖g‖₂ after unscaling, before clipping (inf/NaN on a bad step)
-    taken: bool            # False: the scaler skipped the update
-    loss_scale: float      # the scale used for this step's backward
-    seconds: float
+    """What one step did. The tensors are 0-d and on the device; reading one waits for the step."""
+
+    loss: torch.Tensor         # mean nats/token (NaN/inf on a bad step)
+    grad_norm: torch.Tensor    # ‖g‖₂ after unscaling, before clipping (inf/NaN on a bad step)
+    found_inf: torch.Tensor    # 1.0: some gradient was inf/NaN and the update was skipped; else 0.0
+    loss_scale: torch.Tensor   # the scale used for this step's backward
+    tokens: int                # targets read
+    seconds: float             # host time to issue the step (the device may still be running it)
 
 
-def clip_grads_(grads: list[torch.Tensor], max_norm: float | None) -> float:
-    """‖g‖₂ over ``grads``; scale them in place to norm ``max_norm`` when it is larger (and finite)."""
+def read_results(results: list[StepResult], *extra: torch.Tensor) -> tuple[list[tuple[float, float, bool, float]],
+                                                                            list[float]]:
+    """``[(loss, grad_norm, taken, loss_scale)]`` of each step and the values of ``extra`` 0-d
+    tensors, with one device-to-host copy."""
+    parts = [t.detach().reshape(()) for r in results for t in (r.loss, r.grad_norm, r.found_inf, r.loss_scale)]
+    parts += [t.reshape(()) for t in extra]
+    values = torch.stack([t.to(parts[0].device, torch.float64) for t in parts]).tolist() if parts else []
+    steps = [(v[0], v[1], v[2] == 0, v[3]) for v in (values[i:i + 4] for i in range(0, 4 * len(results), 4))]
+    return steps, values[4 * len(results):]
+
+
+@torch.no_grad()
+def clip_grads_(grads: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """‖g‖₂ over ``grads`` (a 0-d float32 tensor, on their device); with ``max_norm``, every gradient
+    multiplied by ``min(1, max_norm / (‖g‖₂ + 1e-6))``, as ``torch.nn.utils.clip_grad_norm_`` does,
+    except that a non-finite norm leaves them untouched (that step is skipped). No host sync."""
     if not grads:
-        return 0.0
-    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
-    if max_norm and math.isfinite(norm) and norm > max_norm:
-        torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
+        return torch.zeros(())
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)))
+    if max_norm:
+        factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, torch.where(torch.isfinite(norm), factor, 1.0))
     return norm
 
 
@@ -71,10 +103,11 @@ def nonfinite_tensors(model: nn.Module) -> list[str]:
 class Stepper:
     """Runs training steps; owns the token source and (TBPTT) the carried state.
 
-    ``source``: a ``SegmentStreamer`` (tbptt) or a ``TokenBatcher``; ``k``: segments per step."""
+    ``source``: a ``SegmentStreamer`` (tbptt) or a ``TokenBatcher``; ``k``: segments per step;
+    ``compile``: torch.compile the forward and loss (see the module doc)."""
 
     model: nn.Module
-    optimizer: Any            # optim.MixedOptimizer (any optimizer with grads() works)
+    optimizer: Any            # optim.MixedOptimizer (step(found_inf=...) and grads())
     scheduler: Any
     scaler: Any               # lowprec.LossScaler
     source: Any
@@ -83,8 +116,13 @@ class Stepper:
     grad_clip: float | None = 1.0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     state: Any = None         # HybridState carried between TBPTT steps
-    forward: Any = None       # what runs the training forward (a torch.compile-d model); None: model
+    compile: bool = False
     _last: tuple | None = None
+
+    def __post_init__(self):
+        self._loss = torch.compile(self._segments_loss) if self.compile else self._segments_loss
+        if self.scaler is not None:
+            self.scaler.to(self.device)
 
     def _next_batches(self) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
         if self.tbptt:
@@ -92,39 +130,54 @@ class Stepper:
         x, y = next(self.source)
         return [(x, y, True)]
 
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda" and t.device.type == "cpu":
+            t = t.pin_memory()  # a copy from pageable memory would wait for the device
+        return t.to(self.device, non_blocking=True)
+
+    def _segments_loss(self, xs, ys, resets, state) -> tuple[torch.Tensor, Any]:
+        total, scored = 0, 0
+        for x, y, reset in zip(xs, ys, resets):
+            logits, state = self.model(x, None if reset else state)
+            total = total + F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+            scored = scored + (y >= 0).sum()  # a tensor: no device sync
+        return total / scored.clamp(min=1), state
+
     def _forward(self, batches, state) -> tuple[torch.Tensor, Any, int]:
         """(mean loss over the scored targets, state, tokens read). Targets of -100 (cross-entropy's
         ignore_index: a retrieval task's non-answer tokens with train.task_loss=answer) are read
         but not scored."""
-        total, scored, count = 0, 0, 0
-        for x, y, reset in batches:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            fwd = self.model if self.forward is None else self.forward
-            logits, state = fwd(x, None if reset else state)
-            total = total + F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-            scored = scored + (y >= 0).sum()  # a tensor: no device sync
-            count += y.numel()
-        return total / scored.clamp(min=1), state, count
+        xs = [self._to_device(x) for x, _, _ in batches]
+        ys = [self._to_device(y) for _, y, _ in batches]
+        loss, state = self._loss(xs, ys, tuple(bool(r) for _, _, r in batches), state)
+        return loss, state, sum(y.numel() for y in ys)
+
+    def train_step(self, batches, state) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+        """One update from ``batches`` (``[(x, y, reset)]``) and the carried ``state``, queued on the
+        device without waiting for it: ``(loss, new state, found_inf, grad_norm)``, all tensors."""
+        self.model.train()
+        loss, new_state, _ = self._forward(batches, state)
+        self.scaler.scale(loss).backward()
+        grads = list(self.optimizer.grads())
+        found_inf = self.scaler.unscale_and_check_(grads)
+        grad_norm = clip_grads_(grads, self.grad_clip)
+        self.optimizer.step(found_inf=found_inf)
+        self.scaler.update_(found_inf)
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), new_state, found_inf, grad_norm
 
     def step(self) -> StepResult:
         t0 = time.perf_counter()
-        self.model.train()
         batches = self._next_batches()
         state = None if self.state is None else self.state.detach()
         self._last = (batches, state)
-        loss, new_state, count = self._forward(batches, state)
-        scale = self.scaler.loss_scale
-        self.scaler.scale(loss).backward()
-        grads = list(self.optimizer.grads())
-        self.scaler.unscale_(grads)
-        norm = clip_grads_(grads, self.grad_clip)
-        taken = self.scaler.step(self.optimizer, grads=grads)
-        self.optimizer.zero_grad(set_to_none=True)
-        if taken:
-            self.scheduler.step()
+        scale = self.scaler.current_scale()
+        loss, new_state, found_inf, grad_norm = self.train_step(batches, state)
+        self.scheduler.step()
         if self.tbptt:
             self.state = new_state.detach()
-        return StepResult(float(loss.detach()), count, norm, taken, scale, time.perf_counter() - t0)
+        return StepResult(loss, grad_norm, found_inf, scale, sum(y.numel() for _, y, _ in batches),
+                          time.perf_counter() - t0)
 
     def rerun_last(self) -> float:
         """Forward and backward of the last step's tokens again, with no update (for diagnosis:
