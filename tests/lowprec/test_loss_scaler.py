@@ -348,3 +348,22 @@ def test_mixed_dtypes_in_one_call(device):
     assert all(torch.equal(g, torch.full_like(g, 2.0)) for g in grads)
     grads[1][0] = math.inf  # only the bf16 one
     assert LossScaler(init_scale=4.0).unscale_(grads) is True
+
+
+def test_device_protocol_follows_the_same_scale_and_counters(device):
+    """unscale_and_check_ + update_ (no host read) step for step as step(): the same verdicts, the
+    same scale (halved on inf/NaN, doubled after growth_interval good steps), the same counters."""
+    kw = dict(init_scale=2.0**6, growth_interval=2, min_scale=2.0, max_scale=2.0**8)
+    host, dev = LossScaler(**kw), LossScaler(**kw)
+    g_host, g_dev = torch.ones(4, device=device), torch.ones(4, device=device)
+    for v in (1.0, 1.0, 1.0, math.inf, math.nan, 1.0, 1.0, 1.0, 1.0, 1.0, math.inf, 1.0, 1.0):
+        g_host.fill_(v * host.loss_scale)
+        g_dev.fill_(v * dev.loss_scale)
+        taken = host.step(lambda: None, grads=[g_host])
+        found_inf = dev.unscale_and_check_([g_dev])
+        assert found_inf.device == g_dev.device and found_inf.dtype == torch.float32 and found_inf.dim() == 0
+        assert float(found_inf) == (0.0 if taken else 1.0)
+        dev.update_(found_inf)
+        assert dev.state_dict() == host.state_dict()
+        assert bits_equal(g_dev, g_host)
+    assert host.state_dict()["skipped_steps"] == 3

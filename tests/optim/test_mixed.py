@@ -182,6 +182,58 @@ def test_loss_scaler_unscales_and_checks_native_grads(explicit):
     assert_bit_identical(ref_opt.state_dict(), opt.state_dict(), "optimizer")
 
 
+FUSED = {"latent": {"fused": True}, "other": {"fused": True}}  # torch's fused AdamW (CPU kernel here)
+
+
+def without_calls(sd):
+    """An optimizer state dict without the ``calls`` counters (updates tried: a skip counts too)."""
+    if isinstance(sd, dict):
+        return {k: without_calls(v) for k, v in sd.items() if k != "calls"}
+    return sd
+
+
+def calls(opt) -> list[int]:
+    return [st["calls"] for part in opt.parts.values() for st in part.state.values() if "calls" in st]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["adamw", "fused-adamw"])
+def test_a_step_skipped_on_the_device_flag_changes_nothing(fused):
+    """``step(found_inf=1)`` after a real step: every part (AdamW latent and other, Bop, TernaryBop,
+    SRAdamW with fp8 moments) leaves its weights, moments and step counters bit-identical; only
+    the native parts' count of updates tried moves (it seeds the next rounding noise)."""
+    model = make(0)
+    opt = optim.build_optimizer(model, {**CFG, **(FUSED if fused else {})})
+    assert opt.parts["latent"].defaults["fused"] is (True if fused else None)
+    loss_of(model, 0).backward()
+    opt.step(found_inf=torch.zeros(()))
+    opt.zero_grad()
+    loss_of(model, 1).backward()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    state = io.BytesIO()
+    torch.save(opt.state_dict(), state)
+    state.seek(0)
+    before, tried = torch.load(state), calls(opt)
+    assert all(isinstance(st["step"], torch.Tensor) for part in opt.parts.values() for st in part.state.values())
+    opt.step(found_inf=torch.ones(()))
+    assert_bit_identical(weights, model.state_dict(), "weights")
+    assert_bit_identical(without_calls(before), without_calls(opt.state_dict()), "optimizer state")
+    assert calls(opt) == [n + 1 for n in tried]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["adamw", "fused-adamw"])
+def test_a_step_taken_on_the_device_flag_is_the_plain_step(fused):
+    cfg = {**CFG, **(FUSED if fused else {})}
+    a, b = make(0), make(0)
+    opt_a, opt_b = optim.build_optimizer(a, cfg), optim.build_optimizer(b, cfg)
+    for i in range(3):
+        for m, o, flag in ((a, opt_a, None), (b, opt_b, torch.zeros(()))):
+            loss_of(m, i).backward()
+            o.step(found_inf=flag)
+            o.zero_grad()
+    assert_bit_identical(a.state_dict(), b.state_dict(), "weights")
+    assert_bit_identical(opt_a.state_dict(), opt_b.state_dict(), "optimizer")
+
+
 class Twice(nn.Module):
     """A native layer called twice per forward (as a recurrent weight is)."""
 

@@ -1,0 +1,135 @@
+"""The training step: clipping as torch clips, a skipped step that changes nothing, and (on CUDA)
+steady-state steps that never wait for the device."""
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lowprec
+import optim
+from experiments.loop import Stepper, clip_grads_, read_results
+from experiments.trainer import Trainer
+
+
+def grads_of(seed: int, scale: float) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen) * scale for shape in ((7, 5), (300,), (3, 4, 6), (1,))]
+
+
+def with_grads(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    params = [torch.zeros_like(g, requires_grad=True) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    return params
+
+
+@pytest.mark.parametrize("scale, max_norm", [(1.0, 0.5), (10.0, 1.0), (1e-3, 1.0)],
+                         ids=["clipped", "clipped-far", "below"])
+def test_clipping_is_torch_clip_grad_norm(scale, max_norm):
+    """Bit-identical (tolerance 0) to ``torch.nn.utils.clip_grad_norm_`` on fp32 gradients on the
+    CPU: the same operations in the same order (a norm per tensor, the norm of those norms,
+    max_norm / (norm + 1e-6) clamped at 1, one multiply per gradient)."""
+    ours = grads_of(0, scale)
+    ref = with_grads(ours)
+    norm = clip_grads_(ours, max_norm)
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref, max_norm)
+    assert norm.dtype == torch.float32 and norm.dim() == 0
+    assert torch.equal(norm, ref_norm)
+    for g, p in zip(ours, ref):
+        assert torch.equal(g, p.grad)
+
+
+def test_clipping_leaves_gradients_alone_without_a_limit_or_a_finite_norm():
+    grads = grads_of(1, 10.0)
+    before = [g.clone() for g in grads]
+    norm = clip_grads_(grads, None)
+    assert torch.equal(norm, torch.nn.utils.get_total_norm(before))
+    assert all(torch.equal(a, b) for a, b in zip(grads, before))
+    grads[1][3] = math.inf  # torch would multiply by max_norm / inf = 0; this step is skipped anyway
+    before = [g.clone() for g in grads]
+    assert clip_grads_(grads, 1.0).isinf()
+    assert all(torch.equal(a, b) for a, b in zip(grads, before))
+
+
+class Poisoned(nn.Module):
+    """A model(x, state) -> (logits, state) with a native ternary layer (TernaryBop), a latent fp8
+    one (AdamW) and float parameters; ``poison`` makes the logits inf (every gradient non-finite)."""
+
+    def __init__(self, vocab: int = 32, d: int = 16):
+        super().__init__()
+        self.tok, self.a, self.b, self.head = nn.Embedding(vocab, d), nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, vocab)
+        self.poison = False
+
+    def forward(self, x, state=None):
+        h = torch.relu(self.b(torch.relu(self.a(self.tok(x)))))
+        logits = self.head(h)
+        return (logits * math.inf if self.poison else logits), state
+
+
+def batches(vocab: int = 32):
+    gen = torch.Generator().manual_seed(0)
+    while True:
+        x = torch.randint(0, vocab, (4, 8), generator=gen)
+        yield x, (x * 5 + 1) % vocab
+
+
+def test_a_step_with_non_finite_gradients_changes_nothing_but_the_scale():
+    """Through Stepper.train_step: the poisoned step's flag is set, weights and optimizer state keep
+    their bits (the updates tried move), the dynamic scale halves; the schedule advances."""
+    torch.manual_seed(0)
+    model = Poisoned()
+    lowprec.apply_policy(model, {"default": {}, "rules": [{"match": "a", "weight": "ternary", "storage": "native"},
+                                                          {"match": "b", "weight": "fp8_e4m3"}]})
+    opt = optim.build_optimizer(model, {"lr": 1e-2, "ternary": {"momentum_dtype": "bf16"}})
+    sched = optim.build_scheduler(opt, {"name": "cosine", "warmup_steps": 0}, total_steps=10)
+    scaler = lowprec.LossScaler("dynamic", init_scale=2.0**8)
+    stepper = Stepper(model, opt, sched, scaler, batches(), tbptt=False)
+    first = stepper.step()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    state, lr = torch.load(buf), opt.param_groups[0]["lr"]
+    model.poison = True
+    bad = stepper.step()
+    (loss0, _, taken0, scale0), (loss1, norm1, taken1, scale1) = read_results([first, bad])[0]
+    assert taken0 and math.isfinite(loss0) and scale0 == 2.0**8
+    assert not taken1 and not math.isfinite(norm1) and scale1 == 2.0**8 and scaler.loss_scale == 2.0**7
+    for k, v in model.state_dict().items():
+        assert torch.equal(v.reshape(-1).view(torch.uint8), weights[k].reshape(-1).view(torch.uint8)), k
+    for name, part in opt.state_dict()["parts"].items():
+        for i, st in part["state"].items():
+            for k, v in st.items():
+                old = state["parts"][name]["state"][i][k]
+                if k == "calls":
+                    assert v == old + 1
+                elif isinstance(v, torch.Tensor):
+                    assert torch.equal(v, old), (name, k)
+                else:
+                    assert v == old, (name, k)
+    assert opt.param_groups[0]["lr"] != lr  # the schedule follows the step number
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("extra", [("precision=paper",), ("precision=bf16",), ("precision=bf16", "train.compile=true")],
+                         ids=["paper", "bf16", "bf16-compiled"])
+def test_steady_state_steps_never_wait_for_the_device(cfg_of, corpus, tmp_path, extra):
+    """The tiny hybrid on CUDA through the trainer's Stepper: after warm-up steps (optimizer state,
+    compiled graphs, the scaler's tensors on the device), steps run under
+    ``torch.cuda.set_sync_debug_mode("error")``, which raises on any host-device synchronisation;
+    their numbers are read afterwards, in one copy."""
+    cfg = cfg_of(corpus, tmp_path / "run", "train.device=cuda", "train.batch_size=8", *extra)
+    stepper = Trainer(cfg).stepper
+    for _ in range(3):
+        stepper.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        results = [stepper.step() for _ in range(4)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    steps, _ = read_results(results)
+    assert all(math.isfinite(loss) and math.isfinite(norm) for loss, norm, _, _ in steps)
+    assert all(r.loss.is_cuda and r.found_inf.is_cuda for r in results)
