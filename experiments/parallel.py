@@ -1,0 +1,372 @@
+"""Training on several processes: the device mesh, FSDP2 and tensor parallelism for `HybridLM`,
+the batch split by rank, and the reductions a step needs across ranks.
+
+    torchrun --nproc-per-node 8 -m experiments.train parallel.tp=2      # dp = 8 / 2 = 4
+
+    dist  = init_distributed(ParallelConfig.from_config(cfg.parallel))   # torchrun's RANK, WORLD_SIZE, LOCAL_RANK
+    model = shard_model(model, dist.mesh, cfg)                           # after apply_policy, before the optimizer
+    batches = RankBatches(SegmentStreamer(tokens, B_global, T), dist)    # this rank's rows of the global batch
+
+A single process (no ``WORLD_SIZE``, or 1) creates no process group and no mesh, and every
+function here leaves the model and the data as they are.
+
+The mesh is ``(dp,)`` or ``(dp, tp)`` with ``dp = world / tp`` (``dp: auto``). Parallelism is
+applied to a built model in a fixed order, each step a small function:
+
+1. tensor parallelism on the ``tp`` dimension (:func:`apply_tensor_parallel`): attention and FFN
+   as Megatron pairs (q, k, v, up column-parallel; o, down row-parallel: one all-reduce per pair
+   in forward and one in backward), the LSTM's ih and hh column-parallel with the gates
+   all-gathered (every rank then runs the cheap elementwise recurrence on all of them);
+2. native weights row-sharded over ``dp`` (:mod:`lowprec.distributed`): packed codes in the
+   all-gather;
+3. FSDP2 (``fully_shard``) over ``dp`` per unit: each ``blocks.N``, each ``rnn.lstm.N``,
+   ``rnn.compressor``, ``fusion``, then the root (embeddings, final norm, head). Latent weights
+   whose format is quantized are all-gathered in that format when it can be
+   (:mod:`lowprec.fsdp`), the rest in ``param_dtype``.
+
+Gradients are averaged over ``dp`` (each rank's loss is the mean over its rows, all ranks hold as
+many rows), so N ranks compute the gradient of the 1-process loss over the global batch.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass, fields
+from typing import Any, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lowprec.distributed import gather_native_on_forward, shard_native_layer
+from lowprec.fsdp import lowbit_gather_weights
+from lowprec.nn.native import NativeWeightMixin
+
+__all__ = ["ParallelConfig", "Distributed", "init_distributed", "shard_model", "units", "apply_tensor_parallel",
+           "RankBatches", "clip_grad_norm_", "all_reduce_found_inf", "DTYPES"]
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ------------------------------------------------------------------------------------ config
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """The ``parallel`` config group (``configs/parallel/default.yaml`` documents each key)."""
+
+    dp: int | str = "auto"
+    tp: int = 1
+    backend: str = "auto"
+    param_dtype: str | None = None
+    reduce_dtype: str | None = "fp32"
+    reshard_after_forward: bool = True
+    lowbit_gather: bool = True
+
+    def __post_init__(self):
+        if not (self.dp == "auto" or (isinstance(self.dp, int) and not isinstance(self.dp, bool) and self.dp >= 1)):
+            raise ValueError(f"parallel.dp={self.dp!r}: give auto (world size / tp) or an int >= 1")
+        if isinstance(self.tp, bool) or not isinstance(self.tp, int) or self.tp < 1:
+            raise ValueError(f"parallel.tp={self.tp!r}: give an int >= 1")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise ValueError(f"parallel.backend={self.backend!r}; choose one of auto, nccl, gloo")
+        for key in ("param_dtype", "reduce_dtype"):
+            v = getattr(self, key)
+            if v is not None and v not in DTYPES:
+                raise ValueError(f"parallel.{key}={v!r}; choose null or one of {', '.join(DTYPES)}")
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None) -> "ParallelConfig":
+        """From a dict or DictConfig; unknown keys are errors (typos)."""
+        from lowprec.common import plain
+
+        cfg = dict(plain(cfg) or {})
+        known = {f.name for f in fields(cls)}
+        if set(cfg) - known:
+            raise ValueError(f"unknown parallel config keys {sorted(set(cfg) - known)}; valid keys: {sorted(known)}")
+        return cls(**cfg)
+
+    def layout(self, world_size: int) -> tuple[int, int]:
+        """(dp, tp) for ``world_size`` processes; ``ValueError`` when they do not multiply to it."""
+        dp = world_size // self.tp if self.dp == "auto" else self.dp
+        if dp * self.tp != world_size:
+            raise ValueError(f"parallel.dp={self.dp} x parallel.tp={self.tp} does not fill the {world_size} "
+                             f"processes; choose tp dividing {world_size} and dp=auto (or dp x tp = {world_size})")
+        return dp, self.tp
+
+
+# --------------------------------------------------------------------------------- processes
+
+@dataclass
+class Distributed:
+    """Where this process stands: ``mesh`` is None for a single process."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    dp: int = 1
+    tp: int = 1
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+    mesh: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dp_mesh(self):
+        """The data-parallel mesh (1-D), or None for a single process."""
+        if self.mesh is None:
+            return None
+        return self.mesh["dp"] if self.mesh.ndim > 1 else self.mesh
+
+    @property
+    def tp_mesh(self):
+        return self.mesh["tp"] if self.mesh is not None and self.mesh.ndim > 1 else None
+
+    @property
+    def dp_rank(self) -> int:
+        return 0 if self.mesh is None else self.dp_mesh.get_local_rank()
+
+    def describe(self) -> str:
+        """One line for the log."""
+        if self.mesh is None:
+            return f"single process on {self.device} (no process group)"
+        dims = " x ".join(f"{n}={s}" for n, s in zip(self.mesh.mesh_dim_names, self.mesh.shape))
+        return (f"{self.world_size} processes ({self.backend}, {self.device.type}): mesh {dims}; "
+                f"this is rank {self.rank} (dp rank {self.dp_rank}, local rank {self.local_rank})")
+
+
+def init_distributed(cfg: ParallelConfig | None = None, *, device: str | torch.device | None = None) -> Distributed:
+    """Join the process group that ``torchrun`` describes (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+    ``MASTER_ADDR``, ``MASTER_PORT``) and build the device mesh ``(dp,)`` or ``(dp, tp)``.
+
+    Backend: nccl on CUDA (device ``cuda:LOCAL_RANK``), gloo on CPU (``parallel.backend`` overrides).
+    Without ``WORLD_SIZE`` (or with 1) nothing is created: a single process, unchanged."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    cfg = cfg or ParallelConfig()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 and not dist.is_initialized():
+        dp, tp = cfg.layout(1)
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        return Distributed(device=dev)
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dp, tp = cfg.layout(world)
+    use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                device_id=dev if dev.type == "cuda" else None)
+    shape, names = ((dp, tp), ("dp", "tp")) if tp > 1 else ((dp,), ("dp",))
+    mesh = init_device_mesh(dev.type, shape, mesh_dim_names=names)
+    return Distributed(rank, world, local_rank, dp, tp, dev, backend, mesh)
+
+
+def log_on_main_only(d: Distributed, logger: logging.Logger | None = None) -> None:
+    """Ranks other than 0 log warnings and errors only (every rank runs the same loop)."""
+    if not d.is_main:
+        (logger or logging.getLogger()).setLevel(logging.WARNING)
+
+
+# ------------------------------------------------------------------------------------ sharding
+
+def units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules FSDP2 gathers one at a time, innermost first, the root last: each ``blocks.N``,
+    each ``rnn.lstm.N``, ``rnn.compressor``, ``fusion``, and the model itself. (``rnn`` itself is
+    not one: the model calls its ``stream``/``chunked`` methods, not its forward.)"""
+    out = [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
+    if getattr(model, "rnn", None) is not None:
+        out += [(f"rnn.lstm.{i}", layer) for i, layer in enumerate(model.rnn.lstm)]
+        out.append(("rnn.compressor", model.rnn.compressor))
+    if getattr(model, "fusion", None) is not None:
+        out.append(("fusion", model.fusion))
+    out.append(("", model))
+    return out
+
+
+def shard_model(model: nn.Module, mesh, cfg: ParallelConfig | None = None) -> nn.Module:
+    """Apply tensor parallelism (when the mesh has a ``tp`` dimension), row-shard native weights and
+    FSDP2-shard every unit over ``dp``, in that order (see the module doc); returns ``model``
+    (changed in place: FSDP2 swaps the classes of the units). ``mesh`` None: nothing to do.
+
+    Call after ``lowprec.apply_policy`` and moving the model to its device, before building the
+    optimizer (it must see the sharded parameters and the native layers' shards)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if mesh is None:
+        return model
+    cfg = cfg or ParallelConfig()
+    dp_mesh = mesh["dp"] if mesh.ndim > 1 else mesh
+    if mesh.ndim > 1 and mesh["tp"].size() > 1:
+        apply_tensor_parallel(model, mesh["tp"])
+    named = units(model)
+    owner = _owners(model, named)
+    natives: dict[str, list[nn.Module]] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, NativeWeightMixin) and mod.is_native:
+            shard_native_layer(mod, dp_mesh, name)
+            natives.setdefault(owner(name), []).append(mod)
+    for unit_name, unit in named:
+        if natives.get(unit_name):
+            gather_native_on_forward(unit, natives[unit_name])
+    if cfg.lowbit_gather and mesh.ndim == 1:
+        lowbit_gather_weights(model, dp_mesh.size())
+    param_dtype = DTYPES.get(cfg.param_dtype) if cfg.param_dtype else None
+    reduce_dtype = DTYPES.get(cfg.reduce_dtype) if cfg.reduce_dtype else None
+    for unit_name, unit in named:
+        # the LSTM's carried (h, c) enter its forward: they stay in their own (>= fp32) dtype
+        lstm = unit_name.startswith("rnn.lstm.")
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=not lstm)
+        if any(True for _ in unit.parameters()):
+            fully_shard(unit, mesh=dp_mesh, mp_policy=mp,
+                        reshard_after_forward=cfg.reshard_after_forward if unit is not model else False)
+    # FSDP2 warns that the root returns views (logits, the memory bank): nothing here changes them in place
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    return model
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh) -> dict[str, str]:
+    """Split the attention, FFN and LSTM weights of every block and LSTM layer over ``tp_mesh``
+    (see the module doc); heads are divided among the ranks (``n_heads``, ``n_kv_heads`` become
+    the local counts). Returns {module name: style}. The memory path (fusion, compressor), the
+    embeddings and the head stay whole on every tensor-parallel rank."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from lowprec.tensor_parallel import QColwiseParallel, QRowwiseParallel
+
+    n = tp_mesh.size()
+    plan: dict[str, Any] = {}
+    for i, blk in enumerate(model.blocks):
+        attn = blk.attn
+        if attn.n_heads % n or attn.n_kv_heads % n:
+            raise ValueError(f"tensor parallel over {n} ranks needs n_heads ({attn.n_heads}) and n_kv_heads "
+                             f"({attn.n_kv_heads}) divisible by {n}")
+        for w in ("q", "k", "v"):
+            plan[f"blocks.{i}.attn.{w}"] = QColwiseParallel()
+        plan[f"blocks.{i}.attn.o"] = QRowwiseParallel()
+        plan[f"blocks.{i}.ffn.up"] = QColwiseParallel()
+        plan[f"blocks.{i}.ffn.down"] = QRowwiseParallel()
+        attn.n_heads //= n
+        attn.n_kv_heads //= n
+    if getattr(model, "rnn", None) is not None:
+        for i in range(len(model.rnn.lstm)):
+            # the recurrence splits the gates i, f, g, o by position: every rank needs all of them
+            plan[f"rnn.lstm.{i}.ih"] = QColwiseParallel(gather_output=True)
+            plan[f"rnn.lstm.{i}.hh"] = QColwiseParallel(gather_output=True)
+    parallelize_module(model, tp_mesh, plan)
+    return {k: type(v).__name__ + ("(gather_output)" if getattr(v, "gather_output", False) else "")
+            for k, v in plan.items()}
+
+
+def _owners(model: nn.Module, named: list[tuple[str, nn.Module]]):
+    """``owner(module_name)``: the name of the innermost unit that holds it."""
+    prefixes = sorted((n for n, _ in named if n), key=len, reverse=True)
+
+    def owner(name: str) -> str:
+        for p in prefixes:
+            if name == p or name.startswith(p + "."):
+                return p
+        return ""
+
+    return owner
+
+
+# ------------------------------------------------------------------------------------- data
+
+class RankBatches:
+    """This rank's rows of a token source's global batch: ``source`` (a ``SegmentStreamer`` or
+    ``TokenBatcher`` built with the GLOBAL batch size B) yields (B, T) batches; rank r of N
+    (data-parallel) gets rows ``[r B/N, (r+1) B/N)``. The N ranks together read exactly the
+    1-process batches, in order; ``state_dict`` is the source's position (the same on every rank,
+    independent of N, so a run resumes at another world size)."""
+
+    def __init__(self, source, rank: int = 0, world: int = 1):
+        if source.batch_size % world:
+            raise ValueError(f"global batch {source.batch_size} rows do not split over {world} data-parallel ranks; "
+                             f"choose train.batch_size as a multiple of {world}")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in [0, {world})")
+        self.source, self.rank, self.world = source, rank, world
+        self.rows = slice(rank * source.batch_size // world, (rank + 1) * source.batch_size // world)
+
+    @classmethod
+    def for_rank(cls, source, d: Distributed) -> "RankBatches":
+        return cls(source, d.dp_rank, d.dp)
+
+    @property
+    def batch_size(self) -> int:
+        """Rows per rank."""
+        return self.source.batch_size // self.world
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        batch = next(self.source)
+        return tuple(t[self.rows] if isinstance(t, torch.Tensor) else t for t in batch)
+
+    def __getattr__(self, name):  # segments_per_epoch, batches_per_epoch, seq_len, ...
+        if name == "source":
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.source.load_state_dict(state)
+
+
+# -------------------------------------------------------------------------- step reductions
+
+def _replication(t) -> int:
+    """On how many ranks each element of ``t`` is held: 1 for a plain local shard; for a DTensor,
+    the product of the mesh sizes over which it is replicated."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if not isinstance(t, DTensor):
+        return 1
+    n = 1
+    for size, p in zip(t.device_mesh.shape, t.placements):
+        if isinstance(p, Replicate):
+            n *= size
+    return n
+
+
+@torch.no_grad()
+def clip_grad_norm_(grads: list[torch.Tensor], max_norm: float | None, group=None) -> float:
+    """``‖g‖₂`` over the gradients of the whole model, every rank holding a part: DTensor gradients
+    (FSDP2, tensor parallel) and native gradients (each rank's rows); scaled in place to
+    ``max_norm`` when larger (and finite). Without a process group: the 1-process norm."""
+    from torch.distributed.tensor import DTensor
+
+    if not grads:
+        return 0.0
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    sq = torch.zeros((), dtype=torch.float64, device=local[0].device)
+    for g, t in zip(local, grads):
+        sq += torch.linalg.vector_norm(g.double()).square() / _replication(t)
+    if dist.is_initialized():
+        dist.all_reduce(sq, group=group)
+    norm = float(sq.sqrt())
+    if max_norm and norm == norm and norm != float("inf") and norm > max_norm:
+        torch._foreach_mul_(local, max_norm / (norm + 1e-6))
+    return norm
+
+
+def all_reduce_found_inf(found_inf, group=None) -> bool:
+    """True on every rank when any rank saw an inf/NaN gradient (each checks only its shards):
+    all ranks then skip the step together and the loss scale stays the same everywhere."""
+    flag = torch.as_tensor(found_inf, dtype=torch.float32).reshape(()).clone()
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return bool(flag > 0)

@@ -1,0 +1,320 @@
+"""Native weights over data-parallel ranks: each rank stores a row shard of the packed codes,
+and a forward all-gathers the packed bytes.
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``) shards Parameters. A native layer has none for its
+weight: ``w_data`` (packed codes), ``w_scale`` and ``w_global`` are buffers and the gradient goes
+to a stride-0 carrier (:mod:`lowprec.nn.native`). So native layers are sharded here the way FSDP2
+shards a parameter, along dim 0, but in their storage format. With N ranks and a weight of
+R rows (R a multiple of N), rank r keeps rows ``[r R/N, (r+1) R/N)``::
+
+    w_data    (R/N, row_bytes)   packed codes of its rows: 2-bit ternary, 1-bit binary, FP4, FP8 bytes
+    w_scale   its rows' scales (one per row or per block); a per-tensor scale is kept whole on every rank
+    w_global  whole on every rank (NVFP4's tensor scale)
+    carrier   (R/N, K), stride 0: ``native_grad`` is the gradient of its own rows
+
+Between steps the layer is an ordinary native layer of shape ``(R/N, K)``: an optimizer (Bop,
+TernaryBop, SRAdamW) updates its rows from its rows' gradient and keeps state for those rows
+only (ZeRO-3 for native weights, with no change to the optimizer). A *unit* (a module holding
+native layers: a transformer block, an LSTM layer, the root) gathers them for its forward::
+
+    local  = concat over the unit's layers of (w_data rows, row/block scales) as bytes   (n,) uint8
+    full   = all_gather(local)                                                          (N·n,) uint8
+    layer  computes with all R rows (views of ``full``) and a full-shape carrier whose gradient
+           (R, K) fp32 is reduce-scattered, averaged over the ranks, into its rows' native_grad
+
+one collective per unit forward, however often a layer is called in it (an LSTM's recurrent
+projection runs once per token). The gathered codes live as long as the autograd graph holds
+them (until that unit's backward), the reduce-scatter runs once per unit forward in backward
+when every use of the layer in it has produced its gradient.
+
+What is exact. Forward values and gradients are those of the unsharded layer, bit for bit
+(the same codes and scales reach the same kernels). Updates are exact row by row for rules
+that read only their rows: every format whose scale groups lie inside rows (per-row and
+per-block scales: the paper's FP4 rows, MX, NVFP4 blocks). A per-tensor scale is one number for
+rows held on different ranks: the rule that learns it (Bop/TernaryBop: Adam on log s from
+``sum_i G_i c_i``; SRAdamW: the absmax/absmean of the updated weight) sees only its rows, so
+:func:`sync_native_scales` makes the ranks agree again after each step (the maximum of the
+ranks' scales for absmax formats, their mean otherwise) -- exact when the scale is fixed
+(``lr = 0``), otherwise a replacement for the reduction over all rows the rule would need.
+Stochastic-rounding noise is drawn per rank for its rows: statistically, not bitwise, the
+1-process update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .nn.native import NativeWeightMixin
+
+# torch >= 2.13 names them all_gather_single / reduce_scatter_single (the *_tensor names are
+# deprecated aliases); FSDP2 calls the same function, so one patch counts both
+_ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+_REDUCE_SCATTER = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
+
+__all__ = ["NativeShard", "shard_native_layer", "gather_native_on_forward", "sync_native_scales",
+           "native_shards", "AllGatherRecord", "record_all_gathers"]
+
+
+@dataclass
+class NativeShard:
+    """How one native layer is split: its rows ``[rank·rows_local, (rank+1)·rows_local)`` of ``rows``."""
+
+    mesh: object                 # 1-D DeviceMesh of the data-parallel ranks
+    rank: int
+    world: int
+    rows: int                    # R
+    full_shape: tuple[int, ...]  # the weight's logical shape (R, K)
+    scale_sharded: bool          # w_scale has a dim-0 of R (per-row or per-block scales)
+
+    @property
+    def rows_local(self) -> int:
+        return self.rows // self.world
+
+    @property
+    def group(self):
+        return self.mesh.get_group()
+
+
+def native_shards(model: nn.Module) -> dict[str, nn.Module]:
+    """Name -> layer of every row-sharded native layer of ``model``."""
+    return {n: m for n, m in model.named_modules() if getattr(m, "_native_shard", None) is not None}
+
+
+# ---------------------------------------------------------------------------------- sharding
+
+@torch.no_grad()
+def shard_native_layer(layer: nn.Module, mesh, name: str = "layer") -> None:
+    """Keep only this rank's rows of ``layer``'s native weight (see the module doc).
+
+    ``mesh``: the 1-D DeviceMesh of the data-parallel ranks. ``ValueError`` naming the layer when
+    its rows do not split evenly or do not fill whole bytes; ``NotImplementedError`` for a native
+    embedding (its gradient is delivered by a tensor hook, not the carrier)."""
+    from .nn import QLinear
+
+    if not (isinstance(layer, NativeWeightMixin) and layer.is_native):
+        raise ValueError(f"{name}: not a native layer")
+    if not isinstance(layer, QLinear):
+        raise NotImplementedError(f"{name}: row-sharding a native {type(layer).__name__} is not supported; "
+                                  "keep embeddings latent (every shipped policy does)")
+    if getattr(layer, "_native_shard", None) is not None:
+        raise ValueError(f"{name}: already sharded")
+    world, rank = mesh.size(), mesh.get_local_rank()
+    R, K = layer._w_shape
+    if R % world:
+        raise ValueError(f"{name}: {R} rows of a native weight do not split over {world} data-parallel ranks; "
+                         f"choose a data-parallel size that divides {R}")
+    if layer.w_data.dim() != 2 or layer.w_data.shape[0] != R:
+        raise ValueError(f"{name}: a row of its {layer.precision.weight} weight ({K} elements) does not fill whole "
+                         "bytes, so its packed codes cannot be split by rows")
+    scale = layer.w_scale
+    scale_sharded = scale is not None and scale.dim() >= 1 and scale.shape[0] == R
+    if scale is not None and not scale_sharded and scale.numel() != 1:
+        raise ValueError(f"{name}: scale of shape {tuple(scale.shape)} is neither per tensor nor per row/block")
+    rl = R // world
+    rows = slice(rank * rl, (rank + 1) * rl)
+    layer.w_data = layer.w_data[rows].clone()
+    if scale_sharded:
+        layer.w_scale = scale[rows].clone()
+    layer._native_shard = NativeShard(mesh, rank, world, R, (R, K), scale_sharded)
+    layer._w_shape = (rl, K)
+    layer._grad_carrier = None  # a carrier of the new shape (the old one had the whole weight's)
+    layer._place_grad_carrier(layer.w_data.device)
+    layer.register_state_dict_post_hook(_state_dict_as_dtensor)
+    layer.register_load_state_dict_pre_hook(_load_from_dtensor)
+
+
+def _state_dict_as_dtensor(module, state_dict, prefix, local_metadata):
+    """In ``state_dict`` the row-sharded buffers are DTensors (Shard(0) over the data-parallel mesh)
+    of the whole weight's shape, views of the local rows: torch.distributed.checkpoint saves and
+    reloads them at any number of ranks."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    sh = module._native_shard
+    names = ("w_data", "w_scale") if sh.scale_sharded else ("w_data",)
+    for n in names:
+        t = state_dict.get(prefix + n)
+        if t is None or isinstance(t, DTensor):
+            continue
+        shape = (sh.rows, *t.shape[1:])
+        stride = torch.empty(shape, device="meta").stride()
+        state_dict[prefix + n] = DTensor.from_local(t, sh.mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
+
+
+def _load_from_dtensor(module, state_dict, prefix, *args):
+    """Accept the rows of a DTensor (this rank's) or of a whole tensor (a 1-process checkpoint)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    sh = module._native_shard
+    names = ("w_data", "w_scale") if sh.scale_sharded else ("w_data",)
+    for n in names:
+        t = state_dict.get(prefix + n)
+        if t is None:
+            continue
+        if isinstance(t, DTensor):
+            t = t.redistribute(sh.mesh, [Shard(0)]).to_local()
+        elif t.dim() and t.shape[0] == sh.rows:
+            t = t[sh.rank * sh.rows_local:(sh.rank + 1) * sh.rows_local]
+        state_dict[prefix + n] = t
+
+
+# ------------------------------------------------------------------------------ the gather
+
+class _ReduceScatterRows(torch.autograd.Function):
+    """Forward: a zero stride-0 tensor of the whole weight's shape (the carrier the layer's GEMMs
+    deliver dW to). Backward: the gradient (R, K), averaged over the ranks, reduce-scattered into
+    this rank's rows (the local carrier's gradient)."""
+
+    @staticmethod
+    def forward(ctx, local_carrier, shard: NativeShard):
+        ctx.shard = shard
+        return torch.empty_strided(shard.full_shape, (0,) * len(shard.full_shape),
+                                   device=local_carrier.device).zero_()
+
+    @staticmethod
+    def backward(ctx, grad):
+        sh = ctx.shard
+        out = grad.new_empty((sh.rows_local, *sh.full_shape[1:]))
+        getattr(dist, _REDUCE_SCATTER)(out, grad.contiguous(), op=dist.ReduceOp.AVG, group=sh.group)
+        return out, None
+
+
+def _local_bytes(layer) -> list[torch.Tensor]:
+    parts = [layer.w_data]
+    if layer._native_shard.scale_sharded:
+        parts.append(layer.w_scale)
+    return [p.contiguous().view(torch.uint8).reshape(-1) for p in parts]
+
+
+@torch.no_grad()
+def _all_gather_packed(layers: list[nn.Module]) -> list[list[torch.Tensor]]:
+    """One all-gather of every layer's local packed rows (and row scales): per layer, the whole
+    tensors (w_data, [w_scale]) in their own dtypes."""
+    pieces = [_local_bytes(layer) for layer in layers]
+    flat = torch.cat([p for ps in pieces for p in ps])
+    sh = layers[0]._native_shard
+    out = flat.new_empty(sh.world * flat.numel())
+    getattr(dist, _ALL_GATHER)(out, flat, group=sh.group)
+    out = out.view(sh.world, flat.numel())
+    result, offset = [], 0
+    for layer, ps in zip(layers, pieces):
+        full = []
+        for p, local in zip(ps, (layer.w_data, layer.w_scale)):
+            n = p.numel()
+            rows = out[:, offset:offset + n].contiguous()  # (world, n) bytes of each rank's rows
+            offset += n
+            shape = (layer._native_shard.rows, *local.shape[1:])
+            full.append(rows.view(local.dtype).reshape(shape))
+        result.append(full)
+    return result
+
+
+def gather_native_on_forward(unit: nn.Module, layers: list[nn.Module]):
+    """Register on ``unit`` the all-gather of ``layers`` (sharded native layers inside it, all on
+    the same mesh) before its forward, and the return to their shards after it. Returns the two
+    hook handles."""
+    if not layers:
+        raise ValueError("gather_native_on_forward needs at least one sharded native layer")
+    meshes = {id(layer._native_shard.mesh) for layer in layers}
+    if len(meshes) != 1:
+        raise ValueError("the native layers of one unit must share one data-parallel mesh")
+    saved: list = []
+
+    def pre(module, args):
+        full = _all_gather_packed(layers)
+        for layer, tensors in zip(layers, full):
+            sh = layer._native_shard
+            saved.append((layer.w_data, layer.w_scale, layer._grad_carrier, layer._w_shape))
+            layer._buffers["w_data"] = tensors[0]
+            if sh.scale_sharded:
+                layer._buffers["w_scale"] = tensors[1]
+            local = layer._grad_carrier
+            if torch.is_grad_enabled():
+                layer._grad_carrier = _ReduceScatterRows.apply(local, sh)
+            else:
+                layer._grad_carrier = torch.empty_strided(sh.full_shape, (0, 0), device=local.device).zero_()
+            layer._w_shape = sh.full_shape
+
+    def post(module, args, output):
+        if not saved:  # the pre-hook failed before it swapped anything
+            return output
+        for layer, (data, scale, carrier, shape) in zip(layers, saved):
+            layer._buffers["w_data"], layer._buffers["w_scale"] = data, scale
+            layer._grad_carrier, layer._w_shape = carrier, shape
+        saved.clear()
+        return output
+
+    return unit.register_forward_pre_hook(pre), unit.register_forward_hook(post, always_call=True)
+
+
+# ------------------------------------------------------------------------------ the scales
+
+@torch.no_grad()
+def sync_native_scales(model: nn.Module) -> int:
+    """Make every rank hold the same per-tensor scale of each row-sharded native layer again (call
+    after the optimizer's step): the maximum of the ranks' scales for absmax formats, their mean
+    otherwise. Returns the number of layers synchronized. Layers whose scales are per row or
+    per block need none."""
+    n = 0
+    for layer in native_shards(model).values():
+        sh = layer._native_shard
+        if sh.scale_sharded or sh.world == 1:
+            continue
+        fmt = layer.precision.weight
+        op = dist.ReduceOp.MAX if fmt.scale in ("absmax", "nvfp4") else dist.ReduceOp.AVG
+        for buf in (layer.w_scale, layer.w_global):
+            if buf is not None and buf.is_floating_point() and buf.dtype == torch.float32:
+                dist.all_reduce(buf, op=op, group=sh.group)
+        n += 1
+    return n
+
+
+# --------------------------------------------------------------------------- byte accounting
+
+@dataclass
+class AllGatherRecord:
+    """Bytes each rank sent (its shard) and received (the whole) in every all-gather seen."""
+
+    sent: list[int] = field(default_factory=list)
+    received: list[int] = field(default_factory=list)
+
+    @property
+    def calls(self) -> int:
+        return len(self.sent)
+
+    @property
+    def sent_bytes(self) -> int:
+        return sum(self.sent)
+
+    @property
+    def received_bytes(self) -> int:
+        return sum(self.received)
+
+
+@contextlib.contextmanager
+def record_all_gathers():
+    """Within the block, count the bytes of every single-tensor all-gather
+    (``torch.distributed.all_gather_single``, formerly ``all_gather_into_tensor``): FSDP2's
+    parameter all-gathers and the packed native ones alike::
+
+        with record_all_gathers() as rec:
+            model(x)
+        rec.received_bytes      # bytes this rank received: the unsharded weights of the forward
+    """
+    rec = AllGatherRecord()
+    original = getattr(dist, _ALL_GATHER)
+
+    def counting(output_tensor, input_tensor, *args, **kwargs):
+        rec.sent.append(input_tensor.numel() * input_tensor.element_size())
+        rec.received.append(output_tensor.numel() * output_tensor.element_size())
+        return original(output_tensor, input_tensor, *args, **kwargs)
+
+    setattr(dist, _ALL_GATHER, counting)
+    try:
+        yield rec
+    finally:
+        setattr(dist, _ALL_GATHER, original)

@@ -1,0 +1,209 @@
+"""Latent weights all-gathered in their weight format under FSDP2 (a tensor subclass, as torchao's
+float8 does).
+
+A latent weight is a float master that each forward quantizes to its format ``fmt``
+(``Q(W; fmt)``, :mod:`lowprec.gemm`). Under ``torch.distributed.fsdp.fully_shard`` each rank holds
+a dim-0 shard ``W_r`` of the master; before a unit's forward FSDP2 all-gathers the shards. Wrapped
+in :class:`LowBitGatherWeight`, the master tells FSDP2 to gather codes instead of floats, through
+FSDP2's extension points::
+
+    fsdp_pre_all_gather    W_r -> codes_r (+ the scales of its rows)    e.g. FP8: 1 byte per weight
+                           per-tensor absmax formats: amax = all_reduce_max(amax(W_r)) first,
+                           so every rank quantizes on the grid of the whole tensor
+    all-gather             codes = [codes_0; ...; codes_N-1]             FSDP2's own collective
+    fsdp_post_all_gather   W_hat = dequantize(codes) in the param dtype   what the layer computes with
+
+The layer then quantizes ``W_hat`` to ``fmt`` again. That is the identity on the codes (every
+``W_hat`` element is already on the grid, and the scale is recomputed from the same amax), so the
+forward and backward are those of the unsharded layer up to one rounding of the fp32 scale
+(``amax / max_value`` recomputed from ``max_value · s``), and the gradient of ``W_hat`` is the
+master's (identity STE; a clipped STE passes everywhere, since no element of ``W_hat`` lies beyond
+the range). FSDP2 reduce-scatters it into the master's shard as usual.
+
+Which formats travel in their own bits (:func:`check_lowbit_gather_support`): unscaled casts
+(bf16, fp16, FP8 casts), every per-row and per-block format (the paper's FP4 rows, MX) since rows
+are never split, and per-tensor absmax formats (FP8, int8). Not: per-tensor absmean (BitNet's
+ternary, binary: the mean of the whole tensor would need its own reduction and a quantizer given
+its scale), NVFP4 (its tensor scale), delayed scaling (the scale comes from a history), and layers
+whose backward reads the weight in another format than the forward. Those gather in the param dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.utils._pytree as pytree
+from torch import nn
+
+from .formats import Format
+from .packing import pack_codes
+from .qtensor import QTensor, _packed_bits, e2m1_encode
+from .rounding import torch_dtype_of
+from .scaling import quantize_groups, to_groups
+
+__all__ = ["LowBitGatherWeight", "check_lowbit_gather_support", "lowbit_gather_weights", "unwrap_lowbit"]
+
+# ops whose results stay wrapped: the ones FSDP2 applies to a parameter while sharding it
+_PRESERVE = {
+    torch.ops.aten.empty_like.default, torch.ops.aten.new_zeros.default, torch.ops.aten.slice.Tensor,
+    torch.ops.aten.copy_.default, torch.ops.aten.view.default, torch.ops.aten.as_strided.default,
+    torch.ops.aten._to_copy.default, torch.ops.aten._pin_memory.default, torch.ops.aten.split.Tensor,
+    torch.ops.aten.clone.default,
+}
+
+
+def check_lowbit_gather_support(precision, rows: int, world: int) -> tuple[bool, str]:
+    """(True, "") when a latent weight of ``precision`` with ``rows`` rows can be all-gathered over
+    ``world`` ranks in its weight format; else (False, why)."""
+    fmt = precision.operand("fprop", "weight")
+    if precision.storage != "latent":
+        return False, "native weights are sharded by lowprec.distributed"
+    if fmt is None:
+        return False, "the weight is not quantized"
+    if precision.operand("dgrad", "weight") != fmt:
+        return False, "backward reads the weight in another format than forward"
+    if precision.scaling == "delayed":
+        return False, "delayed scaling takes the weight's scale from its amax history"
+    if fmt.is_scaled and fmt.granularity == "tensor" and fmt.scale != "absmax":
+        return False, f"one {fmt.scale} scale for the whole tensor needs a reduction this gather does not make"
+    if fmt.scale == "nvfp4":
+        return False, "NVFP4's tensor scale spans the whole tensor"
+    if rows % world:
+        return False, f"{rows} rows do not split evenly over {world} ranks"
+    return True, ""
+
+
+def _quantize(x: torch.Tensor, fmt: Format, amax: torch.Tensor | None) -> QTensor:
+    """``lowprec.quantize(x, fmt)`` with the per-tensor amax given (rows of a larger tensor)."""
+    xg, groups = to_groups(x, fmt)
+    values, _, stored, g = quantize_groups(xg, fmt, "nearest", None, amax)
+    bits = _packed_bits(fmt)
+    values = torch.nan_to_num(values, nan=0.0) if not fmt.has_nan else values
+    if bits == 4:
+        data = pack_codes(e2m1_encode(values), 4)
+    elif bits == 2:
+        data = pack_codes((values + 1).to(torch.uint8), 2)
+    elif bits == 1:
+        data = pack_codes((values > 0).to(torch.uint8), 1)
+    else:
+        data = values.reshape(*groups.shape[:-1], groups.padded_last)
+        data = data.to(torch.int8 if fmt.kind == "int" else torch_dtype_of(fmt))
+    if fmt.is_scaled and stored is not None:
+        stored = stored.reshape(groups.scale_shape(fmt))
+    return QTensor(data, stored, g, fmt, groups.shape, groups.padded_last)
+
+
+class LowBitGatherWeight(torch.Tensor):
+    """A latent master weight (``_tensor``) that FSDP2 all-gathers as codes of ``_fmt``; in every
+    other operation it is its ``_tensor``."""
+
+    @staticmethod
+    def __new__(cls, tensor: torch.Tensor, fmt: Format):
+        return torch.Tensor._make_wrapper_subclass(
+            cls, tensor.size(), strides=tensor.stride(), storage_offset=tensor.storage_offset(),
+            dtype=tensor.dtype, layout=tensor.layout, device=tensor.device, requires_grad=tensor.requires_grad)
+
+    def __init__(self, tensor: torch.Tensor, fmt: Format):
+        self._tensor = tensor
+        self._fmt = fmt
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args, kwargs=None):
+        if func == torch.ops.aten.detach.default:
+            return cls(args[0]._tensor, args[0]._fmt)
+        fmt = None
+
+        def unwrap(t):
+            nonlocal fmt
+            fmt = t._fmt
+            return t._tensor
+
+        args, kwargs = pytree.tree_map_only(cls, unwrap, (args, kwargs or {}))
+        out = func(*args, **kwargs)
+        if func not in _PRESERVE:
+            return out
+        return pytree.tree_map_only(torch.Tensor, lambda x: cls(x, fmt), out)
+
+    def __tensor_flatten__(self):
+        return ["_tensor"], self._fmt
+
+    @staticmethod
+    def __tensor_unflatten__(inner, fmt, outer_size, outer_stride):
+        return LowBitGatherWeight(inner["_tensor"], fmt)
+
+    def __repr__(self):
+        return f"LowBitGatherWeight({self._fmt}, {self._tensor!r})"
+
+    # ---- FSDP2's all-gather extension ------------------------------------------------------------
+    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
+        fmt, w = self._fmt, self._tensor
+        amax = None
+        if fmt.is_scaled and fmt.granularity == "tensor":  # absmax (check_lowbit_gather_support)
+            amax = w.detach().abs().amax().float() if w.numel() else w.new_zeros((), dtype=torch.float32)
+            dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=mesh.get_group())
+        q = _quantize(w.detach(), fmt, amax)
+        inputs = [q.data]
+        row_scales = q.scale is not None and q.scale.dim() >= 1
+        if row_scales:
+            inputs.append(q.scale)
+        meta = (q.scale if not row_scales else None, q.global_scale, tuple(outer_size), q.padded_last)
+        return tuple(inputs), meta
+
+    def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
+        tensor_scale, global_scale, shape, padded_last = metadata
+        # FSDP2 hands each output back shaped as its input, all ranks' rows stacked on dim 0
+        data = outputs[0]
+        scale = outputs[1] if len(outputs) > 1 else tensor_scale
+        w = QTensor(data, scale, global_scale, self._fmt, shape, padded_last).dequantize(param_dtype)
+        if out is not None:  # the gather before backward refills the forward's tensor, which autograd saved
+            with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(out):
+                out.copy_(w)
+            return
+        return w, (w,)
+
+
+def unwrap_lowbit(t):
+    """The master of a :class:`LowBitGatherWeight` (through a DTensor), else ``t``."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor) and isinstance(t._local_tensor, LowBitGatherWeight):
+        return DTensor.from_local(t._local_tensor._tensor, t.device_mesh, t.placements, run_check=False,
+                                  shape=t.shape, stride=t.stride())
+    if isinstance(t, LowBitGatherWeight):
+        return t._tensor
+    return t
+
+
+def lowbit_gather_weights(model: nn.Module, world: int) -> dict[str, str]:
+    """Wrap every latent weight of ``model`` that can travel in its format (before ``fully_shard``
+    with ``world`` data-parallel ranks). Returns {module name: format gathered, or why not}."""
+    from .nn.native import NativeWeightMixin
+
+    layers: dict[int, list[tuple[str, nn.Module]]] = {}  # a tied weight: every layer that reads it
+    for name, mod in model.named_modules():
+        if isinstance(mod, NativeWeightMixin) and not mod.is_native and mod.weight is not None:
+            layers.setdefault(id(mod.weight), []).append((name, mod))
+    report = {}
+    for users in layers.values():
+        w = users[0][1].weight
+        fmts = {m.precision.operand("fprop", "weight") for _, m in users}
+        fmt = next(iter(fmts))
+        ok, why = (False, "already wrapped") if isinstance(w, LowBitGatherWeight) else (True, "")
+        for _, m in users:
+            if ok:
+                ok, why = check_lowbit_gather_support(m.precision, w.shape[0], world)
+        if ok and len(fmts) > 1:
+            ok, why = False, "a tied weight read in several formats"
+        if ok and fmt.bits >= 8 * w.element_size():
+            ok, why = False, f"{fmt} is not narrower than the {w.dtype} master"
+        if ok:
+            new = nn.Parameter(LowBitGatherWeight(w.data, fmt), requires_grad=w.requires_grad)
+            for _, m in users:
+                m.weight = new
+        for name, _ in users:
+            report[name] = str(fmt) if ok else why
+    return report
