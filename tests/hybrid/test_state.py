@@ -90,9 +90,6 @@ def test_tbptt_cuts_the_graph_every_k_segments():
 
 def test_stream_mode_accepts_segments_shorter_than_a_chunk():
     """Token-by-token generation in stream mode: segments of 1 token, chunk ends every 4."""
-    import torch
-    from hybrid import HybridLM, preset
-
     cfg = preset("tiny")
     assert cfg.rnn_mode == "stream" and cfg.chunk > 1
     torch.manual_seed(0)
@@ -135,3 +132,126 @@ def test_mean_pooled_chunk_summaries_and_forget_bias():
     last = HybridLM(cfg.replace(chunk_pool="last")).double()
     last.load_state_dict(model.state_dict())  # same parameters, another summary
     assert not torch.allclose(last(x)[1].memory[:, -3:], state.memory[:, -3:])
+
+
+# ---- the fixed-shape bank against a growing one ----------------------------------------------
+
+def reference_segment(model, tokens, ref):
+    """One segment the straightforward way, from the model's own layers: the bank is a growing list
+    of chunk vectors, oldest first (at most max_memory), `pending` holds exactly the open chunk's
+    tokens, and each token attends over exactly the vectors it may read plus the null slot.
+    ref: {"pos": int, "h", "c", "bank" (B, n, d), "pending" (B, r)} or None -> (logits, ref)."""
+    cfg, rnn, fusion = model.cfg, model.rnn, model.fusion
+    B, T = tokens.shape
+    C, M, H, d = cfg.chunk, cfg.max_memory, cfg.xattn_heads, cfg.d_model
+    e = model.embed["tok"](tokens)
+    x = e + model.embed["pos"](torch.arange(T))
+    if ref is None:
+        h, c = rnn.zero_state(e)
+        ref = {"pos": 0, "h": h, "c": c, "bank": e.new_zeros(B, 0, d), "pending": tokens.new_zeros(B, 0)}
+    pos = ref["pos"]
+    if cfg.rnn_mode == "stream":
+        y, h, c = rnn.run_stack(e, ref["h"], ref["c"])
+        m_new = rnn.compressor(y[:, [t for t in range(T) if (pos + t + 1) % C == 0]])
+        pending = ref["pending"]
+    else:
+        buf = torch.cat([ref["pending"], tokens], dim=1)
+        K = buf.shape[1] // C
+        h, c, m_new = ref["h"], ref["c"], e.new_zeros(B, 0, d)
+        if K:
+            xs = model.embed["tok"](buf[:, :K * C]).reshape(B * K, C, d)
+            y, _, _ = rnn.run_stack(xs, *rnn.zero_state(xs))
+            s = (y[:, -1] if cfg.chunk_pool == "last" else y.mean(dim=1)).reshape(B, K, d)
+            z, h, c = rnn.run_stack(s, h, c)
+            m_new = rnn.compressor(z)
+        pending = buf[:, K * C:]
+    keys = torch.cat([ref["bank"], m_new], dim=1)
+    first = (pos + T) // C - keys.shape[1]  # chunk index of keys[:, 0]
+    u = fusion.norm(x)
+    hd = d // H
+
+    def heads(t):
+        return t.view(B, -1, H, hd).transpose(1, 2)
+
+    def rotary(t, idx):  # rotate pairs (i, i + hd/2) by idx * 10000^(-2i/hd)
+        ang = idx.to(t.dtype)[:, None] * 10000.0 ** (-torch.arange(hd // 2, dtype=t.dtype) / (hd // 2))
+        t1, t2 = t[..., :hd // 2], t[..., hd // 2:]
+        return torch.cat([t1 * ang.cos() - t2 * ang.sin(), t1 * ang.sin() + t2 * ang.cos()], dim=-1)
+
+    p = torch.arange(pos, pos + T)
+    j = torch.arange(first, first + keys.shape[1])
+    n = (p + 1) // C
+    q = rotary(heads(fusion.xattn.q(u)), n - first)
+    k = rotary(heads(fusion.xattn.k(keys)), j - first + 1)
+    v = heads(fusion.xattn.v(keys))
+    scores = torch.cat([q @ k.transpose(-1, -2), q.new_zeros(B, H, T, 1)], dim=-1) / hd ** 0.5
+    allowed = torch.cat([(j[None] < n[:, None]) & (j[None] >= n[:, None] - M), torch.ones(T, 1, dtype=torch.bool)], 1)
+    w = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    ctx = fusion.xattn.o((w[..., :-1] @ v).transpose(1, 2).reshape(B, T, d))
+    x = x + torch.sigmoid(fusion.gate(torch.cat([u, ctx], dim=-1))) * ctx
+    for blk in model.blocks:
+        x = blk(x)
+    new = {"pos": pos + T, "h": h, "c": c, "bank": keys[:, -M:], "pending": pending}
+    return model.head(model.norm_f(x)), new
+
+
+@pytest.mark.parametrize("mode", ["stream", "chunked"])
+def test_fixed_bank_equals_a_growing_bank(mode):
+    """Segments of 1..16 tokens (chunks of 4 cut through them), a bank of 3: before, at and after
+    the bank fills, the logits and the carried state equal the growing-bank reference, the bank's
+    unused slots are exactly zero, and nothing is NaN when no chunk is readable yet (the first
+    segments: every key masked but the null slot). float64; tolerance 1e-12 because the fixed shapes
+    add exactly-zero terms (masked keys, placeholder chunk slots) to sums that may then be added
+    up in another order."""
+    torch.manual_seed(0)
+    cfg = preset("tiny").replace(rnn_mode=mode, max_memory=3)
+    model = HybridLM(cfg).double().eval()
+    C, M = cfg.chunk, cfg.max_memory
+    lengths = [1, 2, 7, 16, 1, 3, 16, 9, 13, 16]
+    x = torch.randint(0, cfg.vocab_size, (2, sum(lengths)))
+    state, ref, s0 = None, None, 0
+    with torch.no_grad():
+        for T in lengths:
+            logits, state = model(x[:, s0:s0 + T], state)
+            want, ref = reference_segment(model, x[:, s0:s0 + T], ref)
+            s0 += T
+            assert torch.isfinite(logits).all()
+            torch.testing.assert_close(logits, want, rtol=0, atol=1e-12)
+            n = ref["bank"].shape[1]
+            assert int(state.pos) == ref["pos"] and state.memory_len(C, M) == n
+            assert state.memory.shape == (2, M, cfg.d_model) and not state.memory[:, :M - n].any()
+            torch.testing.assert_close(state.memory[:, M - n:], ref["bank"], rtol=0, atol=1e-12)
+            torch.testing.assert_close(state.h, ref["h"], rtol=0, atol=1e-12)
+            if mode == "chunked":
+                r = ref["pending"].shape[1]
+                assert state.pending.shape == (2, C - 1) and torch.equal(state.pending[:, C - 1 - r:], ref["pending"])
+    assert n == M and s0 // C > M  # the bank filled and dropped its oldest vectors
+
+
+@pytest.mark.parametrize("mode", ["stream", "chunked"])
+def test_a_state_saved_with_a_growing_bank_still_loads(mode):
+    """The earlier layout (pos an int, memory (B, n, d) with n = min(pos // chunk, max_memory),
+    pending (B, pos % chunk)) loads through from_state_dict and gives the same logits as the
+    fixed-shape state (bit for bit: the model pads it to the same tensors)."""
+    torch.manual_seed(0)
+    cfg = preset("tiny").replace(rnn_mode=mode, max_memory=3)
+    model = HybridLM(cfg).eval()
+    C, M = cfg.chunk, cfg.max_memory
+    x = torch.randint(0, cfg.vocab_size, (2, 30))
+    with torch.no_grad():
+        for cut in (6, 23):  # bank of 1 (not full), of 3 (full); 2 and 3 pending tokens
+            _, s = model(x[:, :min(cut, 16)])
+            if cut > 16:
+                _, s = model(x[:, 16:cut], s)
+            n, r = min(cut // C, M), cut % C
+            old = {"pos": cut, "h": s.h, "c": s.c, "memory": s.memory[:, M - n:],
+                   "pending": s.pending[:, C - 1 - r:] if mode == "chunked" else None}
+            loaded = HybridState.from_state_dict(old)
+            assert loaded.pos.dtype == torch.int64 and int(loaded.pos) == cut
+            a, sa = model(x[:, cut:cut + 7], s)
+            b, sb = model(x[:, cut:cut + 7], loaded)
+            assert torch.equal(a, b) and torch.equal(sa.memory, sb.memory)
+    with pytest.raises(ValueError, match="state.memory has 4 slots; this model's max_memory is 3"):
+        model(x[:, :4], HybridState(pos=16, h=s.h, c=s.c, memory=torch.zeros(2, 4, cfg.d_model)))
+    with pytest.raises(ValueError, match="unknown key"):
+        HybridState.from_state_dict({"pos": 0, "bank": None})
