@@ -39,12 +39,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lowprec.distributed import gather_native_on_forward, shard_native_layer
+from lowprec.distributed import all_gather_native, gather_native_on_forward, record_all_gathers, shard_native_layer
 from lowprec.fsdp import lowbit_gather_weights
 from lowprec.nn.native import NativeWeightMixin
 
-__all__ = ["ParallelConfig", "Distributed", "init_distributed", "shard_model", "units", "apply_tensor_parallel",
-           "RankBatches", "clip_grad_norm_", "all_reduce_found_inf", "DTYPES"]
+__all__ = ["ParallelConfig", "Distributed", "init_distributed", "log_on_main_only", "shard_model", "units",
+           "apply_tensor_parallel", "gather_bytes", "RankBatches", "clip_grad_norm_", "all_reduce_found_inf", "DTYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +265,25 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> dict[str, str]:
     parallelize_module(model, tp_mesh, plan)
     return {k: type(v).__name__ + ("(gather_output)" if getattr(v, "gather_output", False) else "")
             for k, v in plan.items()}
+
+
+def gather_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes this rank receives in the all-gathers of each unit's forward, by unit name: FSDP2's
+    (parameters, in the dtype or format they travel in) and the packed native weights. Measured by
+    running exactly those collectives once (``FSDPModule.unshard`` and the native gather)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    out = {}
+    named = units(model)
+    for name, unit in [named[-1], *named[:-1]]:  # the root first: its first unshard initializes FSDP2
+        with record_all_gathers() as rec:
+            if isinstance(unit, FSDPModule):
+                unit.unshard()
+                unit.reshard()
+            if getattr(unit, "_native_layers", None):
+                all_gather_native(unit._native_layers)
+        out[name] = rec.received_bytes
+    return out
 
 
 def _owners(model: nn.Module, named: list[tuple[str, nn.Module]]):

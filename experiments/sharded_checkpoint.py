@@ -27,12 +27,14 @@ renames, :func:`load_sharded` finds the set-aside one.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import shutil
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,14 @@ def _broadcast(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns at every save/load without a process group; one process is a supported case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _fsync_dir(path: Path) -> None:
@@ -189,7 +199,8 @@ def save_sharded(path: str | Path, model: nn.Module, optimizer=None, extra: dict
     _barrier()
     state = checkpoint_state(model, optimizer, extra, rng=rng)
     try:
-        dcp.save(state, checkpoint_id=str(tmp))
+        with _single_process_quiet():
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
         _barrier()
     except BaseException:
         if _rank() == 0:
@@ -332,7 +343,8 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer=None, *, rng: boo
     same_world = {k.split(".")[1] for k in meta if k.startswith("rng.")} == {str(r) for r in range(_world())}
     if rng and same_world:
         state[rng_key] = _template(rng_key, meta[rng_key], None)
-    dcp.load(state, checkpoint_id=str(path))
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     model.load_state_dict(state["model"])
     if optimizer is not None:
         _restore_optimizer(model, optimizer, state["optim"])

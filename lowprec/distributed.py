@@ -56,8 +56,8 @@ from .nn.native import NativeWeightMixin
 _ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
 _REDUCE_SCATTER = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
 
-__all__ = ["NativeShard", "shard_native_layer", "gather_native_on_forward", "sync_native_scales",
-           "native_shards", "AllGatherRecord", "record_all_gathers"]
+__all__ = ["NativeShard", "shard_native_layer", "gather_native_on_forward", "all_gather_native",
+           "sync_native_scales", "native_shards", "AllGatherRecord", "record_all_gathers"]
 
 
 @dataclass
@@ -191,7 +191,7 @@ def _local_bytes(layer) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def _all_gather_packed(layers: list[nn.Module]) -> list[list[torch.Tensor]]:
+def all_gather_native(layers: list[nn.Module]) -> list[list[torch.Tensor]]:
     """One all-gather of every layer's local packed rows (and row scales): per layer, the whole
     tensors (w_data, [w_scale]) in their own dtypes."""
     pieces = [_local_bytes(layer) for layer in layers]
@@ -215,17 +215,18 @@ def _all_gather_packed(layers: list[nn.Module]) -> list[list[torch.Tensor]]:
 
 def gather_native_on_forward(unit: nn.Module, layers: list[nn.Module]):
     """Register on ``unit`` the all-gather of ``layers`` (sharded native layers inside it, all on
-    the same mesh) before its forward, and the return to their shards after it. Returns the two
-    hook handles."""
+    the same mesh) before its forward, and the return to their shards after it (they are listed
+    in ``unit._native_layers``). Returns the two hook handles."""
     if not layers:
         raise ValueError("gather_native_on_forward needs at least one sharded native layer")
     meshes = {id(layer._native_shard.mesh) for layer in layers}
     if len(meshes) != 1:
         raise ValueError("the native layers of one unit must share one data-parallel mesh")
     saved: list = []
+    unit._native_layers = list(layers)
 
     def pre(module, args):
-        full = _all_gather_packed(layers)
+        full = all_gather_native(layers)
         for layer, tensors in zip(layers, full):
             sh = layer._native_shard
             saved.append((layer.w_data, layer.w_scale, layer._grad_carrier, layer._w_shape))
