@@ -5,7 +5,7 @@ the batch split by rank, and the reductions a step needs across ranks.
 
     dist  = init_distributed(ParallelConfig.from_config(cfg.parallel))   # torchrun's RANK, WORLD_SIZE, LOCAL_RANK
     model = shard_model(model, dist.mesh, cfg)                           # after apply_policy, before the optimizer
-    batches = RankBatches(SegmentStreamer(tokens, B_global, T), dist)    # this rank's rows of the global batch
+    batches = RankBatches.for_rank(SegmentStreamer(tokens, B_global, T), dist)  # experiments.rank_data
 
 A single process (no ``WORLD_SIZE``, or 1) creates no process group and no mesh, and every
 function here leaves the model and the data as they are.
@@ -33,7 +33,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass, fields
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -44,7 +44,7 @@ from lowprec.fsdp import lowbit_gather_weights
 from lowprec.nn.native import NativeWeightMixin
 
 __all__ = ["ParallelConfig", "Distributed", "init_distributed", "log_on_main_only", "shard_model", "units",
-           "apply_tensor_parallel", "gather_bytes", "RankBatches", "clip_grad_norm_", "all_reduce_found_inf", "DTYPES"]
+           "apply_tensor_parallel", "gather_bytes", "clip_grad_norm_", "all_reduce_found_inf", "DTYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -297,52 +297,6 @@ def _owners(model: nn.Module, named: list[tuple[str, nn.Module]]):
         return ""
 
     return owner
-
-
-# ------------------------------------------------------------------------------------- data
-
-class RankBatches:
-    """This rank's rows of a token source's global batch: ``source`` (a ``SegmentStreamer`` or
-    ``TokenBatcher`` built with the GLOBAL batch size B) yields (B, T) batches; rank r of N
-    (data-parallel) gets rows ``[r B/N, (r+1) B/N)``. The N ranks together read exactly the
-    1-process batches, in order; ``state_dict`` is the source's position (the same on every rank,
-    independent of N, so a run resumes at another world size)."""
-
-    def __init__(self, source, rank: int = 0, world: int = 1):
-        if source.batch_size % world:
-            raise ValueError(f"global batch {source.batch_size} rows do not split over {world} data-parallel ranks; "
-                             f"choose train.batch_size as a multiple of {world}")
-        if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} is not in [0, {world})")
-        self.source, self.rank, self.world = source, rank, world
-        self.rows = slice(rank * source.batch_size // world, (rank + 1) * source.batch_size // world)
-
-    @classmethod
-    def for_rank(cls, source, d: Distributed) -> "RankBatches":
-        return cls(source, d.dp_rank, d.dp)
-
-    @property
-    def batch_size(self) -> int:
-        """Rows per rank."""
-        return self.source.batch_size // self.world
-
-    def __iter__(self) -> Iterator:
-        return self
-
-    def __next__(self):
-        batch = next(self.source)
-        return tuple(t[self.rows] if isinstance(t, torch.Tensor) else t for t in batch)
-
-    def __getattr__(self, name):  # segments_per_epoch, batches_per_epoch, seq_len, ...
-        if name == "source":
-            raise AttributeError(name)
-        return getattr(self.source, name)
-
-    def state_dict(self) -> dict[str, int]:
-        return self.source.state_dict()
-
-    def load_state_dict(self, state) -> None:
-        self.source.load_state_dict(state)
 
 
 # -------------------------------------------------------------------------- step reductions

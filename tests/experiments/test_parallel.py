@@ -27,8 +27,9 @@ import lowprec
 import optim
 from experiments.checkpoint import load_checkpoint
 from experiments.data import SegmentStreamer, TokenBatcher
-from experiments.parallel import (ParallelConfig, RankBatches, all_reduce_found_inf, clip_grad_norm_, gather_bytes,
-                                  init_distributed, shard_model)
+from experiments.parallel import (ParallelConfig, all_reduce_found_inf, clip_grad_norm_, gather_bytes, init_distributed,
+                                  shard_model)
+from experiments.rank_data import RankBatches, gather_state_rows, state_rows
 from experiments.sharded_checkpoint import export_single_file, load_sharded, save_sharded
 from hybrid import HybridLM, preset
 from lowprec.distributed import native_shards, sync_native_scales
@@ -157,6 +158,15 @@ def _data_parallel_checks(rank, world, tmp):
 
     out["found_inf"] = (all_reduce_found_inf(rank == 1), all_reduce_found_inf(False))
 
+    # the carried TBPTT state: the ranks' rows gathered are the 1-process state of the global batch
+    model = build("bf16")
+    _, whole_state = model(x)
+    _, my_state = model(xs)
+    gathered = gather_state_rows(my_state)
+    out["state_rows"] = all(torch.equal(getattr(gathered, k), getattr(whole_state, k)) for k in ("h", "c", "memory"))
+    out["state_rows_back"] = all(torch.equal(getattr(state_rows(whole_state, rank, world), k), getattr(my_state, k))
+                                 for k in ("h", "c", "memory"))
+
     # bytes of each unit's all-gathers, per format, on a wider model (its blocks are mostly weights)
     wide = replace(preset("tiny"), d_model=128, head_dim=32, d_ff=512, memory=False)
     for name in ("bf16", "ternary_native", "binary_native", "fp8", "fp8_native"):
@@ -225,6 +235,13 @@ def test_data_parallel_matches_the_whole_batch(dp2):
     rounded per micro-batch instead: equal to the micro-batch reference, not to this.)"""
     _, res = dp2
     assert res[0]["whole_batch_rel_diff"] < 1e-6
+
+
+def test_carried_state_rows(dp2):
+    """Rows of a batch are independent streams: the ranks' carried states, gathered in rank order,
+    are the 1-process state of the global batch, bit for bit, and a rank's rows of it are its own."""
+    _, res = dp2
+    assert all(r["state_rows"] and r["state_rows_back"] for r in res)
 
 
 def test_grad_norm_and_found_inf_over_ranks(dp2):
@@ -454,7 +471,6 @@ def _two_dimensional(rank, world):
                              for n, p in model.named_parameters())
 
 
-@pytest.mark.slow
 def test_fsdp_and_tensor_parallel_on_four_processes():
     """A (dp=2, tp=2) mesh: FSDP2 over dp composed with tensor parallelism over tp (1e-6 relative,
     as for tensor parallelism alone)."""
