@@ -44,7 +44,7 @@ from lowprec.fsdp import lowbit_gather_weights
 from lowprec.nn.native import NativeWeightMixin
 
 __all__ = ["ParallelConfig", "Distributed", "init_distributed", "log_on_main_only", "shard_model", "units",
-           "apply_tensor_parallel", "gather_bytes", "clip_grad_norm_", "all_reduce_found_inf", "DTYPES"]
+           "apply_tensor_parallel", "gather_bytes", "clip_grad_norm_", "local_grads", "all_reduce_found_inf", "DTYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -336,10 +336,25 @@ def clip_grad_norm_(grads: list[torch.Tensor], max_norm: float | None, group=Non
     return norm
 
 
-def all_reduce_found_inf(found_inf, group=None) -> bool:
-    """True on every rank when any rank saw an inf/NaN gradient (each checks only its shards):
-    all ranks then skip the step together and the loss scale stays the same everywhere."""
-    flag = torch.as_tensor(found_inf, dtype=torch.float32).reshape(()).clone()
-    if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return bool(flag > 0)
+def local_grads(grads) -> list[torch.Tensor]:
+    """Each gradient's part on this rank (a DTensor's local shard; a native layer's rows already
+    are): what ``LossScaler.unscale_and_check_`` and other elementwise passes work on."""
+    from torch.distributed.tensor import DTensor
+
+    return [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+
+
+def all_reduce_found_inf(found_inf, group=None):
+    """Whether any rank saw an inf/NaN gradient (each checks only its shards), so that all ranks
+    skip the step together and keep the same loss scale. A tensor flag (``LossScaler.
+    unscale_and_check_``'s 0-d float32, 1.0 = inf/NaN) is reduced in place on its device and
+    returned (no host sync); a bool gives a bool."""
+    if isinstance(found_inf, torch.Tensor):
+        if dist.is_initialized():
+            dist.all_reduce(found_inf, op=dist.ReduceOp.MAX, group=group)
+        return found_inf
+    device = "cpu"
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    flag = torch.tensor(float(bool(found_inf)), device=device)
+    return bool(all_reduce_found_inf(flag, group) > 0)

@@ -156,7 +156,9 @@ def _data_parallel_checks(rank, world, tmp):
             out["whole_batch_rel_diff"] = max(float((full(p.grad) - wholes[n].grad).abs().max()
                                                     / wholes[n].grad.abs().max()) for n, p in model.named_parameters())
 
-    out["found_inf"] = (all_reduce_found_inf(rank == 1), all_reduce_found_inf(False))
+    flag = torch.tensor(float(rank == 1))
+    out["found_inf"] = (all_reduce_found_inf(rank == 1), all_reduce_found_inf(False),
+                        float(all_reduce_found_inf(flag)), float(flag))
 
     # the carried TBPTT state: the ranks' rows gathered are the 1-process state of the global batch
     model = build("bf16")
@@ -250,7 +252,7 @@ def test_grad_norm_and_found_inf_over_ranks(dp2):
     _, res = dp2
     for r in res:
         assert r["norm"] == pytest.approx(r["ref_norm"], rel=1e-9)
-        assert r["found_inf"] == (True, False)
+        assert r["found_inf"] == (True, False, 1.0, 1.0)
 
 
 def test_all_gather_bytes_per_format(dp2):
