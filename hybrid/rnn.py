@@ -52,6 +52,80 @@ from torch import Tensor, nn
 from .config import CHUNK_POOLS
 
 
+class LSTMRecurrence(torch.autograd.Function):
+    """The recurrence of one layer with a plain `hh` weight W (4d, d), as one autograd node.
+
+    Forward: the loop of the module doc, op for op (so the same numbers as calling `hh` per step).
+    Backward, per step t from the last (the sequential part; a = gate pre-activations, ad = the
+    activation dtype W and h_{t-1} enter `hh` in, everything else in the state dtype):
+
+        dh_t += dy_t                                        (y_t = h_t)
+        do = dh_t ⊙ tanh(c_t)          dc_t += dh_t ⊙ o ⊙ (1 - tanh²(c_t))
+        di = dc_t ⊙ g     df = dc_t ⊙ c_{t-1}     dg = dc_t ⊙ i     dc_{t-1} = dc_t ⊙ f
+        da_t = [di ⊙ i(1-i), df ⊙ f(1-f), dg ⊙ (1-g²), do ⊙ o(1-o)]
+        dh_{t-1} = da_t W                                   (dgrad, in ad)
+
+    and then the weight gradient of all steps as ONE GEMM over the stacked steps,
+    dW = Σ_t da_tᵀ h_{t-1} = [da_1; ...; da_T]ᵀ [h_0; ...; h_{T-1}]  ((4d, T·B) @ (T·B, d)),
+    instead of T rank-B products each written out and added into a (4d, d) buffer. dgx = da.
+    A step with valid[t] False holds the state (h_t = h_{t-1}, c_t = c_{t-1}): its da_t is 0 and
+    the gradients pass it unchanged.
+    """
+
+    @staticmethod
+    def forward(ctx, gx, h, c, w, valid):
+        """gx (B, T >= 1, 4d) input projections and h, c (B, d) in the state dtype; w (4d, d);
+        valid (T,) bool or None -> y (B, T, d) = h_1..T, h_T, c_T (state dtype)."""
+        ad = w.dtype
+        hs_prev, cs_prev, acts, tanh_cs, ys = [], [], [], [], []
+        for t, gx_t in enumerate(gx.unbind(1)):
+            h_in = h.to(ad)
+            gates = gx_t + F.linear(h_in, w).to(h.dtype)
+            i, f, g, o = gates.chunk(4, dim=-1)
+            i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+            c_t = f * c + i * g
+            tanh_c = torch.tanh(c_t)
+            h_t = o * tanh_c
+            hs_prev.append(h_in)
+            cs_prev.append(c)
+            acts.append(torch.cat([i, f, g, o], dim=-1))
+            tanh_cs.append(tanh_c)
+            if valid is not None:
+                h_t, c_t = torch.where(valid[t], h_t, h), torch.where(valid[t], c_t, c)
+            h, c = h_t, c_t
+            ys.append(h)
+        ctx.save_for_backward(w, valid, torch.stack(hs_prev), torch.stack(cs_prev), torch.stack(acts),
+                              torch.stack(tanh_cs))
+        ctx.steps = len(ys)
+        return torch.stack(ys, dim=1), h, c
+
+    @staticmethod
+    def backward(ctx, dy, dh, dc):
+        w, valid, hs_prev, cs_prev, acts, tanh_cs = ctx.saved_tensors
+        T, (B, d), ad = ctx.steps, cs_prev.shape[1:], w.dtype
+        das = [None] * T
+        for t in range(T - 1, -1, -1):
+            dh = dh + dy[:, t]
+            i, f, g, o = acts[t].chunk(4, dim=-1)
+            tanh_c = tanh_cs[t]
+            if valid is not None:  # a held step passes dh, dc on to step t - 1 unchanged
+                dh_held, dc_held = torch.where(valid[t], 0.0, dh), torch.where(valid[t], 0.0, dc)
+                dh, dc = torch.where(valid[t], dh, 0.0), torch.where(valid[t], dc, 0.0)
+            dc = dc + dh * o * (1 - tanh_c * tanh_c)
+            das[t] = torch.cat([dc * g * i * (1 - i), dc * cs_prev[t] * f * (1 - f),
+                                dc * i * (1 - g * g), dh * tanh_c * o * (1 - o)], dim=-1)
+            if t == 0 and not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+                break  # h_0, c_0 need no gradient: skip the last dgrad
+            dh, dc = (das[t].to(ad) @ w).to(dh.dtype), dc * f
+            if valid is not None:
+                dh, dc = dh + dh_held, dc + dc_held
+        da = torch.stack(das, dim=1)  # (B, T, 4d)
+        dw = None
+        if ctx.needs_input_grad[3]:  # one GEMM over all T·B rows
+            dw = da.transpose(0, 1).reshape(T * B, -1).to(ad).t() @ hs_prev.reshape(T * B, d)
+        return da, *(g if need else None for g, need in zip((dh, dc), ctx.needs_input_grad[1:3])), dw, None
+
+
 class LSTMLayer(nn.Module):
     """One LSTM layer (`ih`, `hh`) with a LayerNorm on its input sequence (`norm`)."""
 
@@ -66,12 +140,22 @@ class LSTMLayer(nn.Module):
 
         valid: None, or (T,) bool: at a step t with valid[t] False the state is held (h_t = h_{t-1},
         c_t = c_{t-1}), so steps past the end of a shorter sequence change nothing.
+
+        A plain `nn.Linear` `hh` runs as `LSTMRecurrence` (its weight gradient in one GEMM); any
+        other `hh` (a policy's quantized layer) is called once per step, so every call quantizes
+        its operands exactly as the policy says, and autograd sums the T weight gradients.
         """
         sd = h.dtype
         gx = self.ih(self.norm(x)).to(sd)  # all T input projections in one GEMM
+        # exactly an nn.Linear (not a policy's layer, nor a subclass with its own forward), in the
+        # activation dtype and outside autocast (whose casts the per-step path leaves to autograd)
+        if (type(self.hh) is nn.Linear and self.hh.bias is None and self.hh.weight.dtype == x.dtype
+                and not torch.is_autocast_enabled(x.device.type)):
+            y, h, c = LSTMRecurrence.apply(gx, h, c, self.hh.weight, valid)
+            return y.to(x.dtype), h, c
         outs = []
-        for t in range(x.shape[1]):
-            gates = gx[:, t] + self.hh(h.to(x.dtype)).to(sd)
+        for t, gx_t in enumerate(gx.unbind(1)):  # unbind: one backward node (a select per step would zero-fill (B, T, 4d) each)
+            gates = gx_t + self.hh(h.to(x.dtype)).to(sd)
             i, f, g, o = gates.chunk(4, dim=-1)
             c_t = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h_t = torch.sigmoid(o) * torch.tanh(c_t)

@@ -89,3 +89,27 @@ def test_compiled_step_equals_eager(runs):
             assert torch.equal(g, ref_grads[name]), name
     for k, v in got_state.state_dict().items():
         assert (v is None and ref_state.state_dict()[k] is None) or torch.equal(v, ref_state.state_dict()[k]), k
+
+
+def test_lstm_recurrence_compiles_into_the_graph():
+    """With a plain `hh` (no policy) the recurrence is one autograd.Function with a hand-written
+    backward: it traces into one graph too, and gives eager's numbers exactly (aot_eager, as above)."""
+    from hybrid.rnn import LSTMLayer
+
+    torch.manual_seed(0)
+    layer = LSTMLayer(8)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    h0, c0 = torch.randn(2, 8, requires_grad=True), torch.randn(2, 8)
+    valid = torch.arange(5) < 3
+    torch._dynamo.reset()
+    backend = CountingBackend()
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    results = []
+    for fn in (compiled, layer):
+        y, h, c = fn(x, h0, c0, valid)
+        loss = y.square().sum() + h.sum() + c.sum()
+        results.append([y, h, c, *torch.autograd.grad(loss, [x, h0, *layer.parameters()])])
+    torch._dynamo.reset()
+    assert backend.graphs == 1
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
