@@ -5,7 +5,7 @@ storage overflows), and its weights are not `nn.Linear`s, so a precision policy 
 them. Here each layer is two plain `nn.Linear`s that `lowprec.apply_policy` can swap:
 
     rnn.lstm.N.ih   d -> 4d, with bias      input projection, ONE call over all T steps
-    rnn.lstm.N.hh   d -> 4d, no bias        recurrent projection, one call per step (the sequential part)
+    rnn.lstm.N.hh   d -> 4d, no bias        recurrent projection, one GEMM per step (the sequential part)
     rnn.lstm.N.norm LayerNorm(d)
 
 One layer, input x (B, T, d), carried (h_0, c_0) (B, d):
@@ -26,6 +26,12 @@ sequential.
 Precision: the gates, h and c are computed and carried in fp32 (`torch.promote_types(act, fp32)`,
 so an fp64 model stays fp64); `hh` is called with h cast to the activation dtype, which is what
 a policy's input quantizer would see anyway. No format is chosen here.
+
+Backward: T dgrad GEMMs through `hh` are sequential, but its weight gradient Σ_t dG_tᵀ h_{t-1} is
+not. A plain `nn.Linear` `hh` runs as `LSTMRecurrence`, which computes it as ONE GEMM over the
+stacked steps ((4d, T·B) @ (T·B, d)). A policy's layer (`QLinear`) is called once per step, so
+each call quantizes its operands with its own scales as the policy says, and autograd adds the T
+weight gradients (T rank-B GEMMs, each written out in full).
 
 The compressor maps a chunk summary s (B, K, d) to one memory vector per chunk:
 
