@@ -151,7 +151,7 @@ def init_distributed(cfg: ParallelConfig | None = None, *, device: str | torch.d
     cfg = cfg or ParallelConfig()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and not dist.is_initialized():
-        dp, tp = cfg.layout(1)
+        cfg.layout(1)  # tp > 1 in one process is a configuration error
         dev = torch.device(device) if device is not None else torch.device("cpu")
         return Distributed(device=dev)
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))

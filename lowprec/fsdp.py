@@ -146,19 +146,20 @@ class LowBitGatherWeight(torch.Tensor):
             amax = w.detach().abs().amax().float() if w.numel() else w.new_zeros((), dtype=torch.float32)
             dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=mesh.get_group())
         q = _quantize(w.detach(), fmt, amax)
-        inputs = [q.data]
-        row_scales = q.scale is not None and q.scale.dim() >= 1
-        if row_scales:
-            inputs.append(q.scale)
-        meta = (q.scale if not row_scales else None, q.global_scale, tuple(outer_size), q.padded_last)
-        return tuple(inputs), meta
+        # the scales travel in the all-gather too (a per-tensor one as N equal copies): FSDP2 then
+        # orders and frees them with its own buffers, across its copy-in and compute streams
+        inputs = (q.data,) if q.scale is None else (q.data, q.scale.reshape(-1) if q.scale.dim() == 0 else q.scale)
+        tensor_scale = q.scale is not None and q.scale.dim() == 0
+        return inputs, (tensor_scale, tuple(outer_size), q.padded_last)
 
     def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
-        tensor_scale, global_scale, shape, padded_last = metadata
+        tensor_scale, shape, padded_last = metadata
         # FSDP2 hands each output back shaped as its input, all ranks' rows stacked on dim 0
         data = outputs[0]
-        scale = outputs[1] if len(outputs) > 1 else tensor_scale
-        w = QTensor(data, scale, global_scale, self._fmt, shape, padded_last).dequantize(param_dtype)
+        scale = outputs[1] if len(outputs) > 1 else None
+        if tensor_scale:
+            scale = scale[0]
+        w = QTensor(data, scale, None, self._fmt, shape, padded_last).dequantize(param_dtype)
         if out is not None:  # the gather before backward refills the forward's tensor, which autograd saved
             with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(out):
                 out.copy_(w)

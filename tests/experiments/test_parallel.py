@@ -124,7 +124,7 @@ def run_ranks(fn, world: int = 2, *args):
 # ------------------------------------------------------------------- group A: 2 ranks, dp = 2
 
 def _data_parallel_checks(rank, world, tmp):
-    d = init_distributed(ParallelConfig())
+    d = init_distributed(ParallelConfig(), device="cpu")
     out = {"describe": d.describe(), "dp": d.dp, "tp": d.tp, "mesh": tuple(d.mesh.shape)}
     x, y = batch()
     xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
@@ -281,7 +281,7 @@ def test_tensor_parallel_matches_one_process(dp2):
 # ------------------------------------------------------------- sharded checkpoints, 2 <-> 1
 
 def _load_at_two(rank, world, tmp):
-    d = init_distributed(ParallelConfig())
+    d = init_distributed(ParallelConfig(), device="cpu")
     model = build("ternary_native", seed=7)
     shard_model(model, d.mesh)
     opt = optim.build_optimizer(model, optim_cfg("ternary_native"))
@@ -411,7 +411,7 @@ def test_killed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_single_process_is_unchanged(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    d = init_distributed(ParallelConfig())
+    d = init_distributed(ParallelConfig(), device="cpu")
     assert d.mesh is None and not dist.is_initialized() and d.is_main
     assert d.describe() == "single process on cpu (no process group)"
     model = build("ternary_native")
@@ -462,7 +462,7 @@ def test_rank_batches_make_the_global_batch(kind, world):
 # ------------------------------------------------------------------- 4 processes: dp x tp
 
 def _two_dimensional(rank, world):
-    d = init_distributed(ParallelConfig(tp=2))
+    d = init_distributed(ParallelConfig(tp=2), device="cpu")
     x, y = batch()
     model, ref = build("bf16"), build("bf16")
     shard_model(model, d.mesh, ParallelConfig(tp=2))
