@@ -1,10 +1,10 @@
 """Training on several processes: the device mesh, FSDP2 and tensor parallelism for `HybridLM`,
-the batch split by rank, and the reductions a step needs across ranks.
+and the reductions a step needs across ranks.
 
-    torchrun --nproc-per-node 8 -m experiments.train parallel.tp=2      # dp = 8 / 2 = 4
+Each process that ``torchrun --nproc-per-node N`` starts (one per GPU; on CPU, gloo) calls::
 
     dist  = init_distributed(ParallelConfig.from_config(cfg.parallel))   # torchrun's RANK, WORLD_SIZE, LOCAL_RANK
-    model = shard_model(model, dist.mesh, cfg)                           # after apply_policy, before the optimizer
+    model = shard_model(model, dist.mesh, pcfg)                          # after apply_policy, before the optimizer
     batches = RankBatches.for_rank(SegmentStreamer(tokens, B_global, T), dist)  # experiments.rank_data
 
 A single process (no ``WORLD_SIZE``, or 1) creates no process group and no mesh, and every
@@ -20,8 +20,8 @@ applied to a built model in a fixed order, each step a small function:
 2. native weights row-sharded over ``dp`` (:mod:`lowprec.distributed`): packed codes in the
    all-gather;
 3. FSDP2 (``fully_shard``) over ``dp`` per unit: each ``blocks.N``, each ``rnn.lstm.N``,
-   ``rnn.compressor``, ``fusion``, then the root (embeddings, final norm, head). Latent weights
-   whose format is quantized are all-gathered in that format when it can be
+   ``rnn.compressor``, ``fusion``, then the root (embeddings, final norm, head). On a 1-D mesh,
+   latent weights whose format is quantized are all-gathered in that format when it can be
    (:mod:`lowprec.fsdp`), the rest in ``param_dtype``.
 
 Gradients are averaged over ``dp`` (each rank's loss is the mean over its rows, all ranks hold as
@@ -218,8 +218,7 @@ def shard_model(model: nn.Module, mesh, cfg: ParallelConfig | None = None) -> nn
     for unit_name, unit in named:
         if natives.get(unit_name):
             gather_native_on_forward(unit, natives[unit_name])
-    if cfg.lowbit_gather and mesh.ndim == 1:
-        lowbit_gather_weights(model, dp_mesh.size())
+    gathered = lowbit_gather_weights(model, dp_mesh.size()) if cfg.lowbit_gather and mesh.ndim == 1 else {}
     param_dtype = DTYPES.get(cfg.param_dtype) if cfg.param_dtype else None
     reduce_dtype = DTYPES.get(cfg.reduce_dtype) if cfg.reduce_dtype else None
     for unit_name, unit in named:
@@ -231,6 +230,16 @@ def shard_model(model: nn.Module, mesh, cfg: ParallelConfig | None = None) -> nn
                         reshard_after_forward=cfg.reshard_after_forward if unit is not model else False)
     # FSDP2 warns that the root returns views (logits, the memory bank): nothing here changes them in place
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    counts: dict[tuple[bool, str], int] = {}
+    for how in gathered.values():
+        counts[how] = counts.get(how, 0) + 1
+    lowbit = ", ".join(f"{n} as {text}" for (ok, text), n in sorted(counts.items()) if ok) or "none"
+    other = "; ".join(f"{n}: {text}" for (ok, text), n in sorted(counts.items()) if not ok)
+    log.info("sharded over %s: %d FSDP2 units; %d native layers row-sharded (packed codes in the all-gather); "
+             "latent weights all-gathered in their format: %s%s",
+             " x ".join(f"{n}={s}" for n, s in zip(mesh.mesh_dim_names, mesh.shape)),
+             sum(1 for _, u in named if any(True for _ in u.parameters())), sum(len(v) for v in natives.values()),
+             lowbit, f"; in {cfg.param_dtype or 'their own dtype'}: {other}" if other else "")
     return model
 
 

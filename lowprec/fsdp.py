@@ -183,9 +183,10 @@ def unwrap_lowbit(t):
     return t
 
 
-def lowbit_gather_weights(model: nn.Module, world: int) -> dict[str, str]:
+def lowbit_gather_weights(model: nn.Module, world: int) -> dict[str, tuple[bool, str]]:
     """Wrap every latent weight of ``model`` that can travel in its format (before ``fully_shard``
-    with ``world`` data-parallel ranks). Returns {module name: format gathered, or why not}."""
+    with ``world`` data-parallel ranks). Returns {module name: (True, format gathered) or
+    (False, why not)}."""
     from .nn.native import NativeWeightMixin
 
     layers: dict[int, list[tuple[str, nn.Module]]] = {}  # a tied weight: every layer that reads it
@@ -210,5 +211,5 @@ def lowbit_gather_weights(model: nn.Module, world: int) -> dict[str, str]:
             for _, m in users:
                 m.weight = new
         for name, _ in users:
-            report[name] = str(fmt) if ok else why
+            report[name] = (ok, str(fmt) if ok else why)
     return report
