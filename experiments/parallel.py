@@ -250,6 +250,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> dict[str, str]:
     embeddings and the head stay whole on every tensor-parallel rank."""
     from torch.distributed.tensor.parallel import parallelize_module
 
+    from lowprec.nn import QLinear
+    from lowprec.precision import FULL_PRECISION
     from lowprec.tensor_parallel import QColwiseParallel, QRowwiseParallel
 
     n = tp_mesh.size()
@@ -267,10 +269,14 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> dict[str, str]:
         attn.n_heads //= n
         attn.n_kv_heads //= n
     if getattr(model, "rnn", None) is not None:
-        for i in range(len(model.rnn.lstm)):
+        for i, layer in enumerate(model.rnn.lstm):
             # the recurrence splits the gates i, f, g, o by position: every rank needs all of them
             plan[f"rnn.lstm.{i}.ih"] = QColwiseParallel(gather_output=True)
             plan[f"rnn.lstm.{i}.hh"] = QColwiseParallel(gather_output=True)
+            if type(layer.hh) is nn.Linear:
+                # a plain hh runs its whole recurrence as one function of its weight, which a split
+                # weight cannot enter: as an unquantized QLinear it is called (and split) per step
+                layer.hh = QLinear.from_float(layer.hh, FULL_PRECISION)
     parallelize_module(model, tp_mesh, plan)
     return {k: type(v).__name__ + ("(gather_output)" if getattr(v, "gather_output", False) else "")
             for k, v in plan.items()}

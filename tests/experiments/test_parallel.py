@@ -193,7 +193,7 @@ def _data_parallel_checks(rank, world, tmp):
     from torch.distributed.device_mesh import init_device_mesh
 
     tp_mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
-    for name in ("bf16", "paper"):
+    for name in (None, "bf16", "paper"):
         model, ref = build(name), build(name)
         shard_model(model, tp_mesh)
         loss_of(model, x, y).backward()
@@ -270,10 +270,11 @@ def test_all_gather_bytes_per_format(dp2):
 
 
 def test_tensor_parallel_matches_one_process(dp2):
-    """bf16 weights and activations are cast elementwise, so splitting a GEMM changes only the
+    """fp32, and bf16 weights and activations (cast elementwise): splitting a GEMM changes only the
     order of the row-parallel sum (1e-6 relative). paper's FP8 weights get one scale per shard
     instead of per tensor: close, not equal (documented in lowprec.tensor_parallel)."""
     _, res = dp2
+    assert res[0]["tp_rel_diff/None"] < 1e-6
     assert res[0]["tp_rel_diff/bf16"] < 1e-6
     assert 0 < res[0]["tp_rel_diff/paper"] < 0.5
 
