@@ -30,9 +30,10 @@ many rows), so N ranks compute the gradient of the 1-process loss over the globa
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 import torch
@@ -108,7 +109,7 @@ class Distributed:
     local_rank: int = 0
     dp: int = 1
     tp: int = 1
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str | None = None
     mesh: Any = None
 
@@ -346,7 +347,7 @@ def clip_grad_norm_(grads: list[torch.Tensor], max_norm: float | None, group=Non
     if dist.is_initialized():
         dist.all_reduce(sq, group=group)
     norm = float(sq.sqrt())
-    if max_norm and norm == norm and norm != float("inf") and norm > max_norm:
+    if max_norm and math.isfinite(norm) and norm > max_norm:
         torch._foreach_mul_(local, max_norm / (norm + 1e-6))
     return norm
 

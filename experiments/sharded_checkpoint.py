@@ -257,7 +257,7 @@ def _optim_template(model: nn.Module, optimizer, meta: dict) -> dict[str, Any]:
     like the target it belongs to at THIS world size."""
     modules, params = dict(model.named_modules()), dict(model.named_parameters())
     out: dict[str, Any] = {}
-    for part, opt in _parts(optimizer).items():
+    for part in _parts(optimizer):
         prefix = f"optim.{part}."
         keys = [k for k in meta if k.startswith(prefix)]
         if not keys:

@@ -34,8 +34,6 @@ whose backward reads the weight in another format than the forward. Those gather
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree

@@ -27,7 +27,6 @@ amax reduction over the tensor-parallel group). Native weights are not split her
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel

@@ -111,7 +111,7 @@ def run_ranks(fn, world: int = 2, *args):
     procs = [ctx.Process(target=main, args=(r,)) for r in range(world)]
     for p in procs:
         p.start()
-    results = dict((r, (ok, out)) for r, ok, out in (q.get() for _ in procs))
+    results = {r: (ok, out) for r, ok, out in (q.get() for _ in procs)}
     for p in procs:
         p.join(timeout=60)
     for r in range(world):
@@ -260,7 +260,7 @@ def test_all_gather_bytes_per_format(dp2):
     (2 bits) <= 1/7, binary (1 bit) <= 1/14, FP8 codes (latent, cast before the gather; or native)
     <= 0.55. The blocks' norms travel in bf16 in every policy; a per-tensor scale is not gathered."""
     _, res = dp2
-    blocks = lambda name: sum(v for k, v in res[0][f"bytes/{name}"].items() if k.startswith("blocks."))  # noqa: E731
+    blocks = lambda name: sum(v for k, v in res[0][f"bytes/{name}"].items() if k.startswith("blocks."))
     bf16 = blocks("bf16")
     assert blocks("ternary_native") <= bf16 / 7
     assert blocks("binary_native") <= bf16 / 14
