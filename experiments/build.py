@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,9 +114,31 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def busy_cores(interval: float = 0.3) -> float | None:
+    """Cores that other processes keep busy now: the non-idle share of all CPU time over
+    ``interval`` seconds (Linux ``/proc/stat``), times the core count; else the 1-minute load
+    average; ``None`` when neither is available. Not the load average first: it lags a minute
+    behind, so right after a finished install or test run it reports cores that are free."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+
+    try:
+        t0, i0 = sample()
+        time.sleep(interval)
+        t1, i1 = sample()
+        return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(t1 - t0, 1))
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except OSError:
+            return None
+
+
 def resolve_threads(value) -> int:
     """CPU threads for torch: an int as given; null: torch's default; ``auto``: torch's default
-    less the cores other processes keep busy (1-minute load average), at least 1. Threads that
+    less the cores other processes keep busy now (:func:`busy_cores`), at least 1. Threads that
     compete with another process's threads for the same cores spin at every parallel region and
     can slow a CPU run down 10x; one thread per free core does not."""
     default = torch.get_num_threads()
@@ -123,9 +146,8 @@ def resolve_threads(value) -> int:
         return default
     if value != "auto":
         return int(value)
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:  # not available on this platform
+    busy = busy_cores()
+    if busy is None:
         return default
     return max(1, min(default, math.floor((os.cpu_count() or default) - busy + 0.5)))
 

@@ -8,7 +8,9 @@ import logging
 import math
 import os
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -171,6 +173,7 @@ def test_fresh_start_refused_over_existing_checkpoints_and_mismatch_named(cfg, t
 
 
 def test_device_auto_and_threads(monkeypatch):
+    from experiments import build
     from experiments.build import resolve_device, resolve_threads
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -183,11 +186,28 @@ def test_device_auto_and_threads(monkeypatch):
         resolve_device("gpu0")
     torch.set_num_threads(2)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))  # another process holds a core
+    monkeypatch.setattr(build, "busy_cores", lambda: 1.0)  # another process holds a core
     assert resolve_threads("auto") == 1
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))  # quiet machine
+    monkeypatch.setattr(build, "busy_cores", lambda: 0.2)  # quiet machine
+    assert resolve_threads("auto") == 2
+    monkeypatch.setattr(build, "busy_cores", lambda: None)  # nothing to measure: torch's default
     assert resolve_threads("auto") == 2
     assert resolve_threads(None) == 2 and resolve_threads(3) == 3
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="busy_cores reads Linux's /proc/stat")
+def test_busy_cores_sees_a_process_spinning_now():
+    """A process that spins on one core shows as (at least most of) a busy core at once, where the
+    1-minute load average would still say the machine is idle."""
+    from experiments.build import busy_cores
+
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # started and spinning
+        assert busy_cores(0.5) >= 0.7  # one core's worth, less the sampling's scheduling noise
+    finally:
+        spin.kill()
+        spin.wait()
 
 
 # -------------------------------------------------------------------------------------- NaN
