@@ -15,9 +15,10 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def overrides(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
-    """The tiny preset (chunked memory, for speed) on a small local corpus, one thread
+    """The tiny preset (chunked memory, for speed) on a small local corpus in bytes, one thread
     (deterministic and fast on a shared 2-core machine), 12 steps, checkpoints at 6 and 12."""
     return ["model=tiny", "model.rnn_mode=chunked", "data=local", f"data.path={corpus}", "data.doc_chars=null",
+            "data.tokenizer=bytes",
             "train.steps=12", "train.batch_size=4", "train.eval_every=6", "train.eval_batches=2",
             "train.ckpt_every=6", "train.log_every=1", "train.telemetry_every=4", "train.sample_tokens=12",
             "train.threads=1", "train.progress=false", "optim.lr=3e-3", "optim.schedule.warmup_steps=2",

