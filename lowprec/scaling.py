@@ -104,7 +104,7 @@ def group_scales(xg: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None
         if fmt.scale == "nvfp4":
             return ones, ones.reshape(G).to(torch.float8_e4m3fn), torch.ones((), device=xg.device)
         return ones, ones.reshape(G), None
-    nan = torch.tensor(float("nan"), device=xg.device)
+    nan = float("nan")  # a Python scalar: a tensor made from one here would be a copy the host waits for
     a = xg.abs()
     # a NaN/inf element makes its group's amax (or mean) NaN/inf: no separate finiteness pass
     if fmt.scale == "absmax":
