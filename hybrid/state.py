@@ -64,7 +64,7 @@ class HybridState:
 
     def memory_len(self, chunk: int, max_memory: int) -> Tensor:
         """Slots of `memory` in use (counted from the right): min(pos // chunk, max_memory), () int64."""
-        return torch.clamp(torch.div(self.pos, chunk, rounding_mode="floor"), max=max_memory)
+        return torch.clamp(torch.div(torch.as_tensor(self.pos), chunk, rounding_mode="floor"), max=max_memory)
 
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in FIELDS}
