@@ -48,11 +48,11 @@ class HybridState:
     def _tensors(self) -> dict[str, Tensor]:
         return {k: v for k, v in self.state_dict().items() if isinstance(v, Tensor)}
 
-    def detach(self) -> "HybridState":
+    def detach(self) -> HybridState:
         """The same values with no autograd history (the cut of truncated BPTT)."""
         return replace(self, **{k: v.detach() for k, v in self._tensors().items()})
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "HybridState":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> HybridState:
         """Move every tensor to `device`; cast the float ones to `dtype` (`pos` and token ids stay int64)."""
         return replace(self, **{k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)
                                 for k, v in self._tensors().items()})
@@ -70,7 +70,7 @@ class HybridState:
         return {k: getattr(self, k) for k in FIELDS}
 
     @classmethod
-    def from_state_dict(cls, d: dict[str, Any]) -> "HybridState":
+    def from_state_dict(cls, d: dict[str, Any]) -> HybridState:
         unknown = sorted(set(d) - set(FIELDS))
         if unknown:
             raise ValueError(f"HybridState: unknown key(s) {unknown}; valid keys are {list(FIELDS)}")
