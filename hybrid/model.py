@@ -113,7 +113,7 @@ class HybridLM(nn.Module):
         for name, t in (("h", state.h), ("memory", state.memory), ("pending", state.pending)):
             if t is not None and t.shape[-2 if name == "h" else 0] != B:
                 raise ValueError(f"state.{name} has batch {t.shape[-2 if name == 'h' else 0]}, tokens have {B}")
-        pos = state.pos if isinstance(state.pos, Tensor) else torch.tensor(state.pos)  # a state pickled before pos was a tensor
+        pos = state.pos if isinstance(state.pos, Tensor) else torch.tensor(state.pos)  # an unpickled growing-bank state
         pos = pos.to(device=tokens.device, dtype=torch.int64)
 
         e = self.embed["tok"](tokens)
@@ -161,8 +161,8 @@ class HybridLM(nn.Module):
         return x, new
 
     def _bank(self, memory: Tensor | None, like: Tensor) -> Tensor:
-        """The carried bank as (B, M, d): zeros for a fresh document; a bank saved before it had a
-        fixed size ((B, min(n, M), d), oldest first) is left-padded with empty slots."""
+        """The carried bank as (B, M, d): zeros for a fresh document; a growing bank
+        ((B, min(n, M), d), oldest first: the earlier state layout) is left-padded with empty slots."""
         B, _, d = like.shape
         M = self.cfg.max_memory
         if memory is None:
@@ -172,7 +172,7 @@ class HybridLM(nn.Module):
         return F.pad(memory, (0, 0, M - memory.shape[1], 0)) if memory.shape[1] < M else memory
 
     def _pending(self, pending: Tensor | None, tokens: Tensor) -> Tensor:
-        """The pending tokens as a (B, C - 1) buffer (right-aligned; a saved (B, r) one is left-padded)."""
+        """The pending tokens as a (B, C - 1) buffer, right-aligned (a (B, r) one, the earlier layout, is left-padded)."""
         P = self.cfg.chunk - 1
         if pending is None:
             return tokens.new_zeros(tokens.shape[0], P)

@@ -14,7 +14,7 @@ never by the position in the document, so a compiled model sees the same shapes 
 
 What is valid in `memory` and `pending` follows from `pos` alone, so the state needs no separate
 counts. `pos` is a tensor on the model's device, so no Python integer of the document position
-reaches a compiled graph. A state saved before the bank had a fixed size (`pos` an int, `memory`
+reaches a compiled graph. A state of the earlier, growing layout (`pos` an int, `memory`
 (B, min(n, M), d), `pending` (B, r)) still loads: `from_state_dict` makes `pos` a tensor, and
 `HybridLM` pads the short bank and pending buffer to the fixed shapes on first use.
 
