@@ -19,9 +19,10 @@ Loss (nats/token) over the step's ``n = k·B·T`` targets, then the loss-scaled 
     step, skipped where found_inf: weights, moments and step counters keep their bits
     S and its counters updated from found_inf; the schedule advances (skipped steps too)
 
-Nothing in it waits for the device: the loss, ‖g‖, the flag and S stay tensors in the
-``StepResult`` until the caller reads them (``read_results``, one copy for many steps), so the host
-runs ahead and queues the next step while the device computes. The learning-rate schedule is a
+Nothing in it waits for the device (given optimizer parts that take the flag on the device, as
+``build_optimizer``'s are on CUDA: see ``docs/optim.md``): the loss, ‖g‖, the flag and S stay tensors
+in the ``StepResult`` until the caller reads them (``read_results``, one copy for many steps), so the
+host runs ahead and queues the next step while the device computes. The learning-rate schedule is a
 function of the step number: a skipped update still advances it (as with ``torch.amp.GradScaler``),
 which keeps that decision off the device too. The batches are copied to the device from pinned
 memory, asynchronously.
@@ -39,7 +40,6 @@ the targets are counted exactly by the tokenizer.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -62,7 +62,6 @@ class StepResult:
     found_inf: torch.Tensor    # 1.0: some gradient was inf/NaN and the update was skipped; else 0.0
     loss_scale: torch.Tensor   # the scale used for this step's backward
     tokens: int                # targets read
-    seconds: float             # host time to issue the step (the device may still be running it)
 
 
 def read_results(results: list[StepResult], *extra: torch.Tensor) -> tuple[list[tuple[float, float, bool, float]],
@@ -167,7 +166,7 @@ class Stepper:
         return loss.detach(), new_state, found_inf, grad_norm
 
     def step(self) -> StepResult:
-        t0 = time.perf_counter()
+        """One step (``train_step`` on the next batches), then the schedule; nothing is read."""
         batches = self._next_batches()
         state = None if self.state is None else self.state.detach()
         self._last = (batches, state)
@@ -176,8 +175,7 @@ class Stepper:
         self.scheduler.step()
         if self.tbptt:
             self.state = new_state.detach()
-        return StepResult(loss, grad_norm, found_inf, scale, sum(y.numel() for _, y, _ in batches),
-                          time.perf_counter() - t0)
+        return StepResult(loss, grad_norm, found_inf, scale, sum(y.numel() for _, y, _ in batches))
 
     def rerun_last(self) -> float:
         """Forward and backward of the last step's tokens again, with no update (for diagnosis:
