@@ -40,8 +40,9 @@ the targets are counted exactly by the tokenizer.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +50,16 @@ from torch import nn
 
 from hybrid import HybridState
 
-__all__ = ["StepResult", "Stepper", "evaluate", "evaluate_stream", "generate", "clip_grads_", "nonfinite_tensors",
-           "read_results"]
+__all__ = [
+    "StepResult",
+    "Stepper",
+    "clip_grads_",
+    "evaluate",
+    "evaluate_stream",
+    "generate",
+    "nonfinite_tensors",
+    "read_results",
+]
 
 
 @dataclass

@@ -33,7 +33,7 @@ from .build import ConfigError
 from .checkpoint import CorruptCheckpointError
 from .trainer import NonFiniteError, Trainer, log
 
-__all__ = ["train", "main", "resume_command", "NonFiniteError"]
+__all__ = ["NonFiniteError", "main", "resume_command", "train"]
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

@@ -42,11 +42,25 @@ import lowprec
 import optim
 
 from .build import ConfigError, Run, build_run
-from .checkpoint import CheckpointManager, load_checkpoint, resolve_checkpoint, rng_state, set_rng_state
-from .loop import StepResult, Stepper, evaluate, evaluate_stream, generate, nonfinite_tensors, read_results
+from .checkpoint import (
+    CheckpointManager,
+    load_checkpoint,
+    resolve_checkpoint,
+    rng_state,
+    set_rng_state,
+)
+from .loop import (
+    Stepper,
+    StepResult,
+    evaluate,
+    evaluate_stream,
+    generate,
+    nonfinite_tensors,
+    read_results,
+)
 from .tasks import memory_retrieval_accuracy, prompt_kwargs, training_row_len
 
-__all__ = ["Trainer", "NonFiniteError", "Checkpoints", "Evaluation", "NanGuard", "Metrics"]
+__all__ = ["Checkpoints", "Evaluation", "Metrics", "NanGuard", "NonFiniteError", "Trainer"]
 
 log = logging.getLogger("experiments.train")
 
@@ -434,17 +448,17 @@ class Trainer:
             m.native_weight.numel() for m in run.model.modules() if getattr(m, "is_native", False))
         ds, mc = run.data.summary(), run.model.cfg
         for line in (
-            f"model: HybridLM d_model={mc.d_model}, {mc.n_blocks} blocks, window {mc.window}, memory "
-            f"{'on (' + mc.rnn_mode + ')' if mc.memory else 'off'}: {n_params:,} parameters on {run.device}",
-            f"precision {run.report.policy!r}: {run.report.total_format_bytes:,} weight bytes at format "
-            f"({run.report.total_format_bytes / max(run.report.bf16_bytes, 1):.3f}x bf16), "
-            f"{run.report.total_resident_bytes:,} resident; table in {self.run_dir / 'precision_report.md'}",
+            (f"model: HybridLM d_model={mc.d_model}, {mc.n_blocks} blocks, window {mc.window}, memory "
+             f"{'on (' + mc.rnn_mode + ')' if mc.memory else 'off'}: {n_params:,} parameters on {run.device}"),
+            (f"precision {run.report.policy!r}: {run.report.total_format_bytes:,} weight bytes at format "
+             f"({run.report.total_format_bytes / max(run.report.bf16_bytes, 1):.3f}x bf16), "
+             f"{run.report.total_resident_bytes:,} resident; table in {self.run_dir / 'precision_report.md'}"),
             f"loss scaling: {run.scaler.mode}; optimizer parts: {', '.join(run.optimizer.parts)}",
-            f"data: {ds['source']} ({ds['tokenizer']}, vocab {ds['vocab_size']}): train {ds['train']['documents']} "
-            f"documents {ds['train']['tokens']:,} tokens, val {ds['val']['documents']} documents "
-            f"{ds['val']['tokens']:,} tokens",
-            f"steps {self.start + 1}..{t['steps']}, {k}x{t['batch_size']}x{t['seq_len']} tokens each "
-            f"({'TBPTT, state carried' if t['tbptt'] else 'random windows'})",
+            (f"data: {ds['source']} ({ds['tokenizer']}, vocab {ds['vocab_size']}): train {ds['train']['documents']} "
+             f"documents {ds['train']['tokens']:,} tokens, val {ds['val']['documents']} documents "
+             f"{ds['val']['tokens']:,} tokens"),
+            (f"steps {self.start + 1}..{t['steps']}, {k}x{t['batch_size']}x{t['seq_len']} tokens each "
+             f"({'TBPTT, state carried' if t['tbptt'] else 'random windows'})"),
         ):
             log.info("%s", line)
         return n_params

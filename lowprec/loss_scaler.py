@@ -163,7 +163,7 @@ class LossScaler:
             self._counters = {k: v.to(device) for k, v in self._counters.items()}
             self._last_skipped = self._last_skipped.to(device)
 
-    def to(self, device) -> "LossScaler":
+    def to(self, device) -> LossScaler:
         """Keep ``S`` and the counters on ``device`` (else they move to the first loss or gradient seen)."""
         self._to(torch.device(device))
         return self

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .formats import Format, format as get_format
+from .formats import Format
+from .formats import format as get_format
 from .rounding import check_rounding, round_to_grid, torch_dtype_of
 
 ABSMEAN_EPS = 1e-5  # BitNet b1.58's guard: scale = max(mean|W|, 1e-5)

@@ -285,4 +285,4 @@ def _keep_qtensor(skip: torch.Tensor, old: QTensor, new: QTensor) -> QTensor:
                    new.fmt, new.shape, new.padded_last)
 
 
-__all__ = ["TargetOptimizer", "NativeGrads", "is_native_layer", "check_betas", "describe_target"]
+__all__ = ["NativeGrads", "TargetOptimizer", "check_betas", "describe_target", "is_native_layer"]

@@ -84,8 +84,8 @@ class _CodeMomentumOptimizer(TargetOptimizer):
     def __init__(self, params, lr: float = 1e-3, gamma: float = 1e-4, threshold: float = 1e-8,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, momentum_dtype: str = "bf16",
                  seed: int = 0):
-        defaults = dict(lr=lr, gamma=gamma, threshold=threshold, betas=betas, eps=eps,
-                        momentum_dtype=momentum_dtype)
+        defaults = {"lr": lr, "gamma": gamma, "threshold": threshold, "betas": betas, "eps": eps,
+                    "momentum_dtype": momentum_dtype}
         super().__init__(params, defaults, seed)
 
     def _check_group(self, group: dict) -> None:
@@ -202,4 +202,4 @@ class TernaryBop(_CodeMomentumOptimizer):
         return pack_codes((new + 1).to(torch.uint8), 2), new != c
 
 
-__all__ = ["Bop", "TernaryBop", "MOMENTUM_DTYPES"]
+__all__ = ["MOMENTUM_DTYPES", "Bop", "TernaryBop"]

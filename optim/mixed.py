@@ -286,4 +286,4 @@ def build_optimizer(model: nn.Module, cfg: Mapping | None = None) -> MixedOptimi
     return opt
 
 
-__all__ = ["MixedOptimizer", "build_optimizer", "route", "plain", "PARTS", "NATIVE_RULES", "DEFAULT_NATIVE"]
+__all__ = ["DEFAULT_NATIVE", "NATIVE_RULES", "PARTS", "MixedOptimizer", "build_optimizer", "plain", "route"]

@@ -161,5 +161,15 @@ def state_nbytes(value) -> int:
     return 0
 
 
-__all__ = ["MOMENT_DTYPES", "store", "load", "store_zeros", "fp8_moment_format", "noise_seed",
-           "SeededGenerators", "state_nbytes", "check_moment_dtype", "check_block"]
+__all__ = [
+    "MOMENT_DTYPES",
+    "SeededGenerators",
+    "check_block",
+    "check_moment_dtype",
+    "fp8_moment_format",
+    "load",
+    "noise_seed",
+    "state_nbytes",
+    "store",
+    "store_zeros",
+]

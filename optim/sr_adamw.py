@@ -54,8 +54,8 @@ class SRAdamW(TargetOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, moment_dtype: str = "fp32", moment_block: int | None = 128,
                  seed: int = 0):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, moment_dtype=moment_dtype,
-                        moment_block=moment_block)
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "moment_dtype": moment_dtype,
+                    "moment_block": moment_block}
         super().__init__(params, defaults, seed)
 
     def _check_group(self, group: dict) -> None:
@@ -118,4 +118,4 @@ class SRAdamW(TargetOptimizer):
         return w
 
 
-__all__ = ["SRAdamW", "PARAM_DTYPES"]
+__all__ = ["PARAM_DTYPES", "SRAdamW"]

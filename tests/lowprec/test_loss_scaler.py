@@ -227,7 +227,7 @@ def test_optimizer_without_any_gradient_raises(device):
 
 
 def test_state_dict_round_trip_then_identical_behaviour(device):
-    kw = dict(init_scale=2.0**6, growth_interval=3, backoff_factor=0.25, min_scale=0.5, max_scale=2.0**10)
+    kw = {"init_scale": 2.0**6, "growth_interval": 3, "backoff_factor": 0.25, "min_scale": 0.5, "max_scale": 2.0**10}
     a = LossScaler(**kw)
     g = torch.ones(4, device=device)
     for v in (1.0, 1.0, math.nan, 1.0, 1.0):
@@ -271,21 +271,21 @@ def test_load_state_dict_rejects_mismatches():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(mode="dynamik"), "unknown loss-scaling mode 'dynamik'; choose one of"),
-    (dict(init_scale=0.0), "init_scale=0.0 is invalid"),
-    (dict(init_scale=math.inf), "init_scale=inf is invalid"),
-    (dict(init_scale=2.0**30), "init_scale=1073741824.0 is outside \\[min_scale, max_scale\\]"),
-    (dict(init_scale=0.5), "init_scale=0.5 is outside"),
-    (dict(growth_factor=1.0), "growth_factor=1.0 is invalid; growth_factor must be a finite number > 1"),
-    (dict(growth_factor="2"), "growth_factor='2' is invalid"),
-    (dict(backoff_factor=1.0), "backoff_factor=1.0 is invalid; .* in \\(0, 1\\)"),
-    (dict(backoff_factor=0.0), "backoff_factor=0.0 is invalid"),
-    (dict(growth_interval=0), "growth_interval=0 is invalid; it must be an int >= 1"),
-    (dict(growth_interval=2.5), "growth_interval=2.5 is invalid"),
-    (dict(growth_interval=True), "growth_interval=True is invalid"),
-    (dict(min_scale=-1.0), "min_scale=-1.0 is invalid; min_scale must be a finite number > 0"),
-    (dict(min_scale=math.nan), "min_scale=nan is invalid"),
-    (dict(max_scale=0.5), "max_scale=0.5 is invalid; max_scale must be a finite number >= min_scale \\(1.0\\)"),
+    ({"mode": "dynamik"}, "unknown loss-scaling mode 'dynamik'; choose one of"),
+    ({"init_scale": 0.0}, "init_scale=0.0 is invalid"),
+    ({"init_scale": math.inf}, "init_scale=inf is invalid"),
+    ({"init_scale": 2.0**30}, "init_scale=1073741824.0 is outside \\[min_scale, max_scale\\]"),
+    ({"init_scale": 0.5}, "init_scale=0.5 is outside"),
+    ({"growth_factor": 1.0}, "growth_factor=1.0 is invalid; growth_factor must be a finite number > 1"),
+    ({"growth_factor": "2"}, "growth_factor='2' is invalid"),
+    ({"backoff_factor": 1.0}, "backoff_factor=1.0 is invalid; .* in \\(0, 1\\)"),
+    ({"backoff_factor": 0.0}, "backoff_factor=0.0 is invalid"),
+    ({"growth_interval": 0}, "growth_interval=0 is invalid; it must be an int >= 1"),
+    ({"growth_interval": 2.5}, "growth_interval=2.5 is invalid"),
+    ({"growth_interval": True}, "growth_interval=True is invalid"),
+    ({"min_scale": -1.0}, "min_scale=-1.0 is invalid; min_scale must be a finite number > 0"),
+    ({"min_scale": math.nan}, "min_scale=nan is invalid"),
+    ({"max_scale": 0.5}, "max_scale=0.5 is invalid; max_scale must be a finite number >= min_scale \\(1.0\\)"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -353,7 +353,7 @@ def test_mixed_dtypes_in_one_call(device):
 def test_device_protocol_follows_the_same_scale_and_counters(device):
     """unscale_and_check_ + update_ (no host read) step for step as step(): the same verdicts, the
     same scale (halved on inf/NaN, doubled after growth_interval good steps), the same counters."""
-    kw = dict(init_scale=2.0**6, growth_interval=2, min_scale=2.0, max_scale=2.0**8)
+    kw = {"init_scale": 2.0**6, "growth_interval": 2, "min_scale": 2.0, "max_scale": 2.0**8}
     host, dev = LossScaler(**kw), LossScaler(**kw)
     g_host, g_dev = torch.ones(4, device=device), torch.ones(4, device=device)
     for v in (1.0, 1.0, 1.0, math.inf, math.nan, 1.0, 1.0, 1.0, 1.0, 1.0, math.inf, 1.0, 1.0):
