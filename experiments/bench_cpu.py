@@ -15,6 +15,8 @@ The machine must be otherwise idle: a second process on the same cores halves th
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import platform
 import statistics
@@ -39,7 +41,8 @@ def run_once(policy: str, steps: int, threads: int, run_dir: Path) -> float:
                  f"train.threads={threads}", f"run_dir={run_dir}"]
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
         cfg = compose("config", overrides=overrides)
-    return train(cfg)["tokens_per_s"]
+    with contextlib.redirect_stdout(io.StringIO()):  # the run's own closing lines
+        return train(cfg)["tokens_per_s"]
 
 
 def main(argv=None) -> None:

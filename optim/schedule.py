@@ -28,6 +28,7 @@ decay at mid-training let them settle. Weight decay is set in every group that h
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -104,8 +105,8 @@ def two_stage_schedule(optimizer, total_steps: int, warmup_steps: int = 0, *, sp
     if t1 <= t0:
         raise ValueError(f"split={split} puts the second stage (step {t1}) inside the warmup ({t0} steps)")
     ratios = {k: check_real(k, v, "in [0, 1]", lambda x: 0 <= x <= 1) for k, v in
-              dict(stage1_end=stage1_end, stage2_start=stage2_start, final=final,
-                   stage2_weight_decay=stage2_weight_decay).items()}
+              {"stage1_end": stage1_end, "stage2_start": stage2_start, "final": final,
+                   "stage2_weight_decay": stage2_weight_decay}.items()}
 
     def lr(t: int) -> float:
         if t < t0:
@@ -118,6 +119,11 @@ def two_stage_schedule(optimizer, total_steps: int, warmup_steps: int = 0, *, sp
         return 1.0 if t < t1 else ratios["stage2_weight_decay"]
 
     return Schedule(optimizer, lr, wd)
+
+
+def _keywords(fn) -> set[str]:
+    """The keyword arguments a schedule function takes after (optimizer, total_steps)."""
+    return set(list(inspect.signature(fn).parameters)[2:])
 
 
 def build_scheduler(optimizer, cfg: Mapping | None, total_steps: int) -> Schedule:
@@ -138,12 +144,13 @@ def build_scheduler(optimizer, cfg: Mapping | None, total_steps: int) -> Schedul
         cfg["warmup_steps"] = total_steps // 10
         log.warning("warmup_steps=%d is not shorter than the run (%d steps): warming up for %d steps instead "
                     "(a tenth of the run)", t0, total_steps, cfg["warmup_steps"])
+    valid = {"constant": {"warmup_steps"}, "cosine": _keywords(warmup_cosine),
+             "two_stage": _keywords(two_stage_schedule)}[name]
+    if set(cfg) - valid:
+        raise ValueError(f"schedule {name!r}: unknown key(s) {sorted(set(cfg) - valid)}; valid: {sorted(valid)}")
     try:
         if name == "constant":
-            t0 = cfg.pop("warmup_steps", 0)
-            if cfg:
-                raise TypeError(f"unexpected keys {sorted(cfg)}")
-            T, t0 = _check_steps(total_steps, t0)
+            _, t0 = _check_steps(total_steps, cfg.get("warmup_steps", 0))
             return Schedule(optimizer, lambda t: (t + 1) / (t0 + 1) if t < t0 else 1.0)
         if name == "cosine":
             return warmup_cosine(optimizer, total_steps, **cfg)
@@ -152,4 +159,4 @@ def build_scheduler(optimizer, cfg: Mapping | None, total_steps: int) -> Schedul
         raise ValueError(f"schedule {name!r}: {e}") from None
 
 
-__all__ = ["Schedule", "warmup_cosine", "two_stage_schedule", "build_scheduler", "SCHEDULES"]
+__all__ = ["SCHEDULES", "Schedule", "build_scheduler", "two_stage_schedule", "warmup_cosine"]

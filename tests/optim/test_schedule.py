@@ -71,7 +71,9 @@ def test_schedule_state_round_trips():
     ({"name": "two_stage", "split": 1.5}, "split=1.5"),
     ({"name": "two_stage", "warmup_steps": 60}, "inside the warmup"),
     ({"name": "cosine", "min_lr_ratio": 2}, "min_lr_ratio=2"),
-    ({"name": "cosine", "decay": 1}, "schedule 'cosine'.*decay"),
+    ({"name": "cosine", "decay": 1}, r"schedule 'cosine': unknown key\(s\) \['decay'\]; valid: \['min_lr_ratio', 'warmup_steps'\]"),
+    ({"name": "constant", "min_lr_ratio": 0.1}, r"schedule 'constant': unknown key\(s\) \['min_lr_ratio'\]"),
+    ({"name": "constant", "warmup_steps": "ten"}, r"warmup_steps='ten' is invalid"),
 ])
 def test_bad_schedules_raise(cfg, match):
     with pytest.raises(ValueError, match=match):
