@@ -4,13 +4,17 @@
     python -m experiments.ablate sweep=h100 jobs=8            # the GPU ablation (docs/benchmarks.md)
     python -m experiments.ablate sweep=small_cpu seeds=[0] variants=[bf16,ternary]
     python -m experiments.ablate summarize=runs/sweeps/small_cpu   # re-summarize existing runs
+    python -m experiments.ablate sweep=small_cpu launcher='torchrun --standalone --nproc-per-node 2'
 
 A sweep file (``configs/sweep/<name>.yaml``) lists ``base`` overrides applied to every run,
 ``variants`` (name -> list of overrides: precision, optimizer, learning rate, model...) and
 ``seeds``. Every (variant, seed) is one ``python -m experiments.train`` process writing its own
 run directory ``<out>/<variant>/seed<k>`` (``out`` relative to the current directory); ``jobs`` of them run at once (small models leave a
 GPU mostly idle). A run whose ``summary.json`` exists is not run again, so an interrupted sweep
-continues where it stopped.
+continues where it stopped. ``launcher`` (argument or sweep key) starts each run with that command
+instead of ``python``, e.g. ``torchrun --standalone --nproc-per-node 2`` (``--standalone`` gives
+concurrent jobs their own ports): the run then trains on that many processes at the same global
+batch, and its ``summary.json`` (global tokens and tokens/s, ``processes``) reads as any other.
 
 The summary (``summary.md``, ``summary.csv``, ``val_loss.png``, ``retrieval.png``) reports per
 variant, over seeds (mean ± sample std): the BEST validation loss and bits/char along the curve
@@ -25,6 +29,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shlex
 import statistics
 import subprocess
 import sys
@@ -45,7 +50,7 @@ def load_sweep(name: str):
         choices = sorted(p.stem for p in SWEEPS.glob("*.yaml"))
         raise ValueError(f"unknown sweep {name!r}; choose one of {choices}")
     cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    unknown = set(cfg) - {"name", "base", "variants", "seeds", "jobs", "out", "baseline"}
+    unknown = set(cfg) - {"name", "base", "variants", "seeds", "jobs", "out", "baseline", "launcher"}
     if unknown:
         raise ValueError(f"sweep {name!r}: unknown keys {sorted(unknown)}")
     if not cfg.get("variants"):
@@ -53,13 +58,15 @@ def load_sweep(name: str):
     return cfg
 
 
-def run_one(out: Path, variant: str, overrides: list[str], seed: int, base: list[str], log) -> dict | None:
+def run_one(out: Path, variant: str, overrides: list[str], seed: int, base: list[str], log,
+            launcher: str | None = None) -> dict | None:
     run_dir = out / variant / f"seed{seed}"
     summary = run_dir / "summary.json"
     if summary.exists():
         return json.loads(summary.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "experiments.train", *base, *overrides, f"train.seed={seed}",
+    start = shlex.split(launcher) if launcher else [sys.executable]
+    cmd = [*start, "-m", "experiments.train", *base, *overrides, f"train.seed={seed}",
            f"hydra.run.dir={run_dir}", "resume=auto", "train.progress=false"]
     t0 = time.perf_counter()
     with open(run_dir / "train.log", "w") as f:
@@ -139,7 +146,7 @@ def summarize(out: Path, baseline: str = "bf16") -> str:
 
 def main(argv=None) -> None:
     args = OmegaConf.from_dotlist(list(sys.argv[1:] if argv is None else argv))
-    allowed = {"sweep", "jobs", "seeds", "variants", "out", "summarize"}
+    allowed = {"sweep", "jobs", "seeds", "variants", "out", "summarize", "launcher"}
     unknown = set(args) - allowed
     if unknown:
         raise SystemExit(f"unknown argument(s) {sorted(unknown)}; use key=value with keys {sorted(allowed)}")
@@ -157,10 +164,11 @@ def main(argv=None) -> None:
     out = Path(args.get("out", sweep.get("out", f"runs/sweeps/{sweep['name']}")))
     jobs = int(args.get("jobs", sweep.get("jobs", 1)))
     base = list(sweep.get("base", []))
+    launcher = args.get("launcher", sweep.get("launcher"))
     todo = [(v, ov, s) for v, ov in variants.items() for s in seeds]
     print(f"sweep {sweep['name']}: {len(variants)} variants x {len(seeds)} seeds = {len(todo)} runs, {jobs} at a time -> {out}")
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        list(pool.map(lambda a: run_one(out, a[0], list(a[1]), a[2], base, print), todo))
+        list(pool.map(lambda a: run_one(out, a[0], list(a[1]), a[2], base, print, launcher), todo))
     print(summarize(out, sweep.get("baseline", "bf16")))
     print(f"\nwritten: {out}/summary.md, summary.csv, val_loss.png" + (", retrieval.png" if (out / "retrieval.png").exists() else ""))
 

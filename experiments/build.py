@@ -3,7 +3,7 @@ before the first step.
 
 Order (cheap checks first, so a typo fails in a second, not after the data is read):
 ``train`` keys → device → ``data`` keys and path → ``model`` (vocabulary from the tokenizer) →
-``precision`` policy applied → ``optim`` + schedule → loss scaler → data read and tokenized →
+``precision`` policy applied → (on several ranks) ``parallel`` sharding → ``optim`` + schedule → loss scaler → data read and tokenized →
 token source and validation windows. Every failure is a :class:`ConfigError` whose message
 starts with the config key at fault (``model: HybridConfig: unknown rnn_mode 'foo'; choose one
 of stream, chunked``).
@@ -27,8 +27,8 @@ from hybrid import HybridConfig, HybridLM, store_in_hydra
 from .data import DataConfig, SegmentStreamer, prepare_data
 from .tasks import RetrievalStreamer, prompt_kwargs, retrieval_examples, training_row_len
 
-__all__ = ["ConfigError", "Run", "TRAIN_KEYS", "resolve_device", "resolve_threads", "check_train", "model_config",
-           "vocab_size", "build_run", "choose_scaler_mode"]
+__all__ = ["ConfigError", "Run", "TRAIN_KEYS", "resolve_device", "resolve_threads", "check_train", "check_parallel",
+           "model_config", "vocab_size", "build_run", "choose_scaler_mode"]
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +181,11 @@ class Run:
     optimizer: Any            # optim.MixedOptimizer
     scheduler: Any
     scaler: Any               # lowprec.LossScaler
-    source: Any               # SegmentStreamer (tbptt), TokenBatcher, or RetrievalStreamer (train.task)
-    val_windows: Any          # SegmentStreamer of the validation split (tbptt) or ValidationWindows
+    source: Any               # SegmentStreamer (tbptt), TokenBatcher, or RetrievalStreamer (train.task);
+                              # on several ranks wrapped in RankBatches (this rank's rows)
+    val_windows: Any          # SegmentStreamer of the validation split (tbptt, per rank: RankBatches) or
+                              # ValidationWindows (the global batches; each rank scores its rows)
+    parallel: Any = None      # experiments.parallel.Distributed of several ranks, or None (one process)
 
 
 def _stage(what: str, fn, *args, **kwargs):
@@ -213,11 +216,43 @@ def vocab_size(data_cfg) -> int:
     return int(data_cfg.vocab_size)
 
 
-def build_run(cfg: DictConfig) -> Run:
+def _float_optimizers(optim_cfg) -> list[str]:
+    """The parts of ``optim`` that update float Parameters with SRAdamW."""
+    o = OmegaConf.to_container(optim_cfg, resolve=True) if isinstance(optim_cfg, DictConfig) else dict(optim_cfg or {})
+    return [part for part in ("latent", "other") if str((o.get(part) or {}).get("name", "")).lower() in ("sradamw", "sr_adamw")]
+
+
+def check_parallel(cfg: DictConfig, t: dict[str, Any], d) -> Any:
+    """The ``parallel`` section of a run on the ranks of ``d`` (several), checked against the rest:
+    the global batch must split over the dp ranks, and SRAdamW cannot update FSDP2's DTensor
+    Parameters. Returns the ``ParallelConfig``."""
+    from .parallel import ParallelConfig
+
+    pcfg = _stage("parallel", ParallelConfig.from_config, cfg.get("parallel"))
+    if t["batch_size"] % d.dp:
+        raise ConfigError(f"train.batch_size={t['batch_size']} (the global batch) does not split over the {d.dp} "
+                          f"data-parallel ranks (dp = world size {d.world_size} / parallel.tp={d.tp}); "
+                          f"choose a multiple of {d.dp}")
+    bad = _float_optimizers(cfg.optim)
+    if bad:
+        raise ConfigError(f"optim.{bad[0]}.name=SRAdamW cannot update the DTensor Parameters of an FSDP2-sharded model "
+                          f"on {d.world_size} processes; use optim.{bad[0]}.name=AdamW (SRAdamW on native layers works)")
+    return pcfg
+
+
+def build_run(cfg: DictConfig, parallel=None) -> Run:
     """Build (and check) everything; see the module doc. Sets ``cfg.model.vocab_size`` to the
-    tokenizer's so that the saved config is the one the model was built from."""
+    tokenizer's so that the saved config is the one the model was built from.
+
+    ``parallel``: an ``experiments.parallel.Distributed`` of several ranks (``torchrun``), or None.
+    Then the model runs on the rank's device and is sharded (``shard_model``) before the optimizer
+    is built; the token source serves this rank's rows of the global batch ``train.batch_size``."""
     t = check_train(cfg.train)
     device = resolve_device(str(t["device"]))
+    pcfg = None
+    if parallel is not None:
+        pcfg = check_parallel(cfg, t, parallel)
+        device = parallel.device
     threads = resolve_threads(t["threads"])
     if threads != torch.get_num_threads():
         log.info("torch threads: %d (train.threads=%s)", threads, t["threads"])
@@ -238,6 +273,10 @@ def build_run(cfg: DictConfig) -> Run:
     if report.unmatched_rules:
         log.warning("precision rules that matched no layer: %s", ", ".join(map(str, report.unmatched_rules)))
     model.to(device)
+    if parallel is not None:
+        from .parallel import shard_model
+
+        _stage("parallel", shard_model, model, parallel.mesh, pcfg)
     optimizer = _stage("optim", optim.build_optimizer, model, cfg.optim)
     scheduler = _stage("optim.schedule", optim.build_scheduler, optimizer, cfg.optim, t["steps"])
     ls = dict(t.get("loss_scale") or {})
@@ -271,4 +310,10 @@ def build_run(cfg: DictConfig) -> Run:
         val = _stage("data", SegmentStreamer, data.val_tokens, t["batch_size"], t["seq_len"], t["seed"])
     else:
         val = _stage("data", data.val_windows, t["batch_size"], t["seq_len"], t["eval_batches"])
-    return Run(t, device, data, model, report, optimizer, scheduler, scaler, source, val)
+    if parallel is not None:  # this rank's rows of the 1-process run's batches, in its order
+        from .rank_data import RankBatches
+
+        source = RankBatches.for_rank(source, parallel)
+        if t["tbptt"]:
+            val = RankBatches.for_rank(val, parallel)
+    return Run(t, device, data, model, report, optimizer, scheduler, scaler, source, val, parallel)

@@ -5,7 +5,10 @@ controls, and the post-training-quantization baseline beside natively trained mo
     python -m experiments.evaluate checkpoint=RUN_BF16 ptq=[fp8,int8,int4] compare=[RUN_FP8,RUN_TERNARY]
     python -m experiments.evaluate checkpoint=RUN retrieval=true distances=[64,256,1024] per_bucket=10
 
-``checkpoint``: a checkpoint file or a run directory (its newest valid checkpoint).
+``checkpoint``: a checkpoint file or a run directory (its newest valid checkpoint). A run trained on
+several processes ends with its newest sharded checkpoint exported as ``ckpt-<step>.pt``; a sharded
+checkpoint directory ``dcp-<step>/`` (or a run directory whose newest checkpoint is one) is exported
+so first, beside it.
 - Validation: read as the run was validated while training: for a TBPTT run the first
   ``eval_batches`` segments of the run's batch of validation streams, state carried (the same
   numbers as its TensorBoard ``val/loss``); otherwise ``eval_batches`` independent windows.
@@ -37,9 +40,10 @@ import lowprec
 from hybrid import HybridLM
 
 from .build import check_train, model_config, vocab_size
-from .checkpoint import load_checkpoint, resolve_checkpoint
+from .checkpoint import CheckpointManager, load_checkpoint, resolve_checkpoint
 from .data import DataConfig, SegmentStreamer, prepare_data
 from .loop import evaluate, evaluate_stream
+from .sharded_checkpoint import export_single_file, sharded_checkpoints
 from .tasks import memory_retrieval_accuracy, prompt_kwargs, training_row_len
 
 ARGS = {"checkpoint", "ptq", "compare", "retrieval", "kind", "distances", "per_bucket", "eval_batches", "device",
@@ -47,12 +51,32 @@ ARGS = {"checkpoint", "ptq", "compare", "retrieval", "kind", "distances", "per_b
 BACKENDS = ("emulated", "tensorcore", "auto")
 
 
+def locate_checkpoint(path: str | Path) -> Path:
+    """The checkpoint file ``path`` names: a file as given; a run directory's newest valid one; a
+    sharded checkpoint directory, or a run directory whose newest checkpoint is sharded, exported to
+    ``ckpt-<step>.pt`` beside it first (once)."""
+    p = Path(path)
+    if p.is_dir() and (p / ".metadata").exists():
+        return _exported(p)
+    if p.is_dir():
+        d = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        sharded, files = sharded_checkpoints(d), CheckpointManager(d).checkpoints()
+        if sharded and (not files or sharded[-1][0] > files[-1][0]):
+            return _exported(sharded[-1][1])
+    return resolve_checkpoint(p)
+
+
+def _exported(dcp_dir: Path) -> Path:
+    out = dcp_dir.parent / f"ckpt-{int(dcp_dir.name.rsplit('-', 1)[-1]):08d}.pt"
+    return out if out.exists() else export_single_file(dcp_dir, out)
+
+
 def load_run(path: str | Path, device: str = "cpu", *, plain: bool = False, backend: str | None = None):
     """(model, data, cfg) of a checkpoint. ``plain``: build the model without its precision policy
     (plain nn.Linear/nn.Embedding) and load the float weights into it (for PTQ). ``backend``: run
     every quantized layer on this GEMM backend instead of the policy's (``emulated`` is the exact
     reference everywhere)."""
-    payload = load_checkpoint(resolve_checkpoint(path))
+    payload = load_checkpoint(locate_checkpoint(path))
     cfg = OmegaConf.create(payload["config"])
     t = check_train(cfg.train)
     data_cfg = DataConfig.from_config(cfg.data)
@@ -102,7 +126,7 @@ def main(argv=None) -> dict:
         windows = list(data.val_windows(B, T, n_batches))
         calibration = [x for x, _ in windows[:4]]
         score = lambda m: evaluate(m, windows, data.tokenizer, device)  # noqa: E731
-    rows = [("checkpoint", str(resolve_checkpoint(args.checkpoint)), cfg.precision.get("name", "?"), score(model))]
+    rows = [("checkpoint", str(locate_checkpoint(args.checkpoint)), cfg.precision.get("name", "?"), score(model))]
     for recipe in args.get("ptq", []) or []:
         from .ptq import quantize_post_training  # the optional [ptq] extra: imported only when asked for
 
@@ -111,7 +135,7 @@ def main(argv=None) -> dict:
         rows.append(("post-training", f"{recipe} (ModelOpt) of the checkpoint", recipe, score(q)))
     for other in args.get("compare", []) or []:
         m2, _, cfg2 = load_run(other, device, backend=backend)
-        rows.append(("trained natively", str(resolve_checkpoint(other)), cfg2.precision.get("name", "?"), score(m2)))
+        rows.append(("trained natively", str(locate_checkpoint(other)), cfg2.precision.get("name", "?"), score(m2)))
     result = {"rows": [{"kind": k, "what": w, "precision": p, **v} for k, w, p, v in rows]}
     if args.get("retrieval"):
         result["retrieval"] = memory_retrieval_accuracy(  # with the run's digits, records and filler
@@ -125,7 +149,7 @@ def main(argv=None) -> dict:
         md += ["", "| memory | " + " | ".join(f"d={d}" for d in ds) + " |", "|---|" + "---|" * len(ds)]
         md += [f"| {m} | " + " | ".join(f"{acc[d]:.2f}" for d in ds) + " |" for m, acc in result["retrieval"].items()]
     text = "\n".join(md)
-    out_dir = resolve_checkpoint(args.checkpoint).parent.parent
+    out_dir = locate_checkpoint(args.checkpoint).parent.parent
     (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2, default=str))
     (out_dir / "evaluation.md").write_text(text + "\n")
     print(text)

@@ -99,9 +99,11 @@ def clip_grads_(grads: list[torch.Tensor], max_norm: float | None) -> torch.Tens
 
 
 def nonfinite_tensors(model: nn.Module) -> list[str]:
-    """Names of parameters and buffers holding NaN/inf (floating ones only)."""
+    """Names of parameters and buffers holding NaN/inf (floating ones only; of a model spread over
+    several ranks, this rank's shards)."""
     bad = []
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        t = t.to_local() if hasattr(t, "to_local") else t
         if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad.append(name)
     return bad
@@ -125,10 +127,13 @@ class Stepper:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     state: Any = None         # HybridState carried between TBPTT steps
     compile: bool = False
+    parallel: Any = None      # experiments.parallel.Distributed of several ranks, or None (one process)
     _last: tuple | None = None
 
     def __post_init__(self):
         self._loss = torch.compile(self._segments_loss) if self.compile else self._segments_loss
+        if self.parallel is not None:
+            self._sums = torch.compile(self._segments_sums) if self.compile else self._segments_sums
         if self.scaler is not None:
             self.scaler.to(self.device)
 
@@ -151,6 +156,14 @@ class Stepper:
             scored = scored + (y >= 0).sum()  # a tensor: no device sync
         return total / scored.clamp(min=1), state
 
+    def _segments_sums(self, xs, ys, resets, state) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        total, scored = 0, 0
+        for x, y, reset in zip(xs, ys, resets):
+            logits, state = self.model(x, None if reset else state)
+            total = total + F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+            scored = scored + (y >= 0).sum()
+        return total, scored, state
+
     def _forward(self, batches, state) -> tuple[torch.Tensor, Any, int]:
         """(mean loss over the scored targets, state, tokens read). Targets of -100 (cross-entropy's
         ignore_index: a retrieval task's non-answer tokens with train.task_loss=answer) are read
@@ -163,6 +176,8 @@ class Stepper:
     def train_step(self, batches, state) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
         """One update from ``batches`` (``[(x, y, reset)]``) and the carried ``state``, queued on the
         device without waiting for it: ``(loss, new state, found_inf, grad_norm)``, all tensors."""
+        if self.parallel is not None:
+            return self._train_step_ranks(batches, state)
         self.model.train()
         loss, new_state, _ = self._forward(batches, state)
         self.scaler.scale(loss).backward()
@@ -174,6 +189,40 @@ class Stepper:
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach(), new_state, found_inf, grad_norm
 
+    def _train_step_ranks(self, batches, state) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+        """``train_step`` on one of several ranks, each holding its rows of the global batch and its
+        shards of the model (``experiments.parallel``). The loss is the mean over the scored targets
+        of the GLOBAL batch: the ranks' sums of nats and of scored targets are all-reduced over dp,
+        and each rank backpropagates ``dp · Σ_rank / n_global``, which FSDP2's gradient average over
+        the dp ranks turns into the gradient of the 1-process loss (also when ranks score different
+        numbers of targets, as with train.task_loss=answer). Every rank then checks only its shards
+        for inf/NaN and the verdicts are all-reduced (one decision everywhere); ``‖g‖`` is taken over
+        every rank's shards; per-tensor scales of row-sharded native layers are made equal again
+        after a step that was taken. No host sync."""
+        import torch.distributed as dist
+
+        from lowprec.distributed import sync_native_scales
+
+        from .parallel import all_reduce_found_inf, clip_grads_over_ranks_, local_grads
+
+        d = self.parallel
+        self.model.train()
+        xs = [self._to_device(x) for x, _, _ in batches]
+        ys = [self._to_device(y) for _, y, _ in batches]
+        total, scored, new_state = self._sums(xs, ys, tuple(bool(r) for _, _, r in batches), state)
+        sums = torch.stack([total.detach().float(), scored.float()])
+        dist.all_reduce(sums, group=d.dp_group)
+        n_global = sums[1].clamp(min=1)
+        self.scaler.scale(total * d.dp / n_global).backward()
+        grads = list(self.optimizer.grads())
+        found_inf = all_reduce_found_inf(self.scaler.unscale_and_check_(local_grads(grads)))
+        grad_norm = clip_grads_over_ranks_(grads, self.grad_clip, d)
+        self.optimizer.step(found_inf=found_inf)
+        sync_native_scales(self.model, found_inf)
+        self.scaler.update_(found_inf)
+        self.optimizer.zero_grad(set_to_none=True)
+        return sums[0] / n_global, new_state, found_inf, grad_norm
+
     def step(self) -> StepResult:
         """One step (``train_step`` on the next batches), then the schedule; nothing is read."""
         batches = self._next_batches()
@@ -184,7 +233,10 @@ class Stepper:
         self.scheduler.step()
         if self.tbptt:
             self.state = new_state.detach()
-        return StepResult(loss, grad_norm, found_inf, scale, sum(y.numel() for _, y, _ in batches))
+        tokens = sum(y.numel() for _, y, _ in batches)
+        if self.parallel is not None:  # the global batch's: every dp rank reads as many rows
+            tokens *= self.parallel.dp
+        return StepResult(loss, grad_norm, found_inf, scale, tokens)
 
     def rerun_last(self) -> float:
         """Forward and backward of the last step's tokens again, with no update (for diagnosis:
@@ -215,28 +267,57 @@ def _score(model: nn.Module, x, y, state, tokenizer, device):
     return nats, y.numel(), tokenizer.count_chars(y), state
 
 
-def _totals(scores) -> dict[str, float]:
+def _totals(scores, group=None, device=None) -> dict[str, float]:
     nats = sum(s[0] for s in scores)
     tokens = sum(s[1] for s in scores)
     chars = sum(s[2] for s in scores)
+    if group is not None:  # every rank scored its rows: the sums of all of them
+        import torch.distributed as dist
+
+        sums = torch.tensor([nats, tokens, chars], dtype=torch.float64, device=device)
+        dist.all_reduce(sums, group=group)
+        nats, tokens, chars = sums[0].item(), int(sums[1].item()), int(sums[2].item())
     return {"loss": nats / tokens, "bpc": nats / (max(chars, 1) * math.log(2)), "tokens": tokens, "chars": chars}
 
 
+def _rows_of_rank(x: torch.Tensor, y: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """This rank's rows of a batch (``tensor_split``: a short last batch gives some ranks fewer).
+    A rank left without rows runs the batch's first row and scores nothing (``False``): a sharded
+    model's forward is a collective that every rank must take part in."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    xs, ys = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+    return (xs, ys, True) if len(xs) else (x[:1], y[:1], False)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, windows: Iterable, tokenizer, device) -> dict[str, float]:
-    """{"loss": nats/token, "bpc": bits/char, "tokens", "chars"} over ``windows`` ((x, y) batches)."""
+def evaluate(model: nn.Module, windows: Iterable, tokenizer, device, group=None) -> dict[str, float]:
+    """{"loss": nats/token, "bpc": bits/char, "tokens", "chars"} over ``windows`` ((x, y) batches).
+    ``group``: the data-parallel process group of a model spread over several ranks; each rank
+    scores its rows of every batch and the sums are all-reduced over it."""
     was_training = model.training
     model.eval()
-    scores = [_score(model, x, y, None, tokenizer, device) for x, y in windows]
+    if group is None:
+        scores = [_score(model, x, y, None, tokenizer, device) for x, y in windows]
+    else:
+        scores = []
+        for x, y in windows:
+            x, y, mine = _rows_of_rank(x, y, group)
+            score = _score(model, x, y, None, tokenizer, device)
+            if mine:
+                scores.append(score)
     model.train(was_training)
-    return _totals(scores)
+    return _totals(scores, group, device)
 
 
 @torch.no_grad()
-def evaluate_stream(model: nn.Module, streamer, n_segments: int, tokenizer, device) -> dict[str, float]:
+def evaluate_stream(model: nn.Module, streamer, n_segments: int, tokenizer, device, group=None) -> dict[str, float]:
     """As :func:`evaluate`, over the first ``n_segments`` segments (B, T) of a fresh
     ``SegmentStreamer`` of the validation split, read in order with the state carried: the way a
-    TBPTT-trained model reads text (it has rarely seen a cold state, so fresh windows underrate it)."""
+    TBPTT-trained model reads text (it has rarely seen a cold state, so fresh windows underrate it).
+    ``group``: as for :func:`evaluate`, with ``streamer`` serving this rank's rows
+    (``experiments.rank_data.RankBatches``)."""
     was_training = model.training
     model.eval()
     scores, state = [], None
@@ -246,7 +327,7 @@ def evaluate_stream(model: nn.Module, streamer, n_segments: int, tokenizer, devi
         state = score[3]
         scores.append(score)
     model.train(was_training)
-    return _totals(scores)
+    return _totals(scores, group, device)
 
 
 @torch.no_grad()

@@ -45,7 +45,8 @@ from lowprec.fsdp import lowbit_gather_weights
 from lowprec.nn.native import NativeWeightMixin
 
 __all__ = ["ParallelConfig", "Distributed", "init_distributed", "log_on_main_only", "shard_model", "units",
-           "apply_tensor_parallel", "gather_bytes", "clip_grad_norm_", "local_grads", "all_reduce_found_inf", "DTYPES"]
+           "apply_tensor_parallel", "gather_bytes", "clip_grad_norm_", "clip_grads_over_ranks_", "local_grads",
+           "all_reduce_found_inf", "DTYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,11 @@ class Distributed:
     @property
     def tp_mesh(self):
         return self.mesh["tp"] if self.mesh is not None and self.mesh.ndim > 1 else None
+
+    @property
+    def dp_group(self):
+        """The process group of this rank's data-parallel peers (same tp rank), or None."""
+        return None if self.mesh is None else self.dp_mesh.get_group()
 
     @property
     def dp_rank(self) -> int:
@@ -349,6 +355,46 @@ def clip_grad_norm_(grads: list[torch.Tensor], max_norm: float | None, group=Non
     norm = float(sq.sqrt())
     if max_norm and math.isfinite(norm) and norm > max_norm:
         torch._foreach_mul_(local, max_norm / (norm + 1e-6))
+    return norm
+
+
+def _copies(g, d: Distributed) -> int:
+    """On how many of the ``d.world_size`` ranks each element of gradient ``g`` is held: a DTensor's
+    replicated mesh dimensions times the ranks outside its mesh (FSDP2 over the dp sub-mesh of a
+    (dp, tp) mesh: the tp ranks hold the same shards); a plain gradient (a native layer's rows,
+    split over dp) on every tp rank."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if not isinstance(g, DTensor):
+        return d.world_size // d.dp
+    mesh = g.device_mesh
+    n = d.world_size // mesh.size()
+    for size, p in zip(mesh.shape, g.placements):
+        if isinstance(p, Replicate):
+            n *= size
+    return n
+
+
+@torch.no_grad()
+def clip_grads_over_ranks_(grads: list[torch.Tensor], max_norm: float | None, d: Distributed) -> torch.Tensor:
+    """:func:`experiments.loop.clip_grads_` for a model spread over the ranks of ``d``: ``‖g‖₂`` of
+    the whole model's gradient as a 0-d float32 tensor on the device, every element counted once
+    (each rank's local parts, divided by the ranks that hold copies of them, summed by one
+    all-reduce over all ranks); with ``max_norm`` every local part multiplied by
+    ``min(1, max_norm / (‖g‖₂ + 1e-6))``, a non-finite norm leaving them as they are. No host
+    sync (:func:`clip_grad_norm_` is the same with the norm read on the host)."""
+    local = local_grads(grads)
+    if not local:
+        return torch.zeros((), device=d.device)
+    norms = torch.stack(torch._foreach_norm(local, 2.0, dtype=torch.float32))
+    copies = torch.tensor([float(_copies(g, d)) for g in grads], device=norms.device)
+    sq = (norms.square() / copies).sum()
+    if dist.is_initialized():
+        dist.all_reduce(sq)
+    norm = sq.sqrt()
+    if max_norm:
+        factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        torch._foreach_mul_(local, torch.where(torch.isfinite(norm), factor, 1.0))
     return norm
 
 

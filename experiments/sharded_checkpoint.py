@@ -31,6 +31,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -47,9 +48,13 @@ from lowprec.fsdp import unwrap_lowbit
 
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
 
-__all__ = ["save_sharded", "load_sharded", "export_single_file", "checkpoint_state"]
+__all__ = ["save_sharded", "load_sharded", "read_extra", "export_single_file", "import_single_file",
+           "sharded_checkpoints", "checkpoint_state"]
 
 log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^dcp-(\d{8,})$")  # a run's sharded checkpoints: checkpoints/dcp-<step:08d>/
+
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
@@ -404,3 +409,77 @@ def export_single_file(dcp_dir: str | Path, out: str | Path) -> Path:
     if "rng.0" in whole:
         payload.setdefault("rng", _from_bytes(whole["rng.0"]))
     return save_checkpoint(out, payload)
+
+
+# ------------------------------------------------------------------- a run's checkpoints
+
+def sharded_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every finished sharded checkpoint ``dcp-<step>`` (one holding ``.metadata``)
+    in ``directory``, oldest first. Temporary directories of saves that never finished are not
+    listed."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name)) and (p / ".metadata").exists()]
+    return sorted(found)
+
+
+def read_extra(path: str | Path) -> dict[str, Any]:
+    """The ``extra`` of the sharded checkpoint at ``path``, read by this process alone (no
+    collective, no model): what a run checks before loading it. ``FileNotFoundError`` when there is
+    none; a damaged one raises what DCP raises."""
+    path = _resolve(Path(path))
+    state = {"extra": _template("extra", _metadata(path)["extra"], None)}
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    return _from_bytes(state["extra"])
+
+
+def _name_optimizer(model: nn.Module, optimizer, saved: dict) -> dict[str, Any]:
+    """A 1-process optimizer state_dict (targets numbered) keyed by the targets' names, as
+    :func:`_optim_state` writes it; ``optimizer`` (built on ``model``, sharded or not) names them."""
+    names = _names(model)
+    by_part = saved["parts"] if "parts" in saved else {"optimizer": saved}
+    out: dict[str, Any] = {}
+    for part, opt in _parts(optimizer).items():
+        if part not in by_part:
+            raise ValueError(f"the checkpoint holds no state for optimizer part {part!r}")
+        sd = by_part[part]
+        order = [names[id(t)] for t in _targets(opt)]
+        state = {order[int(i)]: dict(entry) for i, entry in sd["state"].items()}
+        groups = []
+        for now, g in zip(opt.param_groups, sd["param_groups"]):
+            members = g["targets"] if "targets" in g else g["params"]
+            groups.append({"hyper": {k: v for k, v in g.items() if k not in ("params", "targets", "shapes")},
+                           "targets": [order[int(i)] for i in members],
+                           "shapes": [_whole_shape(t) for t in _group_members(now)]})
+        info = {"kind": "target" if hasattr(opt, "targets") else "torch", "groups": groups, "seed": sd.get("seed")}
+        out[part] = {"state": state, "info": _to_bytes(info)}
+    return out
+
+
+def import_single_file(payload: dict[str, Any], path: str | Path, model: nn.Module, optimizer=None) -> Path:
+    """Write ``payload`` (a checkpoint of :mod:`experiments.checkpoint`: one process's whole model
+    and optimizer) as a sharded checkpoint at ``path``, which :func:`load_sharded` then loads at any
+    number of ranks: the inverse of :func:`export_single_file`. ``model`` and ``optimizer`` are the
+    ones that will load it (sharded or not); only the names of the optimizer's targets are taken
+    from them. Runs in this process alone (no collective): call it on one rank. The directory
+    appears complete or not at all (written under a temporary name, then renamed)."""
+    path = Path(path)
+    state: dict[str, Any] = {
+        "model": dict(payload["model"]),
+        "extra": _to_bytes({k: v for k, v in payload.items() if k not in ("model", "optimizer", "rng")})}
+    if optimizer is not None and "optimizer" in payload:
+        state["optim"] = _name_optimizer(model, optimizer, payload["optimizer"])
+    if "rng" in payload:
+        state["rng.0"] = _to_bytes(payload["rng"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        with _single_process_quiet():
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=True)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

@@ -4,12 +4,15 @@
     python -m experiments.train precision=ternary optim=bitnet train.steps=2000
     python -m experiments.train '+precision.override={match: "blocks.*.ffn.*", weight: ternary}'
     python -m experiments.train hydra.run.dir=runs/a resume=auto  # continue run a (same command again)
+    torchrun --nproc-per-node 2 -m experiments.train hydra.run.dir=runs/b   # 2 processes (docs/parallel.md)
     tensorboard --logdir runs
 
 The run directory (``run_dir``, by default Hydra's output directory) receives ``config.yaml`` (the
 resolved config), ``precision_report.md`` (the policy's per-layer table and the optimizer's
 memory), ``tb/`` (TensorBoard events), ``checkpoints/ckpt-<step>.pt`` and ``summary.json`` (final
-and best validation loss / bits per character, the validation curve, throughput, the sample). The loop
+and best validation loss / bits per character, the validation curve, throughput, the sample); a run
+on several processes writes sharded checkpoints ``checkpoints/dcp-<step>/`` and, at its end, the
+newest as ``checkpoints/ckpt-<step>.pt``; only its rank 0 writes the other files. The loop
 and its parts (checkpointing, evaluation, the NaN guard, metrics) are in :mod:`experiments.trainer`;
 each step in :mod:`experiments.loop`; checkpoints in :mod:`experiments.checkpoint`; configuration
 checks in :mod:`experiments.build`.
@@ -20,42 +23,85 @@ where non-finite values appeared (the last good checkpoint is kept).
 """
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
+import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
-from .build import ConfigError
+from .build import ConfigError, resolve_device
 from .checkpoint import CorruptCheckpointError
+from .parallel import Distributed, ParallelConfig, init_distributed, log_on_main_only
 from .trainer import NonFiniteError, Trainer, log
 
-__all__ = ["NonFiniteError", "main", "resume_command", "train"]
+__all__ = ["NonFiniteError", "main", "resume_command", "start_processes", "train"]
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run the training job described by ``cfg`` (the composed config); returns the summary."""
-    trainer = Trainer(cfg)  # every ConfigError surfaces here, before anything is written
+    """Run the training job described by ``cfg`` (the composed config); returns the summary.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) this process first joins the process group and the
+    device mesh (``cfg.parallel``, :mod:`experiments.parallel`), takes rank 0's ``run_dir``, and
+    logs warnings and errors only unless it is rank 0; the group is left at the end."""
+    d = start_processes(cfg)
     try:
-        return trainer.train()
-    except KeyboardInterrupt:
-        if trainer.resumable:
-            print(f"\ninterrupted; to continue this run:\n  {resume_command(trainer.run_dir)}", file=sys.stderr)
-        raise
+        trainer = Trainer(cfg, d)  # every ConfigError surfaces here, before anything is written
+        try:
+            summary = trainer.train()
+        except KeyboardInterrupt:
+            if trainer.resumable and d.is_main:
+                print(f"\ninterrupted; to continue this run:\n  {resume_command(trainer.run_dir)}", file=sys.stderr)
+            raise
+        if d.mesh is not None:
+            dist.barrier()
+        return summary
+    finally:
+        if d.mesh is not None and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def start_processes(cfg: DictConfig) -> Distributed:
+    """Join the processes ``torchrun`` started (a no-op for one process): ``init_distributed`` on the
+    device ``train.device`` names (CUDA: ``cuda:LOCAL_RANK``; CPU: gloo), ranks other than 0 logging
+    warnings only, and one ``run_dir`` for all: rank 0's (Hydra's default directory carries the
+    second at which each process started)."""
+    try:
+        pcfg = ParallelConfig.from_config(cfg.get("parallel"))
+    except ValueError as e:
+        raise ConfigError(f"parallel: {e}") from None
+    device = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process checks train.device with the rest of train
+        device = resolve_device(str(cfg.train.device))
+    try:
+        d = init_distributed(pcfg, device=None if device is None or device.type == "cuda" else device)
+    except ValueError as e:
+        raise ConfigError(f"parallel: {e}") from None
+    if d.mesh is None:
+        return d
+    log_on_main_only(d)
+    box = [str(cfg.run_dir)]
+    dist.broadcast_object_list(box, src=0)
+    with open_dict(cfg):
+        cfg.run_dir = box[0]
+    return d
 
 
 def resume_command(run_dir: Path) -> str:
     """The command that continues the run in ``run_dir``: this run's command-line overrides, the
-    same run directory, ``resume=auto``."""
+    same run directory, ``resume=auto`` (under ``torchrun`` when this run was)."""
     try:
         overrides = list(HydraConfig.get().overrides.task)
     except ValueError:  # not launched by Hydra (train() called directly)
         overrides = []
     keep = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.run.dir=", "resume="))]
-    return " ".join(["python -m experiments.train", *(shlex.quote(o) for o in keep),
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launch = f"torchrun --nproc-per-node {world} -m experiments.train" if world > 1 else "python -m experiments.train"
+    return " ".join([launch, *(shlex.quote(o) for o in keep),
                      shlex.quote(f"hydra.run.dir={run_dir}"), "resume=auto"])
 
 

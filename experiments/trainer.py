@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -40,10 +42,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import lowprec
 import optim
+from hybrid import HybridState
 
 from .build import ConfigError, Run, build_run
 from .checkpoint import (
     CheckpointManager,
+    CorruptCheckpointError,
     load_checkpoint,
     resolve_checkpoint,
     rng_state,
@@ -57,6 +61,15 @@ from .loop import (
     generate,
     nonfinite_tensors,
     read_results,
+)
+from .rank_data import gather_state_rows, state_rows
+from .sharded_checkpoint import (
+    export_single_file,
+    import_single_file,
+    load_sharded,
+    read_extra,
+    save_sharded,
+    sharded_checkpoints,
 )
 from .tasks import memory_retrieval_accuracy, prompt_kwargs, training_row_len
 
@@ -84,14 +97,20 @@ def _select(cfg: dict, dotted: str):
 # ------------------------------------------------------------------------------ checkpointing
 
 class Checkpoints:
-    """Checkpoints of one run: ``checkpoints/ckpt-<step>.pt`` under ``run_dir``."""
+    """Checkpoints of one run, under ``run_dir/checkpoints``: ``ckpt-<step>.pt``, one file written by
+    one process (:mod:`experiments.checkpoint`), and ``dcp-<step>/``, written by every rank of a run
+    on several processes (:mod:`experiments.sharded_checkpoint`). Either kind resumes at any number
+    of processes; at the end of a run on several processes rank 0 exports the newest sharded one as
+    ``ckpt-<step>.pt`` (what ``experiments.evaluate`` reads)."""
 
-    def __init__(self, run: Run, stepper: Stepper, run_dir: Path, keep: int, cfg: DictConfig):
+    def __init__(self, run: Run, stepper: Stepper, run_dir: Path, keep: int, cfg: DictConfig, parallel=None):
         self.run, self.stepper = run, stepper
         self.manager = CheckpointManager(run_dir / "checkpoints", keep)
         self.cfg_now = OmegaConf.to_container(cfg, resolve=True)
         self.cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         self.last_good: Path | None = None
+        self.parallel = parallel  # experiments.parallel.Distributed of several ranks, or None
+        self.main = parallel is None or parallel.is_main
 
     def start(self, resume, init_from) -> tuple[int, dict]:
         """Restore the checkpoint ``resume`` selects (or load ``init_from``'s weights); returns the
@@ -107,30 +126,64 @@ class Checkpoints:
         elif init_from:
             log.info("model weights from %s (init_from); optimizer, schedule and data start fresh",
                      self.init_from(init_from))
-        ckpts = self.manager.checkpoints()
-        self.last_good = ckpts[-1][1] if ckpts else None
+        ckpts = self._all(self.manager)
+        self.last_good = ckpts[-1][2] if ckpts else None
         return start, meta
+
+    def _all(self, manager: CheckpointManager) -> list[tuple[int, int, Path]]:
+        """(step, preference, path) of the checkpoints of both kinds in ``manager``'s directory, in the
+        order to try them last first: by step, and at the same step the kind this run writes."""
+        sharded_first = self.parallel is not None
+        return sorted([(s, int(not sharded_first), p) for s, p in manager.checkpoints()]
+                      + [(s, int(sharded_first), p) for s, p in sharded_checkpoints(manager.dir)])
+
+    def _latest(self, manager: CheckpointManager) -> tuple[Path, dict] | None:
+        """The newest checkpoint of ``manager``'s directory that reads, with its payload (a sharded
+        one: its ``extra``); damaged ones are skipped with a warning, as ``latest_valid`` does."""
+        if not sharded_checkpoints(manager.dir):
+            return manager.latest_valid()
+        errors = []
+        for _, _, path in reversed(self._all(manager)):
+            try:
+                return path, (read_extra(path) if path.is_dir() else load_checkpoint(path, None))
+            except CorruptCheckpointError as e:
+                log.warning("%s; falling back to the previous checkpoint", e)
+                errors.append(str(e))
+            except Exception as e:  # noqa: BLE001 -- DCP raises several kinds for a damaged directory
+                log.warning("sharded checkpoint %s cannot be read (%s: %s); falling back to the previous checkpoint",
+                            path, type(e).__name__, e)
+                errors.append(f"{path}: {e}")
+        if errors:
+            raise CorruptCheckpointError(f"no valid checkpoint in {str(manager.dir)!r}: " + "; ".join(errors))
+        return None
 
     def find(self, resume) -> tuple[Path, dict] | None:
         """The checkpoint to continue from: ``None``/false → none (and the run dir must hold none);
         ``auto`` → the newest valid one in the run dir, if any; a file → that file; a directory → the
-        newest valid one in it (or in its ``checkpoints/``)."""
+        newest valid one in it (or in its ``checkpoints/``), or that sharded checkpoint itself."""
         ckpts = self.manager
         if resume in (None, False, "", "null", "none"):
-            if ckpts.checkpoints():
+            existing = self._all(ckpts)
+            if existing:
                 raise ConfigError(f"resume=null but {ckpts.dir} already holds checkpoints "
-                                  f"({ckpts.checkpoints()[-1][1].name}, ...); pass resume=auto to continue "
+                                  f"({existing[-1][2].name}, ...); pass resume=auto to continue "
                                   "that run, or choose another run_dir / hydra.run.dir")
             return None
         if resume == "auto":
-            found = ckpts.latest_valid()
+            found = self._latest(ckpts)
             if found is None:
                 log.info("resume=auto: no checkpoint in %s, starting from step 0", ckpts.dir)
             return found
         path = Path(str(resume)).expanduser()
+        if path.is_dir() and ((path / ".metadata").exists() or path.name.startswith("dcp-")):
+            try:
+                return path, read_extra(path)
+            except Exception as e:  # noqa: BLE001
+                raise ConfigError(f"resume={str(resume)!r}: the sharded checkpoint cannot be read "
+                                  f"({type(e).__name__}: {e})") from None
         if path.is_dir():
             sub = path / "checkpoints"
-            found = CheckpointManager(sub if sub.is_dir() else path).latest_valid()
+            found = self._latest(CheckpointManager(sub if sub.is_dir() else path))
             if found is None:
                 raise ConfigError(f"resume={str(resume)!r}: no checkpoint (ckpt-<step>.pt) in that directory")
             return found
@@ -139,10 +192,10 @@ class Checkpoints:
                               "a run directory, auto or null")
         return path, load_checkpoint(path)
 
-    def restore(self, path: Path, payload: dict) -> int:
-        """Load ``payload`` (checkpoint ``path``) into the run; ``ConfigError`` when it was written
-        with other settings of the model, data or step shape. Returns its step."""
-        run, cfg_now = self.run, self.cfg_now
+    def _check_config(self, path: Path, payload: dict) -> None:
+        """``ConfigError`` when checkpoint ``path`` was written with other settings of the model, data
+        or step shape (the number of processes may differ)."""
+        cfg_now = self.cfg_now
         saved = OmegaConf.to_container(OmegaConf.create(payload["config"]))
 
         def value(cfg, k):
@@ -156,6 +209,17 @@ class Checkpoints:
         if _select(saved, "train.steps") != _select(cfg_now, "train.steps"):
             log.warning("train.steps changed from %s to %s: the learning-rate schedule follows the new length",
                         _select(saved, "train.steps"), _select(cfg_now, "train.steps"))
+
+    def restore(self, path: Path, payload: dict) -> int:
+        """Load ``payload`` (checkpoint ``path``; of a sharded one, its ``extra``) into the run;
+        ``ConfigError`` when it was written with other settings of the model, data or step shape.
+        Returns its step."""
+        if path.is_dir():
+            return self._restore_sharded(path, payload)
+        if self.parallel is not None:
+            return self._restore_file_on_ranks(path, payload)
+        run = self.run
+        self._check_config(path, payload)
         try:
             run.model.load_state_dict(payload["model"])
             run.optimizer.load_state_dict(payload["optimizer"])
@@ -166,6 +230,66 @@ class Checkpoints:
             raise ConfigError(f"checkpoint {str(path)!r} does not fit this run: {e}") from None
         set_rng_state(payload["rng"])
         return int(payload["step"])
+
+    def _restore_sharded(self, path: Path, extra: dict, *, source: Path | None = None) -> int:
+        """Load the sharded checkpoint ``path`` (``extra`` read already) on this run's ranks (or in
+        this one process): each rank's shards of the model and optimizer, the schedule, the loss
+        scale, the data position and this rank's rows of the carried state. ``source``: the file it
+        was converted from (checked already)."""
+        run = self.run
+        if source is None:
+            self._check_config(path, extra)
+        try:
+            load_sharded(path, run.model, run.optimizer)
+            run.scheduler.load_state_dict(extra["scheduler"])
+            run.scaler.load_state_dict(extra["scaler"])
+            self._load_stepper(extra["stepper"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ConfigError(f"checkpoint {str(source or path)!r} does not fit this run: {e}") from None
+        return int(extra["step"])
+
+    def _load_stepper(self, sd: dict) -> None:
+        """The data position and the carried state of the global batch (this rank's rows of it)."""
+        st = self.stepper
+        st.source.load_state_dict(sd["source"])
+        hs = sd.get("hybrid_state")
+        state = None if hs is None else HybridState.from_state_dict(hs)
+        if state is not None and self.parallel is not None:
+            state = state_rows(state, self.parallel.dp_rank, self.parallel.dp)
+        st.state = None if state is None else state.to(st.device)
+
+    def _restore_file_on_ranks(self, path: Path, payload: dict) -> int:
+        """A one-file checkpoint (one process's whole model) on several ranks: rank 0 writes it as a
+        sharded checkpoint next to the run's (``import_single_file``), every rank loads its shards of
+        that, which is then removed."""
+        self._check_config(path, payload)
+        tmp = self.manager.dir / f".import-{path.stem}"
+
+        def convert():
+            shutil.rmtree(tmp, ignore_errors=True)
+            import_single_file(payload, tmp, self.run.model, self.run.optimizer)
+
+        self._on_main(convert, f"checkpoint {str(path)!r} does not fit this run")
+        try:
+            return self._restore_sharded(tmp, payload, source=path)
+        finally:
+            self._on_main(lambda: shutil.rmtree(tmp, ignore_errors=True), "removing the converted checkpoint")
+
+    def _on_main(self, fn, what: str):
+        """Run ``fn`` on rank 0 while the other ranks wait; its error (as ``ConfigError``) on every rank."""
+        if self.parallel is None:
+            return fn()
+        out, err = None, None
+        if self.main:
+            try:
+                out = fn()
+            except (RuntimeError, ValueError, KeyError, OSError) as e:
+                err = f"{what}: {type(e).__name__}: {e}"
+        box = [out, err]
+        dist.broadcast_object_list(box, src=0)
+        if box[1] is not None:
+            raise ConfigError(box[1])
+        return box[0]
 
     def init_from(self, source) -> Path:
         """Load the model weights of checkpoint ``source`` (a file or a run directory) into the model;
@@ -184,7 +308,20 @@ class Checkpoints:
                              (("missing", missing), ("unexpected", extra), ("shape differs", shapes)) if keys)
             raise ConfigError(f"init_from={str(source)!r}: {path.name} does not fit this model ({what}); "
                               "give a checkpoint of the same model and precision (see its config.yaml)")
-        self.run.model.load_state_dict(theirs)
+        if self.parallel is None:
+            self.run.model.load_state_dict(theirs)
+            return path
+        tmp = self.manager.dir / f".init-{path.stem}"  # each rank takes its shards of the whole weights
+
+        def convert():
+            shutil.rmtree(tmp, ignore_errors=True)
+            import_single_file({"model": theirs}, tmp, self.run.model)
+
+        self._on_main(convert, f"init_from={str(source)!r}")
+        try:
+            load_sharded(tmp, self.run.model, rng=False)
+        finally:
+            self._on_main(lambda: shutil.rmtree(tmp, ignore_errors=True), "removing the converted checkpoint")
         return path
 
     def payload(self, step: int, meta: dict) -> dict[str, Any]:
@@ -194,8 +331,47 @@ class Checkpoints:
                 "stepper": self.stepper.state_dict(), "rng": rng_state(), "config": self.cfg_yaml, "meta": meta}
 
     def save(self, step: int, meta: dict) -> Path:
+        if self.parallel is not None:
+            return self._save_sharded(step, meta)
         self.last_good = self.manager.save(step, self.payload(step, meta))
         return self.last_good
+
+    def _save_sharded(self, step: int, meta: dict) -> Path:
+        """Every rank writes its shards to ``dcp-<step>`` (atomically: a save that dies leaves the
+        previous checkpoints as they were); the carried state of the global batch and rank 0's
+        ``meta`` go into ``extra``; rank 0 then keeps the newest ``keep_ckpts`` sharded ones."""
+        run, st = self.run, self.stepper
+        hybrid = gather_state_rows(st.state, self.parallel.dp_group)  # a collective: before anything else
+        box = [meta]
+        dist.broadcast_object_list(box, src=0)  # one meta (the ranks' timings differ)
+        extra = {"format": 1, "step": step, "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+                 "stepper": {"source": st.source.state_dict(),
+                             "hybrid_state": None if hybrid is None else hybrid.to("cpu").state_dict()},
+                 "config": self.cfg_yaml, "meta": box[0]}
+        path = save_sharded(self.manager.dir / f"dcp-{step:08d}", run.model, run.optimizer, extra)
+        if self.main:
+            for _, old in sharded_checkpoints(self.manager.dir)[:-self.manager.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.last_good = path
+        return path
+
+    def export(self) -> Path | None:
+        """The newest checkpoint as one file: on several ranks rank 0 writes the newest sharded one as
+        ``ckpt-<step>.pt`` (``export_single_file``; the other ranks wait) and keeps the newest
+        ``keep_ckpts`` such files; in one process the newest file as it is."""
+        last = self.last_good
+        if self.parallel is None or last is None or not last.is_dir():
+            return last
+        out = self.manager.path_for(int(last.name.split("-")[1]))
+
+        def write():
+            if not out.exists():
+                export_single_file(last, out)
+            for _, old in self.manager.checkpoints()[:-self.manager.keep]:
+                old.unlink(missing_ok=True)
+
+        self._on_main(write, f"exporting {last} as one file")
+        return out
 
 
 # --------------------------------------------------------------------------------- evaluation
@@ -208,19 +384,22 @@ class Evaluation:
 
     def validate(self) -> dict[str, float]:
         """Validation loss and bits/char: streams with carried state after TBPTT training (the first
-        ``eval_batches`` segments of each), else ``eval_batches`` batches of fresh windows."""
+        ``eval_batches`` segments of each), else ``eval_batches`` batches of fresh windows. On several
+        ranks each scores its rows and the sums of nats, tokens and characters are all-reduced."""
         run = self.run
+        ranks = {} if run.parallel is None else {"group": run.parallel.dp_group}
         if self.t["tbptt"]:
             s = run.val_windows
             s.load_state_dict(dict(s.state_dict(), epoch=0, segment=0))
             n = min(self.t["eval_batches"], s.segments_per_epoch)
-            return evaluate_stream(run.model, s, n, run.data.tokenizer, run.device)
-        return evaluate(run.model, run.val_windows, run.data.tokenizer, run.device)
+            return evaluate_stream(run.model, s, n, run.data.tokenizer, run.device, **ranks)
+        return evaluate(run.model, run.val_windows, run.data.tokenizer, run.device, **ranks)
 
     def retrieval(self) -> dict[str, dict[int, float]]:
         """Retrieval accuracy by distance (data.retrieval: its first kind, distances, per_bucket, seed)
         with memory on / off / shuffled, read in segments of train.seq_len; a run trained on a retrieval
-        task is scored on prompts of its training rows' length."""
+        task is scored on prompts of its training rows' length. On several ranks every rank scores
+        every prompt (the shuffled control rolls the state across a bucket's rows), with the same result."""
         run, t = self.run, self.t
         r = run.data.config.retrieval
         res = memory_retrieval_accuracy(run.model, run.data.tokenizer, distances=list(r.distances),
@@ -233,6 +412,8 @@ class Evaluation:
         return res
 
     def sample(self) -> str:
+        """The end-of-run sample; on several ranks every rank samples (each forward is a collective)
+        with the same prompt and seed."""
         t, tok = self.t, self.run.data.tokenizer
         prompt = torch.tensor(tok.encode(t["sample_prompt"] or "\n"), dtype=torch.int64)
         g = torch.Generator().manual_seed(t["seed"])
@@ -305,6 +486,17 @@ class NanGuard:
 
 # ------------------------------------------------------------------------------------ metrics
 
+class _NoWriter:
+    """A SummaryWriter that writes nothing (ranks other than 0)."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    add_text = add_scalar
+    flush = add_scalar
+    close = add_scalar
+
+
 class StepRead(NamedTuple):
     """One step's numbers, read from the device."""
 
@@ -320,15 +512,17 @@ class Metrics:
     """TensorBoard (``run_dir/tb``), per-layer telemetry, the progress bar and throughput; the steps'
     numbers are read here, in one copy per read point."""
 
-    def __init__(self, run: Run, run_dir: Path, start: int, cfg_yaml: str):
+    def __init__(self, run: Run, run_dir: Path, start: int, cfg_yaml: str, main: bool = True):
         self.run, self.t = run, run.train
-        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1 if start else None)
+        # of several ranks only rank 0 writes TensorBoard and shows the progress bar
+        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1 if start else None) if main \
+            else _NoWriter()
         if start == 0:
             self.writer.add_text("config", "```\n" + cfg_yaml + "\n```", 0)
             self.writer.add_text("precision_report", str(run.report), 0)
         self.telemetry = lowprec.Telemetry(run.model)
-        self.bar = tqdm(total=self.t["steps"], initial=start, disable=not self.t["progress"], dynamic_ncols=True,
-                        file=sys.stderr, unit="step", mininterval=1.0)
+        self.bar = tqdm(total=self.t["steps"], initial=start, disable=not (self.t["progress"] and main),
+                        dynamic_ncols=True, file=sys.stderr, unit="step", mininterval=1.0)
         self.ema: float | None = None
         self.window_tokens, self.window_s = 0, 0.0
         self._pending: list[tuple[int, StepResult]] = []
@@ -401,15 +595,19 @@ class Trainer:
     Every ``ConfigError`` (config, data, checkpoint) surfaces in the constructor, before anything
     is written."""
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, parallel=None):
+        """``parallel``: the ``experiments.parallel.Distributed`` this process belongs to (from
+        ``init_distributed``); None or a single process: the 1-process run."""
         self.t_start = time.perf_counter()
-        self.run = run = build_run(cfg)
+        self.parallel = parallel if parallel is not None and parallel.world_size > 1 else None
+        self.main = self.parallel is None or self.parallel.is_main
+        self.run = run = build_run(cfg, self.parallel)
         self.t = t = run.train
         self.run_dir = Path(str(cfg.run_dir))
         self.stepper = Stepper(run.model, run.optimizer, run.scheduler, run.scaler, run.source, tbptt=t["tbptt"],
                                k=t["tbptt_segments"] if t["tbptt"] else 1, grad_clip=t["grad_clip"],
-                               device=run.device, compile=t["compile"])
-        self.checkpoints = Checkpoints(run, self.stepper, self.run_dir, t["keep_ckpts"], cfg)
+                               device=run.device, compile=t["compile"], parallel=self.parallel)
+        self.checkpoints = Checkpoints(run, self.stepper, self.run_dir, t["keep_ckpts"], cfg, self.parallel)
         self.start, self.meta = self.checkpoints.start(cfg.get("resume"), cfg.get("init_from"))
         self.evaluation = Evaluation(run)
         self.step = self.start
@@ -445,8 +643,12 @@ class Trainer:
         """Log what is being trained; returns the number of parameters."""
         run, t, k = self.run, self.t, self.stepper.k
         n_params = sum(p.numel() for p in run.model.parameters()) + sum(
-            m.native_weight.numel() for m in run.model.modules() if getattr(m, "is_native", False))
+            _native_numel(m) for m in run.model.modules() if getattr(m, "is_native", False))
         ds, mc = run.data.summary(), run.model.cfg
+        if self.parallel is not None:
+            d = self.parallel
+            log.info("processes: %s; each dp rank reads %d of the %d rows of every batch",
+                     d.describe(), t["batch_size"] // d.dp, t["batch_size"])
         for line in (
             (f"model: HybridLM d_model={mc.d_model}, {mc.n_blocks} blocks, window {mc.window}, memory "
              f"{'on (' + mc.rnn_mode + ')' if mc.memory else 'off'}: {n_params:,} parameters on {run.device}"),
@@ -468,13 +670,16 @@ class Trainer:
         """Train from the restored step to ``train.steps``; write ``summary.json``; return the summary."""
         run, t, meta = self.run, self.t, self.meta
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(self.checkpoints.cfg_yaml)
-        self._write_report(with_memory=self.start > 0)
+        if self.main:
+            (self.run_dir / "config.yaml").write_text(self.checkpoints.cfg_yaml)
+            self._write_report(with_memory=self.start > 0)
         n_params = self._header()
-        metrics = self.metrics = Metrics(run, self.run_dir, self.start, self.checkpoints.cfg_yaml)
+        metrics = self.metrics = Metrics(run, self.run_dir, self.start, self.checkpoints.cfg_yaml, self.main)
         guard = NanGuard(run, self.stepper, metrics.telemetry)
         val = retrieval = None
-        stop = _CtrlC()
+        # on several ranks a Ctrl-C stops at once: ranks that see it at different steps cannot agree
+        # on a last step to save without a collective in every step
+        stop = _CtrlC(enabled=self.parallel is None)
         try:
             with logging_redirect_tqdm(), stop:
                 metrics.restart_clock()
@@ -493,7 +698,7 @@ class Trainer:
                         continue
                     read = metrics.read(meta)  # the one wait for the device in these steps
                     for r in read:
-                        if r.taken and not self._report_done:  # optimizer state exists after the first update
+                        if r.taken and not self._report_done and self.main:  # optimizer state exists now
                             self._after_first_update()
                         guard.count(r)
                     last = read[-1]
@@ -551,7 +756,7 @@ class Trainer:
         if t["retrieval_eval"] and retrieval is None:  # resumed a finished run
             retrieval = self.evaluation.retrieval()
         writer.close()
-        curve, last_good = meta["curve"], self.checkpoints.last_good
+        curve, last_good = meta["curve"], self.checkpoints.export()
         summary = {
             "steps": step, "val_loss": val["loss"], "val_bpc": val["bpc"],
             "best_val_loss": min(meta["best_val_loss"], val["loss"]), "best_val_bpc": min(meta["best_val_bpc"], val["bpc"]),
@@ -566,6 +771,11 @@ class Trainer:
             "curve": {"step": [c[0] for c in curve], "tokens": [c[1] for c in curve],
                       "val_loss": [c[2] for c in curve], "val_bpc": [c[3] for c in curve]},
         }
+        if self.parallel is not None:
+            d = self.parallel
+            summary["processes"] = {"world_size": d.world_size, "dp": d.dp, "tp": d.tp, "backend": d.backend}
+        if not self.main:
+            return summary
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"\nvalidation: loss {val['loss']:.4f} nats/token, {val['bpc']:.4f} bits/char "
               f"(best {summary['best_val_bpc']:.4f}) after {step} steps, {meta['tokens']:,} tokens, "
@@ -574,14 +784,21 @@ class Trainer:
         return summary
 
 
+def _native_numel(layer) -> int:
+    """Elements of a native layer's whole weight (its rows on every rank, when row-sharded)."""
+    sh = getattr(layer, "_native_shard", None)
+    return math.prod(sh.full_shape) if sh is not None else layer.native_weight.numel()
+
+
 class _CtrlC:
     """While active, the first Ctrl-C asks the training loop to stop after the step in progress
     (the loop saves that step's checkpoint); a second one stops at once (the newest checkpoint
     stands). Outside the main thread signals cannot be caught: Ctrl-C stops at once there."""
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
         self.requested = 0
         self._old = None
+        self.enabled = enabled
 
     def _handle(self, signum, frame):
         self.requested += 1
@@ -590,7 +807,7 @@ class _CtrlC:
         log.warning("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to stop at once)")
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if self.enabled and threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGINT, self._handle)
         return self
 

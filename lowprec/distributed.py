@@ -255,11 +255,16 @@ def gather_native_on_forward(unit: nn.Module, layers: list[nn.Module]):
 # ------------------------------------------------------------------------------ the scales
 
 @torch.no_grad()
-def sync_native_scales(model: nn.Module) -> int:
+def sync_native_scales(model: nn.Module, found_inf: torch.Tensor | None = None) -> int:
     """Make every rank hold the same per-tensor scale of each row-sharded native layer again (call
     after the optimizer's step): the maximum of the ranks' scales for absmax formats, their mean
     otherwise. Returns the number of layers synchronized. Layers whose scales are per row or
-    per block need none."""
+    per block need none.
+
+    ``found_inf``: the step's verdict (a 0-d device tensor, nonzero when the update was skipped);
+    where it is set the scales keep their bits (a skipped step changed none of them, and a mean of
+    equal values need not round back to them). Decided on the device, with no host sync; every
+    rank still runs the all-reduce, so the ranks' collectives stay in step."""
     n = 0
     for layer in native_shards(model).values():
         sh = layer._native_shard
@@ -269,7 +274,12 @@ def sync_native_scales(model: nn.Module) -> int:
         op = dist.ReduceOp.MAX if fmt.scale in ("absmax", "nvfp4") else dist.ReduceOp.AVG
         for buf in (layer.w_scale, layer.w_global):
             if buf is not None and buf.is_floating_point() and buf.dtype == torch.float32:
-                dist.all_reduce(buf, op=op, group=sh.group)
+                if found_inf is None:
+                    dist.all_reduce(buf, op=op, group=sh.group)
+                else:
+                    synced = buf.clone()
+                    dist.all_reduce(synced, op=op, group=sh.group)
+                    buf.copy_(torch.where(found_inf.reshape(()) > 0, buf, synced))
         n += 1
     return n
 

@@ -19,6 +19,10 @@ Everything is measured from actual storages, never from formats on paper:
 ``at step = resident + grads`` is what the step needs at its peak, activations aside; for bf16
 mixed-precision AdamW (fp32 master, fp32 gradient, two fp32 moments) it is the classic 16.
 Optimizer state is allocated at the first ``step()``: report after one.
+
+A model sharded over several ranks (FSDP2's DTensor Parameters, row-sharded native layers) is
+reported for the rank that calls: its shards' elements and bytes, so bytes per parameter read as
+in one process and ``resident`` is what that rank holds.
 """
 
 from __future__ import annotations
@@ -119,6 +123,7 @@ def _account(row: MemoryRow, target, state) -> bool:
         row.weight_bytes += target.native_nbytes()
         row.grad_bytes += 0 if target.native_grad_hook is not None else 4 * n
     else:
+        target = _local(target)
         n = target.numel()
         row.weight_bytes += n * target.element_size()
         row.grad_bytes += n * target.element_size()
@@ -130,19 +135,34 @@ def _account(row: MemoryRow, target, state) -> bool:
 _WEIGHT_BUFFERS = ("w_data", "w_scale", "w_global")  # a native layer's weight, counted as weights
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (a sharded Parameter); any other tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, int] | None:
+    """(storage address, device index); None for a storage FSDP2 has freed (an unsharded
+    parameter between its all-gathers holds no memory)."""
+    try:
+        return _local(t).untyped_storage().data_ptr(), t.device.index or 0
+    except RuntimeError:
+        return None
+
+
 def _held_tensors(model: nn.Module) -> list[torch.Tensor]:
     """Every tensor the modules hold besides parameters and native weights, one per storage:
     buffers (amax histories, norms' statistics), tensor attributes (a native layer's gradient
     carrier) and tensors inside dict/list/tuple attributes. Gradients are not included (they are
     ``grads at step``); weak references (the per-step operand caches) hold nothing."""
     seen: set[tuple[int, int]] = set()
-    params = {(p.untyped_storage().data_ptr(), p.device.index or 0) for p in model.parameters()}
+    params = {_storage_key(p) for p in model.parameters()}
     out = []
 
     def visit(value, depth=0):
         if isinstance(value, torch.Tensor):
-            key = (value.untyped_storage().data_ptr(), value.device.index or 0)
-            if key not in seen and key not in params and not isinstance(value, nn.Parameter):
+            value = _local(value)
+            key = _storage_key(value)
+            if key is not None and key not in seen and key not in params and not isinstance(value, nn.Parameter):
                 seen.add(key)
                 out.append(value)
         elif isinstance(value, dict) and depth < 4:
@@ -197,8 +217,8 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer) -> MemoryR
         if id(p) not in covered:
             covered.add(id(p))
             stray.targets += 1
-            stray.params += p.numel()
-            stray.weight_bytes += p.numel() * p.element_size()
+            stray.params += _local(p).numel()
+            stray.weight_bytes += _local(p).numel() * p.element_size()
     report = MemoryReport(list(rows.values()) + [r for r in (stray, held) if r.targets])
     if empty:
         report.notes.append(f"state not allocated yet for some targets of {empty}: optimizers allocate it at "

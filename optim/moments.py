@@ -151,8 +151,10 @@ class SeededGenerators:
 
 
 def state_nbytes(value) -> int:
-    """Bytes of the tensors in one optimizer-state entry (dicts of stored forms included)."""
+    """Bytes of the tensors in one optimizer-state entry (dicts of stored forms included); of a
+    DTensor (a sharded model's state), this rank's part."""
     if isinstance(value, torch.Tensor):
+        value = value.to_local() if hasattr(value, "to_local") else value
         return value.numel() * value.element_size()
     if isinstance(value, dict):
         return sum(state_nbytes(v) for v in value.values())
