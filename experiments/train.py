@@ -68,7 +68,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def start_processes(cfg: DictConfig) -> Distributed:
     """Join the processes ``torchrun`` started (a no-op for one process): ``init_distributed`` on the
     device ``train.device`` names (CUDA: ``cuda:LOCAL_RANK``; CPU: gloo), ranks other than 0 logging
-    warnings only, and one ``run_dir`` for all: rank 0's (Hydra's default directory carries the
+    warnings only, the layout in the log, and one ``run_dir`` for all: rank 0's (Hydra's default directory carries the
     second at which each process started)."""
     try:
         pcfg = ParallelConfig.from_config(cfg.get("parallel"))
@@ -84,6 +84,7 @@ def start_processes(cfg: DictConfig) -> Distributed:
     if d.mesh is None:
         return d
     log_on_main_only(d)
+    log.info("processes: %s", d.describe())
     box = [str(cfg.run_dir)]
     dist.broadcast_object_list(box, src=0)
     with open_dict(cfg):

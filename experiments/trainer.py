@@ -647,8 +647,8 @@ class Trainer:
         ds, mc = run.data.summary(), run.model.cfg
         if self.parallel is not None:
             d = self.parallel
-            log.info("processes: %s; each dp rank reads %d of the %d rows of every batch",
-                     d.describe(), t["batch_size"] // d.dp, t["batch_size"])
+            log.info("data parallel: each of the %d dp ranks reads %d of the %d rows of every batch",
+                     d.dp, t["batch_size"] // d.dp, t["batch_size"])
         for line in (
             (f"model: HybridLM d_model={mc.d_model}, {mc.n_blocks} blocks, window {mc.window}, memory "
              f"{'on (' + mc.rnn_mode + ')' if mc.memory else 'off'}: {n_params:,} parameters on {run.device}"),

@@ -135,8 +135,8 @@ def test_two_ranks_follow_the_one_process_loss_curve(runs):
     assert s0["tokens"] == one["tokens"]  # the global batch's tokens
     assert s0["processes"] == {"world_size": 2, "dp": 2, "tp": 1, "backend": "gloo"}
     assert s0["sample"] and s0["sample"] == s1["sample"]
-    layout = [m for m in log0 if m.startswith("processes: 2 processes (gloo, cpu): mesh dp=2; this is rank 0")]
-    assert layout and "each dp rank reads 2 of the 4 rows of every batch" in layout[0]
+    assert log0[0] == "processes: 2 processes (gloo, cpu): mesh dp=2; this is rank 0 (dp rank 0, local rank 0)"
+    assert "data parallel: each of the 2 dp ranks reads 2 of the 4 rows of every batch" in log0
     assert not any(m.startswith("processes:") for m in log1)  # rank 1 logs warnings only
     assert [p.name for p in sorted((two_dir / "checkpoints").iterdir())] == \
         ["ckpt-00000012.pt", "dcp-00000006", "dcp-00000012"]
@@ -159,15 +159,31 @@ def test_the_exported_final_model_is_read_by_evaluate(runs):
     assert evaluate_stream(model, s, n, data.tokenizer, "cpu")["loss"] == pytest.approx(summary["val_loss"], abs=TIGHT)
 
 
-def test_paper_policy_on_two_ranks_is_close(corpus, cfg_of, tmp_path):
-    """The paper policy (FP8 activations with one scale per tensor, FP4 weights, fp16 RNN with a
-    dynamic loss scale): each rank quantizes the activations of its 2 rows with their own amax, not
-    the 4 rows' amax of the 1-process run, so the numbers differ by quantization noise, not by
-    rounding order. Measured: at most 2.7e-4 of the loss (1.3e-3 nats) in 12 steps; bound 2e-3,
-    which says the run trains the same model on the same data, not that it is equal."""
+def test_tensor_parallel_follows_the_one_process_loss_curve(runs, corpus, cfg_of, tmp_path):
+    """parallel.tp=2 on 2 processes (dp=1: both ranks read the whole batch; attention, FFN and LSTM
+    weights split over them), fp32: within TIGHT of the 1-process run (measured 1 ulp: only the
+    row-parallel sums run in another order)."""
+    one_dir, _ = runs("one")
+    (_, summary, log0), _ = ok(train_on_ranks(cfg_of(corpus, tmp_path, *FP32, *FAST, "parallel.tp=2")))
+    assert log0[0] == "processes: 2 processes (gloo, cpu): mesh dp=1 x tp=2; this is rank 0 (dp rank 0, local rank 0)"
+    l1, l2 = _scalars(one_dir), _scalars(tmp_path)
+    assert sorted(l2) == list(range(1, 13)) and max(abs(l1[s] - l2[s]) for s in l1) < TIGHT
+
+
+@pytest.mark.parametrize("recipe", [(), ("precision=ternary_native", "optim=ternary_native")],
+                         ids=["paper", "ternary_native"])
+def test_quantized_policies_on_two_ranks_are_close(corpus, cfg_of, tmp_path, recipe):
+    """Close, not equal. paper (FP8 activations with one scale per tensor, FP4 weights, fp16 RNN
+    with a dynamic loss scale): each rank quantizes the activations of its 2 rows with their own
+    amax, not the 4 rows' amax of the 1-process run: quantization noise, not rounding order.
+    ternary_native (packed 2-bit rows on each rank, TernaryBop): the same per-tensor activation
+    scales, and each native layer's per-tensor weight scale learns from its rows on each rank and is
+    averaged over the ranks after every step (``sync_native_scales``) instead of learning from all
+    rows. Measured in 12 steps: at most 2.7e-4 (paper) and 2.4e-4 (ternary_native) of the loss;
+    bound 2e-3: the run trains the same model on the same data, it is not equal to one process."""
     one_dir, two_dir = tmp_path / "one", tmp_path / "two"
-    in_one_process(cfg_of(corpus, one_dir, *FAST, "train.eval_every=12", "train.ckpt_every=12"))
-    ok(train_on_ranks(cfg_of(corpus, two_dir, *FAST, "train.eval_every=12", "train.ckpt_every=12")))
+    in_one_process(cfg_of(corpus, one_dir, *FAST, *recipe, "train.eval_every=12", "train.ckpt_every=12"))
+    ok(train_on_ranks(cfg_of(corpus, two_dir, *FAST, *recipe, "train.eval_every=12", "train.ckpt_every=12")))
     l1, l2 = _scalars(one_dir), _scalars(two_dir)
     assert sorted(l1) == sorted(l2) == list(range(1, 13))
     assert max(abs(l1[s] - l2[s]) / l1[s] for s in l1) < 2e-3
@@ -227,3 +243,18 @@ def test_resume_one_process_checkpoint_on_two_ranks(corpus, cfg_of, tmp_path, ru
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["ckpt-00000006.pt", "ckpt-00000012.pt", "dcp-00000012"]
     assert not any(p.name.startswith(".") for p in (run / "checkpoints").iterdir())
+
+
+def test_refused_before_anything_runs(corpus, cfg_of, tmp_path):
+    """What several processes cannot run is a ConfigError naming the key, before data or model:
+    a global batch that does not split over the dp ranks; SRAdamW on FSDP2's DTensor Parameters."""
+    from experiments.build import ConfigError, check_parallel, check_train
+    from experiments.parallel import Distributed
+
+    cfg = cfg_of(corpus, tmp_path)
+    with pytest.raises(ConfigError, match=r"train.batch_size=4 \(the global batch\) does not split over the 3 "
+                                          r"data-parallel ranks .* choose a multiple of 3"):
+        check_parallel(cfg, check_train(cfg.train), Distributed(world_size=3, dp=3))
+    cfg = cfg_of(corpus, tmp_path, "optim=sr_adamw")
+    with pytest.raises(ConfigError, match="optim.latent.name=SRAdamW cannot update the DTensor Parameters"):
+        check_parallel(cfg, check_train(cfg.train), Distributed(world_size=2, dp=2))
