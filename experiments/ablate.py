@@ -30,6 +30,7 @@ import csv
 import json
 import math
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -65,7 +66,7 @@ def run_one(out: Path, variant: str, overrides: list[str], seed: int, base: list
     if summary.exists():
         return json.loads(summary.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
-    start = shlex.split(launcher) if launcher else [sys.executable]
+    start = _launch_command(launcher)
     cmd = [*start, "-m", "experiments.train", *base, *overrides, f"train.seed={seed}",
            f"hydra.run.dir={run_dir}", "resume=auto", "train.progress=false"]
     t0 = time.perf_counter()
@@ -74,6 +75,17 @@ def run_one(out: Path, variant: str, overrides: list[str], seed: int, base: list
     log(f"{variant} seed {seed}: {'ok' if rc == 0 else f'FAILED (exit {rc}, see {run_dir}/train.log)'} "
         f"in {time.perf_counter() - t0:.0f} s")
     return json.loads(summary.read_text()) if rc == 0 and summary.exists() else None
+
+
+def _launch_command(launcher: str | None) -> list[str]:
+    """The words that start a run: this interpreter, or ``launcher`` (``torchrun`` not on the PATH
+    is this interpreter's ``-m torch.distributed.run``, the same program)."""
+    if not launcher:
+        return [sys.executable]
+    words = shlex.split(launcher)
+    if words and words[0] == "torchrun" and shutil.which("torchrun") is None:
+        words = [sys.executable, "-m", "torch.distributed.run", *words[1:]]
+    return words
 
 
 def _val_curve(summary: dict) -> tuple[list[int], list[float]]:

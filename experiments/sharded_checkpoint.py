@@ -4,6 +4,8 @@ shards, and a checkpoint loads at any number of ranks (2 -> 1, 1 -> 2, ...).
     save_sharded(run_dir / "checkpoints" / "dcp-00000300", model, optimizer, extra)
     extra = load_sharded(path, model, optimizer)        # the same model, optimizer, any world size
     export_single_file(path, "ckpt-00000300.pt")        # one file, as experiments.checkpoint writes
+    import_single_file(payload, path, model, optimizer) # and back: a one-file checkpoint for N ranks
+    read_extra(path)                                    # step, config, ... without loading the model
 
 Layout (a DCP directory: ``.metadata`` plus one ``__<rank>_<n>.distcp`` file per rank)::
 
@@ -48,8 +50,15 @@ from lowprec.fsdp import unwrap_lowbit
 
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
 
-__all__ = ["save_sharded", "load_sharded", "read_extra", "export_single_file", "import_single_file",
-           "sharded_checkpoints", "checkpoint_state"]
+__all__ = [
+    "checkpoint_state",
+    "export_single_file",
+    "import_single_file",
+    "load_sharded",
+    "read_extra",
+    "save_sharded",
+    "sharded_checkpoints",
+]
 
 log = logging.getLogger(__name__)
 
@@ -439,7 +448,7 @@ def _name_optimizer(model: nn.Module, optimizer, saved: dict) -> dict[str, Any]:
     """A 1-process optimizer state_dict (targets numbered) keyed by the targets' names, as
     :func:`_optim_state` writes it; ``optimizer`` (built on ``model``, sharded or not) names them."""
     names = _names(model)
-    by_part = saved["parts"] if "parts" in saved else {"optimizer": saved}
+    by_part = saved.get("parts", {"optimizer": saved})
     out: dict[str, Any] = {}
     for part, opt in _parts(optimizer).items():
         if part not in by_part:
