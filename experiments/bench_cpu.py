@@ -5,8 +5,8 @@
 
 Each run is the main job itself (``experiments.train.train`` on the default config: the ``mini``
 hybrid, the plays in BPE, TBPTT) with only the precision policy (and the optimizer it needs)
-changed, shortened to ``--steps`` steps with no checkpoints, telemetry, validation until the end
-or sample. Reported per policy: training tokens/s (tokens over the summed step times, the first
+changed, shortened to ``--steps`` steps with one checkpoint and one validation at the end (of one
+batch), no telemetry and no sample. Reported per policy: training tokens/s (tokens over the summed step times, the first
 step's included), the median over ``--repeats`` runs taken in rotation (so a slow spell of the
 machine falls on every policy alike), and the ratio to bf16 in the same process.
 

@@ -1,6 +1,6 @@
 """FFN block benchmark: Linear d->4d, GELU, Linear 4d->d, forward + backward, per precision.
 
-    python -m experiments.bench_layers                       # the issue's grid (GPU)
+    python -m experiments.bench_layers                       # the default grid (GPU)
     python -m experiments.bench_layers --dims 1024 4096 --tokens 8192 --precisions bf16 fp8
 
 Prints a markdown table: ms per fwd+bwd, TFLOP/s (GEMM FLOPs only: 3 GEMMs x 2 layers x

@@ -182,6 +182,9 @@ class Stepper:
         loss, new_state, _ = self._forward(batches, state)
         self.scaler.scale(loss).backward()
         grads = list(self.optimizer.grads())
+        if not grads:  # a step that would "succeed" and train nothing
+            raise RuntimeError("the backward pass left no gradient on any trained tensor: the loss does not "
+                               "depend on the model's weights (with train.compile=true: the compiled graph lost them)")
         found_inf = self.scaler.unscale_and_check_(grads)
         grad_norm = clip_grads_(grads, self.grad_clip)
         self.optimizer.step(found_inf=found_inf)

@@ -30,7 +30,6 @@ many rows), so N ranks compute the gradient of the 1-process loss over the globa
 from __future__ import annotations
 
 import logging
-import math
 import os
 import warnings
 from dataclasses import dataclass, field, fields
@@ -45,7 +44,7 @@ from lowprec.fsdp import lowbit_gather_weights
 from lowprec.nn.native import NativeWeightMixin
 
 __all__ = ["ParallelConfig", "Distributed", "init_distributed", "log_on_main_only", "shard_model", "units",
-           "apply_tensor_parallel", "gather_bytes", "clip_grad_norm_", "clip_grads_over_ranks_", "local_grads",
+           "apply_tensor_parallel", "gather_bytes", "clip_grads_over_ranks_", "local_grads",
            "all_reduce_found_inf", "DTYPES"]
 
 log = logging.getLogger(__name__)
@@ -323,41 +322,6 @@ def _owners(model: nn.Module, named: list[tuple[str, nn.Module]]):
 
 # -------------------------------------------------------------------------- step reductions
 
-def _replication(t) -> int:
-    """On how many ranks each element of ``t`` is held: 1 for a plain local shard; for a DTensor,
-    the product of the mesh sizes over which it is replicated."""
-    from torch.distributed.tensor import DTensor, Replicate
-
-    if not isinstance(t, DTensor):
-        return 1
-    n = 1
-    for size, p in zip(t.device_mesh.shape, t.placements):
-        if isinstance(p, Replicate):
-            n *= size
-    return n
-
-
-@torch.no_grad()
-def clip_grad_norm_(grads: list[torch.Tensor], max_norm: float | None, group=None) -> float:
-    """``‖g‖₂`` over the gradients of the whole model, every rank holding a part: DTensor gradients
-    (FSDP2, tensor parallel) and native gradients (each rank's rows); scaled in place to
-    ``max_norm`` when larger (and finite). Without a process group: the 1-process norm."""
-    from torch.distributed.tensor import DTensor
-
-    if not grads:
-        return 0.0
-    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-    sq = torch.zeros((), dtype=torch.float64, device=local[0].device)
-    for g, t in zip(local, grads):
-        sq += torch.linalg.vector_norm(g.double()).square() / _replication(t)
-    if dist.is_initialized():
-        dist.all_reduce(sq, group=group)
-    norm = float(sq.sqrt())
-    if max_norm and math.isfinite(norm) and norm > max_norm:
-        torch._foreach_mul_(local, max_norm / (norm + 1e-6))
-    return norm
-
-
 def _copies(g, d: Distributed) -> int:
     """On how many of the ``d.world_size`` ranks each element of gradient ``g`` is held: a DTensor's
     replicated mesh dimensions times the ranks outside its mesh (FSDP2 over the dp sub-mesh of a
@@ -375,6 +339,9 @@ def _copies(g, d: Distributed) -> int:
     return n
 
 
+_COPIES: dict[tuple[float, ...], torch.Tensor] = {}  # the ranks holding each gradient, as a device tensor
+
+
 @torch.no_grad()
 def clip_grads_over_ranks_(grads: list[torch.Tensor], max_norm: float | None, d: Distributed) -> torch.Tensor:
     """:func:`experiments.loop.clip_grads_` for a model spread over the ranks of ``d``: ``‖g‖₂`` of
@@ -382,12 +349,15 @@ def clip_grads_over_ranks_(grads: list[torch.Tensor], max_norm: float | None, d:
     (each rank's local parts, divided by the ranks that hold copies of them, summed by one
     all-reduce over all ranks); with ``max_norm`` every local part multiplied by
     ``min(1, max_norm / (‖g‖₂ + 1e-6))``, a non-finite norm leaving them as they are. No host
-    sync (:func:`clip_grad_norm_` is the same with the norm read on the host)."""
+    sync."""
     local = local_grads(grads)
     if not local:
         return torch.zeros((), device=d.device)
     norms = torch.stack(torch._foreach_norm(local, 2.0, dtype=torch.float32))
-    copies = torch.tensor([float(_copies(g, d)) for g in grads], device=norms.device)
+    key = tuple(float(_copies(g, d)) for g in grads)
+    copies = _COPIES.get(key)
+    if copies is None or copies.device != norms.device:  # once per layout: a copy to the device waits for the host
+        copies = _COPIES[key] = torch.tensor(key, device=norms.device)
     sq = (norms.square() / copies).sum()
     if dist.is_initialized():
         dist.all_reduce(sq)

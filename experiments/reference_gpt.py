@@ -99,7 +99,7 @@ def main(argv=None):
     ap.add_argument("--val-streams", type=int, default=24, help="the main job's train.batch_size")
     ap.add_argument("--val-seq-len", type=int, default=64, help="the main job's train.seq_len")
     ap.add_argument("--val-segments", type=int, default=1000,
-                    help="the main job's train.eval_batches (at most the split holds: 1000 scores all of it)")
+                    help="segments per stream (at most what the split holds: 1000 scores all of the plays)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

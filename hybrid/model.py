@@ -113,8 +113,10 @@ class HybridLM(nn.Module):
         for name, t in (("h", state.h), ("memory", state.memory), ("pending", state.pending)):
             if t is not None and t.shape[-2 if name == "h" else 0] != B:
                 raise ValueError(f"state.{name} has batch {t.shape[-2 if name == 'h' else 0]}, tokens have {B}")
-        pos = state.pos if isinstance(state.pos, Tensor) else torch.tensor(state.pos)  # an unpickled growing-bank state
-        pos = pos.to(device=tokens.device, dtype=torch.int64)
+        if isinstance(state.pos, Tensor):
+            pos = state.pos.to(device=tokens.device, dtype=torch.int64)
+        else:  # a fresh state, or an unpickled growing-bank one: a fill on the device, no copy to wait for
+            pos = torch.full((), int(state.pos), dtype=torch.int64, device=tokens.device)
 
         e = self.embed["tok"](tokens)
         x = self.drop(e + self.embed["pos"](torch.arange(T, device=tokens.device)))

@@ -51,7 +51,7 @@ presets: dict[str, HybridConfig] = {
         xattn_heads=4, max_memory=64, tbptt_segments=2, dropout=0.1,
     ),
     # The main job's model: every component of the hybrid at a size that 2 CPU cores train to
-    # ~2.4 bits/char on the plays in four minutes (BPE tokens of ~2.5 chars; the vocabulary
+    # ~2.36 bits/char on the plays in four minutes (BPE tokens of 2.67 chars; the vocabulary
     # comes from the tokenizer). One segment per TBPTT step: at this size updates per token count
     # for more than gradient paths across segments.
     "mini": HybridConfig(

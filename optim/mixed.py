@@ -102,8 +102,9 @@ class MixedOptimizer(torch.optim.Optimizer):
                 opt.step()
             elif isinstance(opt, TargetOptimizer):
                 opt.step(found_inf=found_inf)
-            elif getattr(opt, "_step_supports_amp_scaling", False):
-                # torch's fused optimizers read the flag as torch.amp.GradScaler hands it over
+            elif getattr(opt, "_step_supports_amp_scaling", False) and all(g.get("fused") for g in opt.param_groups):
+                # torch's fused optimizers read the flag as torch.amp.GradScaler hands it over (fused
+                # as built; a state dict from a CPU run loads fused=False into the groups: host path)
                 opt.grad_scale, opt.found_inf = None, found_inf
                 try:
                     opt.step()

@@ -78,8 +78,8 @@ def store(state: dict, key: str, x: torch.Tensor, dtype: str, generator: torch.G
     """Write fp32 ``x`` into ``state[key]`` (and ``state[key + "_scale"]`` for fp8) in ``dtype``.
 
     ``sqrt=True`` stores ``sqrt(x)`` (``x >= 0``) in fp8; fp32/bf16 store ``x`` itself. fp32 is
-    stored as is (``x`` becomes the state tensor: in-place recurrences on a loaded fp32 moment
-    update the state directly, as torch.optim does). ``generator=None`` rounds to nearest (used
+    stored as is (``x`` becomes the state tensor, no copy; callers build ``x`` out of place, so a
+    skipped step can keep the old tensor). ``generator=None`` rounds to nearest (used
     only for exact values such as zeros, so that no global random state is consumed)."""
     rounding = "nearest" if generator is None else "stochastic"
     if dtype == "fp32":

@@ -27,10 +27,20 @@ import lowprec
 import optim
 from experiments.checkpoint import load_checkpoint
 from experiments.data import SegmentStreamer, TokenBatcher
-from experiments.parallel import (ParallelConfig, all_reduce_found_inf, clip_grad_norm_, gather_bytes, init_distributed,
-                                  shard_model)
+from experiments.parallel import (
+    ParallelConfig,
+    all_reduce_found_inf,
+    clip_grads_over_ranks_,
+    gather_bytes,
+    init_distributed,
+    shard_model,
+)
 from experiments.rank_data import RankBatches, gather_state_rows, state_rows
-from experiments.sharded_checkpoint import export_single_file, load_sharded, save_sharded
+from experiments.sharded_checkpoint import (
+    export_single_file,
+    load_sharded,
+    save_sharded,
+)
 from hybrid import HybridLM, preset
 from lowprec.distributed import native_shards, sync_native_scales
 
@@ -146,7 +156,7 @@ def _data_parallel_checks(rank, world, tmp):
         if name == "ternary_native":  # the norm over every rank's shards: ‖g‖ of the whole model
             mixed = optim.build_optimizer(model, optim_cfg("ternary_native"))
             ref_opt = optim.build_optimizer(ref, optim_cfg("ternary_native"))
-            out["norm"] = clip_grad_norm_(list(mixed.grads()), None)
+            out["norm"] = float(clip_grads_over_ranks_(list(mixed.grads()), None, d))
             out["ref_norm"] = float(torch.linalg.vector_norm(torch.stack(
                 [torch.linalg.vector_norm(g.double()) for g in ref_opt.grads()])))
         if name is None:  # against the whole batch in one process (the loss curve of 1 process)
@@ -247,11 +257,12 @@ def test_carried_state_rows(dp2):
 
 
 def test_grad_norm_and_found_inf_over_ranks(dp2):
-    """The norm over every rank's shards (DTensor and native rows) is the 1-process norm (fp64
-    sums in another order: 1e-9 relative); one rank's inf/NaN stops every rank's step."""
+    """The norm over every rank's shards (DTensor and native rows) is the 1-process norm (per-tensor
+    norms in fp32 on the device against an fp64 reference: a few fp32 ulps, 1e-6 relative); one
+    rank's inf/NaN stops every rank's step."""
     _, res = dp2
     for r in res:
-        assert r["norm"] == pytest.approx(r["ref_norm"], rel=1e-9)
+        assert r["norm"] == pytest.approx(r["ref_norm"], rel=1e-6)
         assert r["found_inf"] == (True, False, 1.0, 1.0)
 
 

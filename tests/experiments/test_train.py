@@ -201,10 +201,14 @@ def test_busy_cores_sees_a_process_spinning_now():
     1-minute load average would still say the machine is idle."""
     from experiments.build import busy_cores
 
+    before = busy_cores(0.5)
+    if before > (os.cpu_count() or 1) - 1.3:
+        pytest.skip(f"{before:.1f} cores already busy: no free core to see a spinning process on")
     spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.3)  # started and spinning
-        assert busy_cores(0.5) >= 0.7  # one core's worth, less the sampling's scheduling noise
+        # one more core's worth, less 0.4 for the other processes' load changing between the samples
+        assert busy_cores(0.5) - before >= 0.6
     finally:
         spin.kill()
         spin.wait()

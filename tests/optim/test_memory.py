@@ -1,4 +1,5 @@
-"""memory_report: exact bytes per parameter of weights + optimizer state, and the issue's targets."""
+"""memory_report: exact bytes per parameter of weights + optimizer state, and the targets of the
+latent-free recipes (native ternary/binary at most a stated share of bf16 AdamW's bytes)."""
 
 import gc
 import types
