@@ -131,9 +131,7 @@ class Stepper:
     _last: tuple | None = None
 
     def __post_init__(self):
-        self._loss = torch.compile(self._segments_loss) if self.compile else self._segments_loss
-        if self.parallel is not None:
-            self._sums = torch.compile(self._segments_sums) if self.compile else self._segments_sums
+        self._sums = torch.compile(self._segments_sums) if self.compile else self._segments_sums
         if self.scaler is not None:
             self.scaler.to(self.device)
 
@@ -148,15 +146,9 @@ class Stepper:
             t = t.pin_memory()  # a copy from pageable memory would wait for the device
         return t.to(self.device, non_blocking=True)
 
-    def _segments_loss(self, xs, ys, resets, state) -> tuple[torch.Tensor, Any]:
-        total, scored = 0, 0
-        for x, y, reset in zip(xs, ys, resets):
-            logits, state = self.model(x, None if reset else state)
-            total = total + F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-            scored = scored + (y >= 0).sum()  # a tensor: no device sync
-        return total / scored.clamp(min=1), state
-
     def _segments_sums(self, xs, ys, resets, state) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """(Σ nats over the scored targets, their count, state) of the step's segments: what
+        ``train.compile`` compiles (forward and loss; AOTAutograd compiles their backward)."""
         total, scored = 0, 0
         for x, y, reset in zip(xs, ys, resets):
             logits, state = self.model(x, None if reset else state)
@@ -170,7 +162,8 @@ class Stepper:
         but not scored."""
         xs = [self._to_device(x) for x, _, _ in batches]
         ys = [self._to_device(y) for _, y, _ in batches]
-        loss, state = self._loss(xs, ys, tuple(bool(r) for _, _, r in batches), state)
+        total, scored, state = self._sums(xs, ys, tuple(bool(r) for _, _, r in batches), state)
+        loss = total / scored.clamp(min=1)
         return loss, state, sum(y.numel() for y in ys)
 
     def train_step(self, batches, state) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:

@@ -12,10 +12,16 @@ resolved config), ``precision_report.md`` (the policy's per-layer table and the 
 memory), ``tb/`` (TensorBoard events), ``checkpoints/ckpt-<step>.pt`` and ``summary.json`` (final
 and best validation loss / bits per character, the validation curve, throughput, the sample); a run
 on several processes writes sharded checkpoints ``checkpoints/dcp-<step>/`` and, at its end, the
-newest as ``checkpoints/ckpt-<step>.pt``; only its rank 0 writes the other files. The loop
-and its parts (checkpointing, evaluation, the NaN guard, metrics) are in :mod:`experiments.trainer`;
-each step in :mod:`experiments.loop`; checkpoints in :mod:`experiments.checkpoint`; configuration
-checks in :mod:`experiments.build`.
+newest as ``checkpoints/ckpt-<step>.pt``; only its rank 0 writes the other files. Where each
+part lives:
+
+- the loop, metrics and the NaN guard: :mod:`experiments.trainer`;
+- each step, and the scoring of validation windows: :mod:`experiments.loop`;
+- the run's checkpoints (``resume``, restore, ``init_from``, saving, sharded ones):
+  :mod:`experiments.checkpointing`; the one-file format: :mod:`experiments.checkpoint`; the sharded
+  format: :mod:`experiments.sharded_checkpoint`;
+- validation, retrieval accuracy and the sample during a run: :mod:`experiments.evaluation_loop`;
+- configuration checks: :mod:`experiments.build`.
 
 Exit status: 0 done; 2 bad input (config, data, checkpoint), with one line naming the cause;
 1 stopped after ``train.max_bad_steps`` consecutive steps with inf/NaN, naming the first layer
