@@ -93,8 +93,7 @@ class Checkpoints:
         elif init_from:
             log.info("model weights from %s (init_from); optimizer, schedule and data start fresh",
                      self.init_from(init_from))
-        ckpts = self._all(self.manager)
-        self.last_good = ckpts[-1][2] if ckpts else None
+        self.last_good = found[0] if found is not None else None  # the one restored, not a damaged newer one
         return start, meta
 
     def _all(self, manager: CheckpointManager) -> list[tuple[int, int, Path]]:
@@ -108,11 +107,11 @@ class Checkpoints:
         """The newest checkpoint of ``manager``'s directory that reads, with its payload (a sharded
         one: its ``extra``); damaged ones are skipped with a warning, as ``latest_valid`` does."""
         if not sharded_checkpoints(manager.dir):
-            return manager.latest_valid()
+            return manager.latest_valid("cpu")
         errors = []
         for _, _, path in reversed(self._all(manager)):
             try:
-                return path, (read_extra(path) if path.is_dir() else load_checkpoint(path, None))
+                return path, (read_extra(path) if path.is_dir() else load_checkpoint(path, "cpu"))
             except CorruptCheckpointError as e:
                 log.warning("%s; falling back to the previous checkpoint", e)
                 errors.append(str(e))
@@ -250,7 +249,7 @@ class Checkpoints:
         if self.main:
             try:
                 out = fn()
-            except (RuntimeError, ValueError, KeyError, OSError) as e:
+            except Exception as e:  # noqa: BLE001 -- any error must reach the waiting ranks, or they hang
                 err = f"{what}: {type(e).__name__}: {e}"
         box = [out, err]
         dist.broadcast_object_list(box, src=0)
