@@ -21,9 +21,10 @@ def test_states_are_counted_once_over_all_gpus():
     cfg = preset("paper")
     n = sum(param_counts(cfg).values())
     one = gpu_budget(cfg, policy("bf16"), Layout(1, 1), window=1024)
-    assert one.parts["weights"] == pytest.approx(4 * n)
-    assert one.parts["grads"] == pytest.approx(4 * n)
-    assert one.parts["optimizer"] == pytest.approx(8 * n)
+    # float sums of per-layer byte counts of a 392.73B model: 1e-9 relative is a few hundred bytes
+    assert one.parts["weights"] == pytest.approx(4 * n, rel=1e-9)
+    assert one.parts["grads"] == pytest.approx(4 * n, rel=1e-9)
+    assert one.parts["optimizer"] == pytest.approx(8 * n, rel=1e-9)
     many = gpu_budget(cfg, policy("bf16"), Layout(16, 8), window=1024)
     for k in ("weights", "grads", "optimizer"):
         assert many.parts[k] < one.parts[k] / 16
