@@ -40,10 +40,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .formats import Format
-from .packing import pack_codes
-from .qtensor import QTensor, _packed_bits, e2m1_encode
-from .rounding import torch_dtype_of
-from .scaling import quantize_groups, to_groups
+from .qtensor import QTensor, quantize
 
 __all__ = ["LowBitGatherWeight", "check_lowbit_gather_support", "lowbit_gather_weights", "unwrap_lowbit"]
 
@@ -79,22 +76,7 @@ def check_lowbit_gather_support(precision, rows: int, world: int) -> tuple[bool,
 
 def _quantize(x: torch.Tensor, fmt: Format, amax: torch.Tensor | None) -> QTensor:
     """``lowprec.quantize(x, fmt)`` with the per-tensor amax given (rows of a larger tensor)."""
-    xg, groups = to_groups(x, fmt)
-    values, _, stored, g = quantize_groups(xg, fmt, "nearest", None, amax)
-    bits = _packed_bits(fmt)
-    values = torch.nan_to_num(values, nan=0.0) if not fmt.has_nan else values
-    if bits == 4:
-        data = pack_codes(e2m1_encode(values), 4)
-    elif bits == 2:
-        data = pack_codes((values + 1).to(torch.uint8), 2)
-    elif bits == 1:
-        data = pack_codes((values > 0).to(torch.uint8), 1)
-    else:
-        data = values.reshape(*groups.shape[:-1], groups.padded_last)
-        data = data.to(torch.int8 if fmt.kind == "int" else torch_dtype_of(fmt))
-    if fmt.is_scaled and stored is not None:
-        stored = stored.reshape(groups.scale_shape(fmt))
-    return QTensor(data, stored, g, fmt, groups.shape, groups.padded_last)
+    return quantize(x, fmt, amax=amax)
 
 
 class LowBitGatherWeight(torch.Tensor):

@@ -159,16 +159,19 @@ def predicted_nbytes(shape, fmt) -> int:
     return data + scale_bytes + (4 if fmt.scale == "nvfp4" else 0)
 
 
-def quantize(x: torch.Tensor, fmt, *, rounding: str = "nearest", generator: torch.Generator | None = None) -> QTensor:
+def quantize(x: torch.Tensor, fmt, *, rounding: str = "nearest", generator: torch.Generator | None = None,
+             amax: torch.Tensor | None = None) -> QTensor:
     """Quantize ``x`` to ``fmt`` (a name or a :class:`Format`) and pack it.
 
     rounding: ``"nearest"`` (ties to even) or ``"stochastic"`` (unbiased, noise from
-    ``generator``). Non-finite input makes its scale group NaN (see :mod:`lowprec.formats`)."""
+    ``generator``). ``amax``: a per-tensor format's amax when ``x`` is part of a larger tensor
+    (a shard quantized with the whole tensor's scale). Non-finite input makes its scale group NaN
+    (see :mod:`lowprec.formats`)."""
     fmt = get_format(fmt)
     check_input(x)
     check_rounding(rounding)
     xg, groups = to_groups(x, fmt)
-    values, _, stored, g = quantize_groups(xg, fmt, rounding, generator)
+    values, _, stored, g = quantize_groups(xg, fmt, rounding, generator, amax)
     bits = _packed_bits(fmt)
     if not fmt.has_nan:  # NaN groups are carried by their NaN scale; keep the codes defined
         values = torch.nan_to_num(values, nan=0.0)
