@@ -1,11 +1,16 @@
 """Tiny training runs for the experiments tests, in this process (Hydra's ``compose`` + ``train``):
 no interpreter, torch or Hydra start-up per run. Runs that several tests only read are trained
 once per session (``trained_run``); a test that changes a run works on its own copy (``copy_run``)."""
+import os
 import shutil
+import socket
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
 
 from experiments import load_corpus
@@ -80,3 +85,41 @@ def copy_run(tmp_path):
         return Path(shutil.copytree(run_dir, tmp_path / f"copy-{run_dir.name}"))
 
     return copy
+
+
+def _fork_ranks(body, world: int) -> list[tuple[bool, object, dict]]:
+    """``body(rank, side)`` in ``world`` forked processes that find each other through torchrun's
+    environment variables (a free port), one torch thread each; per rank, in rank order: (ok, what
+    ``body`` returned or its traceback, ``side``: what ``body`` put there, also when it failed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("fork")
+    q = ctx.SimpleQueue()
+
+    def main(rank):
+        side: dict = {}
+        try:
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                              WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+            torch.set_num_threads(1)
+            out = body(rank, side)
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            q.put((rank, True, out, side))
+        except BaseException:  # noqa: BLE001 -- any failure of a rank goes back to the test, with its traceback
+            q.put((rank, False, traceback.format_exc(), side))
+
+    procs = [ctx.Process(target=main, args=(r,)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = {r: (ok, out, side) for r, ok, out, side in (q.get() for _ in procs)}
+    for p in procs:
+        p.join(timeout=60)
+    return [results[r] for r in range(world)]
+
+
+@pytest.fixture(scope="session")
+def fork_ranks():
+    """``fork_ranks(body, world)``: see :func:`_fork_ranks`."""
+    return _fork_ranks

@@ -10,16 +10,12 @@ on the batch, so that, not the whole batch at once, is what N ranks compute.
 """
 from __future__ import annotations
 
-import os
-import socket
-import traceback
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 import yaml
 
@@ -97,38 +93,15 @@ def full(t):
 
 # ----------------------------------------------------------------------------- processes
 
-def run_ranks(fn, world: int = 2, *args):
-    """Run ``fn(rank, world, *args)`` in ``world`` forked processes joined in a gloo group (torchrun's
-    environment variables, a free port); returns each rank's return value, rank order. A rank's
-    exception fails the test with its traceback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("fork")
-    q = ctx.SimpleQueue()
-
-    def main(rank):
-        try:
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                              WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-            torch.set_num_threads(1)
-            out = fn(rank, world, *args)
-            dist.destroy_process_group()
-            q.put((rank, True, out))
-        except BaseException:
-            q.put((rank, False, traceback.format_exc()))
-
-    procs = [ctx.Process(target=main, args=(r,)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = {r: (ok, out) for r, ok, out in (q.get() for _ in procs)}
-    for p in procs:
-        p.join(timeout=60)
-    for r in range(world):
-        ok, out = results[r]
+def run_ranks(fork_ranks, fn, world: int = 2, *args):
+    """``fn(rank, world, *args)`` on ``world`` ranks joined in a gloo group (the ``fork_ranks``
+    fixture); each rank's return value, rank order. A rank's exception fails the test with its
+    traceback."""
+    results = fork_ranks(lambda rank, side: fn(rank, world, *args), world)
+    for r, (ok, out, _) in enumerate(results):
         if not ok:
             pytest.fail(f"rank {r} failed:\n{out}")
-    return [results[r][1] for r in range(world)]
+    return [out for _, out, _ in results]
 
 
 # ------------------------------------------------------------------- group A: 2 ranks, dp = 2
@@ -215,9 +188,9 @@ def _data_parallel_checks(rank, world, tmp):
 
 
 @pytest.fixture(scope="module")
-def dp2(tmp_path_factory):
+def dp2(tmp_path_factory, fork_ranks):
     tmp = tmp_path_factory.mktemp("dp2")
-    return tmp, run_ranks(_data_parallel_checks, 2, str(tmp))
+    return tmp, run_ranks(fork_ranks, _data_parallel_checks, 2, str(tmp))
 
 
 def test_mesh_and_log_line(dp2):
@@ -302,7 +275,7 @@ def _load_at_two(rank, world, tmp):
     return extra
 
 
-def test_checkpoint_2_to_1_to_2(dp2):
+def test_checkpoint_2_to_1_to_2(dp2, fork_ranks):
     """A checkpoint of 2 ranks loads into 1 process (whole tensors, bit for bit); saved there, it
     loads into 2 ranks again; exported, the 2-rank checkpoints before and after are identical
     (model, every optimizer part's state, extra)."""
@@ -319,7 +292,7 @@ def test_checkpoint_2_to_1_to_2(dp2):
                            want[k].view(torch.uint8) if want[k].dtype == torch.float8_e4m3fn else want[k]), k
     assert any(opt.state_dict()["parts"]["ternary"]["state"].values())
     save_sharded(tmp / "dp1", model, opt, extra)
-    assert run_ranks(_load_at_two, 2, str(tmp)) == [extra, extra]
+    assert run_ranks(fork_ranks, _load_at_two, 2, str(tmp)) == [extra, extra]
     a = load_checkpoint(export_single_file(tmp / "dp2", tmp / "a.pt"))
     b = load_checkpoint(export_single_file(tmp / "dp2-again", tmp / "b.pt"))
     _assert_same(a["model"], b["model"])
@@ -485,9 +458,9 @@ def _two_dimensional(rank, world):
                              for n, p in model.named_parameters())
 
 
-def test_fsdp_and_tensor_parallel_on_four_processes():
+def test_fsdp_and_tensor_parallel_on_four_processes(fork_ranks):
     """A (dp=2, tp=2) mesh: FSDP2 over dp composed with tensor parallelism over tp (1e-6 relative,
     as for tensor parallelism alone)."""
-    res = run_ranks(_two_dimensional, 4)
+    res = run_ranks(fork_ranks, _two_dimensional, 4)
     assert res[0][0].startswith("4 processes (gloo, cpu): mesh dp=2 x tp=2")
     assert all(diff < 1e-6 for _, diff in res)

@@ -18,15 +18,11 @@ rounding boundary rounds the other way now and then; measured up to 8e-5 nats in
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import socket
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from experiments.checkpoint import load_checkpoint
 from experiments.sharded_checkpoint import read_extra, sharded_checkpoints
@@ -46,18 +42,12 @@ def _scalars(run_dir: Path, tag: str = "train/loss") -> dict[int, float]:
     return {e.step: e.value for e in acc.Scalars(tag)}
 
 
-def train_on_ranks(cfg, world: int = 2, before=None) -> list[tuple[bool, object, list[str]]]:
-    """``train(cfg)`` in ``world`` forked processes joined by gloo; per rank (ok, summary or the
-    traceback, the log messages it emitted). ``before()`` runs in each child first (fault
-    injection)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("fork")
-    q = ctx.SimpleQueue()
-
-    def main(rank):
-        messages: list[str] = []
+def train_on_ranks(fork_ranks, cfg, world: int = 2, before=None) -> list[tuple[bool, object, list[str]]]:
+    """``train(cfg)`` on ``world`` ranks joined by gloo (the ``fork_ranks`` fixture); per rank (ok,
+    summary or the traceback, the log messages it emitted). ``before()`` runs in each child first
+    (fault injection)."""
+    def body(rank, side):
+        messages = side["messages"] = []
 
         class Keep(logging.Handler):
             def emit(self, record):
@@ -66,24 +56,11 @@ def train_on_ranks(cfg, world: int = 2, before=None) -> list[tuple[bool, object,
         root = logging.getLogger()
         root.addHandler(Keep())
         root.setLevel(logging.INFO)  # train() lowers ranks other than 0 to warnings
-        try:
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                              WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-            torch.set_num_threads(1)
-            if before is not None:
-                before()
-            out = train(cfg)
-            q.put((rank, True, out, messages))
-        except BaseException:  # noqa: BLE001 -- any failure of a rank goes back to the test, with its traceback
-            q.put((rank, False, traceback.format_exc(), messages))
+        if before is not None:
+            before()
+        return train(cfg)
 
-    procs = [ctx.Process(target=main, args=(r,)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = {r: (ok, out, msgs) for r, ok, out, msgs in (q.get() for _ in procs)}
-    for p in procs:
-        p.join(timeout=60)
-    return [results[r] for r in range(world)]
+    return [(good, out, side.get("messages", [])) for good, out, side in fork_ranks(body, world)]
 
 
 def ok(results):
@@ -102,7 +79,7 @@ def in_one_process(cfg):
 
 
 @pytest.fixture(scope="module")
-def runs(corpus, cfg_of, tmp_path_factory):
+def runs(corpus, cfg_of, tmp_path_factory, fork_ranks):
     """The fp32 run in 1 process and on 2 ranks (the 2-rank one samples at the end), lazily."""
     made: dict[str, tuple[Path, object]] = {}
 
@@ -112,7 +89,7 @@ def runs(corpus, cfg_of, tmp_path_factory):
             if name == "one":
                 made[name] = d, in_one_process(cfg_of(corpus, d, *FP32, *FAST))
             elif name == "two":
-                made[name] = d, ok(train_on_ranks(cfg_of(corpus, d, *FP32, "train.telemetry_every=0")))
+                made[name] = d, ok(train_on_ranks(fork_ranks, cfg_of(corpus, d, *FP32, "train.telemetry_every=0")))
         return made[name]
 
     return get
@@ -159,12 +136,12 @@ def test_the_exported_final_model_is_read_by_evaluate(runs):
     assert evaluate_stream(model, s, n, data.tokenizer, "cpu")["loss"] == pytest.approx(summary["val_loss"], abs=TIGHT)
 
 
-def test_tensor_parallel_follows_the_one_process_loss_curve(runs, corpus, cfg_of, tmp_path):
+def test_tensor_parallel_follows_the_one_process_loss_curve(runs, corpus, cfg_of, tmp_path, fork_ranks):
     """parallel.tp=2 on 2 processes (dp=1: both ranks read the whole batch; attention, FFN and LSTM
     weights split over them), fp32: within TIGHT of the 1-process run (measured 1 ulp: only the
     row-parallel sums run in another order)."""
     one_dir, _ = runs("one")
-    (_, _, log0), _ = ok(train_on_ranks(cfg_of(corpus, tmp_path, *FP32, *FAST, "parallel.tp=2")))
+    (_, _, log0), _ = ok(train_on_ranks(fork_ranks, cfg_of(corpus, tmp_path, *FP32, *FAST, "parallel.tp=2")))
     assert log0[0] == "processes: 2 processes (gloo, cpu): mesh dp=1 x tp=2; this is rank 0 (dp rank 0, local rank 0)"
     l1, l2 = _scalars(one_dir), _scalars(tmp_path)
     assert sorted(l2) == list(range(1, 13)) and max(abs(l1[s] - l2[s]) for s in l1) < TIGHT
@@ -172,7 +149,7 @@ def test_tensor_parallel_follows_the_one_process_loss_curve(runs, corpus, cfg_of
 
 @pytest.mark.parametrize("recipe", [(), ("precision=ternary_native", "optim=ternary_native")],
                          ids=["paper", "ternary_native"])
-def test_quantized_policies_on_two_ranks_are_close(corpus, cfg_of, tmp_path, recipe):
+def test_quantized_policies_on_two_ranks_are_close(corpus, cfg_of, tmp_path, recipe, fork_ranks):
     """Close, not equal. paper (FP8 activations with one scale per tensor, FP4 weights, fp16 RNN
     with a dynamic loss scale): each rank quantizes the activations of its 2 rows with their own
     amax, not the 4 rows' amax of the 1-process run: quantization noise, not rounding order.
@@ -183,7 +160,7 @@ def test_quantized_policies_on_two_ranks_are_close(corpus, cfg_of, tmp_path, rec
     bound 2e-3: the run trains the same model on the same data, it is not equal to one process."""
     one_dir, two_dir = tmp_path / "one", tmp_path / "two"
     in_one_process(cfg_of(corpus, one_dir, *FAST, *recipe, "train.eval_every=12", "train.ckpt_every=12"))
-    ok(train_on_ranks(cfg_of(corpus, two_dir, *FAST, *recipe, "train.eval_every=12", "train.ckpt_every=12")))
+    ok(train_on_ranks(fork_ranks, cfg_of(corpus, two_dir, *FAST, *recipe, "train.eval_every=12", "train.ckpt_every=12")))
     l1, l2 = _scalars(one_dir), _scalars(two_dir)
     assert sorted(l1) == sorted(l2) == list(range(1, 13))
     assert max(abs(l1[s] - l2[s]) / l1[s] for s in l1) < 2e-3
@@ -192,7 +169,7 @@ def test_quantized_policies_on_two_ranks_are_close(corpus, cfg_of, tmp_path, rec
 
 # -------------------------------------------------------------- resume across world sizes
 
-def test_killed_save_then_resume_in_one_process(corpus, cfg_of, tmp_path, runs):
+def test_killed_save_then_resume_in_one_process(corpus, cfg_of, tmp_path, runs, fork_ranks):
     """A 2-rank run whose step-12 save dies after writing part of its files: the error stops both
     ranks, the step-6 checkpoint stands (no step-12 directory, no temporary one left), and
     ``resume=auto`` in ONE process continues from it (2 -> 1): steps 7..12 follow the uninterrupted
@@ -212,7 +189,7 @@ def test_killed_save_then_resume_in_one_process(corpus, cfg_of, tmp_path, runs):
         sc.dcp.save = save
 
     run = tmp_path / "killed"
-    res = train_on_ranks(cfg_of(corpus, run, *FP32, *FAST), before=die_in_the_second_save)
+    res = train_on_ranks(fork_ranks, cfg_of(corpus, run, *FP32, *FAST), before=die_in_the_second_save)
     assert all(not good and "killed mid-save" in out for good, out, _ in res)
     ckpts = run / "checkpoints"
     assert [s for s, _ in sharded_checkpoints(ckpts)] == [6]
@@ -227,7 +204,7 @@ def test_killed_save_then_resume_in_one_process(corpus, cfg_of, tmp_path, runs):
     assert (ckpts / "ckpt-00000012.pt").exists()  # written by the 1-process run
 
 
-def test_resume_one_process_checkpoint_on_two_ranks(corpus, cfg_of, tmp_path, runs):
+def test_resume_one_process_checkpoint_on_two_ranks(corpus, cfg_of, tmp_path, runs, fork_ranks):
     """1 -> 2: the 1-process run's step-6 file resumed by 2 ranks (rank 0 converts it to a sharded
     checkpoint, each rank loads its shards and its rows of the carried state): steps 7..12 follow the
     uninterrupted 1-process run within TIGHT."""
@@ -235,7 +212,7 @@ def test_resume_one_process_checkpoint_on_two_ranks(corpus, cfg_of, tmp_path, ru
     run = Path(shutil.copytree(one_dir, tmp_path / "one-then-two"))
     (run / "checkpoints" / "ckpt-00000012.pt").unlink()
     assert load_checkpoint(run / "checkpoints" / "ckpt-00000006.pt")["step"] == 6
-    (_, summary, log0), _ = ok(train_on_ranks(cfg_of(corpus, run, *FP32, *FAST)))
+    (_, summary, log0), _ = ok(train_on_ranks(fork_ranks, cfg_of(corpus, run, *FP32, *FAST)))
     assert any(m.startswith("resumed from") and "ckpt-00000006.pt" in m for m in log0)
     assert summary["steps"] == 12
     resumed, one = _scalars(run), _scalars(one_dir)
