@@ -28,23 +28,29 @@ from .packing import pack_codes, unpack_codes
 from .scaling import E8M0_NAN, Groups, check_input, e8m0_to_float, from_groups, quantize_groups, to_groups
 from .rounding import check_rounding, torch_dtype_of
 
-# E2M1 magnitudes by 3-bit code: exponent 2 bits, mantissa 1 bit.
-E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-# index = 2 * |value| -> 3-bit magnitude code (only the entries of E2M1_VALUES are reached).
-_E2M1_CODE_OF_TWICE = torch.tensor([0, 1, 2, 3, 4, 0, 5, 0, 6, 0, 0, 0, 7], dtype=torch.uint8)
+# E2M1 magnitudes by 3-bit code (exponent e = code >> 1, mantissa m = code & 1): e = 0 is
+# subnormal, m / 2; otherwise 2^(e-1) (1 + m / 2), so codes 0..7 are 0, 0.5, 1, 1.5, 2, 3, 4, 6.
+# Both directions are computed, not looked up: a table would be copied to the device on every
+# call (a host synchronisation on CUDA).
 
 
 def e2m1_encode(values: torch.Tensor) -> torch.Tensor:
     """E2M1 values (exactly on the grid; NaN allowed, encoded as +0) -> 4-bit codes (uint8)."""
     v = torch.nan_to_num(values, nan=0.0)
-    twice = (v.abs() * 2).to(torch.long)
-    mag = _E2M1_CODE_OF_TWICE.to(v.device)[twice]
-    return mag | (torch.signbit(v).to(torch.uint8) << 3)
+    twice = (v.abs() * 2).to(torch.int32)  # 0, 1, 2, 3, 4, 6, 8, 12
+    # 2|v| < 4 is the code itself; above, 2 floor(log2(2|v|)) gives 4 (2|v| = 4), 6 (8), and the
+    # mantissa bit is set for 6 and 12 (bit 1 of 2|v| / 2^(floor log2) - 1)
+    high = twice >= 4
+    e = torch.where(high, (twice >= 8).to(torch.int32) + 2, 0)
+    mag = torch.where(high, 2 * e + ((twice >> (e - 1).clamp(min=0)) & 1), twice)
+    return mag.to(torch.uint8) | (torch.signbit(v).to(torch.uint8) << 3)
 
 
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
     """4-bit codes -> float32 E2M1 values (the sign bit gives -0.0 for code 8)."""
-    mag = E2M1_VALUES.to(codes.device)[(codes & 7).long()]
+    c = (codes & 7).to(torch.int32)
+    e, m = c >> 1, (c & 1).to(torch.float32)
+    mag = torch.where(e == 0, m * 0.5, torch.ldexp(1.0 + m * 0.5, e - 1))
     return torch.where((codes >> 3).bool(), -mag, mag)
 
 
