@@ -133,6 +133,15 @@ class NativeWeightMixin:
         return QTensor(self.w_data, self.w_scale, self.w_global, self.precision.weight, self._w_shape, self._w_padded_last)
 
     @torch.no_grad()
+    def init_native_(self, weight: torch.Tensor) -> None:
+        """Quantize the float ``weight`` (this layer's whole shape, on any device) into the native
+        storage, replacing what is there: for a layer built on the meta device (whose buffers are
+        empty), the step that gives it codes without materializing the float model around it."""
+        if tuple(weight.shape) != self._w_shape:
+            raise ValueError(f"init_native_: expected a weight of shape {self._w_shape}, got {tuple(weight.shape)}")
+        self._init_native(weight.float())
+
+    @torch.no_grad()
     def set_native_weight(self, q: QTensor) -> None:
         """Replace the weight by ``q`` (same format and shape), in place."""
         if q.fmt != self.precision.weight or tuple(q.shape) != self._w_shape:

@@ -1,0 +1,284 @@
+"""Training on several GPUs (FSDP2 over N processes): weak scaling, and the width-16384 hybrid with as
+many blocks as fit.
+
+    python -m experiments.bench_parallel weak --gpus 1 2 4 --policies bf16 paper
+    python -m experiments.bench_parallel wide --gpus 4 --policies paper:3 ternary_native:8 bf16:2
+    torchrun --standalone --nproc-per-node 4 -m experiments.bench_parallel one --model wide --policy paper --blocks 3
+
+``weak``: ``HybridLM`` at the ``600m`` shape of :mod:`experiments.bench_train` (d 2048, 12 blocks, 16/4 heads,
+FFN 8192, the RNN memory in ``chunked`` mode; byte vocabulary), 8 x 1024 tokens per GPU per step, on 1, 2, 4
+... GPUs: the same work per GPU, so tokens/s per GPU stays where the sharding costs nothing. One GPU is
+one plain process (no process group, no FSDP2).
+
+``wide``: the ``slice16k`` preset (width 16384, 128/16 heads, FFN 65536, vocabulary 65536, one 16384-wide
+LSTM layer, compressor, cross-attention fusion) with ``blocks`` GQA blocks, one 2048-token sequence per
+GPU per step, ``rnn_mode=chunked``. ``policy:K`` tries K blocks first: if K fit, K + 1, and so on up
+(``--max-tries``); if K did not fit, K - 1 and down. A run that fails (out of memory, in any rank) is
+printed with its error and counted as "does not fit".
+
+``one``: one measurement, started by ``torchrun`` (the two above start it); rank 0 prints one ``RESULT``
+line (JSON).
+
+What one measurement does: the model is built on the meta device, the precision policy applied, native
+weights quantized from random N(0, 0.02) weights on the GPU, the model sharded
+(:func:`experiments.parallel.shard_model`: FSDP2 per block / LSTM layer / memory path, native weights
+row-sharded, latent weights all-gathered in their format; ``parallel.param_dtype`` bf16), then its
+float parameters materialized (``to_empty``) and drawn N(0, 0.02) (norm weights 1, biases 0) on their
+shards: no rank ever holds the whole float model. The optimizer is the one ``configs/optim`` gives the
+policy (AdamW; TernaryBop for native ternary) and the step is the trainer's
+(:class:`experiments.loop.Stepper`: loss over the global batch, loss scaler, found-inf agreed over the
+ranks, clipping over all shards), eager, on random tokens. Reported: median step time over the timed
+steps (each between two device synchronizations), tokens/s per GPU, peak memory allocated on the
+busiest GPU (whole run: build, optimizer state, steps), the bytes one rank receives in all-gathers
+during one step (counted at the collectives), and the last loss (finite: the steps trained).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+import hybrid
+import lowprec
+import optim
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+MODELS = ("600m", "wide", "tiny")
+
+
+def model_config(name: str, blocks: int | None, T: int) -> hybrid.HybridConfig:
+    """The benchmark's models (see the module doc); ``tiny`` is for the CPU test of this module."""
+    if name == "600m":
+        cfg = hybrid.preset("medium").replace(
+            d_model=2048, n_blocks=12, n_heads=16, n_kv_heads=4, head_dim=128, d_ff=8192, window=T, max_window=T,
+            dropout=0.0, rnn_layers=1, chunk=64, compressor_hidden=1024, xattn_heads=16, rnn_mode="chunked")
+    elif name == "wide":
+        cfg = hybrid.preset("slice16k").replace(window=T, max_window=T, rnn_mode="chunked")
+    elif name == "tiny":
+        cfg = hybrid.preset("tiny").replace(window=T, max_window=T)
+    else:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    return cfg if blocks is None else cfg.replace(n_blocks=blocks)
+
+
+@torch.no_grad()
+def materialize_(model: nn.Module, device: torch.device, std: float = 0.02) -> None:
+    """Give a meta-built, policy-applied, sharded model real storage on ``device``: every float
+    parameter (a shard under FSDP2) N(0, std), norm weights 1, biases 0. Native layers already hold
+    their codes (see :func:`build`)."""
+    from torch.distributed.tensor import DTensor
+
+    kept = {name: b for name, b in model.named_buffers() if b.device.type != "meta"}  # native codes and scales
+    model.to_empty(device=device)
+    for name, b in kept.items():
+        model.get_buffer(name).copy_(b)
+    for name, p in model.named_parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        if name.endswith("bias"):
+            local.zero_()
+        elif p.dim() == 1:
+            local.fill_(1.0)
+        else:
+            local.normal_(0.0, std)
+
+
+def build(args, dist_info):
+    """(model, optimizer, scheduler, scaler, parameter count) of one measurement (see the module doc)."""
+    from experiments.build import choose_scaler_mode
+    from experiments.parallel import ParallelConfig, shard_model
+    from lowprec.nn.native import NativeWeightMixin
+
+    cfg = model_config(args.model, args.blocks, args.T)
+    with torch.device("meta"):
+        model = hybrid.HybridLM(cfg)
+    lowprec.apply_policy(model, OmegaConf.load(CONFIGS / "precision" / f"{args.policy}.yaml"))
+    n_params = sum(p.numel() for p in model.parameters())
+    device = dist_info.device
+    for mod in model.modules():
+        if isinstance(mod, NativeWeightMixin) and mod.is_native:
+            n_params += mod.native_weight.numel()
+            mod.init_native_(torch.randn(mod.native_weight.shape, device=device) * 0.02)
+    pcfg = ParallelConfig(param_dtype="bf16")
+    shard_model(model, dist_info.mesh, pcfg)
+    materialize_(model, device)
+    opt_name = "ternary_native" if args.policy.endswith("native") else "adamw"
+    opt_cfg = OmegaConf.load(CONFIGS / "optim" / f"{opt_name}.yaml")
+    opt = optim.build_optimizer(model, opt_cfg)
+    sched = optim.build_scheduler(opt, {"name": "constant"}, total_steps=args.warmup + args.iters + 1)
+    scaler = lowprec.LossScaler(choose_scaler_mode(model, "auto"))
+    return model, opt, sched, scaler, n_params
+
+
+def random_batches(rows: int, T: int, vocab: int, device: torch.device, seed: int):
+    """(x, y) of ``rows`` random token sequences, forever (the speed of a step does not depend on the text)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    while True:
+        x = torch.randint(0, vocab, (rows, T + 1), device=device, generator=gen)
+        yield x[:, :-1], x[:, 1:]
+
+
+def measure(args) -> dict | None:
+    """One measurement in this process (one of ``torchrun``'s ranks, or a single process); the result
+    on rank 0, None elsewhere."""
+    import torch.distributed as dist
+
+    from experiments.loop import Stepper, read_results
+    from experiments.parallel import ParallelConfig, init_distributed
+    from lowprec.distributed import record_all_gathers
+
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    d = init_distributed(ParallelConfig(), device="cuda" if cuda else "cpu")
+    if cuda and d.world_size == 1:
+        torch.cuda.set_device(0)
+    torch.manual_seed(d.rank)
+    t0 = time.perf_counter()
+    model, opt, sched, scaler, n_params = build(args, d)
+    build_s = time.perf_counter() - t0
+    several = d.world_size > 1
+    source = random_batches(args.batch, args.T, model.cfg.vocab_size, d.device, seed=d.rank)
+    stepper = Stepper(model, opt, sched, scaler, source, tbptt=False, grad_clip=1.0, device=d.device,
+                      parallel=d if several else None)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    results = [stepper.step() for _ in range(args.warmup)]
+    sync()
+    with record_all_gathers() as rec:
+        results.append(stepper.step())
+        sync()
+    times = []
+    for _ in range(args.iters):
+        t = time.perf_counter()
+        results.append(stepper.step())
+        sync()
+        times.append(time.perf_counter() - t)
+    steps, _ = read_results(results)
+    peak = torch.tensor([torch.cuda.max_memory_allocated() if cuda else 0], dtype=torch.float64, device=d.device)
+    if several:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    step_s = statistics.median(times)
+    row = dict(model=args.model, policy=args.policy, gpus=d.world_size, blocks=model.cfg.n_blocks, params=n_params,
+               tokens_per_gpu_step=args.batch * args.T, step_s=step_s, tokens_per_s_per_gpu=args.batch * args.T / step_s,
+               peak_gib=float(peak) / 2**30, gather_bytes=rec.received_bytes, build_s=build_s,
+               loss=steps[-1][0], taken=sum(1 for s in steps if s[2]), steps=len(steps),
+               device=torch.cuda.get_device_name(d.device) if cuda else "cpu")
+    if several:
+        dist.barrier()
+        dist.destroy_process_group()
+    return row if d.rank == 0 else None
+
+
+# ------------------------------------------------------------------------------------ launchers
+
+def launch(n: int, extra: list[str], timeout: float) -> tuple[dict | None, str]:
+    """Run ``one`` on ``n`` processes (torchrun, standalone); (result, error text)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+           "-m", "experiments.bench_parallel", "one", *extra]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout:.0f} s"
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):]), ""
+    text = p.stdout + p.stderr
+    oom = "out of memory" in text.lower() or "OutOfMemoryError" in text
+    last = [ln for ln in text.splitlines() if "Error" in ln or "error" in ln][-1:] or text.splitlines()[-1:]
+    return None, ("out of memory" if oom else (last[0][:200] if last else f"exit {p.returncode}"))
+
+
+HEADER = ("| model | policy | GPUs | blocks | params | step s | tokens/s per GPU | vs 1 GPU | peak GiB (busiest GPU) "
+          "| all-gather MB / step / GPU | loss | steps taken |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def table_row(r: dict, base: float | None) -> str:
+    rel = f"{r['tokens_per_s_per_gpu'] / base:.2f}" if base else "-"
+    return (f"| {r['model']} | {r['policy']} | {r['gpus']} | {r['blocks']} | {r['params'] / 1e9:.2f}B | {r['step_s']:.3f} "
+            f"| {r['tokens_per_s_per_gpu']:,.0f} | {rel} | {r['peak_gib']:.1f} | {r['gather_bytes'] / 1e6:,.0f} "
+            f"| {r['loss']:.3f} | {r['taken']}/{r['steps']} |")
+
+
+def common(args) -> list[str]:
+    return ["--T", str(args.T), "--batch", str(args.batch), "--warmup", str(args.warmup), "--iters", str(args.iters),
+            "--device", args.device]
+
+
+def weak(args) -> None:
+    print(HEADER, flush=True)
+    for policy in args.policies:
+        base = None
+        for n in args.gpus:
+            r, err = launch(n, ["--model", args.model, "--policy", policy, *common(args)], args.timeout)
+            if r is None:
+                print(f"| {args.model} | {policy} | {n} | - | - | - | - | - | - | - | - | failed: {err} |", flush=True)
+                continue
+            base = base or (r["tokens_per_s_per_gpu"] if n == 1 else None)
+            print(table_row(r, base), flush=True)
+
+
+def wide(args) -> None:
+    print(HEADER, flush=True)
+    n = args.gpus[0]
+    for spec in args.policies:
+        policy, _, k = spec.partition(":")
+        k = int(k or 1)
+        tried: dict[int, dict | None] = {}
+        for _ in range(args.max_tries):
+            r, err = launch(n, ["--model", args.model, "--policy", policy, "--blocks", str(k), *common(args)], args.timeout)
+            tried[k] = r
+            if r is None:
+                print(f"| {args.model} | {policy} | {n} | {k} | - | - | - | - | - | - | - | does not fit / failed: {err} |",
+                      flush=True)
+            else:
+                print(table_row(r, None), flush=True)
+            up = r is not None
+            nxt = k + 1 if up else k - 1
+            if nxt < 1 or nxt in tried:
+                break
+            k = nxt
+        fits = [b for b, r in tried.items() if r is not None]
+        print(f"<!-- {policy}: largest that ran: {max(fits) if fits else 'none'} blocks -->", flush=True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["weak", "wide", "one"])
+    ap.add_argument("--model", choices=MODELS, default=None, help="default: 600m for weak, wide for wide")
+    ap.add_argument("--policy", default="bf16", help="one: the policy (a name in configs/precision)")
+    ap.add_argument("--policies", nargs="+", default=None, help="weak: policies; wide: policy:blocks to start from")
+    ap.add_argument("--gpus", nargs="+", type=int, default=None, help="weak: process counts; wide: one count")
+    ap.add_argument("--blocks", type=int, default=None)
+    ap.add_argument("--T", type=int, default=None, help="tokens per sequence (600m: 1024, wide: 2048)")
+    ap.add_argument("--batch", type=int, default=None, help="sequences per GPU per step (600m: 8, wide: 1)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--device", choices=["auto", "cpu"], default="auto")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per launched measurement")
+    ap.add_argument("--max-tries", type=int, default=3)
+    args = ap.parse_args(argv)
+    args.model = args.model or ("wide" if args.what == "wide" else "600m")
+    args.T = args.T or {"600m": 1024, "wide": 2048, "tiny": 16}[args.model]
+    args.batch = args.batch or {"600m": 8, "wide": 1, "tiny": 2}[args.model]
+    if args.what == "one":
+        row = measure(args)
+        if row is not None:
+            print("RESULT " + json.dumps(row), flush=True)
+        return
+    args.gpus = args.gpus or ([1, 2, 4] if args.what == "weak" else [4])
+    args.policies = args.policies or (["bf16", "paper"] if args.what == "weak" else ["paper:3", "ternary_native:8", "bf16:2"])
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    print(f"# {args.what}: {args.model}, {args.batch} x {args.T} tokens per GPU per step, {dev}, torch {torch.__version__}, "
+          f"{datetime.date.today()}", flush=True)
+    (weak if args.what == "weak" else wide)(args)
+
+
+if __name__ == "__main__":
+    main()
