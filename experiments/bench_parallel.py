@@ -29,7 +29,8 @@ policy (AdamW; TernaryBop for native ternary) and the step is the trainer's
 (:class:`experiments.loop.Stepper`: loss over the global batch, loss scaler, found-inf agreed over the
 ranks, clipping over all shards), eager, on random tokens. Reported: median step time over the timed
 steps (each between two device synchronizations), tokens/s per GPU, peak memory allocated on the
-busiest GPU (whole run: build, optimizer state, steps), the bytes one rank receives in all-gathers
+busiest GPU (whole run: build, optimizer state, steps; ``--gpu-gib`` caps what the allocator may take, so a
+larger GPU can stand in for a smaller one), the bytes one rank receives in all-gathers
 during one step (counted at the collectives), and the last loss (finite: the steps trained).
 """
 from __future__ import annotations
@@ -140,6 +141,9 @@ def measure(args) -> dict | None:
     d = init_distributed(ParallelConfig(), device="cuda" if cuda else "cpu")
     if cuda and d.world_size == 1:
         torch.cuda.set_device(0)
+    if cuda and args.gpu_gib:  # a GPU of gpu_gib on a larger one: the allocator refuses beyond it
+        total = torch.cuda.get_device_properties(d.device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_gib * 2**30 / total), d.device)
     torch.manual_seed(d.rank)
     t0 = time.perf_counter()
     model, opt, sched, scaler, n_params = build(args, d)
@@ -207,7 +211,7 @@ def table_row(r: dict, base: float | None) -> str:
 
 
 def common(args) -> list[str]:
-    return ["--T", str(args.T), "--batch", str(args.batch), "--warmup", str(args.warmup), "--iters", str(args.iters),
+    return ["--gpu-gib", str(args.gpu_gib), "--T", str(args.T), "--batch", str(args.batch), "--warmup", str(args.warmup), "--iters", str(args.iters),
             "--device", args.device]
 
 
@@ -261,6 +265,8 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--device", choices=["auto", "cpu"], default="auto")
+    ap.add_argument("--gpu-gib", type=float, default=0.0,
+                    help="use at most this much of each GPU's memory (e.g. 80 on a 141 GiB H200: an 80 GB H100's room); 0: all")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per launched measurement")
     ap.add_argument("--max-tries", type=int, default=3)
     args = ap.parse_args(argv)
