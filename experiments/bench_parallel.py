@@ -109,7 +109,11 @@ def build(args, dist_info):
         if isinstance(mod, NativeWeightMixin) and mod.is_native:
             n_params += mod.native_weight.numel()
             mod.init_native_(torch.randn(mod.native_weight.shape, device=device) * 0.02)
-    pcfg = ParallelConfig(param_dtype="bf16")
+    pcfg = ParallelConfig(param_dtype="bf16", activation_checkpoint=args.checkpoint)
+    if dist_info.mesh is None and args.checkpoint:
+        from experiments.parallel import checkpoint_units
+
+        checkpoint_units(model)
     shard_model(model, dist_info.mesh, pcfg)
     materialize_(model, device)
     opt_name = "ternary_native" if args.policy.endswith("native") else "adamw"
@@ -133,9 +137,7 @@ def measure(args) -> dict | None:
     on rank 0, None elsewhere."""
     import torch.distributed as dist
 
-    from experiments.loop import Stepper, read_results
     from experiments.parallel import ParallelConfig, init_distributed
-    from lowprec.distributed import record_all_gathers
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
     d = init_distributed(ParallelConfig(), device="cuda" if cuda else "cpu")
@@ -145,9 +147,30 @@ def measure(args) -> dict | None:
         total = torch.cuda.get_device_properties(d.device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_gib * 2**30 / total), d.device)
     torch.manual_seed(d.rank)
-    t0 = time.perf_counter()
-    model, opt, sched, scaler, n_params = build(args, d)
-    build_s = time.perf_counter() - t0
+    phase = "build"
+    try:
+        t0 = time.perf_counter()
+        model, opt, sched, scaler, n_params = build(args, d)
+        build_s = time.perf_counter() - t0
+        phase = "steps"
+        row = _steps(args, d, model, opt, sched, scaler, n_params, build_s, cuda)
+    except torch.OutOfMemoryError as e:  # where, and how much: the launcher prints this line
+        gib = 2**30
+        print(f"OOM rank {d.rank} in {phase}: {torch.cuda.memory_allocated() / gib:.1f} GiB allocated, peak "
+              f"{torch.cuda.max_memory_allocated() / gib:.1f} GiB; {str(e).splitlines()[0][:160]}", flush=True)
+        raise
+    if d.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return row if d.rank == 0 else None
+
+
+def _steps(args, d, model, opt, sched, scaler, n_params, build_s, cuda) -> dict:
+    import torch.distributed as dist
+
+    from experiments.loop import Stepper, read_results
+    from lowprec.distributed import record_all_gathers
+
     several = d.world_size > 1
     source = random_batches(args.batch, args.T, model.cfg.vocab_size, d.device, seed=d.rank)
     stepper = Stepper(model, opt, sched, scaler, source, tbptt=False, grad_clip=1.0, device=d.device,
@@ -173,11 +196,8 @@ def measure(args) -> dict | None:
                tokens_per_gpu_step=args.batch * args.T, step_s=step_s, tokens_per_s_per_gpu=args.batch * args.T / step_s,
                peak_gib=float(peak) / 2**30, gather_bytes=rec.received_bytes, build_s=build_s,
                loss=steps[-1][0], taken=sum(1 for s in steps if s[2]), steps=len(steps),
-               device=torch.cuda.get_device_name(d.device) if cuda else "cpu")
-    if several:
-        dist.barrier()
-        dist.destroy_process_group()
-    return row if d.rank == 0 else None
+               device=torch.cuda.get_device_name(d.device) if cuda else "cpu", checkpoint=args.checkpoint)
+    return row
 
 
 # ------------------------------------------------------------------------------------ launchers
@@ -194,6 +214,9 @@ def launch(n: int, extra: list[str], timeout: float) -> tuple[dict | None, str]:
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):]), ""
     text = p.stdout + p.stderr
+    ooms = [ln for ln in text.splitlines() if ln.startswith("OOM rank")]
+    if ooms:
+        return None, "out of memory: " + ooms[0]
     oom = "out of memory" in text.lower() or "OutOfMemoryError" in text
     last = [ln for ln in text.splitlines() if "Error" in ln or "error" in ln][-1:] or text.splitlines()[-1:]
     return None, ("out of memory" if oom else (last[0][:200] if last else f"exit {p.returncode}"))
@@ -211,7 +234,7 @@ def table_row(r: dict, base: float | None) -> str:
 
 
 def common(args) -> list[str]:
-    return ["--gpu-gib", str(args.gpu_gib), "--T", str(args.T), "--batch", str(args.batch), "--warmup", str(args.warmup), "--iters", str(args.iters),
+    return [*(["--checkpoint"] if args.checkpoint else []), "--gpu-gib", str(args.gpu_gib), "--T", str(args.T), "--batch", str(args.batch), "--warmup", str(args.warmup), "--iters", str(args.iters),
             "--device", args.device]
 
 
@@ -267,10 +290,14 @@ def main(argv=None) -> None:
     ap.add_argument("--device", choices=["auto", "cpu"], default="auto")
     ap.add_argument("--gpu-gib", type=float, default=0.0,
                     help="use at most this much of each GPU's memory (e.g. 80 on a 141 GiB H200: an 80 GB H100's room); 0: all")
+    ap.add_argument("--checkpoint", action=argparse.BooleanOptionalAction, default=None,
+                    help="activation checkpointing per block and LSTM layer (default: on for wide, off for weak)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per launched measurement")
     ap.add_argument("--max-tries", type=int, default=3)
     args = ap.parse_args(argv)
     args.model = args.model or ("wide" if args.what == "wide" else "600m")
+    if args.checkpoint is None:
+        args.checkpoint = args.model == "wide"
     args.T = args.T or {"600m": 1024, "wide": 2048, "tiny": 16}[args.model]
     args.batch = args.batch or {"600m": 8, "wide": 1, "tiny": 2}[args.model]
     if args.what == "one":

@@ -277,6 +277,10 @@ def build_run(cfg: DictConfig, parallel=None) -> Run:
         from .parallel import shard_model
 
         _stage("parallel", shard_model, model, parallel.mesh, pcfg)
+    elif (cfg.get("parallel") or {}).get("activation_checkpoint"):  # one process: only this key applies
+        from .parallel import checkpoint_units
+
+        checkpoint_units(model)
     optimizer = _stage("optim", optim.build_optimizer, model, cfg.optim)
     scheduler = _stage("optim.schedule", optim.build_scheduler, optimizer, cfg.optim, t["steps"])
     ls = dict(t.get("loss_scale") or {})

@@ -65,6 +65,7 @@ class ParallelConfig:
     reduce_dtype: str | None = "fp32"
     reshard_after_forward: bool = True
     lowbit_gather: bool = True
+    activation_checkpoint: bool = False
 
     def __post_init__(self):
         if not (self.dp == "auto" or (isinstance(self.dp, int) and not isinstance(self.dp, bool) and self.dp >= 1)):
@@ -215,6 +216,8 @@ def shard_model(model: nn.Module, mesh, cfg: ParallelConfig | None = None) -> nn
     if mesh.ndim > 1 and mesh["tp"].size() > 1:
         apply_tensor_parallel(model, mesh["tp"])
     named = units(model)
+    if cfg.activation_checkpoint:
+        checkpoint_units(model)
     owner = _owners(model, named)
     natives: dict[str, list[nn.Module]] = {}
     for name, mod in model.named_modules():
@@ -247,6 +250,21 @@ def shard_model(model: nn.Module, mesh, cfg: ParallelConfig | None = None) -> nn
              sum(1 for _, u in named if any(True for _ in u.parameters())), sum(len(v) for v in natives.values()),
              lowbit, f"; in {cfg.param_dtype or 'their own dtype'}: {other}" if other else "")
     return model
+
+
+def checkpoint_units(model: nn.Module) -> list[str]:
+    """Activation checkpointing at unit boundaries: each ``blocks.N`` and ``rnn.lstm.N`` keeps only
+    its inputs from the forward and runs its forward again in the backward (``torch.distributed``'s
+    composable ``checkpoint``: hooks, module names unchanged). Whatever a unit's layers save for
+    their backward (activations, the quantized or decoded weight operands) then lives for one unit
+    at a time. Random draws (dropout, stochastic rounding) are replayed as drawn. Returns the
+    names of the checkpointed units."""
+    from torch.distributed._composable import checkpoint
+
+    names = [n for n, _ in units(model) if n.startswith(("blocks.", "rnn.lstm."))]
+    for n in names:
+        checkpoint(model.get_submodule(n))
+    return names
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh) -> dict[str, str]:
