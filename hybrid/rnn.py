@@ -28,10 +28,17 @@ so an fp64 model stays fp64); `hh` is called with h cast to the activation dtype
 a policy's input quantizer would see anyway. No format is chosen here.
 
 Backward: T dgrad GEMMs through `hh` are sequential, but its weight gradient Σ_t dG_tᵀ h_{t-1} is
-not. A plain `nn.Linear` `hh` runs as `LSTMRecurrence`, which computes it as ONE GEMM over the
-stacked steps ((4d, T·B) @ (T·B, d)). A policy's layer (`QLinear`) is called once per step, so
-each call quantizes its operands with its own scales as the policy says, and autograd adds the T
-weight gradients (T rank-B GEMMs, each written out in full).
+not. The recurrence runs as one autograd node, `LSTMRecurrence`: per step `hh`'s GEMM forward and
+its dgrad backward, then the weight gradient as ONE GEMM over the stacked steps
+((4d, T·B) @ (T·B, d)) instead of T rank-B GEMMs, each written out in full and added. A plain
+`nn.Linear` `hh` enters it directly, a policy's layer (`QLinear`) through
+`QLinear.recurrent_gemms()`: every step's fprop and dgrad quantize their operands with that step's
+own scales exactly as calling the layer does (bit-identical outputs and input gradients), and the
+weight gradient applies the policy's wgrad formats to the stacked steps, so a per-tensor scale
+(FP8 `granularity: tensor`) is one scale over all T steps instead of one per step
+(`lowprec.gemm.RecurrentGemms` says what differs). An `hh` with forward hooks (tensor
+parallelism's) or a bias, and any `hh` under autocast, is called once per step instead, and
+autograd adds the T weight gradients.
 
 The compressor maps a chunk summary s (B, K, d) to one memory vector per chunk:
 
@@ -58,35 +65,63 @@ from torch import Tensor, nn
 from .config import CHUNK_POOLS
 
 
-class LSTMRecurrence(torch.autograd.Function):
-    """The recurrence of one layer with a plain `hh` weight W (4d, d), as one autograd node.
+class LinearGemms:
+    """A plain `nn.Linear` `hh` (no bias) in the protocol of `lowprec.gemm.RecurrentGemms`, which
+    `LSTMRecurrence` calls: weights = (W,), `fprop(x, weights) -> (x Wᵀ, saved)`,
+    `dgrad(dy, weights, saved, need_dx) -> dy W`, `wgrad(dy, x, weights) -> (dyᵀ x,)`."""
 
-    Forward: the loop of the module doc, op for op (so the same numbers as calling `hh` per step).
-    Backward, per step t from the last (the sequential part; a = gate pre-activations, ad = the
-    activation dtype W and h_{t-1} enter `hh` in, everything else in the state dtype):
+    @staticmethod
+    def fprop(x, weights):
+        return F.linear(x, weights[0]), ()
+
+    @staticmethod
+    def dgrad(dy, weights, saved, need_dx=True):
+        return dy @ weights[0] if need_dx else None
+
+    @staticmethod
+    def wgrad(dy, x, weights):
+        return (dy.t() @ x,)
+
+
+LINEAR_GEMMS = LinearGemms()
+
+
+class LSTMRecurrence(torch.autograd.Function):
+    """The recurrence of one layer, as one autograd node; `hh` (W (4d, d)) enters through `gemms`
+    (`LINEAR_GEMMS` for a plain `nn.Linear`, `QLinear.recurrent_gemms()` for a policy's layer)
+    and the tensors `weights` that go with it.
+
+    Forward: the loop of the module doc, op for op, `hh(h_{t-1})` = `gemms.fprop` (so the same
+    numbers as calling `hh` per step). Backward, per step t from the last (the sequential part;
+    a = gate pre-activations, ad = the activation dtype h_{t-1} enters `hh` in, everything else in
+    the state dtype):
 
         dh_t += dy_t                                        (y_t = h_t)
         do = dh_t ⊙ tanh(c_t)          dc_t += dh_t ⊙ o ⊙ (1 - tanh²(c_t))
         di = dc_t ⊙ g     df = dc_t ⊙ c_{t-1}     dg = dc_t ⊙ i     dc_{t-1} = dc_t ⊙ f
         da_t = [di ⊙ i(1-i), df ⊙ f(1-f), dg ⊙ (1-g²), do ⊙ o(1-o)]
-        dh_{t-1} = da_t W                                   (dgrad, in ad)
+        dh_{t-1} = dgrad(da_t)  (= da_t W, in ad)
 
-    and then the weight gradient of all steps as ONE GEMM over the stacked steps,
-    dW = Σ_t da_tᵀ h_{t-1} = [da_1; ...; da_T]ᵀ [h_0; ...; h_{T-1}]  ((4d, T·B) @ (T·B, d)),
-    instead of T rank-B products each written out and added into a (4d, d) buffer. dgx = da.
+    each product computed by the kernels, in the order, that autograd uses for the per-step ops
+    (`tanh_backward`, `sigmoid_backward`), so dgx, dh_0 and dc_0 are bit-identical to differentiating
+    the per-step loop. Then the weight gradient of all steps as ONE GEMM over the stacked steps,
+    dW = Σ_t da_tᵀ h_{t-1} = wgrad([da_1; ...; da_T], [h_0; ...; h_{T-1}])  ((4d, T·B) @ (T·B, d)),
+    instead of T rank-B products each written out and added into a (4d, d) buffer; it differs from
+    the per-step sum by the order of the sum (and, for a quantized `hh`, as `RecurrentGemms` says).
     A step with valid[t] False holds the state (h_t = h_{t-1}, c_t = c_{t-1}): its da_t is 0 and
     the gradients pass it unchanged.
     """
 
     @staticmethod
-    def forward(ctx, gx, h, c, w, valid):
-        """gx (B, T >= 1, 4d) input projections and h, c (B, d) in the state dtype; w (4d, d);
-        valid (T,) bool or None -> y (B, T, d) = h_1..T, h_T, c_T (state dtype)."""
-        ad = w.dtype
-        hs_prev, cs_prev, acts, tanh_cs, ys = [], [], [], [], []
+    def forward(ctx, gx, h, c, valid, ad, gemms, *weights):
+        """gx (B, T >= 1, 4d) input projections and h, c (B, d) in the state dtype; valid (T,) bool
+        or None; ad the activation dtype; gemms and weights as above -> y (B, T, d) = h_1..T, h_T,
+        c_T (state dtype)."""
+        hs_prev, cs_prev, acts, tanh_cs, ys, saved = [], [], [], [], [], []
         for t, gx_t in enumerate(gx.unbind(1)):
             h_in = h.to(ad)
-            gates = gx_t + F.linear(h_in, w).to(h.dtype)
+            hh_t, saved_t = gemms.fprop(h_in, weights)
+            gates = gx_t + hh_t.to(h.dtype)
             i, f, g, o = gates.chunk(4, dim=-1)
             i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
             c_t = f * c + i * g
@@ -94,42 +129,50 @@ class LSTMRecurrence(torch.autograd.Function):
             h_t = o * tanh_c
             hs_prev.append(h_in)
             cs_prev.append(c)
-            acts.append(torch.cat([i, f, g, o], dim=-1))
+            acts.append(torch.stack([i, f, g, o]))  # each (B, d) contiguous, as autograd saves them
             tanh_cs.append(tanh_c)
+            saved.extend(saved_t)
             if valid is not None:
                 h_t, c_t = torch.where(valid[t], h_t, h), torch.where(valid[t], c_t, c)
             h, c = h_t, c_t
             ys.append(h)
-        ctx.save_for_backward(w, valid, torch.stack(hs_prev), torch.stack(cs_prev), torch.stack(acts),
-                              torch.stack(tanh_cs))
-        ctx.steps = len(ys)
+        ctx.gemms, ctx.steps, ctx.n_saved = gemms, len(ys), len(saved) // len(ys)
+        ctx.save_for_backward(valid, torch.stack(hs_prev), torch.stack(cs_prev), torch.stack(acts),
+                              torch.stack(tanh_cs), *weights, *saved)
         return torch.stack(ys, dim=1), h, c
 
     @staticmethod
     def backward(ctx, dy, dh, dc):
-        w, valid, hs_prev, cs_prev, acts, tanh_cs = ctx.saved_tensors
-        T, (B, d), ad = ctx.steps, cs_prev.shape[1:], w.dtype
+        T, gemms, n_saved = ctx.steps, ctx.gemms, ctx.n_saved
+        valid, hs_prev, cs_prev, acts, tanh_cs, *rest = ctx.saved_tensors
+        weights, saved = rest[:len(rest) - T * n_saved], rest[len(rest) - T * n_saved:]
+        (B, d), ad = cs_prev.shape[1:], hs_prev.dtype
+        need_w = any(ctx.needs_input_grad[6:])
+        sigmoid_bwd, tanh_bwd = torch.ops.aten.sigmoid_backward, torch.ops.aten.tanh_backward
         das = [None] * T
         for t in range(T - 1, -1, -1):
             dh = dh + dy[:, t]
-            i, f, g, o = acts[t].chunk(4, dim=-1)
+            i, f, g, o = acts[t].unbind(0)
             tanh_c = tanh_cs[t]
             if valid is not None:  # a held step passes dh, dc on to step t - 1 unchanged
                 dh_held, dc_held = torch.where(valid[t], 0.0, dh), torch.where(valid[t], 0.0, dc)
                 dh, dc = torch.where(valid[t], dh, 0.0), torch.where(valid[t], dc, 0.0)
-            dc = dc + dh * o * (1 - tanh_c * tanh_c)
-            das[t] = torch.cat([dc * g * i * (1 - i), dc * cs_prev[t] * f * (1 - f),
-                                dc * i * (1 - g * g), dh * tanh_c * o * (1 - o)], dim=-1)
+            dc = dc + tanh_bwd(dh * o, tanh_c)
+            das[t] = torch.cat([sigmoid_bwd(dc * g, i), sigmoid_bwd(dc * cs_prev[t], f),
+                                tanh_bwd(dc * i, g), sigmoid_bwd(dh * tanh_c, o)], dim=-1)
+            saved_t = saved[t * n_saved:(t + 1) * n_saved]
             if t == 0 and not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
-                break  # h_0, c_0 need no gradient: skip the last dgrad
-            dh, dc = (das[t].to(ad) @ w).to(dh.dtype), dc * f
+                if need_w:  # h_0, c_0 need no gradient: no last dgrad (the step's record still made)
+                    gemms.dgrad(das[t].to(ad), weights, saved_t, need_dx=False)
+                break
+            dh, dc = gemms.dgrad(das[t].to(ad), weights, saved_t).to(dh.dtype), dc * f
             if valid is not None:
                 dh, dc = dh + dh_held, dc + dc_held
         da = torch.stack(das, dim=1)  # (B, T, 4d)
-        dw = None
-        if ctx.needs_input_grad[3]:  # one GEMM over all T·B rows
-            dw = da.transpose(0, 1).reshape(T * B, -1).to(ad).t() @ hs_prev.reshape(T * B, d)
-        return da, *(g if need else None for g, need in zip((dh, dc), ctx.needs_input_grad[1:3])), dw, None
+        dws = (None,) * len(weights)
+        if need_w:  # one GEMM over all T·B rows
+            dws = gemms.wgrad(da.transpose(0, 1).reshape(T * B, -1).to(ad), hs_prev.reshape(T * B, d), weights)
+        return da, *(g if need else None for g, need in zip((dh, dc), ctx.needs_input_grad[1:3])), None, None, None, *dws
 
 
 class LSTMLayer(nn.Module):
@@ -141,23 +184,38 @@ class LSTMLayer(nn.Module):
         self.hh = nn.Linear(d, 4 * d, bias=False)
         self.norm = nn.LayerNorm(d, eps=eps)
 
+    def _recurrent_gemms(self, x: Tensor):
+        """(gemms, weights) for `LSTMRecurrence`, or None where `hh` must be called per step."""
+        hh = self.hh
+        # hooks on hh (e.g. tensor parallelism's) would not run; autocast's casts the per-step path
+        # leaves to autograd; no steps: the per-step path returns the empty sequence
+        hooks = (hh._forward_hooks, hh._forward_pre_hooks, hh._backward_hooks, hh._backward_pre_hooks)
+        if (getattr(hh, "bias", None) is not None or any(hooks) or torch.is_autocast_enabled(x.device.type)
+                or x.shape[1] == 0):
+            return None
+        # exactly an nn.Linear (not a subclass with its own forward), in the activation dtype
+        if type(hh) is nn.Linear:
+            return (LINEAR_GEMMS, (hh.weight,)) if hh.weight.dtype == x.dtype else None
+        recurrent_gemms = getattr(hh, "recurrent_gemms", None)  # a policy's layer (lowprec.nn.QLinear)
+        return recurrent_gemms() if recurrent_gemms is not None else None
+
     def forward(self, x: Tensor, h: Tensor, c: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, T, d) activations; h, c (B, d) in the state dtype -> (h_1..T (B, T, d), h_T, c_T).
 
         valid: None, or (T,) bool: at a step t with valid[t] False the state is held (h_t = h_{t-1},
         c_t = c_{t-1}), so steps past the end of a shorter sequence change nothing.
 
-        A plain `nn.Linear` `hh` runs as `LSTMRecurrence` (its weight gradient in one GEMM); any
-        other `hh` (a policy's quantized layer) is called once per step, so every call quantizes
-        its operands exactly as the policy says, and autograd sums the T weight gradients.
+        A plain `nn.Linear` `hh` or a policy's layer that offers `recurrent_gemms` runs as
+        `LSTMRecurrence` (its weight gradient in one GEMM); any other `hh`, one with a bias or
+        forward hooks, and any `hh` under autocast are called once per step, and autograd sums the
+        T weight gradients. T may be 0 (an empty output, the state unchanged).
         """
         sd = h.dtype
         gx = self.ih(self.norm(x)).to(sd)  # all T input projections in one GEMM
-        # exactly an nn.Linear (not a policy's layer, nor a subclass with its own forward), in the
-        # activation dtype and outside autocast (whose casts the per-step path leaves to autograd)
-        if (type(self.hh) is nn.Linear and self.hh.bias is None and self.hh.weight.dtype == x.dtype
-                and not torch.is_autocast_enabled(x.device.type)):
-            y, h, c = LSTMRecurrence.apply(gx, h, c, self.hh.weight, valid)
+        recurrent = self._recurrent_gemms(x)
+        if recurrent is not None:
+            gemms, weights = recurrent
+            y, h, c = LSTMRecurrence.apply(gx, h, c, valid, x.dtype, gemms, *weights)
             return y.to(x.dtype), h, c
         outs = []
         for t, gx_t in enumerate(gx.unbind(1)):  # unbind: one backward node (a select per step would zero-fill (B, T, 4d) each)

@@ -15,11 +15,14 @@ weight and the input) is the plan's ``reuse_*``.
 The autograd function receives tensors, the plan and a :class:`LayerIO` (the layer's operand cache,
 telemetry and the gradient's amax history), never the module. A native weight's gradient is the
 gradient of its ``carrier`` input (see :mod:`lowprec.nn.native`), so autograd accumulates it.
+
+:class:`RecurrentGemms` runs the same GEMMs for a layer applied once per step of a recurrence:
+fprop and dgrad per step, wgrad once over all steps stacked (see its doc for what that changes).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -90,6 +93,53 @@ def _native(plan: GemmPlan, w) -> QTensor:
     return QTensor(*w, fmt, (plan.out_features, K), padded)
 
 
+def _fprop(x2, w, amax_x, amax_w, plan: GemmPlan, io: LayerIO):
+    """``y = Q(x2) Q(W)^T`` (no bias) in ``x2``'s dtype -> ``(y, A, B)``, the quantized operands
+    of ``x2`` and ``W`` (None where the packed GEMV ran). ``w``: the master weight, or the native
+    ``(data, scale, global)``."""
+    p, fp = plan.precision, plan.fprop
+    native = p.storage == "native"
+    if io.record is not None:
+        io.record("input", x2, fp.a)
+        io.record("weight", (lambda: _native(plan, w).dequantize()) if native else w, fp.b)
+    if plan.gemv is not None and x2.is_cuda and x2.shape[0] <= GEMV_MAX_ROWS:
+        xq = KERNELS["emulated"].operand(x2, fp.a, amax=_for(fp.a, amax_x))[0]
+        return gemv.ternary_gemv(xq, w[0], w[1], plan.out_features).to(x2.dtype), None, None
+    k = KERNELS[fp.kernel]
+    A = k.operand(x2, fp.a, amax=_for(fp.a, amax_x))
+    B = _weight_operand(k, fp.b, False, plan, w, io, amax_w)
+    return k.mm(A, B, x2.dtype, fast_accum=fp.kernel.startswith("fp8")), A, B
+
+
+def _dgrad(dy, w, B_fprop, amax_g, plan: GemmPlan, io: LayerIO, out_dtype):
+    """``dx = Q(dy) Q(W)`` -> ``(dx, G, B)``, the quantized operands of ``dy`` and ``W``.
+    ``B_fprop``: fprop's weight operand where the plan reuses it, else None."""
+    k = KERNELS[plan.dgrad.kernel]
+    G = k.operand(dy, plan.dgrad.a, rounding=plan.precision.grad_rounding, amax=_for(plan.dgrad.a, amax_g))
+    B = k.transposed(B_fprop) if B_fprop is not None else None
+    B = B if B is not None else _weight_operand(k, plan.dgrad.b, True, plan, w, io)
+    return k.mm(G, B, out_dtype), G, B
+
+
+def _wgrad(dy, x2, A_fprop, G, amax_g, w_a, plan: GemmPlan):
+    """``dW = Q(dy)^T Q(x2)`` (then the weight STE when latent): fp32 for a native weight (its
+    carrier's gradient), else in the master's dtype. ``A_fprop``/``G``: fprop's input operand and
+    dgrad's gradient operand where the plan reuses them, else None."""
+    p, dg, wg = plan.precision, plan.dgrad, plan.wgrad
+    native = p.storage == "native"
+    k = KERNELS[wg.kernel]
+    A = k.transposed(G) if plan.reuse_grad and G is not None else None
+    if A is None:
+        A = k.operand(dy, wg.a, rounding=p.grad_rounding, amax=_for(wg.a, amax_g) if wg.a == dg.a else None,
+                      transposed=True)
+    B = k.transposed(A_fprop) if A_fprop is not None else k.operand(x2, wg.b, transposed=True)
+    dw = k.mm(A, B, torch.float32 if native else w_a.dtype)
+    if not native:
+        pseudo = weight_pseudo_grad(w_a, plan.fprop.b, p.ste)
+        dw = dw if pseudo is None else (dw.float() * pseudo).to(w_a.dtype)
+    return dw
+
+
 class QLinearFunction(torch.autograd.Function):
     """Inputs: x2 (M, K); w_a, w_b, w_c: the latent master weight (and two Nones), or the native
     weight's packed data, scale and global scale; bias or None; carrier (native: the leaf whose
@@ -97,28 +147,14 @@ class QLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, w_a, w_b, w_c, bias, carrier, amax_x, amax_w, plan: GemmPlan, io: LayerIO):
-        p, fp = plan.precision, plan.fprop
-        native = p.storage == "native"
-        w = (w_a, w_b, w_c) if native else w_a
-        if io.record is not None:
-            io.record("input", x2, fp.a)
-            io.record("weight", (lambda: _native(plan, w).dequantize()) if native else w_a, fp.b)
-        out_dtype = x2.dtype
-        A = B = None
-        if plan.gemv is not None and x2.is_cuda and x2.shape[0] <= GEMV_MAX_ROWS:
-            xq = KERNELS["emulated"].operand(x2, fp.a, amax=_for(fp.a, amax_x))[0]
-            y = gemv.ternary_gemv(xq, w_a, w_b, plan.out_features).to(out_dtype)
-        else:
-            k = KERNELS[fp.kernel]
-            A = k.operand(x2, fp.a, amax=_for(fp.a, amax_x))
-            B = _weight_operand(k, fp.b, False, plan, w, io, amax_w)
-            y = k.mm(A, B, out_dtype, fast_accum=fp.kernel.startswith("fp8"))
+        native = plan.precision.storage == "native"
+        y, A, B = _fprop(x2, (w_a, w_b, w_c) if native else w_a, amax_x, amax_w, plan, io)
         if bias is not None:
-            y = y + bias.to(out_dtype)
+            y = y + bias.to(y.dtype)
         keep_x = plan.reuse_input and A is not None
         keep_w = plan.reuse_weight and B is not None
         ctx.plan, ctx.io = plan, io
-        ctx.meta = (bias is not None, None if bias is None else bias.dtype, w_a.dtype, x2.dtype, keep_x, keep_w)
+        ctx.meta = (bias is not None, None if bias is None else bias.dtype, x2.dtype, keep_x, keep_w)
         ctx.save_for_backward(None if keep_x else x2, w_a, w_b, w_c,
                               *(A if keep_x else (None, None)), *(B if keep_w else (None, None)))
         return y
@@ -127,37 +163,108 @@ class QLinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x2, w_a, w_b, w_c, xa, xs, wb, ws = ctx.saved_tensors
         plan, io = ctx.plan, ctx.io
-        has_bias, bias_dtype, w_dtype, x_dtype, keep_x, keep_w = ctx.meta
-        p, dg, wg = plan.precision, plan.dgrad, plan.wgrad
-        native = p.storage == "native"
+        has_bias, bias_dtype, x_dtype, keep_x, keep_w = ctx.meta
+        native = plan.precision.storage == "native"
         w = (w_a, w_b, w_c) if native else w_a
         dy = dy.contiguous()
         if io.record is not None:
-            io.record("grad", dy, dg.a)
+            io.record("grad", dy, plan.dgrad.a)
         amax_g = delayed_amax(io.grad_history, dy)
-        rnd = p.grad_rounding
-        dx = dw = None
-        G = None
+        dx = dw = G = None
         if ctx.needs_input_grad[0]:
-            k = KERNELS[dg.kernel]
-            G = k.operand(dy, dg.a, rounding=rnd, amax=_for(dg.a, amax_g))
-            B = k.transposed((wb, ws)) if keep_w else None
-            B = B if B is not None else _weight_operand(k, dg.b, True, plan, w, io)
-            dx = k.mm(G, B, x_dtype)
+            dx, G, _ = _dgrad(dy, w, (wb, ws) if keep_w else None, amax_g, plan, io, x_dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[5]:
-            k = KERNELS[wg.kernel]
-            A = k.transposed(G) if plan.reuse_grad and G is not None else None
-            if A is None:
-                A = k.operand(dy, wg.a, rounding=rnd, amax=_for(wg.a, amax_g) if wg.a == dg.a else None, transposed=True)
-            B = k.transposed((xa, xs)) if keep_x else k.operand(x2, wg.b, transposed=True)
-            dw = k.mm(A, B, torch.float32 if native else w_dtype)
-            if not native:
-                pseudo = weight_pseudo_grad(w_a, plan.fprop.b, p.ste)
-                dw = dw if pseudo is None else (dw.float() * pseudo).to(w_dtype)
+            dw = _wgrad(dy, x2, (xa, xs) if keep_x else None, G, amax_g, w_a, plan)
         db = dy.sum(0).to(bias_dtype) if has_bias and ctx.needs_input_grad[4] else None
         if native:  # the weight's gradient goes to the carrier
             return dx, None, None, None, db, dw, None, None, None, None
         return dx, dw, None, None, db, None, None, None, None, None
+
+
+@dataclass(frozen=True, eq=False)
+class RecurrentGemms:
+    """A layer ``y = x W^T`` (no bias) applied once per step of a recurrence, ``x_t`` (M, K) at
+    step t, by a caller whose own autograd node spans all the steps (``QLinear.recurrent_gemms``
+    builds it; the caller's node takes the ``weights`` that comes with it as inputs and hands them
+    back to every call)::
+
+        fprop  y_t  = Q(x_t) Q(W)^T                      per step, as QLinear's forward
+        dgrad  dx_t = Q(dy_t) Q(W)                       per step, as QLinear's backward
+        wgrad  dW   = Q([dy_1; ...; dy_T])^T Q([x_1; ...; x_T])     ONE GEMM over the T·M rows
+
+    fprop and dgrad are QLinear's own (same operands, scales, kernels, telemetry records and
+    delayed-scaling history updates, call for call), so they compute bit for bit what calling the
+    layer per step does. A per-step caller's autograd would instead add T weight gradients of rank
+    M, each written out as a full (N, K) tensor; here ``wgrad`` applies the plan's wgrad formats
+    and kernel to the stacked operands, with current scaling. What that changes:
+
+    - formats without a per-tensor scale (unscaled casts: bf16, fp16; per-row: a per-token int8
+      input; blocks along a row: MX, NVFP4's E4M3 block scales) quantize each row alone, so the
+      operands are the per-step ones and only the rounding of the sum differs: one GEMM rounded
+      once to the weight's dtype instead of T GEMMs each rounded to it and added in it (with bf16
+      weights the stacked sum is the more accurate one), and a latent weight's STE factor applied
+      once to the sum instead of to each step's gradient;
+    - a per-tensor scale (FP8 ``granularity: tensor``, NVFP4's fp32 tensor scale) is now ONE scale
+      over all T steps instead of one per step: every operand is still on the format's grid, but
+      steps whose amax is far below the largest step's lose relative precision (and may flush
+      to zero) where their own scale would have kept it;
+    - under delayed scaling, wgrad's operands take current scaling over the stacked steps;
+    - stochastic rounding of the gradient (``grad_rounding: stochastic``) draws its random numbers
+      in another order, so dgrad too matches the per-step calls in distribution only.
+
+    Where the plan does not reuse fprop's weight operand in dgrad (the packed GEMV ran, or dgrad's
+    weight format or kernel is another), dgrad's own is derived once per backward and kept for
+    the steps (until the caller's node is freed) instead of once per step.
+
+    Weight-gradient hooks see what they see for a per-step caller: autograd sums the T per-step
+    gradients of a leaf before its hooks run, so hooks on the latent weight, the native carrier's
+    post-accumulate hook (``native_grad_hook``) and ``native_grad`` get the one whole gradient.
+    """
+
+    plan: GemmPlan
+    io: LayerIO
+    input_history: torch.Tensor | None = None  # delayed scaling of the input (an amax history)
+    weight_history: torch.Tensor | None = None
+    # dgrad's own weight operand (where fprop's is not reused), kept from one step's dgrad to the
+    # next: the layer's cache holds it only weakly, so each step would derive it again
+    _held: list = field(default_factory=list, repr=False)
+
+    @property
+    def native(self) -> bool:
+        return self.plan.precision.storage == "native"
+
+    def _w(self, weights):
+        return weights[:3] if self.native else weights[0]
+
+    def fprop(self, x, weights):
+        """One step: ``x`` (M, K) -> ``(y, saved)``: y (M, N) in ``x``'s dtype, exactly the
+        layer's output for ``x``; ``saved``: the tensors (or Nones) this step's dgrad needs."""
+        amax_x = delayed_amax(self.input_history, x)
+        amax_w = delayed_amax(self.weight_history, weights[0])
+        y, _, B = _fprop(x, self._w(weights), amax_x, amax_w, self.plan, self.io)
+        return y, (B if self.plan.reuse_weight and B is not None else (None, None))
+
+    def dgrad(self, dy, weights, saved, need_dx: bool = True):
+        """One step's backward: ``dy`` (M, N) -> ``dx`` (M, K) in ``dy``'s dtype, or None without
+        ``need_dx`` (the step's gradient is still recorded and enters the amax history, as a
+        per-step call whose input needs no gradient does). Steps in reverse order."""
+        dy = dy.contiguous()
+        if self.io.record is not None:
+            self.io.record("grad", dy, self.plan.dgrad.a)
+        amax_g = delayed_amax(self.io.grad_history, dy)
+        if not need_dx:
+            return None
+        B_fprop = saved if saved[0] is not None else None
+        dx, _, B = _dgrad(dy, self._w(weights), B_fprop, amax_g, self.plan, self.io, dy.dtype)
+        if B_fprop is None and not torch.compiler.is_compiling():  # compiled graphs share it themselves
+            self._held[:] = [B]
+        return dx
+
+    def wgrad(self, dy, x, weights):
+        """The weight gradient of all steps: ``dy`` (T·M, N) and ``x`` (T·M, K), the steps stacked
+        -> gradients for ``weights`` (the weight's, or the native carrier's, the rest None)."""
+        dw = _wgrad(dy.contiguous(), x, None, None, None, weights[0], self.plan)
+        return (None, None, None, dw) if self.native else (dw, None, None, None)
 
 
 def weight_pseudo_grad(weight: torch.Tensor, fmt: Format | None, ste: str) -> torch.Tensor | None:
@@ -169,4 +276,4 @@ def weight_pseudo_grad(weight: torch.Tensor, fmt: Format | None, ste: str) -> to
     return STES[ste](u, fmt.max_value)
 
 
-__all__ = ["QLinearFunction", "LayerIO", "delayed_amax", "weight_pseudo_grad"]
+__all__ = ["QLinearFunction", "RecurrentGemms", "LayerIO", "delayed_amax", "weight_pseudo_grad"]

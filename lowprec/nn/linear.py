@@ -139,6 +139,29 @@ class QLinear(NativeWeightMixin, nn.Module):
         y = gemm.QLinearFunction.apply(x2, *w, self.bias, carrier, amax_x, amax_w, plan, self._io)
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def recurrent_gemms(self) -> tuple[gemm.RecurrentGemms, tuple]:
+        """This layer's GEMMs for a caller that applies it once per step of a recurrence inside one
+        autograd node of its own, with the weight gradient of all steps as ONE GEMM
+        (:class:`~lowprec.gemm.RecurrentGemms`: what it computes exactly as the layer, and what not).
+
+        Returns ``(gemms, weights)``: ``weights`` = ``(weight, None, None, None)`` (latent) or
+        ``(w_data, w_scale, w_global, carrier)`` (native) are the tensors the caller's node takes as
+        inputs, hands back to ``gemms``' calls, and returns ``gemms.wgrad``'s gradients for. Build
+        it where the layer would be called (a forward hook of a unit that gathers the weight has
+        run); the layer's own forward hooks do not run. ``ValueError`` for a layer with a bias."""
+        if self.bias is not None:
+            raise ValueError("recurrent_gemms: a layer with a bias (its gradient would be one more sum over the steps)")
+        plan = self.plan
+        if self._delayed:  # the buffers are replaced when the module moves
+            self._io.grad_history = self._buffers.get("amax_history_grad")
+        history = {op: getattr(self, name) for op, name in self._delayed.items()}
+        if self.is_native:
+            weights = (self.w_data, self.w_scale, self.w_global, self._grad_carrier)
+            history.pop("weight", None)
+        else:
+            weights = (self.weight, None, None, None)
+        return gemm.RecurrentGemms(plan, self._io, history.get("input"), history.get("weight")), weights
+
     # ---- accounting ---------------------------------------------------------------------------
     def resident_bytes(self) -> int:
         """Bytes this layer keeps between steps: weight storage (packed + scales when native, the

@@ -113,3 +113,37 @@ def test_lstm_recurrence_compiles_into_the_graph():
     assert backend.graphs == 1
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("policy", ["fp8", "paper", "ternary_native"])
+def test_quantized_lstm_recurrence_compiles_into_the_graph(policy):
+    """With a policy's `hh` (QLinear: latent FP8 and FP16, native ternary) the recurrence runs
+    through `QLinear.recurrent_gemms`: one graph as well, and eager's numbers exactly, the weight
+    gradient (the native one through its carrier) included."""
+    from hybrid.rnn import LSTMLayer
+    from lowprec.nn import QLinear
+
+    torch.manual_seed(0)
+    layer = LSTMLayer(16)
+    precision = PrecisionPolicy.from_config(OmegaConf.load(PAPER.parent / f"{policy}.yaml")).resolve("rnn.lstm.0.hh")
+    layer.hh = QLinear.from_float(layer.hh, precision)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    h0, c0 = torch.randn(2, 16, requires_grad=True), torch.randn(2, 16)
+    valid = torch.arange(5) < 3
+    torch._dynamo.reset()
+    backend = CountingBackend()
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    results = []
+    for fn in (compiled, layer):
+        y, h, c = fn(x, h0, c0, valid)
+        (y.square().sum() + h.sum() + c.sum()).backward()
+        hh_grad = layer.hh.native_grad if layer.hh.is_native else layer.hh.weight.grad
+        results.append([y, h, c, x.grad, h0.grad, hh_grad])
+        x.grad = h0.grad = None
+        layer.zero_grad(set_to_none=True)
+        if layer.hh.is_native:
+            layer.hh.zero_native_grad()
+    torch._dynamo.reset()
+    assert backend.graphs == 1
+    for a, b in zip(*results, strict=True):
+        assert a is not None and torch.equal(a, b)

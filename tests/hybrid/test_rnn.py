@@ -1,15 +1,22 @@
-"""The LSTM recurrence with a plain `hh` (`LSTMRecurrence`: hand-written backward, the weight
-gradient of all steps in one GEMM) against the same layer with `hh` called per step and
-differentiated by autograd."""
+"""The LSTM recurrence (`LSTMRecurrence`: hand-written backward, the weight gradient of all steps
+in one GEMM), with a plain `hh` and with a policy's `QLinear` `hh`, against the same layer with
+`hh` called per step and differentiated by autograd."""
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
+import lowprec
 from hybrid.rnn import LSTMLayer, LSTMRecurrence
+from lowprec import KERNELS, LayerPrecision, PrecisionPolicy, Telemetry, apply_policy
+from lowprec.nn import QLinear
 
 
 class PerStep(nn.Linear):
-    """An `hh` that is not a plain nn.Linear: the layer calls it once per step (as it does a policy's layer)."""
+    """An `hh` that is neither a plain nn.Linear nor offers `recurrent_gemms`: the layer calls it once per step."""
 
 
 def layer_pair(d, dtype):
@@ -32,10 +39,10 @@ def run(layer, x, h0, c0, valid, seed=1):
 
 @pytest.mark.parametrize("held", [False, True])
 def test_recurrence_equals_per_step_autograd(held):
-    """float64: the forward is the same ops (bit-identical outputs); gradients agree to 1e-12
-    because the weight gradient sums its T·B products in one GEMM instead of T GEMMs added up,
-    and the gate derivatives multiply in another order than autograd's. `held`: steps 6.. hold
-    the state (the chunk-level recurrence's placeholder steps)."""
+    """float64: the forward is the same ops and the backward autograd's kernels in autograd's
+    order, so outputs and the gradients of x, h_0, c_0, ih and norm are bit-identical; hh's weight
+    gradient agrees to 1e-12 because it sums its T·B products in one GEMM instead of T GEMMs
+    added up. `held`: steps 6.. hold the state (the chunk-level recurrence's placeholder steps)."""
     d, T, B = 16, 9, 3
     fused, per_step = layer_pair(d, torch.float64)
     assert fused.hh.__class__ is nn.Linear and per_step.hh.__class__ is PerStep
@@ -46,8 +53,12 @@ def test_recurrence_equals_per_step_autograd(held):
     (out_f, grads_f), (out_p, grads_p) = run(fused, x, h0, c0, valid), run(per_step, x, h0, c0, valid)
     for a, b in zip(out_f, out_p, strict=True):
         assert torch.equal(a, b)
-    for a, b in zip(grads_f, grads_p, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    names = ["x", "h0", "c0", *(n for n, _ in fused.named_parameters())]
+    for name, a, b in zip(names, grads_f, grads_p, strict=True):
+        if name == "hh.weight":
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+        else:
+            assert torch.equal(a, b), name
     if held:
         assert torch.equal(out_f[1], out_f[0][:, 5]) and torch.equal(out_f[0][:, 5:], out_f[0][:, 5:6].expand(-1, 4, -1))
 
@@ -69,17 +80,243 @@ def test_weight_gradient_is_one_gemm():
     assert counts == [T + 1 + 2, T + T + 2]
 
 
-def test_recurrence_runs_for_a_plain_linear_only(monkeypatch):
-    """A policy's layer (here: any subclass) and autocast keep the per-step calls."""
+def test_which_hh_runs_the_recurrence(monkeypatch):
+    """A plain nn.Linear and a policy's QLinear run `LSTMRecurrence`; the per-step calls stay for
+    an `hh` that offers no `recurrent_gemms` (here an nn.Linear subclass), one with module hooks
+    (tensor parallelism's, which the recurrence would not run) or a bias, and under autocast."""
     torch.manual_seed(0)
     layer = LSTMLayer(8)
     x, h = torch.randn(2, 3, 8), torch.zeros(2, 8)
     calls = []
     apply = LSTMRecurrence.apply
     monkeypatch.setattr(LSTMRecurrence, "apply", lambda *a: calls.append(1) or apply(*a))
-    layer(x, h, h)
-    with torch.autocast("cpu", torch.bfloat16):
+
+    def runs_recurrence(hh):
+        layer.hh, n = hh, len(calls)
         layer(x, h, h)
-    layer.hh = PerStep(8, 32, bias=False)
-    layer(x, h, h)
-    assert len(calls) == 1
+        return len(calls) > n
+
+    plain = nn.Linear(8, 32, bias=False)
+    assert runs_recurrence(plain)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert not runs_recurrence(plain)
+    assert not runs_recurrence(PerStep(8, 32, bias=False))
+    assert runs_recurrence(QLinear.from_float(plain, LayerPrecision(weight=lowprec.format("fp8_e4m3"))))
+    q = QLinear.from_float(nn.Linear(8, 32), LayerPrecision())
+    assert not runs_recurrence(q)
+    q.bias = None
+    assert runs_recurrence(q)
+    handle = q.register_forward_hook(lambda mod, args, y: y)
+    assert not runs_recurrence(q)
+    handle.remove()
+    handle = q.register_full_backward_hook(lambda mod, dx, dy: None)
+    assert not runs_recurrence(q)
+    handle.remove()
+    q.register_forward_pre_hook(lambda mod, args: None)
+    assert not runs_recurrence(q)
+    with pytest.raises(ValueError, match="bias"):
+        QLinear.from_float(nn.Linear(8, 32), LayerPrecision()).recurrent_gemms()
+    for hh in (plain, QLinear.from_float(plain, LayerPrecision(weight=lowprec.format("fp8_e4m3")))):
+        layer.hh, h1 = hh, torch.randn(2, 8)
+        y, h_out, c_out = layer(x[:, :0], h1, h)  # no steps: an empty output, the state unchanged
+        assert y.shape == (2, 0, 8) and h_out is h1 and c_out is h
+
+
+# ---- a policy's hh (lowprec.nn.QLinear): the same recurrence through QLinear.recurrent_gemms ----
+
+PRECISION = Path(__file__).resolve().parents[2] / "configs" / "precision"
+POLICIES = ["bf16", "fp8", "paper", "ternary", "ternary_native", "binary", "binary_native"]
+
+
+class Calls(nn.Module):
+    """Wraps a policy's `hh` so that the layer calls it once per step (it offers no
+    `recurrent_gemms`), recording each step's input and output gradient in step order."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.xs, self.dys = [], {}
+
+    def forward(self, x):
+        t = len(self.xs)
+        self.xs.append(x.detach())
+        y = self.inner(x)
+        y.register_hook(lambda g: self.dys.__setitem__(t, g))
+        return y
+
+
+class Holder(nn.Module):
+    """`rnn.lstm.0`: an LSTM layer under the module name the policies match."""
+
+    def __init__(self, d, dtype):
+        super().__init__()
+        self.rnn = nn.Module()
+        self.rnn.lstm = nn.ModuleList([LSTMLayer(d).to(dtype)])
+
+
+def policy_pair(policy, d, dtype):
+    """(layer through the recurrence, the same layer with `hh` called per step): same weights."""
+    cfg = OmegaConf.load(PRECISION / f"{policy}.yaml") if isinstance(policy, str) else policy
+    layers = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        holder = Holder(d, dtype)
+        with warnings.catch_warnings():  # the rules for blocks, embeddings and head match nothing here
+            warnings.simplefilter("ignore")
+            apply_policy(holder, PrecisionPolicy.from_config(cfg))
+        layers.append(holder.rnn.lstm[0])
+    fused, per_step = layers
+    assert isinstance(fused.hh, QLinear) and fused.hh.bias is None
+    per_step.hh = Calls(per_step.hh)
+    return fused, per_step
+
+
+def backward_both(fused, per_step, B, T, d, dtype, valid, seed=5):
+    """Forward and backward of both layers on the same inputs -> per layer (outputs, input grads)."""
+    g = torch.Generator().manual_seed(seed)
+    x, h0, c0 = (torch.randn(*s, generator=g) for s in ((B, T, d), (B, d), (B, d)))
+    w = torch.randn(B, T, d, generator=g)
+    out = []
+    for layer in (fused, per_step):
+        xs = tuple(t.to(dt, copy=True).requires_grad_() for t, dt in ((x, dtype), (h0, h0.dtype), (c0, c0.dtype)))
+        y, h, c = layer(*xs, valid)
+        ((y.float() * w).sum() + (h * h).sum() + c.sin().sum()).backward()
+        out.append(((y, h, c), tuple(t.grad for t in xs)))
+    return out
+
+
+def hh_grad(hh):
+    return hh.native_grad if hh.is_native else hh.weight.grad
+
+
+def stacked_wgrad_bound(plan, xs, dys, w_dtype):
+    """|per-step dW - stacked dW| <= this, elementwise. With A1_t = Q(dy_t), B1_t = Q(x_t) each
+    step's wgrad operands (scales of its own) and A2, B2 those of the stacked steps (the row
+    blocks of Q([dy_1; ...]) and Q([x_1; ...])):
+
+        |Σ_t A1_tᵀ B1_t - A2ᵀ B2| <= |A1 - A2|ᵀ |B1| + |A2|ᵀ |B1 - B2|        (exact arithmetic)
+
+    plus the roundings: per step an fp32 GEMM rounded to the weight's dtype and T such gradients
+    added in that dtype; stacked one fp32 GEMM of T·B products rounded once. First order in
+    u = 2^-24 (fp32) and u_w (the weight gradient's dtype): (T·B·u + (T + 1)·u_w)·(|A1|ᵀ|B1| + |A2|ᵀ|B2|).
+    Also returns (A1 == A2 and B1 == B2), i.e. whether the operands are the same."""
+    def q(t, fmt):
+        return KERNELS["emulated"].operand(t, fmt)[0]
+
+    A1 = torch.cat([q(dy, plan.wgrad.a) for dy in dys])
+    B1 = torch.cat([q(x, plan.wgrad.b) for x in xs])
+    A2, B2 = q(torch.cat(dys), plan.wgrad.a), q(torch.cat(xs), plan.wgrad.b)
+    T, B = len(xs), xs[0].shape[0]
+    u_w = torch.finfo(w_dtype).eps / 2
+    bound = (A1 - A2).abs().t() @ B1.abs() + A2.abs().t() @ (B1 - B2).abs()
+    bound += (T * B * 2.0**-24 + (T + 1) * u_w) * (A1.abs().t() @ B1.abs() + A2.abs().t() @ B2.abs())
+    return bound, torch.equal(A1, A2) and torch.equal(B1, B2)
+
+
+@pytest.mark.parametrize("held", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_policy_hh_recurrence_equals_per_step_calls(policy, dtype, held):
+    """A policy's `hh` in `LSTMRecurrence` against the same layer called per step.
+
+    Exact: outputs, h_T, c_T, the gradients of x, h_0, c_0 and of every parameter but hh's (fprop
+    and dgrad are QLinear's own, call for call, and the gate derivatives are autograd's kernels in
+    autograd's order); and hh's gradient IS the policy's wgrad applied to the T steps stacked, with
+    the per-step path's own operands (dy_t, h_{t-1}). Bounded (`stacked_wgrad_bound`): hh's
+    gradient against the sum of the T per-step ones. The operands are the same unless the wgrad
+    format has a per-tensor scale (fp8 here: one scale over all steps instead of one per step);
+    without one the bound is the summation's (T GEMMs added in the weight's dtype vs one). The
+    latent binary weight's clipped STE multiplies by 0 or 1, which keeps the bound."""
+    d, T, B = 32, 7, 3
+    fused, per_step = policy_pair(policy, d, dtype)
+    valid = torch.arange(T) < 5 if held else None
+    (out_f, grads_f), (out_p, grads_p) = backward_both(fused, per_step, B, T, d, dtype, valid)
+    for a, b in zip(out_f + grads_f, out_p + grads_p, strict=True):
+        assert torch.equal(a, b)
+    params_p = dict(per_step.named_parameters())
+    for name, p in fused.named_parameters():
+        if not name.startswith("hh."):
+            assert torch.equal(p.grad, params_p[name].grad), name
+    if isinstance(fused.ih, QLinear) and fused.ih.is_native:
+        assert torch.equal(fused.ih.native_grad, per_step.ih.native_grad)
+
+    hh, calls = fused.hh, per_step.hh
+    xs, dys = calls.xs, [calls.dys[t] for t in range(T)]
+    assert len(xs) == len(dys) == T
+    gemms, weights = hh.recurrent_gemms()
+    dw = hh_grad(hh)
+    expect = [g for g in gemms.wgrad(torch.cat(dys), torch.cat(xs), weights) if g is not None]
+    assert torch.equal(dw, expect[0])
+
+    bound, same_operands = stacked_wgrad_bound(hh.plan, xs, dys, dw.dtype)
+    per_tensor = any(f is not None and f.is_scaled and f.granularity == "tensor" for f in (hh.plan.wgrad.a, hh.plan.wgrad.b))
+    assert same_operands != per_tensor
+    err = (dw.double() - hh_grad(calls.inner).double()).abs()
+    assert (err <= bound).all(), f"max excess {(err - bound).max():.3g}"
+
+
+def test_delayed_scaling_steps_as_per_step_calls():
+    """Delayed scaling: each step's fprop pushes its input's and weight's amax, each step's dgrad
+    its gradient's, as the per-step calls do, so two training steps in a row (the second one
+    scaling from a filled history) give bit-identical outputs and input gradients, and identical
+    amax histories."""
+    fp8 = {"weight": "fp8_e4m3", "input": {"format": "fp8_e4m3", "granularity": "tensor"},
+           "grad": {"format": "fp8_e5m2", "granularity": "tensor"}, "scaling": "delayed", "amax_history": 4}
+    d, T, B = 16, 6, 2
+    fused, per_step = policy_pair({"default": fp8}, d, torch.float32)
+    histories = sorted(n for n, _ in fused.hh.named_buffers() if n.startswith("amax_history"))
+    assert histories == ["amax_history_grad", "amax_history_input", "amax_history_weight"]
+    for seed in (5, 6):
+        (out_f, grads_f), (out_p, grads_p) = backward_both(fused, per_step, B, T, d, torch.float32,
+                                                           torch.arange(T) < 4, seed=seed)
+        for a, b in zip(out_f + grads_f, out_p + grads_p, strict=True):
+            assert torch.equal(a, b)
+        for n in histories:
+            assert torch.equal(getattr(fused.hh, n), getattr(per_step.hh.inner, n)), n
+
+
+def test_policy_hh_telemetry_and_gradient_hooks():
+    """What observes hh sees what it sees for the per-step calls: Telemetry the same statistics
+    (per step: input, weight, grad), a hook on a latent weight and a native layer's
+    `native_grad_hook` one call each, with the whole gradient."""
+    d, T, B = 16, 5, 2
+    for policy in ("fp8", "ternary_native"):
+        fused, per_step = policy_pair(policy, d, torch.float32)
+        tels, seen = [], []
+        for layer, hh in ((fused, fused.hh), (per_step, per_step.hh.inner)):
+            tels.append(Telemetry(layer).enable())
+            got = []
+            if hh.is_native:
+                hh.native_grad_hook = lambda lay, g, got=got: got.append(g)
+            else:
+                hh.weight.register_hook(lambda g, got=got: got.append(g))
+            seen.append(got)
+        backward_both(fused, per_step, B, T, d, torch.float32, None)
+        stats_f, stats_p = tels[0].stats(), {(n.replace("hh.inner", "hh"), o): s for (n, o), s in tels[1].stats().items()}
+        assert {n for n, _ in stats_f} == {"hh", "ih"} and stats_f == stats_p
+        assert [len(g) for g in seen] == [1, 1]
+        bound, _ = stacked_wgrad_bound(fused.hh.plan, per_step.hh.xs, [per_step.hh.dys[t] for t in range(T)], torch.float32)
+        assert ((seen[0][0] - seen[1][0]).abs() <= bound).all()
+
+
+def test_dgrad_weight_operand_derived_once_per_backward(monkeypatch):
+    """Where dgrad cannot reuse fprop's weight operand (here: dgrad's weight in bf16, fprop's in
+    FP8), the per-step calls quantize the weight for dgrad at every step; the recurrence once per
+    backward, with the same numbers."""
+    p = {"weight": "fp8_e4m3", "input": "fp8_e4m3", "grad": "fp8_e5m2", "dgrad": {"weight": "bf16"}}
+    d, T, B = 16, 6, 2
+    fused, per_step = policy_pair({"default": p}, d, torch.float32)
+    assert not fused.hh.plan.reuse_weight
+    emulated, weights, counts = KERNELS["emulated"], (fused.hh.weight, per_step.hh.inner.weight), [0, 0]
+    operand = emulated.operand
+
+    def counting(t, fmt, **kw):
+        for n, w in enumerate(weights):
+            counts[n] += t is w and kw.get("transposed", False)
+        return operand(t, fmt, **kw)
+
+    monkeypatch.setattr(emulated, "operand", counting)
+    (out_f, grads_f), (out_p, grads_p) = backward_both(fused, per_step, B, T, d, torch.float32, None)
+    for a, b in zip(out_f + grads_f, out_p + grads_p, strict=True):
+        assert torch.equal(a, b)
+    assert counts == [1, T]
