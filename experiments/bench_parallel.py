@@ -109,7 +109,7 @@ def build(args, dist_info):
         if isinstance(mod, NativeWeightMixin) and mod.is_native:
             n_params += mod.native_weight.numel()
             mod.init_native_(torch.randn(mod.native_weight.shape, device=device) * 0.02)
-    pcfg = ParallelConfig(param_dtype="bf16", activation_checkpoint=args.checkpoint)
+    pcfg = ParallelConfig(param_dtype="bf16", reduce_dtype=args.reduce_dtype, activation_checkpoint=args.checkpoint)
     if dist_info.mesh is None and args.checkpoint:
         from experiments.parallel import checkpoint_units
 
@@ -196,7 +196,8 @@ def _steps(args, d, model, opt, sched, scaler, n_params, build_s, cuda) -> dict:
                tokens_per_gpu_step=args.batch * args.T, step_s=step_s, tokens_per_s_per_gpu=args.batch * args.T / step_s,
                peak_gib=float(peak) / 2**30, gather_bytes=rec.received_bytes, build_s=build_s,
                loss=steps[-1][0], taken=sum(1 for s in steps if s[2]), steps=len(steps),
-               device=torch.cuda.get_device_name(d.device) if cuda else "cpu", checkpoint=args.checkpoint)
+               device=torch.cuda.get_device_name(d.device) if cuda else "cpu", checkpoint=args.checkpoint,
+               reduce_dtype=args.reduce_dtype)
     return row
 
 
@@ -234,7 +235,7 @@ def table_row(r: dict, base: float | None) -> str:
 
 
 def common(args) -> list[str]:
-    return [*(["--checkpoint"] if args.checkpoint else []), "--gpu-gib", str(args.gpu_gib), "--T", str(args.T), "--batch", str(args.batch), "--warmup", str(args.warmup), "--iters", str(args.iters),
+    return [*(["--checkpoint"] if args.checkpoint else []), "--reduce-dtype", args.reduce_dtype, "--gpu-gib", str(args.gpu_gib), "--T", str(args.T), "--batch", str(args.batch), "--warmup", str(args.warmup), "--iters", str(args.iters),
             "--device", args.device]
 
 
@@ -292,6 +293,8 @@ def main(argv=None) -> None:
                     help="use at most this much of each GPU's memory (e.g. 80 on a 141 GiB H200: an 80 GB H100's room); 0: all")
     ap.add_argument("--checkpoint", action=argparse.BooleanOptionalAction, default=None,
                     help="activation checkpointing per block and LSTM layer (default: on for wide, off for weak)")
+    ap.add_argument("--reduce-dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="dtype of FSDP2's gradient reduce-scatter (parallel.reduce_dtype)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per launched measurement")
     ap.add_argument("--max-tries", type=int, default=3)
     args = ap.parse_args(argv)
