@@ -39,6 +39,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -218,9 +219,10 @@ def launch(n: int, extra: list[str], timeout: float) -> tuple[dict | None, str]:
     ooms = [ln for ln in text.splitlines() if ln.startswith("OOM rank")]
     if ooms:
         return None, "out of memory: " + ooms[0]
-    oom = "out of memory" in text.lower() or "OutOfMemoryError" in text
-    last = [ln for ln in text.splitlines() if "Error" in ln or "error" in ln][-1:] or text.splitlines()[-1:]
-    return None, ("out of memory" if oom else (last[0][:200] if last else f"exit {p.returncode}"))
+    if "out of memory" in text.lower() or "OutOfMemoryError" in text:
+        return None, "out of memory"
+    raised = [ln.strip() for ln in text.splitlines() if re.match(r"\s*[\w.]*(Error|Exception): ", ln)]
+    return None, (raised[0][:300] if raised else f"exit {p.returncode}: {text.strip().splitlines()[-1:]}")
 
 
 HEADER = ("| model | policy | GPUs | blocks | params | step s | tokens/s per GPU | vs 1 GPU | peak GiB (busiest GPU) "

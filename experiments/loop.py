@@ -198,6 +198,7 @@ class Stepper:
         import torch.distributed as dist
 
         from lowprec.distributed import sync_native_scales
+        from lowprec.fsdp import precompute_gather_amax
 
         from .parallel import all_reduce_found_inf, clip_grads_over_ranks_, local_grads
 
@@ -215,6 +216,7 @@ class Stepper:
         grad_norm = clip_grads_over_ranks_(grads, self.grad_clip, d)
         self.optimizer.step(found_inf=found_inf)
         sync_native_scales(self.model, found_inf)
+        precompute_gather_amax(self.model)  # the next step's FP8 all-gathers: one all-reduce of amaxes
         self.scaler.update_(found_inf)
         self.optimizer.zero_grad(set_to_none=True)
         return sums[0] / n_global, new_state, found_inf, grad_norm

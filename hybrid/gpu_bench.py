@@ -8,7 +8,8 @@ GEMV, the sequential part of the memory — per weight format, next to its memor
 (weight bytes / measured device-to-device copy bandwidth; the step is memory-bound at small B).
 
 Part ``step``: one training step of the ``slice16k`` preset (8.96B parameters: 1 block, 1 LSTM
-layer, width 16384) under the ``paper`` precision policy: time, tokens/s, peak memory. Weights are
+layer, width 16384) under the ``paper`` precision policy, in ``stream`` and in ``chunked`` mode: time,
+tokens/s, peak memory. Weights are
 bf16 and the optimizer is plain SGD (no state): AdamW's two states (or even one momentum) would not
 fit beside 8.96B bf16 weights, their gradients and the weight caches on one 80 GB GPU.
 """
@@ -16,6 +17,7 @@ fit beside 8.96B bf16 weights, their gradients and the weight caches on one 80 G
 from __future__ import annotations
 
 import argparse
+import gc
 import datetime
 import time
 from pathlib import Path
@@ -91,10 +93,10 @@ def lstm_table(batch_sizes=(1, 16), d=16384):
         torch.cuda.empty_cache()
 
 
-def slice_step(tokens=2048, policy="paper"):
+def slice_step(tokens=2048, policy="paper", rnn_mode="stream"):
     from omegaconf import OmegaConf  # the [train] extra: the hybrid core does not depend on it
 
-    cfg = preset("slice16k")
+    cfg = preset("slice16k").replace(rnn_mode=rnn_mode)
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
@@ -135,19 +137,25 @@ def slice_step(tokens=2048, policy="paper"):
     print(f"- peak memory: {peak / 2**30:.1f} GiB (torch.cuda.max_memory_allocated over the step)")
     for note, names in notes.items():
         print(f"- {len(names)} layers: {note}")
+    del model, opt, loss
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["lstm", "step", "all"], default="all")
     ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--rnn-modes", nargs="+", choices=["stream", "chunked"], default=["stream", "chunked"],
+                    help="part step: the memory's rnn_mode of each measured step")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("hybrid.gpu_bench needs a CUDA GPU")
     if args.part in ("lstm", "all"):
         lstm_table()
     if args.part in ("step", "all"):
-        slice_step(args.tokens)
+        for mode in args.rnn_modes:
+            slice_step(args.tokens, rnn_mode=mode)
 
 
 if __name__ == "__main__":

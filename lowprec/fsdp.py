@@ -34,6 +34,8 @@ whose backward reads the weight in another format than the forward. Those gather
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree
@@ -42,7 +44,8 @@ from torch import nn
 from .formats import Format
 from .qtensor import QTensor, quantize
 
-__all__ = ["LowBitGatherWeight", "check_lowbit_gather_support", "lowbit_gather_weights", "unwrap_lowbit"]
+__all__ = ["LowBitGatherWeight", "check_lowbit_gather_support", "lowbit_gather_weights", "precompute_gather_amax",
+           "unwrap_lowbit"]
 
 # ops whose results stay wrapped: the ones FSDP2 applies to a parameter while sharding it
 _PRESERVE = {
@@ -122,13 +125,21 @@ class LowBitGatherWeight(torch.Tensor):
     def __repr__(self):
         return f"LowBitGatherWeight({self._fmt}, {self._tensor!r})"
 
+    def _precomputed_amax(self) -> torch.Tensor | None:
+        """The whole tensor's amax from :func:`precompute_gather_amax`, while the master is the one
+        it was taken from (its version counter unchanged); else None."""
+        amax = getattr(self, "_amax", None)
+        return amax if amax is not None and self._amax_key == _versions(self._amax_param(), self) else None
+
     # ---- FSDP2's all-gather extension ------------------------------------------------------------
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
         fmt, w = self._fmt, self._tensor
         amax = None
         if fmt.is_scaled and fmt.granularity == "tensor":  # absmax (check_lowbit_gather_support)
-            amax = w.detach().abs().amax().float() if w.numel() else w.new_zeros((), dtype=torch.float32)
-            dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=mesh.get_group())
+            amax = self._precomputed_amax()
+            if amax is None:
+                amax = w.detach().abs().amax().float() if w.numel() else w.new_zeros((), dtype=torch.float32)
+                dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=mesh.get_group())
         q = _quantize(w.detach(), fmt, amax)
         # the scales travel in the all-gather too (a per-tensor one as N equal copies): FSDP2 then
         # orders and frees them with its own buffers, across its copy-in and compute streams
@@ -149,6 +160,39 @@ class LowBitGatherWeight(torch.Tensor):
                 out.copy_(w)
             return
         return w, (w,)
+
+
+def precompute_gather_amax(model: nn.Module) -> int:
+    """Take the per-tensor amax of every latent weight that all-gathers with one (FP8, int8 per
+    tensor) in ONE all-reduce, instead of one all-reduce per weight inside each unit's all-gather
+    (a collective that the gather of every unit waits for, in forward and again in backward).
+    Call after the optimizer step, as torchao does for float8; each value is used by the weight's
+    next all-gathers while its master is unchanged (an in-place update, a load, makes it stale and
+    the gather takes its own again), so the result is the same as without it, bit for bit. Returns
+    the number of weights."""
+    from torch.distributed.tensor import DTensor
+
+    found = []
+    for p in model.parameters():
+        local = p._local_tensor if isinstance(p, DTensor) else p
+        if isinstance(local, LowBitGatherWeight) and local._fmt.is_scaled and local._fmt.granularity == "tensor":
+            found.append((p, local))
+    if not found:
+        return 0
+    masters = [local._tensor.detach() for _, local in found]
+    amax = torch.stack([torch.linalg.vector_norm(m, float("inf")).float() if m.numel() else
+                        m.new_zeros((), dtype=torch.float32) for m in masters])
+    dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=found[0][0].device_mesh.get_group())
+    for (p, local), a in zip(found, amax.unbind()):
+        local._amax, local._amax_param, local._amax_key = a, weakref.ref(p), _versions(p, local)
+    return len(found)
+
+
+def _versions(param, local) -> tuple:
+    """What changes when a master is written in place: an update through the sharded Parameter (a
+    DTensor) counts on it, one on its local tensor (this wrapper) on the wrapper, one on the inner
+    tensor on that; none of them sees the others'."""
+    return (None if param is None else param._version, local._version, local._tensor._version)
 
 
 def unwrap_lowbit(t):

@@ -39,6 +39,7 @@ from experiments.sharded_checkpoint import (
 )
 from hybrid import HybridLM, preset
 from lowprec.distributed import native_shards, sync_native_scales
+from lowprec.fsdp import precompute_gather_amax
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 FP8_NATIVE = {"name": "fp8_native", "default": {"weight": "fp8_e4m3", "input": None, "grad": None, "storage": "native"},
@@ -139,6 +140,38 @@ def _data_parallel_checks(rank, world, tmp):
             out["whole_batch_rel_diff"] = max(float((full(p.grad) - wholes[n].grad).abs().max()
                                                     / wholes[n].grad.abs().max()) for n, p in model.named_parameters())
 
+    # the FP8 gathers' amaxes taken for all weights in one all-reduce: the same gradients, no
+    # all-reduce left in the forward; an in-place update of a master makes its amax stale
+    calls = []
+    real_all_reduce = torch.distributed.all_reduce
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real_all_reduce(*a, **k)
+
+    grads = []
+    for pre in (False, True):
+        model = build("fp8")
+        shard_model(model, d.mesh)
+        out["amax_precomputed"] = precompute_gather_amax(model) if pre else 0
+        torch.distributed.all_reduce = counting
+        try:
+            calls.clear()
+            loss = loss_of(model, xs, ys)
+            out[f"forward_all_reduces/{pre}"] = len(calls)
+            loss.backward()
+            grads.append({n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None})
+            if pre:
+                with torch.no_grad():
+                    next(p for n, p in model.named_parameters() if n == "blocks.0.attn.q.weight").mul_(0.5)
+                calls.clear()
+                loss_of(model, xs, ys)
+                out["forward_all_reduces/stale"] = len(calls)
+        finally:
+            torch.distributed.all_reduce = real_all_reduce
+    out["amax_precomputed_same_grads"] = (grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+                                          and all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0]))
+
     flag = torch.tensor(float(rank == 1))
     out["found_inf"] = (all_reduce_found_inf(rank == 1), all_reduce_found_inf(False),
                         float(all_reduce_found_inf(flag)), float(flag))
@@ -227,6 +260,18 @@ def test_carried_state_rows(dp2):
     are the 1-process state of the global batch, bit for bit, and a rank's rows of it are its own."""
     _, res = dp2
     assert all(r["state_rows"] and r["state_rows_back"] for r in res)
+
+
+def test_fp8_gather_amax_in_one_all_reduce(dp2):
+    """precompute_gather_amax: one all-reduce for every per-tensor FP8 weight; the forward's gathers
+    then make none (without it: one per weight), the gradients are bit-identical, and a master
+    changed in place afterwards takes its own amax again (one all-reduce)."""
+    for out in dp2[1]:
+        assert out["amax_precomputed"] > 0
+        assert out["forward_all_reduces/False"] >= out["amax_precomputed"]
+        assert out["forward_all_reduces/True"] == 0
+        assert out["forward_all_reduces/stale"] == 1
+        assert out["amax_precomputed_same_grads"]
 
 
 def test_grad_norm_and_found_inf_over_ranks(dp2):
