@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from . import gemv
+from .common import to_dtype
 from .formats import Format
 from .kernels import GEMV_MAX_ROWS, KERNELS
 from .plan import GemmPlan
@@ -104,7 +105,7 @@ def _fprop(x2, w, amax_x, amax_w, plan: GemmPlan, io: LayerIO):
         io.record("weight", (lambda: _native(plan, w).dequantize()) if native else w, fp.b)
     if plan.gemv is not None and x2.is_cuda and x2.shape[0] <= GEMV_MAX_ROWS:
         xq = KERNELS["emulated"].operand(x2, fp.a, amax=_for(fp.a, amax_x))[0]
-        return gemv.ternary_gemv(xq, w[0], w[1], plan.out_features).to(x2.dtype), None, None
+        return to_dtype(gemv.ternary_gemv(xq, w[0], w[1], plan.out_features), x2.dtype), None, None
     k = KERNELS[fp.kernel]
     A = k.operand(x2, fp.a, amax=_for(fp.a, amax_x))
     B = _weight_operand(k, fp.b, False, plan, w, io, amax_w)
@@ -234,7 +235,7 @@ class RecurrentGemms:
         return self.plan.precision.storage == "native"
 
     def _w(self, weights):
-        return weights[:3] if self.native else weights[0]
+        return tuple(weights[:3]) if self.native else weights[0]
 
     def fprop(self, x, weights):
         """One step: ``x`` (M, K) -> ``(y, saved)``: y (M, N) in ``x``'s dtype, exactly the
