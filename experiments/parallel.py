@@ -239,7 +239,6 @@ def shard_model(model: nn.Module, mesh, cfg: ParallelConfig | None = None) -> nn
         if any(True for _ in unit.parameters()):
             fully_shard(unit, mesh=dp_mesh, mp_policy=mp,
                         reshard_after_forward=cfg.reshard_after_forward if unit is not model else False)
-    _prefetch_in_order(model)
     # FSDP2 warns that the root returns views (logits, the memory bank): nothing here changes them in place
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     counts: dict[tuple[bool, str], int] = {}
@@ -253,22 +252,6 @@ def shard_model(model: nn.Module, mesh, cfg: ParallelConfig | None = None) -> nn
              sum(1 for _, u in named if any(True for _ in u.parameters())), sum(len(v) for v in natives.values()),
              lowbit, f"; in {cfg.param_dtype or 'their own dtype'}: {other}" if other else "")
     return model
-
-
-def _prefetch_in_order(model: nn.Module) -> None:
-    """Each unit of the chain fusion -> blocks.0 -> ... -> blocks.N-1 (the order the forward runs
-    them) starts the all-gather of the next one before its own forward, and in backward of the one
-    before: the gathers overlap the unit's compute even when the host issues kernels no earlier
-    than the device runs them (eager steps of small kernels), where FSDP2's implicit prefetch
-    would start each gather only when its unit is reached. (The LSTM layers are left to FSDP2: in
-    chunked mode the stack runs twice per forward.)"""
-    from torch.distributed.fsdp import FSDPModule
-
-    chain = [*([model.fusion] if getattr(model, "fusion", None) is not None else []), *model.blocks]
-    chain = [u for u in chain if isinstance(u, FSDPModule)]
-    for a, b in zip(chain, chain[1:]):
-        a.set_modules_to_forward_prefetch([b])
-        b.set_modules_to_backward_prefetch([a])
 
 
 def checkpoint_units(model: nn.Module) -> list[str]:
