@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from numbers import Real
 from typing import Any
 
-__all__ = ["check_real", "plain", "human_bytes"]
+__all__ = ["check_real", "plain", "human_bytes", "to_dtype"]
 
 
 def check_real(name: str, value: Any, valid: str, ok: Callable[[float], bool]) -> float:
@@ -41,3 +41,14 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} TiB"
+
+
+def to_dtype(t, dtype):
+    """``t`` in ``dtype``; ``t`` itself, with no operation, where it already is.
+
+    For the tensors an ``autograd.Function``'s forward returns. ``t.to(dtype)`` would return ``t``
+    as well, but as a second operation with the same result: torch 2.11 compiles a forward into
+    a graph that returns every intermediate besides the outputs, so that tensor is returned twice,
+    and autograd gives its gradient to the second place: backward receives zeros for the output,
+    and nothing before the function gets a gradient."""
+    return t if t.dtype == dtype else t.to(dtype)

@@ -172,8 +172,9 @@ class _ReduceScatterRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local_carrier, shard: NativeShard):
         ctx.shard = shard
-        return torch.empty_strided(shard.full_shape, (0,) * len(shard.full_shape),
-                                   device=local_carrier.device).zero_()
+        # a zero expanded, not a tensor zeroed in place: zero_() returns the tensor it fills, a second
+        # operation with the same result (lowprec.common.to_dtype says why that must not leave forward)
+        return torch.zeros((), device=local_carrier.device).expand(shard.full_shape)
 
     @staticmethod
     def backward(ctx, grad):

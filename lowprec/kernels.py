@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from . import gemv
+from .common import to_dtype
 from .formats import Format
 from .scaling import CHUNK_ELEMENTS, fake_quant, from_groups, quantize_groups, quantize_large, to_groups
 
@@ -150,7 +151,8 @@ class GemmKernel(Kernel, abc.ABC):
 
     @abc.abstractmethod
     def mm(self, A, B, out_dtype, fast_accum=False) -> torch.Tensor:
-        """``A @ B^T`` with the outer scales applied, in ``out_dtype``."""
+        """``A @ B^T`` with the outer scales applied, in ``out_dtype``: a tensor of its own, not one
+        an earlier operation returned as well (:func:`lowprec.common.to_dtype` says why)."""
 
     def transposed(self, op):
         """The operand of the transposed tensor, from an untransposed one (backward reuses the
@@ -173,7 +175,7 @@ class Emulated(GemmKernel):
         return (v.t() if transposed else v), None
 
     def mm(self, A, B, out_dtype, fast_accum=False):
-        return (A[0] @ B[0].t()).to(out_dtype)
+        return to_dtype(A[0] @ B[0].t(), out_dtype)
 
 
 class Matmul(GemmKernel):
@@ -188,7 +190,7 @@ class Matmul(GemmKernel):
 
     def mm(self, A, B, out_dtype, fast_accum=False):
         dt = torch.promote_types(A[0].dtype, B[0].dtype)
-        return (A[0].to(dt) @ B[0].to(dt).t()).to(out_dtype)
+        return to_dtype(A[0].to(dt) @ B[0].to(dt).t(), out_dtype)
 
 
 class Unquantized(Matmul):
@@ -237,7 +239,7 @@ class Bf16TensorCore(GemmKernel):
     def mm(self, A, B, out_dtype, fast_accum=False):
         a, b = A[0], B[0].t()
         c = torch.mm(a, b, out_dtype=torch.float32) if (_MM_FP32_OUT and a.is_cuda) else (a @ b).float()
-        return _scale_output(c, A[1], B[1]).to(out_dtype)
+        return to_dtype(_scale_output(c, A[1], B[1]), out_dtype)
 
 
 class Fp8(GemmKernel):
@@ -305,10 +307,10 @@ class Fp8(GemmKernel):
             sa = sa.reshape(-1, 1).expand(M, 1).contiguous()
             sb = sb.reshape(1, -1).expand(1, N).contiguous()
             out = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
-            return out.to(out_dtype)
+            return to_dtype(out, out_dtype)
         one = torch.ones((), device=a.device)
         out = torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.float32, use_fast_accum=fast_accum)
-        return _scale_output(out, sa.reshape(-1, 1), sb).to(out_dtype)
+        return to_dtype(_scale_output(out, sa.reshape(-1, 1), sb), out_dtype)
 
 
 class PackedTernaryGemv(Kernel):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .common import to_dtype
 from .formats import format as get_format
 from .scaling import quantize_dequantize
 
@@ -56,7 +57,7 @@ class _FakeQuantize(torch.autograd.Function):
         else:
             u = torch.where(s > 0, x.detach().float() / s, 0.0)
             ctx.pseudo = STES[ste](u, fmt.max_value)
-        return xq.to(x.dtype)
+        return to_dtype(xq, x.dtype)
 
     @staticmethod
     def backward(ctx, grad):

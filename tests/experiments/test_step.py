@@ -112,16 +112,8 @@ def test_a_step_with_non_finite_gradients_changes_nothing_but_the_scale():
     assert opt.param_groups[0]["lr"] != lr  # the schedule follows the step number
 
 
-# Known problem, seen on an H100: the compiled forward's backward leaves every gradient unset; the
-# step refuses that (RuntimeError). On the CPU the compiled step computes them. Strict: when it is
-# fixed this test passes, the mark fails the run, and the mark must go.
-COMPILED_NO_GRADS = pytest.mark.xfail(reason="on CUDA the compiled forward's backward leaves every gradient unset",
-                                      raises=RuntimeError, strict=True)
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("extra", [("precision=paper",), ("precision=bf16",),
-                                   pytest.param(("precision=bf16", "train.compile=true"), marks=COMPILED_NO_GRADS)],
+@pytest.mark.parametrize("extra", [("precision=paper",), ("precision=bf16",), ("precision=bf16", "train.compile=true")],
                          ids=["paper", "bf16", "bf16-compiled"])
 def test_steady_state_steps_never_wait_for_the_device(cfg_of, corpus, tmp_path, extra):
     """The tiny hybrid on CUDA through the trainer's Stepper: after warm-up steps (optimizer state,
