@@ -398,6 +398,83 @@ def test_export_is_read_by_evaluate(tmp_path, corpus, cfg_of):
     _assert_same(model.state_dict(), loaded.state_dict())
 
 
+@pytest.mark.parametrize("name", ["bf16", "paper", "ternary_native"])
+def test_activation_checkpointing_changes_no_number(name):
+    """checkpoint_units: the loss and every gradient (parameters and native carriers) bit-identical
+    to the same model without it, dropout on (its masks are replayed in the recomputed forward)."""
+    from experiments.parallel import checkpoint_units
+
+    def run(ck):
+        model = build(name, replace(preset("tiny"), dropout=0.1))
+        if ck:
+            assert checkpoint_units(model) == ["blocks.0", "blocks.1", "rnn.lstm.0", "rnn.lstm.1"]
+        x, y = batch()
+        torch.manual_seed(1)
+        loss = loss_of(model, x, y)
+        loss.backward()
+        grads = [p.grad for p in model.parameters()] + [m.native_grad for m in model.modules()
+                                                        if getattr(m, "is_native", False)]
+        return loss, grads
+
+    (loss0, g0), (loss1, g1) = run(False), run(True)
+    assert torch.equal(loss0, loss1)
+    assert len(g0) == len(g1) and all(a is not None for a in g0)
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1))
+
+
+def _meta_built_model(rank, world):
+    """The benchmark's build on 2 ranks: meta model, policy, native codes, shards, materialized."""
+    import types
+
+    from experiments import bench_parallel as bp
+    from experiments.loop import Stepper, read_results
+
+    d = init_distributed(ParallelConfig(), device="cpu")
+    out = {}
+    for name in ("paper", "ternary_native"):
+        args = types.SimpleNamespace(model="tiny", policy=name, blocks=None, T=16, batch=2, checkpoint=True,
+                                     reduce_dtype="fp32", warmup=0, iters=0)
+        model, opt, sched, scaler, n = bp.build(args, d)
+        tensors = [*model.parameters(), *model.buffers()]
+        out[f"meta_left/{name}"] = sum(t.device.type == "meta" for t in tensors)
+        out[f"params/{name}"] = n
+        out[f"native_shards/{name}"] = {k: tuple(m.w_data.shape) for k, m in native_shards(model).items()}
+        stepper = Stepper(model, opt, sched, scaler, bp.random_batches(2, 16, 32, d.device, rank), tbptt=False,
+                          parallel=d)
+        out[f"steps/{name}"] = read_results([stepper.step() for _ in range(3)])[0]
+    return out
+
+
+def test_meta_built_model_trains_on_its_shards(fork_ranks):
+    """experiments.bench_parallel builds the model with no whole float copy anywhere: nothing is left
+    on the meta device, the parameter count is the model's, native layers hold their rows of packed
+    codes (half the rows each), and steps of the trainer train (finite loss, every step taken)."""
+    import math
+
+    from experiments.bench_parallel import model_config
+
+    cfg = model_config("tiny", None, 16)  # the tiny preset with its window at T
+    whole = {name: sum(p.numel() for p in build(name, cfg).parameters()) + sum(
+        m.native_weight.numel() for m in build(name, cfg).modules() if getattr(m, "is_native", False))
+        for name in ("paper", "ternary_native")}
+    full_rows = {n: m.w_data.shape for n, m in build("ternary_native").named_modules() if getattr(m, "is_native", False)}
+    for out in run_ranks(fork_ranks, _meta_built_model, 2):
+        for name in ("paper", "ternary_native"):
+            assert out[f"meta_left/{name}"] == 0
+            assert out[f"params/{name}"] == whole[name]
+            assert all(math.isfinite(loss) and taken for loss, _, taken, _ in out[f"steps/{name}"])
+        shards = out["native_shards/ternary_native"]
+        assert shards.keys() == full_rows.keys()
+        assert all(shards[n] == (full_rows[n][0] // 2, full_rows[n][1]) for n in shards)
+
+
+def test_init_native_refuses_another_shape():
+    model = build("ternary_native")
+    layer = model.blocks[0].ffn.up
+    with pytest.raises(ValueError, match="expected a weight of shape"):
+        layer.init_native_(torch.zeros(3, 3))
+
+
 def test_killed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     """A save that dies after writing part of its files leaves the checkpoint at the path as it
     was; a save killed outright leaves a temporary directory that loads ignore and the next save
