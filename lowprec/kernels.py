@@ -220,6 +220,13 @@ class Bf16TensorCore(GemmKernel):
         if fmt is None:
             v, outer = t, None
             v = v.t() if transposed else v
+        elif t.numel() > CHUNK_ELEMENTS and not torch.compiler.is_compiling() and fmt.scale != "nvfp4":
+            # eager, e.g. a 16384 x 65536 weight: bf16 values written piece by piece, no float32
+            # copy of it; the scales that stay outside the GEMM as in split(), the others folded
+            outside = fmt.is_scaled and (fmt.granularity == "tensor" or (fmt.granularity == "row" and not transposed))
+            v, s = quantize_large(t, fmt, rounding=rounding, amax=amax, out_dtype=torch.bfloat16, scaled=not outside)
+            outer = (s.reshape(1) if fmt.granularity == "tensor" else s.reshape(-1, 1)) if outside else None
+            return (v.t() if transposed else v), outer
         else:
             v, outer = split(t, fmt, rounding=rounding, amax=amax, transposed=transposed)
         return v.to(torch.bfloat16), outer

@@ -181,3 +181,32 @@ def test_subnormal_amax_gives_finite_output(name):
     out = lowprec.quantize(x, fmt).dequantize()
     assert torch.isfinite(out).all(), name
     assert torch.equal(lowprec.quantize_dequantize(x, fmt)[0], out)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["as-is", "transposed"])
+@pytest.mark.parametrize("name,granularity", [("fp8_e4m3", "tensor"), ("fp8_e5m2", "tensor"), ("fp8_e4m3", "row"),
+                                              ("fp4_e2m1", "row"), ("int8", "tensor"), ("mxfp4", "block"),
+                                              ("fp16", "tensor")])
+def test_bf16_tensor_core_operand_of_a_large_tensor_is_the_one_piece_operand(monkeypatch, name, granularity, transposed):
+    """The bf16 tensor-core kernel's operand of a tensor above CHUNK_ELEMENTS (quantized piece by
+    piece, no float32 copy of it) is bit for bit the one-piece operand: values and outer scales."""
+    from lowprec import kernels, scaling
+
+    fmt = lowprec.format(name)
+    if fmt.is_scaled and fmt.granularity != granularity:
+        fmt = fmt.with_scaling(granularity)
+    x = torch.randn(37, 320, generator=torch.Generator().manual_seed(3)) * 3
+    x[5, 7] = 40.0
+    k = kernels.KERNELS["bf16_tensorcore"]
+    amaxes = [None, torch.tensor(50.0)] if fmt.is_scaled and fmt.granularity == "tensor" else [None]
+    for amax in amaxes:
+        ref_v, ref_outer = k.operand(x, fmt, amax=amax, transposed=transposed)
+        monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 1000)
+        monkeypatch.setattr(scaling, "CHUNK_ELEMENTS", 1000)  # 12 pieces of whole rows / 1000 elements
+        v, outer = k.operand(x, fmt, amax=amax, transposed=transposed)
+        monkeypatch.undo()
+        assert v.dtype == ref_v.dtype == torch.bfloat16 and v.shape == ref_v.shape
+        assert torch.equal(v, ref_v)
+        assert (outer is None) == (ref_outer is None)
+        if outer is not None:
+            assert torch.equal(outer, ref_outer)
