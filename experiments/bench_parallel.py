@@ -2,8 +2,8 @@
 many blocks as fit.
 
     python -m experiments.bench_parallel weak --gpus 1 2 4 --policies bf16 paper
-    python -m experiments.bench_parallel wide --gpus 4 --policies paper:3 ternary_native:8 bf16:2
-    torchrun --standalone --nproc-per-node 4 -m experiments.bench_parallel one --model wide --policy paper --blocks 3
+    python -m experiments.bench_parallel wide --gpus 4 --gpu-gib 79 --reduce-dtype bf16 --policies ternary_native:5 bf16:1
+    torchrun --standalone --nproc-per-node 4 -m experiments.bench_parallel one --model wide --policy paper --blocks 1
 
 ``weak``: ``HybridLM`` at the ``600m`` shape of :mod:`experiments.bench_train` (d 2048, 12 blocks, 16/4 heads,
 FFN 8192, the RNN memory in ``chunked`` mode; byte vocabulary), 8 x 1024 tokens per GPU per step, on 1, 2, 4
@@ -311,7 +311,7 @@ def main(argv=None) -> None:
             print("RESULT " + json.dumps(row), flush=True)
         return
     args.gpus = args.gpus or ([1, 2, 4] if args.what == "weak" else [4])
-    args.policies = args.policies or (["bf16", "paper"] if args.what == "weak" else ["paper:3", "ternary_native:8", "bf16:2"])
+    args.policies = args.policies or (["bf16", "paper"] if args.what == "weak" else ["ternary_native:5", "bf16:1", "paper:1"])
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     print(f"# {args.what}: {args.model}, {args.batch} x {args.T} tokens per GPU per step, {dev}, torch {torch.__version__}, "
           f"{datetime.date.today()}", flush=True)
