@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .formats import Format, format as get_format
+from . import scaling as _scaling
 from .packing import pack_codes, unpack_codes
 from .scaling import E8M0_NAN, Groups, check_input, e8m0_to_float, from_groups, quantize_groups, to_groups
 from .rounding import check_rounding, torch_dtype_of
@@ -134,9 +135,35 @@ class QTensor:
         return s
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The represented tensor, in ``dtype``, with the logical shape."""
+        """The represented tensor, in ``dtype``, with the logical shape. A tensor of more than
+        ``scaling.CHUNK_ELEMENTS`` elements is written a block of whole rows at a time (the same
+        values: each element is its code times its scale), so its float32 temporaries stay small."""
+        rows = self.shape[:-1].numel() if len(self.shape) > 1 else 1
+        if self.numel() > _scaling.CHUNK_ELEMENTS and rows > 1 and self._rows(0, 1) is not None:
+            out = torch.empty(self.shape, dtype=dtype, device=self.device)
+            flat = out.view(rows, self.shape[-1])
+            step = max(1, _scaling.CHUNK_ELEMENTS // self.padded_last)
+            for r in range(0, rows, step):
+                flat[r:r + step] = self._rows(r, min(r + step, rows)).dequantize(dtype)
+            return out
         x = self.values() * self.group_scales()
         return from_groups(x, self._groups()).to(dtype)
+
+    def _rows(self, r0: int, r1: int) -> QTensor | None:
+        """Rows ``r0:r1`` of the 2-D view (leading dims flattened) as a QTensor of their own, sharing
+        storage; None where a row's codes or scales do not start on their own byte / scale."""
+        rows = self.shape[:-1].numel()
+        bits = _packed_bits(self.fmt) or 8 * self.data.element_size()
+        if (self.padded_last * bits) % (8 * self.data.element_size()) or self.data.numel() % rows:
+            return None
+        scale = self.scale
+        if scale is not None and scale.numel() > 1:
+            if scale.numel() % rows:
+                return None
+            scale = scale.reshape(rows, -1)[r0:r1].reshape(-1)
+        data = self.data.reshape(rows, -1)[r0:r1]
+        return QTensor(data.reshape(-1) if self.data.dim() == 1 else data, scale, self.global_scale, self.fmt,
+                       (r1 - r0, self.shape[-1]), self.padded_last)
 
     def __repr__(self) -> str:
         mib = self.nbytes / 2**20

@@ -210,3 +210,26 @@ def test_bf16_tensor_core_operand_of_a_large_tensor_is_the_one_piece_operand(mon
         assert (outer is None) == (ref_outer is None)
         if outer is not None:
             assert torch.equal(outer, ref_outer)
+
+
+@pytest.mark.parametrize("name,granularity", [("fp8_e4m3", "tensor"), ("fp8_e4m3", "row"), ("fp4_e2m1", "row"),
+                                              ("int8", "tensor"), ("mxfp4", "block"), ("nvfp4", "block"),
+                                              ("ternary", "tensor"), ("binary", "tensor"), ("bf16", "tensor")])
+@pytest.mark.parametrize("shape", [(37, 320), (3, 11, 64)], ids=["2d", "3d"])
+def test_large_qtensors_dequantize_in_pieces_like_one_piece(monkeypatch, name, granularity, shape):
+    """dequantize of a QTensor above CHUNK_ELEMENTS, a block of rows at a time: bit-identical to the
+    one-piece result, in fp32 and bf16."""
+    from lowprec import scaling
+
+    fmt = lowprec.format(name)
+    if fmt.is_scaled and fmt.granularity != granularity and fmt.scale not in ("e8m0", "nvfp4"):
+        fmt = fmt.with_scaling(granularity)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(4)) * 3
+    q = lowprec.quantize(x, fmt)
+    ref = {dt: q.dequantize(dt) for dt in (torch.float32, torch.bfloat16)}
+    assert q._rows(0, 1) is not None  # every format here splits by rows
+    monkeypatch.setattr(scaling, "CHUNK_ELEMENTS", 500)
+    for dt, r in ref.items():
+        out = q.dequantize(dt)
+        assert out.dtype == dt and out.shape == r.shape
+        assert torch.equal(out, r)
