@@ -113,8 +113,10 @@ def test_a_step_with_non_finite_gradients_changes_nothing_but_the_scale():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("extra", [("precision=paper",), ("precision=bf16",), ("precision=bf16", "train.compile=true")],
-                         ids=["paper", "bf16", "bf16-compiled"])
+@pytest.mark.parametrize("extra", [("precision=paper",), ("precision=bf16",), ("precision=nvfp4",),
+                                   ("precision=ternary_native", "optim=ternary_native"),
+                                   ("precision=bf16", "train.compile=true")],
+                         ids=["paper", "bf16", "nvfp4", "ternary_native", "bf16-compiled"])
 def test_steady_state_steps_never_wait_for_the_device(cfg_of, corpus, tmp_path, extra):
     """The tiny hybrid on CUDA through the trainer's Stepper: after warm-up steps (optimizer state,
     compiled graphs, the scaler's tensors on the device), steps run under
