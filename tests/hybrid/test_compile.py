@@ -91,15 +91,12 @@ def test_compiled_step_equals_eager(runs):
         assert (v is None and ref_state.state_dict()[k] is None) or torch.equal(v, ref_state.state_dict()[k]), k
 
 
-def test_lstm_recurrence_compiles_into_the_graph():
-    """With a plain `hh` (no policy) the recurrence is one autograd.Function with a hand-written
-    backward: it traces into one graph too, and gives eager's numbers exactly (aot_eager, as above)."""
-    from hybrid.rnn import LSTMLayer
-
-    torch.manual_seed(0)
-    layer = LSTMLayer(8)
-    x = torch.randn(2, 5, 8, requires_grad=True)
-    h0, c0 = torch.randn(2, 8, requires_grad=True), torch.randn(2, 8)
+def _layer_compiled_and_eager(layer, grads) -> tuple[int, list[list]]:
+    """(graphs compiled, [compiled results, eager results]) of one LSTM layer on the same inputs:
+    its outputs and ``grads(loss, x, h0)``."""
+    d = layer.norm.normalized_shape[0]
+    x = torch.randn(2, 5, d, requires_grad=True)
+    h0, c0 = torch.randn(2, d, requires_grad=True), torch.randn(2, d)
     valid = torch.arange(5) < 3
     torch._dynamo.reset()
     backend = CountingBackend()
@@ -107,10 +104,21 @@ def test_lstm_recurrence_compiles_into_the_graph():
     results = []
     for fn in (compiled, layer):
         y, h, c = fn(x, h0, c0, valid)
-        loss = y.square().sum() + h.sum() + c.sum()
-        results.append([y, h, c, *torch.autograd.grad(loss, [x, h0, *layer.parameters()])])
+        results.append([y, h, c, *grads(y.square().sum() + h.sum() + c.sum(), x, h0)])
     torch._dynamo.reset()
-    assert backend.graphs == 1
+    return backend.graphs, results
+
+
+def test_lstm_recurrence_compiles_into_the_graph():
+    """With a plain `hh` (no policy) the recurrence is one autograd.Function with a hand-written
+    backward: it traces into one graph too, and gives eager's numbers exactly (aot_eager, as above)."""
+    from hybrid.rnn import LSTMLayer
+
+    torch.manual_seed(0)
+    layer = LSTMLayer(8)
+    graphs, results = _layer_compiled_and_eager(
+        layer, lambda loss, x, h0: torch.autograd.grad(loss, [x, h0, *layer.parameters()]))
+    assert graphs == 1
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
 
@@ -127,23 +135,18 @@ def test_quantized_lstm_recurrence_compiles_into_the_graph(policy):
     layer = LSTMLayer(16)
     precision = PrecisionPolicy.from_config(OmegaConf.load(PAPER.parent / f"{policy}.yaml")).resolve("rnn.lstm.0.hh")
     layer.hh = QLinear.from_float(layer.hh, precision)
-    x = torch.randn(2, 5, 16, requires_grad=True)
-    h0, c0 = torch.randn(2, 16, requires_grad=True), torch.randn(2, 16)
-    valid = torch.arange(5) < 3
-    torch._dynamo.reset()
-    backend = CountingBackend()
-    compiled = torch.compile(layer, backend=backend, fullgraph=True)
-    results = []
-    for fn in (compiled, layer):
-        y, h, c = fn(x, h0, c0, valid)
-        (y.square().sum() + h.sum() + c.sum()).backward()
+
+    def grads(loss, x, h0):
+        loss.backward()
         hh_grad = layer.hh.native_grad if layer.hh.is_native else layer.hh.weight.grad
-        results.append([y, h, c, x.grad, h0.grad, hh_grad])
+        out = [x.grad, h0.grad, hh_grad]
         x.grad = h0.grad = None
         layer.zero_grad(set_to_none=True)
         if layer.hh.is_native:
             layer.hh.zero_native_grad()
-    torch._dynamo.reset()
-    assert backend.graphs == 1
+        return out
+
+    graphs, results = _layer_compiled_and_eager(layer, grads)
+    assert graphs == 1
     for a, b in zip(*results, strict=True):
         assert a is not None and torch.equal(a, b)
