@@ -111,10 +111,6 @@ def build(args, dist_info):
             n_params += mod.native_weight.numel()
             mod.init_native_(torch.randn(mod.native_weight.shape, device=device) * 0.02)
     pcfg = ParallelConfig(param_dtype="bf16", reduce_dtype=args.reduce_dtype, activation_checkpoint=args.checkpoint)
-    if dist_info.mesh is None and args.checkpoint:
-        from experiments.parallel import checkpoint_units
-
-        checkpoint_units(model)
     shard_model(model, dist_info.mesh, pcfg)
     materialize_(model, device)
     opt_name = "ternary_native" if args.policy.endswith("native") else "adamw"

@@ -203,21 +203,22 @@ def units(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def shard_model(model: nn.Module, mesh, cfg: ParallelConfig | None = None) -> nn.Module:
     """Apply tensor parallelism (when the mesh has a ``tp`` dimension), row-shard native weights and
     FSDP2-shard every unit over ``dp``, in that order (see the module doc); returns ``model``
-    (changed in place: FSDP2 swaps the classes of the units). ``mesh`` None: nothing to do.
+    (changed in place: FSDP2 swaps the classes of the units). ``mesh`` None: only
+    ``cfg.activation_checkpoint`` applies.
 
     Call after ``lowprec.apply_policy`` and moving the model to its device, before building the
     optimizer (it must see the sharded parameters and the native layers' shards)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    cfg = cfg or ParallelConfig()
+    if cfg.activation_checkpoint:
+        checkpoint_units(model)
     if mesh is None:
         return model
-    cfg = cfg or ParallelConfig()
     dp_mesh = mesh["dp"] if mesh.ndim > 1 else mesh
     if mesh.ndim > 1 and mesh["tp"].size() > 1:
         apply_tensor_parallel(model, mesh["tp"])
     named = units(model)
-    if cfg.activation_checkpoint:
-        checkpoint_units(model)
     owner = _owners(model, named)
     natives: dict[str, list[nn.Module]] = {}
     for name, mod in model.named_modules():
