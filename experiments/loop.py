@@ -28,7 +28,9 @@ which keeps that decision off the device too. The batches are copied to the devi
 memory, asynchronously.
 
 ``compile=True`` compiles the forward and the loss over the step's segments (and, through
-AOTAutograd, their backward); the update runs eager: Bop/TernaryBop/SRAdamW reseed a host generator
+AOTAutograd, their backward): once, for the carried state (TBPTT) or the fresh windows; a TBPTT
+step that starts a document (the first, and one per epoch) runs eager instead of compiling a second
+graph for the state-less shape class. The update runs eager: Bop/TernaryBop/SRAdamW reseed a host generator
 per weight (a graph break) and torch's fused AdamW is one kernel already.
 
 Evaluation scores validation windows, each from a fresh state (``evaluate``), or, for a model
@@ -156,13 +158,22 @@ class Stepper:
             scored = scored + (y >= 0).sum()
         return total, scored, state
 
+    def _sums_for(self, batches, state):
+        """The compiled ``_segments_sums``, or (TBPTT) the eager one for a step that starts a document
+        somewhere (no carried state, or a reset among its segments): the compiled graph is then the
+        carried-state one only, compiled once, and the rare fresh-state step (the first, and one
+        per epoch) costs no second compilation."""
+        if self.tbptt and (state is None or any(bool(r) for _, _, r in batches)):
+            return self._segments_sums
+        return self._sums
+
     def _forward(self, batches, state) -> tuple[torch.Tensor, Any, int]:
         """(mean loss over the scored targets, state, tokens read). Targets of -100 (cross-entropy's
         ignore_index: a retrieval task's non-answer tokens with train.task_loss=answer) are read
         but not scored."""
         xs = [self._to_device(x) for x, _, _ in batches]
         ys = [self._to_device(y) for _, y, _ in batches]
-        total, scored, state = self._sums(xs, ys, tuple(bool(r) for _, _, r in batches), state)
+        total, scored, state = self._sums_for(batches, state)(xs, ys, tuple(bool(r) for _, _, r in batches), state)
         loss = total / scored.clamp(min=1)
         return loss, state, sum(y.numel() for y in ys)
 
@@ -206,7 +217,8 @@ class Stepper:
         self.model.train()
         xs = [self._to_device(x) for x, _, _ in batches]
         ys = [self._to_device(y) for _, y, _ in batches]
-        total, scored, new_state = self._sums(xs, ys, tuple(bool(r) for _, _, r in batches), state)
+        total, scored, new_state = self._sums_for(batches, state)(xs, ys, tuple(bool(r) for _, _, r in batches),
+                                                                  state)
         sums = torch.stack([total.detach().float(), scored.float()])
         dist.all_reduce(sums, group=d.dp_group)
         n_global = sums[1].clamp(min=1)

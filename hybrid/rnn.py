@@ -58,6 +58,10 @@ Two modes produce the memory vectors (`RNNMemory.stream` / `RNNMemory.chunked`):
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -68,7 +72,9 @@ from .config import CHUNK_POOLS
 class LinearGemms:
     """A plain `nn.Linear` `hh` (no bias) in the protocol of `lowprec.gemm.RecurrentGemms`, which
     `LSTMRecurrence` calls: weights = (W,), `fprop(x, weights) -> (x Wᵀ, saved)`,
-    `dgrad(dy, weights, saved, need_dx) -> dy W`, `wgrad(dy, x, weights) -> (dyᵀ x,)`."""
+    `dgrad(dy, weights, saved, need_dx) -> dy W`, `wgrad(dy, x, weights) -> (dyᵀ x,)`,
+    `fprop_saved(weights, rows, device)` (a step's `saved`, derived again), `grad_slots`,
+    `stateless`."""
 
     @staticmethod
     def fprop(x, weights):
@@ -82,8 +88,113 @@ class LinearGemms:
     def wgrad(dy, x, weights):
         return (dy.t() @ x,)
 
+    grad_slots = (0,)  # the weights wgrad returns a gradient for
+    stateless = True  # no state that a step updates (the compiled operators need that)
+
+    @staticmethod
+    def fprop_saved(weights, rows, device):
+        return ()
+
 
 LINEAR_GEMMS = LinearGemms()
+
+
+def _cell(gx_t, hh_t, h, c, valid_t):
+    """One step's gates -> (h_t, c_t, the activated gates (4, B, d), tanh(c_t)); a step with
+    valid_t False holds (h, c)."""
+    gates = gx_t + hh_t.to(h.dtype)
+    i, f, g, o = gates.chunk(4, dim=-1)
+    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    c_t = f * c + i * g
+    tanh_c = torch.tanh(c_t)
+    h_t = o * tanh_c
+    acts = torch.stack([i, f, g, o])  # each (B, d) contiguous, as autograd saves them
+    if valid_t is not None:
+        h_t, c_t = torch.where(valid_t, h_t, h), torch.where(valid_t, c_t, c)
+    return h_t, c_t, acts, tanh_c
+
+
+def _cell_backward(dh, dc, dy_t, acts_t, tanh_c, c_prev, valid_t):
+    """One step of the backward, from the last -> (da_t, dc_{t-1} before a held step's part, and
+    what a held step passes on: dh, dc or None). The caller adds dgrad(da_t) to get dh_{t-1}."""
+    sigmoid_bwd, tanh_bwd = torch.ops.aten.sigmoid_backward, torch.ops.aten.tanh_backward
+    dh = dh + dy_t
+    i, f, g, o = acts_t.unbind(0)
+    dh_held = dc_held = None
+    if valid_t is not None:  # a held step passes dh, dc on to step t - 1 unchanged
+        dh_held, dc_held = torch.where(valid_t, 0.0, dh), torch.where(valid_t, 0.0, dc)
+        dh, dc = torch.where(valid_t, dh, 0.0), torch.where(valid_t, dc, 0.0)
+    dc = dc + tanh_bwd(dh * o, tanh_c)
+    da = torch.cat([sigmoid_bwd(dc * g, i), sigmoid_bwd(dc * c_prev, f),
+                    tanh_bwd(dc * i, g), sigmoid_bwd(dh * tanh_c, o)], dim=-1)
+    return da, dc * f, dh_held, dc_held
+
+
+_FUSED: list = []
+
+
+def _cells(t: Tensor):
+    """(cell, cell_backward) for a recurrence on ``t``'s device: the eager functions, op for op as
+    autograd differentiates the per-step loop; inside the compiled recurrence operators on CUDA,
+    the same functions compiled (each step's pointwise work in one kernel instead of ~15; the
+    numbers then differ from eager by the fused kernels' rounding)."""
+    if t.is_cuda and _OPERATOR_RUNNING:
+        if not _FUSED:
+            _FUSED.extend(torch.compile(f, fullgraph=True) for f in (_cell, _cell_backward))
+        return _FUSED
+    return _cell, _cell_backward
+
+
+_OPERATOR_RUNNING = False
+
+
+def _recurrence_forward(gx, h, c, valid, ad, gemms, weights):
+    """The forward loop of `LSTMRecurrence` -> (y, h_T, c_T, hs_prev, cs_prev, acts, tanh_cs, saved):
+    y (B, T, d) = h_1..T, the state after the last step, what the backward needs stacked over the
+    steps (h_{t-1} in ad, c_{t-1}, the activated gates (T, 4, B, d), tanh(c_t)), and each step's
+    `saved` from `gemms.fprop`, concatenated."""
+    cell = _cells(gx)[0]
+    hs_prev, cs_prev, acts, tanh_cs, ys, saved = [], [], [], [], [], []
+    for t, gx_t in enumerate(gx.unbind(1)):
+        h_in = h.to(ad)
+        hh_t, saved_t = gemms.fprop(h_in, weights)
+        hs_prev.append(h_in)
+        cs_prev.append(c)
+        h, c, acts_t, tanh_c = cell(gx_t, hh_t, h, c, None if valid is None else valid[t])
+        acts.append(acts_t)
+        tanh_cs.append(tanh_c)
+        saved.extend(saved_t)
+        ys.append(h)
+    return (torch.stack(ys, dim=1), h, c, torch.stack(hs_prev), torch.stack(cs_prev), torch.stack(acts),
+            torch.stack(tanh_cs), saved)
+
+
+def _recurrence_backward(dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, gemms, weights, saved,
+                         need_state: bool, need_w: bool):
+    """The backward of `LSTMRecurrence` -> (dgx (B, T, 4d), dh_0, dc_0, weight gradients or Nones);
+    ``saved``: the per-step `saved` of the forward, ``n_saved`` tensors a step. Without
+    ``need_state`` the last dgrad is skipped (dh_0 and dc_0 are then not the gradients)."""
+    T = hs_prev.shape[0]
+    n_saved = len(saved) // T
+    (B, d), ad = cs_prev.shape[1:], hs_prev.dtype
+    cell_backward = _cells(dy)[1]
+    das = [None] * T
+    for t in range(T - 1, -1, -1):
+        das[t], dc, dh_held, dc_held = cell_backward(dh, dc, dy[:, t], acts[t], tanh_cs[t], cs_prev[t],
+                                                     None if valid is None else valid[t])
+        saved_t = saved[t * n_saved:(t + 1) * n_saved]
+        if t == 0 and not need_state:
+            if need_w:  # h_0, c_0 need no gradient: no last dgrad (the step's record still made)
+                gemms.dgrad(das[t].to(ad), weights, saved_t, need_dx=False)
+            break
+        dh = gemms.dgrad(das[t].to(ad), weights, saved_t).to(dh.dtype)
+        if valid is not None:
+            dh, dc = dh + dh_held, dc + dc_held
+    da = torch.stack(das, dim=1)  # (B, T, 4d)
+    dws = (None,) * len(weights)
+    if need_w:  # one GEMM over all T·B rows
+        dws = gemms.wgrad(da.transpose(0, 1).reshape(T * B, -1).to(ad), hs_prev.reshape(T * B, d), weights)
+    return da, dh, dc, dws
 
 
 class LSTMRecurrence(torch.autograd.Function):
@@ -110,6 +221,10 @@ class LSTMRecurrence(torch.autograd.Function):
     the per-step sum by the order of the sum (and, for a quantized `hh`, as `RecurrentGemms` says).
     A step with valid[t] False holds the state (h_t = h_{t-1}, c_t = c_{t-1}): its da_t is 0 and
     the gradients pass it unchanged.
+
+    Under `torch.compile` the same two loops run as the operators `hybrid::lstm_recurrence` and
+    `hybrid::lstm_recurrence_backward` (`LSTMLayer.forward` picks them): opaque to the compiler,
+    so a layer adds two nodes to the graph instead of T unrolled steps forward and backward.
     """
 
     @staticmethod
@@ -117,62 +232,118 @@ class LSTMRecurrence(torch.autograd.Function):
         """gx (B, T >= 1, 4d) input projections and h, c (B, d) in the state dtype; valid (T,) bool
         or None; ad the activation dtype; gemms and weights as above -> y (B, T, d) = h_1..T, h_T,
         c_T (state dtype)."""
-        hs_prev, cs_prev, acts, tanh_cs, ys, saved = [], [], [], [], [], []
-        for t, gx_t in enumerate(gx.unbind(1)):
-            h_in = h.to(ad)
-            hh_t, saved_t = gemms.fprop(h_in, weights)
-            gates = gx_t + hh_t.to(h.dtype)
-            i, f, g, o = gates.chunk(4, dim=-1)
-            i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-            c_t = f * c + i * g
-            tanh_c = torch.tanh(c_t)
-            h_t = o * tanh_c
-            hs_prev.append(h_in)
-            cs_prev.append(c)
-            acts.append(torch.stack([i, f, g, o]))  # each (B, d) contiguous, as autograd saves them
-            tanh_cs.append(tanh_c)
-            saved.extend(saved_t)
-            if valid is not None:
-                h_t, c_t = torch.where(valid[t], h_t, h), torch.where(valid[t], c_t, c)
-            h, c = h_t, c_t
-            ys.append(h)
-        ctx.gemms, ctx.steps, ctx.n_saved = gemms, len(ys), len(saved) // len(ys)
-        ctx.save_for_backward(valid, torch.stack(hs_prev), torch.stack(cs_prev), torch.stack(acts),
-                              torch.stack(tanh_cs), *weights, *saved)
-        return torch.stack(ys, dim=1), h, c
+        y, h, c, hs_prev, cs_prev, acts, tanh_cs, saved = _recurrence_forward(gx, h, c, valid, ad, gemms, weights)
+        ctx.gemms, ctx.n_weights = gemms, len(weights)
+        ctx.save_for_backward(valid, hs_prev, cs_prev, acts, tanh_cs, *weights, *saved)
+        return y, h, c
 
     @staticmethod
     def backward(ctx, dy, dh, dc):
-        T, gemms, n_saved = ctx.steps, ctx.gemms, ctx.n_saved
         valid, hs_prev, cs_prev, acts, tanh_cs, *rest = ctx.saved_tensors
-        weights, saved = rest[:len(rest) - T * n_saved], rest[len(rest) - T * n_saved:]
-        (B, d), ad = cs_prev.shape[1:], hs_prev.dtype
-        need_w = any(ctx.needs_input_grad[6:])
-        sigmoid_bwd, tanh_bwd = torch.ops.aten.sigmoid_backward, torch.ops.aten.tanh_backward
-        das = [None] * T
-        for t in range(T - 1, -1, -1):
-            dh = dh + dy[:, t]
-            i, f, g, o = acts[t].unbind(0)
-            tanh_c = tanh_cs[t]
-            if valid is not None:  # a held step passes dh, dc on to step t - 1 unchanged
-                dh_held, dc_held = torch.where(valid[t], 0.0, dh), torch.where(valid[t], 0.0, dc)
-                dh, dc = torch.where(valid[t], dh, 0.0), torch.where(valid[t], dc, 0.0)
-            dc = dc + tanh_bwd(dh * o, tanh_c)
-            das[t] = torch.cat([sigmoid_bwd(dc * g, i), sigmoid_bwd(dc * cs_prev[t], f),
-                                tanh_bwd(dc * i, g), sigmoid_bwd(dh * tanh_c, o)], dim=-1)
-            saved_t = saved[t * n_saved:(t + 1) * n_saved]
-            if t == 0 and not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
-                if need_w:  # h_0, c_0 need no gradient: no last dgrad (the step's record still made)
-                    gemms.dgrad(das[t].to(ad), weights, saved_t, need_dx=False)
-                break
-            dh, dc = gemms.dgrad(das[t].to(ad), weights, saved_t).to(dh.dtype), dc * f
-            if valid is not None:
-                dh, dc = dh + dh_held, dc + dc_held
-        da = torch.stack(das, dim=1)  # (B, T, 4d)
-        dws = (None,) * len(weights)
-        if need_w:  # one GEMM over all T·B rows
-            dws = gemms.wgrad(da.transpose(0, 1).reshape(T * B, -1).to(ad), hs_prev.reshape(T * B, d), weights)
+        weights, saved = rest[:ctx.n_weights], rest[ctx.n_weights:]
+        da, dh, dc, dws = _recurrence_backward(
+            dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, ctx.gemms, weights, saved,
+            need_state=ctx.needs_input_grad[1] or ctx.needs_input_grad[2], need_w=any(ctx.needs_input_grad[6:]))
         return da, *(g if need else None for g, need in zip((dh, dc), ctx.needs_input_grad[1:3])), None, None, None, *dws
+
+
+# ---- the recurrence as two operators, for torch.compile -------------------------------------------
+# A compiled graph cannot carry `gemms` (a Python object) into an operator; it carries the layer's
+# key, and the operator asks the layer for its GEMMs when it runs. Keys are given out per LSTMLayer
+# (a copy gets its own) and dropped with the layer.
+_LAYERS: weakref.WeakValueDictionary[int, "LSTMLayer"] = weakref.WeakValueDictionary()
+_KEYS = itertools.count(1)
+
+
+def _gemms_of(key: int):
+    layer = _LAYERS.get(key)
+    if layer is None:
+        raise RuntimeError(f"hybrid::lstm_recurrence: the LSTM layer of key {key} no longer exists")
+    hh = layer.hh
+    return LINEAR_GEMMS if type(hh) is nn.Linear else hh.recurrent_gemms()[0]
+
+
+@contextlib.contextmanager
+def _operator_running():
+    global _OPERATOR_RUNNING
+    before, _OPERATOR_RUNNING = _OPERATOR_RUNNING, True
+    try:
+        yield
+    finally:
+        _OPERATOR_RUNNING = before
+
+
+def _full(weights: list[Tensor], slots: list[int], n: int) -> tuple:
+    """The gemms' weight tuple of ``n`` entries from its present tensors at ``slots``."""
+    full = [None] * n
+    for i, w in zip(slots, weights):
+        full[i] = w
+    return tuple(full)
+
+
+@torch.library.custom_op("hybrid::lstm_recurrence", mutates_args=())
+def _recurrence_op(gx: Tensor, h: Tensor, c: Tensor, valid: Tensor | None, weights: list[Tensor],
+                   slots: list[int], n_weights: int, key: int, ad: torch.dtype
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    with _operator_running():
+        return _recurrence_forward(gx, h, c, valid, ad, _gemms_of(key), _full(weights, slots, n_weights))[:7]
+
+
+@_recurrence_op.register_fake
+def _(gx, h, c, valid, weights, slots, n_weights, key, ad):
+    (B, T, _), d = gx.shape, h.shape[-1]
+    return (h.new_empty(B, T, d), h.new_empty(B, d), h.new_empty(B, d), h.new_empty(T, B, d, dtype=ad),
+            h.new_empty(T, B, d), h.new_empty(T, 4, B, d), h.new_empty(T, B, d))
+
+
+@torch.library.custom_op("hybrid::lstm_recurrence_backward", mutates_args=())
+def _recurrence_backward_op(dy: Tensor, dh: Tensor, dc: Tensor, valid: Tensor | None, hs_prev: Tensor,
+                            cs_prev: Tensor, acts: Tensor, tanh_cs: Tensor, weights: list[Tensor],
+                            slots: list[int], n_weights: int, key: int, need_state: bool, need_w: bool
+                            ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    gemms = _gemms_of(key)
+    full = _full(weights, slots, n_weights)
+    saved = [t for _ in range(hs_prev.shape[0]) for t in gemms.fprop_saved(full, hs_prev.shape[1], hs_prev.device)]
+    with _operator_running():
+        da, dh, dc, dws = _recurrence_backward(dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, gemms, full,
+                                               saved, need_state, need_w)
+    return da, dh, dc, [dws[i] for i in gemms.grad_slots] if need_w else []
+
+
+@_recurrence_backward_op.register_fake
+def _(dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, weights, slots, n_weights, key, need_state, need_w):
+    full = _full(weights, slots, n_weights)
+    dws = [full[i].new_empty(full[i].shape) for i in _gemms_of(key).grad_slots] if need_w else []
+    T, B, d = cs_prev.shape
+    return cs_prev.new_empty(B, T, 4 * d), cs_prev.new_empty(B, d), cs_prev.new_empty(B, d), dws
+
+
+def _setup_recurrence(ctx, inputs, output):
+    gx, h, c, valid, weights, slots, n_weights, key, ad = inputs
+    _, _, _, hs_prev, cs_prev, acts, tanh_cs = output
+    ctx.meta = (slots, n_weights, key)
+    ctx.save_for_backward(valid, hs_prev, cs_prev, acts, tanh_cs, *weights)
+
+
+def _recurrence_op_backward(ctx, dy, dh, dc, *_):
+    slots, n_weights, key = ctx.meta
+    valid, hs_prev, cs_prev, acts, tanh_cs, *weights = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    need_w = any(needs[4]) if isinstance(needs[4], (list, tuple)) else bool(needs[4])
+    da, dh0, dc0, dws = _recurrence_backward_op(dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, weights, slots,
+                                                n_weights, key, needs[1] or needs[2], need_w)
+    grads = dict(zip(_gemms_of(key).grad_slots, dws))
+    dweights = [grads.get(i) for i in slots]
+    return da, dh0 if needs[1] else None, dc0 if needs[2] else None, None, dweights, None, None, None, None
+
+
+_recurrence_op.register_autograd(_recurrence_op_backward, setup_context=_setup_recurrence)
+
+
+def _compiled_recurrence(layer: "LSTMLayer", gx, h, c, valid, ad, weights) -> tuple[Tensor, Tensor, Tensor]:
+    slots = [i for i, w in enumerate(weights) if w is not None]
+    y, h, c, *_ = _recurrence_op(gx, h, c, valid, [weights[i] for i in slots], slots, len(weights), layer._key, ad)
+    return y, h, c
 
 
 class LSTMLayer(nn.Module):
@@ -183,6 +354,16 @@ class LSTMLayer(nn.Module):
         self.ih = nn.Linear(d, 4 * d, bias=True)
         self.hh = nn.Linear(d, 4 * d, bias=False)
         self.norm = nn.LayerNorm(d, eps=eps)
+        self._register()
+
+    def _register(self) -> None:
+        """A key of its own for the compiled recurrence's operators (see `_gemms_of`)."""
+        self._key = next(_KEYS)
+        _LAYERS[self._key] = self
+
+    def __setstate__(self, state):
+        super().__setstate__(state)  # a copy (copy.deepcopy, pickle) must not answer to the original's key
+        self._register()
 
     def _recurrent_gemms(self, x: Tensor):
         """(gemms, weights) for `LSTMRecurrence`, or None where `hh` must be called per step."""
@@ -206,7 +387,8 @@ class LSTMLayer(nn.Module):
         c_t = c_{t-1}), so steps past the end of a shorter sequence change nothing.
 
         A plain `nn.Linear` `hh` or a policy's layer that offers `recurrent_gemms` runs as
-        `LSTMRecurrence` (its weight gradient in one GEMM); any other `hh`, one with a bias or
+        `LSTMRecurrence` (its weight gradient in one GEMM; under `torch.compile`, as its two
+        operators, unless the layer keeps a delayed-scaling history); any other `hh`, one with a bias or
         forward hooks, and any `hh` under autocast are called once per step, and autograd sums the
         T weight gradients. T may be 0 (an empty output, the state unchanged).
         """
@@ -215,7 +397,10 @@ class LSTMLayer(nn.Module):
         recurrent = self._recurrent_gemms(x)
         if recurrent is not None:
             gemms, weights = recurrent
-            y, h, c = LSTMRecurrence.apply(gx, h, c, valid, x.dtype, gemms, *weights)
+            if torch.compiler.is_compiling() and gemms.stateless:
+                y, h, c = _compiled_recurrence(self, gx, h, c, valid, x.dtype, weights)
+            else:
+                y, h, c = LSTMRecurrence.apply(gx, h, c, valid, x.dtype, gemms, *weights)
             return y.to(x.dtype), h, c
         outs = []
         for t, gx_t in enumerate(gx.unbind(1)):  # unbind: one backward node (a select per step would zero-fill (B, T, 4d) each)

@@ -261,6 +261,26 @@ class RecurrentGemms:
             self._held[:] = [B]
         return dx
 
+    @property
+    def grad_slots(self) -> tuple[int, ...]:
+        """The positions in ``weights`` that ``wgrad`` returns a gradient for."""
+        return (3,) if self.native else (0,)
+
+    @property
+    def stateless(self) -> bool:
+        """No amax history that a step updates in place: a caller may rerun any step's
+        quantization and get the same operands (``fprop_saved``)."""
+        return self.input_history is None and self.weight_history is None and self.io.grad_history is None
+
+    def fprop_saved(self, weights, rows: int, device) -> tuple:
+        """What ``fprop`` returns as ``saved`` for a step of ``rows`` rows on ``device``, derived
+        again (the layer's operand cache, or the same deterministic quantization), for a caller
+        that could not keep it. Only where ``stateless``."""
+        plan = self.plan
+        if not plan.reuse_weight or (plan.gemv is not None and device.type == "cuda" and rows <= GEMV_MAX_ROWS):
+            return (None, None)
+        return _weight_operand(KERNELS[plan.fprop.kernel], plan.fprop.b, False, plan, self._w(weights), self.io)
+
     def wgrad(self, dy, x, weights):
         """The weight gradient of all steps: ``dy`` (T·M, N) and ``x`` (T·M, K), the steps stacked
         -> gradients for ``weights`` (the weight's, or the native carrier's, the rest None)."""
