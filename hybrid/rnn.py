@@ -251,7 +251,7 @@ class LSTMRecurrence(torch.autograd.Function):
 # A compiled graph cannot carry `gemms` (a Python object) into an operator; it carries the layer's
 # key, and the operator asks the layer for its GEMMs when it runs. Keys are given out per LSTMLayer
 # (a copy gets its own) and dropped with the layer.
-_LAYERS: weakref.WeakValueDictionary[int, "LSTMLayer"] = weakref.WeakValueDictionary()
+_LAYERS: weakref.WeakValueDictionary[int, LSTMLayer] = weakref.WeakValueDictionary()
 _KEYS = itertools.count(1)
 
 
@@ -319,7 +319,7 @@ def _(dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, weights, slots, n_weig
 
 
 def _setup_recurrence(ctx, inputs, output):
-    gx, h, c, valid, weights, slots, n_weights, key, ad = inputs
+    _, _, _, valid, weights, slots, n_weights, key, _ = inputs
     _, _, _, hs_prev, cs_prev, acts, tanh_cs = output
     ctx.meta = (slots, n_weights, key)
     ctx.save_for_backward(valid, hs_prev, cs_prev, acts, tanh_cs, *weights)
@@ -340,7 +340,7 @@ def _recurrence_op_backward(ctx, dy, dh, dc, *_):
 _recurrence_op.register_autograd(_recurrence_op_backward, setup_context=_setup_recurrence)
 
 
-def _compiled_recurrence(layer: "LSTMLayer", gx, h, c, valid, ad, weights) -> tuple[Tensor, Tensor, Tensor]:
+def _compiled_recurrence(layer: LSTMLayer, gx, h, c, valid, ad, weights) -> tuple[Tensor, Tensor, Tensor]:
     slots = [i for i, w in enumerate(weights) if w is not None]
     y, h, c, *_ = _recurrence_op(gx, h, c, valid, [weights[i] for i in slots], slots, len(weights), layer._key, ad)
     return y, h, c
