@@ -303,7 +303,7 @@ def _recurrence_backward_op(dy: Tensor, dh: Tensor, dc: Tensor, valid: Tensor | 
                             ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     gemms = _gemms_of(key)
     full = _full(weights, slots, n_weights)
-    saved = [t for _ in range(hs_prev.shape[0]) for t in gemms.fprop_saved(full, hs_prev.shape[1], hs_prev.device)]
+    saved = list(gemms.fprop_saved(full, hs_prev.shape[1], hs_prev.device)) * hs_prev.shape[0]  # one per step
     with _operator_running():
         da, dh, dc, dws = _recurrence_backward(dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, gemms, full,
                                                saved, need_state, need_w)

@@ -129,3 +129,28 @@ def test_report_names_unquantized_layers():
         report = apply_policy(model, {"default": {"weight": "fp8_e4m3", **ACT, "backend": backend}})
         assert report.unquantized_gemms(model) == named
         assert report.layers[0].backend.startswith("UNQUANTIZED" if named else "fp8_tensorwise"), report.layers[0].backend
+
+
+def test_cuda_graph_replay_reads_the_current_weight():
+    """A layer caches its quantized weight operand while the weight is unchanged. Kernels captured
+    into a CUDA graph must not read a cached operand: a replay does not look the cache up again, so
+    after the weight changes in place it would read the old one. Captured after an eager call
+    filled the cache, the graph is replayed after an in-place update of the weight and gives
+    exactly what an eager call with the new weight gives (the same kernels on the same operands)."""
+    fp8_gpu()
+    x, w, b, _ = data(64, 256, 128)
+    layer = layer_from(LayerPrecision.from_fields({"weight": "fp8_e4m3", **ACT, "backend": "tensorcore"}), w, b)
+    with torch.no_grad():
+        layer(x)  # fills the cache
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            layer(x)  # warm-up on the side stream, as capture wants
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_graph = layer(x)
+        layer.weight.mul_(-0.5)
+        graph.replay()
+        expected = layer(x)
+    assert torch.equal(y_graph, expected)
