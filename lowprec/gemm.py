@@ -83,8 +83,8 @@ def _weight_operand(kernel, fmt, transposed, plan: GemmPlan, w, io: LayerIO, ama
         make = lambda: kernel.operand(w, fmt, amax=amax, transposed=transposed)  # noqa: E731
     # traced code, and kernels captured into a CUDA graph, must not read a tensor a cache kept from
     # another step (a replay would not look the cache up again: it would read a stale operand)
-    if amax is not None or torch.compiler.is_compiling() or (w[0] if isinstance(w, tuple) else w).is_cuda and \
-            torch.cuda.is_current_stream_capturing():
+    if amax is not None or torch.compiler.is_compiling() or (
+            (w[0] if isinstance(w, tuple) else w).is_cuda and torch.cuda.is_current_stream_capturing()):
         return make()
     tag = tuple((t._version, t.data_ptr()) for t in (w if isinstance(w, tuple) else (w,)) if t is not None)
     return io.cache.get((kernel.name, fmt, transposed), tag, make)
