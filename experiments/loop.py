@@ -158,12 +158,12 @@ class Stepper:
             scored = scored + (y >= 0).sum()
         return total, scored, state
 
-    def _sums_for(self, batches, state):
+    def _sums_for(self, resets: tuple[bool, ...], state):
         """The compiled ``_segments_sums``, or (TBPTT) the eager one for a step that starts a document
         somewhere (no carried state, or a reset among its segments): the compiled graph is then the
         carried-state one only, compiled once, and the rare fresh-state step (the first, and one
         per epoch) costs no second compilation."""
-        if self.tbptt and (state is None or any(bool(r) for _, _, r in batches)):
+        if self.tbptt and (state is None or any(resets)):
             return self._segments_sums
         return self._sums
 
@@ -173,7 +173,8 @@ class Stepper:
         but not scored."""
         xs = [self._to_device(x) for x, _, _ in batches]
         ys = [self._to_device(y) for _, y, _ in batches]
-        total, scored, state = self._sums_for(batches, state)(xs, ys, tuple(bool(r) for _, _, r in batches), state)
+        resets = tuple(bool(r) for _, _, r in batches)
+        total, scored, state = self._sums_for(resets, state)(xs, ys, resets, state)
         loss = total / scored.clamp(min=1)
         return loss, state, sum(y.numel() for y in ys)
 
@@ -217,8 +218,8 @@ class Stepper:
         self.model.train()
         xs = [self._to_device(x) for x, _, _ in batches]
         ys = [self._to_device(y) for _, y, _ in batches]
-        total, scored, new_state = self._sums_for(batches, state)(xs, ys, tuple(bool(r) for _, _, r in batches),
-                                                                  state)
+        resets = tuple(bool(r) for _, _, r in batches)
+        total, scored, new_state = self._sums_for(resets, state)(xs, ys, resets, state)
         sums = torch.stack([total.detach().float(), scored.float()])
         dist.all_reduce(sums, group=d.dp_group)
         n_global = sums[1].clamp(min=1)

@@ -58,7 +58,6 @@ Two modes produce the memory vectors (`RNNMemory.stream` / `RNNMemory.chunked`):
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import weakref
 
@@ -133,27 +132,24 @@ def _cell_backward(dh, dc, dy_t, acts_t, tanh_c, c_prev, valid_t):
 _FUSED: list = []
 
 
-def _cells(t: Tensor):
-    """(cell, cell_backward) for a recurrence on ``t``'s device: the eager functions, op for op as
-    autograd differentiates the per-step loop; inside the compiled recurrence operators on CUDA,
-    the same functions compiled (each step's pointwise work in one kernel instead of ~15; the
-    numbers then differ from eager by the fused kernels' rounding)."""
-    if t.is_cuda and _OPERATOR_RUNNING:
+def _cells(fused: bool):
+    """(cell, cell_backward): the eager functions, op for op as autograd differentiates the
+    per-step loop; ``fused`` (the compiled recurrence operators on CUDA): the same functions
+    compiled (each step's pointwise work in one kernel instead of ~15; the numbers then differ
+    from eager by the fused kernels' rounding)."""
+    if fused:
         if not _FUSED:
             _FUSED.extend(torch.compile(f, fullgraph=True) for f in (_cell, _cell_backward))
         return _FUSED
     return _cell, _cell_backward
 
 
-_OPERATOR_RUNNING = False
-
-
-def _recurrence_forward(gx, h, c, valid, ad, gemms, weights):
+def _recurrence_forward(gx, h, c, valid, ad, gemms, weights, fused: bool = False):
     """The forward loop of `LSTMRecurrence` -> (y, h_T, c_T, hs_prev, cs_prev, acts, tanh_cs, saved):
     y (B, T, d) = h_1..T, the state after the last step, what the backward needs stacked over the
     steps (h_{t-1} in ad, c_{t-1}, the activated gates (T, 4, B, d), tanh(c_t)), and each step's
-    `saved` from `gemms.fprop`, concatenated."""
-    cell = _cells(gx)[0]
+    `saved` from `gemms.fprop`, concatenated. ``fused``: as `_cells`."""
+    cell = _cells(fused)[0]
     hs_prev, cs_prev, acts, tanh_cs, ys, saved = [], [], [], [], [], []
     for t, gx_t in enumerate(gx.unbind(1)):
         h_in = h.to(ad)
@@ -170,14 +166,14 @@ def _recurrence_forward(gx, h, c, valid, ad, gemms, weights):
 
 
 def _recurrence_backward(dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, gemms, weights, saved,
-                         need_state: bool, need_w: bool):
+                         need_state: bool, need_w: bool, fused: bool = False):
     """The backward of `LSTMRecurrence` -> (dgx (B, T, 4d), dh_0, dc_0, weight gradients or Nones);
     ``saved``: the per-step `saved` of the forward, ``n_saved`` tensors a step. Without
     ``need_state`` the last dgrad is skipped (dh_0 and dc_0 are then not the gradients)."""
     T = hs_prev.shape[0]
     n_saved = len(saved) // T
     (B, d), ad = cs_prev.shape[1:], hs_prev.dtype
-    cell_backward = _cells(dy)[1]
+    cell_backward = _cells(fused)[1]
     das = [None] * T
     for t in range(T - 1, -1, -1):
         das[t], dc, dh_held, dc_held = cell_backward(dh, dc, dy[:, t], acts[t], tanh_cs[t], cs_prev[t],
@@ -263,16 +259,6 @@ def _gemms_of(key: int):
     return LINEAR_GEMMS if type(hh) is nn.Linear else hh.recurrent_gemms()[0]
 
 
-@contextlib.contextmanager
-def _operator_running():
-    global _OPERATOR_RUNNING
-    before, _OPERATOR_RUNNING = _OPERATOR_RUNNING, True
-    try:
-        yield
-    finally:
-        _OPERATOR_RUNNING = before
-
-
 def _full(weights: list[Tensor], slots: list[int], n: int) -> tuple:
     """The gemms' weight tuple of ``n`` entries from its present tensors at ``slots``."""
     full = [None] * n
@@ -285,8 +271,8 @@ def _full(weights: list[Tensor], slots: list[int], n: int) -> tuple:
 def _recurrence_op(gx: Tensor, h: Tensor, c: Tensor, valid: Tensor | None, weights: list[Tensor],
                    slots: list[int], n_weights: int, key: int, ad: torch.dtype
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    with _operator_running():
-        return _recurrence_forward(gx, h, c, valid, ad, _gemms_of(key), _full(weights, slots, n_weights))[:7]
+    return _recurrence_forward(gx, h, c, valid, ad, _gemms_of(key), _full(weights, slots, n_weights),
+                               fused=gx.is_cuda)[:7]
 
 
 @_recurrence_op.register_fake
@@ -304,9 +290,8 @@ def _recurrence_backward_op(dy: Tensor, dh: Tensor, dc: Tensor, valid: Tensor | 
     gemms = _gemms_of(key)
     full = _full(weights, slots, n_weights)
     saved = list(gemms.fprop_saved(full, hs_prev.shape[1], hs_prev.device)) * hs_prev.shape[0]  # one per step
-    with _operator_running():
-        da, dh, dc, dws = _recurrence_backward(dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, gemms, full,
-                                               saved, need_state, need_w)
+    da, dh, dc, dws = _recurrence_backward(dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, gemms, full,
+                                           saved, need_state, need_w, fused=dy.is_cuda)
     return da, dh, dc, [dws[i] for i in gemms.grad_slots] if need_w else []
 
 
