@@ -5,7 +5,7 @@
 
 One training step = forward, cross-entropy, backward, optimizer step (bf16 autocast for the
 reference; our models' precision from the policy), over random byte tokens (the speed of a step does
-not depend on the text). Every variant runs under ``torch.compile``. Reported per variant: tokens/s
+not depend on the text). Every variant runs under ``torch.compile`` (``--mode eager``: none does). Reported per variant: tokens/s
 (median of the timed steps after the first, which compiles and is reported as "first step s"), model FLOPs utilization
 (6 x parameters x tokens/s over the H100's 989 TFLOP/s dense bf16 peak, attention FLOPs not
 counted), peak memory, and the speed relative to the reference in the same process.
@@ -44,7 +44,7 @@ POLICIES = ["bf16", "fp8", "paper", "ternary", "ternary_native"]
 VARIANTS = ["ref", "ref-torchao", *(f"{m}:{p}" for m in ("windowed", "hybrid") for p in POLICIES)]
 
 
-def build(variant: str, size: dict):
+def build(variant: str, size: dict, rnn_graphs: bool = True):
     """(model, optimizer, step function, parameter count, note)."""
     d, L, H, T = size["d"], size["blocks"], size["heads"], size["T"]
     if variant.startswith("ref"):
@@ -64,7 +64,8 @@ def build(variant: str, size: dict):
     kind, policy = variant.split(":")
     cfg = hybrid.preset("medium").replace(
         d_model=d, n_blocks=L, n_heads=H, n_kv_heads=H // 4, head_dim=d // H, d_ff=4 * d, window=T, max_window=T,
-        memory=kind == "hybrid", dropout=0.0, chunk=64 if T >= 64 else T, compressor_hidden=d // 2, xattn_heads=H)
+        memory=kind == "hybrid", dropout=0.0, chunk=64 if T >= 64 else T, compressor_hidden=d // 2, xattn_heads=H,
+        rnn_cuda_graphs=rnn_graphs)
     model = hybrid.HybridLM(cfg)
     report = lowprec.apply_policy(model, OmegaConf.load(CONFIGS / "precision" / f"{policy}.yaml"))
     model.cuda()
@@ -81,10 +82,10 @@ def build(variant: str, size: dict):
     return model, opt, loss_fn, n, "; ".join(plans)
 
 
-def measure(variant: str, size: dict, iters: int, mode: str | None = None) -> dict:
+def measure(variant: str, size: dict, iters: int, mode: str | None = None, rnn_graphs: bool = True) -> dict:
     torch.manual_seed(0)
-    model, opt, loss_fn, n_params, note = build(variant, size)
-    compiled = torch.compile(loss_fn, mode=mode)
+    model, opt, loss_fn, n_params, note = build(variant, size, rnn_graphs)
+    compiled = loss_fn if mode == "eager" else torch.compile(loss_fn, mode=mode)
     B, T = size["B"], size["T"]
     x = torch.randint(0, 256, (B, T + 1), device="cuda")
     x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
@@ -115,18 +116,22 @@ def main(argv=None):
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--mode", default=None, help="torch.compile mode for every variant (default: the default mode)")
+    ap.add_argument("--mode", default=None,
+                    help="torch.compile mode for every variant (default: the default mode); 'eager': not compiled")
+    ap.add_argument("--rnn-graphs", action=argparse.BooleanOptionalAction, default=True,
+                    help="replay the hybrid's LSTM step loops as CUDA graphs (model.rnn_cuda_graphs)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_train needs a CUDA GPU")
-    print(f"# training step, {environment()}, {datetime.date.today()}, compiled (mode: {args.mode or 'default'})")
+    how = "not compiled" if args.mode == "eager" else f"compiled (mode: {args.mode or 'default'})"
+    print(f"# training step, {environment()}, {datetime.date.today()}, {how}, rnn_cuda_graphs={args.rnn_graphs}")
     print("| size | variant | params | tokens/s | MFU | peak GiB | vs ref | first step s | plans |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.sizes:
         size, ref = SIZES[name], None
         for variant in args.variants:
             try:
-                r = measure(variant, size, args.iters, args.mode)
+                r = measure(variant, size, args.iters, args.mode, args.rnn_graphs)
             except ImportError as e:
                 print(f"| {name} | {variant} | - | - | - | - | - | - | not run: {e} |", flush=True)
                 continue

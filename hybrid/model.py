@@ -49,7 +49,8 @@ class HybridLM(nn.Module):
         })
         self.drop = nn.Dropout(cfg.dropout)
         if cfg.memory:
-            self.rnn = RNNMemory(d, cfg.rnn_layers, cfg.chunk, cfg.compressor_hidden, cfg.norm_eps, cfg.chunk_pool)
+            self.rnn = RNNMemory(d, cfg.rnn_layers, cfg.chunk, cfg.compressor_hidden, cfg.norm_eps, cfg.chunk_pool,
+                                 cfg.rnn_cuda_graphs)
             self.fusion = Fusion(d, cfg.xattn_heads, cfg.chunk, cfg.max_memory, cfg.norm_eps)
         self.blocks = nn.ModuleList(
             Block(d, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.dropout, cfg.norm_eps)

@@ -65,6 +65,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lowprec.cuda_graphs import GraphCache
+
 from .config import CHUNK_POOLS
 
 
@@ -193,6 +195,37 @@ def _recurrence_backward(dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, gem
     return da, dh, dc, dws
 
 
+def _plan_of(gemms):
+    return getattr(gemms, "plan", None)  # what the GEMMs compute (a frozen, hashable GemmPlan), or None
+
+
+def _run_forward(gx, h, c, valid, ad, gemms, weights, graphs, fused: bool):
+    """`_recurrence_forward`, replayed as a CUDA graph when ``graphs`` (a `GraphCache`) is given;
+    the per-step ``saved`` is then None (the backward derives it again, `fprop_saved`)."""
+    if graphs is None:
+        return _recurrence_forward(gx, h, c, valid, ad, gemms, weights, fused)
+
+    def loop(gx, h, c, valid, *weights):
+        return _recurrence_forward(gx, h, c, valid, ad, gemms, weights, fused)[:7]
+    return *graphs(loop, (gx, h, c, valid), weights, ("forward", ad, fused, _plan_of(gemms))), None
+
+
+def _run_backward(dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, gemms, weights, saved, need_state, need_w,
+                  graphs, fused: bool):
+    """`_recurrence_backward`, replayed as a CUDA graph when ``graphs`` is given; ``saved`` None:
+    derived again from the weights (only for `stateless` GEMMs)."""
+    def loop(dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, *weights):
+        steps = saved
+        if steps is None or graphs is not None:  # a graph derives them itself (each replay reads the weight as it is)
+            steps = list(gemms.fprop_saved(weights, hs_prev.shape[1], hs_prev.device)) * hs_prev.shape[0]
+        return _recurrence_backward(dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, gemms, weights, steps,
+                                    need_state, need_w, fused)
+    copied = (dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs)
+    if graphs is None:
+        return loop(*copied, *weights)
+    return graphs(loop, copied, weights, ("backward", need_state, need_w, fused, _plan_of(gemms)))
+
+
 class LSTMRecurrence(torch.autograd.Function):
     """The recurrence of one layer, as one autograd node; `hh` (W (4d, d)) enters through `gemms`
     (`LINEAR_GEMMS` for a plain `nn.Linear`, `QLinear.recurrent_gemms()` for a policy's layer)
@@ -224,23 +257,26 @@ class LSTMRecurrence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, gx, h, c, valid, ad, gemms, *weights):
+    def forward(ctx, gx, h, c, valid, ad, gemms, graphs, *weights):
         """gx (B, T >= 1, 4d) input projections and h, c (B, d) in the state dtype; valid (T,) bool
-        or None; ad the activation dtype; gemms and weights as above -> y (B, T, d) = h_1..T, h_T,
-        c_T (state dtype)."""
-        y, h, c, hs_prev, cs_prev, acts, tanh_cs, saved = _recurrence_forward(gx, h, c, valid, ad, gemms, weights)
-        ctx.gemms, ctx.n_weights = gemms, len(weights)
-        ctx.save_for_backward(valid, hs_prev, cs_prev, acts, tanh_cs, *weights, *saved)
+        or None; ad the activation dtype; gemms and weights as above; graphs: the layer's
+        `GraphCache` or None (`LSTMLayer.graphs`) -> y (B, T, d) = h_1..T, h_T, c_T (state dtype)."""
+        y, h, c, hs_prev, cs_prev, acts, tanh_cs, saved = _run_forward(gx, h, c, valid, ad, gemms, weights, graphs,
+                                                                       fused=False)
+        ctx.gemms, ctx.graphs, ctx.n_weights, ctx.derive = gemms, graphs, len(weights), saved is None
+        ctx.save_for_backward(valid, hs_prev, cs_prev, acts, tanh_cs, *weights, *(saved or ()))
         return y, h, c
 
     @staticmethod
     def backward(ctx, dy, dh, dc):
         valid, hs_prev, cs_prev, acts, tanh_cs, *rest = ctx.saved_tensors
         weights, saved = rest[:ctx.n_weights], rest[ctx.n_weights:]
-        da, dh, dc, dws = _recurrence_backward(
-            dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, ctx.gemms, weights, saved,
-            need_state=ctx.needs_input_grad[1] or ctx.needs_input_grad[2], need_w=any(ctx.needs_input_grad[6:]))
-        return da, *(g if need else None for g, need in zip((dh, dc), ctx.needs_input_grad[1:3])), None, None, None, *dws
+        da, dh, dc, dws = _run_backward(
+            dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, ctx.gemms, weights, None if ctx.derive else saved,
+            need_state=ctx.needs_input_grad[1] or ctx.needs_input_grad[2], need_w=any(ctx.needs_input_grad[7:]),
+            graphs=ctx.graphs, fused=False)
+        return (da, *(g if need else None for g, need in zip((dh, dc), ctx.needs_input_grad[1:3])),
+                None, None, None, None, *dws)
 
 
 # ---- the recurrence as two operators, for torch.compile -------------------------------------------
@@ -251,11 +287,15 @@ _LAYERS: weakref.WeakValueDictionary[int, LSTMLayer] = weakref.WeakValueDictiona
 _KEYS = itertools.count(1)
 
 
-def _gemms_of(key: int):
+def _layer_of(key: int) -> LSTMLayer:
     layer = _LAYERS.get(key)
     if layer is None:
         raise RuntimeError(f"hybrid::lstm_recurrence: the LSTM layer of key {key} no longer exists")
-    hh = layer.hh
+    return layer
+
+
+def _gemms_of(key: int):
+    hh = _layer_of(key).hh
     return LINEAR_GEMMS if type(hh) is nn.Linear else hh.recurrent_gemms()[0]
 
 
@@ -271,8 +311,9 @@ def _full(weights: list[Tensor], slots: list[int], n: int) -> tuple:
 def _recurrence_op(gx: Tensor, h: Tensor, c: Tensor, valid: Tensor | None, weights: list[Tensor],
                    slots: list[int], n_weights: int, key: int, ad: torch.dtype
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _recurrence_forward(gx, h, c, valid, ad, _gemms_of(key), _full(weights, slots, n_weights),
-                               fused=gx.is_cuda)[:7]
+    gemms = _gemms_of(key)
+    return _run_forward(gx, h, c, valid, ad, gemms, _full(weights, slots, n_weights),
+                        _layer_of(key).graphs_for(gx, gemms), fused=gx.is_cuda)[:7]
 
 
 @_recurrence_op.register_fake
@@ -288,10 +329,9 @@ def _recurrence_backward_op(dy: Tensor, dh: Tensor, dc: Tensor, valid: Tensor | 
                             slots: list[int], n_weights: int, key: int, need_state: bool, need_w: bool
                             ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     gemms = _gemms_of(key)
-    full = _full(weights, slots, n_weights)
-    saved = list(gemms.fprop_saved(full, hs_prev.shape[1], hs_prev.device)) * hs_prev.shape[0]  # one per step
-    da, dh, dc, dws = _recurrence_backward(dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, gemms, full,
-                                           saved, need_state, need_w, fused=dy.is_cuda)
+    da, dh, dc, dws = _run_backward(dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, gemms,
+                                    _full(weights, slots, n_weights), None, need_state, need_w,
+                                    _layer_of(key).graphs_for(dy, gemms), fused=dy.is_cuda)
     return da, dh, dc, [dws[i] for i in gemms.grad_slots] if need_w else []
 
 
@@ -334,17 +374,30 @@ def _compiled_recurrence(layer: LSTMLayer, gx, h, c, valid, ad, weights) -> tupl
 class LSTMLayer(nn.Module):
     """One LSTM layer (`ih`, `hh`) with a LayerNorm on its input sequence (`norm`)."""
 
-    def __init__(self, d: int, eps: float = 1e-5):
+    def __init__(self, d: int, eps: float = 1e-5, cuda_graphs: bool = True):
         super().__init__()
         self.ih = nn.Linear(d, 4 * d, bias=True)
         self.hh = nn.Linear(d, 4 * d, bias=False)
         self.norm = nn.LayerNorm(d, eps=eps)
+        self.cuda_graphs = cuda_graphs
         self._register()
 
     def _register(self) -> None:
-        """A key of its own for the compiled recurrence's operators (see `_gemms_of`)."""
+        """A key of its own for the compiled recurrence's operators (see `_gemms_of`), and CUDA
+        graphs of its own."""
         self._key = next(_KEYS)
         _LAYERS[self._key] = self
+        self.graphs = GraphCache()
+
+    def graphs_for(self, gx: Tensor, gemms) -> GraphCache | None:
+        """The cache that replays this layer's recurrence loops as CUDA graphs, or None where they
+        run step by step: ``cuda_graphs`` off, not on CUDA, GEMMs that update a delayed-scaling
+        history or record telemetry at every step, inside a compiler's trace or another capture."""
+        if not (self.cuda_graphs and gx.is_cuda and gemms.stateless) or torch.compiler.is_compiling():
+            return None
+        if getattr(getattr(gemms, "io", None), "record", None) is not None or torch.cuda.is_current_stream_capturing():
+            return None
+        return self.graphs
 
     def __setstate__(self, state):
         super().__setstate__(state)  # a copy (copy.deepcopy, pickle) must not answer to the original's key
@@ -385,7 +438,7 @@ class LSTMLayer(nn.Module):
             if torch.compiler.is_compiling() and gemms.stateless:
                 y, h, c = _compiled_recurrence(self, gx, h, c, valid, x.dtype, weights)
             else:
-                y, h, c = LSTMRecurrence.apply(gx, h, c, valid, x.dtype, gemms, *weights)
+                y, h, c = LSTMRecurrence.apply(gx, h, c, valid, x.dtype, gemms, self.graphs_for(gx, gemms), *weights)
             return y.to(x.dtype), h, c
         outs = []
         for t, gx_t in enumerate(gx.unbind(1)):  # unbind: one backward node (a select per step would zero-fill (B, T, 4d) each)
@@ -417,12 +470,13 @@ class Compressor(nn.Module):
 class RNNMemory(nn.Module):
     """`lstm` (ModuleList of `LSTMLayer`) + `compressor`; turns token embeddings into chunk vectors."""
 
-    def __init__(self, d: int, n_layers: int, chunk: int, hidden: int, eps: float = 1e-5, pool: str = "last"):
+    def __init__(self, d: int, n_layers: int, chunk: int, hidden: int, eps: float = 1e-5, pool: str = "last",
+                 cuda_graphs: bool = True):
         super().__init__()
         if pool not in CHUNK_POOLS:
             raise ValueError(f"unknown chunk pool {pool!r}; choose one of {', '.join(CHUNK_POOLS)}")
         self.chunk, self.pool = chunk, pool
-        self.lstm = nn.ModuleList(LSTMLayer(d, eps) for _ in range(n_layers))
+        self.lstm = nn.ModuleList(LSTMLayer(d, eps, cuda_graphs) for _ in range(n_layers))
         self.compressor = Compressor(d, hidden)
 
     @staticmethod

@@ -22,6 +22,8 @@ fprop and dgrad per step, wgrad once over all steps stacked (see its doc for wha
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -81,13 +83,37 @@ def _weight_operand(kernel, fmt, transposed, plan: GemmPlan, w, io: LayerIO, ama
     else:
         amax = _for(fmt, amax)
         make = lambda: kernel.operand(w, fmt, amax=amax, transposed=transposed)  # noqa: E731
-    # traced code, and kernels captured into a CUDA graph, must not read a tensor a cache kept from
-    # another step (a replay would not look the cache up again: it would read a stale operand)
-    if amax is not None or torch.compiler.is_compiling() or (
-            (w[0] if isinstance(w, tuple) else w).is_cuda and torch.cuda.is_current_stream_capturing()):
+    if amax is not None or torch.compiler.is_compiling():
         return make()
     tag = tuple((t._version, t.data_ptr()) for t in (w if isinstance(w, tuple) else (w,)) if t is not None)
-    return io.cache.get((kernel.name, fmt, transposed), tag, make)
+    key = (kernel.name, fmt, transposed)
+    # kernels captured into a CUDA graph must not read a tensor a cache kept from another step (a
+    # replay would not look the cache up again: it would read a stale operand); they share the
+    # operands derived inside the same capture instead (`shared_operands`)
+    if (w[0] if isinstance(w, tuple) else w).is_cuda and torch.cuda.is_current_stream_capturing():
+        shared = getattr(_CAPTURE, "operands", None)
+        if shared is None:
+            return make()
+        if (io, key, tag) not in shared:
+            shared[io, key, tag] = make()
+        return shared[io, key, tag]
+    return io.cache.get(key, tag, make)
+
+
+_CAPTURE = threading.local()
+
+
+@contextlib.contextmanager
+def shared_operands():
+    """Within: weight operands derived while a CUDA graph is captured are shared by every kernel of
+    that capture that needs the same operand of the same weight (each replay then derives it once),
+    and dropped on leaving. Without it, a captured GEMM derives its weight operand itself."""
+    before = getattr(_CAPTURE, "operands", None)
+    _CAPTURE.operands = {}
+    try:
+        yield
+    finally:
+        _CAPTURE.operands = before
 
 
 def _native(plan: GemmPlan, w) -> QTensor:
@@ -300,4 +326,4 @@ def weight_pseudo_grad(weight: torch.Tensor, fmt: Format | None, ste: str) -> to
     return STES[ste](u, fmt.max_value)
 
 
-__all__ = ["QLinearFunction", "RecurrentGemms", "LayerIO", "delayed_amax", "weight_pseudo_grad"]
+__all__ = ["QLinearFunction", "RecurrentGemms", "LayerIO", "delayed_amax", "weight_pseudo_grad", "shared_operands"]

@@ -1,0 +1,126 @@
+"""Replaying a loop of small kernels as one CUDA graph.
+
+A recurrence runs one small GEMM and a few pointwise kernels per step; at a modest width the GPU
+finishes each in microseconds while Python needs tens to launch it, so the loop is bound by the
+host. :class:`GraphCache` captures such a function once per signature of its inputs and replays it
+afterwards: the host then launches one graph per call instead of every kernel of every step.
+
+What a replay reads and writes:
+
+- ``copied`` inputs (activations, incoming gradients) are copied into buffers the graph owns, so
+  the caller may pass new tensors at every call;
+- ``fixed`` inputs (weights) are read where they are: the signature holds their addresses, so a
+  weight updated in place is read as it is now, and a weight that moved gets a graph of its own;
+- every output is copied out of the graph's memory, so nothing a caller keeps is overwritten by a
+  later replay (the graphs of a process share one memory pool).
+
+Random numbers drawn inside the graph (stochastic rounding) come from PyTorch's CUDA generator,
+which advances at every replay, so a replay does not repeat the previous call's draws. Weight
+operands derived inside the capture are shared by its steps (:func:`lowprec.gemm.shared_operands`),
+so a replay quantizes each weight once, as the eager loop does through the layer's cache.
+
+The first call of a signature runs the function as is (its warm-up: lazy initialisation, compiled
+kernels); the second captures it and replays; later calls replay. A signature whose copied inputs
+exceed ``max_bytes`` is never captured (its kernels are large enough that launching them is not
+the bottleneck, and the copies would cost memory), and after ``max_graphs`` captures a cache stops
+capturing (a caller whose weights move at every call gains nothing from graphs).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Hashable, Sequence
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .gemm import shared_operands
+
+_POOLS: dict[int, tuple] = {}  # device index -> the memory pool the graphs on it share
+
+
+def _pool(device: torch.device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _POOLS:
+        _POOLS[index] = torch.cuda.graph_pool_handle()
+    return _POOLS[index]
+
+
+def _signature(t: torch.Tensor | None, address: bool):
+    if t is None:
+        return None
+    sig = (tuple(t.shape), t.dtype, t.device)
+    return (*sig, t.data_ptr(), t.stride()) if address else sig
+
+
+class _Graph:
+    def __init__(self, fn, copied, fixed):
+        self.inputs = [None if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+                       for t in copied]
+        self._load(copied)
+        stream = torch.cuda.Stream(device=self._device(copied, fixed))
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), shared_operands():  # warm-up on the capture stream
+            fn(*self.inputs, *fixed)
+        self.graph = torch.cuda.CUDAGraph()
+        # the fixed inputs are not kept: a later call of this signature passes a tensor at each address
+        with torch.cuda.graph(self.graph, pool=_pool(stream.device), stream=stream,
+                              capture_error_mode="thread_local"), shared_operands():
+            out = fn(*self.inputs, *fixed)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.outputs, self.spec = tree_flatten(out)
+
+    @staticmethod
+    def _device(copied, fixed) -> torch.device:
+        return next(t.device for t in (*copied, *fixed) if t is not None)
+
+    def _load(self, copied) -> None:
+        for buf, t in zip(self.inputs, copied):
+            if buf is not None:
+                buf.copy_(t)
+
+    def __call__(self, copied):
+        self._load(copied)
+        self.graph.replay()
+        return tree_unflatten([o.clone() if isinstance(o, torch.Tensor) else o for o in self.outputs], self.spec)
+
+
+class GraphCache:
+    """``cache(fn, copied, fixed, key)`` -> ``fn(*copied, *fixed)``, run as a CUDA graph from the
+    second call of the same signature on (see the module doc). ``key``: whatever else ``fn``'s
+    work depends on (flags, dtypes), hashable. ``fn`` must launch the same kernels for the same
+    signature, make no host synchronisation and return tensors (in any nesting of tuples and lists)
+    or Nones.
+
+    ``captures`` and ``replays`` count what happened. A cache is dropped, not copied, with a copy of
+    its owner (``copy.deepcopy`` and pickling give an empty one)."""
+
+    def __init__(self, max_graphs: int = 16, max_bytes: int = 1 << 30):
+        self.max_graphs, self.max_bytes = max_graphs, max_bytes
+        self._graphs: dict = {}
+        self._seen: set = set()
+        self.captures = self.replays = 0
+
+    def __reduce__(self):
+        return type(self), (self.max_graphs, self.max_bytes)
+
+    def __call__(self, fn: Callable, copied: Sequence[torch.Tensor | None], fixed: Sequence[torch.Tensor | None],
+                 key: Hashable):
+        sig = (key, tuple(_signature(t, False) for t in copied), tuple(_signature(t, True) for t in fixed))
+        graph = self._graphs.get(sig)
+        if graph is None:
+            size = sum(t.numel() * t.element_size() for t in copied if t is not None)
+            if sig not in self._seen or self.captures >= self.max_graphs or size > self.max_bytes:
+                self._seen.add(sig)
+                return fn(*copied, *fixed)
+            graph = self._graphs[sig] = _Graph(fn, copied, fixed)
+            self.captures += 1
+        self.replays += 1
+        return graph(copied)
+
+    def clear(self) -> None:
+        """Drop every graph (their memory returns to the pool)."""
+        self._graphs.clear()
+        self._seen.clear()
+
+
+__all__ = ["GraphCache"]
