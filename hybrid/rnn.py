@@ -75,7 +75,7 @@ class LinearGemms:
     `LSTMRecurrence` calls: weights = (W,), `fprop(x, weights) -> (x Wᵀ, saved)`,
     `dgrad(dy, weights, saved, need_dx) -> dy W`, `wgrad(dy, x, weights) -> (dyᵀ x,)`,
     `fprop_saved(weights, rows, device)` (a step's `saved`, derived again), `grad_slots`,
-    `stateless`."""
+    `stateless`, `recording`."""
 
     @staticmethod
     def fprop(x, weights):
@@ -91,6 +91,7 @@ class LinearGemms:
 
     grad_slots = (0,)  # the weights wgrad returns a gradient for
     stateless = True  # no state that a step updates (the compiled operators need that)
+    recording = False  # no telemetry recorded at each step (CUDA graphs would not replay it)
 
     @staticmethod
     def fprop_saved(weights, rows, device):
@@ -395,7 +396,7 @@ class LSTMLayer(nn.Module):
         history or record telemetry at every step, inside a compiler's trace or another capture."""
         if not (self.cuda_graphs and gx.is_cuda and gemms.stateless) or torch.compiler.is_compiling():
             return None
-        if getattr(getattr(gemms, "io", None), "record", None) is not None or torch.cuda.is_current_stream_capturing():
+        if gemms.recording or torch.cuda.is_current_stream_capturing():
             return None
         return self.graphs
 

@@ -43,12 +43,17 @@ from .ste import STES
 class LayerIO:
     """What a layer's GEMMs touch besides tensors: ``cache.get(key, tag, make)`` (quantized weight
     operands shared within a step, see :class:`lowprec.nn.native.OperandCache`),
-    ``record(operand, tensor_or_thunk, fmt)`` (telemetry) and ``grad_history`` (delayed scaling of
-    the gradient: an amax history updated in place)."""
+    ``record(operand, tensor_or_thunk, fmt)`` (telemetry), ``grad_history`` (delayed scaling of
+    the gradient: an amax history updated in place) and ``recording()`` (whether ``record`` records
+    anything now; without it, whether there is a ``record``)."""
 
     cache: object
     record: Callable | None = None
     grad_history: torch.Tensor | None = None
+    recording: Callable[[], bool] | None = None
+
+    def records(self) -> bool:
+        return self.record is not None and (self.recording is None or self.recording())
 
 
 @torch.no_grad()
@@ -300,6 +305,11 @@ class RecurrentGemms:
         """No amax history that a step updates in place: a caller may rerun any step's
         quantization and get the same operands (``fprop_saved``)."""
         return self.input_history is None and self.weight_history is None and self.io.grad_history is None
+
+    @property
+    def recording(self) -> bool:
+        """Whether a step's calls record telemetry now (Python work at every step)."""
+        return self.io.records()
 
     def fprop_saved(self, weights, rows: int, device) -> tuple:
         """What ``fprop`` returns as ``saved`` for a step of ``rows`` rows on ``device``, derived

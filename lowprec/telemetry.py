@@ -100,9 +100,15 @@ class Telemetry:
         return "\n".join(rows)
 
 
+def recording(module) -> bool:
+    """Whether ``module``'s calls are recorded now (a Telemetry attached and enabled)."""
+    slot = module.telemetry_slot
+    return slot is not None and slot[0].enabled
+
+
 def maybe_record(module, operand: str, x, fmt) -> None:
     """Called by layers; a no-op unless a Telemetry is attached and enabled. ``x`` is a tensor or
     a zero-argument callable giving it (so nothing is computed while telemetry is off)."""
-    slot = module.telemetry_slot
-    if slot is not None and slot[0].enabled:
+    if recording(module):
+        slot = module.telemetry_slot
         slot[0].record(slot[1], operand, x() if callable(x) else x, fmt)

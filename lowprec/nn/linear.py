@@ -16,7 +16,7 @@ import torch.nn as nn
 from .. import gemm
 from ..plan import GemmPlan, build_plan
 from ..precision import FULL_PRECISION, LayerPrecision
-from ..telemetry import maybe_record
+from ..telemetry import maybe_record, recording
 from .native import NativeWeightMixin, OperandCache, check_module_precision, resident_param_bytes
 
 
@@ -50,11 +50,14 @@ class QLinear(NativeWeightMixin, nn.Module):
         else:
             self.register_parameter("bias", None)
         self._init_delayed(weight.device)
-        self._io = gemm.LayerIO(self._operands, self._record, getattr(self, "amax_history_grad", None))
+        self._io = gemm.LayerIO(self._operands, self._record, getattr(self, "amax_history_grad", None), self._recording)
         self._replan()
 
     def _record(self, operand, x, fmt):
         maybe_record(self, operand, x, fmt)
+
+    def _recording(self) -> bool:
+        return recording(self)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, precision: LayerPrecision) -> "QLinear":

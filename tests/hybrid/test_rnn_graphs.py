@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from hybrid import HybridConfig, HybridLM, preset
 from hybrid.rnn import LSTMLayer
-from lowprec import apply_policy
+from lowprec import Telemetry, apply_policy
 from lowprec.cuda_graphs import GraphCache
 from lowprec.nn import QLinear
 from lowprec.policy import PrecisionPolicy
@@ -87,6 +87,12 @@ def test_graphed_recurrence_equals_step_by_step(policy, compiled):
                 target.mul_(1.0 + 0.05 * (call + 1))
     assert layer.graphs.captures == 2 and layer.graphs.replays == 2 * 4  # forward and backward
     assert plain.graphs.captures == plain.graphs.replays == 0
+    if policy is not None:  # telemetry records at every step: the loops then run step by step
+        tel = Telemetry(layer)
+        tel.enable()
+        y, h, c = fns[0](x, h0, c0, valid)
+        (y.sum() + h.sum()).backward()
+        assert layer.graphs.replays == 2 * 4 and ("hh", "grad") in tel.stats()
 
 
 @pytest.mark.gpu
