@@ -110,7 +110,7 @@ def test_graphed_training_follows_step_by_step_training(mode):
         gen = torch.Generator(device="cuda").manual_seed(2)
         state, losses = None, []
         for _ in range(5):
-            x = torch.randint(0, 256, (2, model.cfg.window + 1), device="cuda", generator=gen)
+            x = torch.randint(0, model.cfg.vocab_size, (2, model.cfg.window + 1), device="cuda", generator=gen)
             logits, state = model(x[:, :-1], state)
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
             loss.backward()
