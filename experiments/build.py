@@ -216,16 +216,9 @@ def vocab_size(data_cfg) -> int:
     return int(data_cfg.vocab_size)
 
 
-def _float_optimizers(optim_cfg) -> list[str]:
-    """The parts of ``optim`` that update float Parameters with SRAdamW."""
-    o = OmegaConf.to_container(optim_cfg, resolve=True) if isinstance(optim_cfg, DictConfig) else dict(optim_cfg or {})
-    return [part for part in ("latent", "other") if str((o.get(part) or {}).get("name", "")).lower() in ("sradamw", "sr_adamw")]
-
-
 def check_parallel(cfg: DictConfig, t: dict[str, Any], d) -> Any:
     """The ``parallel`` section of a run on the ranks of ``d`` (several), checked against the rest:
-    the global batch must split over the dp ranks, and SRAdamW cannot update FSDP2's DTensor
-    Parameters. Returns the ``ParallelConfig``."""
+    the global batch must split over the dp ranks. Returns the ``ParallelConfig``."""
     from .parallel import ParallelConfig
 
     pcfg = _stage("parallel", ParallelConfig.from_config, cfg.get("parallel"))
@@ -233,10 +226,6 @@ def check_parallel(cfg: DictConfig, t: dict[str, Any], d) -> Any:
         raise ConfigError(f"train.batch_size={t['batch_size']} (the global batch) does not split over the {d.dp} "
                           f"data-parallel ranks (dp = world size {d.world_size} / parallel.tp={d.tp}); "
                           f"choose a multiple of {d.dp}")
-    bad = _float_optimizers(cfg.optim)
-    if bad:
-        raise ConfigError(f"optim.{bad[0]}.name=SRAdamW cannot update the DTensor Parameters of an FSDP2-sharded model "
-                          f"on {d.world_size} processes; use optim.{bad[0]}.name=AdamW (SRAdamW on native layers works)")
     return pcfg
 
 

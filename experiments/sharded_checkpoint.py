@@ -13,7 +13,9 @@ Layout (a DCP directory: ``.metadata`` plus one ``__<rank>_<n>.distcp`` file per
                                         native layers' packed rows (DTensors over dp), buffers
     optim.<part>.state.<target>.<key>   each optimizer part's state, keyed by the NAME of the
                                         parameter or native layer it belongs to (not by position),
-                                        a native layer's per-element state sharded like its rows
+                                        a native layer's per-element state sharded like its rows,
+                                        SRAdamW's moments of an FSDP2 Parameter sharded like it
+                                        (fp8 moments as their fp32 values, which split at any row)
     optim.<part>.info                   the part's kind, seed, and per param group its
                                         hyperparameters, its targets' names and whole shapes
     extra                               anything else (step, config, meta, scheduler, scaler, data
@@ -151,6 +153,24 @@ def _native_state_dtensor(layer, v: torch.Tensor):
     return DTensor.from_local(v, sh.mesh, [Shard(d)], run_check=False, shape=torch.Size(shape), stride=stride)
 
 
+def _param_state_dtensor(p, v: torch.Tensor):
+    """A target optimizer's state tensor of a sharded Parameter ``p`` (kept per local shard) as the
+    DCP entry: a tensor of the shard's shape as a DTensor placed like ``p``; anything else as it is."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(p, DTensor) or tuple(v.shape) != tuple(p.to_local().shape):
+        return v
+    return DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def _entry(opt, t, entry: dict, shape=None) -> dict:
+    """A target's optimizer state in its checkpoint form: a target optimizer's moments of a
+    Parameter in a form that any number of ranks can split (``dense_state``), where it has one."""
+    if hasattr(opt, "dense_state") and not isinstance(t, nn.Module):
+        return opt.dense_state(t, entry, shape)
+    return entry
+
+
 def _optim_state(model: nn.Module, optimizer) -> dict[str, Any]:
     names = _names(model)
     out: dict[str, Any] = {}
@@ -161,8 +181,9 @@ def _optim_state(model: nn.Module, optimizer) -> dict[str, Any]:
         for index, entry in sd["state"].items():
             t = targets[int(index)]
             native = isinstance(t, nn.Module)
-            state[names[id(t)]] = {k: (_native_state_dtensor(t, v) if native else unwrap_lowbit(v))
-                                   if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+            dtensor = _native_state_dtensor if native else _param_state_dtensor if hasattr(opt, "targets") else None
+            state[names[id(t)]] = {k: (dtensor(t, v) if dtensor else unwrap_lowbit(v))
+                                   if isinstance(v, torch.Tensor) else v for k, v in _entry(opt, t, entry).items()}
         members = [[names[id(t)] for t in _group_members(g)] for g in opt.param_groups]
         groups = []
         for g, saved, who in zip(opt.param_groups, sd["param_groups"], members):
@@ -324,10 +345,9 @@ def _restore_optimizer(model: nn.Module, optimizer, loaded: dict) -> None:
             raise ValueError(f"optimizer part {part!r}: the checkpoint's param groups hold other targets than "
                              "this optimizer's (build it from the same model, policy and config)")
         state = {}
+        per_shard = hasattr(opt, "targets")  # a target optimizer keeps every state per local shard
         for name, entry in saved["state"].items():
-            t = targets[index[name]]
-            native = isinstance(t, nn.Module)
-            state[index[name]] = {k: (v.to_local() if native and isinstance(v, DTensor) else v)
+            state[index[name]] = {k: (v.to_local() if per_shard and isinstance(v, DTensor) else v)
                                   for k, v in entry.items()}
         groups = []
         for current, g in zip(sd["param_groups"], saved["groups"]):
@@ -454,8 +474,10 @@ def _name_optimizer(model: nn.Module, optimizer, saved: dict) -> dict[str, Any]:
         if part not in by_part:
             raise ValueError(f"the checkpoint holds no state for optimizer part {part!r}")
         sd = by_part[part]
-        order = [names[id(t)] for t in _targets(opt)]
-        state = {order[int(i)]: dict(entry) for i, entry in sd["state"].items()}
+        targets = _targets(opt)
+        order = [names[id(t)] for t in targets]
+        state = {order[int(i)]: _entry(opt, targets[int(i)], dict(entry), _whole_shape(targets[int(i)]))
+                 for i, entry in sd["state"].items()}
         groups = []
         for now, g in zip(opt.param_groups, sd["param_groups"]):
             members = g["targets"] if "targets" in g else g["params"]

@@ -18,6 +18,10 @@ skipped), a Python int; ``state_dict()`` numbers targets in group order and roun
 (tensors are copied bit for bit; the stochastic-rounding noise is reseeded from (seed, target,
 calls), see :mod:`optim.moments`).
 
+Sharded Parameters. A Parameter that FSDP2 has sharded (a ``DTensor``) is updated through its local
+shard (``local``): the state holds tensors of the shard's shape and the update reads and writes the
+shard, so each rank keeps the moments of the weights it holds and no collective runs in ``step``.
+
 Skipping on the device. ``step(found_inf=flag)`` (a 0-d tensor from ``LossScaler.unscale_and_check_``,
 1.0 for a step whose gradients hold inf/NaN) computes every update and then keeps, where the flag is
 set, the old weight and the old state tensors (``torch.where``): a skipped step leaves the weights,
@@ -84,6 +88,28 @@ class NativeGrads:
 
     def __repr__(self) -> str:
         return f"NativeGrads({len(self.layers)} native layers, {len(self.tensors)} parameters)"
+
+
+def local(t):
+    """The part of ``t`` this process holds: a DTensor's local shard (a view of its storage: writing
+    it writes the DTensor); any other tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def shard_coordinate(t) -> int:
+    """This rank's position among the holders of a DTensor's shards (0 for anything else): what
+    makes the stochastic-rounding noise of one Parameter differ between its shards."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return 0
+    coords = t.device_mesh.get_coordinate() or []
+    position = 0
+    for c, n in zip(coords, t.device_mesh.shape):
+        position = position * n + c
+    return position
 
 
 class TargetOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
@@ -193,17 +219,17 @@ class TargetOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         old = dict(st)
         st["calls"] += 1
         st["step"] = st["step"] + 1
-        new = self._update(group, target, grad, index)
+        new = self._update(group, target, local(grad), index)
         native = isinstance(target, nn.Module)
         if skip is not None:
             for k, v in st.items():
                 if isinstance(v, torch.Tensor) and v is not old[k]:
                     st[k] = torch.where(skip, old[k], v)
-            new = _keep_qtensor(skip, target.native_weight, new) if native else torch.where(skip, target, new)
+            new = _keep_qtensor(skip, target.native_weight, new) if native else torch.where(skip, local(target), new)
         if native:
             target.set_native_weight(new)
         elif new is not target:
-            target.copy_(new)
+            local(target).copy_(new)
 
     @staticmethod
     def _device_of(t) -> torch.device:
@@ -236,7 +262,8 @@ class TargetOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
 
     @staticmethod
     def _shape_of(t) -> torch.Size:
-        return t.native_weight.shape if isinstance(t, nn.Module) else t.shape
+        """The shape of the weight this process updates (a sharded Parameter's local shard)."""
+        return t.native_weight.shape if isinstance(t, nn.Module) else local(t).shape
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore ``state_dict()`` exactly into an optimizer built the same way (same targets in the

@@ -32,7 +32,7 @@ from torch import nn
 import lowprec
 from lowprec.common import check_real
 
-from .base import TargetOptimizer, check_betas, describe_target, is_native_layer
+from .base import TargetOptimizer, check_betas, describe_target, is_native_layer, local, shard_coordinate
 from .moments import check_block, check_moment_dtype, load, store, store_zeros
 
 _SR_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}  # Parameters written back with SR
@@ -91,7 +91,7 @@ class SRAdamW(TargetOptimizer):
             fmt = target.precision.weight
             w = target.native_weight.dequantize(torch.float32)
         else:
-            w = target.detach().float()  # a fp32 Parameter itself: read, not written, here
+            w = local(target).detach().float()  # a fp32 Parameter itself: read, not written, here
         grad = grad.to(torch.float32)
         st = self.state[target]
         dtype, block = group["moment_dtype"], group["moment_block"]
@@ -108,14 +108,49 @@ class SRAdamW(TargetOptimizer):
         v = v.mul(b2).addcmul_(grad, grad, value=1 - b2)
         denom = (v.sqrt() / (1 - b2**t) ** 0.5).add_(eps)
         w = w + m.mul(-lr / (1 - b1**t)).div_(denom)  # addcdiv_(m, denom, value=-step_size) as the CPU computes it
-        gen = self._noise(w.device, index, st["calls"])
+        # the shards of one Parameter draw different noise (the index is per Parameter, not per shard)
+        gen = self._noise(w.device, index + (shard_coordinate(target) << 32), st["calls"])
         if native:
             w = lowprec.quantize(w, fmt, rounding="stochastic", generator=gen)
         elif target.dtype != torch.float32:
-            w = lowprec.quantize(w, _SR_DTYPES[target.dtype], rounding="stochastic", generator=gen).data.reshape(target.shape)
+            w = lowprec.quantize(w, _SR_DTYPES[target.dtype], rounding="stochastic", generator=gen).data.reshape(w.shape)
         store(st, "exp_avg", m, dtype, gen, block=block)
         store(st, "exp_avg_sq", v, dtype, gen, block=block, sqrt=True)
         return w
+
+
+    # ---- checkpoints of sharded Parameters -------------------------------------------------------
+    _MOMENTS = ("exp_avg", "exp_avg_sq")
+
+    def dense_state(self, target, entry: dict, shape=None) -> dict:
+        """``entry`` (a target's state, as ``state_dict`` holds it) with each fp8 moment (codes and
+        block scales) replaced by its stored values as one fp32 tensor of the weight's ``shape``
+        (default: this process's part of it), the square root kept for ``exp_avg_sq``: a form
+        that splits and joins along any dimension, for checkpoints that a different number of
+        ranks loads. ``load_state_dict`` takes it back exactly where the blocks fall on the same
+        elements (and re-rounds to nearest where they do not)."""
+        block = self._group_of[id(target)]["moment_block"]
+        shape = self._shape_of(target) if shape is None else torch.Size(shape)
+        out = dict(entry)
+        for key in self._MOMENTS:
+            if key + "_scale" in out:
+                out[key] = load(out, key, "fp8", shape, block=block)
+                del out[key + "_scale"]
+        return out
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As the base class; a moment saved by ``dense_state`` is stored again in the group's
+        ``moment_dtype`` (fp8: nearest rounding onto this process's blocks)."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            dtype, block = group["moment_dtype"], group["moment_block"]
+            for t in (*group["layers"], *group["tensors"]):
+                st = self.state.get(t)
+                for key in self._MOMENTS if st else ():
+                    v = st.get(key)
+                    dense = v is not None and key + "_scale" not in st and v.dtype not in (torch.uint8, torch.float8_e4m3fn)
+                    if dense and (dtype == "fp8" or v.dtype != {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]):
+                        store(st, key, v.float().reshape(self._shape_of(t)), dtype, None, block=block)
 
 
 __all__ = ["PARAM_DTYPES", "SRAdamW"]

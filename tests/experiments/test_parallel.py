@@ -65,6 +65,13 @@ def build(name: str | None, cfg=None, seed: int = 0) -> HybridLM:
     return model
 
 
+def sr_adamw_cfg(moments: str) -> dict:
+    """configs/optim/sr_adamw (SRAdamW on latent masters, AdamW on the rest) with fp32 or fp8 moments."""
+    cfg = optim_cfg("sr_adamw")
+    cfg["latent"] = dict(cfg["latent"], moment_dtype=moments, moment_block=128)
+    return cfg
+
+
 def batch(rows: int = 4, T: int = 16, vocab: int = 32):
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, vocab, (rows, T), generator=g), torch.randint(0, vocab, (rows, T), generator=g)
@@ -205,6 +212,23 @@ def _data_parallel_checks(rank, world, tmp):
     if rank == 0:
         torch.save(whole_state, Path(tmp) / "dp2-model.pt")
 
+    # SRAdamW on FSDP2's Parameters: each rank updates its shards, two steps, then a sharded checkpoint
+    for moments in ("fp32", "fp8"):
+        model = build("fp8")
+        shard_model(model, d.mesh)
+        opt = optim.build_optimizer(model, sr_adamw_cfg(moments))
+        for _ in range(2):
+            loss_of(model, xs, ys).backward()
+            opt.step()
+            opt.zero_grad()
+        # numpy arrays: a tensor sent to the parent would live in this process's shared memory
+        out[f"sr/params/{moments}"] = {n: full(p).detach().numpy() for n, p in model.named_parameters()}
+        sr = opt.parts["latent"]
+        out[f"sr/moments/{moments}"] = {
+            n: {k: v.numpy() for k, v in sr.dense_state(p, sr.state[p]).items() if isinstance(v, torch.Tensor)}
+            for n, p in model.named_parameters() if p in sr.state}
+        save_sharded(Path(tmp) / f"sr-{moments}", model, opt, {"step": 2})
+
     # tensor parallel: the same processes as a (dp=1, tp=2) mesh
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -306,6 +330,69 @@ def test_tensor_parallel_matches_one_process(dp2):
     assert res[0]["tp_rel_diff/None"] < 1e-6
     assert res[0]["tp_rel_diff/bf16"] < 1e-6
     assert 0 < res[0]["tp_rel_diff/paper"] < 0.5
+
+
+# ------------------------------------------------------------- SRAdamW on FSDP2 Parameters
+
+def _sr_reference(moments: str):
+    """Two SRAdamW steps in one process on the ranks' rows as two micro-batches -> (model, optimizer)."""
+    model = build("fp8")
+    opt = optim.build_optimizer(model, sr_adamw_cfg(moments))
+    x, y = batch()
+    for _ in range(2):
+        microbatch_reference(model, x, y, 2)
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def test_sr_adamw_updates_fsdp2_shards_as_one_process(dp2):
+    """SRAdamW updates each rank's shards of the FSDP2 Parameters it owns (the latent masters; AdamW
+    the rest). fp32 moments: after 2 steps the weights are the 1-process weights up to the order of
+    the gradient sums (measured: equal, the two ranks' gradients are added in the reference's order;
+    bound 1e-6 absolute at weights of ~0.02-1, as Adam divides by sqrt(v) and so passes a gradient's
+    relative rounding on). fp8 moments: each rank rounds its moments stochastically with noise of its
+    own, so the runs only stay close (measured 1.7e-4; bound 1e-3, the size of one update at lr
+    1e-3); both ranks hold the same gathered weights."""
+    _, res = dp2
+    for moments, bound in (("fp32", 1e-6), ("fp8", 1e-3)):
+        ref, _ = _sr_reference(moments)
+        want = {n: p.detach() for n, p in ref.named_parameters()}
+        for rank in (0, 1):
+            got = {n: torch.from_numpy(v) for n, v in res[rank][f"sr/params/{moments}"].items()}
+            assert set(got) == set(want)
+            assert max(float((got[n] - want[n]).abs().max()) for n in want) < bound, moments
+        assert all((res[0][f"sr/params/{moments}"][n] == res[1][f"sr/params/{moments}"][n]).all() for n in want)
+        assert len(res[0][f"sr/moments/{moments}"]) > 0
+
+
+def test_sr_adamw_sharded_checkpoint_loads_in_one_process(dp2):
+    """The 2-rank SRAdamW checkpoint (fp8 moments, blocks of 128 per rank's shard) loads into one
+    process: the weights bit for bit, and every fp8 moment holds exactly the values of the two
+    shards joined (each shard here is a whole number of blocks, so re-blocking them over the whole
+    tensor keeps every code and scale); one more step then runs."""
+    tmp, res = dp2
+    model = build("fp8", seed=3)
+    opt = optim.build_optimizer(model, sr_adamw_cfg("fp8"))
+    assert load_sharded(tmp / "sr-fp8", model, opt)["step"] == 2
+    sr = opt.parts["latent"]
+    params = dict(model.named_parameters())
+    for n, p in params.items():
+        assert torch.equal(p, torch.from_numpy(res[0]["sr/params/fp8"][n])), n
+    shards = [res[r]["sr/moments/fp8"] for r in (0, 1)]
+    assert set(shards[0]) == {n for n, p in params.items() if p in sr.state}
+    for n in shards[0]:
+        st = sr.state[params[n]]
+        assert st["exp_avg"].dtype == torch.float8_e4m3fn and "exp_avg_scale" in st  # stored as fp8 again
+        mine = sr.dense_state(params[n], st)
+        for key in ("exp_avg", "exp_avg_sq"):
+            joined = torch.cat([torch.from_numpy(shards[r][n][key]) for r in (0, 1)])
+            assert torch.equal(mine[key], joined), (n, key)
+        assert float(mine["step"]) == 2.0
+    x, y = batch()
+    loss_of(model, x, y).backward()
+    opt.step()
+    assert float(sr.state[next(iter(sr.state))]["step"]) == 3.0
 
 
 # ------------------------------------------------------------- sharded checkpoints, 2 <-> 1

@@ -224,7 +224,7 @@ def test_resume_one_process_checkpoint_on_two_ranks(corpus, cfg_of, tmp_path, ru
 
 def test_refused_before_anything_runs(corpus, cfg_of, tmp_path):
     """What several processes cannot run is a ConfigError naming the key, before data or model:
-    a global batch that does not split over the dp ranks; SRAdamW on FSDP2's DTensor Parameters."""
+    a global batch that does not split over the dp ranks."""
     from experiments.build import ConfigError, check_parallel, check_train
     from experiments.parallel import Distributed
 
@@ -232,6 +232,3 @@ def test_refused_before_anything_runs(corpus, cfg_of, tmp_path):
     with pytest.raises(ConfigError, match=r"train.batch_size=4 \(the global batch\) does not split over the 3 "
                                           r"data-parallel ranks .* choose a multiple of 3"):
         check_parallel(cfg, check_train(cfg.train), Distributed(world_size=3, dp=3))
-    cfg = cfg_of(corpus, tmp_path, "optim=sr_adamw")
-    with pytest.raises(ConfigError, match="optim.latent.name=SRAdamW cannot update the DTensor Parameters"):
-        check_parallel(cfg, check_train(cfg.train), Distributed(world_size=2, dp=2))
