@@ -22,8 +22,10 @@ so a replay quantizes each weight once, as the eager loop does through the layer
 The first call of a signature runs the function as is (its warm-up: lazy initialisation, compiled
 kernels); the second captures it and replays; later calls replay. A signature whose copied inputs
 exceed ``max_bytes`` is never captured (its kernels are large enough that launching them is not
-the bottleneck, and the copies would cost memory), and after ``max_graphs`` captures a cache stops
-capturing (a caller whose weights move at every call gains nothing from graphs).
+the bottleneck, and the copies would cost memory). Weights that move between calls (a sharded
+model gathers them into new memory for each use) would need a graph per call: after the fixed
+inputs of one shape have moved twice, a cache stops capturing, and it never holds more than
+``max_graphs`` graphs.
 """
 
 from __future__ import annotations
@@ -45,11 +47,11 @@ def _pool(device: torch.device):
     return _POOLS[index]
 
 
-def _signature(t: torch.Tensor | None, address: bool):
+def _signature(t: torch.Tensor | None, strides: bool):
     if t is None:
         return None
     sig = (tuple(t.shape), t.dtype, t.device)
-    return (*sig, t.data_ptr(), t.stride()) if address else sig
+    return (*sig, t.stride()) if strides else sig
 
 
 class _Graph:
@@ -91,25 +93,37 @@ class GraphCache:
     signature, make no host synchronisation and return tensors (in any nesting of tuples and lists)
     or Nones.
 
-    ``captures`` and ``replays`` count what happened. A cache is dropped, not copied, with a copy of
-    its owner (``copy.deepcopy`` and pickling give an empty one)."""
+    ``captures``, ``replays`` and ``moves`` (of the fixed inputs) count what happened. A cache is
+    dropped, not copied, with a copy of its owner (``copy.deepcopy`` and pickling give an empty
+    one)."""
 
     def __init__(self, max_graphs: int = 16, max_bytes: int = 1 << 30):
         self.max_graphs, self.max_bytes = max_graphs, max_bytes
         self._graphs: dict = {}
         self._seen: set = set()
-        self.captures = self.replays = 0
+        self._addresses: dict = {}  # signature without addresses -> the fixed inputs' addresses last seen
+        self.captures = self.replays = self.moves = 0
 
     def __reduce__(self):
         return type(self), (self.max_graphs, self.max_bytes)
 
     def __call__(self, fn: Callable, copied: Sequence[torch.Tensor | None], fixed: Sequence[torch.Tensor | None],
                  key: Hashable):
-        sig = (key, tuple(_signature(t, False) for t in copied), tuple(_signature(t, True) for t in fixed))
+        if self.moves >= 2:
+            return fn(*copied, *fixed)
+        shapes = (key, tuple(_signature(t, False) for t in copied), tuple(_signature(t, True) for t in fixed))
+        addresses = tuple(None if t is None else t.data_ptr() for t in fixed)
+        if self._addresses.setdefault(shapes, addresses) != addresses:
+            self._addresses[shapes] = addresses
+            self.moves += 1
+            if self.moves >= 2:  # graphs of addresses that will not come back
+                self._graphs.clear()
+        sig = (shapes, addresses)
         graph = self._graphs.get(sig)
         if graph is None:
             size = sum(t.numel() * t.element_size() for t in copied if t is not None)
-            if sig not in self._seen or self.captures >= self.max_graphs or size > self.max_bytes:
+            if (sig not in self._seen or self.moves >= 2 or len(self._graphs) >= self.max_graphs
+                    or size > self.max_bytes):
                 self._seen.add(sig)
                 return fn(*copied, *fixed)
             graph = self._graphs[sig] = _Graph(fn, copied, fixed)
@@ -118,9 +132,11 @@ class GraphCache:
         return graph(copied)
 
     def clear(self) -> None:
-        """Drop every graph (their memory returns to the pool)."""
+        """Drop every graph (their memory returns to the pool) and start afresh."""
         self._graphs.clear()
         self._seen.clear()
+        self._addresses.clear()
+        self.moves = 0
 
 
 __all__ = ["GraphCache"]

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from . import gemv
 from .common import to_dtype
 from .formats import Format
+from .rounding import torch_dtype_of
 from .scaling import CHUNK_ELEMENTS, fake_quant, from_groups, quantize_groups, quantize_large, to_groups
 
 GEMV_MAX_ROWS = gemv.GEMV_MAX_ROWS
@@ -104,6 +105,25 @@ def _outer(values, s, stored, g, groups, fmt: Format, transposed: bool):
         outer, values = None, values * s
     v = from_groups(values, groups)
     return (v.t() if transposed else v), outer
+
+
+def _plain_cast(fmt: Format) -> torch.dtype | None:
+    """The torch dtype whose cast is ``fmt``'s rounding to nearest, for an unscaled float format with
+    infinities (bf16, fp16, fp8 E5M2), else None."""
+    if fmt.kind != "float" or fmt.is_scaled or not fmt.has_inf or fmt.bits >= 32:
+        return None
+    return torch_dtype_of(fmt)
+
+
+def _saturating_cast(t: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """``t`` rounded to nearest onto ``fmt`` (see ``_plain_cast``), in its dtype: finite values
+    clamped to +-max first (saturation), inf and NaN kept; a tensor already in that dtype is
+    returned as it is (its finite values are within range)."""
+    dt = _plain_cast(fmt)
+    if t.dtype == dt:
+        return t
+    x = t.float()
+    return torch.where(torch.isfinite(x), x.clamp(-fmt.max_value, fmt.max_value), x).to(dt)
 
 
 def _pad_last(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
@@ -220,6 +240,12 @@ class Bf16TensorCore(GemmKernel):
         if fmt is None:
             v, outer = t, None
             v = v.t() if transposed else v
+        elif rounding == "nearest" and _plain_cast(fmt) is not None:
+            # an unscaled format torch has a dtype for: the saturating cast, in few passes (a
+            # recurrence calls this at every step); the same values as the general path
+            v = _saturating_cast(t, fmt)
+            v = v if v.dtype == torch.bfloat16 else v.float()  # through fp32, as the general path (NaN bits)
+            return (v.t() if transposed else v).to(torch.bfloat16), None
         elif t.numel() > CHUNK_ELEMENTS and not torch.compiler.is_compiling() and fmt.scale != "nvfp4":
             # eager, e.g. a 16384 x 65536 weight: bf16 values written piece by piece, no float32
             # copy of it; the scales that stay outside the GEMM as in split(), the others folded

@@ -124,3 +124,40 @@ def test_graphed_training_follows_step_by_step_training(mode):
     assert replays_g > 0 and replays_p == 0
     assert torch.equal(loss_g, loss_p)
     assert all(torch.equal(a, b) for a, b in zip(params_g, params_p, strict=True))
+
+
+@pytest.mark.gpu
+def test_graph_cache_reads_weights_in_place_and_stops_when_they_move():
+    """GraphCache on a small function: the second call captures, later ones replay; a replay reads
+    the fixed input as it is now and returns outputs of its own (a later replay does not overwrite
+    them); a fixed input that moves twice stops the capturing; inputs over max_bytes never capture."""
+    cache = GraphCache(max_bytes=1 << 20)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(64, 64, device="cuda", generator=gen)
+
+    def fn(x, w):
+        return (x @ w).relu(), [x.sum()]
+
+    outs = []
+    for _ in range(4):
+        x = torch.randn(8, 64, device="cuda", generator=gen)
+        got = cache(fn, (x,), (w,), "k")
+        want = fn(x, w)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1][0], want[1][0])
+        outs.append((got[0], want[0]))
+        w.mul_(1.5)  # in place: the next replay must read it
+    assert cache.captures == 1 and cache.replays == 3
+    assert all(torch.equal(a, b) for a, b in outs)  # earlier outputs were not overwritten
+    for _ in range(2):
+        w = w.clone()  # moved
+        x = torch.randn(8, 64, device="cuda", generator=gen)
+        assert torch.equal(cache(fn, (x,), (w,), "k")[0], fn(x, w)[0])
+    assert cache.moves == 2
+    for _ in range(2):
+        assert torch.equal(cache(fn, (x,), (w,), "k")[0], fn(x, w)[0])
+    assert cache.captures == 1 and cache.replays == 3  # not captured again
+    big = torch.randn(4096, 64, device="cuda", generator=gen)  # 1 MiB
+    small = GraphCache(max_bytes=(1 << 20) - 1)
+    for _ in range(3):
+        assert torch.equal(small(fn, (big,), (w,), "k")[0], fn(big, w)[0])
+    assert small.captures == small.replays == 0
