@@ -30,7 +30,7 @@ inputs of one shape have moved twice, a cache stops capturing, and it never hold
 
 from __future__ import annotations
 
-from typing import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten

@@ -42,7 +42,14 @@ from . import gemv
 from .common import to_dtype
 from .formats import Format
 from .rounding import torch_dtype_of
-from .scaling import CHUNK_ELEMENTS, fake_quant, from_groups, quantize_groups, quantize_large, to_groups
+from .scaling import (
+    CHUNK_ELEMENTS,
+    fake_quant,
+    from_groups,
+    quantize_groups,
+    quantize_large,
+    to_groups,
+)
 
 GEMV_MAX_ROWS = gemv.GEMV_MAX_ROWS
 # operands of each GEMM that are transposed, i.e. whose quantization rows lie along the contraction

@@ -32,7 +32,14 @@ from torch import nn
 import lowprec
 from lowprec.common import check_real
 
-from .base import TargetOptimizer, check_betas, describe_target, is_native_layer, local, shard_coordinate
+from .base import (
+    TargetOptimizer,
+    check_betas,
+    describe_target,
+    is_native_layer,
+    local,
+    shard_coordinate,
+)
 from .moments import check_block, check_moment_dtype, load, store, store_zeros
 
 _SR_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}  # Parameters written back with SR
