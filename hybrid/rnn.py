@@ -372,6 +372,13 @@ def _compiled_recurrence(layer: LSTMLayer, gx, h, c, valid, ad, weights) -> tupl
     return y, h, c
 
 
+# Widest layer whose step loops are replayed as CUDA graphs. A step's recurrent GEMM reads the
+# (4d, d) weight: beyond d = 4096 (67M elements) that takes longer than the host needs to launch
+# the step's kernels, so a graph saves little, while its buffers and the weight operand it derives
+# would cost memory (gigabytes at d = 16384).
+GRAPH_MAX_WIDTH = 4096
+
+
 class LSTMLayer(nn.Module):
     """One LSTM layer (`ih`, `hh`) with a LayerNorm on its input sequence (`norm`)."""
 
@@ -392,9 +399,12 @@ class LSTMLayer(nn.Module):
 
     def graphs_for(self, gx: Tensor, gemms) -> GraphCache | None:
         """The cache that replays this layer's recurrence loops as CUDA graphs, or None where they
-        run step by step: ``cuda_graphs`` off, not on CUDA, GEMMs that update a delayed-scaling
-        history or record telemetry at every step, inside a compiler's trace or another capture."""
+        run step by step: ``cuda_graphs`` off, not on CUDA, wider than `GRAPH_MAX_WIDTH`, GEMMs that
+        update a delayed-scaling history or record telemetry at every step, inside a compiler's
+        trace or another capture."""
         if not (self.cuda_graphs and gx.is_cuda and gemms.stateless) or torch.compiler.is_compiling():
+            return None
+        if self.hh.in_features > GRAPH_MAX_WIDTH:
             return None
         if gemms.recording or torch.cuda.is_current_stream_capturing():
             return None

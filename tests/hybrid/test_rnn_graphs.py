@@ -163,3 +163,15 @@ def test_graph_cache_reads_weights_in_place_and_stops_when_they_move():
     for _ in range(3):
         assert torch.equal(small(fn, (big,), (w,), "k")[0], fn(big, w)[0])
     assert small.captures == small.replays == 0
+
+
+@pytest.mark.gpu
+def test_wide_layers_run_step_by_step():
+    """Beyond GRAPH_MAX_WIDTH a layer's loops are not captured (no graph, no buffers)."""
+    from hybrid.rnn import GRAPH_MAX_WIDTH, LINEAR_GEMMS
+
+    wide = LSTMLayer(8)
+    wide.hh = torch.nn.Linear(GRAPH_MAX_WIDTH + 8, 4 * (GRAPH_MAX_WIDTH + 8), bias=False, device="meta")
+    gx = torch.zeros(1, 1, 4, device="cuda")
+    assert wide.graphs_for(gx, LINEAR_GEMMS) is None
+    assert LSTMLayer(8).graphs_for(gx, LINEAR_GEMMS) is not None
