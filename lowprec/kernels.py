@@ -247,9 +247,11 @@ class Bf16TensorCore(GemmKernel):
         if fmt is None:
             v, outer = t, None
             v = v.t() if transposed else v
-        elif rounding == "nearest" and _plain_cast(fmt) is not None:
+        elif rounding == "nearest" and _plain_cast(fmt) is not None and (
+                t.numel() <= CHUNK_ELEMENTS or t.dtype == _plain_cast(fmt) == torch.bfloat16):
             # an unscaled format torch has a dtype for: the saturating cast, in few passes (a
-            # recurrence calls this at every step); the same values as the general path
+            # recurrence calls this at every step); the same values as the general path. A large
+            # tensor not already in bf16 goes piece by piece below (no float32 copies of it)
             v = _saturating_cast(t, fmt)
             v = v if v.dtype == torch.bfloat16 else v.float()  # through fp32, as the general path (NaN bits)
             return (v.t() if transposed else v).to(torch.bfloat16), None
