@@ -125,7 +125,6 @@ class SRAdamW(TargetOptimizer):
         store(st, "exp_avg_sq", v, dtype, gen, block=block, sqrt=True)
         return w
 
-
     # ---- checkpoints of sharded Parameters -------------------------------------------------------
     _MOMENTS = ("exp_avg", "exp_avg_sq")
 
