@@ -111,7 +111,9 @@ class GraphCache:
                  key: Hashable):
         if self.moves >= 2:
             return fn(*copied, *fixed)
-        shapes = (key, tuple(_signature(t, False) for t in copied), tuple(_signature(t, True) for t in fixed))
+        # buffers made under inference mode cannot be written outside it: a graph of its own there
+        shapes = (key, torch.is_inference_mode_enabled(), tuple(_signature(t, False) for t in copied),
+                  tuple(_signature(t, True) for t in fixed))
         addresses = tuple(None if t is None else t.data_ptr() for t in fixed)
         if self._addresses.setdefault(shapes, addresses) != addresses:
             self._addresses[shapes] = addresses

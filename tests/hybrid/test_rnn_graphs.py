@@ -157,6 +157,13 @@ def test_graph_cache_reads_weights_in_place_and_stops_when_they_move():
     for _ in range(2):
         assert torch.equal(cache(fn, (x,), (w,), "k")[0], fn(x, w)[0])
     assert cache.captures == 1 and cache.replays == 3  # not captured again
+    with torch.inference_mode():  # its own graph: buffers made here could not be written outside
+        fresh = GraphCache()
+        for _ in range(3):
+            assert torch.equal(fresh(fn, (x,), (w,), "k")[0], fn(x, w)[0])
+    for _ in range(2):  # the same signature outside inference mode: a graph of its own
+        assert torch.equal(fresh(fn, (x,), (w,), "k")[0], fn(x, w)[0])
+    assert fresh.captures == 2 and fresh.replays == 3
     big = torch.randn(4096, 64, device="cuda", generator=gen)  # 1 MiB
     small = GraphCache(max_bytes=(1 << 20) - 1)
     for _ in range(3):
