@@ -192,3 +192,35 @@ def test_packed_buffers_and_latent_layers_are_refused():
     lowprec.apply_policy(latent, {"default": {"weight": "fp8_e4m3"}})
     with pytest.raises(TypeError, match="latent layer's weight Parameter"):
         optim.SRAdamW([latent[0]])
+
+
+@pytest.mark.parametrize("block", [128, None])
+def test_dense_moments_load_back_bit_for_bit(block):
+    """``dense_state`` (the checkpoint form of sharded Parameters' moments: fp8 codes and block
+    scales as one fp32 tensor of the weight's shape) loads back into the same codes and scales, for
+    a weight whose size is not a multiple of the block and for an empty one (an FSDP2 rank may hold
+    no rows of a small Parameter); fp32 moments pass through unchanged."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(3, 50)), nn.Parameter(torch.zeros(0, 64)), nn.Parameter(torch.randn(7))]
+    for moment_dtype in ("fp8", "fp32"):
+        opt = optim.SRAdamW(params, moment_dtype=moment_dtype, moment_block=block)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        sd = opt.state_dict()
+        sd["state"] = {i: opt.dense_state(p, opt.state[p]) for i, p in enumerate(params)}
+        for p, entry in zip(params, sd["state"].values()):
+            assert "exp_avg_scale" not in entry and entry["exp_avg"].shape == p.shape
+            assert entry["exp_avg"].dtype == torch.float32
+        again = optim.SRAdamW(params, moment_dtype=moment_dtype, moment_block=block)
+        again.load_state_dict(sd)
+        for p in params:
+            want, got = opt.state[p], again.state[p]
+            assert set(got) == set(want)
+            for k, v in want.items():
+                if isinstance(v, torch.Tensor):
+                    assert got[k].dtype == v.dtype and torch.equal(got[k].view(torch.uint8) if v.element_size() == 1 else got[k],
+                                                                    v.view(torch.uint8) if v.element_size() == 1 else v), k
+                else:
+                    assert got[k] == v
