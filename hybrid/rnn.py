@@ -75,14 +75,14 @@ class LinearGemms:
     `LSTMRecurrence` calls: weights = (W,), `fprop(x, weights) -> (x Wᵀ, saved)`,
     `dgrad(dy, weights, saved, need_dx) -> dy W`, `wgrad(dy, x, weights) -> (dyᵀ x,)`,
     `fprop_saved(weights, rows, device)` (a step's `saved`, derived again), `grad_slots`,
-    `stateless`, `recording`."""
+    `stateless`, `recording`, `input_cast`, `grad_cast`."""
 
     @staticmethod
-    def fprop(x, weights):
+    def fprop(x, weights, a=None):
         return F.linear(x, weights[0]), ()
 
     @staticmethod
-    def dgrad(dy, weights, saved, need_dx=True):
+    def dgrad(dy, weights, saved, need_dx=True, g=None):
         return dy @ weights[0] if need_dx else None
 
     @staticmethod
@@ -92,6 +92,7 @@ class LinearGemms:
     grad_slots = (0,)  # the weights wgrad returns a gradient for
     stateless = True  # no state that a step updates (the compiled operators need that)
     recording = False  # no telemetry recorded at each step (CUDA graphs would not replay it)
+    input_cast = grad_cast = None  # the GEMMs take x and dy as they are
 
     @staticmethod
     def fprop_saved(weights, rows, device):
@@ -101,9 +102,10 @@ class LinearGemms:
 LINEAR_GEMMS = LinearGemms()
 
 
-def _cell(gx_t, hh_t, h, c, valid_t):
-    """One step's gates -> (h_t, c_t, the activated gates (4, B, d), tanh(c_t)); a step with
-    valid_t False holds (h, c)."""
+def _cell(gx_t, hh_t, h, c, valid_t, ad=None, cast=None):
+    """One step's gates -> (h_t, c_t, the activated gates (4, B, d), tanh(c_t), the next step's
+    GEMM input operand `cast(h_t in ad)` or None without ``cast``); a step with valid_t False holds
+    (h, c)."""
     gates = gx_t + hh_t.to(h.dtype)
     i, f, g, o = gates.chunk(4, dim=-1)
     i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
@@ -113,12 +115,13 @@ def _cell(gx_t, hh_t, h, c, valid_t):
     acts = torch.stack([i, f, g, o])  # each (B, d) contiguous, as autograd saves them
     if valid_t is not None:
         h_t, c_t = torch.where(valid_t, h_t, h), torch.where(valid_t, c_t, c)
-    return h_t, c_t, acts, tanh_c
+    return h_t, c_t, acts, tanh_c, None if cast is None else cast(h_t.to(ad))
 
 
-def _cell_backward(dh, dc, dy_t, acts_t, tanh_c, c_prev, valid_t):
-    """One step of the backward, from the last -> (da_t, dc_{t-1} before a held step's part, and
-    what a held step passes on: dh, dc or None). The caller adds dgrad(da_t) to get dh_{t-1}."""
+def _cell_backward(dh, dc, dy_t, acts_t, tanh_c, c_prev, valid_t, ad=None, cast=None):
+    """One step of the backward, from the last -> (da_t, dc_{t-1} before a held step's part, what
+    a held step passes on: dh, dc or None, and dgrad's operand `cast(da_t in ad)` or None without
+    ``cast``). The caller adds dgrad(da_t) to get dh_{t-1}."""
     sigmoid_bwd, tanh_bwd = torch.ops.aten.sigmoid_backward, torch.ops.aten.tanh_backward
     dh = dh + dy_t
     i, f, g, o = acts_t.unbind(0)
@@ -129,7 +132,7 @@ def _cell_backward(dh, dc, dy_t, acts_t, tanh_c, c_prev, valid_t):
     dc = dc + tanh_bwd(dh * o, tanh_c)
     da = torch.cat([sigmoid_bwd(dc * g, i), sigmoid_bwd(dc * c_prev, f),
                     tanh_bwd(dc * i, g), sigmoid_bwd(dh * tanh_c, o)], dim=-1)
-    return da, dc * f, dh_held, dc_held
+    return da, dc * f, dh_held, dc_held, None if cast is None else cast(da.to(ad))
 
 
 _FUSED: list = []
@@ -138,8 +141,9 @@ _FUSED: list = []
 def _cells(fused: bool):
     """(cell, cell_backward): the eager functions, op for op as autograd differentiates the
     per-step loop; ``fused`` (the compiled recurrence operators on CUDA): the same functions
-    compiled (each step's pointwise work in one kernel instead of ~15; the numbers then differ
-    from eager by the fused kernels' rounding)."""
+    compiled (each step's pointwise work in one kernel instead of ~15, the next GEMM's operand cast
+    included where the GEMMs offer it as `input_cast` / `grad_cast`; the numbers then differ from
+    eager by the fused kernels' rounding)."""
     if fused:
         if not _FUSED:
             _FUSED.extend(torch.compile(f, fullgraph=True) for f in (_cell, _cell_backward))
@@ -153,13 +157,15 @@ def _recurrence_forward(gx, h, c, valid, ad, gemms, weights, fused: bool = False
     steps (h_{t-1} in ad, c_{t-1}, the activated gates (T, 4, B, d), tanh(c_t)), and each step's
     `saved` from `gemms.fprop`, concatenated. ``fused``: as `_cells`."""
     cell = _cells(fused)[0]
+    cast = gemms.input_cast  # each step's GEMM input operand, computed by the step before (its cell)
+    a = None if cast is None else cast(h.to(ad))
     hs_prev, cs_prev, acts, tanh_cs, ys, saved = [], [], [], [], [], []
     for t, gx_t in enumerate(gx.unbind(1)):
         h_in = h.to(ad)
-        hh_t, saved_t = gemms.fprop(h_in, weights)
+        hh_t, saved_t = gemms.fprop(h_in, weights, a)
         hs_prev.append(h_in)
         cs_prev.append(c)
-        h, c, acts_t, tanh_c = cell(gx_t, hh_t, h, c, None if valid is None else valid[t])
+        h, c, acts_t, tanh_c, a = cell(gx_t, hh_t, h, c, None if valid is None else valid[t], ad, cast)
         acts.append(acts_t)
         tanh_cs.append(tanh_c)
         saved.extend(saved_t)
@@ -177,16 +183,17 @@ def _recurrence_backward(dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, gem
     n_saved = len(saved) // T
     (B, d), ad = cs_prev.shape[1:], hs_prev.dtype
     cell_backward = _cells(fused)[1]
+    cast = gemms.grad_cast  # dgrad's operand of da_t, computed by the cell
     das = [None] * T
     for t in range(T - 1, -1, -1):
-        das[t], dc, dh_held, dc_held = cell_backward(dh, dc, dy[:, t], acts[t], tanh_cs[t], cs_prev[t],
-                                                     None if valid is None else valid[t])
+        das[t], dc, dh_held, dc_held, g = cell_backward(dh, dc, dy[:, t], acts[t], tanh_cs[t], cs_prev[t],
+                                                        None if valid is None else valid[t], ad, cast)
         saved_t = saved[t * n_saved:(t + 1) * n_saved]
         if t == 0 and not need_state:
             if need_w:  # h_0, c_0 need no gradient: no last dgrad (the step's record still made)
                 gemms.dgrad(das[t].to(ad), weights, saved_t, need_dx=False)
             break
-        dh = gemms.dgrad(das[t].to(ad), weights, saved_t).to(dh.dtype)
+        dh = gemms.dgrad(das[t].to(ad), weights, saved_t, g=g).to(dh.dtype)
         if valid is not None:
             dh, dc = dh + dh_held, dc + dc_held
     da = torch.stack(das, dim=1)  # (B, T, 4d)

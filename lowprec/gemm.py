@@ -128,10 +128,10 @@ def _native(plan: GemmPlan, w) -> QTensor:
     return QTensor(*w, fmt, (plan.out_features, K), padded)
 
 
-def _fprop(x2, w, amax_x, amax_w, plan: GemmPlan, io: LayerIO):
+def _fprop(x2, w, amax_x, amax_w, plan: GemmPlan, io: LayerIO, A=None):
     """``y = Q(x2) Q(W)^T`` (no bias) in ``x2``'s dtype -> ``(y, A, B)``, the quantized operands
     of ``x2`` and ``W`` (None where the packed GEMV ran). ``w``: the master weight, or the native
-    ``(data, scale, global)``."""
+    ``(data, scale, global)``. ``A``: ``x2``'s operand where the caller computed it already."""
     p, fp = plan.precision, plan.fprop
     native = p.storage == "native"
     if io.record is not None:
@@ -141,16 +141,18 @@ def _fprop(x2, w, amax_x, amax_w, plan: GemmPlan, io: LayerIO):
         xq = KERNELS["emulated"].operand(x2, fp.a, amax=_for(fp.a, amax_x))[0]
         return to_dtype(gemv.ternary_gemv(xq, w[0], w[1], plan.out_features), x2.dtype), None, None
     k = KERNELS[fp.kernel]
-    A = k.operand(x2, fp.a, amax=_for(fp.a, amax_x))
+    A = A if A is not None else k.operand(x2, fp.a, amax=_for(fp.a, amax_x))
     B = _weight_operand(k, fp.b, False, plan, w, io, amax_w)
     return k.mm(A, B, x2.dtype, fast_accum=fp.kernel.startswith("fp8")), A, B
 
 
-def _dgrad(dy, w, B_fprop, amax_g, plan: GemmPlan, io: LayerIO, out_dtype):
+def _dgrad(dy, w, B_fprop, amax_g, plan: GemmPlan, io: LayerIO, out_dtype, G=None):
     """``dx = Q(dy) Q(W)`` -> ``(dx, G, B)``, the quantized operands of ``dy`` and ``W``.
-    ``B_fprop``: fprop's weight operand where the plan reuses it, else None."""
+    ``B_fprop``: fprop's weight operand where the plan reuses it, else None. ``G``: ``dy``'s
+    operand where the caller computed it already."""
     k = KERNELS[plan.dgrad.kernel]
-    G = k.operand(dy, plan.dgrad.a, rounding=plan.precision.grad_rounding, amax=_for(plan.dgrad.a, amax_g))
+    if G is None:
+        G = k.operand(dy, plan.dgrad.a, rounding=plan.precision.grad_rounding, amax=_for(plan.dgrad.a, amax_g))
     B = k.transposed(B_fprop) if B_fprop is not None else None
     B = B if B is not None else _weight_operand(k, plan.dgrad.b, True, plan, w, io)
     return k.mm(G, B, out_dtype), G, B
@@ -271,18 +273,20 @@ class RecurrentGemms:
     def _w(self, weights):
         return tuple(weights[:3]) if self.native else weights[0]
 
-    def fprop(self, x, weights):
+    def fprop(self, x, weights, a=None):
         """One step: ``x`` (M, K) -> ``(y, saved)``: y (M, N) in ``x``'s dtype, exactly the
-        layer's output for ``x``; ``saved``: the tensors (or Nones) this step's dgrad needs."""
+        layer's output for ``x``; ``saved``: the tensors (or Nones) this step's dgrad needs.
+        ``a``: ``input_cast(x)``, where the caller computed it already."""
         amax_x = delayed_amax(self.input_history, x)
         amax_w = delayed_amax(self.weight_history, weights[0])
-        y, _, B = _fprop(x, self._w(weights), amax_x, amax_w, self.plan, self.io)
+        y, _, B = _fprop(x, self._w(weights), amax_x, amax_w, self.plan, self.io, None if a is None else (a, None))
         return y, (B if self.plan.reuse_weight and B is not None else (None, None))
 
-    def dgrad(self, dy, weights, saved, need_dx: bool = True):
+    def dgrad(self, dy, weights, saved, need_dx: bool = True, g=None):
         """One step's backward: ``dy`` (M, N) -> ``dx`` (M, K) in ``dy``'s dtype, or None without
         ``need_dx`` (the step's gradient is still recorded and enters the amax history, as a
-        per-step call whose input needs no gradient does). Steps in reverse order."""
+        per-step call whose input needs no gradient does). Steps in reverse order. ``g``:
+        ``grad_cast(dy)``, where the caller computed it already."""
         dy = dy.contiguous()
         if self.io.record is not None:
             self.io.record("grad", dy, self.plan.dgrad.a)
@@ -290,7 +294,8 @@ class RecurrentGemms:
         if not need_dx:
             return None
         B_fprop = saved if saved[0] is not None else None
-        dx, _, B = _dgrad(dy, self._w(weights), B_fprop, amax_g, self.plan, self.io, dy.dtype)
+        dx, _, B = _dgrad(dy, self._w(weights), B_fprop, amax_g, self.plan, self.io, dy.dtype,
+                          None if g is None else (g, None))
         if B_fprop is None and not torch.compiler.is_compiling():  # compiled graphs share it themselves
             self._held[:] = [B]
         return dx
@@ -305,6 +310,25 @@ class RecurrentGemms:
         """No amax history that a step updates in place: a caller may rerun any step's
         quantization and get the same operands (``fprop_saved``)."""
         return self.input_history is None and self.weight_history is None and self.io.grad_history is None
+
+    @property
+    def input_cast(self):
+        """``x -> fprop's operand values of x`` as one elementwise function (see
+        ``GemmKernel.plain_cast``) where fprop's input format is a plain cast and no delayed
+        scaling or packed GEMV is involved, else None: a caller may compute it fused with the
+        work that produces ``x`` and pass it to ``fprop`` as ``a``."""
+        plan = self.plan
+        if self.input_history is not None or plan.gemv is not None:
+            return None
+        return KERNELS[plan.fprop.kernel].plain_cast(plan.fprop.a)
+
+    @property
+    def grad_cast(self):
+        """As ``input_cast``, for dgrad's gradient operand (``dgrad``'s ``g``)."""
+        plan = self.plan
+        if self.io.grad_history is not None:
+            return None
+        return KERNELS[plan.dgrad.kernel].plain_cast(plan.dgrad.a, plan.precision.grad_rounding)
 
     @property
     def recording(self) -> bool:

@@ -34,6 +34,7 @@ aside), i.e. whether it equals the reference up to fp32 summation order.
 from __future__ import annotations
 
 import abc
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -133,6 +134,19 @@ def _saturating_cast(t: torch.Tensor, fmt: Format) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x.clamp(-fmt.max_value, fmt.max_value), x).to(dt)
 
 
+def _bf16_values(t: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """The bf16 tensor-core operand values of ``t`` for a plain-cast ``fmt`` (see ``_plain_cast``):
+    the saturating cast, then bf16 (through fp32, as the general path: NaN bits)."""
+    v = _saturating_cast(t, fmt)
+    return v if v.dtype == torch.bfloat16 else v.float().to(torch.bfloat16)
+
+
+@functools.cache
+def _bf16_cast(fmt: Format):
+    """One function object per format (a compiled caller guards on its identity)."""
+    return functools.partial(_bf16_values, fmt=fmt)
+
+
 def _pad_last(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
     """Zero-pad the last (contraction) dimension: zeros add nothing to the GEMM."""
     pad = (-t.shape[-1]) % multiple
@@ -187,6 +201,13 @@ class GemmKernel(Kernel, abc.ABC):
         contraction (it must be folded: quantize again)."""
         v, outer = op
         return None if (outer is not None and outer.numel() != 1) else (v.t(), outer)
+
+    def plain_cast(self, fmt, rounding="nearest"):
+        """A function ``t -> values`` with ``operand(t, fmt, rounding=rounding) == (values, None)``
+        (untransposed) that reads nothing but ``t``, elementwise, where this kernel has one for
+        ``fmt``; else None. A caller may compute it inside its own fused kernel (an LSTM cell
+        computes the next step's GEMM input together with the step's state)."""
+        return None
 
 
 class Emulated(GemmKernel):
@@ -252,9 +273,8 @@ class Bf16TensorCore(GemmKernel):
             # an unscaled format torch has a dtype for: the saturating cast, in few passes (a
             # recurrence calls this at every step); the same values as the general path. A large
             # tensor not already in bf16 goes piece by piece below (no float32 copies of it)
-            v = _saturating_cast(t, fmt)
-            v = v if v.dtype == torch.bfloat16 else v.float()  # through fp32, as the general path (NaN bits)
-            return (v.t() if transposed else v).to(torch.bfloat16), None
+            v = _bf16_values(t, fmt)
+            return (v.t() if transposed else v), None
         elif t.numel() > CHUNK_ELEMENTS and not torch.compiler.is_compiling() and fmt.scale != "nvfp4":
             # eager, e.g. a 16384 x 65536 weight: bf16 values written piece by piece, no float32
             # copy of it; the scales that stay outside the GEMM as in split(), the others folded
@@ -269,6 +289,11 @@ class Bf16TensorCore(GemmKernel):
     def operand_from_qtensor(self, q, transposed=False):
         v, outer = split_qtensor(q, transposed)
         return v.to(torch.bfloat16), outer
+
+    def plain_cast(self, fmt, rounding="nearest"):
+        if fmt is None or rounding != "nearest" or _plain_cast(fmt) is None:
+            return None
+        return _bf16_cast(fmt)
 
     def transposed(self, op):
         """Per-row scales fold into the values, as quantizing the transposed tensor would: the

@@ -320,3 +320,39 @@ def test_dgrad_weight_operand_derived_once_per_backward(monkeypatch):
     for a, b in zip(out_f + grads_f, out_p + grads_p, strict=True):
         assert torch.equal(a, b)
     assert counts == [1, T]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager-cells", "compiled-cells"])
+@pytest.mark.parametrize("fmt", ["bf16", "fp16"])
+def test_the_cells_compute_the_next_gemm_operand(fmt, fused):
+    """With the bf16 tensor-core plan (described for sm80, run on CPU tensors) the recurrent GEMMs
+    offer their input and gradient casts as elementwise functions, and each step's cell computes
+    the next GEMM's operand (compiled: inside the cell's kernel). Forward outputs, saved tensors and
+    every gradient are bit-identical to the loop in which the GEMMs cast their operands themselves,
+    with the cells as eager functions and compiled (on the CPU, inductor's C++ kernels)."""
+    from hybrid.rnn import _recurrence_backward, _recurrence_forward
+    from lowprec.gemm import RecurrentGemms
+
+    class CastsItself(RecurrentGemms):
+        input_cast = grad_cast = None
+
+    torch.manual_seed(0)
+    d = 16
+    layer = QLinear(d, 4 * d, bias=False, precision=LayerPrecision.from_fields({"weight": fmt, "input": fmt, "grad": fmt}))
+    plan = layer.plan_for("sm80")
+    assert plan.fprop.kernel == plan.dgrad.kernel == "bf16_tensorcore"
+    offers, plain = RecurrentGemms(plan, layer._io), CastsItself(plan, layer._io)
+    assert offers.input_cast is not None and offers.grad_cast is not None and plain.input_cast is None
+    weights = (layer.weight.detach(), None, None, None)
+    gx, h, c = torch.randn(3, 5, 4 * d), torch.randn(3, d), torch.randn(3, d)
+    valid = torch.arange(5) < 4
+    dy, dh, dc = torch.randn(3, 5, d), torch.randn(3, d), torch.randn(3, d)
+    results = []
+    for gemms in (offers, plain):
+        fwd = _recurrence_forward(gx, h, c, valid, torch.float32, gemms, weights, fused)
+        y, hT, cT, hs_prev, cs_prev, acts, tanh_cs, saved = fwd
+        da, dh0, dc0, dws = _recurrence_backward(dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, gemms, weights,
+                                                 saved, need_state=True, need_w=True, fused=fused)
+        results.append([*fwd[:7], da, dh0, dc0, dws[0]])
+    for i, (a, b) in enumerate(zip(*results, strict=True)):
+        assert torch.equal(a, b), i
