@@ -207,7 +207,6 @@ class GemmKernel(Kernel, abc.ABC):
         (untransposed) that reads nothing but ``t``, elementwise, where this kernel has one for
         ``fmt``; else None. A caller may compute it inside its own fused kernel (an LSTM cell
         computes the next step's GEMM input together with the step's state)."""
-        return None
 
 
 class Emulated(GemmKernel):
