@@ -1,6 +1,8 @@
 """The LSTM recurrence (`LSTMRecurrence`: hand-written backward, the weight gradient of all steps
 in one GEMM), with a plain `hh` and with a policy's `QLinear` `hh`, against the same layer with
 `hh` called per step and differentiated by autograd."""
+import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -332,6 +334,9 @@ def test_the_cells_compute_the_next_gemm_operand(fmt, fused):
     with the cells as eager functions and compiled (on the CPU, inductor's C++ kernels)."""
     from hybrid.rnn import _recurrence_backward, _recurrence_forward
     from lowprec.gemm import RecurrentGemms
+
+    if fused and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
+        pytest.skip("compiling the cells on the CPU needs a C++ compiler")
 
     class CastsItself(RecurrentGemms):
         input_cast = grad_cast = None
