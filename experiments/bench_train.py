@@ -102,6 +102,10 @@ def measure(variant: str, size: dict, iters: int, mode: str | None = None, rnn_g
     torch.cuda.reset_peak_memory_stats()
     s = median_ms(step, iters, warmup=2) / 1e3
     tps = B * T / s
+    rnn = getattr(model, "rnn", None)
+    if rnn is not None:  # whether the LSTM's loops ran as CUDA graphs in the timed steps
+        caps, reps = sum(m.graphs.captures for m in rnn.lstm), sum(m.graphs.replays for m in rnn.lstm)
+        note = f"{note}; LSTM loops: {caps} CUDA graphs captured, {reps} replays"
     row = dict(variant=variant, params=n_params, tokens_per_s=tps, mfu=6 * n_params * tps / PEAK_BF16,
                peak_gib=torch.cuda.max_memory_allocated() / 2**30, first_s=first_s, note=note)
     del model, opt, compiled
