@@ -326,16 +326,18 @@ def test_dgrad_weight_operand_derived_once_per_backward(monkeypatch):
 
 @pytest.mark.parametrize("fused", [False, True], ids=["eager-cells", "compiled-cells"])
 @pytest.mark.parametrize("fmt", ["bf16", "fp16"])
-def test_the_cells_compute_the_next_gemm_operand(fmt, fused):
-    """With the bf16 tensor-core plan (described for sm80, run on CPU tensors) the recurrent GEMMs
-    offer their input and gradient casts as elementwise functions, and each step's cell computes
-    the next GEMM's operand (compiled: inside the cell's kernel). Forward outputs, saved tensors and
-    every gradient are bit-identical to the loop in which the GEMMs cast their operands themselves,
-    with the cells as eager functions and compiled (on the CPU, inductor's C++ kernels)."""
+def test_the_cells_compute_the_next_gemm_operand(fmt, fused, device):
+    """With the bf16 tensor-core plan (on the CPU: described for sm80, run on CPU tensors) the
+    recurrent GEMMs offer their input and gradient casts as elementwise functions, and each step's
+    cell computes the next GEMM's operand (compiled: inside the cell's kernel). Forward outputs,
+    saved tensors and every gradient are bit-identical to the loop in which the GEMMs cast their
+    operands themselves, with the cells as eager functions and compiled (inductor's C++ kernels on
+    the CPU, Triton's on CUDA)."""
     from hybrid.rnn import _recurrence_backward, _recurrence_forward
     from lowprec.gemm import RecurrentGemms
 
-    if fused and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
+    cpu = device.type == "cpu"
+    if fused and cpu and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
         pytest.skip("compiling the cells on the CPU needs a C++ compiler")
 
     class CastsItself(RecurrentGemms):
@@ -343,15 +345,16 @@ def test_the_cells_compute_the_next_gemm_operand(fmt, fused):
 
     torch.manual_seed(0)
     d = 16
-    layer = QLinear(d, 4 * d, bias=False, precision=LayerPrecision.from_fields({"weight": fmt, "input": fmt, "grad": fmt}))
-    plan = layer.plan_for("sm80")
+    layer = QLinear(d, 4 * d, bias=False, precision=LayerPrecision.from_fields({"weight": fmt, "input": fmt, "grad": fmt}),
+                    device=device)
+    plan = layer.plan_for("sm80" if cpu else device)
     assert plan.fprop.kernel == plan.dgrad.kernel == "bf16_tensorcore"
     offers, plain = RecurrentGemms(plan, layer._io), CastsItself(plan, layer._io)
     assert offers.input_cast is not None and offers.grad_cast is not None and plain.input_cast is None
     weights = (layer.weight.detach(), None, None, None)
-    gx, h, c = torch.randn(3, 5, 4 * d), torch.randn(3, d), torch.randn(3, d)
-    valid = torch.arange(5) < 4
-    dy, dh, dc = torch.randn(3, 5, d), torch.randn(3, d), torch.randn(3, d)
+    gx, h, c = (torch.randn(*shape, device=device) for shape in ((3, 5, 4 * d), (3, d), (3, d)))
+    valid = torch.arange(5, device=device) < 4
+    dy, dh, dc = (torch.randn(*shape, device=device) for shape in ((3, 5, d), (3, d), (3, d)))
     results = []
     for gemms in (offers, plain):
         fwd = _recurrence_forward(gx, h, c, valid, torch.float32, gemms, weights, fused)
