@@ -181,3 +181,65 @@ def test_wide_layers_run_step_by_step():
     gx = torch.zeros(1, 1, 4, device="cuda")
     assert wide.graphs_for(gx, LINEAR_GEMMS) is None
     assert LSTMLayer(8).graphs_for(gx, LINEAR_GEMMS) is not None
+
+
+def test_graph_cache_decides_when_to_capture(monkeypatch):
+    """GraphCache's bookkeeping, on the CPU with the capture replaced by a recorder (the capture
+    itself is the GPU tests' part): a signature runs plainly the first time, is captured the second
+    and replayed after; shapes, the key and inference mode make other signatures; fixed inputs that
+    move twice stop the capturing and drop the graphs; max_graphs and max_bytes bound it."""
+    import lowprec.cuda_graphs as cg
+
+    made = []
+
+    class Recorded:
+        def __init__(self, fn, copied, fixed):
+            self.fn, self.fixed = fn, fixed
+            made.append(self)
+
+        def __call__(self, copied):
+            return self.fn(*copied, *self.fixed)
+
+    monkeypatch.setattr(cg, "_Graph", Recorded)
+
+    def fn(x, w):
+        return x @ w
+
+    w, x = torch.randn(4, 4), torch.randn(2, 4)
+    cache = GraphCache(max_graphs=3, max_bytes=1024)
+    for _ in range(4):
+        assert torch.equal(cache(fn, (x,), (w,), "a"), fn(x, w))
+    assert (len(made), cache.captures, cache.replays) == (1, 1, 3)
+    cache(fn, (torch.randn(3, 4),), (w,), "a")  # another shape: a signature of its own
+    cache(fn, (x,), (w,), "b")  # another key
+    with torch.inference_mode():
+        cache(fn, (x,), (w,), "a")
+    assert cache.captures == 1
+    for _ in range(2):
+        cache(fn, (torch.randn(3, 4),), (w,), "a")
+        cache(fn, (x,), (w,), "b")
+    assert cache.captures == 3  # max_graphs: no fourth
+    with torch.inference_mode():
+        cache(fn, (x,), (w,), "a")
+    assert cache.captures == 3
+    roomy = GraphCache(max_bytes=1024)
+    big = torch.randn(65, 4)  # 1,040 bytes: over max_bytes
+    for _ in range(3):
+        roomy(fn, (big,), (w,), "a")
+    assert roomy.captures == 0
+    for _ in range(2):
+        roomy(fn, (big[:64],), (w,), "a")  # 1,024 bytes: within
+    assert roomy.captures == 1
+    w2 = w.clone()
+    cache(fn, (x,), (w2,), "a")  # moved once: a graph of its own later
+    assert cache.moves == 1 and len(cache._graphs) == 3
+    cache(fn, (x,), (w.clone(),), "a")  # moved again: no more graphs
+    assert cache.moves == 2 and len(cache._graphs) == 0
+    before = (cache.captures, cache.replays)
+    for _ in range(3):
+        assert torch.equal(cache(fn, (x,), (w2,), "a"), fn(x, w2))
+    assert (cache.captures, cache.replays) == before
+    cache.clear()
+    cache(fn, (x,), (w2,), "a")
+    cache(fn, (x,), (w2,), "a")
+    assert cache.moves == 0 and cache.captures == 4
