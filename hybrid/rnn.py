@@ -40,6 +40,11 @@ weight gradient applies the policy's wgrad formats to the stacked steps, so a pe
 parallelism's) or a bias, and any `hh` under autocast, is called once per step instead, and
 autograd adds the T weight gradients.
 
+Execution on CUDA: each loop (forward, backward) is replayed as one CUDA graph from its second call
+on (`LSTMLayer.graphs_for`, `lowprec.cuda_graphs.GraphCache`), instead of launching every step's
+kernels from Python; under `torch.compile` each step's cell runs as one compiled kernel, which also
+casts its output to the next GEMM's operand where that is a plain cast (`RecurrentGemms.input_cast`).
+
 The compressor maps a chunk summary s (B, K, d) to one memory vector per chunk:
 
     m = fc2(GELU(fc1(s)))        rnn.compressor.fc1: d -> d/2, rnn.compressor.fc2: d/2 -> d (with biases)
