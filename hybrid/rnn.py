@@ -228,8 +228,8 @@ def _run_backward(dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, gemms, wei
     """`_recurrence_backward`, replayed as a CUDA graph when ``graphs`` is given; ``saved`` None:
     derived again from the weights (only for `stateless` GEMMs)."""
     def loop(dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, *weights):
-        steps = saved
-        if steps is None or graphs is not None:  # a graph derives them itself (each replay reads the weight as it is)
+        steps = saved  # None after a graphed forward: a graph derives them itself (each replay reads the weight)
+        if steps is None:
             steps = list(gemms.fprop_saved(weights, hs_prev.shape[1], hs_prev.device)) * hs_prev.shape[0]
         return _recurrence_backward(dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, gemms, weights, steps,
                                     need_state, need_w, fused)
