@@ -134,9 +134,27 @@ def _saturating_cast(t: torch.Tensor, fmt: Format) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x.clamp(-fmt.max_value, fmt.max_value), x).to(dt)
 
 
+def _fp16_rounded(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x`` (finite values within fp16's range) rounded to the nearest fp16 value, ties to
+    even, in fp32, computed on the bits: ``x.to(float16).float()`` without an fp16 intermediate,
+    which inductor may drop when it fuses a chain of casts (it rewrites fp32 -> fp16 -> bf16 as
+    fp32 -> bf16, and its Triton kernels keep fp16 intermediates in fp32), changing the values by
+    double rounding. Subnormals (|x| < 2^-14) round to multiples of 2^-24; inf and NaN are kept."""
+    bits = x.view(torch.int32)
+    normal = ((bits + (0xFFF + ((bits >> 13) & 1))) & -0x2000).view(torch.float32)  # 10 mantissa bits, RNE
+    subnormal = torch.round(x * 2.0**24) * 2.0**-24  # exact scaling; round() is half to even
+    out = torch.where(x.abs() < 2.0**-14, subnormal, normal)
+    return torch.where(torch.isnan(x), x, out)
+
+
 def _bf16_values(t: torch.Tensor, fmt: Format) -> torch.Tensor:
     """The bf16 tensor-core operand values of ``t`` for a plain-cast ``fmt`` (see ``_plain_cast``):
-    the saturating cast, then bf16 (through fp32, as the general path: NaN bits)."""
+    the saturating cast, then bf16 (through fp32, as the general path: NaN bits). fp16 is rounded
+    on the bits (:func:`_fp16_rounded`), so that a compiled caller gets the same values."""
+    if _plain_cast(fmt) == torch.float16 and t.dtype != torch.float16:
+        x = t.float()
+        x = torch.where(torch.isfinite(x), x.clamp(-fmt.max_value, fmt.max_value), x)
+        return _fp16_rounded(x).to(torch.bfloat16)
     v = _saturating_cast(t, fmt)
     return v if v.dtype == torch.bfloat16 else v.float().to(torch.bfloat16)
 

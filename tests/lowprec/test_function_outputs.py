@@ -16,7 +16,6 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-import lowprec
 from lowprec import LayerPrecision, fake_quantize
 from lowprec.distributed import _ReduceScatterRows
 from lowprec.gemm import LayerIO, QLinearFunction
@@ -104,28 +103,3 @@ def test_the_sharded_carrier_is_one_tensor():
         carrier = _ReduceScatterRows.apply(local, SimpleNamespace(full_shape=(4, 8)))
     assert carrier.shape == (4, 8) and carrier.stride() == (0, 0) and not carrier.any()
     assert made.of(carrier) == 1
-
-
-@pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("fmt_name", ["bf16", "fp16"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_bf16_operand_of_an_unscaled_format_is_the_saturating_cast(dtype, fmt_name, transposed):
-    """The bf16 tensor-core operand of an unscaled format torch has a dtype for (rounded to nearest)
-    takes a short path (a saturating cast; a bf16 tensor for the bf16 format is returned itself):
-    bit for bit the general path's values, for values across and beyond the format's range
-    (largest, subnormal, signed zeros, overflow), inf and NaN, in the input's layout."""
-    from lowprec.kernels import KERNELS, split
-
-    fmt = lowprec.format(fmt_name)
-    finfo = torch.finfo(dtype)
-    special = torch.tensor([0.0, -0.0, 1.0, -3.0, finfo.max, -finfo.max, finfo.tiny, finfo.tiny / 4, 70000.0,
-                            -1e5, 2.0**-20, float("inf"), float("-inf"), float("nan")]).clamp(-finfo.max, finfo.max)
-    t = torch.cat([torch.randn(242, generator=torch.Generator().manual_seed(0)) * 300, special]).to(dtype)
-    t = t.reshape(16, 16)
-    v, outer = KERNELS["bf16_tensorcore"].operand(t, fmt, transposed=transposed)
-    ref, ref_outer = split(t, fmt, transposed=transposed)
-    assert outer is None and ref_outer is None and v.dtype == torch.bfloat16
-    assert torch.equal(v.view(torch.int16), ref.to(torch.bfloat16).view(torch.int16))
-    assert v.stride() == ref.stride()
-    if dtype == torch.bfloat16 and fmt_name == "bf16":
-        assert v.data_ptr() == t.data_ptr()  # the tensor itself, not a copy

@@ -1,0 +1,71 @@
+"""The bf16 tensor-core operand of an unscaled float format (bf16, fp16) is one saturating cast:
+the same bits as the general quantizer, eager and compiled."""
+import pytest
+import torch
+
+import lowprec
+from lowprec.kernels import _bf16_values, _fp16_rounded
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("fmt_name", ["bf16", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_bf16_operand_of_an_unscaled_format_is_the_saturating_cast(dtype, fmt_name, transposed):
+    """The bf16 tensor-core operand of an unscaled format torch has a dtype for (rounded to nearest)
+    takes a short path (a saturating cast; a bf16 tensor for the bf16 format is returned itself):
+    bit for bit the general path's values, for values across and beyond the format's range
+    (largest, subnormal, signed zeros, overflow), inf and NaN, in the input's layout."""
+    from lowprec.kernels import KERNELS, split
+
+    fmt = lowprec.format(fmt_name)
+    finfo = torch.finfo(dtype)
+    special = torch.tensor([0.0, -0.0, 1.0, -3.0, finfo.max, -finfo.max, finfo.tiny, finfo.tiny / 4, 70000.0,
+                            -1e5, 2.0**-20, float("inf"), float("-inf"), float("nan")]).clamp(-finfo.max, finfo.max)
+    t = torch.cat([torch.randn(242, generator=torch.Generator().manual_seed(0)) * 300, special]).to(dtype)
+    t = t.reshape(16, 16)
+    v, outer = KERNELS["bf16_tensorcore"].operand(t, fmt, transposed=transposed)
+    ref, ref_outer = split(t, fmt, transposed=transposed)
+    assert outer is None and ref_outer is None and v.dtype == torch.bfloat16
+    assert torch.equal(v.view(torch.int16), ref.to(torch.bfloat16).view(torch.int16))
+    assert v.stride() == ref.stride()
+    if dtype == torch.bfloat16 and fmt_name == "bf16":
+        assert v.data_ptr() == t.data_ptr()  # the tensor itself, not a copy
+
+
+def _fp32_values_in_fp16_range(n: int, seed: int) -> torch.Tensor:
+    """Random fp32 bit patterns (every exponent, ties to even among them: 1 in 2^13 of them sit
+    exactly halfway between two fp16 values) within fp16's finite range, with explicit halfway
+    points, subnormal halfway points and the range's ends added."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(-2**31, 2**31 - 1, (n,), generator=gen, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    x = x[torch.isfinite(x) & (x.abs() <= 65504)]
+    f16 = torch.randn(4096, generator=gen).to(torch.float16)
+    up = torch.nextafter(f16, torch.full_like(f16, float("inf"))).float()
+    halfway = (f16.float() + up) / 2  # exact in fp32: fp16 has 13 fewer mantissa bits
+    sub = (torch.arange(0, 2048, dtype=torch.float32) + 0.5) * 2.0**-24  # fp16 subnormals' halfway points
+    ends = torch.tensor([0.0, -0.0, 65504.0, -65504.0, 2.0**-14, 2.0**-24, 2.0**-25, 2.0**-26, 6.1e-5])
+    return torch.cat([x, halfway, -halfway, sub, -sub, ends])
+
+
+def test_fp16_rounding_on_the_bits_is_the_cast():
+    """`_fp16_rounded` (no fp16 intermediate) is ``x.to(float16).float()`` bit for bit: normals,
+    ties to even, subnormals, signed zeros; inf and NaN kept."""
+    x = torch.cat([_fp32_values_in_fp16_range(1_000_000, 0), torch.tensor([float("inf"), -float("inf")])])
+    assert torch.equal(_fp16_rounded(x).view(torch.int32), x.to(torch.float16).float().view(torch.int32))
+    assert torch.isnan(_fp16_rounded(torch.tensor([float("nan")]))).all()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compiled_fp16_operand_is_the_eager_one(device):
+    """Compiled, the fp16 format's bf16 operand keeps its fp16 rounding: inductor rewrites a
+    chain fp32 -> fp16 -> bf16 as one cast, and its Triton kernels keep fp16 intermediates in fp32,
+    so a cast chain would round once, not twice (on CUDA ~6% of random values differed)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    fmt = lowprec.format("fp16")
+    x = (_fp32_values_in_fp16_range(200_000, 1) * 1.5).to(device)  # some beyond the range: saturated
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: _bf16_values(t, fmt), fullgraph=True)
+    expect = x.clamp(-65504, 65504).to(torch.float16).float().to(torch.bfloat16)
+    assert torch.equal(compiled(x).view(torch.int16), expect.view(torch.int16))
+    assert torch.equal(_bf16_values(x, fmt).view(torch.int16), expect.view(torch.int16))
