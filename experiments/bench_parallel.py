@@ -110,7 +110,8 @@ def build(args, dist_info):
         if isinstance(mod, NativeWeightMixin) and mod.is_native:
             n_params += mod.native_weight.numel()
             mod.init_native_(torch.randn(mod.native_weight.shape, device=device) * 0.02)
-    pcfg = ParallelConfig(param_dtype="bf16", reduce_dtype=args.reduce_dtype, activation_checkpoint=args.checkpoint)
+    pcfg = ParallelConfig(param_dtype="bf16", reduce_dtype=args.reduce_dtype, activation_checkpoint=args.checkpoint,
+                          prefetch=args.prefetch)
     shard_model(model, dist_info.mesh, pcfg)
     materialize_(model, device)
     opt_name = "ternary_native" if args.policy.endswith("native") else "adamw"
@@ -184,6 +185,8 @@ def _steps(args, d, model, opt, sched, scaler, n_params, build_s, cuda) -> dict:
         results.append(stepper.step())
         sync()
         times.append(time.perf_counter() - t)
+    if args.profile:
+        profile_step(stepper, d, sync)
     steps, _ = read_results(results)
     peak = torch.tensor([torch.cuda.max_memory_allocated() if cuda else 0], dtype=torch.float64, device=d.device)
     if several:
@@ -194,8 +197,48 @@ def _steps(args, d, model, opt, sched, scaler, n_params, build_s, cuda) -> dict:
                peak_gib=float(peak) / 2**30, gather_bytes=rec.received_bytes, build_s=build_s,
                loss=steps[-1][0], taken=sum(1 for s in steps if s[2]), steps=len(steps),
                device=torch.cuda.get_device_name(d.device) if cuda else "cpu", checkpoint=args.checkpoint,
-               reduce_dtype=args.reduce_dtype)
+               reduce_dtype=args.reduce_dtype, prefetch=args.prefetch)
     return row
+
+
+def _busy(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def profile_step(stepper, d, sync) -> None:
+    """One more step under ``torch.profiler`` on every rank; rank 0 prints where its GPU time went:
+    the step's wall time, the time some kernel ran, the collectives' kernel time and the part of
+    it no other kernel overlapped, and the kernels taking most time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    sync()
+    with profile(activities=acts) as prof:
+        t = time.perf_counter()
+        stepper.step()
+        sync()
+        wall = time.perf_counter() - t
+    if d.rank != 0:
+        return
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0]
+    iv = [(e.time_range.start, e.time_range.end) for e in kernels]
+    comm = [(e.time_range.start, e.time_range.end) for e in kernels if "nccl" in e.name.lower()]
+    other = [(e.time_range.start, e.time_range.end) for e in kernels if "nccl" not in e.name.lower()]
+    busy, comm_t, other_t = _busy(iv), _busy(comm), _busy(other)
+    print(f"PROFILE wall {wall * 1e3:.1f} ms: GPU idle {(wall * 1e6 - busy) / 1e3:.1f} ms; compute kernels "
+          f"{other_t / 1e3:.1f} ms; collectives {comm_t / 1e3:.1f} ms, {(busy - other_t) / 1e3:.1f} ms of them beside "
+          f"no compute kernel; {len(kernels)} kernels", flush=True)
+    by: dict[str, list[float]] = {}
+    for e in kernels:
+        by.setdefault(e.name[:90], []).append(e.time_range.elapsed_us())
+    for name, ts in sorted(by.items(), key=lambda kv: -sum(kv[1]))[:15]:
+        print(f"PROFILE {sum(ts) / 1e3:8.2f} ms {len(ts):5d} x  {name}", flush=True)
 
 
 # ------------------------------------------------------------------------------------ launchers
@@ -233,7 +276,7 @@ def table_row(r: dict, base: float | None) -> str:
 
 
 def common(args) -> list[str]:
-    return [*(["--checkpoint"] if args.checkpoint else []), "--reduce-dtype", args.reduce_dtype, "--gpu-gib", str(args.gpu_gib), "--T", str(args.T), "--batch", str(args.batch), "--warmup", str(args.warmup), "--iters", str(args.iters),
+    return [*(["--checkpoint"] if args.checkpoint else []), "--prefetch", str(args.prefetch), "--reduce-dtype", args.reduce_dtype, "--gpu-gib", str(args.gpu_gib), "--T", str(args.T), "--batch", str(args.batch), "--warmup", str(args.warmup), "--iters", str(args.iters),
             "--device", args.device]
 
 
@@ -293,6 +336,8 @@ def main(argv=None) -> None:
                     help="activation checkpointing per block and LSTM layer (default: on for wide, off for weak)")
     ap.add_argument("--reduce-dtype", choices=["fp32", "bf16"], default="fp32",
                     help="dtype of FSDP2's gradient reduce-scatter (parallel.reduce_dtype)")
+    ap.add_argument("--prefetch", type=int, default=1, help="parallel.prefetch: units whose all-gather each unit starts ahead")
+    ap.add_argument("--profile", action="store_true", help="one: profile one more step; rank 0 prints where its GPU time went")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per launched measurement")
     ap.add_argument("--max-tries", type=int, default=3)
     args = ap.parse_args(argv)

@@ -44,7 +44,7 @@ from lowprec.fsdp import lowbit_gather_weights
 from lowprec.nn.native import NativeWeightMixin
 
 __all__ = ["ParallelConfig", "Distributed", "init_distributed", "log_on_main_only", "shard_model", "units",
-           "apply_tensor_parallel", "gather_bytes", "clip_grads_over_ranks_", "local_grads",
+           "apply_tensor_parallel", "forward_order", "prefetch_units", "gather_bytes", "clip_grads_over_ranks_", "local_grads",
            "all_reduce_found_inf", "DTYPES"]
 
 log = logging.getLogger(__name__)
@@ -66,12 +66,15 @@ class ParallelConfig:
     reshard_after_forward: bool = True
     lowbit_gather: bool = True
     activation_checkpoint: bool = False
+    prefetch: int = 1
 
     def __post_init__(self):
         if not (self.dp == "auto" or (isinstance(self.dp, int) and not isinstance(self.dp, bool) and self.dp >= 1)):
             raise ValueError(f"parallel.dp={self.dp!r}: give auto (world size / tp) or an int >= 1")
         if isinstance(self.tp, bool) or not isinstance(self.tp, int) or self.tp < 1:
             raise ValueError(f"parallel.tp={self.tp!r}: give an int >= 1")
+        if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
+            raise ValueError(f"parallel.prefetch={self.prefetch!r}: give an int >= 0 (units gathered ahead)")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ValueError(f"parallel.backend={self.backend!r}; choose one of auto, nccl, gloo")
         for key in ("param_dtype", "reduce_dtype"):
@@ -233,13 +236,18 @@ def shard_model(model: nn.Module, mesh, cfg: ParallelConfig | None = None) -> nn
     gathered = lowbit_gather_weights(model, dp_mesh.size()) if in_format else {}
     param_dtype = DTYPES.get(cfg.param_dtype) if cfg.param_dtype else None
     reduce_dtype = DTYPES.get(cfg.reduce_dtype) if cfg.reduce_dtype else None
+    order = forward_order(model)
+    last = order[-1] if order else None
     for unit_name, unit in named:
         # the LSTM's carried (h, c) enter its forward: they stay in their own (>= fp32) dtype
         lstm = unit_name.startswith("rnn.lstm.")
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=not lstm)
         if any(True for _ in unit.parameters()):
-            fully_shard(unit, mesh=dp_mesh, mp_policy=mp,
-                        reshard_after_forward=cfg.reshard_after_forward if unit is not model else False)
+            # the root and the last unit the forward runs stay gathered: the backward starts with them
+            keep = unit is model or unit is last
+            fully_shard(unit, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward and not keep)
+    if cfg.prefetch:
+        prefetch_units(model, cfg.prefetch)
     # FSDP2 warns that the root returns views (logits, the memory bank): nothing here changes them in place
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     counts: dict[tuple[bool, str], int] = {}
@@ -253,6 +261,35 @@ def shard_model(model: nn.Module, mesh, cfg: ParallelConfig | None = None) -> nn
              sum(1 for _, u in named if any(True for _ in u.parameters())), sum(len(v) for v in natives.values()),
              lowbit, f"; in {cfg.param_dtype or 'their own dtype'}: {other}" if other else "")
     return model
+
+
+def forward_order(model: nn.Module) -> list[nn.Module]:
+    """The units the forward runs, in its order (the root, which runs around them, left out): the
+    memory path (each LSTM layer, the compressor, the fusion), then the blocks."""
+    named = dict(units(model))
+    names = [n for n in named if n.startswith("rnn.")] + (["fusion"] if "fusion" in named else [])
+    names += [n for n in named if n.startswith("blocks.")]
+    return [named[n] for n in names if any(True for _ in named[n].parameters())]
+
+
+def prefetch_units(model: nn.Module, k: int) -> None:
+    """FSDP2 explicit prefetching: each unit's forward starts the all-gathers of the next ``k``
+    units the forward runs, each unit's backward those of the ``k`` before it (the root starts
+    the first ``k``). Without it the eager step gathers a unit when the host reaches it, which
+    waits when the host is not ahead of the GPU; with it the gathers run one unit ahead, at the
+    cost of ``k`` more units' gathered weights in memory."""
+    from torch.distributed.fsdp import FSDPModule
+
+    order = [u for u in forward_order(model) if isinstance(u, FSDPModule)]
+    if not order:
+        return
+    if isinstance(model, FSDPModule):
+        model.set_modules_to_forward_prefetch(order[:k])
+    for i, unit in enumerate(order):
+        if order[i + 1:i + 1 + k]:
+            unit.set_modules_to_forward_prefetch(order[i + 1:i + 1 + k])
+        if order[max(0, i - k):i]:
+            unit.set_modules_to_backward_prefetch(order[max(0, i - k):i][::-1])
 
 
 def checkpoint_units(model: nn.Module) -> list[str]:

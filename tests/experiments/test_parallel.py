@@ -38,7 +38,7 @@ from experiments.sharded_checkpoint import (
     save_sharded,
 )
 from hybrid import HybridLM, preset
-from lowprec.distributed import native_shards, sync_native_scales
+from lowprec.distributed import native_shards, record_all_gathers, sync_native_scales
 from lowprec.fsdp import precompute_gather_amax
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -179,6 +179,21 @@ def _data_parallel_checks(rank, world, tmp):
     out["amax_precomputed_same_grads"] = (grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
                                           and all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0]))
 
+    # explicit prefetching: each block's forward has started the next block's all-gather; the
+    # gradients are the same bits
+    gathers, prefetch_grads = {}, []
+    for k in (0, 1):
+        model = build("paper")
+        shard_model(model, d.mesh, ParallelConfig(prefetch=k))
+        with record_all_gathers() as rec:
+            for blk in model.blocks:  # runs after FSDP2's pre-forward hook (registered before it)
+                blk.register_forward_pre_hook(lambda m, a, k=k, rec=rec: gathers.setdefault(k, []).append(len(rec.received)))
+            loss_of(model, xs, ys).backward()
+        prefetch_grads.append({n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None})
+    out["prefetch/gathers_at_blocks"] = gathers
+    out["prefetch/same_grads"] = (prefetch_grads[0].keys() == prefetch_grads[1].keys()
+                                  and all(torch.equal(prefetch_grads[0][n], prefetch_grads[1][n]) for n in prefetch_grads[0]))
+
     flag = torch.tensor(float(rank == 1))
     out["found_inf"] = (all_reduce_found_inf(rank == 1), all_reduce_found_inf(False),
                         float(all_reduce_found_inf(flag)), float(flag))
@@ -268,6 +283,17 @@ def test_fsdp_gradients_equal_one_process(dp2, name):
         assert r[f"native_grad_diff/{name}"] == 0.0
     if name == "ternary_native":
         assert res[0]["native_layers/ternary_native"] > 0
+
+
+def test_prefetch_starts_the_next_units_gather(dp2):
+    """``parallel.prefetch: 1``: when a block's forward starts, the next block's all-gather has
+    been issued (one more than without prefetching; none after the last block); same gradients."""
+    _, res = dp2
+    for r in res:
+        plain, ahead = r["prefetch/gathers_at_blocks"][0], r["prefetch/gathers_at_blocks"][1]
+        assert len(plain) == len(ahead) >= 2
+        assert [a - p for a, p in zip(ahead, plain)] == [1] * (len(plain) - 1) + [0]
+        assert r["prefetch/same_grads"]
 
 
 def test_data_parallel_matches_the_whole_batch(dp2):
