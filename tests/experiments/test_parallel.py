@@ -650,6 +650,10 @@ def test_parallel_config():
         ParallelConfig.from_config({"dq": 2})
     with pytest.raises(ValueError, match="param_dtype"):
         ParallelConfig(param_dtype="fp9")
+    with pytest.raises(ValueError, match="nccl_protocol"):
+        ParallelConfig(nccl_protocol="fast")
+    with pytest.raises(ValueError, match="prefetch"):
+        ParallelConfig(prefetch=-1)
 
 
 @pytest.mark.parametrize("kind", ["segments", "windows"])
