@@ -226,7 +226,7 @@ def shard_model(model: nn.Module, mesh, cfg: ParallelConfig | None = None) -> nn
         return model
     dp_mesh = mesh["dp"] if mesh.ndim > 1 else mesh
     if mesh.ndim > 1 and mesh["tp"].size() > 1:
-        apply_tensor_parallel(model, mesh["tp"])
+        apply_tensor_parallel(model, mesh["tp"], root=mesh)
     named = units(model)
     owner = _owners(model, named)
     natives: dict[str, list[nn.Module]] = {}
@@ -313,11 +313,13 @@ def checkpoint_units(model: nn.Module) -> list[str]:
     return names
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh) -> dict[str, str]:
+def apply_tensor_parallel(model: nn.Module, tp_mesh, root=None) -> dict[str, str]:
     """Split the attention, FFN and LSTM weights of every block and LSTM layer over ``tp_mesh``
     (see the module doc); heads are divided among the ranks (``n_heads``, ``n_kv_heads`` become
     the local counts). Returns {module name: style}. The memory path (fusion, compressor), the
-    embeddings and the head stay whole on every tensor-parallel rank."""
+    embeddings and the head stay whole on every tensor-parallel rank. Native layers are split as
+    packed codes (:mod:`lowprec.tensor_parallel`); ``root``: the (dp, tp) mesh ``tp_mesh`` belongs
+    to (their checkpoint layout when the data-parallel ranks split them further)."""
     from torch.distributed.tensor.parallel import parallelize_module
 
     from lowprec.nn import QLinear
@@ -332,17 +334,17 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> dict[str, str]:
             raise ValueError(f"tensor parallel over {n} ranks needs n_heads ({attn.n_heads}) and n_kv_heads "
                              f"({attn.n_kv_heads}) divisible by {n}")
         for w in ("q", "k", "v"):
-            plan[f"blocks.{i}.attn.{w}"] = QColwiseParallel()
-        plan[f"blocks.{i}.attn.o"] = QRowwiseParallel()
-        plan[f"blocks.{i}.ffn.up"] = QColwiseParallel()
-        plan[f"blocks.{i}.ffn.down"] = QRowwiseParallel()
+            plan[f"blocks.{i}.attn.{w}"] = QColwiseParallel(root=root)
+        plan[f"blocks.{i}.attn.o"] = QRowwiseParallel(root=root)
+        plan[f"blocks.{i}.ffn.up"] = QColwiseParallel(root=root)
+        plan[f"blocks.{i}.ffn.down"] = QRowwiseParallel(root=root)
         attn.n_heads //= n
         attn.n_kv_heads //= n
     if getattr(model, "rnn", None) is not None:
         for i, layer in enumerate(model.rnn.lstm):
             # the recurrence splits the gates i, f, g, o by position: every rank needs all of them
-            plan[f"rnn.lstm.{i}.ih"] = QColwiseParallel(gather_output=True)
-            plan[f"rnn.lstm.{i}.hh"] = QColwiseParallel(gather_output=True)
+            plan[f"rnn.lstm.{i}.ih"] = QColwiseParallel(gather_output=True, root=root)
+            plan[f"rnn.lstm.{i}.hh"] = QColwiseParallel(gather_output=True, root=root)
             if type(layer.hh) is nn.Linear:
                 # a plain hh runs its whole recurrence as one function of its weight, which a split
                 # weight cannot enter: as an unquantized QLinear it is called (and split) per step
@@ -390,11 +392,11 @@ def _copies(g, d: Distributed) -> int:
     """On how many of the ``d.world_size`` ranks each element of gradient ``g`` is held: a DTensor's
     replicated mesh dimensions times the ranks outside its mesh (FSDP2 over the dp sub-mesh of a
     (dp, tp) mesh: the tp ranks hold the same shards); a plain gradient (a native layer's rows,
-    split over dp) on every tp rank."""
+    split over dp) on every tp rank, or on one where tensor parallelism split the layer."""
     from torch.distributed.tensor import DTensor, Replicate
 
-    if not isinstance(g, DTensor):
-        return d.world_size // d.dp
+    if not isinstance(g, DTensor):  # a native layer's: whole on every tp rank, unless split over them
+        return 1 if getattr(g, "split_over_tp", False) else d.world_size // d.dp
     mesh = g.device_mesh
     n = d.world_size // mesh.size()
     for size, p in zip(mesh.shape, g.placements):

@@ -48,6 +48,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from lowprec.distributed import native_dtensor, native_full_shape, native_layout, native_local_piece, native_state_view
 from lowprec.fsdp import unwrap_lowbit
 
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
@@ -131,26 +132,16 @@ def _names(model: nn.Module) -> dict[int, str]:
 
 
 def _whole_shape(t) -> list[int]:
-    if isinstance(t, nn.Module):  # a native layer: the weight's shape before row-sharding
-        sh = getattr(t, "_native_shard", None)
-        return list(sh.full_shape if sh is not None else t.native_weight.shape)
+    if isinstance(t, nn.Module):  # a native layer: the weight's shape before any split
+        return list(native_full_shape(t))
     return list(t.shape)
 
 
 def _native_state_dtensor(layer, v: torch.Tensor):
-    """A native layer's optimizer-state tensor as the DCP entry: per-element state (momenta, per-row
-    scale moments) as a DTensor sharded like the rows, along dim 0 (dim 1 for a (1, n) tensor);
-    per-tensor state (one number) as it is."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    sh = getattr(layer, "_native_shard", None)
-    if sh is None or v.dim() == 0 or (v.numel() == 1 and not sh.scale_sharded):
-        return v
-    d = 1 if v.dim() > 1 and v.shape[0] == 1 else 0
-    shape = list(v.shape)
-    shape[d] *= sh.world
-    stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(v, sh.mesh, [Shard(d)], run_check=False, shape=torch.Size(shape), stride=stride)
+    """A native layer's optimizer-state tensor as the DCP entry: per-element state (momenta) and
+    per-row state laid out like the layer's pieces (``lowprec.distributed.native_layout``) as a
+    DTensor of the whole layer's shape; per-tensor state (one number) as it is."""
+    return native_dtensor(layer, native_state_view(layer, v), "state")
 
 
 def _param_state_dtensor(p, v: torch.Tensor):
@@ -317,17 +308,33 @@ def _optim_template(model: nn.Module, optimizer, meta: dict) -> dict[str, Any]:
 
 
 def _native_like(layer, size: tuple, meta):
-    """A DTensor of ``size`` sharded like ``layer``'s rows (the inverse of _native_state_dtensor)."""
-    from torch.distributed.tensor import DTensor, Shard
+    """A DTensor of ``size`` laid out like ``layer``'s pieces (the inverse of _native_state_dtensor),
+    or None where the state is whole on every rank."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    sh = getattr(layer, "_native_shard", None)
-    if sh is None or len(size) == 0 or (torch.Size(size).numel() == 1 and not sh.scale_sharded):
+    if len(size) == 0:
         return None
-    d = 1 if len(size) > 1 and size[0] == 1 else 0
-    local = list(size)
-    local[d] //= sh.world
-    return DTensor.from_local(torch.empty(local, dtype=meta.properties.dtype), sh.mesh, [Shard(d)], run_check=False,
-                              shape=torch.Size(size), stride=torch.empty(size, device="meta").stride())
+    for local in _local_candidates(layer, size):
+        layout = native_layout(layer, torch.empty(local, device="meta"), "state")
+        if layout is not None and tuple(layout[2]) == tuple(size):
+            mesh, placements, shape = layout
+            mine, _ = compute_local_shape_and_global_offset(shape, mesh, placements)
+            return DTensor.from_local(torch.empty(mine, dtype=meta.properties.dtype), mesh, placements, run_check=False,
+                                      shape=shape, stride=torch.empty(shape, device="meta").stride())
+    return None
+
+
+def _local_candidates(layer, size: tuple) -> list[tuple[int, ...]]:
+    """Local shapes a state tensor of whole shape ``size`` may have on this rank: per element as
+    the weight, one row (per-row state, or per-element state flattened), rows (or row groups) first."""
+    rows, cols = layer._w_shape
+    full_rows, full_cols = native_full_shape(layer)
+    if tuple(size) == (full_rows, full_cols):
+        return [(rows, cols)]
+    if len(size) > 1 and size[0] == 1:
+        return [(1, size[1] * rows // full_rows)]
+    return [(size[0] * rows // full_rows, *size[1:])]
 
 
 def _restore_optimizer(model: nn.Module, optimizer, loaded: dict) -> None:
@@ -347,7 +354,8 @@ def _restore_optimizer(model: nn.Module, optimizer, loaded: dict) -> None:
         state = {}
         per_shard = hasattr(opt, "targets")  # a target optimizer keeps every state per local shard
         for name, entry in saved["state"].items():
-            state[index[name]] = {k: (v.to_local() if per_shard and isinstance(v, DTensor) else v)
+            t = targets[index[name]]
+            state[index[name]] = {k: (v.to_local() if per_shard and isinstance(v, DTensor) else _tp_piece(t, v))
                                   for k, v in entry.items()}
         groups = []
         for current, g in zip(sd["param_groups"], saved["groups"]):
@@ -362,6 +370,19 @@ def _restore_optimizer(model: nn.Module, optimizer, loaded: dict) -> None:
         optimizer.load_state_dict({"parts": parts})
     else:
         optimizer.load_state_dict(parts["optimizer"])
+
+
+def _tp_piece(target, v):
+    """A whole per-element state tensor (saved without tensor parallelism) loaded for a native layer
+    that tensor parallelism split: this rank's piece of it; anything else as it is."""
+    if not (isinstance(target, nn.Module) and getattr(target, "_native_tp", None) is not None
+            and isinstance(v, torch.Tensor)):
+        return v
+    R, K = native_full_shape(target)
+    if v.numel() != R * K or v.numel() == 1:
+        return v
+    rows, cols = target._w_shape
+    return native_local_piece(target, v.reshape(R, K), torch.empty(rows, cols, device="meta"), "state")
 
 
 def load_sharded(path: str | Path, model: nn.Module, optimizer=None, *, rng: bool = True) -> dict[str, Any]:

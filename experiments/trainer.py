@@ -419,9 +419,10 @@ class Trainer:
 
 
 def _native_numel(layer) -> int:
-    """Elements of a native layer's whole weight (its rows on every rank, when row-sharded)."""
-    sh = getattr(layer, "_native_shard", None)
-    return math.prod(sh.full_shape) if sh is not None else layer.native_weight.numel()
+    """Elements of a native layer's whole weight (its pieces on every rank, when split)."""
+    from lowprec.distributed import native_full_shape
+
+    return math.prod(native_full_shape(layer))
 
 
 class _CtrlC:

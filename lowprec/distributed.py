@@ -57,7 +57,9 @@ _ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "al
 _REDUCE_SCATTER = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
 
 __all__ = ["NativeShard", "shard_native_layer", "gather_native_on_forward", "all_gather_native",
-           "sync_native_scales", "native_shards", "AllGatherRecord", "record_all_gathers"]
+           "sync_native_scales", "native_shards", "AllGatherRecord", "record_all_gathers", "NativeTPSplit",
+           "split_native_tp", "native_full_shape", "native_layout", "native_dtensor", "native_state_view",
+           "native_local_piece"]
 
 
 @dataclass
@@ -124,42 +126,221 @@ def shard_native_layer(layer: nn.Module, mesh, name: str = "layer") -> None:
     layer._w_shape = (rl, K)
     layer._grad_carrier = None  # a carrier of the new shape (the old one had the whole weight's)
     layer._place_grad_carrier(layer.w_data.device)
-    layer.register_state_dict_post_hook(_state_dict_as_dtensor)
-    layer.register_load_state_dict_pre_hook(_load_from_dtensor)
+    _register_layout_hooks(layer)
+
+
+# ------------------------------------------------------------------- tensor-parallel splits
+
+@dataclass
+class NativeTPSplit:
+    """How tensor parallelism split one native layer: this rank keeps rows (``dim`` 0, a
+    column-parallel layer) or columns (``dim`` 1, row-parallel) ``[rank·n/world, (rank+1)·n/world)``
+    of the weight of shape ``full_shape``, as packed codes and their scales."""
+
+    mesh: object                 # 1-D DeviceMesh of the tensor-parallel ranks
+    root: object                 # the (dp, tp) mesh it belongs to, or None
+    dim: int
+    rank: int
+    world: int
+    full_shape: tuple[int, int]  # (R, K) before the split
+    scale_split: bool            # w_scale is split along ``dim`` too (else whole on every rank)
+
+    @property
+    def group(self):
+        return self.mesh.get_group()
+
+
+@torch.no_grad()
+def split_native_tp(layer: nn.Module, mesh, dim: int, root=None, name: str = "layer") -> None:
+    """Keep this tensor-parallel rank's rows (``dim=0``) or columns (``dim=1``) of ``layer``'s
+    native weight: packed codes sliced, not re-quantized, so the values are the unsplit layer's.
+    Per-row or per-block scales split with the codes where they lie inside the slice; a per-tensor
+    scale (and a per-row scale of a column split) stays whole on every rank, and
+    :func:`sync_native_scales` keeps the ranks' copies equal. ``ValueError`` naming the layer where
+    the slice does not split evenly or does not start on a byte (or scale) boundary. Before
+    :func:`shard_native_layer` (which then splits this rank's piece over the data-parallel ranks)."""
+    from .qtensor import _packed_bits
+
+    if getattr(layer, "_native_tp", None) is not None or getattr(layer, "_native_shard", None) is not None:
+        raise ValueError(f"{name}: split for tensor parallelism before any other sharding, and once")
+    R, K = layer._w_shape
+    world, rank = mesh.size(), mesh.get_local_rank()
+    what = ("rows", "columns")[dim]
+    n = (R, K)[dim]
+    if n % world:
+        raise ValueError(f"{name}: {n} {what} of a native weight do not split over {world} tensor-parallel ranks")
+    if layer.w_data.dim() != 2 or layer.w_data.shape[0] != R:
+        raise ValueError(f"{name}: a row of its {layer.precision.weight} weight ({K} elements) does not fill whole "
+                         "bytes, so its packed codes cannot be split")
+    scale = layer.w_scale
+    per_tensor = scale is None or scale.numel() == 1
+    per_row = not per_tensor and scale.dim() >= 1 and scale.shape[0] == R and scale[0].numel() == 1
+    blocks = not per_tensor and not per_row and scale.dim() == 2 and scale.shape[0] == R
+    if not (per_tensor or per_row or blocks):
+        raise ValueError(f"{name}: scale of shape {tuple(scale.shape)} is neither per tensor, per row nor per block")
+    if dim == 0:
+        rl = R // world
+        layer.w_data = layer.w_data[rank * rl:(rank + 1) * rl].clone()
+        scale_split = not per_tensor
+        if scale_split:
+            layer.w_scale = scale[rank * rl:(rank + 1) * rl].clone()
+        layer._w_shape = (rl, K)
+        layer.out_features = rl
+    else:
+        bits = _packed_bits(layer.precision.weight) or 8 * layer.w_data.element_size()
+        kl = K // world
+        if layer._w_padded_last != K or (kl * bits) % (8 * layer.w_data.element_size()):
+            raise ValueError(f"{name}: {kl} columns of its {layer.precision.weight} weight do not fill whole bytes "
+                             f"(or the rows are padded), so its packed codes cannot be split by columns over {world} ranks")
+        cb = layer.w_data.shape[1] // world
+        layer.w_data = layer.w_data[:, rank * cb:(rank + 1) * cb].clone()
+        scale_split = blocks
+        if blocks:
+            if scale.shape[1] % world:
+                raise ValueError(f"{name}: {scale.shape[1]} scale blocks per row do not split over {world} ranks")
+            sb = scale.shape[1] // world
+            layer.w_scale = scale[:, rank * sb:(rank + 1) * sb].clone()
+        layer._w_shape = (R, kl)
+        layer._w_padded_last = kl
+        layer.in_features = kl
+    layer._native_tp = NativeTPSplit(mesh, root, dim, rank, world, (R, K), scale_split)
+    layer._grad_carrier = None  # a carrier of the new shape
+    layer._place_grad_carrier(layer.w_data.device)
+    layer._replan()
+    _register_layout_hooks(layer)
+
+
+def native_full_shape(layer: nn.Module) -> tuple[int, ...]:
+    """The logical shape of a native layer's whole weight, however it is split over ranks."""
+    tp = getattr(layer, "_native_tp", None)
+    if tp is not None:
+        return tp.full_shape
+    sh = getattr(layer, "_native_shard", None)
+    return sh.full_shape if sh is not None else tuple(layer.native_weight.shape)
+
+
+def native_layout(layer: nn.Module, t: torch.Tensor, kind: str):
+    """How the local tensor ``t`` of a split native layer lies in its whole-model tensor:
+    ``(mesh, placements, global shape)`` for ``DTensor.from_local``, or None where ``t`` is whole
+    on every rank. ``kind``: ``"data"`` (``w_data``), ``"scale"`` (``w_scale``) or ``"state"`` (an
+    optimizer's tensor for the layer: per element ``(rows, K)``, per row, or one number).
+
+    Rows are split by tensor parallelism (outer, a column-parallel layer) and then by the
+    data-parallel ranks (inner); columns by tensor parallelism (a row-parallel layer)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    sh, tp = getattr(layer, "_native_shard", None), getattr(layer, "_native_tp", None)
+    if t.dim() == 0 or (sh is None and tp is None):
+        return None
+    rows_local, cols_local = layer._w_shape
+    if kind == "data":
+        row_dim, col_dim = 0, 1
+    elif kind == "scale":
+        rows_split = t.shape[0] == rows_local and ((sh is not None and sh.scale_sharded) or (tp is not None and tp.dim == 0 and tp.scale_split))
+        row_dim = 0 if rows_split else None
+        col_dim = 1 if (tp is not None and tp.dim == 1 and tp.scale_split) else None
+    elif kind == "state":
+        if t.numel() == 1:
+            return None
+        if t.dim() > 1 and t.shape[0] == 1:  # one row: per-row state, or per-element state flattened (rows in order)
+            row_dim, col_dim = 1, None
+        else:  # rows (or scale groups of rows) first; a column split viewed as (rows, columns): native_state_view
+            row_dim = 0
+            col_dim = 1 if (tp is not None and tp.dim == 1 and t.dim() > 1 and t.shape[1] == cols_local) else None
+    else:
+        raise ValueError(f"kind {kind!r}: choose data, scale or state")
+    shape = list(t.shape)
+    dp_split = sh is not None and row_dim is not None
+    tp_rows = tp is not None and tp.dim == 0 and row_dim is not None
+    tp_cols = tp is not None and tp.dim == 1 and col_dim is not None
+    if row_dim is not None:
+        shape[row_dim] *= (sh.world if dp_split else 1) * (tp.world if tp_rows else 1)
+    if tp_cols:
+        shape[col_dim] *= tp.world
+    tp_place = Shard(row_dim) if tp_rows else Shard(col_dim) if tp_cols else Replicate()
+    if dp_split and tp is not None:
+        mesh = tp.root
+        if mesh is None or mesh.ndim != 2:
+            raise ValueError("a native layer split over both data- and tensor-parallel ranks needs their 2-D mesh")
+        dp_place = _StridedShard(row_dim, split_factor=tp.world) if tp_rows else Shard(row_dim)
+        placements = [dp_place, tp_place]
+    elif dp_split:
+        mesh, placements = sh.mesh, [Shard(row_dim)]
+    elif tp_rows or tp_cols:
+        mesh, placements = tp.mesh, [tp_place]
+    else:
+        return None
+    return mesh, placements, torch.Size(shape)
+
+
+def native_state_view(layer, t: torch.Tensor) -> torch.Tensor:
+    """An optimizer's per-element tensor of a layer that tensor parallelism split, viewed with the
+    weight's shape (rows, columns): optimizers keep such state in the scale groups' layout, whose
+    flattened form a split by columns would cut; anything else as it is."""
+    tp = getattr(layer, "_native_tp", None)
+    rows, cols = layer._w_shape
+    if tp is None or t.dim() == 0 or t.numel() != rows * cols or layer._w_padded_last != cols:
+        return t
+    return t.reshape(rows, cols)
+
+
+def native_dtensor(layer, t: torch.Tensor, kind: str):
+    """``t`` as the DTensor of its whole-model tensor (see :func:`native_layout`), or ``t``."""
+    from torch.distributed.tensor import DTensor
+
+    layout = native_layout(layer, t, kind)
+    if layout is None or isinstance(t, DTensor):
+        return t
+    mesh, placements, shape = layout
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(t, mesh, placements, run_check=False, shape=shape, stride=stride)
+
+
+def native_local_piece(layer, t: torch.Tensor, like: torch.Tensor, kind: str) -> torch.Tensor:
+    """This rank's piece of ``t``: a DTensor laid out as ``like`` would be (its local tensor), or a
+    whole tensor (a 1-process checkpoint) sliced."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    layout = native_layout(layer, like, kind)
+    if layout is None:
+        return t.full_tensor() if isinstance(t, DTensor) else t
+    mesh, placements, shape = layout
+    if isinstance(t, DTensor):
+        if tuple(t.placements) == tuple(placements) and t.device_mesh == mesh:
+            return t.to_local()
+        t = t.full_tensor()
+    if tuple(t.shape) != tuple(shape):
+        return t  # not this layer's whole tensor: load_state_dict reports the mismatch
+    local_shape, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
+    index = tuple(slice(o, o + n) for o, n in zip(offset, local_shape))
+    return t[index]
+
+
+def _register_layout_hooks(layer) -> None:
+    if not getattr(layer, "_layout_hooks", False):
+        layer.register_state_dict_post_hook(_state_dict_as_dtensor)
+        layer.register_load_state_dict_pre_hook(_load_from_dtensor)
+        layer._layout_hooks = True
 
 
 def _state_dict_as_dtensor(module, state_dict, prefix, local_metadata):
-    """In ``state_dict`` the row-sharded buffers are DTensors (Shard(0) over the data-parallel mesh)
-    of the whole weight's shape, views of the local rows: torch.distributed.checkpoint saves and
-    reloads them at any number of ranks."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    sh = module._native_shard
-    names = ("w_data", "w_scale") if sh.scale_sharded else ("w_data",)
-    for n in names:
+    """In ``state_dict`` the split buffers are DTensors of the whole weight's shape, views of this
+    rank's piece (see :func:`native_layout`): torch.distributed.checkpoint saves and reloads them
+    at any number of ranks."""
+    for n, kind in (("w_data", "data"), ("w_scale", "scale")):
         t = state_dict.get(prefix + n)
-        if t is None or isinstance(t, DTensor):
-            continue
-        shape = (sh.rows, *t.shape[1:])
-        stride = torch.empty(shape, device="meta").stride()
-        state_dict[prefix + n] = DTensor.from_local(t, sh.mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
+        if t is not None:
+            state_dict[prefix + n] = native_dtensor(module, t, kind)
 
 
 def _load_from_dtensor(module, state_dict, prefix, *args):
-    """Accept the rows of a DTensor (this rank's) or of a whole tensor (a 1-process checkpoint)."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    sh = module._native_shard
-    names = ("w_data", "w_scale") if sh.scale_sharded else ("w_data",)
-    for n in names:
-        t = state_dict.get(prefix + n)
-        if t is None:
-            continue
-        if isinstance(t, DTensor):
-            t = t.redistribute(sh.mesh, [Shard(0)]).to_local()
-        elif t.dim() and t.shape[0] == sh.rows:
-            t = t[sh.rank * sh.rows_local:(sh.rank + 1) * sh.rows_local]
-        state_dict[prefix + n] = t
+    """Accept this rank's piece of a DTensor, or of a whole tensor (a 1-process checkpoint)."""
+    for n, kind in (("w_data", "data"), ("w_scale", "scale")):
+        t, like = state_dict.get(prefix + n), getattr(module, n)
+        if t is not None and like is not None:
+            state_dict[prefix + n] = native_local_piece(module, t, like, kind)
 
 
 # ------------------------------------------------------------------------------ the gather
@@ -267,19 +448,23 @@ def sync_native_scales(model: nn.Module, found_inf: torch.Tensor | None = None) 
     equal values need not round back to them). Decided on the device, with no host sync; every
     rank still runs the all-reduce, so the ranks' collectives stay in step."""
     n = 0
-    for layer in native_shards(model).values():
-        sh = layer._native_shard
-        if sh.scale_sharded or sh.world == 1:
+    for layer in model.modules():
+        sh, tp = getattr(layer, "_native_shard", None), getattr(layer, "_native_tp", None)
+        groups = []
+        if sh is not None and not sh.scale_sharded and sh.world > 1:
+            groups.append(sh.group)
+        if tp is not None and not tp.scale_split and tp.world > 1:  # a whole scale on every tp rank
+            groups.append(tp.group)
+        if not groups:
             continue
         fmt = layer.precision.weight
         op = dist.ReduceOp.MAX if fmt.scale in ("absmax", "nvfp4") else dist.ReduceOp.AVG
         for buf in (layer.w_scale, layer.w_global):
             if buf is not None and buf.is_floating_point() and buf.dtype == torch.float32:
-                if found_inf is None:
-                    dist.all_reduce(buf, op=op, group=sh.group)
-                else:
-                    synced = buf.clone()
-                    dist.all_reduce(synced, op=op, group=sh.group)
+                synced = buf.clone() if found_inf is not None else buf
+                for group in groups:  # over dp, then over tp: the mean (maximum) over all of them
+                    dist.all_reduce(synced, op=op, group=group)
+                if found_inf is not None:
                     buf.copy_(torch.where(found_inf.reshape(()) > 0, buf, synced))
         n += 1
     return n

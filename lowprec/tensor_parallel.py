@@ -22,7 +22,15 @@ What is exact: weights and activations in unscaled formats (fp32, bf16, fp16 cas
 lie inside one shard (per-row weight scales of a column-parallel layer, per-token input scales of
 a column-parallel layer) likewise. A per-tensor weight scale becomes one per shard, a per-token
 scale of a row-parallel layer's input one per token and shard (as Transformer Engine without its
-amax reduction over the tensor-parallel group). Native weights are not split here.
+amax reduction over the tensor-parallel group).
+
+Native weights (packed codes and scales in buffers, no Parameter) are split by slicing the codes:
+a column-parallel layer keeps its rows, a row-parallel one its columns
+(:func:`lowprec.distributed.split_native_tp`): forward values and gradients are those of the
+unsplit layer (bit for bit for column-parallel layers, up to the order of the sum for row-parallel
+ones); each rank updates its piece; a scale kept whole on every rank (per tensor; per row in a
+row-parallel layer) is averaged (absmax: maximized) over the ranks after each step by
+:func:`lowprec.distributed.sync_native_scales`.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
+from .distributed import split_native_tp
+
 __all__ = ["QColwiseParallel", "QRowwiseParallel"]
 
 
@@ -38,9 +48,6 @@ def _check_layer(module, style: str):
     from .nn import QLinear
 
     if isinstance(module, QLinear):
-        if module.is_native:
-            raise NotImplementedError(f"{style}: a native QLinear keeps its weight packed in buffers; tensor "
-                                      "parallelism splits latent (float master) weights only")
         return True
     if isinstance(module, nn.Linear):
         return False
@@ -63,9 +70,10 @@ class QColwiseParallel(ParallelStyle):
     local features (``gather_output=False``) or all of them (``True``, e.g. an LSTM's gates,
     which its recurrence splits in four)."""
 
-    def __init__(self, *, gather_output: bool = False):
+    def __init__(self, *, gather_output: bool = False, root=None):
         super().__init__()
         self.gather_output = gather_output
+        self.root = root  # the (dp, tp) mesh, for the checkpoint layout of a native layer also split over dp
 
     def _apply(self, module: nn.Module, mesh) -> nn.Module:
         if not _check_layer(module, type(self).__name__):
@@ -74,11 +82,14 @@ class QColwiseParallel(ParallelStyle):
         n = mesh.size()
         if module.out_features % n:
             raise ValueError(f"column-parallel: {module.out_features} output features do not split over {n} ranks")
+        if module.is_native:
+            split_native_tp(module, mesh, 0, self.root, type(self).__name__)
         for name, p in list(module.named_parameters(recurse=False)):
             module.register_parameter(name, nn.Parameter(distribute_tensor(p.data, mesh, [Shard(0)]),
                                                          requires_grad=p.requires_grad))
-        module.out_features //= n
-        module._replan()
+        if not module.is_native:
+            module.out_features //= n
+            module._replan()
         gather, saved = self.gather_output, []
 
         def pre(mod, args):
@@ -105,6 +116,10 @@ class QRowwiseParallel(ParallelStyle):
     """Row parallel: weight columns split over the mesh; input the local features; output summed
     over the ranks (replicated). No bias (it would be added once per rank)."""
 
+    def __init__(self, *, root=None):
+        super().__init__()
+        self.root = root
+
     def _apply(self, module: nn.Module, mesh) -> nn.Module:
         if not _check_layer(module, type(self).__name__):
             return RowwiseParallel()._apply(module, mesh)
@@ -113,10 +128,13 @@ class QRowwiseParallel(ParallelStyle):
             raise ValueError(f"row-parallel: {module.in_features} input features do not split over {n} ranks")
         if module.bias is not None:
             raise NotImplementedError("row-parallel QLinear with a bias: each rank's partial sum would add it")
-        module.register_parameter("weight", nn.Parameter(distribute_tensor(module.weight.data, mesh, [Shard(1)]),
-                                                         requires_grad=module.weight.requires_grad))
-        module.in_features //= n
-        module._replan()
+        if module.is_native:
+            split_native_tp(module, mesh, 1, self.root, type(self).__name__)
+        else:
+            module.register_parameter("weight", nn.Parameter(distribute_tensor(module.weight.data, mesh, [Shard(1)]),
+                                                             requires_grad=module.weight.requires_grad))
+            module.in_features //= n
+            module._replan()
         saved = []
 
         def pre(mod, args):

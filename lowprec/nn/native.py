@@ -161,6 +161,7 @@ class NativeWeightMixin:
             self.native_grad_hook(self, grad)
         elif self.native_grad is None:
             self.native_grad = grad
+            _mark_split(self, grad)
         else:
             self.native_grad += grad
 
@@ -178,6 +179,15 @@ def _on_grad_accumulated(layer_ref, carrier) -> None:
     if layer is not None and layer.native_grad_hook is not None:  # hand the gradient over (in-backward update)
         g, carrier.grad = carrier.grad, None
         layer.native_grad_hook(layer, g)
+    elif layer is not None and carrier.grad is not None:
+        _mark_split(layer, carrier.grad)
+
+
+def _mark_split(layer, grad: torch.Tensor) -> None:
+    """A gradient of a piece that tensor parallelism gave this rank alone says so
+    (``grad.split_over_tp``): a norm over the ranks counts it once, not once per rank."""
+    if getattr(layer, "_native_tp", None) is not None:
+        grad.split_over_tp = True
 
 
 def resident_param_bytes(t: torch.Tensor | None) -> int:

@@ -22,11 +22,27 @@ def layers(policy, bias=False):
     return model
 
 
-def test_a_native_qlinear_is_not_split_by_tensor_parallelism():
-    fc = layers({"default": {"weight": "ternary", "storage": "native"}})["fc"]
-    for style in (QColwiseParallel(), QRowwiseParallel()):
-        with pytest.raises(NotImplementedError, match="native QLinear keeps its weight packed"):
-            style._apply(fc, OneRank())
+class Ranks(OneRank):
+    def __init__(self, n):
+        self.n = n
+
+    def size(self):
+        return self.n
+
+    def get_local_rank(self):
+        return 0
+
+
+def test_a_native_split_that_does_not_fill_whole_bytes_is_refused():
+    """Binary codes pack 8 to a byte: 16 columns over 4 ranks would start a rank's columns inside
+    a byte. Nothing is changed by the refusal."""
+    fc = layers({"default": {"weight": "binary", "storage": "native"}})["fc"]
+    before = fc.w_data.clone()
+    with pytest.raises(ValueError, match=r"4 columns of its binary\[absmean/tensor\] weight do not fill whole bytes"):
+        QRowwiseParallel()._apply(fc, Ranks(4))
+    with pytest.raises(ValueError, match="8 output features do not split over 3 ranks"):
+        QColwiseParallel()._apply(fc, Ranks(3))
+    assert torch.equal(fc.w_data, before) and fc.in_features == 16 and fc.out_features == 8
 
 
 def test_tensor_parallel_styles_take_only_linear_layers():
