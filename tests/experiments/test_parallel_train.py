@@ -147,9 +147,11 @@ def test_tensor_parallel_follows_the_one_process_loss_curve(runs, corpus, cfg_of
     assert sorted(l2) == list(range(1, 13)) and max(abs(l1[s] - l2[s]) for s in l1) < TIGHT
 
 
-@pytest.mark.parametrize("recipe", [(), ("precision=ternary_native", "optim=ternary_native"), ("optim=sr_adamw",)],
-                         ids=["paper", "ternary_native", "paper-sr_adamw"])
-def test_quantized_policies_on_two_ranks_are_close(corpus, cfg_of, tmp_path, recipe, fork_ranks):
+@pytest.mark.parametrize("recipe, on_ranks", [
+    ((), ()), (("precision=ternary_native", "optim=ternary_native"), ()), (("optim=sr_adamw",), ()),
+    (("precision=ternary_native", "optim=ternary_native"), ("parallel.tp=2",))],
+    ids=["paper", "ternary_native", "paper-sr_adamw", "ternary_native-tp2"])
+def test_quantized_policies_on_two_ranks_are_close(corpus, cfg_of, tmp_path, recipe, on_ranks, fork_ranks):
     """Close, not equal. paper (FP8 activations with one scale per tensor, FP4 weights, fp16 RNN
     with a dynamic loss scale): each rank quantizes the activations of its 2 rows with their own
     amax, not the 4 rows' amax of the 1-process run: quantization noise, not rounding order.
@@ -157,12 +159,16 @@ def test_quantized_policies_on_two_ranks_are_close(corpus, cfg_of, tmp_path, rec
     scales, and each native layer's per-tensor weight scale learns from its rows on each rank and is
     averaged over the ranks after every step (``sync_native_scales``) instead of learning from all
     rows. paper-sr_adamw: paper's activations as above, and SRAdamW updating each rank's shards of the
-    FSDP2 masters, rounding with noise of its own per shard. Measured in 12 steps: at most 2.7e-4
-    (paper), 2.4e-4 (ternary_native) and 1.4e-4 (paper-sr_adamw) of the loss; bound 2e-3: the run
-    trains the same model on the same data, it is not equal to one process."""
+    FSDP2 masters, rounding with noise of its own per shard. ternary_native-tp2: tensor parallelism
+    over 2 ranks splitting the native layers' packed codes (rows or columns); a row-parallel layer's
+    int8 input gets one scale per token and shard, and each piece's weight scale learns from its
+    piece and is averaged over the ranks. Measured in 12 steps: at most 2.7e-4 (paper), 2.4e-4
+    (ternary_native), 1.4e-4 (paper-sr_adamw) and 6.4e-4 (ternary_native-tp2) of the loss; bound 2e-3: the run trains the same
+    model on the same data, it is not equal to one process."""
     one_dir, two_dir = tmp_path / "one", tmp_path / "two"
     in_one_process(cfg_of(corpus, one_dir, *FAST, *recipe, "train.eval_every=12", "train.ckpt_every=12"))
-    ok(train_on_ranks(fork_ranks, cfg_of(corpus, two_dir, *FAST, *recipe, "train.eval_every=12", "train.ckpt_every=12")))
+    ok(train_on_ranks(fork_ranks, cfg_of(corpus, two_dir, *FAST, *recipe, *on_ranks, "train.eval_every=12",
+                                         "train.ckpt_every=12")))
     l1, l2 = _scalars(one_dir), _scalars(two_dir)
     assert sorted(l1) == sorted(l2) == list(range(1, 13))
     assert max(abs(l1[s] - l2[s]) / l1[s] for s in l1) < 2e-3
