@@ -27,7 +27,8 @@ float parameters materialized (``to_empty``) and drawn N(0, 0.02) (norm weights 
 shards: no rank ever holds the whole float model. The optimizer is the one ``configs/optim`` gives the
 policy (AdamW; TernaryBop for native ternary) and the step is the trainer's
 (:class:`experiments.loop.Stepper`: loss over the global batch, loss scaler, found-inf agreed over the
-ranks, clipping over all shards), eager, on random tokens. Reported: median step time over the timed
+ranks, clipping over all shards), eager (``--compile``: the trainer's ``train.compile``, FSDP2's hooks
+staying eager around each unit's compiled forward), on random tokens. Reported: median step time over the timed
 steps (each between two device synchronizations), tokens/s per GPU, peak memory allocated on the
 busiest GPU (whole run: build, optimizer state, steps; ``--gpu-gib`` caps what the allocator may take, so a
 larger GPU can stand in for a smaller one), the bytes one rank receives in all-gathers
@@ -172,7 +173,7 @@ def _steps(args, d, model, opt, sched, scaler, n_params, build_s, cuda) -> dict:
     several = d.world_size > 1
     source = random_batches(args.batch, args.T, model.cfg.vocab_size, d.device, seed=d.rank)
     stepper = Stepper(model, opt, sched, scaler, source, tbptt=False, grad_clip=1.0, device=d.device,
-                      parallel=d if several else None)
+                      parallel=d if several else None, compile=args.compile)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     results = [stepper.step() for _ in range(args.warmup)]
     sync()
@@ -197,7 +198,7 @@ def _steps(args, d, model, opt, sched, scaler, n_params, build_s, cuda) -> dict:
                peak_gib=float(peak) / 2**30, gather_bytes=rec.received_bytes, build_s=build_s,
                loss=steps[-1][0], taken=sum(1 for s in steps if s[2]), steps=len(steps),
                device=torch.cuda.get_device_name(d.device) if cuda else "cpu", checkpoint=args.checkpoint,
-               reduce_dtype=args.reduce_dtype, prefetch=args.prefetch)
+               reduce_dtype=args.reduce_dtype, prefetch=args.prefetch, compile=args.compile)
     return row
 
 
@@ -276,7 +277,8 @@ def table_row(r: dict, base: float | None) -> str:
 
 
 def common(args) -> list[str]:
-    return [*(["--checkpoint"] if args.checkpoint else []), "--prefetch", str(args.prefetch), "--reduce-dtype", args.reduce_dtype, "--gpu-gib", str(args.gpu_gib), "--T", str(args.T), "--batch", str(args.batch), "--warmup", str(args.warmup), "--iters", str(args.iters),
+    return [*(["--checkpoint"] if args.checkpoint else []), *(["--compile"] if args.compile else []),
+            "--prefetch", str(args.prefetch), "--reduce-dtype", args.reduce_dtype, "--gpu-gib", str(args.gpu_gib), "--T", str(args.T), "--batch", str(args.batch), "--warmup", str(args.warmup), "--iters", str(args.iters),
             "--device", args.device]
 
 
@@ -337,6 +339,7 @@ def main(argv=None) -> None:
     ap.add_argument("--reduce-dtype", choices=["fp32", "bf16"], default="fp32",
                     help="dtype of FSDP2's gradient reduce-scatter (parallel.reduce_dtype)")
     ap.add_argument("--prefetch", type=int, default=1, help="parallel.prefetch: units whose all-gather each unit starts ahead")
+    ap.add_argument("--compile", action="store_true", help="the trainer's train.compile: forward and loss compiled")
     ap.add_argument("--profile", action="store_true", help="one: profile one more step; rank 0 prints where its GPU time went")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per launched measurement")
     ap.add_argument("--max-tries", type=int, default=3)

@@ -296,18 +296,18 @@ class LSTMRecurrence(torch.autograd.Function):
 # A compiled graph cannot carry `gemms` (a Python object) into an operator; it carries the layer's
 # key, and the operator asks the layer for its GEMMs when it runs. Keys are given out per LSTMLayer
 # (a copy gets its own) and dropped with the layer.
-_LAYERS: weakref.WeakValueDictionary[int, LSTMLayer] = weakref.WeakValueDictionary()
+_LAYERS: weakref.WeakValueDictionary[str, LSTMLayer] = weakref.WeakValueDictionary()
 _KEYS = itertools.count(1)
 
 
-def _layer_of(key: int) -> LSTMLayer:
+def _layer_of(key: str) -> LSTMLayer:
     layer = _LAYERS.get(key)
     if layer is None:
         raise RuntimeError(f"hybrid::lstm_recurrence: the LSTM layer of key {key} no longer exists")
     return layer
 
 
-def _gemms_of(key: int):
+def _gemms_of(key: str):
     hh = _layer_of(key).hh
     return LINEAR_GEMMS if type(hh) is nn.Linear else hh.recurrent_gemms()[0]
 
@@ -322,7 +322,7 @@ def _full(weights: list[Tensor], slots: list[int], n: int) -> tuple:
 
 @torch.library.custom_op("hybrid::lstm_recurrence", mutates_args=())
 def _recurrence_op(gx: Tensor, h: Tensor, c: Tensor, valid: Tensor | None, weights: list[Tensor],
-                   slots: list[int], n_weights: int, key: int, ad: torch.dtype
+                   slots: list[int], n_weights: int, key: str, ad: torch.dtype
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     gemms = _gemms_of(key)
     return _run_forward(gx, h, c, valid, ad, gemms, _full(weights, slots, n_weights),
@@ -339,7 +339,7 @@ def _(gx, h, c, valid, weights, slots, n_weights, key, ad):
 @torch.library.custom_op("hybrid::lstm_recurrence_backward", mutates_args=())
 def _recurrence_backward_op(dy: Tensor, dh: Tensor, dc: Tensor, valid: Tensor | None, hs_prev: Tensor,
                             cs_prev: Tensor, acts: Tensor, tanh_cs: Tensor, weights: list[Tensor],
-                            slots: list[int], n_weights: int, key: int, need_state: bool, need_w: bool
+                            slots: list[int], n_weights: int, key: str, need_state: bool, need_w: bool
                             ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     gemms = _gemms_of(key)
     da, dh, dc, dws = _run_backward(dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, gemms,
@@ -405,7 +405,7 @@ class LSTMLayer(nn.Module):
     def _register(self) -> None:
         """A key of its own for the compiled recurrence's operators (see `_gemms_of`), and CUDA
         graphs of its own."""
-        self._key = next(_KEYS)
+        self._key = f"lstm{next(_KEYS)}"  # a string: a compiled graph keeps it constant (an int may become symbolic)
         _LAYERS[self._key] = self
         self.graphs = GraphCache()
 
