@@ -1,5 +1,6 @@
-"""Native weights over data-parallel ranks: each rank stores a row shard of the packed codes,
-and a forward all-gathers the packed bytes.
+"""Native weights over several ranks: each data-parallel rank stores a row shard of the packed
+codes, and a forward all-gathers the packed bytes; tensor parallelism slices the codes by rows or
+columns first (:func:`split_native_tp`, see "Tensor parallelism" below).
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``) shards Parameters. A native layer has none for its
 weight: ``w_data`` (packed codes), ``w_scale`` and ``w_global`` are buffers and the gradient goes
@@ -38,6 +39,15 @@ ranks' scales for absmax formats, their mean otherwise) -- exact when the scale 
 (``lr = 0``), otherwise a replacement for the reduction over all rows the rule would need.
 Stochastic-rounding noise is drawn per rank for its rows: statistically, not bitwise, the
 1-process update.
+
+Tensor parallelism. :func:`split_native_tp` keeps a tensor-parallel rank's rows (column-parallel
+layers) or columns (row-parallel layers) of the codes and of the scales that lie inside them; the
+data-parallel ranks then row-shard that piece as above. A scale kept whole on every
+tensor-parallel rank is synchronized over both groups by :func:`sync_native_scales`. In a
+``state_dict`` every piece is a DTensor of the whole weight (:func:`native_layout`): rows split by
+tensor parallelism (outer) and then by the data-parallel ranks (inner) are placed as
+``(_StridedShard(0, split_factor=tp), Shard(0))`` on the (dp, tp) mesh, as FSDP2 places a
+parameter that tensor parallelism split first; columns as ``Shard(1)`` over tp.
 """
 
 from __future__ import annotations
