@@ -112,7 +112,7 @@ def build(args, dist_info):
             n_params += mod.native_weight.numel()
             mod.init_native_(torch.randn(mod.native_weight.shape, device=device) * 0.02)
     pcfg = ParallelConfig(param_dtype="bf16", reduce_dtype=args.reduce_dtype, activation_checkpoint=args.checkpoint,
-                          prefetch=args.prefetch)
+                          prefetch=args.prefetch, reshard_after_forward=args.reshard)
     shard_model(model, dist_info.mesh, pcfg)
     materialize_(model, device)
     opt_name = "ternary_native" if args.policy.endswith("native") else "adamw"
@@ -198,7 +198,7 @@ def _steps(args, d, model, opt, sched, scaler, n_params, build_s, cuda) -> dict:
                peak_gib=float(peak) / 2**30, gather_bytes=rec.received_bytes, build_s=build_s,
                loss=steps[-1][0], taken=sum(1 for s in steps if s[2]), steps=len(steps),
                device=torch.cuda.get_device_name(d.device) if cuda else "cpu", checkpoint=args.checkpoint,
-               reduce_dtype=args.reduce_dtype, prefetch=args.prefetch, compile=args.compile)
+               reduce_dtype=args.reduce_dtype, prefetch=args.prefetch, compile=args.compile, reshard=args.reshard)
     return row
 
 
@@ -278,6 +278,7 @@ def table_row(r: dict, base: float | None) -> str:
 
 def common(args) -> list[str]:
     return [*(["--checkpoint"] if args.checkpoint else []), *(["--compile"] if args.compile else []),
+            "--reshard" if args.reshard else "--no-reshard",
             "--prefetch", str(args.prefetch), "--reduce-dtype", args.reduce_dtype, "--gpu-gib", str(args.gpu_gib), "--T", str(args.T), "--batch", str(args.batch), "--warmup", str(args.warmup), "--iters", str(args.iters),
             "--device", args.device]
 
@@ -339,6 +340,8 @@ def main(argv=None) -> None:
     ap.add_argument("--reduce-dtype", choices=["fp32", "bf16"], default="fp32",
                     help="dtype of FSDP2's gradient reduce-scatter (parallel.reduce_dtype)")
     ap.add_argument("--prefetch", type=int, default=1, help="parallel.prefetch: units whose all-gather each unit starts ahead")
+    ap.add_argument("--reshard", action=argparse.BooleanOptionalAction, default=True,
+                    help="parallel.reshard_after_forward (--no-reshard: each unit stays gathered from its forward to its backward)")
     ap.add_argument("--compile", action="store_true", help="the trainer's train.compile: forward and loss compiled")
     ap.add_argument("--profile", action="store_true", help="one: profile one more step; rank 0 prints where its GPU time went")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per launched measurement")
