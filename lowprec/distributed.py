@@ -448,10 +448,11 @@ def gather_native_on_forward(unit: nn.Module, layers: list[nn.Module]):
 
 @torch.no_grad()
 def sync_native_scales(model: nn.Module, found_inf: torch.Tensor | None = None) -> int:
-    """Make every rank hold the same per-tensor scale of each row-sharded native layer again (call
-    after the optimizer's step): the maximum of the ranks' scales for absmax formats, their mean
-    otherwise. Returns the number of layers synchronized. Layers whose scales are per row or
-    per block need none.
+    """Make every rank hold the same copy of each native scale that is kept whole on several ranks
+    again (call after the optimizer's step): a row-sharded layer's per-tensor scale over the
+    data-parallel ranks, a tensor-parallel piece's per-tensor (or, split by columns, per-row) scale
+    over the tensor-parallel ranks too; the maximum of the ranks' scales for absmax formats, their
+    mean otherwise. Returns the number of layers synchronized. Scales split with the codes need none.
 
     ``found_inf``: the step's verdict (a 0-d device tensor, nonzero when the update was skipped);
     where it is set the scales keep their bits (a skipped step changed none of them, and a mean of
