@@ -695,36 +695,39 @@ def test_rank_batches_make_the_global_batch(kind, world):
 
 # ------------------------------------------------------------------- 4 processes: dp x tp
 
-def _two_dimensional(rank, world):
+def _backward_on_dp_tp(name: str):
+    """(d, model, ref): ``name``'s tiny hybrid on a (dp=2, tp=2) mesh after one backward of this
+    rank's rows, and one process's gradients of the same rows as dp micro-batches."""
     d = init_distributed(ParallelConfig(tp=2), device="cpu")
     x, y = batch()
-    model, ref = build("bf16"), build("bf16")
+    model, ref = build(name), build(name)
     shard_model(model, d.mesh, ParallelConfig(tp=2))
     loss_of(model, x.chunk(d.dp)[d.dp_rank], y.chunk(d.dp)[d.dp_rank]).backward()
     microbatch_reference(ref, x, y, d.dp)
+    return d, model, ref
+
+
+def _two_dimensional(rank, world):
+    d, model, ref = _backward_on_dp_tp("bf16")
     refs = dict(ref.named_parameters())
     return d.describe(), max(float((full(p.grad) - refs[n].grad).abs().max() / refs[n].grad.abs().max())
                              for n, p in model.named_parameters())
 
 
-def _piece(whole: torch.Tensor, tp_dim, tp_rank: int, tp: int, dp_rank: int, dp: int, rows_split: bool = True):
+def _piece(whole: torch.Tensor, tp_dim, tp_rank: int, tp: int, dp_rank: int, dp: int):
     """The block of a whole native tensor one rank of a (dp, tp) mesh holds, written out by hand:
     tensor parallelism's rows (tp_dim 0) or columns (1) first, then the data-parallel ranks' rows."""
     if tp_dim is not None:
         whole = whole.chunk(tp, dim=tp_dim)[tp_rank]
-    return whole.chunk(dp, dim=0)[dp_rank] if rows_split else whole
+    return whole.chunk(dp, dim=0)[dp_rank]
 
 
 def _native_two_dimensional(rank, world, tmp):
-    """Native ternary weights (activations unquantized) on a (dp=2, tp=2) mesh: gradients against 1 process, the norm over the
-    ranks, one step, a sharded checkpoint; each rank's pieces for the parent to check."""
-    d = init_distributed(ParallelConfig(tp=2), device="cpu")
+    """Native ternary weights (activations unquantized) on a (dp=2, tp=2) mesh: gradients against
+    1 process, the norm over the ranks, one step, a sharded checkpoint; each rank's pieces for the
+    parent to check."""
+    d, model, ref = _backward_on_dp_tp("ternary_native_fp")
     tp_rank = d.mesh["tp"].get_local_rank()
-    x, y = batch()
-    model, ref = build("ternary_native_fp"), build("ternary_native_fp")
-    shard_model(model, d.mesh, ParallelConfig(tp=2))
-    loss_of(model, x.chunk(d.dp)[d.dp_rank], y.chunk(d.dp)[d.dp_rank]).backward()
-    microbatch_reference(ref, x, y, d.dp)
     refs = dict(ref.named_modules())
     out = {"grad_rel": 0.0, "split": {}, "pieces": {}, "ranks": (d.dp_rank, tp_rank)}
     for n, m in model.named_modules():
