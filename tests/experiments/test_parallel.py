@@ -556,7 +556,7 @@ def _meta_built_model(rank, world):
     out = {}
     for name in ("paper", "ternary_native"):
         args = types.SimpleNamespace(model="tiny", policy=name, blocks=None, T=16, batch=2, checkpoint=True,
-                                     reduce_dtype="fp32", warmup=0, iters=0, prefetch=1)
+                                     reduce_dtype="fp32", warmup=0, iters=0, prefetch=1, reshard=True)
         model, opt, sched, scaler, n = bp.build(args, d)
         tensors = [*model.parameters(), *model.buffers()]
         out[f"meta_left/{name}"] = sum(t.device.type == "meta" for t in tensors)
