@@ -28,7 +28,7 @@ shards: no rank ever holds the whole float model. The optimizer is the one ``con
 policy (AdamW; TernaryBop for native ternary) and the step is the trainer's
 (:class:`experiments.loop.Stepper`: loss over the global batch, loss scaler, found-inf agreed over the
 ranks, clipping over all shards), eager (``--compile``: the trainer's ``train.compile``, FSDP2's hooks
-staying eager around each unit's compiled forward), on random tokens. Reported: median step time over the timed
+running eagerly between the compiled pieces), on random tokens. Reported: median step time over the timed
 steps (each between two device synchronizations), tokens/s per GPU, peak memory allocated on the
 busiest GPU (whole run: build, optimizer state, steps; ``--gpu-gib`` caps what the allocator may take, so a
 larger GPU can stand in for a smaller one), the bytes one rank receives in all-gathers

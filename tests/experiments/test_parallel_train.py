@@ -148,8 +148,8 @@ def test_tensor_parallel_follows_the_one_process_loss_curve(runs, corpus, cfg_of
 
 
 def test_compiled_step_on_two_ranks_follows_the_one_process_curve(runs, corpus, cfg_of, tmp_path, fork_ranks):
-    """train.compile=true under FSDP2 (the hooks stay eager; each unit's forward compiles, its LSTM
-    recurrence as the operators of one compiled graph per layer): the fp32 loss curve of 2 ranks
+    """train.compile=true under FSDP2 (its hooks and the native gathers run eagerly between the
+    compiled pieces; each LSTM layer's recurrence runs as the compiled operators): the fp32 loss curve of 2 ranks
     follows the eager 1-process run to within 1e-4 nats over 12 steps (fused kernels round
     differently from eager ones, and the difference grows with training)."""
     one_dir, _ = runs("one")
