@@ -149,9 +149,10 @@ def _fp16_rounded(x: torch.Tensor) -> torch.Tensor:
 
 def _bf16_values(t: torch.Tensor, fmt: Format) -> torch.Tensor:
     """The bf16 tensor-core operand values of ``t`` for a plain-cast ``fmt`` (see ``_plain_cast``):
-    the saturating cast, then bf16 (through fp32, as the general path: NaN bits). fp16 is rounded
-    on the bits (:func:`_fp16_rounded`), so that a compiled caller gets the same values."""
-    if _plain_cast(fmt) == torch.float16 and t.dtype != torch.float16:
+    the saturating cast, then bf16 (through fp32, as the general path: NaN bits). Under
+    ``torch.compile`` fp16 is rounded on the bits (:func:`_fp16_rounded`), so that the compiled
+    kernel gets the same values; eager, the two casts (fewer kernels) give them."""
+    if _plain_cast(fmt) == torch.float16 and t.dtype != torch.float16 and torch.compiler.is_compiling():
         x = t.float()
         x = torch.where(torch.isfinite(x), x.clamp(-fmt.max_value, fmt.max_value), x)
         return _fp16_rounded(x).to(torch.bfloat16)
