@@ -26,9 +26,9 @@ amax reduction over the tensor-parallel group).
 
 Native weights (packed codes and scales in buffers, no Parameter) are split by slicing the codes:
 a column-parallel layer keeps its rows, a row-parallel one its columns
-(:func:`lowprec.distributed.split_native_tp`): forward values and gradients are those of the
-unsplit layer (bit for bit for column-parallel layers, up to the order of the sum for row-parallel
-ones); each rank updates its piece; a scale kept whole on every rank (per tensor; per row in a
+(:func:`lowprec.distributed.split_native_tp`): the same codes and scales reach the same kernels,
+so values and gradients are those of the unsplit model up to the order of the row-parallel sums
+(and, for quantized activations, the per-shard input scales above); each rank updates its piece; a scale kept whole on every rank (per tensor; per row in a
 row-parallel layer) is averaged (absmax: maximized) over the ranks after each step by
 :func:`lowprec.distributed.sync_native_scales`.
 """
