@@ -315,26 +315,25 @@ def _native_like(layer, size: tuple, meta):
 
     if len(size) == 0:
         return None
-    for local in _local_candidates(layer, size):
-        layout = native_layout(layer, torch.empty(local, device="meta"), "state")
-        if layout is not None and tuple(layout[2]) == tuple(size):
-            mesh, placements, shape = layout
-            mine, _ = compute_local_shape_and_global_offset(shape, mesh, placements)
-            return DTensor.from_local(torch.empty(mine, dtype=meta.properties.dtype), mesh, placements, run_check=False,
-                                      shape=shape, stride=torch.empty(shape, device="meta").stride())
-    return None
+    layout = native_layout(layer, torch.empty(_local_shape(layer, size), device="meta"), "state")
+    if layout is None or tuple(layout[2]) != tuple(size):
+        return None
+    mesh, placements, shape = layout
+    mine, _ = compute_local_shape_and_global_offset(shape, mesh, placements)
+    return DTensor.from_local(torch.empty(mine, dtype=meta.properties.dtype), mesh, placements, run_check=False,
+                              shape=shape, stride=torch.empty(shape, device="meta").stride())
 
 
-def _local_candidates(layer, size: tuple) -> list[tuple[int, ...]]:
-    """Local shapes a state tensor of whole shape ``size`` may have on this rank: per element as
-    the weight, one row (per-row state, or per-element state flattened), rows (or row groups) first."""
+def _local_shape(layer, size: tuple) -> tuple[int, ...]:
+    """The shape a state tensor of whole shape ``size`` has on this rank: per element as the
+    weight, one row (per-row state, or per-element state flattened), rows (or row groups) first."""
     rows, cols = layer._w_shape
     full_rows, full_cols = native_full_shape(layer)
     if tuple(size) == (full_rows, full_cols):
-        return [(rows, cols)]
+        return rows, cols
     if len(size) > 1 and size[0] == 1:
-        return [(1, size[1] * rows // full_rows)]
-    return [(size[0] * rows // full_rows, *size[1:])]
+        return 1, size[1] * rows // full_rows
+    return (size[0] * rows // full_rows, *size[1:])
 
 
 def _restore_optimizer(model: nn.Module, optimizer, loaded: dict) -> None:
