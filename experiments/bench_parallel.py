@@ -180,21 +180,22 @@ def _steps(args, d, model, opt, sched, scaler, n_params, build_s, cuda) -> dict:
     with record_all_gathers() as rec:
         results.append(stepper.step())
         sync()
-    times = []
+    times, issued = [], []
     for _ in range(args.iters):
         t = time.perf_counter()
         results.append(stepper.step())
+        issued.append(time.perf_counter() - t)
         sync()
         times.append(time.perf_counter() - t)
     if args.profile:
-        profile_step(stepper, d, sync)
+        profile_step(stepper, d, sync, args.trace)
     steps, _ = read_results(results)
     peak = torch.tensor([torch.cuda.max_memory_allocated() if cuda else 0], dtype=torch.float64, device=d.device)
     if several:
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     step_s = statistics.median(times)
     row = dict(model=args.model, policy=args.policy, gpus=d.world_size, blocks=model.cfg.n_blocks, params=n_params,
-               tokens_per_gpu_step=args.batch * args.T, step_s=step_s, tokens_per_s_per_gpu=args.batch * args.T / step_s,
+               tokens_per_gpu_step=args.batch * args.T, step_s=step_s, host_s=statistics.median(issued), tokens_per_s_per_gpu=args.batch * args.T / step_s,
                peak_gib=float(peak) / 2**30, gather_bytes=rec.received_bytes, build_s=build_s,
                loss=steps[-1][0], taken=sum(1 for s in steps if s[2]), steps=len(steps),
                device=torch.cuda.get_device_name(d.device) if cuda else "cpu", checkpoint=args.checkpoint,
@@ -212,10 +213,11 @@ def _busy(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def profile_step(stepper, d, sync) -> None:
+def profile_step(stepper, d, sync, trace_dir: str | None = None) -> None:
     """One more step under ``torch.profiler`` on every rank; rank 0 prints where its GPU time went:
     the step's wall time, the time some kernel ran, the collectives' kernel time and the part of
-    it no other kernel overlapped, and the kernels taking most time."""
+    it no other kernel overlapped, and the kernels taking most time. With ``trace_dir`` every rank
+    writes its trace there (``rank<r>.json.gz``, Chrome trace format: chrome://tracing, Perfetto)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -225,6 +227,16 @@ def profile_step(stepper, d, sync) -> None:
         stepper.step()
         sync()
         wall = time.perf_counter() - t
+    if trace_dir:
+        import gzip
+        import shutil
+
+        Path(trace_dir).mkdir(parents=True, exist_ok=True)
+        raw = Path(trace_dir) / f"rank{d.rank}.json"
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        raw.unlink()
     if d.rank != 0:
         return
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0]
@@ -344,6 +356,7 @@ def main(argv=None) -> None:
                     help="parallel.reshard_after_forward (--no-reshard: each unit stays gathered from its forward to its backward)")
     ap.add_argument("--compile", action="store_true", help="the trainer's train.compile: forward and loss compiled")
     ap.add_argument("--profile", action="store_true", help="one: profile one more step; rank 0 prints where its GPU time went")
+    ap.add_argument("--trace", default=None, help="one, with --profile: a folder for every rank's trace of the profiled step")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per launched measurement")
     ap.add_argument("--max-tries", type=int, default=3)
     args = ap.parse_args(argv)
