@@ -22,8 +22,8 @@ line (JSON).
 What one measurement does: the model is built on the meta device, the precision policy applied, native
 weights quantized from random N(0, 0.02) weights on the GPU, the model sharded
 (:func:`experiments.parallel.shard_model`: FSDP2 per block / LSTM layer / memory path, native weights
-row-sharded, latent weights all-gathered in their format; ``parallel.param_dtype`` bf16), then its
-float parameters materialized (``to_empty``) and drawn N(0, 0.02) (norm weights 1, biases 0) on their
+row-sharded, latent weights all-gathered in their format; ``parallel.param_dtype`` bf16, or with
+``--param-dtype master`` the masters' dtype), then its float parameters materialized (``to_empty``) and drawn N(0, 0.02) (norm weights 1, biases 0) on their
 shards: no rank ever holds the whole float model. The optimizer is the one ``configs/optim`` gives the
 policy (AdamW; TernaryBop for native ternary) and the step is the trainer's
 (:class:`experiments.loop.Stepper`: loss over the global batch, loss scaler, found-inf agreed over the
@@ -32,7 +32,13 @@ running eagerly between the compiled pieces), on random tokens. Reported: median
 steps (each between two device synchronizations), tokens/s per GPU, peak memory allocated on the
 busiest GPU (whole run: build, optimizer state, steps; ``--gpu-gib`` caps what the allocator may take, so a
 larger GPU can stand in for a smaller one), the bytes one rank receives in all-gathers
-during one step (counted at the collectives), and the last loss (finite: the steps trained).
+during one step (counted at the collectives), the host's time to issue a step (``host_s``: a step
+whose host time reaches its step time is bound by the host, not the GPU), and the last loss (finite:
+the steps trained).
+
+One process computes with its fp32 masters (a policy's GEMM operands quantized from them, activations
+in fp32); ``--param-dtype bf16`` makes the sharded ranks gather and compute in bf16 (activations too),
+less work per GPU than the one process does, ``--param-dtype master`` the same arithmetic as one process.
 """
 from __future__ import annotations
 
@@ -111,7 +117,8 @@ def build(args, dist_info):
         if isinstance(mod, NativeWeightMixin) and mod.is_native:
             n_params += mod.native_weight.numel()
             mod.init_native_(torch.randn(mod.native_weight.shape, device=device) * 0.02)
-    pcfg = ParallelConfig(param_dtype="bf16", reduce_dtype=args.reduce_dtype, activation_checkpoint=args.checkpoint,
+    pcfg = ParallelConfig(param_dtype=None if args.param_dtype == "master" else args.param_dtype,
+                          reduce_dtype=args.reduce_dtype, activation_checkpoint=args.checkpoint,
                           prefetch=args.prefetch, reshard_after_forward=args.reshard)
     shard_model(model, dist_info.mesh, pcfg)
     materialize_(model, device)
@@ -199,7 +206,8 @@ def _steps(args, d, model, opt, sched, scaler, n_params, build_s, cuda) -> dict:
                peak_gib=float(peak) / 2**30, gather_bytes=rec.received_bytes, build_s=build_s,
                loss=steps[-1][0], taken=sum(1 for s in steps if s[2]), steps=len(steps),
                device=torch.cuda.get_device_name(d.device) if cuda else "cpu", checkpoint=args.checkpoint,
-               reduce_dtype=args.reduce_dtype, prefetch=args.prefetch, compile=args.compile, reshard=args.reshard)
+               param_dtype=args.param_dtype, reduce_dtype=args.reduce_dtype, prefetch=args.prefetch, compile=args.compile,
+               reshard=args.reshard)
     return row
 
 
@@ -291,7 +299,7 @@ def table_row(r: dict, base: float | None) -> str:
 def common(args) -> list[str]:
     return [*(["--checkpoint"] if args.checkpoint else []), *(["--compile"] if args.compile else []),
             "--reshard" if args.reshard else "--no-reshard",
-            "--prefetch", str(args.prefetch), "--reduce-dtype", args.reduce_dtype, "--gpu-gib", str(args.gpu_gib), "--T", str(args.T), "--batch", str(args.batch), "--warmup", str(args.warmup), "--iters", str(args.iters),
+            "--prefetch", str(args.prefetch), "--param-dtype", args.param_dtype, "--reduce-dtype", args.reduce_dtype, "--gpu-gib", str(args.gpu_gib), "--T", str(args.T), "--batch", str(args.batch), "--warmup", str(args.warmup), "--iters", str(args.iters),
             "--device", args.device]
 
 
@@ -349,6 +357,9 @@ def main(argv=None) -> None:
                     help="use at most this much of each GPU's memory (e.g. 80 on a 141 GiB H200: an 80 GB H100's room); 0: all")
     ap.add_argument("--checkpoint", action=argparse.BooleanOptionalAction, default=None,
                     help="activation checkpointing per block and LSTM layer (default: on for wide, off for weak)")
+    ap.add_argument("--param-dtype", choices=["bf16", "master"], default="bf16",
+                    help="parallel.param_dtype: bf16 (weights gathered and used in bf16, activations in bf16), or "
+                         "master: in the masters' dtype, as one process computes (fp32)")
     ap.add_argument("--reduce-dtype", choices=["fp32", "bf16"], default="fp32",
                     help="dtype of FSDP2's gradient reduce-scatter (parallel.reduce_dtype)")
     ap.add_argument("--prefetch", type=int, default=1, help="parallel.prefetch: units whose all-gather each unit starts ahead")

@@ -239,8 +239,8 @@ def shard_model(model: nn.Module, mesh, cfg: ParallelConfig | None = None) -> nn
             gather_native_on_forward(unit, natives[unit_name])
     # over one rank there is nothing to gather (FSDP2 then hands the shard over as it is)
     in_format = cfg.lowbit_gather and mesh.ndim == 1 and dp_mesh.size() > 1
-    gathered = lowbit_gather_weights(model, dp_mesh.size()) if in_format else {}
     param_dtype = DTYPES.get(cfg.param_dtype) if cfg.param_dtype else None
+    gathered = lowbit_gather_weights(model, dp_mesh.size(), param_dtype) if in_format else {}
     reduce_dtype = DTYPES.get(cfg.reduce_dtype) if cfg.reduce_dtype else None
     order = forward_order(model)
     last = order[-1] if order else None

@@ -24,8 +24,9 @@ kernels); the second captures it and replays; later calls replay. A signature wh
 exceed ``max_bytes`` is never captured (its kernels are large enough that launching them is not
 the bottleneck, and the copies would cost memory). Weights that move between calls (a sharded
 model gathers them into new memory for each use) would need a graph per call: after the fixed
-inputs of one shape have moved twice, a cache stops capturing, and it never holds more than
-``max_graphs`` graphs.
+inputs of one shape have moved twice, a cache copies them too, into buffers of the graph (one
+copy of each weight per call, and the graph's own copy of it in memory; weights and copied inputs
+together within ``max_bytes``). A cache never holds more than ``max_graphs`` graphs.
 """
 
 from __future__ import annotations
@@ -55,9 +56,14 @@ def _signature(t: torch.Tensor | None, strides: bool):
 
 
 class _Graph:
-    def __init__(self, fn, copied, fixed):
-        self.inputs = [None if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
-                       for t in copied]
+    """``fn(*copied, *fixed)`` captured; ``copied`` are copied into buffers at each call, the last
+    ``strided`` of them into buffers of their own strides (weights copied in), the others contiguous."""
+
+    def __init__(self, fn, copied, fixed, strided: int = 0):
+        first = len(copied) - strided
+        self.inputs = [None if t is None else torch.empty_like(t) if i >= first
+                       else torch.empty_like(t, memory_format=torch.contiguous_format)
+                       for i, t in enumerate(copied)]
         self._load(copied)
         stream = torch.cuda.Stream(device=self._device(copied, fixed))
         stream.wait_stream(torch.cuda.current_stream())
@@ -93,7 +99,8 @@ class GraphCache:
     signature, make no host synchronisation and return tensors (in any nesting of tuples and lists)
     or Nones.
 
-    ``captures``, ``replays`` and ``moves`` (of the fixed inputs) count what happened. A cache is
+    ``captures``, ``replays`` and ``moves`` (of the fixed inputs; from 2 on, they are copied in)
+    count what happened. A cache is
     dropped, not copied, with a copy of its owner (``copy.deepcopy`` and pickling give an empty
     one)."""
 
@@ -109,29 +116,30 @@ class GraphCache:
 
     def __call__(self, fn: Callable, copied: Sequence[torch.Tensor | None], fixed: Sequence[torch.Tensor | None],
                  key: Hashable):
-        if self.moves >= 2:
-            return fn(*copied, *fixed)
         # buffers made under inference mode cannot be written outside it: a graph of its own there
         shapes = (key, torch.is_inference_mode_enabled(), tuple(_signature(t, False) for t in copied),
                   tuple(_signature(t, True) for t in fixed))
-        addresses = tuple(None if t is None else t.data_ptr() for t in fixed)
-        if self._addresses.setdefault(shapes, addresses) != addresses:
-            self._addresses[shapes] = addresses
-            self.moves += 1
-            if self.moves >= 2:  # graphs of addresses that will not come back
-                self._graphs.clear()
-        sig = (shapes, addresses)
+        if self.moves < 2:
+            addresses = tuple(None if t is None else t.data_ptr() for t in fixed)
+            if self._addresses.setdefault(shapes, addresses) != addresses:
+                self._addresses[shapes] = addresses
+                self.moves += 1
+                if self.moves >= 2:  # graphs of addresses that will not come back
+                    self._graphs.clear()
+        if self.moves >= 2:  # the weights move at every call: the graph copies them in as well
+            sig, inputs, fixed_in, strided = (shapes, "copied"), [*copied, *fixed], (), len(fixed)
+        else:
+            sig, inputs, fixed_in, strided = (shapes, addresses), list(copied), fixed, 0
         graph = self._graphs.get(sig)
         if graph is None:
-            size = sum(t.numel() * t.element_size() for t in copied if t is not None)
-            if (sig not in self._seen or self.moves >= 2 or len(self._graphs) >= self.max_graphs
-                    or size > self.max_bytes):
+            size = sum(t.numel() * t.element_size() for t in inputs if t is not None)
+            if sig not in self._seen or len(self._graphs) >= self.max_graphs or size > self.max_bytes:
                 self._seen.add(sig)
                 return fn(*copied, *fixed)
-            graph = self._graphs[sig] = _Graph(fn, copied, fixed)
+            graph = self._graphs[sig] = _Graph(fn, inputs, fixed_in, strided)
             self.captures += 1
         self.replays += 1
-        return graph(copied)
+        return graph(inputs)
 
     def clear(self) -> None:
         """Drop every graph (their memory returns to the pool) and start afresh."""

@@ -13,6 +13,9 @@ FSDP2's extension points::
     all-gather             [codes_0; ...; codes_N-1], [scales_0; ...]    FSDP2's own collective
     fsdp_post_all_gather   W_hat = dequantize(codes, scales) in the param dtype: what the layer sees
 
+(bf16 and fp16, unscaled casts, take the short way: the codes are the saturating cast of ``W_r``,
+one kernel, and ``W_hat`` is the cast back, the same bits as the quantizer's.)
+
 The layer then quantizes ``W_hat`` to ``fmt`` again. That is the identity on the codes (every
 ``W_hat`` element is already on the grid, and the scale is recomputed from the same amax), so the
 forward and backward are those of the unsharded layer up to one rounding of the fp32 scale
@@ -42,10 +45,13 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .formats import Format
+from .kernels import _saturating_cast
 from .qtensor import QTensor, quantize
 
 __all__ = ["LowBitGatherWeight", "check_lowbit_gather_support", "lowbit_gather_weights", "precompute_gather_amax",
            "unwrap_lowbit"]
+
+_CASTS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # unscaled formats that are torch dtypes
 
 # ops whose results stay wrapped: the ones FSDP2 applies to a parameter while sharding it
 _PRESERVE = {
@@ -134,6 +140,8 @@ class LowBitGatherWeight(torch.Tensor):
     # ---- FSDP2's all-gather extension ------------------------------------------------------------
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
         fmt, w = self._fmt, self._tensor
+        if fmt.name in _CASTS and not fmt.is_scaled:  # bf16, fp16: the codes are the saturating cast
+            return (_saturating_cast(w.detach(), fmt),), None
         amax = None
         if fmt.is_scaled and fmt.granularity == "tensor":  # absmax (check_lowbit_gather_support)
             amax = self._precomputed_amax()
@@ -148,13 +156,16 @@ class LowBitGatherWeight(torch.Tensor):
         return inputs, (tensor_scale, tuple(outer_size), q.padded_last)
 
     def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
-        tensor_scale, shape, padded_last = metadata
         # FSDP2 hands each output back shaped as its input, all ranks' rows stacked on dim 0
         data = outputs[0]
-        scale = outputs[1] if len(outputs) > 1 else None
-        if tensor_scale:
-            scale = scale[0]
-        w = QTensor(data, scale, None, self._fmt, shape, padded_last).dequantize(param_dtype)
+        if metadata is None:  # a cast: QTensor.dequantize of its codes is the cast back
+            w = data.to(param_dtype)
+        else:
+            tensor_scale, shape, padded_last = metadata
+            scale = outputs[1] if len(outputs) > 1 else None
+            if tensor_scale:
+                scale = scale[0]
+            w = QTensor(data, scale, None, self._fmt, shape, padded_last).dequantize(param_dtype)
         if out is not None:  # the gather before backward refills the forward's tensor, which autograd saved
             with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(out):
                 out.copy_(w)
@@ -207,10 +218,13 @@ def unwrap_lowbit(t):
     return t
 
 
-def lowbit_gather_weights(model: nn.Module, world: int) -> dict[str, tuple[bool, str]]:
+def lowbit_gather_weights(model: nn.Module, world: int, param_dtype: torch.dtype | None = None
+                          ) -> dict[str, tuple[bool, str]]:
     """Wrap every latent weight of ``model`` that can travel in its format (before ``fully_shard``
-    with ``world`` data-parallel ranks). Returns {module name: (True, format gathered) or
-    (False, why not)}."""
+    with ``world`` data-parallel ranks). A weight whose format is the unscaled cast to
+    ``param_dtype`` (FSDP2's ``MixedPrecisionPolicy.param_dtype``) is left as it is: FSDP2's own
+    copy-in casts it to that dtype, the same bits, in one fused kernel per unit instead of a
+    quantizer per weight. Returns {module name: (True, format gathered) or (False, why not)}."""
     from .nn.native import NativeWeightMixin
 
     layers: dict[int, list[tuple[str, nn.Module]]] = {}  # a tied weight: every layer that reads it
@@ -230,6 +244,8 @@ def lowbit_gather_weights(model: nn.Module, world: int) -> dict[str, tuple[bool,
             ok, why = False, "a tied weight read in several formats"
         if ok and fmt.bits >= 8 * w.element_size():
             ok, why = False, f"{fmt} is not narrower than the {w.dtype} master"
+        if ok and param_dtype is not None and not fmt.is_scaled and _CASTS.get(fmt.name) == param_dtype:
+            ok, why = False, f"{fmt} is the param dtype, which FSDP2 gathers in"
         if ok:
             new = nn.Parameter(LowBitGatherWeight(w.data, fmt), requires_grad=w.requires_grad)
             for _, m in users:

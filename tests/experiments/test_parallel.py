@@ -201,6 +201,23 @@ def _data_parallel_checks(rank, world, tmp):
             loss_of(model, xs, ys).backward()
         prefetch_grads.append({n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None})
     out["prefetch/gathers_at_blocks"] = gathers
+
+    # bf16 weights with param_dtype bf16: FSDP2's own cast gathers them (no wrapper), the same bits
+    # as the wrapper's bf16 codes
+    from lowprec.fsdp import LowBitGatherWeight, lowbit_gather_weights
+
+    cast_grads, wrapped = [], []
+    for wrap in (False, True):
+        model = build("bf16")
+        if wrap:
+            lowbit_gather_weights(model, world)
+        shard_model(model, d.mesh, ParallelConfig(param_dtype="bf16"))
+        wrapped.append(sum(isinstance(getattr(p, "_local_tensor", p), LowBitGatherWeight) for p in model.parameters()))
+        loss_of(model, xs, ys).backward()
+        cast_grads.append({n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None})
+    out["param_dtype_cast/wrapped"] = wrapped
+    out["param_dtype_cast/same_grads"] = (cast_grads[0].keys() == cast_grads[1].keys() and len(cast_grads[0]) > 0
+                                          and all(torch.equal(cast_grads[0][n], cast_grads[1][n]) for n in cast_grads[0]))
     out["prefetch/same_grads"] = (prefetch_grads[0].keys() == prefetch_grads[1].keys()
                                   and all(torch.equal(prefetch_grads[0][n], prefetch_grads[1][n]) for n in prefetch_grads[0]))
 
@@ -304,6 +321,15 @@ def test_prefetch_starts_the_next_units_gather(dp2):
         assert len(plain) == len(ahead) >= 2
         assert [a - p for a, p in zip(ahead, plain)] == [1] * (len(plain) - 1) + [0]
         assert r["prefetch/same_grads"]
+
+
+def test_bf16_weights_gather_through_the_param_dtype(dp2):
+    """Under the bf16 policy with parallel.param_dtype bf16 no weight is wrapped for a gather in its
+    format (FSDP2's cast is that format), and the gradients are the wrapped gather's, bit for bit."""
+    for r in dp2[1]:
+        unwrapped, wrapped = r["param_dtype_cast/wrapped"]
+        assert unwrapped == 0 and wrapped > 0
+        assert r["param_dtype_cast/same_grads"]
 
 
 def test_data_parallel_matches_the_whole_batch(dp2):
@@ -556,7 +582,7 @@ def _meta_built_model(rank, world):
     out = {}
     for name in ("paper", "ternary_native"):
         args = types.SimpleNamespace(model="tiny", policy=name, blocks=None, T=16, batch=2, checkpoint=True,
-                                     reduce_dtype="fp32", warmup=0, iters=0, prefetch=1, reshard=True)
+                                     param_dtype="bf16", reduce_dtype="fp32", warmup=0, iters=0, prefetch=1, reshard=True)
         model, opt, sched, scaler, n = bp.build(args, d)
         tensors = [*model.parameters(), *model.buffers()]
         out[f"meta_left/{name}"] = sum(t.device.type == "meta" for t in tensors)

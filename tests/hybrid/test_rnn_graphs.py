@@ -128,10 +128,12 @@ def test_graphed_training_follows_step_by_step_training(mode):
 
 
 @pytest.mark.gpu
-def test_graph_cache_reads_weights_in_place_and_stops_when_they_move():
+def test_graph_cache_reads_weights_in_place_and_copies_them_in_when_they_move():
     """GraphCache on a small function: the second call captures, later ones replay; a replay reads
     the fixed input as it is now and returns outputs of its own (a later replay does not overwrite
-    them); a fixed input that moves twice stops the capturing; inputs over max_bytes never capture."""
+    them); once a fixed input has moved twice, the graph copies it in at every call (weights at new
+    addresses and with new values each call, as a sharded model's gathered weights, give what the
+    plain call gives, bit for bit); inputs over max_bytes never capture."""
     cache = GraphCache(max_bytes=1 << 20)
     gen = torch.Generator(device="cuda").manual_seed(0)
     w = torch.randn(64, 64, device="cuda", generator=gen)
@@ -154,9 +156,15 @@ def test_graph_cache_reads_weights_in_place_and_stops_when_they_move():
         x = torch.randn(8, 64, device="cuda", generator=gen)
         assert torch.equal(cache(fn, (x,), (w,), "k")[0], fn(x, w)[0])
     assert cache.moves == 2
-    for _ in range(2):
-        assert torch.equal(cache(fn, (x,), (w,), "k")[0], fn(x, w)[0])
-    assert cache.captures == 1 and cache.replays == 3  # not captured again
+    for i in range(4):  # a new address and new values at every call (the call that moved it ran plainly)
+        w = torch.randn(64, 64, device="cuda", generator=gen)
+        assert torch.equal(cache(fn, (x,), (w,), "k")[0], fn(x, w)[0]), i
+    assert cache.captures == 2 and cache.replays == 3 + 4
+    wt = torch.randn(64, 64, device="cuda", generator=gen).t()  # a transposed weight keeps its strides
+    for _ in range(3):
+        wt = wt.clone().mul_(0.5).t().contiguous().t()
+        assert torch.equal(cache(fn, (x,), (wt,), "k")[0], fn(x, wt)[0])
+    assert cache.captures == 3
     with torch.inference_mode():  # its own graph: buffers made here could not be written outside
         fresh = GraphCache()
         for _ in range(3):
@@ -187,13 +195,14 @@ def test_graph_cache_decides_when_to_capture(monkeypatch):
     """GraphCache's bookkeeping, on the CPU with the capture replaced by a recorder (the capture
     itself is the GPU tests' part): a signature runs plainly the first time, is captured the second
     and replayed after; shapes, the key and inference mode make other signatures; fixed inputs that
-    move twice stop the capturing and drop the graphs; max_graphs and max_bytes bound it."""
+    move twice drop the graphs of their addresses and are copied in from then on; max_graphs and
+    max_bytes bound it."""
     import lowprec.cuda_graphs as cg
 
     made = []
 
     class Recorded:
-        def __init__(self, fn, copied, fixed):
+        def __init__(self, fn, copied, fixed, strided=0):
             self.fn, self.fixed = fn, fixed
             made.append(self)
 
@@ -233,13 +242,19 @@ def test_graph_cache_decides_when_to_capture(monkeypatch):
     w2 = w.clone()
     cache(fn, (x,), (w2,), "a")  # moved once: a graph of its own later
     assert cache.moves == 1 and len(cache._graphs) == 3
-    cache(fn, (x,), (w.clone(),), "a")  # moved again: no more graphs
+    cache(fn, (x,), (w.clone(),), "a")  # moved again: the graphs of fixed addresses are dropped
     assert cache.moves == 2 and len(cache._graphs) == 0
     before = (cache.captures, cache.replays)
-    for _ in range(3):
-        assert torch.equal(cache(fn, (x,), (w2,), "a"), fn(x, w2))
-    assert (cache.captures, cache.replays) == before
+    for _ in range(4):  # the weights copied in from now on (the call that moved them ran plainly): captured, replayed
+        w3 = torch.randn(4, 4)
+        assert torch.equal(cache(fn, (x,), (w3,), "a"), fn(x, w3))
+    assert (cache.captures, cache.replays) == (before[0] + 1, before[1] + 4)
+    assert made[-1].fixed == ()  # the weight is among the copied inputs
+    tight = GraphCache(max_bytes=2 * 4 * 4 + 64 - 1)  # x (32 bytes) + w (64): over by one once w is copied
+    for _ in range(6):
+        tight(fn, (x,), (torch.randn(4, 4),), "a")
+    assert tight.moves >= 2 and tight.captures == 0
     cache.clear()
     cache(fn, (x,), (w2,), "a")
     cache(fn, (x,), (w2,), "a")
-    assert cache.moves == 0 and cache.captures == 4
+    assert cache.moves == 0 and cache.captures == 5
