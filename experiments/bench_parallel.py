@@ -285,13 +285,13 @@ def launch(n: int, extra: list[str], timeout: float) -> tuple[dict | None, str]:
     return None, (raised[0][:300] if raised else f"exit {p.returncode}: {text.strip().splitlines()[-1:]}")
 
 
-HEADER = ("| model | policy | GPUs | blocks | params | step s | tokens/s per GPU | vs 1 GPU | peak GiB (busiest GPU) "
-          "| all-gather MB / step / GPU | loss | steps taken |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| model | policy | GPUs | blocks | params | step s | host s | tokens/s per GPU | vs 1 GPU | peak GiB (busiest GPU) "
+          "| all-gather MB / step / GPU | loss | steps taken |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def table_row(r: dict, base: float | None) -> str:
     rel = f"{r['tokens_per_s_per_gpu'] / base:.2f}" if base else "-"
-    return (f"| {r['model']} | {r['policy']} | {r['gpus']} | {r['blocks']} | {r['params'] / 1e9:.2f}B | {r['step_s']:.3f} "
+    return (f"| {r['model']} | {r['policy']} | {r['gpus']} | {r['blocks']} | {r['params'] / 1e9:.2f}B | {r['step_s']:.3f} | {r['host_s']:.3f} "
             f"| {r['tokens_per_s_per_gpu']:,.0f} | {rel} | {r['peak_gib']:.1f} | {r['gather_bytes'] / 1e6:,.0f} "
             f"| {r['loss']:.3f} | {r['taken']}/{r['steps']} |")
 
@@ -310,7 +310,7 @@ def weak(args) -> None:
         for n in args.gpus:
             r, err = launch(n, ["--model", args.model, "--policy", policy, *common(args)], args.timeout)
             if r is None:
-                print(f"| {args.model} | {policy} | {n} | - | - | - | - | - | - | - | - | failed: {err} |", flush=True)
+                print(f"| {args.model} | {policy} | {n} | - | - | - | - | - | - | - | - | - | failed: {err} |", flush=True)
                 continue
             base = base or (r["tokens_per_s_per_gpu"] if n == 1 else None)
             print(table_row(r, base), flush=True)
@@ -327,7 +327,7 @@ def wide(args) -> None:
             r, err = launch(n, ["--model", args.model, "--policy", policy, "--blocks", str(k), *common(args)], args.timeout)
             tried[k] = r
             if r is None:
-                print(f"| {args.model} | {policy} | {n} | {k} | - | - | - | - | - | - | - | does not fit / failed: {err} |",
+                print(f"| {args.model} | {policy} | {n} | {k} | - | - | - | - | - | - | - | - | does not fit / failed: {err} |",
                       flush=True)
             else:
                 print(table_row(r, None), flush=True)

@@ -63,6 +63,7 @@ Two modes produce the memory vectors (`RNNMemory.stream` / `RNNMemory.chunked`):
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import weakref
 
@@ -142,6 +143,22 @@ def _cell_backward(dh, dc, dy_t, acts_t, tanh_c, c_prev, valid_t, ad=None, cast=
 
 _FUSED: list = []
 
+# Compiled variants one process's cells may need: activation and state dtypes, with and without a
+# mask, the next GEMM's operand cast or none, a second batch size (chunked mode), and inputs whose
+# dispatch keys differ (made inside a custom operator, a CUDA graph's buffers, FSDP2's gathered
+# weights). Above torch's default of 8, which a sharded bf16 run exceeds.
+CELL_VARIANTS = 64
+
+
+def _compiled_cell(f):
+    compiled = torch.compile(f, fullgraph=True)
+
+    @functools.wraps(f)
+    def call(*args, **kwargs):
+        with torch._dynamo.config.patch(recompile_limit=CELL_VARIANTS):
+            return compiled(*args, **kwargs)
+    return call
+
 
 def _cells(fused: bool):
     """(cell, cell_backward): the eager functions, op for op as autograd differentiates the
@@ -151,7 +168,7 @@ def _cells(fused: bool):
     eager by the fused kernels' rounding)."""
     if fused:
         if not _FUSED:
-            _FUSED.extend(torch.compile(f, fullgraph=True) for f in (_cell, _cell_backward))
+            _FUSED.extend(_compiled_cell(f) for f in (_cell, _cell_backward))
         return _FUSED
     return _cell, _cell_backward
 
