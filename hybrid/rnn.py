@@ -146,17 +146,26 @@ _FUSED: list = []
 # Compiled variants one process's cells may need: activation and state dtypes, with and without a
 # mask, the next GEMM's operand cast or none, a second batch size (chunked mode), and inputs whose
 # dispatch keys differ (made inside a custom operator, a CUDA graph's buffers, FSDP2's gathered
-# weights). Above torch's default of 8, which a sharded bf16 run exceeds.
+# weights). torch's default limit (8) is exceeded by a sharded bf16 run.
 CELL_VARIANTS = 64
 
 
 def _compiled_cell(f):
+    """``f`` compiled (fullgraph); a call that needs one more variant than torch's recompile limit
+    allows is compiled again under ``CELL_VARIANTS`` (the limit is only raised for that call: a
+    ``config.patch`` around every call would cost ~0.1 ms of host time each)."""
     compiled = torch.compile(f, fullgraph=True)
+    over_limit = (torch._dynamo.exc.FailOnRecompileLimitHit, torch._dynamo.exc.Unsupported)
 
     @functools.wraps(f)
     def call(*args, **kwargs):
-        with torch._dynamo.config.patch(recompile_limit=CELL_VARIANTS):
+        try:
             return compiled(*args, **kwargs)
+        except over_limit:  # raised before the function ran: nothing to undo
+            if torch._dynamo.config.recompile_limit >= CELL_VARIANTS:
+                raise
+            with torch._dynamo.config.patch(recompile_limit=CELL_VARIANTS):
+                return compiled(*args, **kwargs)
     return call
 
 
