@@ -36,9 +36,10 @@ during one step (counted at the collectives), the host's time to issue a step (`
 whose host time reaches its step time is bound by the host, not the GPU), and the last loss (finite:
 the steps trained).
 
-One process computes with its fp32 masters (a policy's GEMM operands quantized from them, activations
-in fp32); ``--param-dtype bf16`` makes the sharded ranks gather and compute in bf16 (activations too),
-less work per GPU than the one process does, ``--param-dtype master`` the same arithmetic as one process.
+``--param-dtype bf16`` (the default): parameters gathered and computed in bf16 from fp32 masters,
+activations in bf16, on every number of GPUs (one process through
+:func:`experiments.parallel.compute_in_param_dtype`: the ranks' arithmetic); ``--param-dtype master``:
+in the masters' dtype (fp32 activations), one process or many.
 """
 from __future__ import annotations
 
@@ -358,8 +359,8 @@ def main(argv=None) -> None:
     ap.add_argument("--checkpoint", action=argparse.BooleanOptionalAction, default=None,
                     help="activation checkpointing per block and LSTM layer (default: on for wide, off for weak)")
     ap.add_argument("--param-dtype", choices=["bf16", "master"], default="bf16",
-                    help="parallel.param_dtype: bf16 (weights gathered and used in bf16, activations in bf16), or "
-                         "master: in the masters' dtype, as one process computes (fp32)")
+                    help="parallel.param_dtype: bf16 (parameters gathered and used in bf16, activations in bf16; one "
+                         "process too), or master: in the masters' dtype (fp32)")
     ap.add_argument("--reduce-dtype", choices=["fp32", "bf16"], default="fp32",
                     help="dtype of FSDP2's gradient reduce-scatter (parallel.reduce_dtype)")
     ap.add_argument("--prefetch", type=int, default=1, help="parallel.prefetch: units whose all-gather each unit starts ahead")

@@ -4,7 +4,8 @@
     python -m experiments.bench_train --sizes 30m --variants ref ref-torchao windowed:bf16 hybrid:paper
 
 One training step = forward, cross-entropy, backward, optimizer step (bf16 autocast for the
-reference; our models' precision from the policy), over random byte tokens (the speed of a step does
+reference; our models' precision from the policy, their activations in fp32, or with ``--param-dtype
+bf16`` parameters and activations in bf16 from fp32 masters), over random byte tokens (the speed of a step does
 not depend on the text). Every variant runs under ``torch.compile`` (``--mode eager``: none does). Reported per variant: tokens/s
 (median of the timed steps after the first, which compiles and is reported as "first step s"), model FLOPs utilization
 (6 x parameters x tokens/s over the H100's 989 TFLOP/s dense bf16 peak, attention FLOPs not
@@ -44,8 +45,10 @@ POLICIES = ["bf16", "fp8", "paper", "ternary", "ternary_native"]
 VARIANTS = ["ref", "ref-torchao", *(f"{m}:{p}" for m in ("windowed", "hybrid") for p in POLICIES)]
 
 
-def build(variant: str, size: dict, rnn_graphs: bool = True):
-    """(model, optimizer, step function, parameter count, note)."""
+def build(variant: str, size: dict, rnn_graphs: bool = True, param_dtype: str = "master"):
+    """(model, optimizer, step function, parameter count, note). ``param_dtype`` bf16: our models
+    compute with their parameters (fp32 masters) cast to bf16, activations in bf16
+    (``parallel.param_dtype``; :func:`experiments.parallel.compute_in_param_dtype`)."""
     d, L, H, T = size["d"], size["blocks"], size["heads"], size["T"]
     if variant.startswith("ref"):
         model = GPT(vocab=256, d=d, layers=L, heads=H, context=T).cuda()
@@ -69,6 +72,10 @@ def build(variant: str, size: dict, rnn_graphs: bool = True):
     model = hybrid.HybridLM(cfg)
     report = lowprec.apply_policy(model, OmegaConf.load(CONFIGS / "precision" / f"{policy}.yaml"))
     model.cuda()
+    if param_dtype != "master":
+        from .parallel import DTYPES, compute_in_param_dtype
+
+        compute_in_param_dtype(model, DTYPES[param_dtype])
     opt_cfg = OmegaConf.load(CONFIGS / "optim" / ("ternary_native.yaml" if policy.endswith("native") else "adamw.yaml"))
     opt = optim.build_optimizer(model, opt_cfg)
     plans = sorted({m.plan.describe() for m in model.modules() if hasattr(m, "plan")})
@@ -79,12 +86,14 @@ def build(variant: str, size: dict, rnn_graphs: bool = True):
         logits, _ = model(x)
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
     del report
-    return model, opt, loss_fn, n, "; ".join(plans)
+    note = "; ".join(plans) + ("" if param_dtype == "master" else f"; parameters and activations in {param_dtype}")
+    return model, opt, loss_fn, n, note
 
 
-def measure(variant: str, size: dict, iters: int, mode: str | None = None, rnn_graphs: bool = True) -> dict:
+def measure(variant: str, size: dict, iters: int, mode: str | None = None, rnn_graphs: bool = True,
+            param_dtype: str = "master") -> dict:
     torch.manual_seed(0)
-    model, opt, loss_fn, n_params, note = build(variant, size, rnn_graphs)
+    model, opt, loss_fn, n_params, note = build(variant, size, rnn_graphs, param_dtype)
     compiled = loss_fn if mode == "eager" else torch.compile(loss_fn, mode=mode)
     B, T = size["B"], size["T"]
     x = torch.randint(0, 256, (B, T + 1), device="cuda")
@@ -124,18 +133,22 @@ def main(argv=None):
                     help="torch.compile mode for every variant (default: the default mode); 'eager': not compiled")
     ap.add_argument("--rnn-graphs", action=argparse.BooleanOptionalAction, default=True,
                     help="replay the hybrid's LSTM step loops as CUDA graphs (model.rnn_cuda_graphs)")
+    ap.add_argument("--param-dtype", choices=["master", "bf16"], default="master",
+                    help="our models: compute in the fp32 masters' dtype, or with parameters and activations in bf16 "
+                         "(parallel.param_dtype), as the reference's autocast does for its matmuls")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_train needs a CUDA GPU")
     how = "not compiled" if args.mode == "eager" else f"compiled (mode: {args.mode or 'default'})"
-    print(f"# training step, {environment()}, {datetime.date.today()}, {how}, rnn_cuda_graphs={args.rnn_graphs}")
+    print(f"# training step, {environment()}, {datetime.date.today()}, {how}, rnn_cuda_graphs={args.rnn_graphs}, "
+          f"param_dtype={args.param_dtype}")
     print("| size | variant | params | tokens/s | MFU | peak GiB | vs ref | first step s | plans |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.sizes:
         size, ref = SIZES[name], None
         for variant in args.variants:
             try:
-                r = measure(variant, size, args.iters, args.mode, args.rnn_graphs)
+                r = measure(variant, size, args.iters, args.mode, args.rnn_graphs, args.param_dtype)
             except ImportError as e:
                 print(f"| {name} | {variant} | - | - | - | - | - | - | not run: {e} |", flush=True)
                 continue

@@ -266,10 +266,13 @@ def build_run(cfg: DictConfig, parallel=None) -> Run:
         from .parallel import shard_model
 
         _stage("parallel", shard_model, model, parallel.mesh, pcfg)
-    elif (cfg.get("parallel") or {}).get("activation_checkpoint"):  # one process: only this key applies
-        from .parallel import checkpoint_units
+    elif cfg.get("parallel"):  # one process: activation_checkpoint and param_dtype apply
+        from .parallel import ParallelConfig, shard_model
 
-        checkpoint_units(model)
+        pcfg = _stage("parallel", ParallelConfig.from_config, cfg.parallel)
+        _stage("parallel", shard_model, model, None, pcfg)
+        if pcfg.param_dtype is not None:
+            log.info("parameters computed in %s (parallel.param_dtype; fp32 masters), activations too", pcfg.param_dtype)
     optimizer = _stage("optim", optim.build_optimizer, model, cfg.optim)
     scheduler = _stage("optim.schedule", optim.build_scheduler, optimizer, cfg.optim, t["steps"])
     ls = dict(t.get("loss_scale") or {})

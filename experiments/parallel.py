@@ -8,7 +8,9 @@ Each process that ``torchrun --nproc-per-node N`` starts (one per GPU; on CPU, g
     batches = RankBatches.for_rank(SegmentStreamer(tokens, B_global, T), dist)  # experiments.rank_data
 
 A single process (no ``WORLD_SIZE``, or 1) creates no process group and no mesh, and every
-function here leaves the model and the data as they are.
+function here leaves the model and the data as they are, but for two keys that also apply to it:
+``activation_checkpoint`` and ``param_dtype`` (the same arithmetic as the ranks of a sharded run,
+:func:`compute_in_param_dtype`).
 
 The mesh is ``(dp,)`` or ``(dp, tp)`` with ``dp = world / tp`` (``dp: auto``). Parallelism is
 applied to a built model in a fixed order, each step a small function:
@@ -45,7 +47,7 @@ from lowprec.nn.native import NativeWeightMixin
 
 __all__ = ["ParallelConfig", "Distributed", "init_distributed", "log_on_main_only", "shard_model", "units",
            "apply_tensor_parallel", "forward_order", "prefetch_units", "gather_bytes", "clip_grads_over_ranks_", "local_grads",
-           "all_reduce_found_inf", "DTYPES"]
+           "all_reduce_found_inf", "compute_in_param_dtype", "DTYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +214,8 @@ def units(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def shard_model(model: nn.Module, mesh, cfg: ParallelConfig | None = None) -> nn.Module:
     """Apply tensor parallelism (when the mesh has a ``tp`` dimension), row-shard native weights and
     FSDP2-shard every unit over ``dp``, in that order (see the module doc); returns ``model``
-    (changed in place: FSDP2 swaps the classes of the units). ``mesh`` None: only
-    ``cfg.activation_checkpoint`` applies.
+    (changed in place: FSDP2 swaps the classes of the units). ``mesh`` None (one process): only
+    ``cfg.activation_checkpoint`` and ``cfg.param_dtype`` (:func:`compute_in_param_dtype`) apply.
 
     Call after ``lowprec.apply_policy`` and moving the model to its device, before building the
     optimizer (it must see the sharded parameters and the native layers' shards)."""
@@ -223,6 +225,8 @@ def shard_model(model: nn.Module, mesh, cfg: ParallelConfig | None = None) -> nn
     if cfg.activation_checkpoint:
         checkpoint_units(model)
     if mesh is None:
+        if cfg.param_dtype is not None:
+            compute_in_param_dtype(model, DTYPES[cfg.param_dtype])
         return model
     dp_mesh = mesh["dp"] if mesh.ndim > 1 else mesh
     if mesh.ndim > 1 and mesh["tp"].size() > 1:
@@ -296,6 +300,45 @@ def prefetch_units(model: nn.Module, k: int) -> None:
             unit.set_modules_to_forward_prefetch(order[i + 1:i + 1 + k])
         if order[max(0, i - k):i]:
             unit.set_modules_to_backward_prefetch(order[max(0, i - k):i][::-1])
+
+
+def compute_in_param_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """One process's ``parallel.param_dtype``: every call of ``model`` computes with its floating
+    parameters in ``dtype`` as the ranks of a sharded run do (FSDP2's ``MixedPrecisionPolicy
+    (param_dtype=dtype)``): ``p.to(dtype)``, or, for a latent weight that the ranks all-gather in its
+    format (:func:`lowprec.fsdp.lowbit_gather_weights`), its codes dequantized to ``dtype``
+    (:func:`lowprec.fsdp.as_gathered`); differentiable, the gradient reaching the master in its own
+    dtype. Activations follow (embeddings and layers return ``dtype``); the LSTM's carried state
+    keeps its own dtype. The tiny hybrid's gradients are bit-identical to 2 ranks' (tested). The parameters themselves (what the optimizer, the state dict
+    and a checkpoint see) stay as they are. Two forward hooks on ``model`` swap the casts in and back
+    (the second also when the forward raises); ``torch.compile`` traces them; a copy of the model
+    (``copy.deepcopy``) keeps them. Returns ``model``. ``ValueError`` when applied twice."""
+    from torch.nn.utils._named_member_accessor import NamedMemberAccessor
+
+    from lowprec.fsdp import as_gathered, gathered_formats
+
+    if getattr(model, "_param_dtype", None) is not None:
+        raise ValueError(f"the model already computes in {model._param_dtype}")
+    formats = gathered_formats(model, dtype)
+
+    def cast(name, p):
+        fmt = formats.get(name)
+        return p.to(dtype) if fmt is None else as_gathered(p, fmt, dtype)
+
+    def swap_in(module, args):
+        params = [(n, p) for n, p in module.named_parameters() if p.is_floating_point() and p.dtype != dtype]
+        originals, _ = NamedMemberAccessor(module).swap_tensors_dict({n: cast(n, p) for n, p in params})
+        module._params_in_forward = originals
+
+    def swap_back(module, args, output):
+        originals = module.__dict__.pop("_params_in_forward", None)
+        if originals is not None:
+            NamedMemberAccessor(module).swap_tensors_dict(originals)
+
+    model._param_dtype = dtype
+    model.register_forward_pre_hook(swap_in)
+    model.register_forward_hook(swap_back, always_call=True)
+    return model
 
 
 def checkpoint_units(model: nn.Module) -> list[str]:

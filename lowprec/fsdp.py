@@ -48,8 +48,8 @@ from .formats import Format
 from .kernels import _saturating_cast
 from .qtensor import QTensor, quantize
 
-__all__ = ["LowBitGatherWeight", "check_lowbit_gather_support", "lowbit_gather_weights", "precompute_gather_amax",
-           "unwrap_lowbit"]
+__all__ = ["LowBitGatherWeight", "as_gathered", "check_lowbit_gather_support", "gathered_formats",
+           "lowbit_gather_weights", "precompute_gather_amax", "unwrap_lowbit"]
 
 _CASTS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # unscaled formats that are torch dtypes
 
@@ -218,20 +218,15 @@ def unwrap_lowbit(t):
     return t
 
 
-def lowbit_gather_weights(model: nn.Module, world: int, param_dtype: torch.dtype | None = None
-                          ) -> dict[str, tuple[bool, str]]:
-    """Wrap every latent weight of ``model`` that can travel in its format (before ``fully_shard``
-    with ``world`` data-parallel ranks). A weight whose format is the unscaled cast to
-    ``param_dtype`` (FSDP2's ``MixedPrecisionPolicy.param_dtype``) is left as it is: FSDP2's own
-    copy-in casts it to that dtype, the same bits, in one fused kernel per unit instead of a
-    quantizer per weight. Returns {module name: (True, format gathered) or (False, why not)}."""
+def _gather_plan(model: nn.Module, world: int, param_dtype: torch.dtype | None):
+    """For each latent weight (a tied one once): (the layers that read it as [(name, module)], the
+    weight, its format, whether it travels in that format, why not)."""
     from .nn.native import NativeWeightMixin
 
     layers: dict[int, list[tuple[str, nn.Module]]] = {}  # a tied weight: every layer that reads it
     for name, mod in model.named_modules():
         if isinstance(mod, NativeWeightMixin) and not mod.is_native and mod.weight is not None:
             layers.setdefault(id(mod.weight), []).append((name, mod))
-    report = {}
     for users in layers.values():
         w = users[0][1].weight
         fmts = {m.precision.operand("fprop", "weight") for _, m in users}
@@ -246,6 +241,18 @@ def lowbit_gather_weights(model: nn.Module, world: int, param_dtype: torch.dtype
             ok, why = False, f"{fmt} is not narrower than the {w.dtype} master"
         if ok and param_dtype is not None and not fmt.is_scaled and _CASTS.get(fmt.name) == param_dtype:
             ok, why = False, f"{fmt} is the param dtype, which FSDP2 gathers in"
+        yield users, w, fmt, ok, why
+
+
+def lowbit_gather_weights(model: nn.Module, world: int, param_dtype: torch.dtype | None = None
+                          ) -> dict[str, tuple[bool, str]]:
+    """Wrap every latent weight of ``model`` that can travel in its format (before ``fully_shard``
+    with ``world`` data-parallel ranks). A weight whose format is the unscaled cast to
+    ``param_dtype`` (FSDP2's ``MixedPrecisionPolicy.param_dtype``) is left as it is: FSDP2's own
+    copy-in casts it to that dtype, the same bits, in one fused kernel per unit instead of a
+    quantizer per weight. Returns {module name: (True, format gathered) or (False, why not)}."""
+    report = {}
+    for users, w, fmt, ok, why in _gather_plan(model, world, param_dtype):
         if ok:
             new = nn.Parameter(LowBitGatherWeight(w.data, fmt), requires_grad=w.requires_grad)
             for _, m in users:
@@ -253,3 +260,38 @@ def lowbit_gather_weights(model: nn.Module, world: int, param_dtype: torch.dtype
         for name, _ in users:
             report[name] = (ok, str(fmt) if ok else why)
     return report
+
+
+def gathered_formats(model: nn.Module, param_dtype: torch.dtype | None) -> dict[str, Format]:
+    """{parameter name: format} of the latent weights that a sharded run (rows splitting evenly)
+    would all-gather in their format (:func:`lowbit_gather_weights`): what one process computing in
+    ``param_dtype`` reads through :func:`as_gathered` to get the ranks' numbers."""
+    return {f"{name}.weight": fmt for users, _, fmt, ok, _ in _gather_plan(model, 1, param_dtype) if ok
+            for name, _ in users}
+
+
+def _gathered_value(w: torch.Tensor, fmt: Format, dtype: torch.dtype) -> torch.Tensor:
+    """What a rank holds after all-gathering ``w`` in ``fmt`` and dequantizing it to ``dtype``: the
+    codes of the whole tensor (a per-tensor scale from its amax, as the all-reduced amax of the
+    shards gives), dequantized."""
+    if fmt.name in _CASTS and not fmt.is_scaled:
+        return _saturating_cast(w, fmt).to(dtype)
+    return quantize(w, fmt).dequantize(dtype)
+
+
+class _AsGathered(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, fmt, dtype):
+        ctx.master_dtype = w.dtype
+        return _gathered_value(w.detach(), fmt, dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.to(ctx.master_dtype), None, None
+
+
+def as_gathered(w: torch.Tensor, fmt: Format, dtype: torch.dtype) -> torch.Tensor:
+    """``w`` as the ranks of a sharded run see it after a gather in ``fmt`` (:func:`_gathered_value`),
+    in ``dtype``; its gradient reaches ``w`` as it is (cast to ``w``'s dtype), as FSDP2's
+    reduce-scatter brings it to the master."""
+    return _AsGathered.apply(w, fmt, dtype)

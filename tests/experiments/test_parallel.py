@@ -216,6 +216,23 @@ def _data_parallel_checks(rank, world, tmp):
         loss_of(model, xs, ys).backward()
         cast_grads.append({n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None})
     out["param_dtype_cast/wrapped"] = wrapped
+
+    # one process with parallel.param_dtype bf16 computes what the ranks compute: gradients of the
+    # micro-batch reference equal to the sharded ones, bit for bit, in policies that gather in bf16,
+    # in FP8 / FP4 codes, or packed native codes
+    for name in ("bf16", "paper", "fp8", "ternary_native"):
+        model, ref = build(name), build(name)
+        shard_model(model, d.mesh, ParallelConfig(param_dtype="bf16"))
+        loss_of(model, xs, ys).backward()
+        shard_model(ref, None, ParallelConfig(param_dtype="bf16"))
+        microbatch_reference(ref, x, y, world)
+        refs, ref_mods = dict(ref.named_parameters()), dict(ref.named_modules())
+        out[f"one_process_bf16/{name}"] = max(float((full(p.grad) - refs[n].grad).abs().max())
+                                              for n, p in model.named_parameters())
+        out[f"one_process_bf16_native/{name}"] = max(
+            [float((layer.native_grad - ref_mods[n].native_grad.chunk(world)[rank]).abs().max())
+             for n, layer in native_shards(model).items()] or [0.0])
+        out[f"one_process_bf16_dtypes/{name}"] = sorted({str(p.dtype) for p in ref.parameters()})
     out["param_dtype_cast/same_grads"] = (cast_grads[0].keys() == cast_grads[1].keys() and len(cast_grads[0]) > 0
                                           and all(torch.equal(cast_grads[0][n], cast_grads[1][n]) for n in cast_grads[0]))
     out["prefetch/same_grads"] = (prefetch_grads[0].keys() == prefetch_grads[1].keys()
@@ -330,6 +347,18 @@ def test_bf16_weights_gather_through_the_param_dtype(dp2):
         unwrapped, wrapped = r["param_dtype_cast/wrapped"]
         assert unwrapped == 0 and wrapped > 0
         assert r["param_dtype_cast/same_grads"]
+
+
+@pytest.mark.parametrize("name", ["bf16", "paper", "fp8", "ternary_native"])
+def test_one_process_param_dtype_computes_what_the_ranks_compute(dp2, name):
+    """parallel.param_dtype bf16 in one process (compute_in_param_dtype): the gradients of its
+    micro-batches are the 2 ranks' of FSDP2 with the same param_dtype, bit for bit (bf16 casts,
+    FP8 / FP4 codes dequantized to bf16 as after the gather, packed native codes), and its
+    parameters stay fp32 masters."""
+    for r in dp2[1]:
+        assert r[f"one_process_bf16/{name}"] == 0.0
+        assert r[f"one_process_bf16_native/{name}"] == 0.0
+        assert r[f"one_process_bf16_dtypes/{name}"] == ["torch.float32"]
 
 
 def test_data_parallel_matches_the_whole_batch(dp2):
@@ -820,3 +849,40 @@ def test_fsdp_and_tensor_parallel_on_four_processes(fork_ranks):
     res = run_ranks(fork_ranks, _two_dimensional, 4)
     assert res[0][0].startswith("4 processes (gloo, cpu): mesh dp=2 x tp=2")
     assert all(diff < 1e-6 for _, diff in res)
+
+
+def test_compute_in_param_dtype_on_one_process():
+    """compute_in_param_dtype: logits (and so activations) in bf16, the parameters the same fp32
+    Parameter objects before and after a forward (also one that raises), the state dict unchanged; a
+    copy of the model computes in bf16 with its own parameters; applying it twice is an error; a
+    model computing in bf16 compiles with fullgraph=True."""
+    import copy
+
+    from experiments.parallel import compute_in_param_dtype
+
+    model = build("paper")
+    before = dict(model.named_parameters())
+    keys = {k: v.dtype for k, v in model.state_dict().items()}
+    compute_in_param_dtype(model, torch.bfloat16)
+    x, y = batch(rows=2)
+    logits, _ = model(x)
+    assert logits.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="tokens must be"):
+        model(x[0])
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+    assert all(p.dtype == torch.float32 and isinstance(p, torch.nn.Parameter) for p in after.values())
+    assert {k: v.dtype for k, v in model.state_dict().items()} == keys
+    loss_of(model, x, y).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    twin = copy.deepcopy(model)
+    assert twin(x)[0].dtype == torch.bfloat16 and torch.equal(twin(x)[0], model(x)[0])
+    assert not set(map(id, twin.parameters())) & set(map(id, model.parameters()))
+    with pytest.raises(ValueError, match="already computes in"):
+        compute_in_param_dtype(model, torch.bfloat16)
+    plain = compute_in_param_dtype(build(None), torch.bfloat16)  # compiles faster than a policy's layers
+    eager = loss_of(plain, x, y)
+    compiled = torch.compile(loss_of, fullgraph=True)(plain, x, y)
+    # bf16 activations: the compiled kernels round fewer intermediates to bf16 than eager ops do,
+    # a few bf16 steps (2^-8 relative) on the way to a loss near 3.5
+    assert compiled.item() == pytest.approx(eager.item(), rel=1e-2)

@@ -244,12 +244,26 @@ def test_nan_stops_after_k_bad_steps_naming_the_layer(cfg, tmp_path):
     (["train.loss_scale.mode=huge"], r"train.loss_scale.mode='huge' is unknown; choose one of"),
     (["optim.native.binary=adamw"], r"optim: native.binary='adamw'"),
     (["train.threads=many"], r"train.threads='many' is invalid; give an int >= 1, auto or null"),
+    (["parallel.param_dtype=fp9"], r"parallel: parallel.param_dtype='fp9'; choose null or one of fp32, bf16, fp16"),
 ])
 def test_bad_config_fails_before_anything_is_written(cfg, tmp_path, overrides, pattern):
     run = tmp_path / "run"
     with pytest.raises(ConfigError, match=pattern):
         train(cfg(run, *overrides))
     assert not run.exists()
+
+
+def test_one_process_computes_in_param_dtype(cfg, tmp_path, caplog):
+    """parallel.param_dtype=bf16 on one process: the run says so, trains (finite losses) and saves
+    fp32 masters."""
+    run = tmp_path / "run"
+    with caplog.at_level(logging.INFO):
+        train(cfg(run, "parallel.param_dtype=bf16", "train.steps=2", "train.ckpt_every=2", "train.sample_tokens=0"))
+    assert "parameters computed in bf16 (parallel.param_dtype; fp32 masters)" in caplog.text
+    _, ckpt = CheckpointManager(run / "checkpoints").latest_valid()
+    params = _params(ckpt["model"])
+    assert params and {v.dtype for v in params.values() if v.is_floating_point()} == {torch.float32}
+    assert all(torch.isfinite(v).all() for v in params.values() if v.is_floating_point())
 
 
 @pytest.mark.parametrize("texts, pattern", [
