@@ -120,7 +120,8 @@ def build(args, dist_info):
             mod.init_native_(torch.randn(mod.native_weight.shape, device=device) * 0.02)
     pcfg = ParallelConfig(param_dtype=None if args.param_dtype == "master" else args.param_dtype,
                           reduce_dtype=args.reduce_dtype, activation_checkpoint=args.checkpoint,
-                          prefetch=args.prefetch, reshard_after_forward=args.reshard)
+                          prefetch=args.prefetch, reshard_after_forward=args.reshard,
+                          blocks_per_unit=args.blocks_per_unit)
     shard_model(model, dist_info.mesh, pcfg)
     materialize_(model, device)
     opt_name = "ternary_native" if args.policy.endswith("native") else "adamw"
@@ -208,7 +209,7 @@ def _steps(args, d, model, opt, sched, scaler, n_params, build_s, cuda) -> dict:
                loss=steps[-1][0], taken=sum(1 for s in steps if s[2]), steps=len(steps),
                device=torch.cuda.get_device_name(d.device) if cuda else "cpu", checkpoint=args.checkpoint,
                param_dtype=args.param_dtype, reduce_dtype=args.reduce_dtype, prefetch=args.prefetch, compile=args.compile,
-               reshard=args.reshard)
+               reshard=args.reshard, blocks_per_unit=args.blocks_per_unit)
     return row
 
 
@@ -300,7 +301,8 @@ def table_row(r: dict, base: float | None) -> str:
 def common(args) -> list[str]:
     return [*(["--checkpoint"] if args.checkpoint else []), *(["--compile"] if args.compile else []),
             "--reshard" if args.reshard else "--no-reshard",
-            "--prefetch", str(args.prefetch), "--param-dtype", args.param_dtype, "--reduce-dtype", args.reduce_dtype, "--gpu-gib", str(args.gpu_gib), "--T", str(args.T), "--batch", str(args.batch), "--warmup", str(args.warmup), "--iters", str(args.iters),
+            "--prefetch", str(args.prefetch), "--blocks-per-unit", str(args.blocks_per_unit),
+            "--param-dtype", args.param_dtype, "--reduce-dtype", args.reduce_dtype, "--gpu-gib", str(args.gpu_gib), "--T", str(args.T), "--batch", str(args.batch), "--warmup", str(args.warmup), "--iters", str(args.iters),
             "--device", args.device]
 
 
@@ -364,6 +366,8 @@ def main(argv=None) -> None:
     ap.add_argument("--reduce-dtype", choices=["fp32", "bf16"], default="fp32",
                     help="dtype of FSDP2's gradient reduce-scatter (parallel.reduce_dtype)")
     ap.add_argument("--prefetch", type=int, default=1, help="parallel.prefetch: units whose all-gather each unit starts ahead")
+    ap.add_argument("--blocks-per-unit", type=int, default=1,
+                    help="parallel.blocks_per_unit: consecutive blocks FSDP2 gathers together")
     ap.add_argument("--reshard", action=argparse.BooleanOptionalAction, default=True,
                     help="parallel.reshard_after_forward (--no-reshard: each unit stays gathered from its forward to its backward)")
     ap.add_argument("--compile", action="store_true", help="the trainer's train.compile: forward and loss compiled")

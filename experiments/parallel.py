@@ -47,7 +47,7 @@ from lowprec.nn.native import NativeWeightMixin
 
 __all__ = ["ParallelConfig", "Distributed", "init_distributed", "log_on_main_only", "shard_model", "units",
            "apply_tensor_parallel", "forward_order", "prefetch_units", "gather_bytes", "clip_grads_over_ranks_", "local_grads",
-           "all_reduce_found_inf", "compute_in_param_dtype", "DTYPES"]
+           "all_reduce_found_inf", "compute_in_param_dtype", "fsdp_groups", "DTYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class ParallelConfig:
     activation_checkpoint: bool = False
     prefetch: int = 1
     nccl_protocol: str | None = None
+    blocks_per_unit: int = 1
 
     def __post_init__(self):
         if not (self.dp == "auto" or (isinstance(self.dp, int) and not isinstance(self.dp, bool) and self.dp >= 1)):
@@ -78,6 +79,8 @@ class ParallelConfig:
             raise ValueError(f"parallel.tp={self.tp!r}: give an int >= 1")
         if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
             raise ValueError(f"parallel.prefetch={self.prefetch!r}: give an int >= 0 (units gathered ahead)")
+        if isinstance(self.blocks_per_unit, bool) or not isinstance(self.blocks_per_unit, int) or self.blocks_per_unit < 1:
+            raise ValueError(f"parallel.blocks_per_unit={self.blocks_per_unit!r}: give an int >= 1 (blocks gathered together)")
         if self.nccl_protocol not in (None, "Simple", "LL", "LL128"):
             raise ValueError(f"parallel.nccl_protocol={self.nccl_protocol!r}; choose null (NCCL's choice), Simple, LL or LL128")
         if self.backend not in ("auto", "nccl", "gloo"):
@@ -211,6 +214,20 @@ def units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+def fsdp_groups(model: nn.Module, blocks_per_unit: int = 1) -> list[tuple[str, list[nn.Module]]]:
+    """The modules each FSDP2 group gathers together, as (name, modules), the root last: the units
+    of :func:`units`, with every ``blocks_per_unit`` consecutive blocks in one group
+    (``blocks.0-3``): one all-gather, one reduce-scatter and one set of FSDP2 hooks for all of them."""
+    groups: list[tuple[str, list[nn.Module]]] = []
+    blocks = [m for n, m in units(model) if n.startswith("blocks.")]
+    for i in range(0, len(blocks), blocks_per_unit):
+        part = blocks[i:i + blocks_per_unit]
+        j = i + len(part) - 1
+        groups.append((f"blocks.{i}" if j == i else f"blocks.{i}-{j}", part))
+    groups += [(n, [m]) for n, m in units(model) if not n.startswith("blocks.")]
+    return groups
+
+
 def shard_model(model: nn.Module, mesh, cfg: ParallelConfig | None = None) -> nn.Module:
     """Apply tensor parallelism (when the mesh has a ``tp`` dimension), row-shard native weights and
     FSDP2-shard every unit over ``dp``, in that order (see the module doc); returns ``model``
@@ -248,14 +265,16 @@ def shard_model(model: nn.Module, mesh, cfg: ParallelConfig | None = None) -> nn
     reduce_dtype = DTYPES.get(cfg.reduce_dtype) if cfg.reduce_dtype else None
     order = forward_order(model)
     last = order[-1] if order else None
-    for unit_name, unit in named:
+    groups = [(n, mods) for n, mods in fsdp_groups(model, cfg.blocks_per_unit)
+              if any(True for m in mods for _ in m.parameters())]
+    for group_name, mods in groups:
         # the LSTM's carried (h, c) enter its forward: they stay in their own (>= fp32) dtype
-        lstm = unit_name.startswith("rnn.lstm.")
+        lstm = group_name.startswith("rnn.lstm.")
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=not lstm)
-        if any(True for _ in unit.parameters()):
-            # the root and the last unit the forward runs stay gathered: the backward starts with them
-            keep = unit is model or unit is last
-            fully_shard(unit, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward and not keep)
+        # the root and the last unit the forward runs stay gathered: the backward starts with them
+        keep = any(m is model or m is last for m in mods)
+        fully_shard(mods if len(mods) > 1 else mods[0], mesh=dp_mesh, mp_policy=mp,
+                    reshard_after_forward=cfg.reshard_after_forward and not keep)
     if cfg.prefetch:
         prefetch_units(model, cfg.prefetch)
     # FSDP2 warns that the root returns views (logits, the memory bank): nothing here changes them in place
@@ -265,10 +284,10 @@ def shard_model(model: nn.Module, mesh, cfg: ParallelConfig | None = None) -> nn
         counts[how] = counts.get(how, 0) + 1
     lowbit = ", ".join(f"{n} as {text}" for (ok, text), n in sorted(counts.items()) if ok) or "none"
     other = "; ".join(f"{n}: {text}" for (ok, text), n in sorted(counts.items()) if not ok)
-    log.info("sharded over %s: %d FSDP2 units; %d native layers row-sharded (packed codes in the all-gather); "
+    log.info("sharded over %s: %d FSDP2 units%s; %d native layers row-sharded (packed codes in the all-gather); "
              "latent weights all-gathered in their format: %s%s",
-             " x ".join(f"{n}={s}" for n, s in zip(mesh.mesh_dim_names, mesh.shape)),
-             sum(1 for _, u in named if any(True for _ in u.parameters())), sum(len(v) for v in natives.values()),
+             " x ".join(f"{n}={s}" for n, s in zip(mesh.mesh_dim_names, mesh.shape)), len(groups),
+             f" ({cfg.blocks_per_unit} blocks each)" if cfg.blocks_per_unit > 1 else "", sum(len(v) for v in natives.values()),
              lowbit, f"; in {cfg.param_dtype or 'their own dtype'}: {other}" if other else "")
     return model
 
@@ -290,7 +309,11 @@ def prefetch_units(model: nn.Module, k: int) -> None:
     cost of ``k`` more units' gathered weights in memory."""
     from torch.distributed.fsdp import FSDPModule
 
-    order = [u for u in forward_order(model) if isinstance(u, FSDPModule)]
+    order, seen = [], set()
+    for u in forward_order(model):  # one module per FSDP2 group (blocks gathered together share one state)
+        if isinstance(u, FSDPModule) and id(u._get_fsdp_state()) not in seen:
+            seen.add(id(u._get_fsdp_state()))
+            order.append(u)
     if not order:
         return
     if isinstance(model, FSDPModule):
@@ -309,10 +332,11 @@ def compute_in_param_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     format (:func:`lowprec.fsdp.lowbit_gather_weights`), its codes dequantized to ``dtype``
     (:func:`lowprec.fsdp.as_gathered`); differentiable, the gradient reaching the master in its own
     dtype. Activations follow (embeddings and layers return ``dtype``); the LSTM's carried state
-    keeps its own dtype. The tiny hybrid's gradients are bit-identical to 2 ranks' (tested). The parameters themselves (what the optimizer, the state dict
-    and a checkpoint see) stay as they are. Two forward hooks on ``model`` swap the casts in and back
-    (the second also when the forward raises); ``torch.compile`` traces them; a copy of the model
-    (``copy.deepcopy``) keeps them. Returns ``model``. ``ValueError`` when applied twice."""
+    keeps its own dtype. The tiny hybrid's gradients are bit-identical to 2 ranks' (tested). The
+    parameters themselves (what the optimizer, the state dict and a checkpoint see) stay as they are.
+    Two forward hooks on ``model`` swap the casts in and back (the second also when the forward
+    raises); ``torch.compile`` traces them; a copy of the model (``copy.deepcopy``) keeps them.
+    Returns ``model``. ``ValueError`` when applied twice."""
     from torch.nn.utils._named_member_accessor import NamedMemberAccessor
 
     from lowprec.fsdp import as_gathered, gathered_formats

@@ -202,6 +202,21 @@ def _data_parallel_checks(rank, world, tmp):
         prefetch_grads.append({n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None})
     out["prefetch/gathers_at_blocks"] = gathers
 
+    # blocks gathered together (blocks_per_unit 2: the tiny hybrid's two blocks in one FSDP2 group):
+    # one all-gather fewer per forward, the same gradients bit for bit
+    grouped_grads, grouped_gathers = [], []
+    for k in (1, 2):
+        model = build("paper")
+        shard_model(model, d.mesh, ParallelConfig(blocks_per_unit=k))
+        with record_all_gathers() as rec:
+            loss = loss_of(model, xs, ys)
+            grouped_gathers.append(len(rec.received))
+        loss.backward()
+        grouped_grads.append({n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None})
+    out["grouped/gathers"] = grouped_gathers
+    out["grouped/same_grads"] = (grouped_grads[0].keys() == grouped_grads[1].keys() and len(grouped_grads[0]) > 0
+                                 and all(torch.equal(grouped_grads[0][n], grouped_grads[1][n]) for n in grouped_grads[0]))
+
     # bf16 weights with param_dtype bf16: FSDP2's own cast gathers them (no wrapper), the same bits
     # as the wrapper's bf16 codes
     from lowprec.fsdp import LowBitGatherWeight, lowbit_gather_weights
@@ -359,6 +374,19 @@ def test_one_process_param_dtype_computes_what_the_ranks_compute(dp2, name):
         assert r[f"one_process_bf16/{name}"] == 0.0
         assert r[f"one_process_bf16_native/{name}"] == 0.0
         assert r[f"one_process_bf16_dtypes/{name}"] == ["torch.float32"]
+
+
+def test_blocks_gathered_together(dp2):
+    """parallel.blocks_per_unit 2: the tiny hybrid's two blocks are one FSDP2 group, gathered in one
+    all-gather instead of two in the forward, and the gradients are the same bits."""
+    from experiments.parallel import fsdp_groups
+
+    assert [n for n, _ in fsdp_groups(build(None), 2)][:1] == ["blocks.0-1"]
+    assert [n for n, _ in fsdp_groups(build(None), 1)][:2] == ["blocks.0", "blocks.1"]
+    for r in dp2[1]:
+        one_each, together = r["grouped/gathers"]
+        assert together == one_each - 1
+        assert r["grouped/same_grads"]
 
 
 def test_data_parallel_matches_the_whole_batch(dp2):
@@ -611,7 +639,8 @@ def _meta_built_model(rank, world):
     out = {}
     for name in ("paper", "ternary_native"):
         args = types.SimpleNamespace(model="tiny", policy=name, blocks=None, T=16, batch=2, checkpoint=True,
-                                     param_dtype="bf16", reduce_dtype="fp32", warmup=0, iters=0, prefetch=1, reshard=True)
+                                     param_dtype="bf16", reduce_dtype="fp32", warmup=0, iters=0, prefetch=1, reshard=True,
+                                     blocks_per_unit=1)
         model, opt, sched, scaler, n = bp.build(args, d)
         tensors = [*model.parameters(), *model.buffers()]
         out[f"meta_left/{name}"] = sum(t.device.type == "meta" for t in tensors)
@@ -719,6 +748,8 @@ def test_parallel_config():
         ParallelConfig(nccl_protocol="fast")
     with pytest.raises(ValueError, match="prefetch"):
         ParallelConfig(prefetch=-1)
+    with pytest.raises(ValueError, match="blocks_per_unit"):
+        ParallelConfig(blocks_per_unit=0)
 
 
 @pytest.mark.parametrize("kind", ["segments", "windows"])
