@@ -100,9 +100,8 @@ class GraphCache:
     or Nones.
 
     ``captures``, ``replays`` and ``moves`` (of the fixed inputs; from 2 on, they are copied in)
-    count what happened. A cache is
-    dropped, not copied, with a copy of its owner (``copy.deepcopy`` and pickling give an empty
-    one)."""
+    count what happened. A cache is dropped, not copied, with a copy of its owner
+    (``copy.deepcopy`` and pickling give an empty one)."""
 
     def __init__(self, max_graphs: int = 16, max_bytes: int = 1 << 30):
         self.max_graphs, self.max_bytes = max_graphs, max_bytes
