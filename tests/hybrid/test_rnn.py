@@ -366,7 +366,7 @@ def test_the_cells_compute_the_next_gemm_operand(fmt, fused, device):
         assert torch.equal(a, b), i
 
 
-def test_compiled_cells_take_more_variants_than_the_recompile_limit(monkeypatch):
+def test_compiled_cells_take_more_variants_than_the_recompile_limit():
     """The compiled LSTM cell serves more input variants (here mask / no mask, two batch sizes, two
     state dtypes) than torch's recompile limit allows (set to 1 here; a sharded bf16 run exceeds the
     default 8): each call still compiles and gives the eager cell's numbers (fp32: the compiled
@@ -376,15 +376,15 @@ def test_compiled_cells_take_more_variants_than_the_recompile_limit(monkeypatch)
     from hybrid.rnn import _cell, _compiled_cell
 
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     cell = _compiled_cell(_cell)
     gen = torch.Generator().manual_seed(0)
-    for B, masked, dtype in [(2, False, torch.float32), (2, True, torch.float32), (3, True, torch.float64)]:
-        gx, hh = torch.randn(B, 8, generator=gen, dtype=dtype), torch.randn(B, 8, generator=gen, dtype=dtype)
-        h, c = torch.randn(B, 2, generator=gen, dtype=dtype), torch.randn(B, 2, generator=gen, dtype=dtype)
-        valid = torch.tensor(True) if masked else None
-        got, want = cell(gx, hh, h, c, valid), _cell(gx, hh, h, c, valid)
-        for a, b in zip(got[:4], want[:4], strict=True):
-            assert a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-6, atol=1e-6)
-    assert torch._dynamo.config.recompile_limit == 1  # raised for those calls only
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for B, masked, dtype in [(2, False, torch.float32), (2, True, torch.float32), (3, True, torch.float64)]:
+            gx, hh = torch.randn(B, 8, generator=gen, dtype=dtype), torch.randn(B, 8, generator=gen, dtype=dtype)
+            h, c = torch.randn(B, 2, generator=gen, dtype=dtype), torch.randn(B, 2, generator=gen, dtype=dtype)
+            valid = torch.tensor(True) if masked else None
+            got, want = cell(gx, hh, h, c, valid), _cell(gx, hh, h, c, valid)
+            for a, b in zip(got[:4], want[:4], strict=True):
+                assert a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+        assert torch._dynamo.config.recompile_limit == 1  # raised for those calls only
     torch._dynamo.reset()
