@@ -72,7 +72,8 @@ def _exported(dcp_dir: Path) -> Path:
 
 
 def load_run(path: str | Path, device: str = "cpu", *, plain: bool = False, backend: str | None = None):
-    """(model, data, cfg) of a checkpoint. ``plain``: build the model without its precision policy
+    """(model, data, cfg) of a checkpoint, computing as the run did (its policy, its
+    ``parallel.param_dtype``). ``plain``: build the model without its precision policy
     (plain nn.Linear/nn.Embedding) and load the float weights into it (for PTQ). ``backend``: run
     every quantized layer on this GEMM backend instead of the policy's (``emulated`` is the exact
     reference everywhere)."""
@@ -91,6 +92,11 @@ def load_run(path: str | Path, device: str = "cpu", *, plain: bool = False, back
             policy["override"] = [*(extra if isinstance(extra, list) else [extra]), {"match": "*", "backend": backend}]
         lowprec.apply_policy(model, lowprec.PrecisionPolicy.from_config(policy))
         model.load_state_dict(payload["model"])
+        param_dtype = (cfg.get("parallel") or {}).get("param_dtype")
+        if param_dtype:  # the run computed in it (one process or many): so does its evaluation
+            from .parallel import DTYPES, compute_in_param_dtype
+
+            compute_in_param_dtype(model, DTYPES[param_dtype])
     else:
         state = {k: v for k, v in payload["model"].items() if k in model.state_dict()}
         missing = set(model.state_dict()) - set(state)

@@ -255,7 +255,7 @@ def test_bad_config_fails_before_anything_is_written(cfg, tmp_path, overrides, p
 
 def test_one_process_computes_in_param_dtype(cfg, tmp_path, caplog):
     """parallel.param_dtype=bf16 on one process: the run says so, trains (finite losses) and saves
-    fp32 masters."""
+    fp32 masters; the checkpoint evaluates in bf16 too."""
     run = tmp_path / "run"
     with caplog.at_level(logging.INFO):
         train(cfg(run, "parallel.param_dtype=bf16", "train.steps=2", "train.ckpt_every=2", "train.sample_tokens=0"))
@@ -264,6 +264,11 @@ def test_one_process_computes_in_param_dtype(cfg, tmp_path, caplog):
     params = _params(ckpt["model"])
     assert params and {v.dtype for v in params.values() if v.is_floating_point()} == {torch.float32}
     assert all(torch.isfinite(v).all() for v in params.values() if v.is_floating_point())
+    from experiments.evaluate import load_run
+
+    model, _, _ = load_run(run)  # evaluation computes as the run did
+    assert model(torch.zeros(1, 4, dtype=torch.long))[0].dtype == torch.bfloat16
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
 @pytest.mark.parametrize("texts, pattern", [
