@@ -337,32 +337,37 @@ def compute_in_param_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     Two forward hooks on ``model`` swap the casts in and back (the second also when the forward
     raises); ``torch.compile`` traces them; a copy of the model (``copy.deepcopy``) keeps them.
     Returns ``model``. ``ValueError`` when applied twice."""
-    from torch.nn.utils._named_member_accessor import NamedMemberAccessor
-
-    from lowprec.fsdp import as_gathered, gathered_formats
+    from lowprec.fsdp import gathered_formats
 
     if getattr(model, "_param_dtype", None) is not None:
         raise ValueError(f"the model already computes in {model._param_dtype}")
-    formats = gathered_formats(model, dtype)
-
-    def cast(name, p):
-        fmt = formats.get(name)
-        return p.to(dtype) if fmt is None else as_gathered(p, fmt, dtype)
-
-    def swap_in(module, args):
-        params = [(n, p) for n, p in module.named_parameters() if p.is_floating_point() and p.dtype != dtype]
-        originals, _ = NamedMemberAccessor(module).swap_tensors_dict({n: cast(n, p) for n, p in params})
-        module._params_in_forward = originals
-
-    def swap_back(module, args, output):
-        originals = module.__dict__.pop("_params_in_forward", None)
-        if originals is not None:
-            NamedMemberAccessor(module).swap_tensors_dict(originals)
-
     model._param_dtype = dtype
-    model.register_forward_pre_hook(swap_in)
-    model.register_forward_hook(swap_back, always_call=True)
+    model._gather_formats = gathered_formats(model, dtype)
+    model.register_forward_pre_hook(_params_in_dtype)
+    model.register_forward_hook(_params_back, always_call=True)
     return model
+
+
+def _params_in_dtype(module: nn.Module, args) -> None:
+    """``compute_in_param_dtype``'s pre-forward hook: the casts swapped in for the parameters."""
+    from torch.nn.utils._named_member_accessor import NamedMemberAccessor
+
+    from lowprec.fsdp import as_gathered
+
+    dtype, formats = module._param_dtype, module._gather_formats
+    casts = {n: p.to(dtype) if formats.get(n) is None else as_gathered(p, formats[n], dtype)
+             for n, p in module.named_parameters() if p.is_floating_point() and p.dtype != dtype}
+    module._params_in_forward, _ = NamedMemberAccessor(module).swap_tensors_dict(casts)
+
+
+def _params_back(module: nn.Module, args, output) -> None:
+    """``compute_in_param_dtype``'s forward hook (also after a forward that raised): the
+    parameters swapped back."""
+    from torch.nn.utils._named_member_accessor import NamedMemberAccessor
+
+    originals = module.__dict__.pop("_params_in_forward", None)
+    if originals is not None:
+        NamedMemberAccessor(module).swap_tensors_dict(originals)
 
 
 def checkpoint_units(model: nn.Module) -> list[str]:

@@ -885,7 +885,7 @@ def test_fsdp_and_tensor_parallel_on_four_processes(fork_ranks):
 def test_compute_in_param_dtype_on_one_process():
     """compute_in_param_dtype: logits (and so activations) in bf16, the parameters the same fp32
     Parameter objects before and after a forward (also one that raises), the state dict unchanged; a
-    copy of the model computes in bf16 with its own parameters; applying it twice is an error; a
+    copy of the model (deepcopy) computes in bf16 with its own parameters; applying it twice is an error; a
     model computing in bf16 compiles with fullgraph=True."""
     import copy
 
