@@ -390,7 +390,8 @@ def main(argv=None) -> None:
     args.policies = args.policies or (["bf16", "paper"] if args.what == "weak" else ["ternary_native:5", "bf16:1", "paper:1"])
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     print(f"# {args.what}: {args.model}, {args.batch} x {args.T} tokens per GPU per step, {dev}, torch {torch.__version__}, "
-          f"{datetime.date.today()}", flush=True)
+          f"{datetime.date.today()}; param_dtype {args.param_dtype}, reduce_dtype {args.reduce_dtype}, "
+          f"blocks_per_unit {args.blocks_per_unit}, prefetch {args.prefetch}, compile {args.compile}", flush=True)
     (weak if args.what == "weak" else wide)(args)
 
 
