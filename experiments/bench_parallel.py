@@ -23,8 +23,9 @@ What one measurement does: the model is built on the meta device, the precision 
 weights quantized from random N(0, 0.02) weights on the GPU, the model sharded
 (:func:`experiments.parallel.shard_model`: FSDP2 per block / LSTM layer / memory path, native weights
 row-sharded, latent weights all-gathered in their format; ``parallel.param_dtype`` bf16, or with
-``--param-dtype master`` the masters' dtype), then its float parameters materialized (``to_empty``) and drawn N(0, 0.02) (norm weights 1, biases 0) on their
-shards: no rank ever holds the whole float model. The optimizer is the one ``configs/optim`` gives the
+``--param-dtype master`` the masters' dtype), then its float parameters materialized (``to_empty``)
+and drawn N(0, 0.02) (norm weights 1, biases 0) on their shards: no rank ever holds the whole float
+model. The optimizer is the one ``configs/optim`` gives the
 policy (AdamW; TernaryBop for native ternary) and the step is the trainer's
 (:class:`experiments.loop.Stepper`: loss over the global batch, loss scaler, found-inf agreed over the
 ranks, clipping over all shards), eager (``--compile``: the trainer's ``train.compile``, FSDP2's hooks
@@ -204,7 +205,8 @@ def _steps(args, d, model, opt, sched, scaler, n_params, build_s, cuda) -> dict:
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     step_s = statistics.median(times)
     row = dict(model=args.model, policy=args.policy, gpus=d.world_size, blocks=model.cfg.n_blocks, params=n_params,
-               tokens_per_gpu_step=args.batch * args.T, step_s=step_s, host_s=statistics.median(issued), tokens_per_s_per_gpu=args.batch * args.T / step_s,
+               tokens_per_gpu_step=args.batch * args.T, step_s=step_s, host_s=statistics.median(issued),
+               tokens_per_s_per_gpu=args.batch * args.T / step_s,
                peak_gib=float(peak) / 2**30, gather_bytes=rec.received_bytes, build_s=build_s,
                loss=steps[-1][0], taken=sum(1 for s in steps if s[2]), steps=len(steps),
                device=torch.cuda.get_device_name(d.device) if cuda else "cpu", checkpoint=args.checkpoint,
