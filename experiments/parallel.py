@@ -218,14 +218,14 @@ def fsdp_groups(model: nn.Module, blocks_per_unit: int = 1) -> list[tuple[str, l
     """The modules each FSDP2 group gathers together, as (name, modules), the root last: the units
     of :func:`units`, with every ``blocks_per_unit`` consecutive blocks in one group
     (``blocks.0-3``): one all-gather, one reduce-scatter and one set of FSDP2 hooks for all of them."""
+    named = units(model)
+    blocks = [m for n, m in named if n.startswith("blocks.")]
     groups: list[tuple[str, list[nn.Module]]] = []
-    blocks = [m for n, m in units(model) if n.startswith("blocks.")]
     for i in range(0, len(blocks), blocks_per_unit):
         part = blocks[i:i + blocks_per_unit]
         j = i + len(part) - 1
         groups.append((f"blocks.{i}" if j == i else f"blocks.{i}-{j}", part))
-    groups += [(n, [m]) for n, m in units(model) if not n.startswith("blocks.")]
-    return groups
+    return groups + [(n, [m]) for n, m in named if not n.startswith("blocks.")]
 
 
 def shard_model(model: nn.Module, mesh, cfg: ParallelConfig | None = None) -> nn.Module:
