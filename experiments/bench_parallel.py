@@ -215,30 +215,16 @@ def _steps(args, d, model, opt, sched, scaler, n_params, build_s, cuda) -> dict:
     return row
 
 
-def _busy(intervals: list[tuple[float, float]]) -> float:
-    """Length of the union of (start, end) intervals."""
-    total, end = 0.0, float("-inf")
-    for a, b in sorted(intervals):
-        if b > end:
-            total += b - max(a, end)
-            end = b
-    return total
-
-
 def profile_step(stepper, d, sync, trace_dir: str | None = None) -> None:
-    """One more step under ``torch.profiler`` on every rank; rank 0 prints where its GPU time went:
-    the step's wall time, the time some kernel ran, the collectives' kernel time and the part of
-    it no other kernel overlapped, and the kernels taking most time. With ``trace_dir`` every rank
-    writes its trace there (``rank<r>.json.gz``, Chrome trace format: chrome://tracing, Perfetto)."""
-    from torch.profiler import ProfilerActivity, profile
+    """Two more steps on every rank: one under ``torch.profiler``, after which rank 0 prints where its
+    GPU time went (:func:`experiments.gpu_profile.step_report`: wall time, GPU idle time, compute and
+    collective kernel time, the host's waits for the device, the kernels taking most time), and one
+    with CUDA's synchronization warnings on, after which rank 0 prints the Python lines that made its
+    host wait (``SYNC``). With ``trace_dir`` every rank writes its trace of the profiled step there
+    (``rank<r>.json.gz``, Chrome trace format: chrome://tracing, Perfetto)."""
+    from experiments.gpu_profile import host_syncs, profile_call, step_report
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    sync()
-    with profile(activities=acts) as prof:
-        t = time.perf_counter()
-        stepper.step()
-        sync()
-        wall = time.perf_counter() - t
+    prof, wall = profile_call(stepper.step, sync)
     if trace_dir:
         import gzip
         import shutil
@@ -249,21 +235,16 @@ def profile_step(stepper, d, sync, trace_dir: str | None = None) -> None:
         with open(raw, "rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
             shutil.copyfileobj(src, dst)
         raw.unlink()
+    syncs = host_syncs(stepper.step)
+    sync()
     if d.rank != 0:
         return
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0]
-    iv = [(e.time_range.start, e.time_range.end) for e in kernels]
-    comm = [(e.time_range.start, e.time_range.end) for e in kernels if "nccl" in e.name.lower()]
-    other = [(e.time_range.start, e.time_range.end) for e in kernels if "nccl" not in e.name.lower()]
-    busy, comm_t, other_t = _busy(iv), _busy(comm), _busy(other)
-    print(f"PROFILE wall {wall * 1e3:.1f} ms: GPU idle {(wall * 1e6 - busy) / 1e3:.1f} ms; compute kernels "
-          f"{other_t / 1e3:.1f} ms; collectives {comm_t / 1e3:.1f} ms, {(busy - other_t) / 1e3:.1f} ms of them beside "
-          f"no compute kernel; {len(kernels)} kernels", flush=True)
-    by: dict[str, list[float]] = {}
-    for e in kernels:
-        by.setdefault(e.name[:90], []).append(e.time_range.elapsed_us())
-    for name, ts in sorted(by.items(), key=lambda kv: -sum(kv[1]))[:15]:
-        print(f"PROFILE {sum(ts) / 1e3:8.2f} ms {len(ts):5d} x  {name}", flush=True)
+    for line in step_report(prof, wall):
+        print(f"PROFILE {line}", flush=True)
+    if syncs is not None:
+        print(f"SYNC {sum(n for _, n in syncs)} synchronizing calls in one step", flush=True)
+        for where, n in syncs[:10]:
+            print(f"SYNC {n:5d} x  {where}", flush=True)
 
 
 # ------------------------------------------------------------------------------------ launchers
@@ -373,7 +354,9 @@ def main(argv=None) -> None:
     ap.add_argument("--reshard", action=argparse.BooleanOptionalAction, default=True,
                     help="parallel.reshard_after_forward (--no-reshard: each unit stays gathered from its forward to its backward)")
     ap.add_argument("--compile", action="store_true", help="the trainer's train.compile: forward and loss compiled")
-    ap.add_argument("--profile", action="store_true", help="one: profile one more step; rank 0 prints where its GPU time went")
+    ap.add_argument("--profile", action="store_true",
+                    help="one: two more steps, profiled and with CUDA's sync warnings on; rank 0 prints where its GPU "
+                         "time went and the Python lines that made its host wait")
     ap.add_argument("--trace", default=None, help="one, with --profile: a folder for every rank's trace of the profiled step")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per launched measurement")
     ap.add_argument("--max-tries", type=int, default=3)

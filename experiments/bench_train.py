@@ -16,7 +16,8 @@ T 1024, B 8 (8K tokens/step). Variants: ``ref`` (the reference GPT of :mod:`expe
 at this size, fused AdamW), ``ref-torchao`` (the same with torchao float8 tensorwise linears, when
 torchao is installed), and ``windowed:<policy>`` / ``hybrid:<policy>`` (``HybridLM`` without / with
 its RNN memory, the same width, depth and heads, segment = T, state not carried) for the policies
-of ``configs/precision``. Each of ours prints its layers' plans.
+of ``configs/precision``. Each of ours prints its layers' plans. ``--profile`` adds, after each row, where
+one more step's GPU time went and which Python lines made the host wait (:mod:`experiments.gpu_profile`).
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ def build(variant: str, size: dict, rnn_graphs: bool = True, param_dtype: str = 
 
 
 def measure(variant: str, size: dict, iters: int, mode: str | None = None, rnn_graphs: bool = True,
-            param_dtype: str = "master") -> dict:
+            param_dtype: str = "master", profile: bool = False) -> dict:
+    """One variant's row. ``profile``: after the timed steps, one step profiled and one with CUDA's
+    sync warnings on; their lines (:mod:`experiments.gpu_profile`) are returned under "profile"."""
     torch.manual_seed(0)
     model, opt, loss_fn, n_params, note = build(variant, size, rnn_graphs, param_dtype)
     compiled = loss_fn if mode == "eager" else torch.compile(loss_fn, mode=mode)
@@ -116,7 +119,15 @@ def measure(variant: str, size: dict, iters: int, mode: str | None = None, rnn_g
         caps, reps = sum(m.graphs.captures for m in rnn.lstm), sum(m.graphs.replays for m in rnn.lstm)
         note = f"{note}; LSTM loops: {caps} CUDA graphs captured, {reps} replays"
     row = dict(variant=variant, params=n_params, tokens_per_s=tps, mfu=6 * n_params * tps / PEAK_BF16,
-               peak_gib=torch.cuda.max_memory_allocated() / 2**30, first_s=first_s, note=note)
+               peak_gib=torch.cuda.max_memory_allocated() / 2**30, first_s=first_s, note=note, profile=[])
+    if profile:
+        from .gpu_profile import host_syncs, profile_call, step_report
+
+        row["profile"] = step_report(*profile_call(step, torch.cuda.synchronize))
+        syncs = host_syncs(step)
+        torch.cuda.synchronize()
+        row["profile"] += [f"{sum(n for _, n in syncs)} synchronizing calls in one step"] + [
+            f"{n:5d} x  {where}" for where, n in syncs[:10]]
     del model, opt, compiled
     gc.collect()
     torch.cuda.empty_cache()
@@ -136,6 +147,9 @@ def main(argv=None):
     ap.add_argument("--param-dtype", choices=["master", "bf16"], default="master",
                     help="our models: compute in the fp32 masters' dtype, or with parameters and activations in bf16 "
                          "(parallel.param_dtype), as the reference's autocast does for its matmuls")
+    ap.add_argument("--profile", action="store_true",
+                    help="after each variant's row, where one step's GPU time went and the Python lines that made "
+                         "the host wait (two more steps, not timed)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_train needs a CUDA GPU")
@@ -148,7 +162,7 @@ def main(argv=None):
         size, ref = SIZES[name], None
         for variant in args.variants:
             try:
-                r = measure(variant, size, args.iters, args.mode, args.rnn_graphs, args.param_dtype)
+                r = measure(variant, size, args.iters, args.mode, args.rnn_graphs, args.param_dtype, args.profile)
             except ImportError as e:
                 print(f"| {name} | {variant} | - | - | - | - | - | - | not run: {e} |", flush=True)
                 continue
@@ -162,6 +176,8 @@ def main(argv=None):
             rel = f"{r['tokens_per_s'] / ref:.2f}" if ref else "-"
             print(f"| {name} | {variant} | {r['params'] / 1e6:.1f}M | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.0f}% "
                   f"| {r['peak_gib']:.1f} | {rel} | {r['first_s']:.0f} | {r['note']} |", flush=True)
+            for line in r["profile"]:
+                print(f"PROFILE {name} {variant}: {line}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,90 @@
+"""Where one training step's time goes on a GPU: the benchmarks' ``--profile``.
+
+    lines = step_report(*profile_call(step, torch.cuda.synchronize))   # kernels, idle time, host waits
+    where = host_syncs(step)                                            # the Python lines that waited
+
+``step_report`` reads one profiled call: its wall time, the time some kernel ran (the union of the
+kernels' intervals), the collectives' kernel time and the part of it beside no compute kernel, the
+host's waits for the device (CUDA runtime calls whose name says ``Synchronize``, the final
+synchronization of the measurement included), and the kernels taking most time. ``host_syncs``
+runs a call under ``torch.cuda.set_sync_debug_mode("warn")`` and returns where each synchronizing
+operation was called from: a step that should queue its work without waiting (the trainer's step
+does) names its offenders there.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["host_syncs", "profile_call", "step_report", "union_length"]
+
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def profile_call(fn: Callable[[], object], sync: Callable[[], None]):
+    """``fn()`` once under ``torch.profiler`` (CPU and, where there is one, CUDA activity), between
+    two ``sync()``: ``(profile, wall seconds)``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    sync()
+    with profile(activities=acts) as prof:
+        t = time.perf_counter()
+        fn()
+        sync()
+        wall = time.perf_counter() - t
+    return prof, wall
+
+
+def step_report(prof, wall_s: float, top: int = 15) -> list[str]:
+    """Printable lines about one profiled call (see the module doc)."""
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0]
+    comm = [(e.time_range.start, e.time_range.end) for e in kernels if "nccl" in e.name.lower()]
+    other = [(e.time_range.start, e.time_range.end) for e in kernels if "nccl" not in e.name.lower()]
+    busy, comm_t, other_t = union_length(comm + other), union_length(comm), union_length(other)
+    waits: dict[str, list[float]] = {}
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CPU and "Synchronize" in e.name:
+            waits.setdefault(e.name, []).append(e.time_range.elapsed_us())
+    summary = (f"wall {wall_s * 1e3:.1f} ms: GPU idle {(wall_s * 1e6 - busy) / 1e3:.1f} ms; compute kernels "
+               f"{other_t / 1e3:.1f} ms; collectives {comm_t / 1e3:.1f} ms, {(busy - other_t) / 1e3:.1f} ms of them "
+               f"beside no compute kernel; {len(kernels)} kernels")
+    waited = "; ".join(f"{n} {len(ts)} x {sum(ts) / 1e3:.1f} ms" for n, ts in sorted(waits.items()))
+    lines = [summary, f"host waits: {waited or 'none recorded'}"]
+    by: dict[str, list[float]] = {}
+    for e in kernels:
+        by.setdefault(e.name[:90], []).append(e.time_range.elapsed_us())
+    for name, ts in sorted(by.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        lines.append(f"{sum(ts) / 1e3:8.2f} ms {len(ts):5d} x  {name}")
+    return lines
+
+
+def host_syncs(fn: Callable[[], object]) -> list[tuple[str, int]] | None:
+    """Run ``fn()`` with CUDA's synchronization warnings on: ``[(where, count)]``, the Python
+    lines that called a synchronizing operation (``file:line``), most frequent first; ``[]`` when
+    nothing synchronized. None without CUDA (nothing to check)."""
+    if not torch.cuda.is_available():
+        return None
+    before = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(before)
+    where = Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower())
+    return where.most_common()

@@ -1,0 +1,50 @@
+"""The benchmarks' ``--profile``: kernel accounting and the host-sync finder."""
+import inspect
+
+import pytest
+import torch
+
+from experiments.gpu_profile import host_syncs, profile_call, step_report, union_length
+
+
+def test_union_length_counts_overlaps_once():
+    assert union_length([]) == 0
+    assert union_length([(5.0, 6.0), (0.0, 2.0), (1.0, 3.0)]) == 4.0   # [0, 3] and [5, 6]
+    assert union_length([(0.0, 10.0), (2.0, 3.0)]) == 10.0              # one inside another
+
+
+def test_host_syncs_without_cuda_has_nothing_to_check():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the GPU test below covers it")
+    assert host_syncs(lambda: None) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_profile_counts_kernels_and_finds_the_line_that_waits():
+    a = torch.randn(1 << 20, device="cuda")
+    b = torch.randn(1 << 20, device="cuda")
+    torch.cuda.synchronize()
+
+    def queued():  # three elementwise kernels, no wait
+        c = a + b
+        c.mul_(2)
+        c.sub_(a)
+
+    def waits():
+        queued()
+        return (a * b).sum().item()   # copies to the host: waits for the device
+
+    prof, wall = profile_call(queued, torch.cuda.synchronize)
+    lines = step_report(prof, wall)
+    assert lines[0].endswith("; 3 kernels"), lines[0]
+    assert "cudaStreamSynchronize" not in lines[1], lines[1]
+
+    prof, wall = profile_call(waits, torch.cuda.synchronize)
+    lines = step_report(prof, wall)
+    assert lines[0].endswith("; 5 kernels"), lines[0]   # + the product and the sum
+    assert "cudaStreamSynchronize 1 x" in lines[1], lines[1]   # .item()'s (the final one is cudaDeviceSynchronize)
+
+    assert host_syncs(queued) == []
+    line = inspect.getsourcelines(waits)[1] + 2        # the line of .item()
+    assert host_syncs(waits) == [(f"{__file__}:{line}", 1)]
