@@ -46,10 +46,11 @@ POLICIES = ["bf16", "fp8", "paper", "ternary", "ternary_native"]
 VARIANTS = ["ref", "ref-torchao", *(f"{m}:{p}" for m in ("windowed", "hybrid") for p in POLICIES)]
 
 
-def build(variant: str, size: dict, rnn_graphs: bool = True, param_dtype: str = "master"):
+def build(variant: str, size: dict, rnn_graphs: bool = True, param_dtype: str = "master", blocks_once: bool = False):
     """(model, optimizer, step function, parameter count, note). ``param_dtype`` bf16: our models
     compute with their parameters (fp32 masters) cast to bf16, activations in bf16
-    (``parallel.param_dtype``; :func:`experiments.parallel.compute_in_param_dtype`)."""
+    (``parallel.param_dtype``; :func:`experiments.parallel.compute_in_param_dtype`). ``blocks_once``:
+    ``model.compile_blocks_once``."""
     d, L, H, T = size["d"], size["blocks"], size["heads"], size["T"]
     if variant.startswith("ref"):
         model = GPT(vocab=256, d=d, layers=L, heads=H, context=T).cuda()
@@ -69,7 +70,7 @@ def build(variant: str, size: dict, rnn_graphs: bool = True, param_dtype: str = 
     cfg = hybrid.preset("medium").replace(
         d_model=d, n_blocks=L, n_heads=H, n_kv_heads=H // 4, head_dim=d // H, d_ff=4 * d, window=T, max_window=T,
         memory=kind == "hybrid", dropout=0.0, chunk=64 if T >= 64 else T, compressor_hidden=d // 2, xattn_heads=H,
-        rnn_cuda_graphs=rnn_graphs)
+        rnn_cuda_graphs=rnn_graphs, compile_blocks_once=blocks_once)
     model = hybrid.HybridLM(cfg)
     report = lowprec.apply_policy(model, OmegaConf.load(CONFIGS / "precision" / f"{policy}.yaml"))
     model.cuda()
@@ -92,11 +93,11 @@ def build(variant: str, size: dict, rnn_graphs: bool = True, param_dtype: str = 
 
 
 def measure(variant: str, size: dict, iters: int, mode: str | None = None, rnn_graphs: bool = True,
-            param_dtype: str = "master", profile: bool = False) -> dict:
+            param_dtype: str = "master", profile: bool = False, blocks_once: bool = False) -> dict:
     """One variant's row. ``profile``: after the timed steps, one step profiled and one with CUDA's
     sync warnings on; their lines (:mod:`experiments.gpu_profile`) are returned under "profile"."""
     torch.manual_seed(0)
-    model, opt, loss_fn, n_params, note = build(variant, size, rnn_graphs, param_dtype)
+    model, opt, loss_fn, n_params, note = build(variant, size, rnn_graphs, param_dtype, blocks_once)
     compiled = loss_fn if mode == "eager" else torch.compile(loss_fn, mode=mode)
     B, T = size["B"], size["T"]
     x = torch.randint(0, 256, (B, T + 1), device="cuda")
@@ -147,6 +148,8 @@ def main(argv=None):
     ap.add_argument("--param-dtype", choices=["master", "bf16"], default="master",
                     help="our models: compute in the fp32 masters' dtype, or with parameters and activations in bf16 "
                          "(parallel.param_dtype), as the reference's autocast does for its matmuls")
+    ap.add_argument("--compile-blocks-once", action="store_true",
+                    help="our models: the blocks as one nested compile region, compiled once (model.compile_blocks_once)")
     ap.add_argument("--profile", action="store_true",
                     help="after each variant's row, where one step's GPU time went and the Python lines that made "
                          "the host wait (two more steps, not timed)")
@@ -155,14 +158,15 @@ def main(argv=None):
         raise SystemExit("bench_train needs a CUDA GPU")
     how = "not compiled" if args.mode == "eager" else f"compiled (mode: {args.mode or 'default'})"
     print(f"# training step, {environment()}, {datetime.date.today()}, {how}, rnn_cuda_graphs={args.rnn_graphs}, "
-          f"param_dtype={args.param_dtype}")
+          f"param_dtype={args.param_dtype}, compile_blocks_once={args.compile_blocks_once}")
     print("| size | variant | params | tokens/s | MFU | peak GiB | vs ref | first step s | plans |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.sizes:
         size, ref = SIZES[name], None
         for variant in args.variants:
             try:
-                r = measure(variant, size, args.iters, args.mode, args.rnn_graphs, args.param_dtype, args.profile)
+                r = measure(variant, size, args.iters, args.mode, args.rnn_graphs, args.param_dtype, args.profile,
+                            args.compile_blocks_once)
             except ImportError as e:
                 print(f"| {name} | {variant} | - | - | - | - | - | - | not run: {e} |", flush=True)
                 continue

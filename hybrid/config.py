@@ -57,6 +57,9 @@ class HybridConfig:
     rnn_forget_bias: float = 1.0  # initial LSTM forget-gate bias (sigma(b): the share of c kept per step)
     # on CUDA, replay each LSTM layer's step loops as CUDA graphs (hybrid.rnn.LSTMLayer.graphs_for)
     rnn_cuda_graphs: bool = True
+    # under torch.compile, the GQA blocks are one nested compile region: one block is traced and
+    # compiled, its code reused for every block (hybrid.attention.Block)
+    compile_blocks_once: bool = False
     # training
     tbptt_segments: int = 2
     dropout: float = 0.0
@@ -106,8 +109,9 @@ class HybridConfig:
                      f"(rule: a full segment holds a whole number of chunks)")
             if not isinstance(self.rnn_layers, int) or self.rnn_layers < 1:
                 fail(f"rnn_layers={self.rnn_layers!r} must be >= 1 when memory is on")
-        if not isinstance(self.rnn_cuda_graphs, bool):
-            fail(f"rnn_cuda_graphs={self.rnn_cuda_graphs!r} must be true or false")
+        for name in ("rnn_cuda_graphs", "compile_blocks_once"):
+            if not isinstance(getattr(self, name), bool):
+                fail(f"{name}={getattr(self, name)!r} must be true or false")
         if self.chunk_pool not in CHUNK_POOLS:
             fail(f"unknown chunk_pool {self.chunk_pool!r}; choose one of {', '.join(CHUNK_POOLS)}")
         if self.chunk_pool == "mean" and self.rnn_mode != "chunked":

@@ -53,7 +53,8 @@ class HybridLM(nn.Module):
                                  cfg.rnn_cuda_graphs)
             self.fusion = Fusion(d, cfg.xattn_heads, cfg.chunk, cfg.max_memory, cfg.norm_eps)
         self.blocks = nn.ModuleList(
-            Block(d, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.dropout, cfg.norm_eps)
+            Block(d, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.dropout, cfg.norm_eps,
+                  compile_once=cfg.compile_blocks_once)
             for _ in range(cfg.n_blocks))
         self.norm_f = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.head = nn.Linear(d, cfg.vocab_size, bias=False)
