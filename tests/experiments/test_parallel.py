@@ -217,6 +217,19 @@ def _data_parallel_checks(rank, world, tmp):
     out["grouped/same_grads"] = (grouped_grads[0].keys() == grouped_grads[1].keys() and len(grouped_grads[0]) > 0
                                  and all(torch.equal(grouped_grads[0][n], grouped_grads[1][n]) for n in grouped_grads[0]))
 
+    # blocks compiled once (a nested compile region) on sharded ranks: FSDP2's hooks run between the
+    # compiled pieces; under aot_eager the same gradients, bit for bit, as the blocks compiled apiece
+    once_grads = []
+    for once in (False, True):
+        torch._dynamo.reset()
+        model = build("paper", preset("tiny").replace(compile_blocks_once=once))
+        shard_model(model, d.mesh, ParallelConfig(param_dtype="bf16"))
+        torch.compile(loss_of, backend="aot_eager")(model, xs, ys).backward()
+        once_grads.append({n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None})
+    torch._dynamo.reset()
+    out["compile_once/same_grads"] = (once_grads[0].keys() == once_grads[1].keys() and len(once_grads[0]) > 0
+                                      and all(torch.equal(once_grads[0][n], once_grads[1][n]) for n in once_grads[0]))
+
     # bf16 weights with param_dtype bf16: FSDP2's own cast gathers them (no wrapper), the same bits
     # as the wrapper's bf16 codes
     from lowprec.fsdp import LowBitGatherWeight, lowbit_gather_weights
@@ -374,6 +387,13 @@ def test_one_process_param_dtype_computes_what_the_ranks_compute(dp2, name):
         assert r[f"one_process_bf16/{name}"] == 0.0
         assert r[f"one_process_bf16_native/{name}"] == 0.0
         assert r[f"one_process_bf16_dtypes/{name}"] == ["torch.float32"]
+
+
+def test_blocks_compiled_once_on_ranks(dp2):
+    """model.compile_blocks_once on 2 FSDP2 ranks (param_dtype bf16, paper policy), compiled with
+    aot_eager: the same gradients, bit for bit, as the blocks compiled apiece."""
+    for r in dp2[1]:
+        assert r["compile_once/same_grads"]
 
 
 def test_blocks_gathered_together(dp2):
@@ -911,6 +931,8 @@ def test_compute_in_param_dtype_on_one_process():
     assert not set(map(id, twin.parameters())) & set(map(id, model.parameters()))
     with pytest.raises(ValueError, match="already computes in"):
         compute_in_param_dtype(model, torch.bfloat16)
+    with pytest.raises(ValueError, match="compile_blocks_once"):
+        compute_in_param_dtype(build(None, preset("tiny").replace(compile_blocks_once=True)), torch.bfloat16)
     plain = compute_in_param_dtype(build(None), torch.bfloat16)  # compiles faster than a policy's layers
     eager = loss_of(plain, x, y)
     compiled = torch.compile(loss_of, fullgraph=True)(plain, x, y)
