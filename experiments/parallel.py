@@ -336,16 +336,19 @@ def compute_in_param_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     parameters themselves (what the optimizer, the state dict and a checkpoint see) stay as they are.
     Two forward hooks on ``model`` swap the casts in and back (the second also when the forward
     raises); ``torch.compile`` traces them; a copy of the model (``copy.deepcopy``) keeps them.
-    Returns ``model``. ``ValueError`` when applied twice, and for blocks compiled once
-    (``model.compile_blocks_once``)."""
+    Returns ``model``. ``ValueError`` when applied twice. Blocks set to compile once
+    (``model.compile_blocks_once``) are set back to compile apiece, with a warning."""
     from lowprec.fsdp import gathered_formats
 
     if getattr(model, "_param_dtype", None) is not None:
         raise ValueError(f"the model already computes in {model._param_dtype}")
-    if any(getattr(m, "compile_once", False) for m in model.modules()):
-        raise ValueError("parallel.param_dtype on one process does not combine with model.compile_blocks_once: the "
-                         "casts it swaps in are computed inside the compiled graph, which a nested compile region "
-                         "cannot take as its blocks' weights (several processes, sharded by FSDP2, can)")
+    once = [m for m in model.modules() if getattr(m, "compile_once", False)]
+    if once:
+        warnings.warn("model.compile_blocks_once does not apply with parallel.param_dtype on one process (the casts "
+                      "swapped in are computed inside the compiled graph, which a nested compile region cannot take "
+                      "as its blocks' weights): the blocks are compiled apiece, the same numbers", stacklevel=2)
+        for m in once:
+            m.compile_once = False
     model._param_dtype = dtype
     model._gather_formats = gathered_formats(model, dtype)
     model.register_forward_pre_hook(_params_in_dtype)
