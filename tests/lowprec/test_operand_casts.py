@@ -69,3 +69,26 @@ def test_compiled_fp16_operand_is_the_eager_one(device):
     expect = x.clamp(-65504, 65504).to(torch.float16).float().to(torch.bfloat16)
     assert torch.equal(compiled(x).view(torch.int16), expect.view(torch.int16))
     assert torch.equal(_bf16_values(x, fmt).view(torch.int16), expect.view(torch.int16))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_bf16_output_comes_from_the_gemm(device):
+    """With no outer scale and a bf16 output (activations in bf16), the bf16 tensor-core GEMM returns
+    its own bf16 result: within one bf16 rounding (2^-8 relative, Frobenius) of the fp32 product
+    rounded once, the two differing only in summation order; with an outer scale the fp32 path
+    still applies it before rounding (bit for bit the scaled fp32 product rounded once)."""
+    from lowprec.kernels import KERNELS
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(200, 4096, device=device, generator=g).bfloat16()
+    b = torch.randn(1024, 4096, device=device, generator=g).bfloat16()
+    k = KERNELS["bf16_tensorcore"]
+    y = k.mm((a, None), (b, None), torch.bfloat16)
+    ref = a.double() @ b.double().t()
+    assert y.dtype == torch.bfloat16
+    assert float((y.double() - ref).norm() / ref.norm()) < 2.0**-8
+    s = torch.tensor([0.5], device=device)
+    scaled = k.mm((a, s), (b, None), torch.bfloat16)
+    assert torch.equal(scaled, (k.mm((a, None), (b, None), torch.float32) * s).bfloat16())
