@@ -3,13 +3,14 @@
     lines = step_report(*profile_call(step, torch.cuda.synchronize))   # kernels, idle time, host waits
     where = host_syncs(step)                                            # the Python lines that waited
 
-``step_report`` reads one profiled call: its wall time, the time some kernel ran (the union of the
-kernels' intervals), the collectives' kernel time and the part of it beside no compute kernel, the
-host's waits for the device (CUDA runtime calls whose name says ``Synchronize``, the final
-synchronization of the measurement included), and the kernels taking most time. ``host_syncs``
-runs a call under ``torch.cuda.set_sync_debug_mode("warn")`` and returns where each synchronizing
-operation was called from: a step that should queue its work without waiting (the trainer's step
-does) names its offenders there.
+``step_report`` reads one profiled call: its wall time, the time some kernel or copy ran (the
+union of their intervals), how many kernels and copies (memcpy, memset) ran, the collectives'
+kernel time and the part of it beside no other kernel, the host's waits for the device (CUDA
+runtime calls whose name says ``Synchronize``, the final synchronization of the measurement
+included), and the kernels taking most time. ``host_syncs`` runs a call under
+``torch.cuda.set_sync_debug_mode("warn")`` and returns where each synchronizing operation was
+called from: a step that should queue its work without waiting (the trainer's step does) names
+its offenders there.
 """
 from __future__ import annotations
 
@@ -59,9 +60,10 @@ def step_report(prof, wall_s: float, top: int = 15) -> list[str]:
     for e in events:
         if e.device_type == torch.autograd.DeviceType.CPU and "Synchronize" in e.name:
             waits.setdefault(e.name, []).append(e.time_range.elapsed_us())
+    copies = sum(e.name.startswith(("Memcpy", "Memset")) for e in kernels)
     summary = (f"wall {wall_s * 1e3:.1f} ms: GPU idle {(wall_s * 1e6 - busy) / 1e3:.1f} ms; compute kernels "
                f"{other_t / 1e3:.1f} ms; collectives {comm_t / 1e3:.1f} ms, {(busy - other_t) / 1e3:.1f} ms of them "
-               f"beside no compute kernel; {len(kernels)} kernels")
+               f"beside no compute kernel; {len(kernels) - copies} kernels, {copies} copies")
     waited = "; ".join(f"{n} {len(ts)} x {sum(ts) / 1e3:.1f} ms" for n, ts in sorted(waits.items()))
     lines = [summary, f"host waits: {waited or 'none recorded'}"]
     by: dict[str, list[float]] = {}

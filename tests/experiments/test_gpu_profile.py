@@ -37,12 +37,12 @@ def test_profile_counts_kernels_and_finds_the_line_that_waits():
 
     prof, wall = profile_call(queued, torch.cuda.synchronize)
     lines = step_report(prof, wall)
-    assert lines[0].endswith("; 3 kernels"), lines[0]
+    assert lines[0].endswith("; 3 kernels, 0 copies"), lines[0]
     assert "cudaStreamSynchronize" not in lines[1], lines[1]
 
     prof, wall = profile_call(waits, torch.cuda.synchronize)
     lines = step_report(prof, wall)
-    assert lines[0].endswith("; 5 kernels"), lines[0]   # + the product and the sum
+    assert lines[0].endswith("; 5 kernels, 1 copies"), lines[0]   # + the product, the sum; .item()'s copy
     assert "cudaStreamSynchronize 1 x" in lines[1], lines[1]   # .item()'s (the final one is cudaDeviceSynchronize)
 
     assert host_syncs(queued) == []
