@@ -52,20 +52,26 @@ def train_steps(model, tokens, T):
     return out, state
 
 
-@pytest.fixture(scope="module", params=["stream", "chunked"])
-def runs(request):
-    cfg = preset("tiny").replace(rnn_mode=request.param, window=4, chunk=2, max_memory=3,
-                                 n_blocks=1, rnn_layers=1)
+def compiled_and_eager(cfg, backend):
+    """The tiny hybrid ``cfg`` under the paper policy, trained STEPS steps compiled (fullgraph, with
+    ``backend``) and eager from the same weights: (compiled results, state, eager results, state)."""
     torch.manual_seed(0)
     model = HybridLM(cfg)
     apply_policy(model, PrecisionPolicy.from_config(OmegaConf.load(PAPER)))
     tokens = torch.randint(0, cfg.vocab_size, (B, STEPS * T + 1))
     torch._dynamo.reset()
-    backend = CountingBackend()
-    compiled = torch.compile(model, backend=backend, fullgraph=True)
-    got, got_state = train_steps(compiled, tokens, T)
+    got, got_state = train_steps(torch.compile(model, backend=backend, fullgraph=True), tokens, T)
     ref, ref_state = train_steps(model, tokens, T)
     torch._dynamo.reset()
+    return got, got_state, ref, ref_state
+
+
+@pytest.fixture(scope="module", params=["stream", "chunked"])
+def runs(request):
+    cfg = preset("tiny").replace(rnn_mode=request.param, window=4, chunk=2, max_memory=3,
+                                 n_blocks=1, rnn_layers=1)
+    backend = CountingBackend()
+    got, got_state, ref, ref_state = compiled_and_eager(cfg, backend)
     return cfg, backend.graphs, got, got_state, ref, ref_state
 
 
@@ -211,15 +217,8 @@ def test_blocks_compile_once():
         preset("tiny").replace(compile_blocks_once="yes")
     cfg = preset("tiny").replace(rnn_mode="chunked", window=4, chunk=2, max_memory=3, n_blocks=3, rnn_layers=1,
                                  compile_blocks_once=True)
-    torch.manual_seed(0)
-    model = HybridLM(cfg)
-    apply_policy(model, PrecisionPolicy.from_config(OmegaConf.load(PAPER)))
-    tokens = torch.randint(0, cfg.vocab_size, (B, STEPS * T + 1))
-    torch._dynamo.reset()
     backend = GraphKeeper()
-    got, _ = train_steps(torch.compile(model, backend=backend, fullgraph=True), tokens, T)
-    ref, _ = train_steps(model, tokens, T)
-    torch._dynamo.reset()
+    got, _, ref, _ = compiled_and_eager(cfg, backend)
     assert backend.graphs == 2   # the first segment (no state) and the carried state, as without regions
     for gm in backend.gms:
         calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.higher_order.invoke_subgraph]
