@@ -1,5 +1,6 @@
 """The benchmarks' ``--profile``: kernel accounting and the host-sync finder."""
 import inspect
+import re
 
 import pytest
 import torch
@@ -42,7 +43,11 @@ def test_profile_counts_kernels_and_finds_the_line_that_waits():
 
     prof, wall = profile_call(waits, torch.cuda.synchronize)
     lines = step_report(prof, wall)
-    assert lines[0].endswith("; 5 kernels, 1 copies"), lines[0]   # + the product, the sum; .item()'s copy
+    kernels, copies = map(int, re.search(r"; (\d+) kernels, (\d+) copies$", lines[0]).groups())
+    assert kernels == 5, lines[0]   # + the product, the sum
+    # .item()'s device-to-host copy: the profiler shows it as more than one record on some builds (two
+    # with torch 2.11 on an H200), so only that there is one is checked
+    assert copies >= 1, lines[0]
     assert "cudaStreamSynchronize 1 x" in lines[1], lines[1]   # .item()'s (the final one is cudaDeviceSynchronize)
 
     assert host_syncs(queued) == []
