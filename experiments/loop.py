@@ -200,19 +200,22 @@ class Stepper:
     def _train_step_ranks(self, batches, state) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
         """``train_step`` on one of several ranks, each holding its rows of the global batch and its
         shards of the model (``experiments.parallel``). The loss is the mean over the scored targets
-        of the GLOBAL batch: the ranks' sums of nats and of scored targets are all-reduced over dp,
-        and each rank backpropagates ``dp · Σ_rank / n_global``, which FSDP2's gradient average over
-        the dp ranks turns into the gradient of the 1-process loss (also when ranks score different
-        numbers of targets, as with train.task_loss=answer). Every rank then checks only its shards
-        for inf/NaN and the verdicts are all-reduced (one decision everywhere); ``‖g‖`` is taken over
-        every rank's shards; per-tensor scales of row-sharded native layers are made equal again
-        after a step that was taken. No host sync."""
+        of the GLOBAL batch: the ranks' sums of nats and of scored targets are all-reduced over dp
+        (asynchronously: the backward does not wait for it), each rank backpropagates
+        ``dp · Σ_rank / n_read`` (``n_read``: the targets all dp ranks read, every rank reading as many
+        rows, as ``RankBatches`` ensures), which FSDP2's gradient average over the dp ranks turns into
+        the gradient of ``Σ / n_read``, and the gradients are then multiplied by ``n_read / n_global``
+        (1 unless targets were ignored, as with train.task_loss=answer): the gradient of the 1-process
+        loss. Every rank checks only its shards for inf/NaN; the verdicts and the squares of ``‖g‖``
+        (over every rank's shards) are summed in one all-reduce (one decision everywhere); per-tensor
+        scales of row-sharded native layers are made equal again after a step that was taken. No
+        host sync."""
         import torch.distributed as dist
 
         from lowprec.distributed import sync_native_scales
         from lowprec.fsdp import precompute_gather_amax
 
-        from .parallel import all_reduce_found_inf, clip_grads_over_ranks_, local_grads
+        from .parallel import clip_grads_over_ranks_, local_grads
 
         d = self.parallel
         self.model.train()
@@ -221,12 +224,18 @@ class Stepper:
         resets = tuple(bool(r) for _, _, r in batches)
         total, scored, new_state = self._sums_for(resets, state)(xs, ys, resets, state)
         sums = torch.stack([total.detach().float(), scored.float()])
-        dist.all_reduce(sums, group=d.dp_group)
+        # the global count is known only after this all-reduce; the backward does not wait for it:
+        # it starts with n = the targets read by all ranks (host-known), and the gradients are
+        # multiplied by n / n_global once the count has arrived (1 unless targets were ignored)
+        pending = dist.all_reduce(sums, group=d.dp_group, async_op=True)
+        n_read = sum(y.numel() for y in ys) * d.dp
+        self.scaler.scale(total * d.dp / n_read).backward()
+        pending.wait()  # the device stream waits for the collective, not the host
         n_global = sums[1].clamp(min=1)
-        self.scaler.scale(total * d.dp / n_global).backward()
         grads = list(self.optimizer.grads())
-        found_inf = all_reduce_found_inf(self.scaler.unscale_and_check_(local_grads(grads)))
-        grad_norm = clip_grads_over_ranks_(grads, self.grad_clip, d)
+        found_inf = self.scaler.unscale_and_check_(local_grads(grads))
+        found_inf, grad_norm = clip_grads_over_ranks_(grads, self.grad_clip, d, found_inf=found_inf,
+                                                      factor=n_read / n_global)
         self.optimizer.step(found_inf=found_inf)
         sync_native_scales(self.model, found_inf)
         precompute_gather_amax(self.model)  # the next step's FP8 all-gathers: one all-reduce of amaxes

@@ -489,29 +489,47 @@ _COPIES: dict[tuple[float, ...], torch.Tensor] = {}  # the ranks holding each gr
 
 
 @torch.no_grad()
-def clip_grads_over_ranks_(grads: list[torch.Tensor], max_norm: float | None, d: Distributed) -> torch.Tensor:
+def clip_grads_over_ranks_(grads: list[torch.Tensor], max_norm: float | None, d: Distributed,
+                           found_inf: torch.Tensor | None = None, factor: torch.Tensor | None = None):
     """:func:`experiments.loop.clip_grads_` for a model spread over the ranks of ``d``: ``‖g‖₂`` of
     the whole model's gradient as a 0-d float32 tensor on the device, every element counted once
     (each rank's local parts, divided by the ranks that hold copies of them, summed by one
     all-reduce over all ranks); with ``max_norm`` every local part multiplied by
     ``min(1, max_norm / (‖g‖₂ + 1e-6))``, a non-finite norm leaving them as they are. No host
-    sync."""
+    sync.
+
+    ``factor`` (a 0-d tensor): the gradients are first taken as ``factor · g`` (norm and clipping
+    included; one multiply of the local parts, folded into the clipping's). ``found_inf`` (this
+    rank's 0-d float32 verdict, 1.0 = inf/NaN): agreed over all ranks in the same all-reduce as the
+    norm (:func:`all_reduce_found_inf`'s answer, one collective instead of two); then the result is
+    ``(found_inf, norm)``."""
     local = local_grads(grads)
-    if not local:
-        return torch.zeros((), device=d.device)
-    norms = torch.stack(torch._foreach_norm(local, 2.0, dtype=torch.float32))
-    key = tuple(float(_copies(g, d)) for g in grads)
-    copies = _COPIES.get(key)
-    if copies is None or copies.device != norms.device:  # once per layout: a copy to the device waits for the host
-        copies = _COPIES[key] = torch.tensor(key, device=norms.device)
-    sq = (norms.square() / copies).sum()
-    if dist.is_initialized():
+    device = local[0].device if local else d.device
+    if local:
+        norms = torch.stack(torch._foreach_norm(local, 2.0, dtype=torch.float32))
+        key = tuple(float(_copies(g, d)) for g in grads)
+        copies = _COPIES.get(key)
+        if copies is None or copies.device != norms.device:  # once per layout: a copy to the device waits for the host
+            copies = _COPIES[key] = torch.tensor(key, device=norms.device)
+        sq = (norms.square() / copies).sum()
+    else:
+        sq = torch.zeros((), device=device)
+    if found_inf is not None:  # sum of the verdicts and of the squares in one all-reduce
+        both = torch.stack([found_inf.reshape(()).to(device, torch.float32), sq])
+        if dist.is_initialized():
+            dist.all_reduce(both)
+        found_inf, sq = (both[0] > 0).float(), both[1]
+    elif dist.is_initialized():
         dist.all_reduce(sq)
     norm = sq.sqrt()
-    if max_norm:
-        factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        torch._foreach_mul_(local, torch.where(torch.isfinite(norm), factor, 1.0))
-    return norm
+    if factor is not None:
+        norm = norm * factor
+    if local and (max_norm or factor is not None):
+        scale = torch.ones((), device=device) if factor is None else factor
+        if max_norm:
+            scale = scale * torch.where(torch.isfinite(norm), torch.clamp(max_norm / (norm + 1e-6), max=1.0), 1.0)
+        torch._foreach_mul_(local, scale)
+    return norm if found_inf is None else (found_inf, norm)
 
 
 def local_grads(grads) -> list[torch.Tensor]:

@@ -695,6 +695,52 @@ def test_meta_built_model_trains_on_its_shards(fork_ranks):
         assert all(shards[n] == (full_rows[n][0] // 2, full_rows[n][1]) for n in shards)
 
 
+def _ignored_targets_batch():
+    """A global batch of 4 rows whose second half (rank 1's rows) scores only 3 of its targets."""
+    x, y = batch()
+    y[2:] = -100
+    y[3, :3] = 5
+    return x, y
+
+
+def _stepper_with_ignored_targets(rank, world):
+    from experiments.loop import Stepper, read_results
+
+    d = init_distributed(ParallelConfig(), device="cpu")
+    x, y = _ignored_targets_batch()
+    model = build(None)
+    shard_model(model, d.mesh)
+    opt = optim.build_optimizer(model, optim_cfg("adamw"))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    rows = slice(rank * 2, rank * 2 + 2)
+    source = iter([(x[rows], y[rows])])
+    stepper = Stepper(model, opt, sched, lowprec.LossScaler(mode="none"), source, tbptt=False, grad_clip=None,
+                      parallel=d)
+    (loss, norm, taken, _), = read_results([stepper.step()])[0]
+    flag = torch.tensor(float(rank == 1))  # one rank's inf/NaN, agreed in the norm's all-reduce
+    agreed, _ = clip_grads_over_ranks_([torch.ones(3)], None, d, found_inf=flag)
+    return {"loss": loss, "norm": norm, "taken": taken, "agreed": float(agreed)}
+
+
+def test_ranks_scoring_different_targets_follow_one_process(fork_ranks):
+    """Rank 0 scores all 32 of its targets, rank 1 only 3 (the others ignored, -100): the ranks'
+    loss and gradient norm are those of one process's mean over the 35 scored targets of the
+    global batch (the backward starts before the global count is known and the gradients are
+    rescaled by it afterwards; fp32, sums in another order: 1e-5 relative). The inf/NaN verdict
+    summed with the norm's squares stops both ranks."""
+    x, y = _ignored_targets_batch()
+    ref = build(None)
+    loss = F.cross_entropy(ref(x)[0].flatten(0, 1), y.flatten(), ignore_index=-100)
+    loss.backward()
+    ref_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters()
+                                                           if p.grad is not None])))
+    for out in run_ranks(fork_ranks, _stepper_with_ignored_targets, 2):
+        assert out["taken"]
+        assert out["loss"] == pytest.approx(float(loss), rel=1e-5)
+        assert out["norm"] == pytest.approx(ref_norm, rel=1e-5)
+        assert out["agreed"] == 1.0
+
+
 def test_init_native_refuses_another_shape():
     model = build("ternary_native")
     layer = model.blocks[0].ffn.up
