@@ -7,7 +7,7 @@
 union of their intervals), how many kernels and copies (memcpy, memset) ran, the collectives'
 kernel time and the part of it beside no other kernel, the host's waits for the device (CUDA
 runtime calls whose name says ``Synchronize``, the final synchronization of the measurement
-included), and the kernels taking most time. ``host_syncs`` runs a call under
+included), the kernels taking most time, and the host's own time in its CPU-side operations. ``host_syncs`` runs a call under
 ``torch.cuda.set_sync_debug_mode("warn")`` and returns where each synchronizing operation was
 called from: a step that should queue its work without waiting (the trainer's step does) names
 its offenders there.
@@ -49,8 +49,11 @@ def profile_call(fn: Callable[[], object], sync: Callable[[], None]):
     return prof, wall
 
 
-def step_report(prof, wall_s: float, top: int = 15) -> list[str]:
-    """Printable lines about one profiled call (see the module doc)."""
+def step_report(prof, wall_s: float, top: int = 15, top_host: int = 10) -> list[str]:
+    """Printable lines about one profiled call (see the module doc): the summary, the host's
+    waits, the ``top`` kernels by time, then the host's own time (``host ...`` lines: the time
+    spent in CPU-side operations minus that of the operations they called, in all and for the
+    ``top_host`` largest; a step whose GPU idles is bound by these)."""
     events = prof.events()
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0]
     comm = [(e.time_range.start, e.time_range.end) for e in kernels if "nccl" in e.name.lower()]
@@ -71,6 +74,11 @@ def step_report(prof, wall_s: float, top: int = 15) -> list[str]:
         by.setdefault(e.name[:90], []).append(e.time_range.elapsed_us())
     for name, ts in sorted(by.items(), key=lambda kv: -sum(kv[1]))[:top]:
         lines.append(f"{sum(ts) / 1e3:8.2f} ms {len(ts):5d} x  {name}")
+    host = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    lines.append(f"host: {sum(e.self_cpu_time_total for e in host) / 1e3:.1f} ms of own time in "
+                 f"{sum(e.count for e in host)} CPU-side operations")
+    for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:top_host]:
+        lines.append(f"host {e.self_cpu_time_total / 1e3:8.2f} ms {e.count:5d} x  {e.key[:90]}")
     return lines
 
 

@@ -53,3 +53,19 @@ def test_profile_counts_kernels_and_finds_the_line_that_waits():
     assert host_syncs(queued) == []
     line = inspect.getsourcelines(waits)[1] + 2        # the line of .item()
     assert host_syncs(waits) == [(f"{__file__}:{line}", 1)]
+
+
+def test_step_report_names_the_host_operations():
+    """The host lines count the CPU-side operations and name the one that took the host longest
+    (a 512x512 product against a 2-element sum: the product's own time dominates on any CPU)."""
+    a, b = torch.randn(512, 512), torch.ones(2)
+
+    def call():
+        (a @ a).sum()
+        b.sum()
+
+    prof, wall = profile_call(call, lambda: None)
+    lines = step_report(prof, wall, top_host=1)
+    host = [ln for ln in lines if ln.startswith("host")]
+    assert re.fullmatch(r"host: [\d.]+ ms of own time in \d+ CPU-side operations", host[1]), host
+    assert len(host) == 3 and host[2].endswith("aten::mm"), host
