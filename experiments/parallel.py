@@ -351,6 +351,7 @@ def compute_in_param_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
             m.compile_once = False
     model._param_dtype = dtype
     model._gather_formats = gathered_formats(model, dtype)
+    model._params_in_forward = None
     model.register_forward_pre_hook(_params_in_dtype)
     model.register_forward_hook(_params_back, always_call=True)
     return model
@@ -373,7 +374,8 @@ def _params_back(module: nn.Module, args, output) -> None:
     parameters swapped back."""
     from torch.nn.utils._named_member_accessor import NamedMemberAccessor
 
-    originals = module.__dict__.pop("_params_in_forward", None)
+    originals = module._params_in_forward  # attribute reads and writes: torch.compile traces them (2.11 broke the
+    module._params_in_forward = None       # graph on module.__dict__.pop)
     if originals is not None:
         NamedMemberAccessor(module).swap_tensors_dict(originals)
 
