@@ -88,8 +88,9 @@ class Block(nn.Module):
                  dropout: float = 0.0, eps: float = 1e-5, compile_once: bool = False):
         super().__init__()
         if compile_once and _block_once is None:
-            raise RuntimeError(f"compile_blocks_once needs torch.compiler.nested_compile_region, which torch "
-                               f"{torch.__version__} lacks")
+            raise RuntimeError(f"compile_blocks_once needs torch >= 2.13 (this is {torch.__version__}): older "
+                               "releases lack torch.compiler.nested_compile_region, or (2.11) trace every block "
+                               "anew inside it and fail on the hybrid's graph; set model.compile_blocks_once=false")
         self.compile_once = compile_once
         self.norm1 = nn.LayerNorm(d, eps=eps)
         self.attn = SelfAttention(d, n_heads, n_kv_heads, head_dim, dropout)
@@ -108,7 +109,9 @@ def _block(blk: Block, x: Tensor) -> Tensor:
 
 
 _nested = getattr(torch.compiler, "nested_compile_region", None)
-_block_once = None if _nested is None else _nested(_block)
+# torch 2.11 has the region, but traced each block's call anew (no compile time saved) and raised
+# KeyError('example_value') on the hybrid's compiled step on a GPU; 2.13 is the release it is tested on
+_block_once = _nested(_block) if _nested is not None and torch.torch_version.TorchVersion(torch.__version__) >= "2.13" else None
 
 
 def memory_mask(p: Tensor, j: Tensor, chunk: int, max_memory: int) -> Tensor:

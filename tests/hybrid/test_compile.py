@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+import hybrid.attention
 from hybrid import HybridLM, preset
 from lowprec import apply_policy
 from lowprec.policy import PrecisionPolicy
@@ -215,6 +216,10 @@ def test_blocks_compile_once():
     paper policy, exactly what the model computes eagerly (aot_eager: the same ATen ops)."""
     with pytest.raises(ValueError, match="compile_blocks_once"):
         preset("tiny").replace(compile_blocks_once="yes")
+    if hybrid.attention._block_once is None:  # an older torch: refused with the reason
+        with pytest.raises(RuntimeError, match="needs torch >= 2.13"):
+            HybridLM(preset("tiny").replace(compile_blocks_once=True))
+        pytest.skip(f"torch {torch.__version__}: compile_blocks_once needs 2.13 (the refusal is checked)")
     cfg = preset("tiny").replace(rnn_mode="chunked", window=4, chunk=2, max_memory=3, n_blocks=3, rnn_layers=1,
                                  compile_blocks_once=True)
     backend = GraphKeeper()
