@@ -89,9 +89,12 @@ def check_train(train: DictConfig) -> dict[str, Any]:
     if t["task"] != "lm" and not t.get("tbptt"):
         raise ConfigError(f"train.task={t['task']} needs train.tbptt=true: a prompt spans tbptt_segments "
                           "segments read in order with the state carried")
-    for key in ("compile", "tbptt", "progress", "retrieval_eval"):
+    for key in ("tbptt", "progress", "retrieval_eval"):
         if not isinstance(t.get(key), bool):
             raise ConfigError(f"train.{key}={t.get(key)!r} must be true or false")
+    if not (isinstance(t.get("compile"), bool) or t.get("compile") == "blocks"):
+        raise ConfigError(f"train.compile={t.get('compile')!r} must be true (the step's forward and loss), blocks "
+                          "(each GQA block, one compilation for all) or false")
     th = t.get("threads")
     if not (th in (None, "auto") or (isinstance(th, int) and not isinstance(th, bool) and th >= 1)):
         raise ConfigError(f"train.threads={th!r} is invalid; give an int >= 1, auto or null")

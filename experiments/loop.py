@@ -116,7 +116,8 @@ class Stepper:
     """Runs training steps; owns the token source and (TBPTT) the carried state.
 
     ``source``: a ``SegmentStreamer`` (tbptt) or a ``TokenBatcher``; ``k``: segments per step;
-    ``compile``: torch.compile the forward and loss (see the module doc)."""
+    ``compile``: torch.compile the forward and loss (see the module doc); ``"blocks"``: the model's
+    blocks instead, each (``HybridLM.compile_blocks``)."""
 
     model: nn.Module
     optimizer: Any            # optim.MixedOptimizer (step(found_inf=...) and grads())
@@ -128,12 +129,19 @@ class Stepper:
     grad_clip: float | None = 1.0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     state: Any = None         # HybridState carried between TBPTT steps
-    compile: bool = False
+    compile: bool | str = False
     parallel: Any = None      # experiments.parallel.Distributed of several ranks, or None (one process)
     _last: tuple | None = None
 
     def __post_init__(self):
-        self._sums = torch.compile(self._segments_sums) if self.compile else self._segments_sums
+        if self.compile == "blocks":  # regional: the model's blocks, each compiled, the rest eager
+            if not hasattr(self.model, "compile_blocks"):
+                raise ValueError(f"compile='blocks' needs a model with compile_blocks() (HybridLM); "
+                                 f"{type(self.model).__name__} has none")
+            self.model.compile_blocks()
+            self._sums = self._segments_sums
+        else:
+            self._sums = torch.compile(self._segments_sums) if self.compile else self._segments_sums
         if self.scaler is not None:
             self.scaler.to(self.device)
 

@@ -92,6 +92,7 @@ class Block(nn.Module):
                                "releases lack torch.compiler.nested_compile_region, or (2.11) trace every block "
                                "anew inside it and fail on the hybrid's graph; set model.compile_blocks_once=false")
         self.compile_once = compile_once
+        self.compiled = None  # HybridLM.compile_blocks: torch.compile of Block.body, shared by the blocks
         self.norm1 = nn.LayerNorm(d, eps=eps)
         self.attn = SelfAttention(d, n_heads, n_kv_heads, head_dim, dropout)
         self.norm2 = nn.LayerNorm(d, eps=eps)
@@ -99,6 +100,10 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.body(x) if self.compiled is None else self.compiled(self, x)
+
+    def body(self, x: Tensor) -> Tensor:
+        """What ``forward`` computes (``forward`` calls the compiled version when there is one)."""
         return _block_once(self, x) if self.compile_once else _block(self, x)
 
 

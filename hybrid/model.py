@@ -93,6 +93,22 @@ class HybridLM(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.embed["tok"].weight
 
+    def compile_blocks(self, **compile_kwargs) -> int:
+        """Regional compilation: each GQA block runs ``torch.compile`` of its body
+        (``compile_kwargs`` go to ``torch.compile``). The blocks share one code object, so the first
+        call compiles and every other block of the same input shape reuses that code with its own
+        weights: the compile time of one block, whatever ``n_blocks``, on any torch release. The
+        rest of the model runs eager, between the compiled blocks; module hooks (FSDP2's gathers,
+        activation checkpointing) stay outside the compiled code. Evaluation and sampling call the
+        compiled blocks too (a new batch shape or train/eval mode compiles once more). Returns the
+        number of blocks; ``RuntimeError`` when called twice."""
+        if any(blk.compiled is not None for blk in self.blocks):
+            raise RuntimeError("the blocks are already compiled")
+        compiled = torch.compile(Block.body, **compile_kwargs)  # a function of (block, x): a copy of the model shares it
+        for blk in self.blocks:
+            blk.compiled = compiled
+        return len(self.blocks)
+
     # ---- one segment --------------------------------------------------------------------
     def initial_state(self) -> HybridState:
         """The state before the first token of a document (tensors are created on first use)."""

@@ -147,13 +147,15 @@ def test_tensor_parallel_follows_the_one_process_loss_curve(runs, corpus, cfg_of
     assert sorted(l2) == list(range(1, 13)) and max(abs(l1[s] - l2[s]) for s in l1) < TIGHT
 
 
-def test_compiled_step_on_two_ranks_follows_the_one_process_curve(runs, corpus, cfg_of, tmp_path, fork_ranks):
+@pytest.mark.parametrize("how", ["true", "blocks"])
+def test_compiled_step_on_two_ranks_follows_the_one_process_curve(runs, corpus, cfg_of, tmp_path, fork_ranks, how):
     """train.compile=true under FSDP2 (its hooks and the native gathers run eagerly between the
-    compiled pieces; each LSTM layer's recurrence runs as the compiled operators): the fp32 loss curve of 2 ranks
+    compiled pieces; each LSTM layer's recurrence runs as the compiled operators), and
+    train.compile=blocks (each block's body compiled, FSDP2's hooks around it): the fp32 loss curve of 2 ranks
     follows the eager 1-process run to within 1e-4 nats over 12 steps (fused kernels round
     differently from eager ones, and the difference grows with training)."""
     one_dir, _ = runs("one")
-    ok(train_on_ranks(fork_ranks, cfg_of(corpus, tmp_path, *FP32, *FAST, "train.compile=true")))
+    ok(train_on_ranks(fork_ranks, cfg_of(corpus, tmp_path, *FP32, *FAST, f"train.compile={how}")))
     l1, l2 = _scalars(one_dir), _scalars(tmp_path)
     assert sorted(l2) == list(range(1, 13)) and max(abs(l1[s] - l2[s]) for s in l1) < 1e-4
 
