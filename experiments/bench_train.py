@@ -93,12 +93,18 @@ def build(variant: str, size: dict, rnn_graphs: bool = True, param_dtype: str = 
 
 
 def measure(variant: str, size: dict, iters: int, mode: str | None = None, rnn_graphs: bool = True,
-            param_dtype: str = "master", profile: bool = False, blocks_once: bool = False) -> dict:
+            param_dtype: str = "master", profile: bool = False, blocks_once: bool = False, regional: bool = False) -> dict:
     """One variant's row. ``profile``: after the timed steps, one step profiled and one with CUDA's
-    sync warnings on; their lines (:mod:`experiments.gpu_profile`) are returned under "profile"."""
+    sync warnings on; their lines (:mod:`experiments.gpu_profile`) are returned under "profile".
+    ``regional``: our models compile their blocks only (``train.compile=blocks``), the reference
+    its whole step as always."""
     torch.manual_seed(0)
     model, opt, loss_fn, n_params, note = build(variant, size, rnn_graphs, param_dtype, blocks_once)
-    compiled = loss_fn if mode == "eager" else torch.compile(loss_fn, mode=mode)
+    if regional and mode != "eager" and hasattr(model, "compile_blocks"):  # train.compile=blocks: the blocks compiled, the rest eager
+        model.compile_blocks(mode=mode)
+        compiled = loss_fn
+    else:
+        compiled = loss_fn if mode == "eager" else torch.compile(loss_fn, mode=mode)
     B, T = size["B"], size["T"]
     x = torch.randint(0, 256, (B, T + 1), device="cuda")
     x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
@@ -150,6 +156,8 @@ def main(argv=None):
                          "(parallel.param_dtype), as the reference's autocast does for its matmuls")
     ap.add_argument("--compile-blocks-once", action="store_true",
                     help="our models: the blocks as one nested compile region, compiled once (model.compile_blocks_once)")
+    ap.add_argument("--regional", action="store_true",
+                    help="our models: compile each block's body only, the rest eager (train.compile=blocks)")
     ap.add_argument("--profile", action="store_true",
                     help="after each variant's row, where one step's GPU time went and the Python lines that made "
                          "the host wait (two more steps, not timed)")
@@ -158,7 +166,7 @@ def main(argv=None):
         raise SystemExit("bench_train needs a CUDA GPU")
     how = "not compiled" if args.mode == "eager" else f"compiled (mode: {args.mode or 'default'})"
     print(f"# training step, {environment()}, {datetime.date.today()}, {how}, rnn_cuda_graphs={args.rnn_graphs}, "
-          f"param_dtype={args.param_dtype}, compile_blocks_once={args.compile_blocks_once}")
+          f"param_dtype={args.param_dtype}, compile_blocks_once={args.compile_blocks_once}, regional={args.regional}")
     print("| size | variant | params | tokens/s | MFU | peak GiB | vs ref | first step s | plans |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.sizes:
@@ -166,7 +174,7 @@ def main(argv=None):
         for variant in args.variants:
             try:
                 r = measure(variant, size, args.iters, args.mode, args.rnn_graphs, args.param_dtype, args.profile,
-                            args.compile_blocks_once)
+                            args.compile_blocks_once, args.regional)
             except ImportError as e:
                 print(f"| {name} | {variant} | - | - | - | - | - | - | not run: {e} |", flush=True)
                 continue
