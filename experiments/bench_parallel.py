@@ -284,9 +284,19 @@ def table_row(r: dict, base: float | None) -> str:
 def common(args) -> list[str]:
     return [*(["--checkpoint"] if args.checkpoint else []), *(["--compile"] if args.compile else []),
             "--reshard" if args.reshard else "--no-reshard",
-            "--prefetch", str(args.prefetch), "--blocks-per-unit", str(args.blocks_per_unit),
+            "--prefetch", str(args.prefetch), "--blocks-per-unit", _blocks_per_unit_arg(args.blocks_per_unit),
             "--param-dtype", args.param_dtype, "--reduce-dtype", args.reduce_dtype, "--gpu-gib", str(args.gpu_gib), "--T", str(args.T), "--batch", str(args.batch), "--warmup", str(args.warmup), "--iters", str(args.iters),
             "--device", args.device]
+
+
+def _blocks_per_unit(text: str) -> int | list[int]:
+    """``--blocks-per-unit``: ``12`` or ``1,11``."""
+    parts = [int(p) for p in text.split(",")]
+    return parts[0] if len(parts) == 1 else parts
+
+
+def _blocks_per_unit_arg(v: int | list[int]) -> str:
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
 
 
 def weak(args) -> None:
@@ -349,8 +359,9 @@ def main(argv=None) -> None:
     ap.add_argument("--reduce-dtype", choices=["fp32", "bf16"], default="fp32",
                     help="dtype of FSDP2's gradient reduce-scatter (parallel.reduce_dtype)")
     ap.add_argument("--prefetch", type=int, default=1, help="parallel.prefetch: units whose all-gather each unit starts ahead")
-    ap.add_argument("--blocks-per-unit", type=int, default=1,
-                    help="parallel.blocks_per_unit: consecutive blocks FSDP2 gathers together")
+    ap.add_argument("--blocks-per-unit", type=_blocks_per_unit, default=1,
+                    help="parallel.blocks_per_unit: consecutive blocks FSDP2 gathers together (N), or the sizes of "
+                         "consecutive groups (N,M,...: e.g. 1,11)")
     ap.add_argument("--reshard", action=argparse.BooleanOptionalAction, default=True,
                     help="parallel.reshard_after_forward (--no-reshard: each unit stays gathered from its forward to its backward)")
     ap.add_argument("--compile", action="store_true", help="the trainer's train.compile: forward and loss compiled")

@@ -70,7 +70,7 @@ class ParallelConfig:
     activation_checkpoint: bool = False
     prefetch: int = 1
     nccl_protocol: str | None = None
-    blocks_per_unit: int = 1
+    blocks_per_unit: int | list[int] = 1
 
     def __post_init__(self):
         if not (self.dp == "auto" or (isinstance(self.dp, int) and not isinstance(self.dp, bool) and self.dp >= 1)):
@@ -79,8 +79,12 @@ class ParallelConfig:
             raise ValueError(f"parallel.tp={self.tp!r}: give an int >= 1")
         if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
             raise ValueError(f"parallel.prefetch={self.prefetch!r}: give an int >= 0 (units gathered ahead)")
-        if isinstance(self.blocks_per_unit, bool) or not isinstance(self.blocks_per_unit, int) or self.blocks_per_unit < 1:
-            raise ValueError(f"parallel.blocks_per_unit={self.blocks_per_unit!r}: give an int >= 1 (blocks gathered together)")
+        sizes = self.blocks_per_unit if isinstance(self.blocks_per_unit, (list, tuple)) else [self.blocks_per_unit]
+        if not sizes or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in sizes):
+            raise ValueError(f"parallel.blocks_per_unit={self.blocks_per_unit!r}: give an int >= 1 (blocks gathered "
+                             "together) or a list of them (the sizes of consecutive groups, in block order)")
+        if isinstance(self.blocks_per_unit, tuple):
+            self.blocks_per_unit = list(self.blocks_per_unit)
         if self.nccl_protocol not in (None, "Simple", "LL", "LL128"):
             raise ValueError(f"parallel.nccl_protocol={self.nccl_protocol!r}; choose null (NCCL's choice), Simple, LL or LL128")
         if self.backend not in ("auto", "nccl", "gloo"):
@@ -214,17 +218,30 @@ def units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def fsdp_groups(model: nn.Module, blocks_per_unit: int = 1) -> list[tuple[str, list[nn.Module]]]:
+def fsdp_groups(model: nn.Module, blocks_per_unit: int | list[int] = 1) -> list[tuple[str, list[nn.Module]]]:
     """The modules each FSDP2 group gathers together, as (name, modules), the root last: the units
     of :func:`units`, with every ``blocks_per_unit`` consecutive blocks in one group
-    (``blocks.0-3``): one all-gather, one reduce-scatter and one set of FSDP2 hooks for all of them."""
+    (``blocks.0-3``): one all-gather, one reduce-scatter and one set of FSDP2 hooks for all of them.
+    A list gives each group's size in block order (``[1, 11]``: the first block alone, then the
+    other eleven together: the forward waits only for the first block's gather, the second group's
+    gather running beside its compute, and the backward ends with one block's reduce-scatter); its
+    sizes must add up to the number of blocks (``ValueError``)."""
     named = units(model)
     blocks = [m for n, m in named if n.startswith("blocks.")]
+    if isinstance(blocks_per_unit, (list, tuple)):
+        if sum(blocks_per_unit) != len(blocks):
+            raise ValueError(f"parallel.blocks_per_unit={list(blocks_per_unit)} adds up to {sum(blocks_per_unit)} "
+                             f"blocks; the model has {len(blocks)}")
+        sizes = list(blocks_per_unit)
+    else:
+        sizes = [min(blocks_per_unit, len(blocks) - i) for i in range(0, len(blocks), blocks_per_unit)]
     groups: list[tuple[str, list[nn.Module]]] = []
-    for i in range(0, len(blocks), blocks_per_unit):
-        part = blocks[i:i + blocks_per_unit]
-        j = i + len(part) - 1
+    i = 0
+    for k in sizes:
+        part = blocks[i:i + k]
+        j = i + k - 1
         groups.append((f"blocks.{i}" if j == i else f"blocks.{i}-{j}", part))
+        i += k
     return groups + [(n, [m]) for n, m in named if not n.startswith("blocks.")]
 
 
@@ -287,9 +304,15 @@ def shard_model(model: nn.Module, mesh, cfg: ParallelConfig | None = None) -> nn
     log.info("sharded over %s: %d FSDP2 units%s; %d native layers row-sharded (packed codes in the all-gather); "
              "latent weights all-gathered in their format: %s%s",
              " x ".join(f"{n}={s}" for n, s in zip(mesh.mesh_dim_names, mesh.shape)), len(groups),
-             f" ({cfg.blocks_per_unit} blocks each)" if cfg.blocks_per_unit > 1 else "", sum(len(v) for v in natives.values()),
+             _blocks_per_unit_text(cfg.blocks_per_unit), sum(len(v) for v in natives.values()),
              lowbit, f"; in {cfg.param_dtype or 'their own dtype'}: {other}" if other else "")
     return model
+
+
+def _blocks_per_unit_text(bpu) -> str:
+    if isinstance(bpu, list):
+        return f" (blocks in groups of {', '.join(map(str, bpu))})"
+    return f" ({bpu} blocks each)" if bpu > 1 else ""
 
 
 def forward_order(model: nn.Module) -> list[nn.Module]:

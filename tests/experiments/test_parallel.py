@@ -205,7 +205,7 @@ def _data_parallel_checks(rank, world, tmp):
     # blocks gathered together (blocks_per_unit 2: the tiny hybrid's two blocks in one FSDP2 group):
     # one all-gather fewer per forward, the same gradients bit for bit
     grouped_grads, grouped_gathers = [], []
-    for k in (1, 2):
+    for k in (1, 2, [2]):  # [2]: the same grouping given as a list of group sizes
         model = build("paper")
         shard_model(model, d.mesh, ParallelConfig(blocks_per_unit=k))
         with record_all_gathers() as rec:
@@ -214,8 +214,9 @@ def _data_parallel_checks(rank, world, tmp):
         loss.backward()
         grouped_grads.append({n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None})
     out["grouped/gathers"] = grouped_gathers
-    out["grouped/same_grads"] = (grouped_grads[0].keys() == grouped_grads[1].keys() and len(grouped_grads[0]) > 0
-                                 and all(torch.equal(grouped_grads[0][n], grouped_grads[1][n]) for n in grouped_grads[0]))
+    out["grouped/same_grads"] = all(
+        grouped_grads[0].keys() == other.keys() and len(other) > 0
+        and all(torch.equal(grouped_grads[0][n], other[n]) for n in other) for other in grouped_grads[1:])
 
     # blocks compiled once (a nested compile region) on sharded ranks: FSDP2's hooks run between the
     # compiled pieces; under aot_eager the same gradients, bit for bit, as the blocks compiled apiece
@@ -403,9 +404,16 @@ def test_blocks_gathered_together(dp2):
 
     assert [n for n, _ in fsdp_groups(build(None), 2)][:1] == ["blocks.0-1"]
     assert [n for n, _ in fsdp_groups(build(None), 1)][:2] == ["blocks.0", "blocks.1"]
+    five = build(None, preset("tiny").replace(n_blocks=5))
+    groups = fsdp_groups(five, [1, 4])  # sizes in block order: the first block alone, then the rest
+    assert [n for n, _ in groups][:2] == ["blocks.0", "blocks.1-4"]
+    assert groups[1][1] == list(five.blocks)[1:]
+    assert [n for n, _ in fsdp_groups(five, 2)][:3] == ["blocks.0-1", "blocks.2-3", "blocks.4"]
+    with pytest.raises(ValueError, match=r"blocks_per_unit=\[2, 2\] adds up to 4 blocks; the model has 5"):
+        fsdp_groups(five, [2, 2])
     for r in dp2[1]:
-        one_each, together = r["grouped/gathers"]
-        assert together == one_each - 1
+        one_each, together, as_list = r["grouped/gathers"]
+        assert together == as_list == one_each - 1
         assert r["grouped/same_grads"]
 
 
@@ -816,6 +824,17 @@ def test_parallel_config():
         ParallelConfig(prefetch=-1)
     with pytest.raises(ValueError, match="blocks_per_unit"):
         ParallelConfig(blocks_per_unit=0)
+    with pytest.raises(ValueError, match="blocks_per_unit"):
+        ParallelConfig(blocks_per_unit=[1, 0])
+    with pytest.raises(ValueError, match="blocks_per_unit"):
+        ParallelConfig(blocks_per_unit=[])
+    from omegaconf import OmegaConf
+
+    assert ParallelConfig.from_config(OmegaConf.create({"blocks_per_unit": [1, 11]})).blocks_per_unit == [1, 11]
+    from experiments.bench_parallel import _blocks_per_unit, _blocks_per_unit_arg
+
+    assert _blocks_per_unit("12") == 12 and _blocks_per_unit("1,11") == [1, 11]
+    assert _blocks_per_unit_arg([1, 11]) == "1,11" and _blocks_per_unit_arg(3) == "3"
 
 
 @pytest.mark.parametrize("kind", ["segments", "windows"])
