@@ -82,7 +82,7 @@ def main(argv=None) -> None:
     for mode in args.modes:
         r = measure(mode, args.overrides, args.steps, args.backend)
         t = r["times"]
-        print(f"| {mode} | {t[0]:.1f} | {t[1]:.1f} | {statistics.median(t[2:]):.3f} | {r['graphs']} |", flush=True)
+        print(f"| {mode} | {t[0]:.3g} | {t[1]:.3g} | {statistics.median(t[2:]):.3g} | {r['graphs']} |", flush=True)
 
 
 if __name__ == "__main__":

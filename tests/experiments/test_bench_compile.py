@@ -4,16 +4,17 @@ import re
 from experiments.bench_compile import main
 
 
-def test_table_counts_one_graph_per_mode(corpus, capsys):
-    """Both modes compile exactly one graph for the tiny hybrid over 3 TBPTT steps (``true``: the
-    carried-state step's graph, step 1 running eager; ``blocks``: one block body for both
-    blocks), and each row reports three step times."""
-    main(["--modes", "true", "blocks", "--backend", "aot_eager", "--steps", "3", "--",
+def test_table_counts_the_graphs_of_each_mode(corpus, capsys):
+    """The tiny hybrid over 3 TBPTT steps: eager compiles no graph, ``blocks`` one (one block body
+    for both blocks); each row reports three step times (no timing is asserted: it is a
+    benchmark). (``true``'s single graph is tested with the trainer in test_step.py.)"""
+    main(["--modes", "false", "blocks", "--backend", "aot_eager", "--steps", "3", "--",
           "model=tiny", "data=local", f"data.path={corpus}", "data.doc_chars=null", "data.tokenizer=bytes",
-          "train.batch_size=2", "train.threads=1", "train.device=cpu"])
-    rows = [ln for ln in capsys.readouterr().out.splitlines() if re.match(r"\| (true|blocks) \|", ln)]
+          "train.batch_size=2", "train.threads=1", "train.device=cpu", "precision=bf16",
+          "model.rnn_mode=chunked"])
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if re.match(r"\| (false|blocks) \|", ln)]
     assert len(rows) == 2
-    for row in rows:
+    for row, graphs in zip(rows, ["0", "1"], strict=True):
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert all(float(c) > 0 for c in cells[1:4]), row
-        assert cells[4] == "1", row
+        assert all(float(c) >= 0 for c in cells[1:4]), row   # step times (an eager step may print as 0.0x)
+        assert cells[4] == graphs, row
