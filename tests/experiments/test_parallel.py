@@ -971,7 +971,7 @@ def test_compute_in_param_dtype_on_one_process():
     """compute_in_param_dtype: logits (and so activations) in bf16, the parameters the same fp32
     Parameter objects before and after a forward (also one that raises), the state dict unchanged; a
     copy of the model (deepcopy) computes in bf16 with its own parameters; applying it twice is an error; a
-    model computing in bf16 compiles with fullgraph=True."""
+    model computing in bf16 compiles with fullgraph=True, and its blocks compile regionally (once, eager's bits)."""
     import copy
 
     from experiments.parallel import compute_in_param_dtype
@@ -1000,6 +1000,22 @@ def test_compute_in_param_dtype_on_one_process():
     with pytest.warns(UserWarning, match="compile_blocks_once does not apply"):
         compute_in_param_dtype(once, torch.bfloat16)
     assert [blk.compile_once for blk in once.blocks] == [False] * len(once.blocks)
+    # regional compilation (train.compile=blocks) of a model computing in bf16: the blocks see the
+    # casts swapped in, compile once, and (aot_eager: the same ATen ops) give eager's loss and
+    # gradients on the fp32 masters, bit for bit
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    regional, reference = (compute_in_param_dtype(build(None), torch.bfloat16) for _ in range(2))
+    regional.compile_blocks(backend=counter)
+    for _ in range(2):
+        for m in (regional, reference):
+            m.zero_grad(set_to_none=True)
+            loss_of(m, x, y).backward()
+        assert counter.frame_count == 1
+        ref_grads = dict(reference.named_parameters())
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.equal(p.grad, ref_grads[n].grad)
+                   for n, p in regional.named_parameters() if p.requires_grad)
     plain = compute_in_param_dtype(build(None), torch.bfloat16)  # compiles faster than a policy's layers
     eager = loss_of(plain, x, y)
     compiled = torch.compile(loss_of, fullgraph=True)(plain, x, y)
