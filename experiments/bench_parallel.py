@@ -29,7 +29,8 @@ model. The optimizer is the one ``configs/optim`` gives the
 policy (AdamW; TernaryBop for native ternary) and the step is the trainer's
 (:class:`experiments.loop.Stepper`: loss over the global batch, loss scaler, found-inf agreed over the
 ranks, clipping over all shards), eager (``--compile``: the trainer's ``train.compile``, FSDP2's hooks
-running eagerly between the compiled pieces), on random tokens. Reported: median step time over the timed
+running eagerly between the compiled pieces; ``--compile blocks``: ``train.compile=blocks``, each block's
+body compiled), on random tokens. Reported: median step time over the timed
 steps (each between two device synchronizations), tokens/s per GPU, peak memory allocated on the
 busiest GPU (whole run: build, optimizer state, steps; ``--gpu-gib`` caps what the allocator may take, so a
 larger GPU can stand in for a smaller one), the bytes one rank receives in all-gathers
@@ -183,7 +184,7 @@ def _steps(args, d, model, opt, sched, scaler, n_params, build_s, cuda) -> dict:
     several = d.world_size > 1
     source = random_batches(args.batch, args.T, model.cfg.vocab_size, d.device, seed=d.rank)
     stepper = Stepper(model, opt, sched, scaler, source, tbptt=False, grad_clip=1.0, device=d.device,
-                      parallel=d if several else None, compile=args.compile)
+                      parallel=d if several else None, compile=_compile_mode(args.compile))
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     results = [stepper.step() for _ in range(args.warmup)]
     sync()
@@ -282,11 +283,16 @@ def table_row(r: dict, base: float | None) -> str:
 
 
 def common(args) -> list[str]:
-    return [*(["--checkpoint"] if args.checkpoint else []), *(["--compile"] if args.compile else []),
+    return [*(["--checkpoint"] if args.checkpoint else []), *(["--compile", args.compile] if args.compile else []),
             "--reshard" if args.reshard else "--no-reshard",
             "--prefetch", str(args.prefetch), "--blocks-per-unit", _blocks_per_unit_arg(args.blocks_per_unit),
             "--param-dtype", args.param_dtype, "--reduce-dtype", args.reduce_dtype, "--gpu-gib", str(args.gpu_gib), "--T", str(args.T), "--batch", str(args.batch), "--warmup", str(args.warmup), "--iters", str(args.iters),
             "--device", args.device]
+
+
+def _compile_mode(flag) -> bool | str:
+    """``--compile`` as ``Stepper(compile=...)``: False, True or "blocks"."""
+    return "blocks" if flag == "blocks" else flag == "true"
 
 
 def _blocks_per_unit(text: str) -> int | list[int]:
@@ -364,7 +370,9 @@ def main(argv=None) -> None:
                          "consecutive groups (N,M,...: e.g. 1,11)")
     ap.add_argument("--reshard", action=argparse.BooleanOptionalAction, default=True,
                     help="parallel.reshard_after_forward (--no-reshard: each unit stays gathered from its forward to its backward)")
-    ap.add_argument("--compile", action="store_true", help="the trainer's train.compile: forward and loss compiled")
+    ap.add_argument("--compile", nargs="?", const="true", default=False, choices=["true", "blocks"],
+                    help="the trainer's train.compile: forward and loss compiled (--compile), or each block's body "
+                         "(--compile blocks)")
     ap.add_argument("--profile", action="store_true",
                     help="one: two more steps, profiled and with CUDA's sync warnings on; rank 0 prints where its GPU "
                          "time went and the Python lines that made its host wait")

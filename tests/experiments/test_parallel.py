@@ -831,7 +831,9 @@ def test_parallel_config():
     from omegaconf import OmegaConf
 
     assert ParallelConfig.from_config(OmegaConf.create({"blocks_per_unit": [1, 11]})).blocks_per_unit == [1, 11]
-    from experiments.bench_parallel import _blocks_per_unit, _blocks_per_unit_arg
+    from experiments.bench_parallel import _blocks_per_unit, _blocks_per_unit_arg, _compile_mode
+
+    assert _compile_mode("blocks") == "blocks" and _compile_mode("true") is True and _compile_mode(False) is False
 
     assert _blocks_per_unit("12") == 12 and _blocks_per_unit("1,11") == [1, 11]
     assert _blocks_per_unit_arg([1, 11]) == "1,11" and _blocks_per_unit_arg(3) == "3"
