@@ -137,7 +137,22 @@ def test_steady_state_steps_never_wait_for_the_device(cfg_of, corpus, tmp_path, 
     assert all(r.loss.is_cuda and r.found_inf.is_cuda for r in results)
 
 
-def test_compiled_tbptt_steps_compile_once_and_equal_eager(cfg_of, corpus, tmp_path, monkeypatch):
+@pytest.fixture
+def compiled_graphs(monkeypatch):
+    """``torch.compile`` with its backend swapped for one that keeps the graphs it is given and runs
+    them with ``aot_eager`` (the traced ATen ops, run eagerly: the numbers of eager, exactly);
+    returns that list of graphs."""
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: torch._dynamo.optimize(counting)(fn))
+    return graphs
+
+
+def test_compiled_tbptt_steps_compile_once_and_equal_eager(cfg_of, corpus, tmp_path, compiled_graphs):
     """``train.compile=true`` on the tiny hybrid (stream mode: the recurrence's operators carry
     state from segment to segment) through the trainer's Stepper, 2 segments a step, with the
     compiler's backend swapped for one that counts its graphs and runs them with ``aot_eager`` (the
@@ -145,11 +160,7 @@ def test_compiled_tbptt_steps_compile_once_and_equal_eager(cfg_of, corpus, tmp_p
     first, and one after the state is dropped as at an epoch's end) run eager; every other step runs
     the ONE compiled graph. Losses, gradient norms and the weights after 6 steps are bit-identical
     to the same run without compilation."""
-    graphs = []
-
-    def counting(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+    graphs = compiled_graphs
 
     def run(*extra):
         torch._dynamo.reset()
@@ -163,7 +174,6 @@ def test_compiled_tbptt_steps_compile_once_and_equal_eager(cfg_of, corpus, tmp_p
             results.append(stepper.step())
         return read_results(results)[0], stepper.model.state_dict()
 
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: torch._dynamo.optimize(counting)(fn))
     got, got_weights = run("train.compile=true")
     assert len(graphs) == 1
     ref, ref_weights = run()
@@ -173,7 +183,7 @@ def test_compiled_tbptt_steps_compile_once_and_equal_eager(cfg_of, corpus, tmp_p
         assert torch.equal(v, ref_weights[k]), k
 
 
-def test_compiled_blocks_compile_one_block_for_all_and_equal_eager(cfg_of, corpus, tmp_path, monkeypatch):
+def test_compiled_blocks_compile_one_block_for_all_and_equal_eager(cfg_of, corpus, tmp_path, compiled_graphs):
     """``train.compile=blocks`` (regional compilation): each GQA block runs one compiled function of
     its body, traced once for all blocks and every step (the tiny hybrid's two blocks, with and
     without a carried state: the blocks' inputs have one shape), the rest eager. With the counting
@@ -182,11 +192,7 @@ def test_compiled_blocks_compile_one_block_for_all_and_equal_eager(cfg_of, corpu
     true, false or blocks is refused."""
     from experiments.build import ConfigError, check_train
 
-    graphs = []
-
-    def counting(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+    graphs = compiled_graphs
 
     def run(*extra):
         torch._dynamo.reset()
@@ -194,7 +200,6 @@ def test_compiled_blocks_compile_one_block_for_all_and_equal_eager(cfg_of, corpu
         results = [trainer.stepper.step() for _ in range(4)]
         return read_results(results)[0], trainer.stepper.model.state_dict(), trainer.stepper.model
 
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: torch._dynamo.optimize(counting)(fn))
     got, got_weights, model = run("train.compile=blocks")
     assert len(model.blocks) == 2 and all(blk.compiled is model.blocks[0].compiled for blk in model.blocks)
     assert len(graphs) == 1
