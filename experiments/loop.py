@@ -31,7 +31,9 @@ memory, asynchronously.
 AOTAutograd, their backward): once, for the carried state (TBPTT) or the fresh windows; a TBPTT
 step that starts a document (the first, and one per epoch) runs eager instead of compiling a second
 graph for the state-less shape class. The update runs eager: Bop/TernaryBop/SRAdamW reseed a host generator
-per weight (a graph break) and torch's fused AdamW is one kernel already.
+per weight (a graph break) and torch's fused AdamW is one kernel already. ``compile="blocks"``
+compiles the model's blocks instead (``HybridLM.compile_blocks``: one compiled body for all of
+them, everything else eager), in every step and in evaluation.
 
 Evaluation scores validation windows, each from a fresh state (``evaluate``), or, for a model
 trained with carried state, the validation split read as B contiguous streams with the state
