@@ -549,10 +549,11 @@ def clip_grads_over_ranks_(grads: list[torch.Tensor], max_norm: float | None, d:
     norm = sq.sqrt()
     if factor is not None:
         norm = norm * factor
-    if local and (max_norm or factor is not None):
-        scale = torch.ones((), device=device) if factor is None else factor
-        if max_norm:
-            scale = scale * torch.where(torch.isfinite(norm), torch.clamp(max_norm / (norm + 1e-6), max=1.0), 1.0)
+    scale = factor
+    if max_norm:
+        clip = torch.where(torch.isfinite(norm), torch.clamp(max_norm / (norm + 1e-6), max=1.0), 1.0)
+        scale = clip if scale is None else scale * clip
+    if local and scale is not None:
         torch._foreach_mul_(local, scale)
     return norm if found_inf is None else (found_inf, norm)
 
