@@ -223,7 +223,7 @@ def profile_step(stepper, d, sync, trace_dir: str | None = None) -> None:
     with CUDA's synchronization warnings on, after which rank 0 prints the Python lines that made its
     host wait (``SYNC``). With ``trace_dir`` every rank writes its trace of the profiled step there
     (``rank<r>.json.gz``, Chrome trace format: chrome://tracing, Perfetto)."""
-    from experiments.gpu_profile import host_syncs, profile_call, step_report
+    from experiments.gpu_profile import host_syncs, profile_call, step_report, sync_report
 
     prof, wall = profile_call(stepper.step, sync)
     if trace_dir:
@@ -243,9 +243,8 @@ def profile_step(stepper, d, sync, trace_dir: str | None = None) -> None:
     for line in step_report(prof, wall):
         print(f"PROFILE {line}", flush=True)
     if syncs is not None:
-        print(f"SYNC {sum(n for _, n in syncs)} synchronizing calls in one step", flush=True)
-        for where, n in syncs[:10]:
-            print(f"SYNC {n:5d} x  {where}", flush=True)
+        for line in sync_report(syncs):
+            print(f"SYNC {line}", flush=True)
 
 
 # ------------------------------------------------------------------------------------ launchers

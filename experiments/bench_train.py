@@ -128,13 +128,12 @@ def measure(variant: str, size: dict, iters: int, mode: str | None = None, rnn_g
     row = dict(variant=variant, params=n_params, tokens_per_s=tps, mfu=6 * n_params * tps / PEAK_BF16,
                peak_gib=torch.cuda.max_memory_allocated() / 2**30, first_s=first_s, note=note, profile=[])
     if profile:
-        from .gpu_profile import host_syncs, profile_call, step_report
+        from .gpu_profile import host_syncs, profile_call, step_report, sync_report
 
         row["profile"] = step_report(*profile_call(step, torch.cuda.synchronize))
         syncs = host_syncs(step)
         torch.cuda.synchronize()
-        row["profile"] += [f"{sum(n for _, n in syncs)} synchronizing calls in one step"] + [
-            f"{n:5d} x  {where}" for where, n in syncs[:10]]
+        row["profile"] += sync_report(syncs)
     del model, opt, compiled
     gc.collect()
     torch.cuda.empty_cache()

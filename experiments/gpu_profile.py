@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["host_syncs", "profile_call", "step_report", "union_length"]
+__all__ = ["host_syncs", "profile_call", "step_report", "sync_report", "union_length"]
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:
@@ -98,3 +98,9 @@ def host_syncs(fn: Callable[[], object]) -> list[tuple[str, int]] | None:
             torch.cuda.set_sync_debug_mode(before)
     where = Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower())
     return where.most_common()
+
+
+def sync_report(syncs: list[tuple[str, int]], top: int = 10) -> list[str]:
+    """Printable lines of :func:`host_syncs`' answer: the total, then the ``top`` lines that waited."""
+    return [f"{sum(n for _, n in syncs)} synchronizing calls in one step"] + [
+        f"{n:5d} x  {where}" for where, n in syncs[:top]]

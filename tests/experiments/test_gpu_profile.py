@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from experiments.gpu_profile import host_syncs, profile_call, step_report, union_length
+from experiments.gpu_profile import host_syncs, profile_call, step_report, sync_report, union_length
 
 
 def test_union_length_counts_overlaps_once():
@@ -69,3 +69,10 @@ def test_step_report_names_the_host_operations():
     host = [ln for ln in lines if ln.startswith("host")]
     assert re.fullmatch(r"host: [\d.]+ ms of own time in \d+ CPU-side operations", host[1]), host
     assert len(host) == 3 and host[2].endswith("aten::mm"), host
+
+
+def test_sync_report_totals_and_lists_the_lines():
+    syncs = [("a.py:3", 2), ("b.py:9", 1)]
+    assert sync_report(syncs) == ["3 synchronizing calls in one step", "    2 x  a.py:3", "    1 x  b.py:9"]
+    assert sync_report(syncs, top=1) == ["3 synchronizing calls in one step", "    2 x  a.py:3"]
+    assert sync_report([]) == ["0 synchronizing calls in one step"]
