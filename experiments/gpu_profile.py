@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["host_syncs", "profile_call", "step_report", "sync_report", "union_length"]
+__all__ = ["host_syncs", "profile_call", "step_report", "sync_report", "sync_sites", "union_length"]
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:
@@ -82,6 +82,11 @@ def step_report(prof, wall_s: float, top: int = 15, top_host: int = 10) -> list[
     return lines
 
 
+# the text of the warning CUDA's sync-debug mode raises at each synchronizing operation; setting the mode
+# also warns once per process that the mode is a prototype, which names no synchronization
+SYNC_WARNING = "called a synchronizing CUDA operation"
+
+
 def host_syncs(fn: Callable[[], object]) -> list[tuple[str, int]] | None:
     """Run ``fn()`` with CUDA's synchronization warnings on: ``[(where, count)]``, the Python
     lines that called a synchronizing operation (``file:line``), most frequent first; ``[]`` when
@@ -96,7 +101,14 @@ def host_syncs(fn: Callable[[], object]) -> list[tuple[str, int]] | None:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode(before)
-    where = Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower())
+    return sync_sites(caught)
+
+
+def sync_sites(caught: list[warnings.WarningMessage]) -> list[tuple[str, int]]:
+    """``[(file:line, count)]`` of the recorded warnings that report a synchronizing CUDA operation,
+    most frequent first; every other warning (the sync-debug mode's own prototype notice among them)
+    is left out."""
+    where = Counter(f"{w.filename}:{w.lineno}" for w in caught if SYNC_WARNING in str(w.message))
     return where.most_common()
 
 

@@ -1,11 +1,12 @@
 """The benchmarks' ``--profile``: kernel accounting and the host-sync finder."""
 import inspect
 import re
+import warnings
 
 import pytest
 import torch
 
-from experiments.gpu_profile import host_syncs, profile_call, step_report, sync_report, union_length
+from experiments.gpu_profile import host_syncs, profile_call, step_report, sync_report, sync_sites, union_length
 
 
 def test_union_length_counts_overlaps_once():
@@ -18,6 +19,22 @@ def test_host_syncs_without_cuda_has_nothing_to_check():
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the GPU test below covers it")
     assert host_syncs(lambda: None) is None
+
+
+def test_sync_sites_counts_only_the_synchronization_warnings():
+    """Setting the sync-debug mode warns once per process that the mode is a prototype: that notice
+    names no synchronization and is not counted; the per-operation warnings are, by line."""
+    def record(message, lineno):
+        return warnings.WarningMessage(UserWarning(message), UserWarning, "step.py", lineno)
+
+    caught = [record("Synchronization debug mode is a prototype feature and does not yet detect all "
+                     "synchronizing operations", 1),
+              record("called a synchronizing CUDA operation", 7),
+              record("called a synchronizing CUDA operation", 9),
+              record("called a synchronizing CUDA operation", 7),
+              record("an unrelated warning", 7)]
+    assert sync_sites(caught) == [("step.py:7", 2), ("step.py:9", 1)]
+    assert sync_sites(caught[:1]) == []
 
 
 @pytest.mark.gpu
