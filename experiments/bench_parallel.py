@@ -2,13 +2,16 @@
 many blocks as fit.
 
     python -m experiments.bench_parallel weak --gpus 1 2 4 --policies bf16 paper
+    python -m experiments.bench_parallel weak --gpus 1 2 --policies bf16 --compile --blocks-per-unit 12 1,11 --reduce-dtype bf16
     python -m experiments.bench_parallel wide --gpus 4 --gpu-gib 79 --reduce-dtype bf16 --policies ternary_native:5 bf16:1
     torchrun --standalone --nproc-per-node 4 -m experiments.bench_parallel one --model wide --policy paper --blocks 1
 
 ``weak``: ``HybridLM`` at the ``600m`` shape of :mod:`experiments.bench_train` (d 2048, 12 blocks, 16/4 heads,
 FFN 8192, the RNN memory in ``chunked`` mode; byte vocabulary), 8 x 1024 tokens per GPU per step, on 1, 2, 4
 ... GPUs: the same work per GPU, so tokens/s per GPU stays where the sharding costs nothing. One GPU is
-one plain process (no process group, no FSDP2).
+one plain process (no process group, no FSDP2), measured once per policy. Several values of
+``--blocks-per-unit``, ``--prefetch``, ``--reduce-dtype`` or ``--reshard`` measure every combination of them
+(the layout column) on each number of GPUs above one, all against that one process.
 
 ``wide``: the ``slice16k`` preset (width 16384, 128/16 heads, FFN 65536, vocabulary 65536, one 16384-wide
 LSTM layer, compressor, cross-attention fusion) with ``blocks`` GQA blocks, one 2048-token sequence per
@@ -66,6 +69,7 @@ import optim
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MODELS = ("600m", "wide", "tiny")
+SEVERAL = "; weak: several values measure every combination on more than one GPU, against one 1-GPU row"
 
 
 def model_config(name: str, blocks: int | None, T: int) -> hybrid.HybridConfig:
@@ -270,20 +274,30 @@ def launch(n: int, extra: list[str], timeout: float) -> tuple[dict | None, str]:
     return None, (raised[0][:300] if raised else f"exit {p.returncode}: {text.strip().splitlines()[-1:]}")
 
 
-HEADER = ("| model | policy | GPUs | blocks | params | step s | host s | tokens/s per GPU | vs 1 GPU | peak GiB (busiest GPU) "
-          "| all-gather MB / step / GPU | loss | steps taken |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| model | policy | GPUs | layout | blocks | params | step s | host s | tokens/s per GPU | vs 1 GPU "
+          "| peak GiB (busiest GPU) | all-gather MB / step / GPU | loss | steps taken |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def layout_text(r: dict, gpus: int) -> str:
+    """The layout column: blocks per unit, reduce-scatter dtype, prefetch, resharding ("-" on one process)."""
+    if gpus == 1:
+        return "-"
+    return (f"{_blocks_per_unit_arg(r['blocks_per_unit'])} per unit, {r['reduce_dtype']} reduce, "
+            f"prefetch {r['prefetch']}{'' if r['reshard'] else ', no reshard'}")
 
 
 def table_row(r: dict, base: float | None) -> str:
     rel = f"{r['tokens_per_s_per_gpu'] / base:.2f}" if base else "-"
-    return (f"| {r['model']} | {r['policy']} | {r['gpus']} | {r['blocks']} | {r['params'] / 1e9:.2f}B | {r['step_s']:.3f} | {r['host_s']:.3f} "
+    return (f"| {r['model']} | {r['policy']} | {r['gpus']} | {layout_text(r, r['gpus'])} | {r['blocks']} "
+            f"| {r['params'] / 1e9:.2f}B | {r['step_s']:.3f} | {r['host_s']:.3f} "
             f"| {r['tokens_per_s_per_gpu']:,.0f} | {rel} | {r['peak_gib']:.1f} | {r['gather_bytes'] / 1e6:,.0f} "
             f"| {r['loss']:.3f} | {r['taken']}/{r['steps']} |")
 
 
 def common(args) -> list[str]:
     return [*(["--checkpoint"] if args.checkpoint else []), *(["--compile", args.compile] if args.compile else []),
-            "--reshard" if args.reshard else "--no-reshard",
+            "--reshard", "on" if args.reshard else "off",
             "--prefetch", str(args.prefetch), "--blocks-per-unit", _blocks_per_unit_arg(args.blocks_per_unit),
             "--param-dtype", args.param_dtype, "--reduce-dtype", args.reduce_dtype, "--gpu-gib", str(args.gpu_gib), "--T", str(args.T), "--batch", str(args.batch), "--warmup", str(args.warmup), "--iters", str(args.iters),
             "--device", args.device]
@@ -300,21 +314,41 @@ def _blocks_per_unit(text: str) -> int | list[int]:
     return parts[0] if len(parts) == 1 else parts
 
 
+def _on_off(text: str) -> bool:
+    """``--reshard``: on or off."""
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give on or off")
+    return text == "on"
+
+
 def _blocks_per_unit_arg(v: int | list[int]) -> str:
     return ",".join(map(str, v)) if isinstance(v, list) else str(v)
 
 
+def layouts(args) -> list[dict]:
+    """The sharding layouts ``weak`` measures on more than one GPU: every combination of the values
+    given to ``--blocks-per-unit``, ``--prefetch``, ``--reduce-dtype`` and ``--reshard``, in that
+    nesting order (the first flag's values outermost)."""
+    return [{"blocks_per_unit": b, "prefetch": p, "reduce_dtype": r, "reshard": h}
+            for b in args.blocks_per_unit for p in args.prefetch for r in args.reduce_dtype for h in args.reshard]
+
+
 def weak(args) -> None:
+    """Per policy: one process once (no sharding: the layouts do not apply), then each number of GPUs
+    above one under each layout of :func:`layouts`, every row against the one process."""
     print(HEADER, flush=True)
     for policy in args.policies:
         base = None
         for n in args.gpus:
-            r, err = launch(n, ["--model", args.model, "--policy", policy, *common(args)], args.timeout)
-            if r is None:
-                print(f"| {args.model} | {policy} | {n} | - | - | - | - | - | - | - | - | - | failed: {err} |", flush=True)
-                continue
-            base = base or (r["tokens_per_s_per_gpu"] if n == 1 else None)
-            print(table_row(r, base), flush=True)
+            for layout in args.layouts[:1] if n == 1 else args.layouts:
+                run = argparse.Namespace(**{**vars(args), **layout})
+                r, err = launch(n, ["--model", args.model, "--policy", policy, *common(run)], args.timeout)
+                if r is None:
+                    print(f"| {args.model} | {policy} | {n} | {layout_text(layout, n)} | - | - | - | - | - | - | - | - | - "
+                          f"| failed: {err} |", flush=True)
+                    continue
+                base = base or (r["tokens_per_s_per_gpu"] if n == 1 else None)
+                print(table_row(r, base), flush=True)
 
 
 def wide(args) -> None:
@@ -328,8 +362,8 @@ def wide(args) -> None:
             r, err = launch(n, ["--model", args.model, "--policy", policy, "--blocks", str(k), *common(args)], args.timeout)
             tried[k] = r
             if r is None:
-                print(f"| {args.model} | {policy} | {n} | {k} | - | - | - | - | - | - | - | - | does not fit / failed: {err} |",
-                      flush=True)
+                print(f"| {args.model} | {policy} | {n} | {layout_text(args.layouts[0], n)} | {k} | - | - | - | - | - | - "
+                      f"| - | - | does not fit / failed: {err} |", flush=True)
             else:
                 print(table_row(r, None), flush=True)
             up = r is not None
@@ -361,14 +395,16 @@ def main(argv=None) -> None:
     ap.add_argument("--param-dtype", choices=["bf16", "master"], default="bf16",
                     help="parallel.param_dtype: bf16 (parameters gathered and used in bf16, activations in bf16; one "
                          "process too), or master: in the masters' dtype (fp32)")
-    ap.add_argument("--reduce-dtype", choices=["fp32", "bf16"], default="fp32",
-                    help="dtype of FSDP2's gradient reduce-scatter (parallel.reduce_dtype)")
-    ap.add_argument("--prefetch", type=int, default=1, help="parallel.prefetch: units whose all-gather each unit starts ahead")
-    ap.add_argument("--blocks-per-unit", type=_blocks_per_unit, default=1,
+    ap.add_argument("--reduce-dtype", nargs="+", choices=["fp32", "bf16"], default=["fp32"],
+                    help="dtype of FSDP2's gradient reduce-scatter (parallel.reduce_dtype)" + SEVERAL)
+    ap.add_argument("--prefetch", nargs="+", type=int, default=[1],
+                    help="parallel.prefetch: units whose all-gather each unit starts ahead" + SEVERAL)
+    ap.add_argument("--blocks-per-unit", nargs="+", type=_blocks_per_unit, default=[1],
                     help="parallel.blocks_per_unit: consecutive blocks FSDP2 gathers together (N), or the sizes of "
-                         "consecutive groups (N,M,...: e.g. 1,11)")
-    ap.add_argument("--reshard", action=argparse.BooleanOptionalAction, default=True,
-                    help="parallel.reshard_after_forward (--no-reshard: each unit stays gathered from its forward to its backward)")
+                         "consecutive groups (N,M,...: e.g. 1,11)" + SEVERAL)
+    ap.add_argument("--reshard", nargs="+", type=_on_off, default=[True],
+                    help="parallel.reshard_after_forward: on, or off (each unit stays gathered from its forward to "
+                         "its backward)" + SEVERAL)
     ap.add_argument("--compile", nargs="?", const="true", default=False, choices=["true", "blocks"],
                     help="the trainer's train.compile: forward and loss compiled (--compile), or each block's body "
                          "(--compile blocks)")
@@ -379,6 +415,12 @@ def main(argv=None) -> None:
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per launched measurement")
     ap.add_argument("--max-tries", type=int, default=3)
     args = ap.parse_args(argv)
+    args.layouts = layouts(args)
+    if len(args.layouts) > 1 and args.what != "weak":
+        ap.error(f"{args.what} measures one layout: give one value each to --blocks-per-unit, --prefetch, "
+                 "--reduce-dtype and --reshard (several are for weak)")
+    for key, value in args.layouts[0].items():
+        setattr(args, key, value)
     args.model = args.model or ("wide" if args.what == "wide" else "600m")
     if args.checkpoint is None:
         args.checkpoint = args.model == "wide"
@@ -393,8 +435,7 @@ def main(argv=None) -> None:
     args.policies = args.policies or (["bf16", "paper"] if args.what == "weak" else ["ternary_native:5", "bf16:1", "paper:1"])
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     print(f"# {args.what}: {args.model}, {args.batch} x {args.T} tokens per GPU per step, {dev}, torch {torch.__version__}, "
-          f"{datetime.date.today()}; param_dtype {args.param_dtype}, reduce_dtype {args.reduce_dtype}, "
-          f"blocks_per_unit {args.blocks_per_unit}, prefetch {args.prefetch}, compile {args.compile}", flush=True)
+          f"{datetime.date.today()}; param_dtype {args.param_dtype}, compile {args.compile}", flush=True)
     (weak if args.what == "weak" else wide)(args)
 
 

@@ -839,6 +839,28 @@ def test_parallel_config():
     assert _blocks_per_unit_arg([1, 11]) == "1,11" and _blocks_per_unit_arg(3) == "3"
 
 
+def test_weak_scaling_measures_every_layout_against_one_process(capsys):
+    """``bench_parallel weak`` with two layouts on 1 and 2 CPU processes: one 1-process row, then a
+    2-process row per layout, each row's ratio against that one process; a layout list is refused
+    where one measurement is meant."""
+    import re
+
+    from experiments import bench_parallel as bp
+
+    bp.main(["weak", "--model", "tiny", "--device", "cpu", "--gpus", "1", "2", "--policies", "bf16", "--iters", "1",
+             "--warmup", "0", "--blocks-per-unit", "1", "2", "--reshard", "off", "--reduce-dtype", "bf16"])
+    rows = [ln.split(" | ") for ln in capsys.readouterr().out.splitlines() if ln.startswith("| tiny |")]
+    assert [(r[2], r[3]) for r in rows] == [("1", "-"), ("2", "1 per unit, bf16 reduce, prefetch 1, no reshard"),
+                                            ("2", "2 per unit, bf16 reduce, prefetch 1, no reshard")]
+    base = float(rows[0][8].replace(",", ""))
+    for r in rows:  # tokens/s per GPU over the 1-process row's: 0.005 for the ratio's two printed decimals, 0.001
+        # for the tokens/s printed as integers (hundreds or more here: under 0.001 of the ratio)
+        assert re.fullmatch(r"\d+\.\d\d", r[9]) and abs(float(r[9]) - float(r[8].replace(",", "")) / base) <= 0.006
+    with pytest.raises(SystemExit):
+        bp.main(["one", "--model", "tiny", "--device", "cpu", "--prefetch", "1", "2"])
+    assert "one measures one layout" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kind", ["segments", "windows"])
 @pytest.mark.parametrize("world", [2, 4])
 def test_rank_batches_make_the_global_batch(kind, world):
