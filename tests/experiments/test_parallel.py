@@ -273,12 +273,21 @@ def _data_parallel_checks(rank, world, tmp):
 
     # the carried TBPTT state: the ranks' rows gathered are the 1-process state of the global batch
     model = build("bf16")
+    keys = ("h", "c", "memory")
     _, whole_state = model(x)
-    _, my_state = model(xs)
+    each = [model(xi)[1] for xi in x.chunk(world)]  # every rank's state, as that rank computes it
+    my_state = each[rank]
     gathered = gather_state_rows(my_state)
-    out["state_rows"] = all(torch.equal(getattr(gathered, k), getattr(whole_state, k)) for k in ("h", "c", "memory"))
-    out["state_rows_back"] = all(torch.equal(getattr(state_rows(whole_state, rank, world), k), getattr(my_state, k))
-                                 for k in ("h", "c", "memory"))
+    # in rank order, each rank's rows exactly where they were computed, and a rank's rows of the gathered state are its own
+    out["state_rows"] = all(torch.equal(getattr(state_rows(gathered, j, world), k), getattr(each[j], k))
+                            for j in range(world) for k in keys)
+    out["state_rows_back"] = all(torch.equal(getattr(state_rows(gathered, rank, world), k), getattr(my_state, k))
+                                 for k in keys)
+    # the 1-process state of the whole batch: equal up to the CPU GEMM's rounding, which on some CPUs depends on
+    # the number of rows it multiplies (1 float32 ulp of h and c seen on an AMD EPYC)
+    out["state_rows_whole_rel_diff"] = max(
+        float((getattr(gathered, k) - getattr(whole_state, k)).abs().max() / getattr(whole_state, k).abs().max())
+        for k in keys)
 
     # bytes of each unit's all-gathers, per format, on a wider model (its blocks are mostly weights)
     wide = replace(preset("tiny"), d_model=128, head_dim=32, d_ff=512, memory=False)
@@ -427,10 +436,13 @@ def test_data_parallel_matches_the_whole_batch(dp2):
 
 
 def test_carried_state_rows(dp2):
-    """Rows of a batch are independent streams: the ranks' carried states, gathered in rank order,
-    are the 1-process state of the global batch, bit for bit, and a rank's rows of it are its own."""
+    """Rows of a batch are independent streams: the ranks' carried states, gathered, hold each rank's
+    rows in rank order bit for bit, a rank's rows of it are its own, and the whole is the 1-process
+    state of the global batch (within 1e-6 relative: the CPU GEMM may round a 4-row product and a
+    2-row one differently in the last bit)."""
     _, res = dp2
     assert all(r["state_rows"] and r["state_rows_back"] for r in res)
+    assert all(r["state_rows_whole_rel_diff"] < 1e-6 for r in res)
 
 
 def test_fp8_gather_amax_in_one_all_reduce(dp2):
