@@ -103,6 +103,11 @@ def _fork_ranks(body, world: int) -> list[tuple[bool, object, dict]]:
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                               WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
             torch.set_num_threads(1)
+            # compile in this process: a pool of compile workers the parent started is not this child's
+            # (waiting on it hangs), and one thread is this rank's share of the machine anyway
+            import torch._inductor.config as inductor_config
+
+            inductor_config.compile_threads = 1
             out = body(rank, side)
             if dist.is_initialized():
                 dist.destroy_process_group()
