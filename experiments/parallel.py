@@ -290,7 +290,7 @@ def shard_model(model: nn.Module, mesh, cfg: ParallelConfig | None = None) -> nn
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=not lstm)
         # the root and the last unit the forward runs stay gathered: the backward starts with them
         keep = any(m is model or m is last for m in mods)
-        fully_shard(mods if len(mods) > 1 else mods[0], mesh=dp_mesh, mp_policy=mp,
+        fully_shard(_shard_target(model, mods), mesh=dp_mesh, mp_policy=mp,
                     reshard_after_forward=cfg.reshard_after_forward and not keep)
     if cfg.prefetch:
         prefetch_units(model, cfg.prefetch)
@@ -307,6 +307,33 @@ def shard_model(model: nn.Module, mesh, cfg: ParallelConfig | None = None) -> nn
              _blocks_per_unit_text(cfg.blocks_per_unit), sum(len(v) for v in natives.values()),
              lowbit, f"; in {cfg.param_dtype or 'their own dtype'}: {other}" if other else "")
     return model
+
+
+def _shard_target(model: nn.Module, mods: list[nn.Module]):
+    """What ``fully_shard`` is given for one group: the module itself; for all the blocks of a
+    ``BlockStack`` (``model.blocks(x)`` runs them), the stack: FSDP2's hooks then wrap the stack
+    alone, so a compiled step traces the blocks as one graph instead of breaking at each block's
+    hooks; for other groups of several modules, their list (hooks on each)."""
+    if len(mods) == 1:
+        return mods[0]
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, nn.Module) and type(blocks).forward is not nn.Module.forward and \
+            len(mods) == len(blocks) and all(a is b for a, b in zip(mods, blocks)):
+        return blocks
+    return mods
+
+
+def _fsdp_module(model: nn.Module, unit: nn.Module):
+    """The FSDP2 module that gathers ``unit``: the unit, or the block stack sharded as one (see
+    :func:`_shard_target`); None if neither is sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(unit, FSDPModule):
+        return unit
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, FSDPModule) and any(unit is b for b in blocks):
+        return blocks
+    return None
 
 
 def _blocks_per_unit_text(bpu) -> str:
@@ -334,7 +361,8 @@ def prefetch_units(model: nn.Module, k: int) -> None:
 
     order, seen = [], set()
     for u in forward_order(model):  # one module per FSDP2 group (blocks gathered together share one state)
-        if isinstance(u, FSDPModule) and id(u._get_fsdp_state()) not in seen:
+        u = _fsdp_module(model, u)
+        if u is not None and id(u._get_fsdp_state()) not in seen:
             seen.add(id(u._get_fsdp_state()))
             order.append(u)
     if not order:
@@ -462,16 +490,18 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, root=None) -> dict[str, str
 def gather_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes this rank receives in the all-gathers of each unit's forward, by unit name: FSDP2's
     (parameters, in the dtype or format they travel in) and the packed native weights. Measured by
-    running exactly those collectives once (``FSDPModule.unshard`` and the native gather)."""
-    from torch.distributed.fsdp import FSDPModule
-
+    running exactly those collectives once (``FSDPModule.unshard`` and the native gather). Blocks
+    sharded as one stack count under the first block's name (the others' FSDP2 bytes are 0)."""
     out = {}
     named = units(model)
+    done = set()
     for name, unit in [named[-1], *named[:-1]]:  # the root first: its first unshard initializes FSDP2
+        fsdp = _fsdp_module(model, unit)
         with record_all_gathers() as rec:
-            if isinstance(unit, FSDPModule):
-                unit.unshard()
-                unit.reshard()
+            if fsdp is not None and id(fsdp) not in done:  # the blocks sharded as one stack: counted at the first
+                done.add(id(fsdp))
+                fsdp.unshard()
+                fsdp.reshard()
             if getattr(unit, "_native_layers", None):
                 all_gather_native(unit._native_layers)
         out[name] = rec.received_bytes

@@ -24,7 +24,7 @@ is chosen here.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,33 @@ from .attention import Block, Fusion
 from .config import HybridConfig
 from .rnn import RNNMemory
 from .state import HybridState
+
+
+class BlockStack(nn.Module):
+    """The GQA blocks, named ``blocks.N`` and indexed, iterated and counted as in a ``ModuleList``,
+    called as one module: ``blocks(x)`` runs them in order. FSDP2 can then shard all of them as one
+    unit whose hooks wrap the stack (a ``ModuleList`` it refuses), and a compiled step traces every
+    block in one graph (FSDP2's hooks on each block of a group break the graph at each block)."""
+
+    def __init__(self, blocks: Iterable[nn.Module]):
+        super().__init__()
+        for i, blk in enumerate(blocks):
+            self.add_module(str(i), blk)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self._modules.values())
+
+    def __getitem__(self, idx: int | slice):
+        """A block (negative indices count from the end), or a list of them for a slice."""
+        return list(self._modules.values())[idx]
+
+    def forward(self, x: Tensor) -> Tensor:
+        for blk in self._modules.values():
+            x = blk(x)
+        return x
 
 
 class HybridLM(nn.Module):
@@ -52,7 +79,7 @@ class HybridLM(nn.Module):
             self.rnn = RNNMemory(d, cfg.rnn_layers, cfg.chunk, cfg.compressor_hidden, cfg.norm_eps, cfg.chunk_pool,
                                  cfg.rnn_cuda_graphs)
             self.fusion = Fusion(d, cfg.xattn_heads, cfg.chunk, cfg.max_memory, cfg.norm_eps)
-        self.blocks = nn.ModuleList(
+        self.blocks = BlockStack(
             Block(d, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.dropout, cfg.norm_eps,
                   compile_once=cfg.compile_blocks_once)
             for _ in range(cfg.n_blocks))
@@ -141,8 +168,7 @@ class HybridLM(nn.Module):
         new = HybridState(pos=pos + T)
         if cfg.memory:
             x, new = self._memory(tokens, e, x, state, pos, new)
-        for blk in self.blocks:
-            x = blk(x)
+        x = self.blocks(x)
         return self.head(self.norm_f(x)), new
 
     def _memory(self, tokens: Tensor, e: Tensor, x: Tensor, state: HybridState, pos: Tensor,

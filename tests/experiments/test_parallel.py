@@ -214,6 +214,32 @@ def _data_parallel_checks(rank, world, tmp):
         loss.backward()
         grouped_grads.append({n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None})
     out["grouped/gathers"] = grouped_gathers
+    # all the blocks in one unit: FSDP2 shards the block stack, whose hooks wrap the stack alone, so a
+    # compiled forward runs both blocks in one graph instead of one graph per block (FSDP2's hooks on
+    # each block of a group break the graph at each): one compiled graph fewer runs per forward
+    from torch.distributed.fsdp import FSDPModule
+
+    graph_runs = []
+    for k in (1, 2):
+        torch._dynamo.reset()
+        model = build("bf16")
+        shard_model(model, d.mesh, ParallelConfig(blocks_per_unit=k))
+        runs = [0]
+
+        def counting(gm, example_inputs, runs=runs):  # each graph as traced, counted when it runs
+            def run(*args):
+                runs[0] += 1
+                return gm(*args)
+            return run
+
+        loss = torch.compile(loss_of, backend=counting)(model, xs, ys)
+        graph_runs.append(runs[0])
+        loss.backward()
+        if k == 2:
+            out["grouped/stack_sharded"] = (isinstance(model.blocks, FSDPModule)
+                                            and not any(isinstance(b, FSDPModule) for b in model.blocks))
+    torch._dynamo.reset()
+    out["grouped/graph_runs"] = graph_runs
     out["grouped/same_grads"] = all(
         grouped_grads[0].keys() == other.keys() and len(other) > 0
         and all(torch.equal(grouped_grads[0][n], other[n]) for n in other) for other in grouped_grads[1:])
@@ -424,6 +450,8 @@ def test_blocks_gathered_together(dp2):
         one_each, together, as_list = r["grouped/gathers"]
         assert together == as_list == one_each - 1
         assert r["grouped/same_grads"]
+        per_block, stacked = r["grouped/graph_runs"]
+        assert r["grouped/stack_sharded"] and stacked == per_block - 1, r["grouped/graph_runs"]
 
 
 def test_data_parallel_matches_the_whole_batch(dp2):
