@@ -314,11 +314,12 @@ def _shard_target(model: nn.Module, mods: list[nn.Module]):
     ``BlockStack`` (``model.blocks(x)`` runs them), the stack: FSDP2's hooks then wrap the stack
     alone, so a compiled step traces the blocks as one graph instead of breaking at each block's
     hooks; for other groups of several modules, their list (hooks on each)."""
+    from hybrid.model import BlockStack
+
     if len(mods) == 1:
         return mods[0]
     blocks = getattr(model, "blocks", None)
-    if isinstance(blocks, nn.Module) and type(blocks).forward is not nn.Module.forward and \
-            len(mods) == len(blocks) and all(a is b for a, b in zip(mods, blocks)):
+    if isinstance(blocks, BlockStack) and len(mods) == len(blocks) and all(a is b for a, b in zip(mods, blocks)):
         return blocks
     return mods
 
