@@ -3,6 +3,7 @@ many blocks as fit.
 
     python -m experiments.bench_parallel weak --gpus 1 2 4 --policies bf16 paper
     python -m experiments.bench_parallel weak --gpus 1 2 --policies bf16 --compile --blocks-per-unit 12 1,11 --reduce-dtype bf16
+    python -m experiments.bench_parallel weak --gpus 1 2 4 --policies bf16 --compile --blocks-per-unit 12 --reduce-dtype bf16 --prefetch 3 --repeats 3
     python -m experiments.bench_parallel wide --gpus 4 --gpu-gib 79 --reduce-dtype bf16 --policies ternary_native:5 bf16:1
     torchrun --standalone --nproc-per-node 4 -m experiments.bench_parallel one --model wide --policy paper --blocks 1
 
@@ -11,7 +12,10 @@ FFN 8192, the RNN memory in ``chunked`` mode; byte vocabulary), 8 x 1024 tokens 
 ... GPUs: the same work per GPU, so tokens/s per GPU stays where the sharding costs nothing. One GPU is
 one plain process (no process group, no FSDP2), measured once per policy. Several values of
 ``--blocks-per-unit``, ``--prefetch``, ``--reduce-dtype`` or ``--reshard`` measure every combination of them
-(the layout column) on each number of GPUs above one, all against that one process.
+(the layout column) on each number of GPUs above one, all against that one process. ``--repeats R``
+measures all of it R times, round after round, each round against its own one process, and then prints the
+median and range over the rounds: the same command's ratio can differ by several hundredths from one launch
+to the next, more than the layouts differ.
 
 ``wide``: the ``slice16k`` preset (width 16384, 128/16 heads, FFN 65536, vocabulary 65536, one 16384-wide
 LSTM layer, compressor, cross-attention fusion) with ``blocks`` GQA blocks, one 2048-token sequence per
@@ -335,20 +339,53 @@ def layouts(args) -> list[dict]:
 
 def weak(args) -> None:
     """Per policy: one process once (no sharding: the layouts do not apply), then each number of GPUs
-    above one under each layout of :func:`layouts`, every row against the one process."""
+    above one under each layout of :func:`layouts`, every row against the one process. With
+    ``--repeats R`` all of that R times over, round after round (each round against its own one-process
+    row), then a summary: the median and range over the rounds per configuration."""
     print(HEADER, flush=True)
-    for policy in args.policies:
-        base = None
-        for n in args.gpus:
-            for layout in args.layouts[:1] if n == 1 else args.layouts:
-                run = argparse.Namespace(**{**vars(args), **layout})
-                r, err = launch(n, ["--model", args.model, "--policy", policy, *common(run)], args.timeout)
-                if r is None:
-                    print(f"| {args.model} | {policy} | {n} | {layout_text(layout, n)} | - | - | - | - | - | - | - | - | - "
-                          f"| failed: {err} |", flush=True)
-                    continue
-                base = base or (r["tokens_per_s_per_gpu"] if n == 1 else None)
-                print(table_row(r, base), flush=True)
+    seen: dict[tuple, list[tuple[float, float | None]]] = {}
+    for _ in range(args.repeats):
+        for policy in args.policies:
+            base = None
+            for n in args.gpus:
+                for layout in args.layouts[:1] if n == 1 else args.layouts:
+                    run = argparse.Namespace(**{**vars(args), **layout})
+                    r, err = launch(n, ["--model", args.model, "--policy", policy, *common(run)], args.timeout)
+                    key = (policy, n, layout_text(layout, n))
+                    if r is None:
+                        print(f"| {args.model} | {policy} | {n} | {key[2]} | - | - | - | - | - | - | - | - | - "
+                              f"| failed: {err} |", flush=True)
+                        seen.setdefault(key, [])
+                        continue
+                    base = base or (r["tokens_per_s_per_gpu"] if n == 1 else None)
+                    tokens = r["tokens_per_s_per_gpu"]
+                    seen.setdefault(key, []).append((tokens, tokens / base if base else None))
+                    print(table_row(r, base), flush=True)
+    if args.repeats > 1:
+        print(summary(args.model, seen, args.repeats))
+
+
+def _median_range(xs: list[float], fmt: str) -> str:
+    """``median (min–max)`` of ``xs`` in ``fmt``; "-" for none."""
+    if not xs:
+        return "-"
+    xs = sorted(xs)
+    mid = len(xs) // 2
+    med = xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+    return f"{med:{fmt}} ({xs[0]:{fmt}}–{xs[-1]:{fmt}})"
+
+
+def summary(model: str, seen: dict[tuple, list[tuple[float, float | None]]], rounds: int) -> str:
+    """The table after ``--repeats``: per (policy, GPUs, layout), the rounds that gave a result, and the
+    median and range over them of tokens/s per GPU and of the ratio to the round's one process."""
+    lines = ["", f"Over {rounds} rounds (each round's ratio against its own 1-GPU row):", "",
+             "| model | policy | GPUs | layout | rounds with a result | tokens/s per GPU, median (min–max) "
+             "| vs 1 GPU, median (min–max) |", "|---|---|---|---|---|---|---|"]
+    for (policy, n, layout), got in seen.items():
+        ratios = [q for _, q in got if q is not None]
+        lines.append(f"| {model} | {policy} | {n} | {layout} | {len(got)}/{rounds} "
+                     f"| {_median_range([t for t, _ in got], ',.0f')} | {_median_range(ratios, '.2f')} |")
+    return "\n".join(lines)
 
 
 def wide(args) -> None:
@@ -414,7 +451,14 @@ def main(argv=None) -> None:
     ap.add_argument("--trace", default=None, help="one, with --profile: a folder for every rank's trace of the profiled step")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per launched measurement")
     ap.add_argument("--max-tries", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="weak: measure every row this many times, round after round, then print the median and "
+                         "range over the rounds (a run-to-run spread shows up as a range, not as one lucky row)")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats {args.repeats}: give 1 or more")
+    if args.repeats > 1 and args.what != "weak":
+        ap.error(f"--repeats is for weak ({args.what} measures each row once)")
     args.layouts = layouts(args)
     if len(args.layouts) > 1 and args.what != "weak":
         ap.error(f"{args.what} measures one layout: give one value each to --blocks-per-unit, --prefetch, "

@@ -901,6 +901,44 @@ def test_weak_scaling_measures_every_layout_against_one_process(capsys):
     assert "one measures one layout" in capsys.readouterr().err
 
 
+def test_weak_scaling_repeats_in_rounds_and_summarises(capsys, monkeypatch):
+    """``--repeats 3``: every row launched three times, round after round (each round's ratio against
+    its own 1-process row), then the median and range over the rounds; a failed launch counts as a
+    round without a result. The launches are replaced by a recorder that returns made-up rows (what
+    is tested is the bookkeeping, not a measurement)."""
+    from experiments import bench_parallel as bp
+
+    tokens = iter([100.0, 90.0, 80.0, 120.0, 90.0, None, 110.0, 99.0, 88.0])
+    launched = []
+
+    def fake_launch(n, extra, timeout):
+        launched.append(n)
+        t = next(tokens)
+        if t is None:
+            return None, "out of memory"
+        return {"model": "tiny", "policy": "bf16", "gpus": n, "blocks": 2, "params": 1e6, "step_s": 0.1,
+                "host_s": 0.05, "tokens_per_s_per_gpu": t, "peak_gib": 1.0, "gather_bytes": 0, "loss": 5.0,
+                "taken": 1, "steps": 1, "blocks_per_unit": 1, "reduce_dtype": "fp32", "prefetch": 1,
+                "reshard": True}, ""
+
+    monkeypatch.setattr(bp, "launch", fake_launch)
+    bp.main(["weak", "--model", "tiny", "--device", "cpu", "--gpus", "1", "2", "4", "--policies", "bf16",
+             "--repeats", "3"])
+    out = capsys.readouterr().out
+    assert launched == [1, 2, 4] * 3
+    rows = [ln.split(" | ") for ln in out.split("Over 3 rounds")[1].splitlines() if ln.startswith("| tiny |")]
+    # 2 GPUs: ratios 0.90, 0.75, 0.90 -> median 0.90; 4 GPUs: 0.80 and 0.80 (round 2 failed)
+    assert [r[2:] for r in rows] == [
+        ["1", "-", "3/3", "110 (100–120)", "1.00 (1.00–1.00) |"],
+        ["2", "1 per unit, fp32 reduce, prefetch 1", "3/3", "90 (90–99)", "0.90 (0.75–0.90) |"],
+        ["4", "1 per unit, fp32 reduce, prefetch 1", "2/3", "84 (80–88)", "0.80 (0.80–0.80) |"]]
+    assert "failed: out of memory" in out
+    for bad, msg in ((["weak", "--repeats", "0"], "give 1 or more"), (["wide", "--repeats", "2"], "is for weak")):
+        with pytest.raises(SystemExit):
+            bp.main(bad)
+        assert msg in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kind", ["segments", "windows"])
 @pytest.mark.parametrize("world", [2, 4])
 def test_rank_batches_make_the_global_batch(kind, world):
