@@ -134,6 +134,7 @@ class Stepper:
     compile: bool | str = False
     parallel: Any = None      # experiments.parallel.Distributed of several ranks, or None (one process)
     _last: tuple | None = None
+    _scale_layers: list | None = None  # the layers whose native scales are synced after each step
 
     def __post_init__(self):
         if self.compile == "blocks":  # regional: the model's blocks, each compiled, the rest eager
@@ -222,7 +223,7 @@ class Stepper:
         host sync."""
         import torch.distributed as dist
 
-        from lowprec.distributed import sync_native_scales
+        from lowprec.distributed import scale_sync_layers, sync_native_scales
         from lowprec.fsdp import precompute_gather_amax
 
         from .parallel import clip_grads_over_ranks_, local_grads
@@ -247,7 +248,9 @@ class Stepper:
         found_inf, grad_norm = clip_grads_over_ranks_(grads, self.grad_clip, d, found_inf=found_inf,
                                                       factor=n_read / n_global)
         self.optimizer.step(found_inf=found_inf)
-        sync_native_scales(self.model, found_inf)
+        if self._scale_layers is None:  # found once, on the sharded model (a walk over its modules)
+            self._scale_layers = scale_sync_layers(self.model)
+        sync_native_scales(self.model, found_inf, layers=self._scale_layers)
         precompute_gather_amax(self.model)  # the next step's FP8 all-gathers: one all-reduce of amaxes
         self.scaler.update_(found_inf)
         self.optimizer.zero_grad(set_to_none=True)

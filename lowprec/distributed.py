@@ -67,7 +67,7 @@ _ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "al
 _REDUCE_SCATTER = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
 
 __all__ = ["NativeShard", "shard_native_layer", "gather_native_on_forward", "all_gather_native",
-           "sync_native_scales", "native_shards", "AllGatherRecord", "record_all_gathers", "NativeTPSplit",
+           "sync_native_scales", "scale_sync_layers", "native_shards", "AllGatherRecord", "record_all_gathers", "NativeTPSplit",
            "split_native_tp", "native_full_shape", "native_layout", "native_dtensor", "native_state_view",
            "native_local_piece"]
 
@@ -446,8 +446,27 @@ def gather_native_on_forward(unit: nn.Module, layers: list[nn.Module]):
 
 # ------------------------------------------------------------------------------ the scales
 
+def scale_sync_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers of ``model`` whose native scales :func:`sync_native_scales` makes equal over ranks
+    (row-sharded or tensor-parallel, with a scale kept whole on several ranks): a caller that syncs
+    after every step finds them once (after sharding) and passes them as ``layers``."""
+    return [layer for layer in model.modules() if _scale_groups(layer)]
+
+
+def _scale_groups(layer: nn.Module) -> list:
+    """The process groups over which ``layer``'s whole native scale is held in copies."""
+    sh, tp = getattr(layer, "_native_shard", None), getattr(layer, "_native_tp", None)
+    groups = []
+    if sh is not None and not sh.scale_sharded and sh.world > 1:
+        groups.append(sh.group)
+    if tp is not None and not tp.scale_split and tp.world > 1:  # a whole scale on every tp rank
+        groups.append(tp.group)
+    return groups
+
+
 @torch.no_grad()
-def sync_native_scales(model: nn.Module, found_inf: torch.Tensor | None = None) -> int:
+def sync_native_scales(model: nn.Module, found_inf: torch.Tensor | None = None,
+                       layers: list[nn.Module] | None = None) -> int:
     """Make every rank hold the same copy of each native scale that is kept whole on several ranks
     again (call after the optimizer's step): a row-sharded layer's per-tensor scale over the
     data-parallel ranks, a tensor-parallel piece's per-tensor (or, split by columns, per-row) scale
@@ -457,15 +476,11 @@ def sync_native_scales(model: nn.Module, found_inf: torch.Tensor | None = None) 
     ``found_inf``: the step's verdict (a 0-d device tensor, nonzero when the update was skipped);
     where it is set the scales keep their bits (a skipped step changed none of them, and a mean of
     equal values need not round back to them). Decided on the device, with no host sync; every
-    rank still runs the all-reduce, so the ranks' collectives stay in step."""
+    rank still runs the all-reduce, so the ranks' collectives stay in step. ``layers``: the layers to
+    look at (:func:`scale_sync_layers` of the model; default: all of its modules)."""
     n = 0
-    for layer in model.modules():
-        sh, tp = getattr(layer, "_native_shard", None), getattr(layer, "_native_tp", None)
-        groups = []
-        if sh is not None and not sh.scale_sharded and sh.world > 1:
-            groups.append(sh.group)
-        if tp is not None and not tp.scale_split and tp.world > 1:  # a whole scale on every tp rank
-            groups.append(tp.group)
+    for layer in model.modules() if layers is None else layers:
+        groups = _scale_groups(layer)
         if not groups:
             continue
         fmt = layer.precision.weight

@@ -72,6 +72,54 @@ class _MergedState(Mapping):
         return sum(len(opt.state) for opt in self._parts.values())
 
 
+# torch optimizers whose update of an element reads only that element's parameter, gradient and
+# state, and whose step updates every state tensor in place: on a parameter split into shards each
+# rank's update of its shard is the update of those elements
+ELEMENTWISE = (torch.optim.Adam, torch.optim.AdamW)
+
+
+def step_on_shards(opt: torch.optim.Optimizer) -> None:
+    """``opt.step()``; for an ``ELEMENTWISE`` optimizer of sharded parameters (FSDP2's DTensors) it
+    steps their local shards: for the length of the step each DTensor parameter in its groups is
+    replaced by its local tensor, holding its gradient's local tensor and its state's local tensors
+    (the same objects: the step updates the DTensor state in place). The same kernels on the same
+    elements, bit for bit, without DTensor's dispatch of every operation over every shard (a few ms
+    of host time a step for a model of ~150 tensors). A parameter without state yet (the first step)
+    makes the whole step go through the DTensors, so the state is created as DTensors (the sharded
+    checkpoint saves it as such)."""
+    from torch.distributed.tensor import DTensor
+
+    swaps = []
+    if type(opt) in ELEMENTWISE:
+        for group in opt.param_groups:
+            for i, p in enumerate(group["params"]):
+                if isinstance(p, DTensor):
+                    if not opt.state.get(p):
+                        swaps = []
+                        break
+                    swaps.append((group["params"], i, p))
+            else:
+                continue
+            break
+    if not swaps:
+        opt.step()
+        return
+    try:
+        for params, i, p in swaps:
+            local, g = p._local_tensor, p.grad
+            local.grad = g._local_tensor if isinstance(g, DTensor) else g
+            opt.state[local] = {k: v._local_tensor if isinstance(v, DTensor) else v for k, v in opt.state[p].items()}
+            params[i] = local
+        opt.step()
+    finally:
+        for params, i, p in swaps:
+            local = params[i]
+            params[i] = p
+            if local is not p:
+                local.grad = None
+                opt.state.pop(local, None)
+
+
 class MixedOptimizer(torch.optim.Optimizer):
     """Several optimizers stepped as one. ``parts``: name -> optimizer (``PARTS`` names when built by
     :func:`build_optimizer`); ``names``: name -> the module/parameter names each part updates."""
@@ -99,7 +147,7 @@ class MixedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for opt in self.parts.values():
             if found_inf is None:
-                opt.step()
+                step_on_shards(opt)
             elif isinstance(opt, TargetOptimizer):
                 opt.step(found_inf=found_inf)
             elif getattr(opt, "_step_supports_amp_scaling", False) and all(g.get("fused") for g in opt.param_groups):
@@ -107,11 +155,11 @@ class MixedOptimizer(torch.optim.Optimizer):
                 # as built; a state dict from a CPU run loads fused=False into the groups: host path)
                 opt.grad_scale, opt.found_inf = None, found_inf
                 try:
-                    opt.step()
+                    step_on_shards(opt)
                 finally:
                     del opt.grad_scale, opt.found_inf
             elif not bool(found_inf):  # a host sync on CUDA: this optimizer cannot take the flag
-                opt.step()
+                step_on_shards(opt)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -901,6 +901,74 @@ def test_weak_scaling_measures_every_layout_against_one_process(capsys):
     assert "one measures one layout" in capsys.readouterr().err
 
 
+def _shard_steps(rank, side):
+    """Two copies of a small FSDP2-sharded model (uneven shards: 7 and 5 rows over 2 ranks), the
+    same gradients on both, four AdamW steps each (the third skipped by found_inf): one through
+    MixedOptimizer.step (on the local shards), one with torch's step on the DTensors."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    init_distributed(ParallelConfig(), device="cpu")
+    out = {}
+    for fused in (True, False):
+        models = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            m = torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Linear(7, 5), torch.nn.LayerNorm(5))
+            for layer in m:
+                fully_shard(layer)
+            fully_shard(m)
+            models.append(m)
+        kw = {"fused": True} if fused else {"foreach": True}
+        mixed = optim.MixedOptimizer({"other": torch.optim.AdamW(models[0].parameters(), lr=0.1, **kw)})
+        plain = torch.optim.AdamW(models[1].parameters(), lr=0.1, **kw)
+        seen = []  # what each step of the mixed optimizer's AdamW found in its group: DTensors or local shards
+        mixed.parts["other"].register_step_pre_hook(
+            lambda opt, *_: seen.append(type(opt.param_groups[0]["params"][0]).__name__))
+        gen = torch.Generator().manual_seed(rank)
+        for step in range(4):
+            x = torch.randn(3, 6, generator=gen)
+            for m in models:
+                m(x).square().sum().backward()
+            found = torch.tensor(1.0 if step == 2 else 0.0)
+            mixed.step(found_inf=found)
+            if fused:
+                plain.grad_scale, plain.found_inf = None, found
+                plain.step()
+                del plain.grad_scale, plain.found_inf
+            elif step != 2:
+                plain.step()
+            for opt in (mixed, plain):
+                opt.zero_grad(set_to_none=True)
+        a, b = list(models[0].parameters()), list(models[1].parameters())
+        name = "fused" if fused else "foreach"
+        out[f"{name}/params_equal"] = all(torch.equal(p.to_local(), q.to_local()) for p, q in zip(a, b))
+        out[f"{name}/states_equal"] = all(
+            torch.equal(getattr(u, "_local_tensor", u), getattr(v, "_local_tensor", v))
+            for p, q in zip(a, b) for u, v in zip(mixed.state[p].values(), plain.state[q].values()))
+        out[f"{name}/state_is_dtensor"] = all(isinstance(mixed.state[p]["exp_avg"], DTensor) for p in a)
+        out[f"{name}/stepped_on"] = seen
+        out[f"{name}/steps"] = float(mixed.state[a[0]]["step"])
+        out[f"{name}/no_local_left"] = (len(mixed.parts["other"].state) == len(a)
+                                        and all(p.to_local().grad is None for p in a))
+    return out
+
+
+def test_adamw_steps_local_shards_bit_for_bit(fork_ranks):
+    """MixedOptimizer steps torch's AdamW (fused and foreach) on the local shards of FSDP2's DTensors:
+    the parameters and states bit-identical to torch's step on the DTensors, a found_inf step skipped
+    on both (3 steps counted), the states still DTensors, nothing of the swap left behind."""
+    for ok, out, _ in fork_ranks(_shard_steps, 2):
+        assert ok, out
+        for name in ("fused", "foreach"):
+            assert out[f"{name}/params_equal"] and out[f"{name}/states_equal"]
+            assert out[f"{name}/state_is_dtensor"] and out[f"{name}/no_local_left"]
+            assert out[f"{name}/steps"] == 3.0
+        # the first step creates the states through the DTensors; the later ones step the local shards
+        assert out["fused/stepped_on"] == ["DTensor", "Tensor", "Tensor", "Tensor"]
+        assert out["foreach/stepped_on"] == ["DTensor", "Tensor", "Tensor"]  # the skipped step not taken
+
+
 def test_weak_scaling_repeats_in_rounds_and_summarises(capsys, monkeypatch):
     """``--repeats 3``: every row launched three times, round after round (each round's ratio against
     its own 1-process row), then the median and range over the rounds; a failed launch counts as a
