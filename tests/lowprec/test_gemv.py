@@ -1,0 +1,81 @@
+"""The packed-ternary GEMV (``lowprec.gemv``), every configuration the autotuner may pick, against an
+exact reference: on a GPU (the real kernels, bf16 dot operands), and on a CPU through Triton's
+interpreter (fp32 dot operands: its bf16 dot is wrong). Both skip where Triton is missing."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+N, K = 200, 512  # 200 rows: the last row block is partly masked; K // 4 = 128 packed bytes a row
+
+
+def packed_case(seed: int = 0):
+    """(T (N, K) in {-1, 0, 1}, its 2-bit codes (N, K // 4) uint8, little end first)."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(-1, 2, (N, K), generator=g)
+    c = (t + 1).to(torch.uint8).view(N, K // 4, 4)
+    return t, (c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)).contiguous()
+
+
+def check_all_configs(device: str, dot_f32: bool) -> list[str]:
+    """Every configuration on M = 1, 3, 17 rows (MODE 2: one row; more are refused); the failures.
+    Tolerance: the products are exact (codes in {-1, 0, 1} times bf16 x), so the only error is the fp32
+    summation of K terms in some order: at most gamma_K * sum |x_k T_nk|, gamma_K = K u / (1 - K u),
+    u = 2^-24 (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., eq. 3.5)."""
+    from lowprec import gemv
+
+    t, packed = packed_case()
+    t, packed = t.to(device), packed.to(device)
+    u = 2.0 ** -24
+    gamma = K * u / (1 - K * u)
+    bad = []
+    for m in (1, 3, 17):
+        x = torch.randn(m, K, generator=torch.Generator().manual_seed(m)).to(device)
+        xb = x.bfloat16().double()
+        ref = xb @ t.double().t()
+        bound = gamma * (xb.abs() @ t.double().abs().t())
+        for cfg in gemv._CONFIGS:
+            if cfg.kwargs["MODE"] == 2 and m != 1:
+                with pytest.raises(ValueError, match="one row"):
+                    gemv.ternary_gemv(x, packed, torch.tensor(1.0, device=device), N, config=cfg, dot_f32=dot_f32)
+                continue
+            y = gemv.ternary_gemv(x, packed, torch.tensor(2.0, device=device), N, config=cfg, dot_f32=dot_f32)
+            if not bool(((y.double() / 2 - ref).abs() <= bound).all()):  # the scale 2 multiplies exactly
+                bad.append(f"M={m} {cfg}")
+    return bad
+
+
+@pytest.mark.gpu
+def test_every_gemv_config_on_the_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from lowprec import gemv
+
+    if gemv.triton is None:
+        pytest.skip("needs triton")
+    assert {c.kwargs["MODE"] for c in gemv._CONFIGS} == {0, 1, 2}
+    assert check_all_configs("cuda", dot_f32=False) == []
+
+
+def test_every_gemv_config_in_the_triton_interpreter():
+    pytest.importorskip("triton")
+    import numpy as np
+
+    try:
+        int(np.array([1]))
+    except TypeError:
+        pytest.skip(f"numpy {np.__version__} refuses int() of a 1-element array, which Triton's interpreter uses")
+    code = textwrap.dedent("""
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        from test_gemv import check_all_configs
+        print("FAILED", check_all_configs("cpu", dot_f32=True))
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when the kernels are defined: a fresh process
+    p = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__)], capture_output=True, text=True,
+                       env=env, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip().splitlines()[-1] == "FAILED []"
