@@ -42,7 +42,7 @@ from .reference_gpt import GPT
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PEAK_BF16 = 989e12
 SIZES = {"30m": dict(d=512, blocks=10, heads=8, T=128, B=128), "600m": dict(d=2048, blocks=12, heads=16, T=1024, B=8)}
-POLICIES = ["bf16", "fp8", "paper", "ternary", "ternary_native"]
+POLICIES = ["bf16", "fp8", "fp8_delayed", "paper", "ternary", "ternary_native"]
 VARIANTS = ["ref", "ref-torchao", *(f"{m}:{p}" for m in ("windowed", "hybrid") for p in POLICIES)]
 
 

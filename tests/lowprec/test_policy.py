@@ -141,7 +141,8 @@ def test_a_rule_is_checked_alone_then_in_combination_at_resolve():
 # ---- shipped presets -----------------------------------------------------------------------------
 
 def test_every_preset_ships():
-    assert set(PRESETS) >= {"bf16", "fp8", "paper", "ternary", "binary", "nvfp4", "ternary_native", "binary_native"}
+    assert set(PRESETS) >= {"bf16", "fp8", "fp8_delayed", "paper", "ternary", "binary", "nvfp4", "ternary_native",
+                            "binary_native"}
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -176,6 +177,15 @@ def test_fp8_preset_is_te_hybrid_tensorwise():
         assert p.resolve(n).describe() == "w=fp8_e4m3[absmax/tensor] x=fp8_e4m3[absmax/tensor] g=fp8_e5m2[absmax/tensor]"
     assert p.resolve("embed.tok").weight == E4M3 and p.resolve("embed.tok").input is None
     assert p.resolve("head").grad == format("fp8_e5m2", **tensor)
+
+
+def test_fp8_delayed_preset_is_fp8_with_the_history():
+    """fp8_delayed: every layer as under fp8 (formats, embeddings' input), with delayed scaling over 16 steps."""
+    fp8, delayed = load("fp8"), load("fp8_delayed")
+    for n in ("blocks.0.attn.q", "blocks.0.ffn.up", "rnn.lstm.0.hh", "fusion.gate", "embed.tok", "head"):
+        a, b = fp8.resolve(n), delayed.resolve(n)
+        assert (b.weight, b.input, b.grad) == (a.weight, a.input, a.grad), n
+        assert (a.scaling, b.scaling, b.amax_history) == ("current", "delayed", 16), n
 
 
 @pytest.mark.parametrize("name, weight, ste", [("ternary", "ternary", "identity"), ("binary", "binary", "clipped")])
