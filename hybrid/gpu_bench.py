@@ -77,12 +77,25 @@ def lstm_table(batch_sizes=(1, 16), d=16384):
         layer = base if fields is None else QLinear.from_float(base, LayerPrecision.from_fields(fields))
         for B in batch_sizes:
             h = torch.randn(B, d, device="cuda", dtype=torch.bfloat16)
-            ms = _ms(lambda: layer(h))
+            if fields is None:
+                ms = _ms(lambda: layer(h))
+            else:
+                # a step of the recurrence: the GEMMs the LSTM calls per token, with the weight's
+                # operand derived at the first step and kept for the rest, as its forward loop does
+                gemms, weights = layer.recurrent_gemms()
+                kept = []
+                ms = _ms(lambda: kept.__setitem__(slice(None), [gemms.fprop(h, weights)]))
+                gemms.end_forward()
+                del kept
             if fields is None:
                 nbytes, path = base.weight.numel() * 2, "cuBLAS bf16"
             elif layer.is_native:
                 nbytes = layer.native_nbytes()
-                path = "Triton 2-bit GEMV" if "packed" in name else "FP8 GEMM on cached E4M3 codes (1 B/weight read)"
+                path = "FP8 GEMM on cached E4M3 codes (1 B/weight read)"
+                if "packed" in name:
+                    from lowprec import gemv
+                    cfg = gemv._ternary_gemv_kernel.best_config  # the autotuner's pick for this shape
+                    path = f"Triton 2-bit GEMV (MODE {cfg.kwargs['MODE']}, {cfg.kwargs['BLOCK_N']} rows a program)"
                 if "packed" not in name:
                     nbytes = layer.out_features * layer.in_features  # what the GEMM reads
             else:

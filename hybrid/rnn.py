@@ -80,8 +80,8 @@ class LinearGemms:
     """A plain `nn.Linear` `hh` (no bias) in the protocol of `lowprec.gemm.RecurrentGemms`, which
     `LSTMRecurrence` calls: weights = (W,), `fprop(x, weights) -> (x Wᵀ, saved)`,
     `dgrad(dy, weights, saved, need_dx) -> dy W`, `wgrad(dy, x, weights) -> (dyᵀ x,)`,
-    `fprop_saved(weights, rows, device)` (a step's `saved`, derived again), `grad_slots`,
-    `stateless`, `recording`, `input_cast`, `grad_cast`."""
+    `fprop_saved(weights, rows, device)` (a step's `saved`, derived again), `end_forward()` (after
+    the forward loop), `grad_slots`, `stateless`, `recording`, `input_cast`, `grad_cast`."""
 
     @staticmethod
     def fprop(x, weights, a=None):
@@ -103,6 +103,10 @@ class LinearGemms:
     @staticmethod
     def fprop_saved(weights, rows, device):
         return ()
+
+    @staticmethod
+    def end_forward():
+        pass
 
 
 LINEAR_GEMMS = LinearGemms()
@@ -201,6 +205,7 @@ def _recurrence_forward(gx, h, c, valid, ad, gemms, weights, fused: bool = False
         tanh_cs.append(tanh_c)
         saved.extend(saved_t)
         ys.append(h)
+    gemms.end_forward()
     return (torch.stack(ys, dim=1), h, c, torch.stack(hs_prev), torch.stack(cs_prev), torch.stack(acts),
             torch.stack(tanh_cs), saved)
 

@@ -265,6 +265,9 @@ class RecurrentGemms:
     # dgrad's own weight operand (where fprop's is not reused), kept from one step's dgrad to the
     # next: the layer's cache holds it only weakly, so each step would derive it again
     _held: list = field(default_factory=list, repr=False)
+    # the same for fprop's weight operand where dgrad does not take it (no step's ``saved`` holds
+    # it then), from the first step of a forward loop to ``end_forward``
+    _held_fprop: list = field(default_factory=list, repr=False)
 
     @property
     def native(self) -> bool:
@@ -280,7 +283,16 @@ class RecurrentGemms:
         amax_x = delayed_amax(self.input_history, x)
         amax_w = delayed_amax(self.weight_history, weights[0])
         y, _, B = _fprop(x, self._w(weights), amax_x, amax_w, self.plan, self.io, None if a is None else (a, None))
-        return y, (B if self.plan.reuse_weight and B is not None else (None, None))
+        if self.plan.reuse_weight and B is not None:
+            return y, B
+        if B is not None and not torch.compiler.is_compiling():  # compiled graphs share it themselves
+            self._held_fprop[:] = [B]
+        return y, (None, None)
+
+    def end_forward(self):
+        """The forward loop is over: drop fprop's weight operand kept for its steps (where no step's
+        ``saved`` keeps it for the backward)."""
+        self._held_fprop.clear()
 
     def dgrad(self, dy, weights, saved, need_dx: bool = True, g=None):
         """One step's backward: ``dy`` (M, N) -> ``dx`` (M, K) in ``dy``'s dtype, or None without

@@ -9,7 +9,16 @@ fallback does) and products accumulate in fp32. Used in fprop for at most ``GEMV
 tokens on CUDA when Triton is importable (the ``packed_ternary_gemv`` kernel of
 :mod:`lowprec.kernels`). Block sizes and the way of computing (``MODE``: tensor-core dots per code
 lane, one dot over codes put back in k order, or, for one row of x, fp32 multiply-adds without tensor
-cores) are autotuned per (M, N, K) on first use.
+cores, with each code's value made by an int->float conversion or from its bits) are autotuned per
+(M, N, K) on first use.
+
+A code's value from its bits (MODES 3 and 4): with the code ``c`` left in place at bit ``2l`` of its
+byte (or 16-bit half word), the fp32 number with bits ``0x4B000000 | (c << 2l)`` is ``2^23 + c 4^l``
+exactly, so ``(c - 1) 4^l`` is one subtraction of the constant ``2^23 + 4^l``, exact; multiplied by
+``x_k 4^-l`` (exact: a bf16 number scaled by a power of 2 down to ``2^-14`` stays an fp32 number,
+normal or subnormal) the product is ``x_k (c - 1)`` exactly, as with a converted code. One logic
+operation, one add and one fused multiply-add a code, none of them a conversion, whose lower
+throughput bounds the other modes' unpacking.
 """
 
 from __future__ import annotations
@@ -39,15 +48,38 @@ if triton is not None:
             (1, 64, 32, 4, 3), (1, 128, 32, 4, 3), (1, 64, 64, 4, 3), (1, 128, 64, 8, 3),
             (1, 256, 32, 8, 3), (1, 32, 64, 4, 4), (1, 256, 64, 8, 3),
             (2, 16, 128, 4, 3), (2, 32, 128, 4, 3), (2, 16, 256, 4, 3), (2, 32, 64, 4, 4),
-            (2, 64, 64, 8, 3), (2, 8, 256, 2, 3)]
+            (2, 64, 64, 8, 3), (2, 8, 256, 2, 3),
+            # MODES 3 and 4: many rows a thread, so that each x element loaded serves several rows
+            (3, 128, 16, 1, 3), (3, 64, 32, 1, 3), (3, 256, 16, 2, 3), (3, 512, 16, 4, 3),
+            # MODE 4: BLOCK_K4 counts 4-byte words
+            (4, 64, 16, 1, 3), (4, 128, 8, 1, 3), (4, 64, 8, 1, 3), (4, 128, 16, 2, 3), (4, 256, 8, 2, 3),
+            (4, 256, 16, 4, 3), (4, 512, 8, 4, 3), (4, 1024, 4, 8, 3)]
     ]
+    ONE_ROW_MODES = (2, 3, 4)  # the modes that take one row of x only
+    WORD_MODES = (4,)  # the modes that read the codes as 4-byte words: K // 4 bytes a row, a multiple of 4
+
+    def _fits(kwargs, m, k4) -> str | None:
+        """Why a configuration cannot run ``m`` rows of x over ``k4`` packed bytes a row, or None."""
+        if kwargs["MODE"] in ONE_ROW_MODES and m != 1:
+            return f"MODE {kwargs['MODE']} takes one row of x; got {m}"
+        if kwargs["MODE"] in WORD_MODES and k4 % 4:
+            return f"MODE {kwargs['MODE']} reads 4-byte words: K // 4 = {k4} packed bytes a row is no multiple of 4"
+        return None
 
     def _for_rows(configs, named_args, **kwargs):
-        """The configurations that can run ``M`` rows of x: MODE 2 only one."""
-        return [c for c in configs if c.kwargs["MODE"] != 2 or named_args["M"] == 1]
+        """The configurations that can run ``M`` rows of x over ``K4`` bytes a row."""
+        return [c for c in configs if _fits(c.kwargs, named_args["M"], named_args["K4"]) is None]
 
     @triton.jit
-    def _ternary_gemv_body(x_ptr, w_ptr, y_ptr, M, N, K4, stride_xm, stride_ym,
+    def _lane_from_bits(part, bits, magic, x_ptr, xk_index, x_mask, LANE: tl.constexpr):
+        """``part + x_k (c - 1)`` for the code ``c`` at bits ``2 LANE`` of ``bits`` (int32: codes in
+        the low 16 bits, ``magic`` = 0x4B000000 OR-ed in), its value made from its bits (module doc)."""
+        xk = tl.load(x_ptr + xk_index, mask=x_mask, other=0.0).to(tl.float32) * (1.0 / (1 << (2 * LANE)))
+        f = (bits & (magic | (3 << (2 * LANE)))).to(tl.float32, bitcast=True)
+        return part + (f - (8388608.0 + (1 << (2 * LANE)))) * xk[None, :]
+
+    @triton.jit
+    def _ternary_gemv_body(x_ptr, w_ptr, y_ptr, M, N, K4, stride_xm, stride_ym, magic,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K4: tl.constexpr,
                            MODE: tl.constexpr, DOT_F32: tl.constexpr = False):
         pid = tl.program_id(0)
@@ -62,6 +94,30 @@ if triton is not None:
                     xk = tl.load(x_ptr + rk * 4 + lane, mask=rk < K4, other=0.0).to(tl.float32)
                     code = ((wb >> (2 * lane)) & 3).to(tl.float32) - 1.0
                     part += code * xk[None, :]
+            tl.store(y_ptr + rn, tl.sum(part, axis=1), mask=rn < N)
+            return
+        if MODE == 3:  # as MODE 2, each code's value made from its bits
+            part = tl.zeros((BLOCK_N, BLOCK_K4), dtype=tl.float32)
+            for k0 in range(0, K4, BLOCK_K4):
+                rk = k0 + tl.arange(0, BLOCK_K4)
+                w_mask = (rn[:, None] < N) & (rk[None, :] < K4)
+                wb = tl.load(w_ptr + rn[:, None] * K4 + rk[None, :], mask=w_mask, other=0x55).to(tl.int32) | magic
+                for lane in tl.static_range(4):
+                    part = _lane_from_bits(part, wb, magic, x_ptr, rk * 4 + lane, rk < K4, lane)
+            tl.store(y_ptr + rn, tl.sum(part, axis=1), mask=rn < N)
+            return
+        if MODE == 4:  # as MODE 3 on 4-byte words (16 codes), one 16-bit half at a time
+            K16 = K4 // 4
+            wp = w_ptr.to(tl.pointer_type(tl.int32))
+            part = tl.zeros((BLOCK_N, BLOCK_K4), dtype=tl.float32)
+            for k0 in range(0, K16, BLOCK_K4):
+                rk = k0 + tl.arange(0, BLOCK_K4)
+                w_mask = (rn[:, None] < N) & (rk[None, :] < K16)
+                wv = tl.load(wp + rn[:, None] * K16 + rk[None, :], mask=w_mask, other=0x55555555)
+                for half in tl.static_range(2):
+                    bits = ((wv >> (16 * half)) & 0xFFFF) | magic
+                    for lane in tl.static_range(8):
+                        part = _lane_from_bits(part, bits, magic, x_ptr, rk * 16 + 8 * half + lane, rk < K16, lane)
             tl.store(y_ptr + rn, tl.sum(part, axis=1), mask=rn < N)
             return
         rm = tl.arange(0, BLOCK_M)
@@ -95,6 +151,11 @@ if triton is not None:
                                            prune_configs_by={"early_config_prune": _for_rows})(_ternary_gemv_body)
 
 
+# the exponent bits of 2^23 (MODES 3 and 4), passed at run time: a register the compiler cannot fold
+# into the per-code masks, so that each code takes one logic operation (AND with mask | magic)
+_MAGIC = 0x4B000000
+
+
 def ternary_gemv(x: torch.Tensor, w_data: torch.Tensor, w_scale: torch.Tensor, out_features: int,
                  config=None, dot_f32: bool = False) -> torch.Tensor:
     """fp32 ``(M, N)`` = ``x (M, K) @ (w_scale * T)^T`` for 2-bit codes ``w_data`` of ``T (N, K)``.
@@ -104,15 +165,19 @@ def ternary_gemv(x: torch.Tensor, w_data: torch.Tensor, w_scale: torch.Tensor, o
     M, K = x.shape
     N = out_features
     w = w_data.view(N, K // 4)
+    if w.data_ptr() % 4:  # the word modes read 4-byte words (a view at an odd offset: rare)
+        w = w.clone()
     x = x.to(torch.bfloat16).contiguous()
     y = torch.empty(M, N, device=x.device, dtype=torch.float32)
     block_m = max(16, triton.next_power_of_2(M))
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     if config is None:
-        _ternary_gemv_kernel[grid](x, w, y, M, N, K // 4, x.stride(0), y.stride(0), BLOCK_M=block_m)
+        _ternary_gemv_kernel[grid](x, w, y, M, N, K // 4, x.stride(0), y.stride(0), _MAGIC, BLOCK_M=block_m)
     else:  # one configuration, as given (tests run each)
-        if config.kwargs["MODE"] == 2 and M != 1:
-            raise ValueError(f"MODE 2 takes one row of x; got {M}")
-        _ternary_gemv_body[grid](x, w, y, M, N, K // 4, x.stride(0), y.stride(0), BLOCK_M=block_m, **config.kwargs,
+        why = _fits(config.kwargs, M, K // 4)
+        if why is not None:
+            raise ValueError(why)
+        _ternary_gemv_body[grid](x, w, y, M, N, K // 4, x.stride(0), y.stride(0), _MAGIC, BLOCK_M=block_m,
+                                 **config.kwargs,
                                  DOT_F32=dot_f32, num_warps=config.num_warps, num_stages=config.num_stages)
     return y * w_scale.to(torch.float32)

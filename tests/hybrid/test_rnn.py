@@ -1,9 +1,12 @@
 """The LSTM recurrence (`LSTMRecurrence`: hand-written backward, the weight gradient of all steps
 in one GEMM), with a plain `hh` and with a policy's `QLinear` `hh`, against the same layer with
 `hh` called per step and differentiated by autograd."""
+import dataclasses
+import gc
 import os
 import shutil
 import warnings
+import weakref
 from pathlib import Path
 
 import pytest
@@ -388,3 +391,40 @@ def test_compiled_cells_take_more_variants_than_the_recompile_limit():
                 assert a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-6, atol=1e-6)
         assert torch._dynamo.config.recompile_limit == 1  # raised for those calls only
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["latent", "native"])
+def test_recurrence_derives_fprop_weight_operand_once(monkeypatch, native):
+    """Where dgrad does not take fprop's weight operand (on a GPU: FP8 per-tensor fprop, row-wise
+    dgrad), no step's ``saved`` keeps it: the forward loop keeps it itself, so T steps quantize the
+    weight once (the layer's cache holds it only weakly), with each step's output exactly the
+    layer's, and let it go when the loop ends."""
+    fp8 = {"weight": "fp8_e4m3", "input": {"format": "fp8_e4m3", "granularity": "tensor"},
+           "storage": "native" if native else "latent"}
+    d, T, B = 16, 6, 2
+    torch.manual_seed(0)
+    hh = QLinear.from_float(nn.Linear(d, 4 * d, bias=False), LayerPrecision.from_fields(fp8))
+    gemms, weights = hh.recurrent_gemms()
+    assert gemms.plan.reuse_weight  # the CPU plan; the GPU's is built as it would be there:
+    gemms = dataclasses.replace(gemms, plan=dataclasses.replace(gemms.plan, reuse_weight=False))
+    kernel = KERNELS[gemms.plan.fprop.kernel]
+    made = []
+    for name in ("operand", "operand_from_qtensor"):
+        real = getattr(kernel, name)
+        monkeypatch.setattr(kernel, name, lambda *a, real=real, name=name, **k: made.append(name) or real(*a, **k))
+    xs = torch.randn(T, B, d)
+    with torch.no_grad():
+        steps = [gemms.fprop(x, weights) for x in xs]
+        n_weight = sum(m == ("operand_from_qtensor" if native else "operand") for m in made) - (0 if native else T)
+        assert n_weight == 1, made  # the T input operands (latent: same method) aside
+        assert all(saved == (None, None) for _, saved in steps)
+        for x, (y, _) in zip(xs, steps):
+            assert torch.equal(y, hh(x))
+        held = gemms._held_fprop[0]
+        gemms.end_forward()
+        assert gemms._held_fprop == []
+    del steps
+    ref = weakref.ref(held[0])
+    del held
+    gc.collect()
+    assert ref() is None  # nothing else keeps the operand past the loop

@@ -21,8 +21,9 @@ def packed_case(seed: int = 0):
 
 
 def check_all_configs(device: str, dot_f32: bool) -> list[str]:
-    """Every configuration on M = 1, 3, 17 rows (MODE 2: one row; more are refused); the failures.
-    Tolerance: the products are exact (codes in {-1, 0, 1} times bf16 x), so the only error is the fp32
+    """Every configuration on M = 1, 3, 17 rows (MODES 2 to 4: one row; more are refused); the failures.
+    Tolerance: the products are exact (codes in {-1, 0, 1} times bf16 x; MODES 3 and 4 make each
+    code's value from its bits and multiply x by a power of 2, both exact), so the only error is the fp32
     summation of K terms in some order: at most gamma_K * sum |x_k T_nk|, gamma_K = K u / (1 - K u),
     u = 2^-24 (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., eq. 3.5)."""
     from lowprec import gemv
@@ -38,13 +39,21 @@ def check_all_configs(device: str, dot_f32: bool) -> list[str]:
         ref = xb @ t.double().t()
         bound = gamma * (xb.abs() @ t.double().abs().t())
         for cfg in gemv._CONFIGS:
-            if cfg.kwargs["MODE"] == 2 and m != 1:
+            if cfg.kwargs["MODE"] in gemv.ONE_ROW_MODES and m != 1:
                 with pytest.raises(ValueError, match="one row"):
                     gemv.ternary_gemv(x, packed, torch.tensor(1.0, device=device), N, config=cfg, dot_f32=dot_f32)
                 continue
             y = gemv.ternary_gemv(x, packed, torch.tensor(2.0, device=device), N, config=cfg, dot_f32=dot_f32)
             if not bool(((y.double() / 2 - ref).abs() <= bound).all()):  # the scale 2 multiplies exactly
                 bad.append(f"M={m} {cfg}")
+    # K = 24: 6 packed bytes a row, no whole number of 4-byte words: the word modes refuse it
+    x = torch.randn(1, 24, generator=torch.Generator().manual_seed(1)).to(device)
+    words = [c for c in gemv._CONFIGS if c.kwargs["MODE"] in gemv.WORD_MODES]
+    assert words
+    for cfg in words:
+        with pytest.raises(ValueError, match="4-byte words"):
+            gemv.ternary_gemv(x, packed[:, :6].contiguous(), torch.tensor(1.0, device=device), N, config=cfg,
+                              dot_f32=dot_f32)
     return bad
 
 
@@ -56,7 +65,7 @@ def test_every_gemv_config_on_the_gpu():
 
     if gemv.triton is None:
         pytest.skip("needs triton")
-    assert {c.kwargs["MODE"] for c in gemv._CONFIGS} == {0, 1, 2}
+    assert {c.kwargs["MODE"] for c in gemv._CONFIGS} == {0, 1, 2, 3, 4}
     assert check_all_configs("cuda", dot_f32=False) == []
 
 
