@@ -12,7 +12,7 @@ lane, one dot over codes put back in k order, or, for one row of x, fp32 multipl
 cores, with each code's value made by an int->float conversion or from its bits) are autotuned per
 (M, N, K) on first use.
 
-A code's value from its bits (MODES 3 and 4): with the code ``c`` left in place at bit ``2l`` of its
+A code's value from its bits (MODES 3 to 5): with the code ``c`` left in place at bit ``2l`` of its
 byte (or 16-bit half word), the fp32 number with bits ``0x4B000000 | (c << 2l)`` is ``2^23 + c 4^l``
 exactly, so ``(c - 1) 4^l`` is one subtraction of the constant ``2^23 + 4^l``, exact; multiplied by
 ``x_k 4^-l`` (exact: a bf16 number scaled by a power of 2 down to ``2^-14`` stays an fp32 number,
@@ -38,8 +38,10 @@ if triton is not None:
 
     # MODE 0: each of a byte's four codes in its own dot (x read at stride 4); MODE 1: the four codes
     # interleaved back into k order, then one dot over the whole chunk (x read contiguously); MODE 2
-    # (one row of x only): no tensor cores, each code times its x element summed in fp32 registers. The
-    # autotuner times the modes on the device and keeps the fastest per (M, N, K).
+    # (one row of x only): no tensor cores, each code times its x element summed in fp32 registers; MODES
+    # 3 to 5 (one row): as MODE 2 with each code's value made from its bits (module doc), reading bytes
+    # (3) or 4-byte words (4; 5 also loads the next words before working on these). The autotuner times
+    # the modes on the device and keeps the fastest per (M, N, K).
     _CONFIGS = [
         triton.Config({"BLOCK_N": bn, "BLOCK_K4": bk, "MODE": mode}, num_warps=w, num_stages=st)
         for mode, bn, bk, w, st in [
@@ -49,14 +51,16 @@ if triton is not None:
             (1, 256, 32, 8, 3), (1, 32, 64, 4, 4), (1, 256, 64, 8, 3),
             (2, 16, 128, 4, 3), (2, 32, 128, 4, 3), (2, 16, 256, 4, 3), (2, 32, 64, 4, 4),
             (2, 64, 64, 8, 3), (2, 8, 256, 2, 3),
-            # MODES 3 and 4: many rows a thread, so that each x element loaded serves several rows
+            # MODES 3 to 5: many rows a thread, so that each x element loaded serves several rows
             (3, 128, 16, 1, 3), (3, 64, 32, 1, 3), (3, 256, 16, 2, 3), (3, 512, 16, 4, 3),
-            # MODE 4: BLOCK_K4 counts 4-byte words
+            # MODES 4 and 5: BLOCK_K4 counts 4-byte words
             (4, 64, 16, 1, 3), (4, 128, 8, 1, 3), (4, 64, 8, 1, 3), (4, 128, 16, 2, 3), (4, 256, 8, 2, 3),
-            (4, 256, 16, 4, 3), (4, 512, 8, 4, 3), (4, 1024, 4, 8, 3)]
+            (4, 256, 16, 4, 3), (4, 512, 8, 4, 3), (4, 1024, 4, 8, 3),
+            (5, 64, 16, 1, 1), (5, 128, 8, 1, 1), (5, 64, 8, 1, 1), (5, 128, 16, 2, 1), (5, 256, 8, 2, 1),
+            (5, 256, 16, 4, 1), (5, 512, 8, 4, 1), (5, 32, 8, 1, 1)]
     ]
-    ONE_ROW_MODES = (2, 3, 4)  # the modes that take one row of x only
-    WORD_MODES = (4,)  # the modes that read the codes as 4-byte words: K // 4 bytes a row, a multiple of 4
+    ONE_ROW_MODES = (2, 3, 4, 5)  # the modes that take one row of x only
+    WORD_MODES = (4, 5)  # the modes that read the codes as 4-byte words: K // 4 bytes a row, a multiple of 4
 
     def _fits(kwargs, m, k4) -> str | None:
         """Why a configuration cannot run ``m`` rows of x over ``k4`` packed bytes a row, or None."""
@@ -106,18 +110,27 @@ if triton is not None:
                     part = _lane_from_bits(part, wb, magic, x_ptr, rk * 4 + lane, rk < K4, lane)
             tl.store(y_ptr + rn, tl.sum(part, axis=1), mask=rn < N)
             return
-        if MODE == 4:  # as MODE 3 on 4-byte words (16 codes), one 16-bit half at a time
+        if MODE >= 4:  # as MODE 3 on 4-byte words (16 codes), one 16-bit half at a time; MODE 5 loads the
+            # next words before working on these (their memory latency hidden behind this chunk's arithmetic)
             K16 = K4 // 4
-            wp = w_ptr.to(tl.pointer_type(tl.int32))
+            wp = w_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None] * K16
             part = tl.zeros((BLOCK_N, BLOCK_K4), dtype=tl.float32)
+            rk = tl.arange(0, BLOCK_K4)
+            wv = tl.load(wp + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K16), other=0x55555555)
             for k0 in range(0, K16, BLOCK_K4):
                 rk = k0 + tl.arange(0, BLOCK_K4)
-                w_mask = (rn[:, None] < N) & (rk[None, :] < K16)
-                wv = tl.load(wp + rn[:, None] * K16 + rk[None, :], mask=w_mask, other=0x55555555)
+                if MODE == 5:
+                    rk_next = rk + BLOCK_K4
+                    w_next = tl.load(wp + rk_next[None, :], mask=(rn[:, None] < N) & (rk_next[None, :] < K16),
+                                     other=0x55555555)
+                elif k0 > 0:
+                    wv = tl.load(wp + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K16), other=0x55555555)
                 for half in tl.static_range(2):
                     bits = ((wv >> (16 * half)) & 0xFFFF) | magic
                     for lane in tl.static_range(8):
                         part = _lane_from_bits(part, bits, magic, x_ptr, rk * 16 + 8 * half + lane, rk < K16, lane)
+                if MODE == 5:
+                    wv = w_next
             tl.store(y_ptr + rn, tl.sum(part, axis=1), mask=rn < N)
             return
         rm = tl.arange(0, BLOCK_M)
@@ -151,7 +164,7 @@ if triton is not None:
                                            prune_configs_by={"early_config_prune": _for_rows})(_ternary_gemv_body)
 
 
-# the exponent bits of 2^23 (MODES 3 and 4), passed at run time: a register the compiler cannot fold
+# the exponent bits of 2^23 (MODES 3 to 5), passed at run time: a register the compiler cannot fold
 # into the per-code masks, so that each code takes one logic operation (AND with mask | magic)
 _MAGIC = 0x4B000000
 

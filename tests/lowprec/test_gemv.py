@@ -21,8 +21,8 @@ def packed_case(seed: int = 0):
 
 
 def check_all_configs(device: str, dot_f32: bool) -> list[str]:
-    """Every configuration on M = 1, 3, 17 rows (MODES 2 to 4: one row; more are refused); the failures.
-    Tolerance: the products are exact (codes in {-1, 0, 1} times bf16 x; MODES 3 and 4 make each
+    """Every configuration on M = 1, 3, 17 rows (MODES 2 to 5: one row; more are refused); the failures.
+    Tolerance: the products are exact (codes in {-1, 0, 1} times bf16 x; MODES 3 to 5 make each
     code's value from its bits and multiply x by a power of 2, both exact), so the only error is the fp32
     summation of K terms in some order: at most gamma_K * sum |x_k T_nk|, gamma_K = K u / (1 - K u),
     u = 2^-24 (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., eq. 3.5)."""
@@ -65,7 +65,7 @@ def test_every_gemv_config_on_the_gpu():
 
     if gemv.triton is None:
         pytest.skip("needs triton")
-    assert {c.kwargs["MODE"] for c in gemv._CONFIGS} == {0, 1, 2, 3, 4}
+    assert {c.kwargs["MODE"] for c in gemv._CONFIGS} == {0, 1, 2, 3, 4, 5}
     assert check_all_configs("cuda", dot_f32=False) == []
 
 
