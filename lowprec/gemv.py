@@ -9,8 +9,9 @@ fallback does) and products accumulate in fp32. Used in fprop for at most ``GEMV
 tokens on CUDA when Triton is importable (the ``packed_ternary_gemv`` kernel of
 :mod:`lowprec.kernels`). Block sizes and the way of computing (``MODE``: tensor-core dots per code
 lane, one dot over codes put back in k order, or, for one row of x, fp32 multiply-adds without tensor
-cores, with each code's value made by an int->float conversion or from its bits) are autotuned per
-(M, N, K) on first use.
+cores, with each code's value made by an int->float conversion or from its bits; for the word modes
+also the number of parts the K range is split into, each a program of its own, their sums then added
+in a fixed order: deterministic) are autotuned per (M, N, K) on first use.
 
 A code's value from its bits (MODES 3 to 5): with the code ``c`` left in place at bit ``2l`` of its
 byte (or 16-bit half word), the fp32 number with bits ``0x4B000000 | (c << 2l)`` is ``2^23 + c 4^l``
@@ -43,8 +44,8 @@ if triton is not None:
     # (3) or 4-byte words (4; 5 also loads the next words before working on these). The autotuner times
     # the modes on the device and keeps the fastest per (M, N, K).
     _CONFIGS = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K4": bk, "MODE": mode}, num_warps=w, num_stages=st)
-        for mode, bn, bk, w, st in [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K4": bk, "MODE": mode, "SPLIT": split}, num_warps=w, num_stages=st)
+        for mode, bn, bk, w, st, *more in [
             (0, 64, 64, 4, 3), (0, 128, 32, 4, 3), (0, 32, 128, 4, 3), (0, 64, 128, 8, 3),
             (0, 128, 64, 8, 4), (0, 256, 32, 8, 3), (0, 32, 64, 2, 4),
             (1, 64, 32, 4, 3), (1, 128, 32, 4, 3), (1, 64, 64, 4, 3), (1, 128, 64, 8, 3),
@@ -57,15 +58,24 @@ if triton is not None:
             (4, 64, 16, 1, 3), (4, 128, 8, 1, 3), (4, 64, 8, 1, 3), (4, 128, 16, 2, 3), (4, 256, 8, 2, 3),
             (4, 256, 16, 4, 3), (4, 512, 8, 4, 3), (4, 1024, 4, 8, 3),
             (5, 64, 16, 1, 1), (5, 128, 8, 1, 1), (5, 64, 8, 1, 1), (5, 128, 16, 2, 1), (5, 256, 8, 2, 1),
-            (5, 256, 16, 4, 1), (5, 512, 8, 4, 1), (5, 32, 8, 1, 1)]
+            (5, 256, 16, 4, 1), (5, 512, 8, 4, 1), (5, 32, 8, 1, 1),
+            # SPLIT: the K range in that many parts, each its own program (more programs to hide the loads'
+            # latency), their sums added afterwards in a fixed order
+            (5, 256, 8, 2, 1, 2), (5, 256, 8, 2, 1, 4), (5, 256, 16, 4, 1, 4), (5, 128, 8, 1, 1, 4),
+            (5, 512, 8, 4, 1, 4), (5, 256, 8, 2, 1, 8), (4, 256, 8, 2, 3, 4)]
+        for split in [more[0] if more else 1]
     ]
+    MAX_SPLIT = max(c.kwargs["SPLIT"] for c in _CONFIGS)
     ONE_ROW_MODES = (2, 3, 4, 5)  # the modes that take one row of x only
     WORD_MODES = (4, 5)  # the modes that read the codes as 4-byte words: K // 4 bytes a row, a multiple of 4
+    # (only they split the K range: SPLIT > 1)
 
     def _fits(kwargs, m, k4) -> str | None:
         """Why a configuration cannot run ``m`` rows of x over ``k4`` packed bytes a row, or None."""
         if kwargs["MODE"] in ONE_ROW_MODES and m != 1:
             return f"MODE {kwargs['MODE']} takes one row of x; got {m}"
+        if kwargs["SPLIT"] > 1 and kwargs["MODE"] not in WORD_MODES:
+            return f"MODE {kwargs['MODE']} does not split the K range (SPLIT {kwargs['SPLIT']})"
         if kwargs["MODE"] in WORD_MODES and k4 % 4:
             return f"MODE {kwargs['MODE']} reads 4-byte words: K // 4 = {k4} packed bytes a row is no multiple of 4"
         return None
@@ -85,7 +95,7 @@ if triton is not None:
     @triton.jit
     def _ternary_gemv_body(x_ptr, w_ptr, y_ptr, M, N, K4, stride_xm, stride_ym, magic,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K4: tl.constexpr,
-                           MODE: tl.constexpr, DOT_F32: tl.constexpr = False):
+                           MODE: tl.constexpr, SPLIT: tl.constexpr = 1, DOT_F32: tl.constexpr = False):
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         if MODE == 2:  # x has one row: y[n] = sum over k of x[k] T[n, k], in fp32
@@ -111,27 +121,31 @@ if triton is not None:
             tl.store(y_ptr + rn, tl.sum(part, axis=1), mask=rn < N)
             return
         if MODE >= 4:  # as MODE 3 on 4-byte words (16 codes), one 16-bit half at a time; MODE 5 loads the
-            # next words before working on these (their memory latency hidden behind this chunk's arithmetic)
+            # next words before working on these (their memory latency hidden behind this chunk's arithmetic).
+            # Program (pid, s) sums the words [k_lo, k_hi) of its rows into row s of y (SPLIT rows).
             K16 = K4 // 4
+            span = tl.cdiv(tl.cdiv(K16, SPLIT), BLOCK_K4) * BLOCK_K4
+            k_lo = tl.program_id(1) * span
+            k_hi = tl.minimum(k_lo + span, K16)
             wp = w_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None] * K16
             part = tl.zeros((BLOCK_N, BLOCK_K4), dtype=tl.float32)
-            rk = tl.arange(0, BLOCK_K4)
-            wv = tl.load(wp + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K16), other=0x55555555)
-            for k0 in range(0, K16, BLOCK_K4):
+            rk = k_lo + tl.arange(0, BLOCK_K4)
+            wv = tl.load(wp + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < k_hi), other=0x55555555)
+            for k0 in range(k_lo, k_hi, BLOCK_K4):
                 rk = k0 + tl.arange(0, BLOCK_K4)
                 if MODE == 5:
                     rk_next = rk + BLOCK_K4
-                    w_next = tl.load(wp + rk_next[None, :], mask=(rn[:, None] < N) & (rk_next[None, :] < K16),
+                    w_next = tl.load(wp + rk_next[None, :], mask=(rn[:, None] < N) & (rk_next[None, :] < k_hi),
                                      other=0x55555555)
-                elif k0 > 0:
-                    wv = tl.load(wp + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K16), other=0x55555555)
+                elif k0 > k_lo:
+                    wv = tl.load(wp + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < k_hi), other=0x55555555)
                 for half in tl.static_range(2):
                     bits = ((wv >> (16 * half)) & 0xFFFF) | magic
                     for lane in tl.static_range(8):
-                        part = _lane_from_bits(part, bits, magic, x_ptr, rk * 16 + 8 * half + lane, rk < K16, lane)
+                        part = _lane_from_bits(part, bits, magic, x_ptr, rk * 16 + 8 * half + lane, rk < k_hi, lane)
                 if MODE == 5:
                     wv = w_next
-            tl.store(y_ptr + rn, tl.sum(part, axis=1), mask=rn < N)
+            tl.store(y_ptr + tl.program_id(1) * stride_ym + rn, tl.sum(part, axis=1), mask=rn < N)
             return
         rm = tl.arange(0, BLOCK_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -160,7 +174,9 @@ if triton is not None:
         y_mask = (rm[:, None] < M) & (rn[None, :] < N)
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=y_mask)
 
-    _ternary_gemv_kernel = triton.autotune(configs=_CONFIGS, key=["M", "N", "K4"],
+    # y zeroed before each configuration's trial and before the run after them: a split configuration
+    # writes more of its rows than the next one may
+    _ternary_gemv_kernel = triton.autotune(configs=_CONFIGS, key=["M", "N", "K4"], reset_to_zero=["y_ptr"],
                                            prune_configs_by={"early_config_prune": _for_rows})(_ternary_gemv_body)
 
 
@@ -181,9 +197,12 @@ def ternary_gemv(x: torch.Tensor, w_data: torch.Tensor, w_scale: torch.Tensor, o
     if w.data_ptr() % 4:  # the word modes read 4-byte words (a view at an odd offset: rare)
         w = w.clone()
     x = x.to(torch.bfloat16).contiguous()
-    y = torch.empty(M, N, device=x.device, dtype=torch.float32)
+    # one row of x: the one-row modes write row s of y for the part s of a split K range (rows a
+    # configuration does not split into stay 0), added in a fixed order below
+    y = torch.zeros(MAX_SPLIT, N, device=x.device, dtype=torch.float32) if M == 1 else \
+        torch.empty(M, N, device=x.device, dtype=torch.float32)
     block_m = max(16, triton.next_power_of_2(M))
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
     if config is None:
         _ternary_gemv_kernel[grid](x, w, y, M, N, K // 4, x.stride(0), y.stride(0), _MAGIC, BLOCK_M=block_m)
     else:  # one configuration, as given (tests run each)
@@ -193,4 +212,6 @@ def ternary_gemv(x: torch.Tensor, w_data: torch.Tensor, w_scale: torch.Tensor, o
         _ternary_gemv_body[grid](x, w, y, M, N, K // 4, x.stride(0), y.stride(0), _MAGIC, BLOCK_M=block_m,
                                  **config.kwargs,
                                  DOT_F32=dot_f32, num_warps=config.num_warps, num_stages=config.num_stages)
+    if M == 1:
+        y = y.sum(0, keepdim=True)
     return y * w_scale.to(torch.float32)

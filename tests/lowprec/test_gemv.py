@@ -21,7 +21,8 @@ def packed_case(seed: int = 0):
 
 
 def check_all_configs(device: str, dot_f32: bool) -> list[str]:
-    """Every configuration on M = 1, 3, 17 rows (MODES 2 to 5: one row; more are refused); the failures.
+    """Every configuration on M = 1, 3, 17 rows (MODES 2 to 5: one row; more are refused; K split into up to 8
+    parts, some of them empty: K // 16 = 32 words a row); the failures.
     Tolerance: the products are exact (codes in {-1, 0, 1} times bf16 x; MODES 3 to 5 make each
     code's value from its bits and multiply x by a power of 2, both exact), so the only error is the fp32
     summation of K terms in some order: at most gamma_K * sum |x_k T_nk|, gamma_K = K u / (1 - K u),
@@ -54,6 +55,12 @@ def check_all_configs(device: str, dot_f32: bool) -> list[str]:
         with pytest.raises(ValueError, match="4-byte words"):
             gemv.ternary_gemv(x, packed[:, :6].contiguous(), torch.tensor(1.0, device=device), N, config=cfg,
                               dot_f32=dot_f32)
+    # only the word modes split the K range (and the split ones are among the configurations checked above)
+    assert any(c.kwargs["SPLIT"] > 1 for c in words)
+    split_bytes = gemv.triton.Config({"BLOCK_N": 16, "BLOCK_K4": 16, "MODE": 3, "SPLIT": 2}, num_warps=1)
+    with pytest.raises(ValueError, match="does not split"):
+        gemv.ternary_gemv(x, packed[:, :6].contiguous(), torch.tensor(1.0, device=device), N, config=split_bytes,
+                          dot_f32=dot_f32)
     return bad
 
 
@@ -67,6 +74,16 @@ def test_every_gemv_config_on_the_gpu():
         pytest.skip("needs triton")
     assert {c.kwargs["MODE"] for c in gemv._CONFIGS} == {0, 1, 2, 3, 4, 5}
     assert check_all_configs("cuda", dot_f32=False) == []
+    # the autotuned kernel: the call that times every configuration (whose split ones leave partial sums
+    # in rows that a later one does not write) and the call after it, from the cached choice
+    t, packed = (a.cuda() for a in packed_case(seed=3))
+    x = torch.randn(1, K, device="cuda")
+    xb = x.bfloat16().double()
+    u = 2.0 ** -24
+    bound = K * u / (1 - K * u) * (xb.abs() @ t.double().abs().t())
+    for _ in range(2):
+        y = gemv.ternary_gemv(x, packed, torch.tensor(1.0, device="cuda"), N)
+        assert bool(((y.double() - xb @ t.double().t()).abs() <= bound).all())
 
 
 def test_every_gemv_config_in_the_triton_interpreter():
