@@ -95,7 +95,8 @@ def lstm_table(batch_sizes=(1, 16), d=16384):
                 if "packed" in name:
                     from lowprec import gemv
                     cfg = gemv._ternary_gemv_kernel.best_config  # the autotuner's pick for this shape
-                    path = f"Triton 2-bit GEMV (MODE {cfg.kwargs['MODE']}, {cfg.kwargs['BLOCK_N']} rows a program)"
+                    split = f", K in {cfg.kwargs['SPLIT']} parts" if cfg.kwargs.get("SPLIT", 1) > 1 else ""
+                    path = f"Triton 2-bit GEMV (MODE {cfg.kwargs['MODE']}, {cfg.kwargs['BLOCK_N']} rows a program{split})"
                 if "packed" not in name:
                     nbytes = layer.out_features * layer.in_features  # what the GEMM reads
             else:

@@ -17,9 +17,10 @@ A code's value from its bits (MODES 3 to 5): with the code ``c`` left in place a
 byte (or 16-bit half word), the fp32 number with bits ``0x4B000000 | (c << 2l)`` is ``2^23 + c 4^l``
 exactly, so ``(c - 1) 4^l`` is one subtraction of the constant ``2^23 + 4^l``, exact; multiplied by
 ``x_k 4^-l`` (exact: a bf16 number scaled by a power of 2 down to ``2^-14`` stays an fp32 number,
-normal or subnormal) the product is ``x_k (c - 1)`` exactly, as with a converted code. One logic
-operation, one add and one fused multiply-add a code, none of them a conversion, whose lower
-throughput bounds the other modes' unpacking.
+normal or subnormal) the product is ``x_k (c - 1)`` exactly, as with a converted code. A code takes
+one logic operation, one add and one fused multiply-add, no conversion: compiled for sm_90 the loop
+of the word modes spends about 3.9 instructions a code (x's loads and scaling shared by the rows a
+thread holds), MODE 2's about 7.9.
 """
 
 from __future__ import annotations
