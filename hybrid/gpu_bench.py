@@ -83,22 +83,23 @@ def lstm_table(batch_sizes=(1, 16), d=16384):
                 # a step of the recurrence: the GEMMs the LSTM calls per token, with the weight's
                 # operand derived at the first step and kept for the rest, as its forward loop does
                 gemms, weights = layer.recurrent_gemms()
-                kept = []
-                ms = _ms(lambda: kept.__setitem__(slice(None), [gemms.fprop(h, weights)]))
+                steps = []  # the last step's outputs, with its ``saved`` (a step's keeps the operand)
+
+                def step():
+                    steps[:] = [gemms.fprop(h, weights)]
+                ms = _ms(step)
                 gemms.end_forward()
-                del kept
+                del steps
             if fields is None:
                 nbytes, path = base.weight.numel() * 2, "cuBLAS bf16"
-            elif layer.is_native:
+            elif "packed" in name:
+                from lowprec import gemv
+                cfg = gemv._ternary_gemv_kernel.best_config.kwargs  # the autotuner's pick for this shape
+                split = f", K in {cfg['SPLIT']} parts" if cfg["SPLIT"] > 1 else ""
                 nbytes = layer.native_nbytes()
-                path = "FP8 GEMM on cached E4M3 codes (1 B/weight read)"
-                if "packed" in name:
-                    from lowprec import gemv
-                    cfg = gemv._ternary_gemv_kernel.best_config  # the autotuner's pick for this shape
-                    split = f", K in {cfg.kwargs['SPLIT']} parts" if cfg.kwargs.get("SPLIT", 1) > 1 else ""
-                    path = f"Triton 2-bit GEMV (MODE {cfg.kwargs['MODE']}, {cfg.kwargs['BLOCK_N']} rows a program{split})"
-                if "packed" not in name:
-                    nbytes = layer.out_features * layer.in_features  # what the GEMM reads
+                path = f"Triton 2-bit GEMV (MODE {cfg['MODE']}, {cfg['BLOCK_N']} rows a program{split})"
+            elif layer.is_native:
+                nbytes, path = layer.out_features * layer.in_features, "FP8 GEMM on cached E4M3 codes (1 B/weight read)"
             else:
                 nbytes, path = base.weight.numel(), "FP8 GEMM (cached E4M3 weight)"
             floor = nbytes / bw * 1e3
