@@ -37,8 +37,11 @@ policy (AdamW; TernaryBop for native ternary) and the step is the trainer's
 (:class:`experiments.loop.Stepper`: loss over the global batch, loss scaler, found-inf agreed over the
 ranks, clipping over all shards), eager (``--compile``: the trainer's ``train.compile``, FSDP2's hooks
 running eagerly between the compiled pieces; ``--compile blocks``: ``train.compile=blocks``, each block's
-body compiled), on random tokens. Reported: median step time over the timed
-steps (each between two device synchronizations), tokens/s per GPU, peak memory allocated on the
+body compiled), on random tokens. Reported: the step time of ``--iters`` steps issued back to back as
+the trainer issues them (one device synchronization after the last: the host issues a step while the
+device still runs the one before) and the tokens/s per GPU it gives; beside it the median time of as
+many steps each between two device synchronizations ("synced step s", which also pays the host's time
+to reach the device with the step's first kernels); peak memory allocated on the
 busiest GPU (whole run: build, optimizer state, steps; ``--gpu-gib`` caps what the allocator may take, so a
 larger GPU can stand in for a smaller one), the bytes one rank receives in all-gathers
 during one step (counted at the collectives), the host's time to issue a step (``host_s``: a step
@@ -206,6 +209,13 @@ def _steps(args, d, model, opt, sched, scaler, n_params, build_s, cuda) -> dict:
         issued.append(time.perf_counter() - t)
         sync()
         times.append(time.perf_counter() - t)
+    # the same number of steps issued back to back, as the trainer issues them: the host issues a step while
+    # the device still runs the one before (each step above first waits for the device to go idle)
+    t = time.perf_counter()
+    for _ in range(args.iters):
+        results.append(stepper.step())
+    sync()
+    run_s = (time.perf_counter() - t) / max(args.iters, 1)
     if args.profile:
         profile_step(stepper, d, sync, args.trace)
     steps, _ = read_results(results)
@@ -214,8 +224,8 @@ def _steps(args, d, model, opt, sched, scaler, n_params, build_s, cuda) -> dict:
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     step_s = statistics.median(times)
     row = dict(model=args.model, policy=args.policy, gpus=d.world_size, blocks=model.cfg.n_blocks, params=n_params,
-               tokens_per_gpu_step=args.batch * args.T, step_s=step_s, host_s=statistics.median(issued),
-               tokens_per_s_per_gpu=args.batch * args.T / step_s,
+               tokens_per_gpu_step=args.batch * args.T, step_s=step_s, host_s=statistics.median(issued), run_s=run_s,
+               tokens_per_s_per_gpu=args.batch * args.T / run_s,
                peak_gib=float(peak) / 2**30, gather_bytes=rec.received_bytes, build_s=build_s,
                loss=steps[-1][0], taken=sum(1 for s in steps if s[2]), steps=len(steps),
                device=torch.cuda.get_device_name(d.device) if cuda else "cpu", checkpoint=args.checkpoint,
@@ -278,9 +288,9 @@ def launch(n: int, extra: list[str], timeout: float) -> tuple[dict | None, str]:
     return None, (raised[0][:300] if raised else f"exit {p.returncode}: {text.strip().splitlines()[-1:]}")
 
 
-HEADER = ("| model | policy | GPUs | layout | blocks | params | step s | host s | tokens/s per GPU | vs 1 GPU "
-          "| peak GiB (busiest GPU) | all-gather MB / step / GPU | loss | steps taken |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| model | policy | GPUs | layout | blocks | params | step s | synced step s | host s | tokens/s per GPU "
+          "| vs 1 GPU | peak GiB (busiest GPU) | all-gather MB / step / GPU | loss | steps taken |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def layout_text(r: dict, gpus: int) -> str:
@@ -294,7 +304,7 @@ def layout_text(r: dict, gpus: int) -> str:
 def table_row(r: dict, base: float | None) -> str:
     rel = f"{r['tokens_per_s_per_gpu'] / base:.2f}" if base else "-"
     return (f"| {r['model']} | {r['policy']} | {r['gpus']} | {layout_text(r, r['gpus'])} | {r['blocks']} "
-            f"| {r['params'] / 1e9:.2f}B | {r['step_s']:.3f} | {r['host_s']:.3f} "
+            f"| {r['params'] / 1e9:.2f}B | {r['run_s']:.3f} | {r['step_s']:.3f} | {r['host_s']:.3f} "
             f"| {r['tokens_per_s_per_gpu']:,.0f} | {rel} | {r['peak_gib']:.1f} | {r['gather_bytes'] / 1e6:,.0f} "
             f"| {r['loss']:.3f} | {r['taken']}/{r['steps']} |")
 
@@ -353,7 +363,7 @@ def weak(args) -> None:
                     r, err = launch(n, ["--model", args.model, "--policy", policy, *common(run)], args.timeout)
                     key = (policy, n, layout_text(layout, n))
                     if r is None:
-                        print(f"| {args.model} | {policy} | {n} | {key[2]} | - | - | - | - | - | - | - | - | - "
+                        print(f"| {args.model} | {policy} | {n} | {key[2]} | - | - | - | - | - | - | - | - | - | - "
                               f"| failed: {err} |", flush=True)
                         seen.setdefault(key, [])
                         continue
@@ -399,7 +409,7 @@ def wide(args) -> None:
             r, err = launch(n, ["--model", args.model, "--policy", policy, "--blocks", str(k), *common(args)], args.timeout)
             tried[k] = r
             if r is None:
-                print(f"| {args.model} | {policy} | {n} | {layout_text(args.layouts[0], n)} | {k} | - | - | - | - | - | - "
+                print(f"| {args.model} | {policy} | {n} | {layout_text(args.layouts[0], n)} | {k} | - | - | - | - | - | - | - "
                       f"| - | - | does not fit / failed: {err} |", flush=True)
             else:
                 print(table_row(r, None), flush=True)

@@ -7,7 +7,10 @@ One training step = forward, cross-entropy, backward, optimizer step (bf16 autoc
 reference; our models' precision from the policy, their activations in fp32, or with ``--param-dtype
 bf16`` parameters and activations in bf16 from fp32 masters), over random byte tokens (the speed of a step does
 not depend on the text). Every variant runs under ``torch.compile`` (``--mode eager``: none does). Reported per variant: tokens/s
-(median of the timed steps after the first, which compiles and is reported as "first step s"), model FLOPs utilization
+over ``--iters`` steps issued back to back as a training loop issues them, one device synchronization
+before and after (the first step, which compiles, is reported as "first step s"; beside it "synced": the
+median of as many steps each followed by a synchronization, which also pay the host's time to reach the
+device with the step's first kernel), model FLOPs utilization
 (6 x parameters x tokens/s over the H100's 989 TFLOP/s dense bf16 peak, attention FLOPs not
 counted), peak memory, and the speed relative to the reference in the same process.
 
@@ -36,7 +39,7 @@ import hybrid
 import lowprec
 import optim
 
-from .bench_layers import environment, median_ms
+from .bench_layers import back_to_back_ms, environment, median_ms
 from .reference_gpt import GPT
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -119,13 +122,15 @@ def measure(variant: str, size: dict, iters: int, mode: str | None = None, rnn_g
     torch.cuda.synchronize()
     first_s = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats()
-    s = median_ms(step, iters, warmup=2) / 1e3
+    synced = median_ms(step, iters, warmup=2) / 1e3
+    s = back_to_back_ms(step, iters) / 1e3
     tps = B * T / s
     rnn = getattr(model, "rnn", None)
     if rnn is not None:  # whether the LSTM's loops ran as CUDA graphs in the timed steps
         caps, reps = sum(m.graphs.captures for m in rnn.lstm), sum(m.graphs.replays for m in rnn.lstm)
         note = f"{note}; LSTM loops: {caps} CUDA graphs captured, {reps} replays"
-    row = dict(variant=variant, params=n_params, tokens_per_s=tps, mfu=6 * n_params * tps / PEAK_BF16,
+    row = dict(variant=variant, params=n_params, tokens_per_s=tps, synced_tokens_per_s=B * T / synced,
+               mfu=6 * n_params * tps / PEAK_BF16,
                peak_gib=torch.cuda.max_memory_allocated() / 2**30, first_s=first_s, note=note, profile=[])
     if profile:
         from .gpu_profile import host_syncs, profile_call, step_report, sync_report
@@ -166,8 +171,8 @@ def main(argv=None):
     how = "not compiled" if args.mode == "eager" else f"compiled (mode: {args.mode or 'default'})"
     print(f"# training step, {environment()}, {datetime.date.today()}, {how}, rnn_cuda_graphs={args.rnn_graphs}, "
           f"param_dtype={args.param_dtype}, compile_blocks_once={args.compile_blocks_once}, regional={args.regional}")
-    print("| size | variant | params | tokens/s | MFU | peak GiB | vs ref | first step s | plans |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| size | variant | params | tokens/s | MFU | peak GiB | vs ref | tokens/s, synced | first step s | plans |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.sizes:
         size, ref = SIZES[name], None
         for variant in args.variants:
@@ -175,10 +180,11 @@ def main(argv=None):
                 r = measure(variant, size, args.iters, args.mode, args.rnn_graphs, args.param_dtype, args.profile,
                             args.compile_blocks_once, args.regional)
             except ImportError as e:
-                print(f"| {name} | {variant} | - | - | - | - | - | - | not run: {e} |", flush=True)
+                print(f"| {name} | {variant} | - | - | - | - | - | - | - | not run: {e} |", flush=True)
                 continue
             except Exception as e:  # one failing variant must not hide the others' rows
-                print(f"| {name} | {variant} | - | - | - | - | - | - | failed: {type(e).__name__}: {str(e)[:160]} |", flush=True)
+                print(f"| {name} | {variant} | - | - | - | - | - | - | - | failed: {type(e).__name__}: {str(e)[:160]} |",
+                      flush=True)
                 gc.collect()
                 torch.cuda.empty_cache()
                 torch._dynamo.reset()
@@ -186,7 +192,8 @@ def main(argv=None):
             ref = r["tokens_per_s"] if variant == "ref" else ref
             rel = f"{r['tokens_per_s'] / ref:.2f}" if ref else "-"
             print(f"| {name} | {variant} | {r['params'] / 1e6:.1f}M | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.0f}% "
-                  f"| {r['peak_gib']:.1f} | {rel} | {r['first_s']:.0f} | {r['note']} |", flush=True)
+                  f"| {r['peak_gib']:.1f} | {rel} | {r['synced_tokens_per_s']:,.0f} | {r['first_s']:.0f} | {r['note']} |",
+                  flush=True)
             for line in r["profile"]:
                 print(f"PROFILE {name} {variant}: {line}", flush=True)
 

@@ -892,10 +892,10 @@ def test_weak_scaling_measures_every_layout_against_one_process(capsys):
     rows = [ln.split(" | ") for ln in capsys.readouterr().out.splitlines() if ln.startswith("| tiny |")]
     assert [(r[2], r[3]) for r in rows] == [("1", "-"), ("2", "1 per unit, bf16 reduce, prefetch 1, no reshard"),
                                             ("2", "2 per unit, bf16 reduce, prefetch 1, no reshard")]
-    base = float(rows[0][8].replace(",", ""))
+    base = float(rows[0][9].replace(",", ""))
     for r in rows:  # tokens/s per GPU over the 1-process row's: 0.005 for the ratio's two printed decimals, 0.001
         # for the tokens/s printed as integers (hundreds or more here: under 0.001 of the ratio)
-        assert re.fullmatch(r"\d+\.\d\d", r[9]) and abs(float(r[9]) - float(r[8].replace(",", "")) / base) <= 0.006
+        assert re.fullmatch(r"\d+\.\d\d", r[10]) and abs(float(r[10]) - float(r[9].replace(",", "")) / base) <= 0.006
     with pytest.raises(SystemExit):
         bp.main(["one", "--model", "tiny", "--device", "cpu", "--prefetch", "1", "2"])
     assert "one measures one layout" in capsys.readouterr().err
@@ -985,7 +985,7 @@ def test_weak_scaling_repeats_in_rounds_and_summarises(capsys, monkeypatch):
         if t is None:
             return None, "out of memory"
         return {"model": "tiny", "policy": "bf16", "gpus": n, "blocks": 2, "params": 1e6, "step_s": 0.1,
-                "host_s": 0.05, "tokens_per_s_per_gpu": t, "peak_gib": 1.0, "gather_bytes": 0, "loss": 5.0,
+                "host_s": 0.05, "run_s": 0.1, "tokens_per_s_per_gpu": t, "peak_gib": 1.0, "gather_bytes": 0, "loss": 5.0,
                 "taken": 1, "steps": 1, "blocks_per_unit": 1, "reduce_dtype": "fp32", "prefetch": 1,
                 "reshard": True}, ""
 
