@@ -101,22 +101,6 @@ def median_ms(step, iters: int, warmup: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def back_to_back_ms(step, iters: int) -> float:
-    """Mean ms per call of ``step()`` over ``iters`` calls issued back to back, one device
-    synchronization before and one after (CUDA events), as a training loop runs them: the host issues
-    a call while the device still runs the one before, so a call whose host time is below its device
-    time costs only its device time. :func:`median_ms` synchronizes after every call, so each call
-    there also pays the time until its first kernel reaches the device."""
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        step()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / iters
-
-
 def time_step(model, x, iters: int) -> float:
     """Median ms of one forward+backward (after warm-up, which includes compilation)."""
     return median_ms(lambda: model(x).sum().backward(), iters)

@@ -34,8 +34,12 @@ from .presets import preset
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def _ms(fn, iters=20) -> float:
-    for _ in range(3):
+def back_to_back_ms(fn, iters: int = 20, warmup: int = 3) -> float:
+    """Mean ms per call of ``fn()`` over ``iters`` calls issued back to back after ``warmup`` calls,
+    one device synchronization before and one after (CUDA events), as a training loop runs them: the
+    host issues a call while the device still runs the one before, so a call whose host time is below
+    its device time costs only its device time."""
+    for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -51,7 +55,7 @@ def copy_bandwidth() -> float:
     """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = _ms(lambda: dst.copy_(src), iters=10)
+    ms = back_to_back_ms(lambda: dst.copy_(src), iters=10)
     return 2 * src.numel() / (ms / 1e3)
 
 
@@ -78,7 +82,7 @@ def lstm_table(batch_sizes=(1, 16), d=16384):
         for B in batch_sizes:
             h = torch.randn(B, d, device="cuda", dtype=torch.bfloat16)
             if fields is None:
-                ms = _ms(lambda: layer(h))
+                ms = back_to_back_ms(lambda: layer(h))
             else:
                 # a step of the recurrence: the GEMMs the LSTM calls per token, with the weight's
                 # operand derived at the first step and kept for the rest, as its forward loop does
@@ -87,7 +91,7 @@ def lstm_table(batch_sizes=(1, 16), d=16384):
 
                 def step():
                     steps[:] = [gemms.fprop(h, weights)]
-                ms = _ms(step)
+                ms = back_to_back_ms(step)
                 gemms.end_forward()
                 del steps
             if fields is None:
