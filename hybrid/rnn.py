@@ -163,13 +163,20 @@ def _compiled_cell(f):
 
     @functools.wraps(f)
     def call(*args, **kwargs):
-        try:
-            return compiled(*args, **kwargs)
-        except over_limit:  # raised before the function ran: nothing to undo
-            if torch._dynamo.config.recompile_limit >= CELL_VARIANTS:
-                raise
-            with torch._dynamo.config.patch(recompile_limit=CELL_VARIANTS):
+        # Always without grad, below autograd and ADInplaceOrView (the cell runs inside the
+        # recurrence's operators, which need none of them): the compiled function's guards see the
+        # same grad mode and dispatch keys however the operator was reached. Otherwise a call from
+        # another context (a CUDA-graph tree records its operators differently than it warms them
+        # up) would compile the cell again, and a compilation inside a CUDA graph capture (its
+        # autotuning synchronizes) breaks the capture.
+        with torch.no_grad(), torch._C._AutoDispatchBelowADInplaceOrView():
+            try:
                 return compiled(*args, **kwargs)
+            except over_limit:  # raised before the function ran: nothing to undo
+                if torch._dynamo.config.recompile_limit >= CELL_VARIANTS:
+                    raise
+                with torch._dynamo.config.patch(recompile_limit=CELL_VARIANTS):
+                    return compiled(*args, **kwargs)
     return call
 
 

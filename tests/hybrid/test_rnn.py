@@ -7,6 +7,7 @@ import os
 import shutil
 import warnings
 import weakref
+import unittest.mock
 from pathlib import Path
 
 import pytest
@@ -390,6 +391,38 @@ def test_compiled_cells_take_more_variants_than_the_recompile_limit():
             for a, b in zip(got[:4], want[:4], strict=True):
                 assert a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-6, atol=1e-6)
         assert torch._dynamo.config.recompile_limit == 1  # raised for those calls only
+    torch._dynamo.reset()
+
+
+def test_compiled_cell_compiles_once_across_dispatch_contexts():
+    """The recurrence's operators reach the compiled cell below autograd, from contexts whose
+    dispatch state differs (a CUDA-graph tree warms an operator up and records it differently): the
+    cell is compiled once for a given input signature however it is reached, so no compilation can
+    fall inside a CUDA graph capture (whose autotuning would break the capture)."""
+    import torch._dynamo
+
+    from hybrid.rnn import _cell, _compiled_cell
+
+    torch._dynamo.reset()
+    frames = []
+
+    def counting(gm, example_inputs):
+        frames.append(gm)
+        return gm.forward
+
+    cell = _compiled_cell(_cell)
+    gen = torch.Generator().manual_seed(0)
+    gx, hh = torch.randn(2, 8, generator=gen), torch.randn(2, 8, generator=gen)
+    h, c = torch.randn(2, 2, generator=gen), torch.randn(2, 2, generator=gen)
+    contexts = [torch.no_grad, torch._C._AutoDispatchBelowAutograd, torch._C._AutoDispatchBelowADInplaceOrView,
+                torch.enable_grad]
+    with unittest.mock.patch.object(torch, "compile", lambda f, **kw: torch._dynamo.optimize(counting, nopython=True)(f)):
+        cell = _compiled_cell(_cell)
+        for context in contexts:
+            with context():
+                got = cell(gx, hh, h, c, None)
+            assert torch.equal(got[0], _cell(gx, hh, h, c, None)[0])  # the counting backend runs the traced graph as is
+    assert len(frames) == 1
     torch._dynamo.reset()
 
 
