@@ -51,12 +51,14 @@ def uniform_like(v: torch.Tensor, generator: torch.Generator | None) -> torch.Te
     return torch.rand(v.shape, generator=generator, device=v.device, dtype=torch.float32)
 
 
-def round_float_grid(v: torch.Tensor, fmt: Format, rounding: str, generator=None) -> torch.Tensor:
+def round_float_grid(v: torch.Tensor, fmt: Format, rounding: str, generator=None, noise=None) -> torch.Tensor:
     """Round float32 ``v`` onto ``fmt``'s minifloat grid, saturating at ``fmt.max_value``.
 
     NaN stays NaN and +-inf stays +-inf; every finite input gives a finite output.
     With ``rounding="nearest"`` this is bit-identical to ``v.clamp(-max, max).to(dtype)`` for
-    the formats torch has a dtype for (tested exhaustively)."""
+    the formats torch has a dtype for (tested exhaustively). Stochastic rounding draws its U[0, 1)
+    noise from ``generator``, or takes it as ``noise`` (shaped like ``v``: the same draws give the
+    same result, and a compiled caller can draw them outside its graph)."""
     if fmt.bits == 32:
         return v
     mx = fmt.max_value
@@ -69,7 +71,7 @@ def round_float_grid(v: torch.Tensor, fmt: Format, rounding: str, generator=None
     if rounding == "nearest":
         r = torch.round(r)  # ties to even
     else:
-        r = torch.floor(r + uniform_like(r, generator))
+        r = torch.floor(r + (uniform_like(r, generator) if noise is None else noise))
     out = (r * quantum).clamp(max=mx)
     out = torch.where(finite, out, a)
     return torch.copysign(out, v)

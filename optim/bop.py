@@ -64,15 +64,59 @@ import abc
 
 import torch
 
+import lowprec
 from lowprec.common import check_real
 from lowprec.packing import pack_codes, unpack_codes
 from lowprec.qtensor import QTensor
+from lowprec.rounding import round_float_grid, uniform_like
 from lowprec.scaling import ABSMEAN_EPS, to_groups
 
 from .base import TargetOptimizer, check_betas, describe_target, is_native_layer
-from .moments import check_moment_dtype, load, store, store_zeros
+from .moments import check_moment_dtype, store_zeros
 
 MOMENTUM_DTYPES = ("fp32", "bf16")
+_BF16 = lowprec.format("bf16")
+
+
+def code_step(values, transition, bits: int, data, g_w, s, m, noise, gamma: float, tau: float):
+    """The elementwise part of one update of a layer (the module doc's rule) -> (new packed codes,
+    new stored momentum, dL/dlog s per scale group). ``g_w`` (G, N) fp32 gradient in scale groups,
+    ``s`` (G, 1) scales, ``m`` the stored momentum (fp32, or bf16 with ``noise``: U[0, 1) draws
+    shaped like it for its stochastic rounding), ``values`` / ``transition`` the optimizer's rule.
+
+    One function of tensors and constants, so that on CUDA it runs compiled (`_compiled_step`): the
+    unpacking, the momentum, the transition, the packing, the rounding and the scale's gradient in
+    a few fused kernels instead of ~70 launches a layer. Compiled and eager compute the same ops;
+    the fused kernels may round the fp32 momentum's ``lerp`` and the scale gradient's sum differently
+    in the last bit."""
+    codes = unpack_codes(data, bits, g_w.numel()).view(g_w.shape)
+    c = values(codes)
+    m = m.float().lerp(g_w * s, gamma)  # m + gamma (g - m), g = dL/dc
+    data, moved = transition(data, codes, c, m, tau)
+    if moved is not None:
+        m = m.masked_fill(moved, 0.0)
+    if noise is not None:  # bf16, rounded stochastically (what optim.moments.store writes)
+        m = round_float_grid(m, _BF16, "stochastic", noise=noise).to(torch.bfloat16)
+    return data, m, (g_w * c).sum(dim=1, keepdim=True) * s
+
+
+_COMPILED: list = []
+
+
+def _compiled_step():
+    """`code_step` compiled (one compilation per optimizer rule, shape class and (gamma, tau));
+    a call past torch's recompile limit (many groups of their own gamma) runs `code_step` eagerly."""
+    if not _COMPILED:
+        compiled = torch.compile(code_step, fullgraph=True)
+        over_limit = (torch._dynamo.exc.FailOnRecompileLimitHit, torch._dynamo.exc.Unsupported)
+
+        def call(*args):
+            try:
+                return compiled(*args)
+            except over_limit:  # raised before the function ran: nothing to undo
+                return code_step(*args)
+        _COMPILED.append(call)
+    return _COMPILED[0]
 
 
 class _CodeMomentumOptimizer(TargetOptimizer):
@@ -113,12 +157,14 @@ class _CodeMomentumOptimizer(TargetOptimizer):
             raise TypeError(f"{name} updates {self.kind} weights; {describe_target(t)} holds "
                             f"{t.precision.weight}: give it to {rule}")
 
+    @staticmethod
     @abc.abstractmethod
-    def _values(self, codes: torch.Tensor) -> torch.Tensor:
+    def _values(codes: torch.Tensor) -> torch.Tensor:
         """Element values (±1, or -1/0/+1) of the unpacked codes."""
 
+    @staticmethod
     @abc.abstractmethod
-    def _transition(self, data, codes, c, m, tau):
+    def _transition(data, codes, c, m, tau):
         """(new packed data, mask of moved weights or None)."""
 
     def _init_state(self, group: dict, layer, st: dict) -> None:
@@ -132,20 +178,16 @@ class _CodeMomentumOptimizer(TargetOptimizer):
     def _update(self, group: dict, layer, grad: torch.Tensor, index: int) -> QTensor:
         q = layer.native_weight
         g_w, groups = to_groups(grad, q.fmt)  # (G, N) fp32, block padding zero
-        shape = g_w.shape
-        codes = unpack_codes(q.data, self.bits, groups.G * groups.N).view(shape)
-        c = self._values(codes)
         s = q.group_scales()  # (G, 1)
         st = self.state[layer]
-        dtype = group["momentum_dtype"]
-        m = load(st, "momentum", dtype, shape)
-        m = m.lerp(g_w * s, group["gamma"])  # m + gamma (g - m), g = dL/dc
-        data, moved = self._transition(q.data, codes, c, m, group["threshold"])
-        if moved is not None:
-            m.masked_fill_(moved, 0.0)
-        gen = None if dtype == "fp32" else self._noise(g_w.device, index, st["calls"])
-        store(st, "momentum", m, dtype, gen)
-        s_new = self._scale_step(group, st, s, (g_w * c).sum(dim=1, keepdim=True) * s)
+        m = st["momentum"].reshape(g_w.shape)  # as optim.moments.store wrote it: fp32, or bf16
+        noise = None
+        if group["momentum_dtype"] != "fp32":  # drawn as optim.moments.store draws them
+            noise = uniform_like(m, self._noise(g_w.device, index, st["calls"]))
+        step = _compiled_step() if g_w.is_cuda else code_step
+        data, st["momentum"], dlog_s = step(self._values, self._transition, self.bits, q.data, g_w, s, m, noise,
+                                            group["gamma"], group["threshold"])
+        s_new = self._scale_step(group, st, s, dlog_s)
         scale = s_new.reshape(q.scale.shape).to(q.scale.dtype)
         return QTensor(data, scale, q.global_scale, q.fmt, q.shape, q.padded_last)
 
@@ -178,10 +220,12 @@ class Bop(_CodeMomentumOptimizer):
 
     kind, bits = "binary", 1
 
-    def _values(self, codes):
+    @staticmethod
+    def _values(codes):
         return codes.to(torch.float32) * 2 - 1
 
-    def _transition(self, data, codes, c, m, tau):
+    @staticmethod
+    def _transition(data, codes, c, m, tau):
         flip = (m.abs() > tau) & (m * c > 0)
         return data ^ pack_codes(flip, 1).reshape(data.shape), None  # flipping a sign is flipping its bit
 
@@ -193,10 +237,12 @@ class TernaryBop(_CodeMomentumOptimizer):
 
     kind, bits = "ternary", 2
 
-    def _values(self, codes):
+    @staticmethod
+    def _values(codes):
         return codes.to(torch.float32) - 1
 
-    def _transition(self, data, codes, c, m, tau):
+    @staticmethod
+    def _transition(data, codes, c, m, tau):
         step = torch.where(m.abs() > tau, -torch.sign(m), 0.0)
         new = (c + step).clamp_(-1, 1)
         return pack_codes((new + 1).to(torch.uint8), 2), new != c
