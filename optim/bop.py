@@ -100,23 +100,26 @@ def code_step(values, transition, bits: int, data, g_w, s, m, noise, gamma: floa
     return data, m, (g_w * c).sum(dim=1, keepdim=True) * s
 
 
-_COMPILED: list = []
+_COMPILED: dict = {}
 
 
 def _compiled_step():
-    """`code_step` compiled (one compilation per optimizer rule, shape class and (gamma, tau));
-    a call past torch's recompile limit (many groups of their own gamma) runs `code_step` eagerly."""
-    if not _COMPILED:
-        compiled = torch.compile(code_step, fullgraph=True)
-        over_limit = (torch._dynamo.exc.FailOnRecompileLimitHit, torch._dynamo.exc.Unsupported)
+    """`code_step` compiled, one compiled function per optimizer rule (its ``values``,
+    ``transition`` and ``bits`` constants of that function, never symbolic); a call past torch's
+    recompile limit (many groups of their own gamma) runs `code_step` eagerly."""
+    return _call_compiled
 
-        def call(*args):
-            try:
-                return compiled(*args)
-            except over_limit:  # raised before the function ran: nothing to undo
-                return code_step(*args)
-        _COMPILED.append(call)
-    return _COMPILED[0]
+
+def _call_compiled(values, transition, bits, *args):
+    key = (values, transition, bits)
+    if key not in _COMPILED:
+        def rule_step(data, g_w, s, m, noise, gamma, tau):
+            return code_step(values, transition, bits, data, g_w, s, m, noise, gamma, tau)
+        _COMPILED[key] = torch.compile(rule_step, fullgraph=True)
+    try:
+        return _COMPILED[key](*args)
+    except (torch._dynamo.exc.FailOnRecompileLimitHit, torch._dynamo.exc.Unsupported):
+        return code_step(values, transition, bits, *args)  # raised before the function ran: nothing to undo
 
 
 class _CodeMomentumOptimizer(TargetOptimizer):
