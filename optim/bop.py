@@ -84,7 +84,7 @@ def code_step(values, transition, bits: int, data, g_w, s, m, noise, gamma: floa
     ``s`` (G, 1) scales, ``m`` the stored momentum (fp32, or bf16 with ``noise``: U[0, 1) draws
     shaped like it for its stochastic rounding), ``values`` / ``transition`` the optimizer's rule.
 
-    One function of tensors and constants, so that on CUDA it runs compiled (`_compiled_step`): the
+    One function of tensors and constants, so that on CUDA it runs compiled (`_compiled_step`, per rule): the
     unpacking, the momentum, the transition, the packing, the rounding and the scale's gradient in
     a few fused kernels instead of ~70 launches a layer. Compiled and eager compute the same ops;
     the fused kernels may round the fp32 momentum's ``lerp`` and the scale gradient's sum differently
@@ -103,23 +103,19 @@ def code_step(values, transition, bits: int, data, g_w, s, m, noise, gamma: floa
 _COMPILED: dict = {}
 
 
-def _compiled_step():
-    """`code_step` compiled, one compiled function per optimizer rule (its ``values``,
-    ``transition`` and ``bits`` constants of that function, never symbolic); a call past torch's
-    recompile limit (many groups of their own gamma) runs `code_step` eagerly."""
-    return _call_compiled
+def _compiled_step(rule):
+    """``rule`` (a class's `_rule`: `code_step` with its constants) compiled, one compiled function
+    per rule; a call past torch's recompile limit (many groups of their own gamma) runs it eagerly."""
+    if rule not in _COMPILED:
+        compiled = torch.compile(rule, fullgraph=True)
 
-
-def _call_compiled(values, transition, bits, *args):
-    key = (values, transition, bits)
-    if key not in _COMPILED:
-        def rule_step(data, g_w, s, m, noise, gamma, tau):
-            return code_step(values, transition, bits, data, g_w, s, m, noise, gamma, tau)
-        _COMPILED[key] = torch.compile(rule_step, fullgraph=True)
-    try:
-        return _COMPILED[key](*args)
-    except (torch._dynamo.exc.FailOnRecompileLimitHit, torch._dynamo.exc.Unsupported):
-        return code_step(values, transition, bits, *args)  # raised before the function ran: nothing to undo
+        def call(*args):
+            try:
+                return compiled(*args)
+            except (torch._dynamo.exc.FailOnRecompileLimitHit, torch._dynamo.exc.Unsupported):
+                return rule(*args)  # raised before the function ran: nothing to undo
+        _COMPILED[rule] = call
+    return _COMPILED[rule]
 
 
 class _CodeMomentumOptimizer(TargetOptimizer):
@@ -170,6 +166,13 @@ class _CodeMomentumOptimizer(TargetOptimizer):
     def _transition(data, codes, c, m, tau):
         """(new packed data, mask of moved weights or None)."""
 
+    @staticmethod
+    @abc.abstractmethod
+    def _rule(data, g_w, s, m, noise, gamma, tau):
+        """`code_step` with this class's `_values`, `_transition` and `bits` written in: a function
+        of its own per class, so that a compiled one holds them as constants (a function shared by
+        the rules would see ``bits`` change between calls and make it symbolic)."""
+
     def _init_state(self, group: dict, layer, st: dict) -> None:
         q = layer.native_weight
         groups = to_groups(torch.empty(q.shape, device="meta"), q.fmt)[1]
@@ -187,9 +190,8 @@ class _CodeMomentumOptimizer(TargetOptimizer):
         noise = None
         if group["momentum_dtype"] != "fp32":  # drawn as optim.moments.store draws them
             noise = uniform_like(m, self._noise(g_w.device, index, st["calls"]))
-        step = _compiled_step() if g_w.is_cuda else code_step
-        data, st["momentum"], dlog_s = step(self._values, self._transition, self.bits, q.data, g_w, s, m, noise,
-                                            group["gamma"], group["threshold"])
+        step = _compiled_step(self._rule) if g_w.is_cuda else self._rule
+        data, st["momentum"], dlog_s = step(q.data, g_w, s, m, noise, group["gamma"], group["threshold"])
         s_new = self._scale_step(group, st, s, dlog_s)
         scale = s_new.reshape(q.scale.shape).to(q.scale.dtype)
         return QTensor(data, scale, q.global_scale, q.fmt, q.shape, q.padded_last)
@@ -232,6 +234,10 @@ class Bop(_CodeMomentumOptimizer):
         flip = (m.abs() > tau) & (m * c > 0)
         return data ^ pack_codes(flip, 1).reshape(data.shape), None  # flipping a sign is flipping its bit
 
+    @staticmethod
+    def _rule(data, g_w, s, m, noise, gamma, tau):
+        return code_step(Bop._values, Bop._transition, 1, data, g_w, s, m, noise, gamma, tau)
+
 
 class TernaryBop(_CodeMomentumOptimizer):
     """Latent-free ternary rule (momentum-driven -1 <-> 0 <-> +1 steps); math in the module doc.
@@ -249,6 +255,10 @@ class TernaryBop(_CodeMomentumOptimizer):
         step = torch.where(m.abs() > tau, -torch.sign(m), 0.0)
         new = (c + step).clamp_(-1, 1)
         return pack_codes((new + 1).to(torch.uint8), 2), new != c
+
+    @staticmethod
+    def _rule(data, g_w, s, m, noise, gamma, tau):
+        return code_step(TernaryBop._values, TernaryBop._transition, 2, data, g_w, s, m, noise, gamma, tau)
 
 
 __all__ = ["MOMENTUM_DTYPES", "Bop", "TernaryBop"]
