@@ -101,13 +101,14 @@ def code_step(values, transition, bits: int, data, g_w, s, m, noise, gamma: floa
 
 
 _COMPILED: dict = {}
+BACKEND = "inductor"  # the compiler backend of the compiled rules
 
 
 def _compiled_step(rule):
     """``rule`` (a class's `_rule`: `code_step` with its constants) compiled, one compiled function
     per rule; a call past torch's recompile limit (many groups of their own gamma) runs it eagerly."""
     if rule not in _COMPILED:
-        compiled = torch.compile(rule, fullgraph=True)
+        compiled = torch.compile(rule, fullgraph=True, backend=BACKEND)
 
         def call(*args):
             try:

@@ -221,6 +221,49 @@ def test_update_equals_the_rule_with_stored_bf16_momentum(kind, cls):
     assert moved > 0  # the steps moved codes: the transitions were exercised
 
 
+def test_compiled_rules_trace_whole_and_equal_eager(monkeypatch):
+    """Each rule's update traces as one graph (fullgraph) with its constants, Bop and TernaryBop
+    and both momentum dtypes in one process, layers of three shapes: under `aot_eager` (the traced
+    ATen ops run as they are) the codes, momenta and scales equal the eager update's bit for bit."""
+    import copy
+
+    import torch._dynamo
+
+    import optim.bop
+
+    torch._dynamo.reset()
+    traced = []
+
+    def counting(gm, example_inputs):  # aot_eager, counting the graphs (a graph break would fall back to eager)
+        traced.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+    monkeypatch.setattr(optim.bop, "BACKEND", counting)
+    monkeypatch.setattr(optim.bop, "_COMPILED", {})
+    for kind, cls in [("binary", optim.Bop), ("ternary", optim.TernaryBop)]:
+        for momentum_dtype in ("bf16", "fp32"):
+            layers = [native_layer(kind, 32, 64), native_layer(kind, 48, 128, seed=1), native_layer(kind, 16, 256, 2)]
+            twins = copy.deepcopy(layers)
+            opts = [cls(ls, gamma=0.3, threshold=2e-3, lr=1e-3, momentum_dtype=momentum_dtype, seed=5)
+                    for ls in (layers, twins)]
+            gen = torch.Generator().manual_seed(0)
+            for _ in range(2):
+                for a, b in zip(layers, twins):
+                    a.native_grad = torch.randn(a.native_weight.shape, generator=gen) * 0.1
+                    b.native_grad = a.native_grad.clone()
+                with monkeypatch.context() as mp:  # the compiled path, on the CPU
+                    mp.setattr(opts[0], "_rule", optim.bop._compiled_step(cls._rule))
+                    opts[0].step()
+                opts[1].step()
+                for a, b in zip(layers, twins):
+                    assert torch.equal(a.native_weight.data, b.native_weight.data)
+                    assert torch.equal(a.native_weight.scale, b.native_weight.scale)
+                    assert torch.equal(opts[0].state[a]["momentum"], opts[1].state[b]["momentum"])
+        assert traced, cls  # this rule's update ran compiled
+        traced.clear()
+    assert len(optim.bop._COMPILED) == 2
+    torch._dynamo.reset()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind,cls", [("binary", optim.Bop), ("ternary", optim.TernaryBop)])
 @pytest.mark.parametrize("momentum_dtype", ["bf16", "fp32"])
