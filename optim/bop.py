@@ -184,7 +184,7 @@ class _CodeMomentumOptimizer(TargetOptimizer):
 
     def _update(self, group: dict, layer, grad: torch.Tensor, index: int) -> QTensor:
         q = layer.native_weight
-        g_w, groups = to_groups(grad, q.fmt)  # (G, N) fp32, block padding zero
+        g_w, _ = to_groups(grad, q.fmt)  # (G, N) fp32, block padding zero
         s = q.group_scales()  # (G, 1)
         st = self.state[layer]
         m = st["momentum"].reshape(g_w.shape)  # as optim.moments.store wrote it: fp32, or bf16
@@ -237,7 +237,7 @@ class Bop(_CodeMomentumOptimizer):
 
     @staticmethod
     def _rule(data, g_w, s, m, noise, gamma, tau):
-        return code_step(Bop._values, Bop._transition, 1, data, g_w, s, m, noise, gamma, tau)
+        return code_step(Bop._values, Bop._transition, Bop.bits, data, g_w, s, m, noise, gamma, tau)
 
 
 class TernaryBop(_CodeMomentumOptimizer):
@@ -259,7 +259,8 @@ class TernaryBop(_CodeMomentumOptimizer):
 
     @staticmethod
     def _rule(data, g_w, s, m, noise, gamma, tau):
-        return code_step(TernaryBop._values, TernaryBop._transition, 2, data, g_w, s, m, noise, gamma, tau)
+        return code_step(TernaryBop._values, TernaryBop._transition, TernaryBop.bits, data, g_w, s, m, noise, gamma,
+                         tau)
 
 
 __all__ = ["MOMENTUM_DTYPES", "Bop", "TernaryBop"]

@@ -279,7 +279,8 @@ def test_compiled_update_on_cuda_equals_eager(kind, cls, momentum_dtype):
 
     layers = [native_layer(kind, 32, 64).cuda(), native_layer(kind, 48, 128, seed=1).cuda()]
     twins = copy.deepcopy(layers)
-    opts = [cls(ls, gamma=0.3, threshold=2e-3, lr=1e-3, momentum_dtype=momentum_dtype, seed=5) for ls in (layers, twins)]
+    opts = [cls(ls, gamma=0.3, threshold=2e-3, lr=1e-3, momentum_dtype=momentum_dtype, seed=5)
+            for ls in (layers, twins)]
     gen = torch.Generator(device="cuda").manual_seed(0)
     for _ in range(3):
         for a, b in zip(layers, twins):
@@ -296,4 +297,5 @@ def test_compiled_update_on_cuda_equals_eager(kind, cls, momentum_dtype):
             diff = (ma - mb).abs()
             assert (diff <= tol * torch.maximum(ma.abs(), mb.abs())).all()
             assert (diff > 0).float().mean() < 0.01  # neighbours at a few elements, not a different rule
-            torch.testing.assert_close(a.native_weight.group_scales(), b.native_weight.group_scales(), rtol=1e-5, atol=0)
+            torch.testing.assert_close(a.native_weight.group_scales(), b.native_weight.group_scales(),
+                                       rtol=1e-5, atol=0)
