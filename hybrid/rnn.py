@@ -76,20 +76,25 @@ from lowprec.cuda_graphs import GraphCache
 from .config import CHUNK_POOLS
 
 
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
 class LinearGemms:
     """A plain `nn.Linear` `hh` (no bias) in the protocol of `lowprec.gemm.RecurrentGemms`, which
-    `LSTMRecurrence` calls: weights = (W,), `fprop(x, weights) -> (x Wᵀ, saved)`,
-    `dgrad(dy, weights, saved, need_dx) -> dy W`, `wgrad(dy, x, weights) -> (dyᵀ x,)`,
+    `LSTMRecurrence` calls: weights = (W,), `fprop(x, weights, a) -> (x Wᵀ, saved)`,
+    `dgrad(dy, weights, saved, need_dx, g) -> dy W`, `wgrad(dy, x, weights) -> (dyᵀ x,)`,
     `fprop_saved(weights, rows, device)` (a step's `saved`, derived again), `end_forward()` (after
-    the forward loop), `grad_slots`, `stateless`, `recording`, `input_cast`, `grad_cast`."""
+    the forward loop), `grad_slots`, `stateless`, `recording`, `input_cast`, `grad_cast`,
+    `operand_is_input`."""
 
     @staticmethod
     def fprop(x, weights, a=None):
-        return F.linear(x, weights[0]), ()
+        return F.linear(x if a is None else a, weights[0]), ()
 
     @staticmethod
     def dgrad(dy, weights, saved, need_dx=True, g=None):
-        return dy @ weights[0] if need_dx else None
+        return (dy if g is None else g) @ weights[0] if need_dx else None
 
     @staticmethod
     def wgrad(dy, x, weights):
@@ -98,7 +103,10 @@ class LinearGemms:
     grad_slots = (0,)  # the weights wgrad returns a gradient for
     stateless = True  # no state that a step updates (the compiled operators need that)
     recording = False  # no telemetry recorded at each step (CUDA graphs would not replay it)
-    input_cast = grad_cast = None  # the GEMMs take x and dy as they are
+    # The GEMMs take x and dy as they are, in the activation dtype: a cell computes that cast in
+    # its own kernel, and the loops use it as the step's input and gradient (operand_is_input).
+    input_cast = grad_cast = staticmethod(_same)
+    operand_is_input = True  # input_cast(x) IS x in the activation dtype (a quantized layer's is not)
 
     @staticmethod
     def fprop_saved(weights, rows, device):
@@ -201,9 +209,10 @@ def _recurrence_forward(gx, h, c, valid, ad, gemms, weights, fused: bool = False
     cell = _cells(fused)[0]
     cast = gemms.input_cast  # each step's GEMM input operand, computed by the step before (its cell)
     a = None if cast is None else cast(h.to(ad))
+    same = getattr(gemms, "operand_is_input", False) and a is not None  # the operand is h in ad itself
     hs_prev, cs_prev, acts, tanh_cs, ys, saved = [], [], [], [], [], []
     for t, gx_t in enumerate(gx.unbind(1)):
-        h_in = h.to(ad)
+        h_in = a if same else h.to(ad)
         hh_t, saved_t = gemms.fprop(h_in, weights, a)
         hs_prev.append(h_in)
         cs_prev.append(c)
@@ -227,23 +236,27 @@ def _recurrence_backward(dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, gem
     (B, d), ad = cs_prev.shape[1:], hs_prev.dtype
     cell_backward = _cells(fused)[1]
     cast = gemms.grad_cast  # dgrad's operand of da_t, computed by the cell
+    same = getattr(gemms, "operand_is_input", False) and cast is not None  # that operand is da_t in ad itself
+    sd = dh.dtype
     das = [None] * T
     for t in range(T - 1, -1, -1):
+        # dh enters each step in ad, as dgrad returned it: the cell's first op, dh + dy_t, adds it in
+        # the state dtype (an exact widening, the same sum as casting it first)
         das[t], dc, dh_held, dc_held, g = cell_backward(dh, dc, dy[:, t], acts[t], tanh_cs[t], cs_prev[t],
                                                         None if valid is None else valid[t], ad, cast)
         saved_t = saved[t * n_saved:(t + 1) * n_saved]
         if t == 0 and not need_state:
             if need_w:  # h_0, c_0 need no gradient: no last dgrad (the step's record still made)
-                gemms.dgrad(das[t].to(ad), weights, saved_t, need_dx=False)
+                gemms.dgrad(g if same else das[t].to(ad), weights, saved_t, need_dx=False)
             break
-        dh = gemms.dgrad(das[t].to(ad), weights, saved_t, g=g).to(dh.dtype)
+        dh = gemms.dgrad(g if same else das[t].to(ad), weights, saved_t, g=g)
         if valid is not None:
             dh, dc = dh + dh_held, dc + dc_held
     da = torch.stack(das, dim=1)  # (B, T, 4d)
     dws = (None,) * len(weights)
     if need_w:  # one GEMM over all T·B rows
         dws = gemms.wgrad(da.transpose(0, 1).reshape(T * B, -1).to(ad), hs_prev.reshape(T * B, d), weights)
-    return da, dh, dc, dws
+    return da, dh.to(sd), dc, dws
 
 
 def _plan_of(gemms):

@@ -69,6 +69,30 @@ def test_recurrence_equals_per_step_autograd(held):
         assert torch.equal(out_f[1], out_f[0][:, 5]) and torch.equal(out_f[0][:, 5:], out_f[0][:, 5:6].expand(-1, 4, -1))
 
 
+@pytest.mark.parametrize("held", [False, True])
+def test_bf16_recurrence_equals_per_step_autograd(held):
+    """bf16 activations, fp32 state (a bf16 model): each step's GEMM takes h in bf16 and returns
+    dh in bf16, which the recurrence carries into the next step's cell as it is (the cell widens it
+    to fp32, exactly) where autograd casts it first: outputs and the gradients of x, h_0, c_0, ih
+    and norm are still bit-identical; hh's gradient is one GEMM instead of T summed in bf16, so it
+    is compared within bf16's precision (each per-step sum rounds to 8 bits: rtol 2^-5 over T = 9)."""
+    d, T, B = 16, 9, 3
+    fused, per_step = layer_pair(d, torch.bfloat16)
+    x = torch.randn(B, T, d, dtype=torch.bfloat16, requires_grad=True)
+    h0 = torch.randn(B, d, requires_grad=True)
+    c0 = torch.randn(B, d, requires_grad=True)
+    valid = torch.arange(T) < 6 if held else None
+    (out_f, grads_f), (out_p, grads_p) = run(fused, x, h0, c0, valid), run(per_step, x, h0, c0, valid)
+    for a, b in zip(out_f, out_p, strict=True):
+        assert torch.equal(a, b)
+    names = ["x", "h0", "c0", *(n for n, _ in fused.named_parameters())]
+    for name, a, b in zip(names, grads_f, grads_p, strict=True):
+        if name == "hh.weight":
+            torch.testing.assert_close(a.float(), b.float(), rtol=2.0**-5, atol=2.0**-5 * b.float().abs().max().item())
+        else:
+            assert torch.equal(a, b), name
+
+
 def test_weight_gradient_is_one_gemm():
     """Backward runs T dgrad GEMMs (one per step, sequential) and ONE weight-gradient GEMM, where
     per-step autograd runs T of each."""
@@ -368,6 +392,45 @@ def test_the_cells_compute_the_next_gemm_operand(fmt, fused, device):
         results.append([*fwd[:7], da, dh0, dc0, dws[0]])
     for i, (a, b) in enumerate(zip(*results, strict=True)):
         assert torch.equal(a, b), i
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager-cells", "compiled-cells"])
+def test_plain_linear_steps_take_their_casts_from_the_cells(fused, device):
+    """A plain bf16 `hh` (bf16 activations, fp32 state): each step's cell also writes h_t and da_t
+    in bf16, which the loops use as the GEMMs' operands and as the saved h_{t-1} (no cast of their
+    own), and dgrad's bf16 dh enters the next cell as it is. Every output, saved tensor and gradient
+    is bit-identical to the loop that casts h, da and dh itself (dh widened to fp32 before the
+    cell), with the cells eager and compiled."""
+    from hybrid.rnn import LinearGemms, _recurrence_backward, _recurrence_forward
+
+    cpu = device.type == "cpu"
+    if fused and cpu and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
+        pytest.skip("compiling the cells on the CPU needs a C++ compiler")
+
+    class CastsItself(LinearGemms):
+        input_cast = grad_cast = None
+        operand_is_input = False
+
+        @staticmethod
+        def dgrad(dy, weights, saved, need_dx=True, g=None):
+            return (dy @ weights[0]).float() if need_dx else None
+
+    torch.manual_seed(0)
+    d, T, B = 16, 6, 3
+    weights = (torch.randn(4 * d, d, device=device).to(torch.bfloat16),)
+    gx, h, c = (torch.randn(*shape, device=device) for shape in ((B, T, 4 * d), (B, d), (B, d)))
+    dy, dh, dc = (torch.randn(*shape, device=device) for shape in ((B, T, d), (B, d), (B, d)))
+    for valid in (None, torch.arange(T, device=device) < 4):
+        results = []
+        for gemms in (LinearGemms(), CastsItself()):
+            fwd = _recurrence_forward(gx, h, c, valid, torch.bfloat16, gemms, weights, fused)
+            hs_prev, cs_prev, acts, tanh_cs, saved = fwd[3:]
+            da, dh0, dc0, dws = _recurrence_backward(dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, gemms,
+                                                     weights, saved, need_state=True, need_w=True, fused=fused)
+            results.append([*fwd[:7], da, dh0, dc0, dws[0]])
+        assert results[0][8].dtype == torch.float32  # dh_0 in the state dtype
+        for i, (a, b) in enumerate(zip(*results, strict=True)):
+            assert torch.equal(a, b), i
 
 
 def test_compiled_cells_take_more_variants_than_the_recompile_limit():
