@@ -43,7 +43,9 @@ autograd adds the T weight gradients.
 Execution on CUDA: each loop (forward, backward) is replayed as one CUDA graph from its second call
 on (`LSTMLayer.graphs_for`, `lowprec.cuda_graphs.GraphCache`), instead of launching every step's
 kernels from Python; under `torch.compile` each step's cell runs as one compiled kernel, which also
-casts its output to the next GEMM's operand where that is a plain cast (`RecurrentGemms.input_cast`).
+casts its output to the next GEMM's operand where that is a plain cast (`RecurrentGemms.input_cast`;
+for a plain `hh`, h_t and da_t in the activation dtype), so a step is its GEMM and its cell, forward
+and backward.
 
 The compressor maps a chunk summary s (B, K, d) to one memory vector per chunk:
 
