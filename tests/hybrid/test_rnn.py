@@ -44,53 +44,38 @@ def run(layer, x, h0, c0, valid, seed=1):
 
 
 @pytest.mark.parametrize("held", [False, True])
-def test_recurrence_equals_per_step_autograd(held):
-    """float64: the forward is the same ops and the backward autograd's kernels in autograd's
-    order, so outputs and the gradients of x, h_0, c_0, ih and norm are bit-identical; hh's weight
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["fp64", "bf16"])
+def test_recurrence_equals_per_step_autograd(dtype, held):
+    """The forward is the same ops and the backward autograd's kernels in autograd's order, so
+    outputs and the gradients of x, h_0, c_0, ih and norm are bit-identical. fp64: hh's weight
     gradient agrees to 1e-12 because it sums its T·B products in one GEMM instead of T GEMMs
-    added up. `held`: steps 6.. hold the state (the chunk-level recurrence's placeholder steps)."""
+    added up. bf16 (a bf16 model: bf16 activations, fp32 state): each step's GEMM takes h in bf16
+    and returns dh in bf16, which the recurrence carries into the next step's cell as it is (the
+    cell widens it, exactly) where autograd casts it first, with the same bits; hh's gradient is
+    one GEMM against T summed in bf16 (each sum rounded to 8 bits: rtol 2^-5 over T = 9).
+    `held`: steps 6.. hold the state (the chunk-level recurrence's placeholder steps)."""
     d, T, B = 16, 9, 3
-    fused, per_step = layer_pair(d, torch.float64)
+    sd = torch.promote_types(dtype, torch.float32)
+    fused, per_step = layer_pair(d, dtype)
     assert fused.hh.__class__ is nn.Linear and per_step.hh.__class__ is PerStep
-    x = torch.randn(B, T, d, dtype=torch.float64, requires_grad=True)
-    h0 = torch.randn(B, d, dtype=torch.float64, requires_grad=True)
-    c0 = torch.randn(B, d, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(B, T, d, dtype=dtype, requires_grad=True)
+    h0 = torch.randn(B, d, dtype=sd, requires_grad=True)
+    c0 = torch.randn(B, d, dtype=sd, requires_grad=True)
     valid = torch.arange(T) < 6 if held else None
     (out_f, grads_f), (out_p, grads_p) = run(fused, x, h0, c0, valid), run(per_step, x, h0, c0, valid)
     for a, b in zip(out_f, out_p, strict=True):
         assert torch.equal(a, b)
     names = ["x", "h0", "c0", *(n for n, _ in fused.named_parameters())]
     for name, a, b in zip(names, grads_f, grads_p, strict=True):
-        if name == "hh.weight":
+        if name != "hh.weight":
+            assert torch.equal(a, b), name
+        elif dtype == torch.float64:
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
         else:
-            assert torch.equal(a, b), name
-    if held:
-        assert torch.equal(out_f[1], out_f[0][:, 5]) and torch.equal(out_f[0][:, 5:], out_f[0][:, 5:6].expand(-1, 4, -1))
-
-
-@pytest.mark.parametrize("held", [False, True])
-def test_bf16_recurrence_equals_per_step_autograd(held):
-    """bf16 activations, fp32 state (a bf16 model): each step's GEMM takes h in bf16 and returns
-    dh in bf16, which the recurrence carries into the next step's cell as it is (the cell widens it
-    to fp32, exactly) where autograd casts it first: outputs and the gradients of x, h_0, c_0, ih
-    and norm are still bit-identical; hh's gradient is one GEMM instead of T summed in bf16, so it
-    is compared within bf16's precision (each per-step sum rounds to 8 bits: rtol 2^-5 over T = 9)."""
-    d, T, B = 16, 9, 3
-    fused, per_step = layer_pair(d, torch.bfloat16)
-    x = torch.randn(B, T, d, dtype=torch.bfloat16, requires_grad=True)
-    h0 = torch.randn(B, d, requires_grad=True)
-    c0 = torch.randn(B, d, requires_grad=True)
-    valid = torch.arange(T) < 6 if held else None
-    (out_f, grads_f), (out_p, grads_p) = run(fused, x, h0, c0, valid), run(per_step, x, h0, c0, valid)
-    for a, b in zip(out_f, out_p, strict=True):
-        assert torch.equal(a, b)
-    names = ["x", "h0", "c0", *(n for n, _ in fused.named_parameters())]
-    for name, a, b in zip(names, grads_f, grads_p, strict=True):
-        if name == "hh.weight":
             torch.testing.assert_close(a.float(), b.float(), rtol=2.0**-5, atol=2.0**-5 * b.float().abs().max().item())
-        else:
-            assert torch.equal(a, b), name
+    if held:
+        assert torch.equal(out_f[1].to(dtype), out_f[0][:, 5])  # y is h in the activation dtype
+        assert torch.equal(out_f[0][:, 5:], out_f[0][:, 5:6].expand(-1, 4, -1))
 
 
 def test_weight_gradient_is_one_gemm():
