@@ -211,7 +211,7 @@ def _recurrence_forward(gx, h, c, valid, ad, gemms, weights, fused: bool = False
     cell = _cells(fused)[0]
     cast = gemms.input_cast  # each step's GEMM input operand, computed by the step before (its cell)
     a = None if cast is None else cast(h.to(ad))
-    same = getattr(gemms, "operand_is_input", False) and a is not None  # the operand is h in ad itself
+    same = gemms.operand_is_input and a is not None  # the operand is h in ad itself
     hs_prev, cs_prev, acts, tanh_cs, ys, saved = [], [], [], [], [], []
     for t, gx_t in enumerate(gx.unbind(1)):
         h_in = a if same else h.to(ad)
@@ -238,7 +238,7 @@ def _recurrence_backward(dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, gem
     (B, d), ad = cs_prev.shape[1:], hs_prev.dtype
     cell_backward = _cells(fused)[1]
     cast = gemms.grad_cast  # dgrad's operand of da_t, computed by the cell
-    same = getattr(gemms, "operand_is_input", False) and cast is not None  # that operand is da_t in ad itself
+    same = gemms.operand_is_input and cast is not None  # that operand is da_t in ad itself
     sd = dh.dtype
     das = [None] * T
     for t in range(T - 1, -1, -1):

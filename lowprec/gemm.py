@@ -268,6 +268,9 @@ class RecurrentGemms:
     # the same for fprop's weight operand where dgrad does not take it (no step's ``saved`` holds
     # it then), from the first step of a forward loop to ``end_forward``
     _held_fprop: list = field(default_factory=list, repr=False)
+    # input_cast(x) / grad_cast(dy) are operands in the plan's formats, not x and dy themselves (as a
+    # plain nn.Linear's are): a recurrence keeps x and dy apart from them
+    operand_is_input = False
 
     @property
     def native(self) -> bool:
