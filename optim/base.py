@@ -192,11 +192,17 @@ class TargetOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
                 loss = closure()
         skip = None if found_inf is None else found_inf.reshape(()) > 0
         for group in self.param_groups:
-            for t in (*group["layers"], *group["tensors"]):
-                grad = self._grad_of(t)
-                if grad is not None:
-                    self._apply(group, t, grad, self._index[id(t)], skip)
+            items = [(t, g, self._index[id(t)]) for t in (*group["layers"], *group["tensors"])
+                     if (g := self._grad_of(t)) is not None]
+            if items:
+                self._step_group(group, items, skip)
         return loss
+
+    def _step_group(self, group: dict, items: list, skip: torch.Tensor | None) -> None:
+        """Update the ``(target, grad, index)`` of one group that have a gradient, one by one (a
+        subclass may update them together: the result must be the same)."""
+        for t, grad, index in items:
+            self._apply(group, t, grad, index, skip)
 
     @torch.no_grad()
     def update_now(self, target, grad: torch.Tensor) -> None:
@@ -209,6 +215,13 @@ class TargetOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
     def _apply(self, group: dict, target, grad: torch.Tensor, index: int, skip: torch.Tensor | None = None) -> None:
         """Run ``_update`` and write its result; where ``skip`` (a 0-d bool tensor) is set, keep
         the old weight and state tensors instead."""
+        st, old = self._begin(group, target)
+        st["step"] = st["step"] + 1
+        self._commit(target, st, old, self._update(group, target, local(grad), index), skip)
+
+    def _begin(self, group: dict, target) -> tuple[dict, dict]:
+        """The state of ``target`` (made on its first update), its entries before this update, and
+        ``calls`` counted; ``step`` is the caller's to advance."""
         st = self.state[target]
         device = self._device_of(target)
         if not st:
@@ -218,8 +231,10 @@ class TargetOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
             st["step"], st["calls"] = torch.full((), float(st["step"]), device=device), st.get("calls", st["step"])
         old = dict(st)
         st["calls"] += 1
-        st["step"] = st["step"] + 1
-        new = self._update(group, target, local(grad), index)
+        return st, old
+
+    def _commit(self, target, st: dict, old: dict, new, skip: torch.Tensor | None) -> None:
+        """Write the new weight ``new``; where ``skip`` is set, keep ``old``'s state tensors and weight."""
         native = isinstance(target, nn.Module)
         if skip is not None:
             for k, v in st.items():

@@ -71,7 +71,7 @@ from lowprec.qtensor import QTensor
 from lowprec.rounding import round_float_grid, uniform_like
 from lowprec.scaling import ABSMEAN_EPS, to_groups
 
-from .base import TargetOptimizer, check_betas, describe_target, is_native_layer
+from .base import TargetOptimizer, check_betas, describe_target, is_native_layer, local
 from .moments import check_moment_dtype, store_zeros
 
 MOMENTUM_DTYPES = ("fp32", "bf16")
@@ -84,7 +84,7 @@ def code_step(values, transition, bits: int, data, g_w, s, m, noise, gamma: floa
     ``s`` (G, 1) scales, ``m`` the stored momentum (fp32, or bf16 with ``noise``: U[0, 1) draws
     shaped like it for its stochastic rounding), ``values`` / ``transition`` the optimizer's rule.
 
-    One function of tensors and constants, so that on CUDA it runs compiled (`_compiled_step`, per rule): the
+    One function of tensors and constants, so that on CUDA it runs compiled (`_compiled_layers`, per rule): the
     unpacking, the momentum, the transition, the packing, the rounding and the scale's gradient in
     a few fused kernels instead of ~70 launches a layer. Compiled and eager compute the same ops;
     the fused kernels may round the fp32 momentum's ``lerp`` and the scale gradient's sum differently
@@ -100,23 +100,53 @@ def code_step(values, transition, bits: int, data, g_w, s, m, noise, gamma: floa
     return data, m, (g_w * c).sum(dim=1, keepdim=True) * s
 
 
+def scale_step(s, dlog_s, t, exp_avg, exp_avg_sq, lr, b1: float, b2: float, eps: float):
+    """Adam on ``log s`` (torch.optim.Adam's arithmetic) from ``dL/dlog s = s dL/ds``, floored at 1e-5
+    -> (new scales, new first moment, new second moment). ``t``: the 0-d step tensor counting this
+    update; ``lr`` a float or a 0-d float64 tensor (the same arithmetic)."""
+    t = t.double()
+    m = exp_avg.lerp(dlog_s, 1 - b1)
+    v = exp_avg_sq.mul(b2).addcmul_(dlog_s, dlog_s, value=1 - b2)
+    denom = (v.sqrt() / (1 - b2**t) ** 0.5).add_(eps)
+    # exp(log s - step) written as s * exp(-step): exact when the step is 0 (lr = 0)
+    return (s * torch.exp(m / denom * (-lr / (1 - b1**t)))).clamp_(min=ABSMEAN_EPS), m, v
+
+
+def layers_step(rule, layers, lr, gamma: float, tau: float, b1: float, b2: float, eps: float):
+    """One update of every layer of a param group: ``layers`` a list of ``(packed data, g_w, s, m,
+    noise, step, scale_exp_avg, scale_exp_avg_sq)`` (`code_step`'s operands, the step counting this
+    update, the scale's Adam moments) -> a list of ``(data, momentum, scales, scale_exp_avg,
+    scale_exp_avg_sq)``. ``rule``: a class's `_rule`."""
+    out = []
+    for data, g_w, s, m, noise, t, exp_avg, exp_avg_sq in layers:
+        data, m, dlog_s = rule(data, g_w, s, m, noise, gamma, tau)
+        out.append((data, m, *scale_step(s, dlog_s, t, exp_avg, exp_avg_sq, lr, b1, b2, eps)))
+    return out
+
+
 _COMPILED: dict = {}
-BACKEND = "inductor"  # the compiler backend of the compiled rules
+BACKEND = "inductor"  # the compiler backend of the compiled updates
+COMPILE_ON = ("cuda",)  # the device types whose updates run compiled
 
 
-def _compiled_step(rule):
-    """``rule`` (a class's `_rule`: `code_step` with its constants) compiled, one compiled function
-    per rule; a call past torch's recompile limit (many groups of their own gamma) runs it eagerly."""
-    if rule not in _COMPILED:
-        compiled = torch.compile(rule, fullgraph=True, backend=BACKEND)
+def _compiled_layers(rule, gamma: float, tau: float, b1: float, b2: float, eps: float):
+    """`layers_step` of ``rule`` compiled whole (one graph for a group's layers: a few fused
+    kernels a layer, launched from one call), with the group's constants written in (one compiled
+    function per rule and constants; ``lr``, which schedules move, stays an input). A call past
+    torch's recompile limit (many groups, or groups of new shapes) runs it eagerly."""
+    key = (rule, gamma, tau, b1, b2, eps)
+    if key not in _COMPILED:
+        def step(layers, lr):
+            return layers_step(rule, layers, lr, gamma, tau, b1, b2, eps)
+        compiled = torch.compile(step, fullgraph=True, backend=BACKEND)
 
         def call(*args):
             try:
                 return compiled(*args)
             except (torch._dynamo.exc.FailOnRecompileLimitHit, torch._dynamo.exc.Unsupported):
-                return rule(*args)  # raised before the function ran: nothing to undo
-        _COMPILED[rule] = call
-    return _COMPILED[rule]
+                return step(*args)  # raised before the function ran: nothing to undo
+        _COMPILED[key] = call
+    return _COMPILED[key]
 
 
 class _CodeMomentumOptimizer(TargetOptimizer):
@@ -182,33 +212,47 @@ class _CodeMomentumOptimizer(TargetOptimizer):
         st["scale_exp_avg"] = torch.zeros_like(s)
         st["scale_exp_avg_sq"] = torch.zeros_like(s)
 
-    def _update(self, group: dict, layer, grad: torch.Tensor, index: int) -> QTensor:
-        q = layer.native_weight
-        g_w, _ = to_groups(grad, q.fmt)  # (G, N) fp32, block padding zero
-        s = q.group_scales()  # (G, 1)
-        st = self.state[layer]
-        m = st["momentum"].reshape(g_w.shape)  # as optim.moments.store wrote it: fp32, or bf16
-        noise = None
-        if group["momentum_dtype"] != "fp32":  # drawn as optim.moments.store draws them
-            noise = uniform_like(m, self._noise(g_w.device, index, st["calls"]))
-        step = _compiled_step(self._rule) if g_w.is_cuda else self._rule
-        data, st["momentum"], dlog_s = step(q.data, g_w, s, m, noise, group["gamma"], group["threshold"])
-        s_new = self._scale_step(group, st, s, dlog_s)
-        scale = s_new.reshape(q.scale.shape).to(q.scale.dtype)
-        return QTensor(data, scale, q.global_scale, q.fmt, q.shape, q.padded_last)
+    def _step_group(self, group: dict, items: list, skip: torch.Tensor | None) -> None:
+        """Every layer of the group in one `layers_step` (one compiled call on CUDA)."""
+        begun = [self._begin(group, layer) for layer, _, _ in items]
+        for (st, _), t in zip(begun, torch._foreach_add([st["step"] for st, _ in begun], 1)):
+            st["step"] = t
+        new = self._run(group, [(layer, local(grad), index) for layer, grad, index in items])
+        for (layer, _, _), (st, old), q in zip(items, begun, new):
+            self._commit(layer, st, old, q, skip)
 
-    @staticmethod
-    def _scale_step(group: dict, st: dict, s: torch.Tensor, dlog_s: torch.Tensor) -> torch.Tensor:
-        """Adam on ``log s`` (torch.optim.Adam's arithmetic) from ``dL/dlog s = s dL/ds``; floored at 1e-5.
-        The moments are written anew into ``st``; the step counter is the device tensor."""
-        b1, b2 = group["betas"]
-        t = st["step"].double()
-        m = st["scale_exp_avg"].lerp(dlog_s, 1 - b1)
-        v = st["scale_exp_avg_sq"].mul(b2).addcmul_(dlog_s, dlog_s, value=1 - b2)
-        st["scale_exp_avg"], st["scale_exp_avg_sq"] = m, v
-        denom = (v.sqrt() / (1 - b2**t) ** 0.5).add_(group["eps"])
-        # exp(log s - step) written as s * exp(-step): exact when the step is 0 (lr = 0)
-        return (s * torch.exp(m / denom * (-group["lr"] / (1 - b1**t)))).clamp_(min=ABSMEAN_EPS)
+    def _update(self, group: dict, layer, grad: torch.Tensor, index: int) -> QTensor:
+        return self._run(group, [(layer, grad, index)])[0]
+
+    def _run(self, group: dict, items: list) -> list[QTensor]:
+        """`layers_step` over ``(layer, fp32 grad, index)`` (their ``step`` counting this update):
+        new state tensors into the state, the new weights returned."""
+        operands, weights = [], []
+        for layer, grad, index in items:
+            q = layer.native_weight
+            g_w, _ = to_groups(grad, q.fmt)  # (G, N) fp32, block padding zero
+            st = self.state[layer]
+            m = st["momentum"].reshape(g_w.shape)  # as optim.moments.store wrote it: fp32, or bf16
+            noise = None
+            if group["momentum_dtype"] != "fp32":  # drawn as optim.moments.store draws them
+                noise = uniform_like(m, self._noise(g_w.device, index, st["calls"]))
+            operands.append((q.data, g_w, q.group_scales(), m, noise, st["step"], st["scale_exp_avg"],
+                             st["scale_exp_avg_sq"]))
+            weights.append(q)
+        device = operands[0][0].device
+        constants = (group["gamma"], group["threshold"], *group["betas"], group["eps"])
+        if device.type in COMPILE_ON:
+            lr = torch.full((), group["lr"], dtype=torch.float64, device=device)  # an input: schedules move it
+            out = _compiled_layers(self._rule, *constants)(operands, lr)
+        else:
+            out = layers_step(self._rule, operands, group["lr"], *constants)
+        new = []
+        for (layer, _, _), q, (data, m, s, exp_avg, exp_avg_sq) in zip(items, weights, out):
+            st = self.state[layer]
+            st["momentum"], st["scale_exp_avg"], st["scale_exp_avg_sq"] = m, exp_avg, exp_avg_sq
+            new.append(QTensor(data, s.reshape(q.scale.shape).to(q.scale.dtype), q.global_scale, q.fmt, q.shape,
+                               q.padded_last))
+        return new
 
 
 class Bop(_CodeMomentumOptimizer):
