@@ -275,9 +275,10 @@ def test_compiled_rules_trace_whole_and_equal_eager(monkeypatch):
 @pytest.mark.parametrize("kind,cls", [("binary", optim.Bop), ("ternary", optim.TernaryBop)])
 @pytest.mark.parametrize("momentum_dtype", ["bf16", "fp32"])
 def test_compiled_update_on_cuda_equals_eager(kind, cls, momentum_dtype):
-    """On CUDA the update's elementwise part runs compiled (`optim.bop.code_step`): over 3 steps of
+    """On CUDA a group's update runs compiled (`optim.bop.layers_step`, one graph): over 3 steps of
     two layers of different shapes, the codes equal the eager function's exactly, the stored
-    momentum within one bf16 ulp (rtol 2^-7, bf16) / 1e-6 (fp32) and the scales within rtol 1e-5
+    momentum within one bf16 ulp (rtol 2^-7, bf16) / 1e-6 (fp32) of the element or of the layer's
+    largest momentum, and the scales within rtol 1e-5
     (the fused kernels may round the fp32 lerp and the scale gradient's sum differently in the last
     bit; a flip needs |m| to cross tau, which no draw here puts within an ulp of it)."""
     import copy
@@ -302,7 +303,9 @@ def test_compiled_update_on_cuda_equals_eager(kind, cls, momentum_dtype):
             ma, mb = opts[0].state[a]["momentum"].float(), opts[1].state[b]["momentum"].float()
             tol = 2.0**-7 if momentum_dtype == "bf16" else 1e-6  # one bf16 ulp / a few fp32 ulps, relative
             diff = (ma - mb).abs()
-            assert (diff <= tol * torch.maximum(ma.abs(), mb.abs())).all()
+            # relative to each element, and to the layer's largest momentum: a lerp whose result
+            # nears zero cancels, keeping the absolute rounding error of its larger operands
+            assert (diff <= tol * (torch.maximum(ma.abs(), mb.abs()) + ma.abs().max())).all()
             assert (diff > 0).float().mean() < 0.01  # neighbours at a few elements, not a different rule
             torch.testing.assert_close(a.native_weight.group_scales(), b.native_weight.group_scales(),
                                        rtol=1e-5, atol=0)
