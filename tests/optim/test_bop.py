@@ -275,12 +275,14 @@ def test_compiled_rules_trace_whole_and_equal_eager(monkeypatch):
 @pytest.mark.parametrize("kind,cls", [("binary", optim.Bop), ("ternary", optim.TernaryBop)])
 @pytest.mark.parametrize("momentum_dtype", ["bf16", "fp32"])
 def test_compiled_update_on_cuda_equals_eager(kind, cls, momentum_dtype):
-    """On CUDA a group's update runs compiled (`optim.bop.layers_step`, one graph): over 3 steps of
-    two layers of different shapes, the codes equal the eager function's exactly, the stored
+    """On CUDA a group's update runs compiled (`optim.bop.layers_step`, one graph): in each of 3
+    steps of two layers of different shapes, from the same state, the codes equal the eager
+    function's exactly, the stored
     momentum within one bf16 ulp (rtol 2^-7, bf16) / 1e-6 (fp32) of the element or of the layer's
     largest momentum, and the scales within rtol 1e-5
-    (the fused kernels may round the fp32 lerp and the scale gradient's sum differently in the last
-    bit; a flip needs |m| to cross tau, which no draw here puts within an ulp of it)."""
+    (the fused kernels may round the fp32 lerp, the scale gradient's sum and the scale's Adam
+    arithmetic differently in the last bit; a flip needs |m| to cross tau, which no draw here puts
+    within an ulp of it)."""
     import copy
 
     import optim.bop
@@ -306,6 +308,11 @@ def test_compiled_update_on_cuda_equals_eager(kind, cls, momentum_dtype):
             # relative to each element, and to the layer's largest momentum: a lerp whose result
             # nears zero cancels, keeping the absolute rounding error of its larger operands
             assert (diff <= tol * (torch.maximum(ma.abs(), mb.abs()) + ma.abs().max())).all()
-            assert (diff > 0).float().mean() < 0.01  # neighbours at a few elements, not a different rule
+            if momentum_dtype == "bf16":  # an fp32 ulp apart changes the bf16 rounding at a few elements only
+                assert (diff > 0).float().mean() < 0.01  # (fp32: the fused lerp may be an ulp off at most elements)
             torch.testing.assert_close(a.native_weight.group_scales(), b.native_weight.group_scales(),
                                        rtol=1e-5, atol=0)
+            # the next step starts both from the compiled one's result: each step is compared
+            # alone (a scale one ulp apart would shift every momentum of the next step)
+            b.set_native_weight(a.native_weight)
+            opts[1].state[b].update({k: v.clone() for k, v in opts[0].state[a].items() if torch.is_tensor(v)})
