@@ -27,7 +27,8 @@ Skipping on the device. ``step(found_inf=flag)`` (a 0-d tensor from ``LossScaler
 set, the old weight and the old state tensors (``torch.where``): a skipped step leaves the weights,
 moments and ``step`` bit-identical (only ``calls`` moves), and nothing waits for the device to
 decide. Subclasses therefore never change a state tensor in place: ``_update`` reads them, writes new
-ones into the state dict and returns the new weight; :meth:`_apply` commits or keeps.
+ones into the state dict and returns the new weight; :meth:`_apply` commits or keeps. (Bop and
+TernaryBop update a group's layers together and make that choice inside their compiled update.)
 """
 
 from __future__ import annotations
@@ -167,10 +168,11 @@ class TargetOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
     def _init_state(self, group: dict, target, st: dict) -> None:
         """Fill the empty state ``st`` of ``target`` (``step`` and ``calls`` are there already)."""
 
-    @abc.abstractmethod
     def _update(self, group: dict, target, grad: torch.Tensor, index: int):
         """One step of ``target`` from ``grad``: new state tensors into ``self.state[target]`` (whose
-        ``step`` already counts this update), never changed in place; returns the new weight."""
+        ``step`` already counts this update), never changed in place; returns the new weight. (A
+        subclass that updates a group's targets together overrides `_step_group` and `_apply` instead.)"""
+        raise NotImplementedError(f"{type(self).__name__} defines neither _update nor _apply")
 
     def targets(self) -> list:
         """Every target, in group order (the numbering of ``state_dict``)."""

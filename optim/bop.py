@@ -67,7 +67,6 @@ import torch
 import lowprec
 from lowprec.common import check_real
 from lowprec.packing import pack_codes, unpack_codes
-from lowprec.qtensor import QTensor
 from lowprec.rounding import round_float_grid, uniform_like
 from lowprec.scaling import ABSMEAN_EPS, to_groups
 
@@ -112,15 +111,25 @@ def scale_step(s, dlog_s, t, exp_avg, exp_avg_sq, lr, b1: float, b2: float, eps:
     return (s * torch.exp(m / denom * (-lr / (1 - b1**t)))).clamp_(min=ABSMEAN_EPS), m, v
 
 
-def layers_step(rule, layers, lr, gamma: float, tau: float, b1: float, b2: float, eps: float):
-    """One update of every layer of a param group: ``layers`` a list of ``(packed data, g_w, s, m,
-    noise, step, scale_exp_avg, scale_exp_avg_sq)`` (`code_step`'s operands, the step counting this
-    update, the scale's Adam moments) -> a list of ``(data, momentum, scales, scale_exp_avg,
-    scale_exp_avg_sq)``. ``rule``: a class's `_rule`."""
+def layers_step(rule, layers, lr, skip, gamma: float, tau: float, b1: float, b2: float, eps: float):
+    """One update of every layer of a param group: ``layers`` a list of ``(packed data, stored scale,
+    g_w, s, m, noise, step, scale_exp_avg, scale_exp_avg_sq)`` (the weight's storage, `code_step`'s
+    operands, the updates taken so far, the scale's Adam moments): writes each layer's new packed data
+    and stored scale into its storage (in place) and returns a list of its new ``(momentum,
+    scale_exp_avg, scale_exp_avg_sq, step)``; where ``skip`` (a 0-d bool tensor, or None) is set,
+    the old values, bit for bit. ``rule``: a class's `_rule`."""
     out = []
-    for data, g_w, s, m, noise, t, exp_avg, exp_avg_sq in layers:
-        data, m, dlog_s = rule(data, g_w, s, m, noise, gamma, tau)
-        out.append((data, m, *scale_step(s, dlog_s, t, exp_avg, exp_avg_sq, lr, b1, b2, eps)))
+    for data, scale, g_w, s, m, noise, t, exp_avg, exp_avg_sq in layers:
+        t_new = t + 1
+        new_data, new_m, dlog_s = rule(data, g_w, s, m, noise, gamma, tau)
+        new_s, new_avg, new_avg_sq = scale_step(s, dlog_s, t_new, exp_avg, exp_avg_sq, lr, b1, b2, eps)
+        new = (new_data.reshape(data.shape), new_s.reshape(scale.shape).to(scale.dtype), new_m, new_avg, new_avg_sq,
+               t_new)
+        if skip is not None:
+            new = tuple(torch.where(skip, o, n) for o, n in zip((data, scale, m, exp_avg, exp_avg_sq, t), new))
+        data.copy_(new[0])  # compiled, the last kernels write the storage themselves
+        scale.copy_(new[1])
+        out.append(new[2:])
     return out
 
 
@@ -136,8 +145,8 @@ def _compiled_layers(rule, gamma: float, tau: float, b1: float, b2: float, eps: 
     torch's recompile limit (many groups, or groups of new shapes) runs it eagerly."""
     key = (rule, gamma, tau, b1, b2, eps)
     if key not in _COMPILED:
-        def step(layers, lr):
-            return layers_step(rule, layers, lr, gamma, tau, b1, b2, eps)
+        def step(layers, lr, skip):
+            return layers_step(rule, layers, lr, skip, gamma, tau, b1, b2, eps)
         compiled = torch.compile(step, fullgraph=True, backend=BACKEND)
 
         def call(*args):
@@ -213,46 +222,32 @@ class _CodeMomentumOptimizer(TargetOptimizer):
         st["scale_exp_avg_sq"] = torch.zeros_like(s)
 
     def _step_group(self, group: dict, items: list, skip: torch.Tensor | None) -> None:
-        """Every layer of the group in one `layers_step` (one compiled call on CUDA)."""
-        begun = [self._begin(group, layer) for layer, _, _ in items]
-        for (st, _), t in zip(begun, torch._foreach_add([st["step"] for st, _ in begun], 1)):
-            st["step"] = t
-        new = self._run(group, [(layer, local(grad), index) for layer, grad, index in items])
-        for (layer, _, _), (st, old), q in zip(items, begun, new):
-            self._commit(layer, st, old, q, skip)
-
-    def _update(self, group: dict, layer, grad: torch.Tensor, index: int) -> QTensor:
-        return self._run(group, [(layer, grad, index)])[0]
-
-    def _run(self, group: dict, items: list) -> list[QTensor]:
-        """`layers_step` over ``(layer, fp32 grad, index)`` (their ``step`` counting this update):
-        new state tensors into the state, the new weights returned."""
-        operands, weights = [], []
+        """Every layer of the group in one `layers_step` (one compiled call on CUDA), the skip on the
+        device flag inside it; the packed codes and scales written into the layers' storage."""
+        operands = []
         for layer, grad, index in items:
+            st, _ = self._begin(group, layer)
             q = layer.native_weight
-            g_w, _ = to_groups(grad, q.fmt)  # (G, N) fp32, block padding zero
-            st = self.state[layer]
+            g_w, _ = to_groups(local(grad), q.fmt)  # (G, N) fp32, block padding zero
             m = st["momentum"].reshape(g_w.shape)  # as optim.moments.store wrote it: fp32, or bf16
             noise = None
             if group["momentum_dtype"] != "fp32":  # drawn as optim.moments.store draws them
                 noise = uniform_like(m, self._noise(g_w.device, index, st["calls"]))
-            operands.append((q.data, g_w, q.group_scales(), m, noise, st["step"], st["scale_exp_avg"],
+            operands.append((q.data, q.scale, g_w, q.group_scales(), m, noise, st["step"], st["scale_exp_avg"],
                              st["scale_exp_avg_sq"]))
-            weights.append(q)
         device = operands[0][0].device
         constants = (group["gamma"], group["threshold"], *group["betas"], group["eps"])
         if device.type in COMPILE_ON:
             lr = torch.full((), group["lr"], dtype=torch.float64, device=device)  # an input: schedules move it
-            out = _compiled_layers(self._rule, *constants)(operands, lr)
+            out = _compiled_layers(self._rule, *constants)(operands, lr, skip)
         else:
-            out = layers_step(self._rule, operands, group["lr"], *constants)
-        new = []
-        for (layer, _, _), q, (data, m, s, exp_avg, exp_avg_sq) in zip(items, weights, out):
+            out = layers_step(self._rule, operands, group["lr"], skip, *constants)
+        for (layer, _, _), state in zip(items, out):
             st = self.state[layer]
-            st["momentum"], st["scale_exp_avg"], st["scale_exp_avg_sq"] = m, exp_avg, exp_avg_sq
-            new.append(QTensor(data, s.reshape(q.scale.shape).to(q.scale.dtype), q.global_scale, q.fmt, q.shape,
-                               q.padded_last))
-        return new
+            st["momentum"], st["scale_exp_avg"], st["scale_exp_avg_sq"], st["step"] = state
+
+    def _apply(self, group: dict, layer, grad: torch.Tensor, index: int, skip: torch.Tensor | None = None) -> None:
+        self._step_group(group, [(layer, grad, index)], skip)
 
 
 class Bop(_CodeMomentumOptimizer):

@@ -222,10 +222,11 @@ def test_update_equals_the_rule_with_stored_bf16_momentum(kind, cls):
 
 
 def test_compiled_rules_trace_whole_and_equal_eager(monkeypatch):
-    """A param group's update (its layers of three shapes together) traces as one graph (fullgraph)
-    with the rule's constants, compiled once per momentum dtype and not again on the second step,
-    Bop and TernaryBop in one process: under `aot_eager` (the traced ATen ops run as they are) the
-    codes, momenta and scales equal the eager update's bit for bit."""
+    """A param group's update (its layers of three shapes together, the skip on the device flag
+    inside) traces as one graph (fullgraph) with the rule's constants, compiled once per momentum
+    dtype and not again on later steps, Bop and TernaryBop in one process: under `aot_eager` (the
+    traced ATen ops run as they are) the codes, momenta, scales and step counts equal the eager
+    update's bit for bit, a skipped step's included."""
     import copy
 
     import torch._dynamo
@@ -249,20 +250,22 @@ def test_compiled_rules_trace_whole_and_equal_eager(monkeypatch):
             opts = [cls(ls, gamma=0.3, threshold=2e-3, lr=1e-3, momentum_dtype=momentum_dtype, seed=5)
                     for ls in (layers, twins)]
             gen = torch.Generator().manual_seed(0)
-            for _ in range(2):
+            for flag in (0.0, 1.0, 0.0):  # the middle step skipped on the device flag
                 for a, b in zip(layers, twins):
                     a.native_grad = torch.randn(a.native_weight.shape, generator=gen) * 0.1
                     b.native_grad = a.native_grad.clone()
                 with monkeypatch.context() as mp:  # the compiled path, on the CPU
                     mp.setattr(optim.bop, "COMPILE_ON", ("cpu",))
-                    opts[0].step()
-                opts[1].step()
+                    opts[0].step(found_inf=torch.tensor(flag))
+                opts[1].step(found_inf=torch.tensor(flag))
                 for a, b in zip(layers, twins):
                     assert torch.equal(a.native_weight.data, b.native_weight.data)
                     assert torch.equal(a.native_weight.scale, b.native_weight.scale)
                     assert torch.equal(opts[0].state[a]["momentum"], opts[1].state[b]["momentum"])
+                    assert torch.equal(opts[0].state[a]["step"], opts[1].state[b]["step"])
+            assert all(int(opts[0].state[a]["step"]) == 2 for a in layers)  # the skipped step not counted
         assert traced, cls  # this rule's update ran compiled
-        # one graph per momentum dtype, none anew on the second step (the backend may be called
+        # one graph per momentum dtype, none anew on later steps (the backend may be called
         # twice for one graph: dynamo restarts a trace once to specialize its float constants)
         assert counters["stats"]["unique_graphs"] == 2, cls
         traced.clear()
