@@ -19,8 +19,10 @@ T 1024, B 8 (8K tokens/step). Variants: ``ref`` (the reference GPT of :mod:`expe
 at this size, fused AdamW), ``ref-torchao`` (the same with torchao float8 tensorwise linears, when
 torchao is installed), and ``windowed:<policy>`` / ``hybrid:<policy>`` (``HybridLM`` without / with
 its RNN memory, the same width, depth and heads, segment = T, state not carried) for the policies
-of ``configs/precision``. Each of ours prints its layers' plans. ``--profile`` adds, after each row, where
-one more step's GPU time went and which Python lines made the host wait (:mod:`experiments.gpu_profile`).
+of ``configs/precision``; ``...:ternary@int8`` / ``...:ternary_native@int8``: the same with int8
+tensor cores tried before bf16 (``lowprec.kernels.AUTO_ORDER_INT8``: BitNet's int8 x ternary fprop).
+Each of ours prints its layers' plans. ``--profile`` adds, after each row, where one more step's GPU
+time went and which Python lines made the host wait (:mod:`experiments.gpu_profile`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ PEAK_BF16 = 989e12
 SIZES = {"30m": dict(d=512, blocks=10, heads=8, T=128, B=128), "600m": dict(d=2048, blocks=12, heads=16, T=1024, B=8)}
 POLICIES = ["bf16", "fp8", "fp8_delayed", "paper", "ternary", "ternary_native"]
 VARIANTS = ["ref", "ref-torchao", *(f"{m}:{p}" for m in ("windowed", "hybrid") for p in POLICIES)]
+VARIANTS += [f"{m}:{p}@int8" for m in ("windowed", "hybrid") for p in ("ternary", "ternary_native")]
 
 
 def build(variant: str, size: dict, rnn_graphs: bool = True, param_dtype: str = "master", blocks_once: bool = False):
@@ -70,6 +73,12 @@ def build(variant: str, size: dict, rnn_graphs: bool = True, param_dtype: str = 
             with torch.autocast("cuda", torch.bfloat16):
                 return F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
         return model, opt, loss_fn, sum(p.numel() for p in model.parameters()), note
+    if variant.endswith("@int8"):  # the layers planned with int8 tensor cores tried before bf16
+        before, lowprec.kernels.AUTO_ORDER = lowprec.kernels.AUTO_ORDER, lowprec.kernels.AUTO_ORDER_INT8
+        try:
+            return build(variant.removesuffix("@int8"), size, rnn_graphs, param_dtype, blocks_once)
+        finally:
+            lowprec.kernels.AUTO_ORDER = before
     kind, policy = variant.split(":")
     cfg = hybrid.preset("medium").replace(
         d_model=d, n_blocks=L, n_heads=H, n_kv_heads=H // 4, head_dim=d // H, d_ff=4 * d, window=T, max_window=T,

@@ -14,6 +14,12 @@ operand is not transposed. Every other scale is folded into ``values``.
                             >= 8.9): both operands on an FP8 grid with per-tensor scales. FP8
                             grids hold E4M3/E5M2 and, exactly, ternary, binary and E2M1 codes.
 ``fp8_rowwise``             The same with per-row scales where they factor out (CUDA >= 9.0).
+``int8_tensorcore``         ``torch._int_mm`` on int8 tensor cores (CUDA, compute capability >= 8.0),
+                            int32 accumulation: both operands integers within +-127 with per-tensor
+                            or (untransposed) per-row scales (int8, ternary, binary), fprop and
+                            dgrad (wgrad contracts over the tokens, whose count a plan does not
+                            know: int32 could overflow). Opt-in: not in ``AUTO_ORDER``
+                            (:data:`AUTO_ORDER_INT8` tries it before ``bf16_tensorcore``).
 ``bf16_tensorcore``         Quantized element values (and folded scales) in bf16, bf16 tensor-core
                             GEMM with fp32 accumulation, outer scales on the fp32 output. Exact
                             whenever the folded values fit bf16 (FP8/FP4/int8/ternary/binary
@@ -71,6 +77,16 @@ def fp8_grid(fmt: Format | None) -> torch.dtype | None:
     if fmt.kind == "float" and (fmt.exp_bits, fmt.man_bits) == (5, 2):
         return torch.float8_e5m2
     return None
+
+
+def int8_grid(fmt: Format | None) -> int:
+    """The largest magnitude of ``fmt``'s elements if they are integers within int8 (+-127) under a
+    per-tensor or per-row scale, that an int8 GEMM multiplies as they are; else 0."""
+    if fmt is None or not fmt.is_scaled or fmt.granularity not in ("tensor", "row"):
+        return 0
+    if fmt.kind in ("ternary", "binary"):
+        return 1
+    return int(fmt.max_value) if fmt.kind == "int" and fmt.max_value <= 127 else 0
 
 
 def bf16_exact(fmt: Format | None, transposed: bool) -> bool:
@@ -404,6 +420,65 @@ class Fp8(GemmKernel):
         return to_dtype(_scale_output(out, sa.reshape(-1, 1), sb), out_dtype)
 
 
+class Int8TensorCore(GemmKernel):
+    """``torch._int_mm``: int8 x int8 -> int32 on int8 tensor cores, the outer scales on the output.
+    Exact (integer sums, no overflow: ``check_support`` bounds the contraction)."""
+
+    name = "int8_tensorcore"
+    summary = "int8 tensor cores (int32 accumulation), outer scales on the fp32 output"
+    MIN_ROWS = 17  # torch._int_mm on CUDA takes more than 16 rows: fewer are padded with zeros
+
+    def check_support(self, gemm, a, b, device, shape):
+        if device.type != "cuda" or device.capability is None or device.capability < (8, 0):
+            return False, f"{device}: int8 tensor-core GEMMs need CUDA compute capability 8.0"
+        if gemm == "wgrad":
+            return False, "wgrad contracts over the tokens, whose count the plan does not know (int32 could overflow)"
+        peaks = [int8_grid(a), int8_grid(b)]
+        for fmt, peak, transposed in zip((a, b), peaks, TRANSPOSED[gemm]):
+            if not peak:
+                return False, f"{fmt or 'unquantized'} is not an integer grid within int8 with tensor/row scales"
+            if fmt.granularity == "row" and transposed:
+                return False, f"{gemm}: per-row scales of {fmt} lie along the contraction"
+        if any(n % 8 for n in shape):
+            return False, f"layer {shape[0]}->{shape[1]}: int8 GEMMs need dimensions divisible by 8"
+        contraction = shape[0] if gemm == "fprop" else shape[1]
+        if contraction * peaks[0] * peaks[1] >= 2**31:
+            return False, f"a contraction of {contraction} could overflow int32"
+        return True, "ok"
+
+    def operand(self, t, fmt, *, rounding="nearest", amax=None, transposed=False):
+        if t.numel() > CHUNK_ELEMENTS and not torch.compiler.is_compiling():
+            # eager, e.g. a 16384 x 65536 weight: no float32 copy of it
+            codes, s = quantize_large(t, fmt, rounding=rounding, amax=amax, out_dtype=torch.int8, scaled=False)
+            outer = s.reshape(1) if fmt.granularity == "tensor" else s.reshape(-1, 1)
+        else:
+            v, outer = split(t, fmt, rounding=rounding, amax=amax)
+            codes = v.to(torch.int8)
+        return self._layout(codes, outer, transposed)
+
+    def operand_from_qtensor(self, q, transposed=False):
+        v, outer = split_qtensor(q)
+        return self._layout(v.to(torch.int8), outer, transposed)
+
+    @staticmethod
+    def _layout(codes, outer, transposed):
+        """Row-major ``(rows, K)``, as `mm` takes both operands."""
+        return (codes.t().contiguous() if transposed else codes), outer
+
+    def transposed(self, op):
+        return None if op[1].numel() != 1 else self._layout(op[0], op[1], True)
+
+    def mm(self, A, B, out_dtype, fast_accum=False):
+        """``A @ B^T``: ``A`` row-major, ``B^T`` column-major (``B`` row-major), as cuBLAS's int8
+        GEMM takes them; int32 out, exactly converted to fp32 below 2^24 (beyond, rounded once)."""
+        (a, sa), (b, sb) = A, B
+        M = a.shape[0]
+        if M < self.MIN_ROWS:
+            a = F.pad(a, (0, 0, 0, self.MIN_ROWS - M))
+        c = torch._int_mm(a.contiguous(), b.t())[:M].float()
+        return to_dtype(_scale_output(c, sa, sb), out_dtype)
+
+
 class PackedTernaryGemv(Kernel):
     """Reads the packed codes itself (:func:`lowprec.gemv.ternary_gemv`): no operand preparation."""
 
@@ -424,8 +499,12 @@ class PackedTernaryGemv(Kernel):
 
 
 KERNELS: dict[str, Kernel] = {k.name: k for k in (
-    Emulated(), Matmul(), Unquantized(), Bf16TensorCore(), Fp8(False), Fp8(True), PackedTernaryGemv())}
+    Emulated(), Matmul(), Unquantized(), Bf16TensorCore(), Fp8(False), Fp8(True), Int8TensorCore(),
+    PackedTernaryGemv())}
 AUTO_ORDER = ("fp8_tensorwise", "fp8_rowwise", "bf16_tensorcore", "emulated")
+# the same with the int8 tensor-core GEMM tried before bf16 (``lowprec.kernels.AUTO_ORDER = AUTO_ORDER_INT8``
+# before the layers are placed: int8 x ternary/binary/int8 fprop and dgrad on int8 tensor cores)
+AUTO_ORDER_INT8 = ("fp8_tensorwise", "fp8_rowwise", "int8_tensorcore", "bf16_tensorcore", "emulated")
 
 
 def select(gemm: str, a, b, device, shape) -> tuple[str, str]:
@@ -439,5 +518,6 @@ def select(gemm: str, a, b, device, shape) -> tuple[str, str]:
     raise AssertionError("the emulated kernel supports every GEMM")  # pragma: no cover
 
 
-__all__ = ["KERNELS", "Kernel", "GemmKernel", "AUTO_ORDER", "select", "fp8_grid", "bf16_exact", "split", "split_qtensor",
+__all__ = ["KERNELS", "Kernel", "GemmKernel", "AUTO_ORDER", "AUTO_ORDER_INT8", "select", "fp8_grid", "int8_grid",
+           "bf16_exact", "split", "split_qtensor",
            "GEMV_MAX_ROWS", "TRANSPOSED"]

@@ -154,3 +154,35 @@ def test_cuda_graph_replay_reads_the_current_weight():
         graph.replay()
         expected = layer(x)
     assert torch.equal(y_graph, expected)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("storage", ["latent", "native"])
+def test_int8_fprop_equals_the_bf16_kernel(monkeypatch, storage, compiled):
+    """BitNet's GEMMs (int8 per-token input x ternary weight) on int8 tensor cores
+    (``AUTO_ORDER_INT8``): both kernels multiply the same integers exactly (sums < 2^24) and apply
+    the same scales in the same order, so the layer's output and gradients equal those of the
+    default plan (bf16 tensor cores) bit for bit, eager and compiled. 9 tokens: the latent layer's
+    int8 GEMM pads them to 17 rows (the native one runs its packed GEMV there under both orders)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("needs int8 tensor cores")
+    from lowprec import kernels
+
+    precision = LayerPrecision.from_fields({"weight": "ternary", "input": "int8", "storage": storage})
+    results = {}
+    for order in ("AUTO_ORDER", "AUTO_ORDER_INT8"):
+        monkeypatch.setattr(kernels, "AUTO_ORDER", getattr(kernels, order))
+        for M in (9, 512):
+            x, w, b, dy = data(M, 256, 512)
+            layer = layer_from(precision, w, b)
+            fn = torch.compile(layer, fullgraph=True) if compiled else layer
+            xx = x.clone().requires_grad_(True)
+            y = fn(xx)
+            y.backward(dy)
+            results[order, M] = (layer.plan.fprop.kernel, y, xx.grad, layer.native_grad if layer.is_native else layer.weight.grad)
+            torch._dynamo.reset()
+    for M in (9, 512):
+        (k0, *a), (k1, *b) = results["AUTO_ORDER", M], results["AUTO_ORDER_INT8", M]
+        assert (k0, k1) == ("bf16_tensorcore", "int8_tensorcore")
+        for u, v in zip(a, b):
+            assert torch.equal(u, v)

@@ -128,3 +128,64 @@ def test_a_kept_bf16_operand_transposes_to_what_quantizing_again_gives(fmt):
     plan, _ = kernels_of({"weight": "ternary", "input": fmt, "storage": "native"}, shape=(64, 64))
     if fp8_grid(fmt) is None:  # e.g. the int8 per-token inputs of the native ternary policy
         assert plan.fprop.kernel == plan.wgrad.kernel == "bf16_tensorcore" and plan.reuse_input
+
+
+INT8_IN = {"input": "int8"}  # BitNet's activations: int8, one scale per token; gradients unquantized
+
+
+def test_int8_tensor_cores_are_opt_in_and_take_fprop_and_dgrad(monkeypatch):
+    """``AUTO_ORDER_INT8`` puts the int8 GEMM before bf16: int8 x ternary/binary/int8 fprop (and
+    dgrad when the gradient is an integer grid too) on CUDA >= 8.0; wgrad (its contraction the
+    tokens, unbounded at planning) and everything ``AUTO_ORDER`` decides stay as they were."""
+    from lowprec import kernels
+
+    fields = {"weight": "ternary", **INT8_IN}
+    assert kernels_of(fields)[1] == ("bf16_tensorcore",) * 3  # the default order: no int8
+    monkeypatch.setattr(kernels, "AUTO_ORDER", kernels.AUTO_ORDER_INT8)
+    assert kernels_of(fields)[1] == ("int8_tensorcore", "bf16_tensorcore", "bf16_tensorcore")
+    assert kernels_of({"weight": "binary", **INT8_IN}, "sm80")[1][0] == "int8_tensorcore"
+    grad_int8 = {"weight": "ternary", "input": "int8", "grad": {"format": "int8", "granularity": "tensor"}}
+    plan, names = kernels_of(grad_int8)
+    assert names[:2] == ("int8_tensorcore",) * 2 and "wgrad contracts over the tokens" in plan.wgrad.reason
+    assert plan.fprop.exact and plan.dgrad.exact
+    assert kernels_of(fields, "sm75")[1][0] == "bf16_tensorcore"  # int8 tensor cores need 8.0 here
+    assert kernels_of(fields, "cpu")[1] == ("emulated",) * 3
+    plan, names = kernels_of(fields, shape=(100, 64))
+    assert names[0] == "bf16_tensorcore" and "divisible by 8" in plan.fprop.reason
+    plan, names = kernels_of({"weight": "int8", **INT8_IN}, shape=(133_200, 64))  # 133,200 x 127 x 127 >= 2^31
+    assert names[0] == "bf16_tensorcore" and "overflow int32" in plan.fprop.reason
+    assert kernels_of({"weight": "int8", **INT8_IN}, shape=(133_136, 64))[1][0] == "int8_tensorcore"
+    plan, names = kernels_of({"weight": "fp8_e4m3", **INT8_IN})  # an FP8 weight is no integer grid
+    assert names[0] == "bf16_tensorcore" and "not an integer grid" in plan.fprop.reason
+
+
+@pytest.mark.parametrize("rows", [5, 40], ids=["5 rows (padded to 17)", "40 rows"])
+def test_int8_kernel_is_the_integer_product_scaled(rows):
+    """The int8 kernel's fprop and dgrad, run here on the CPU (``torch._int_mm``), are bit for bit the
+    exact integer product of the quantized operands with the outer scales applied in fp32 as the
+    bf16 kernel applies them: per-token int8 input x latent ternary weight, the same weight packed
+    (native), and an int8 gradient x the transposed weight (quantized again, or forward's operand
+    kept); fewer than 17 rows are padded for torch's int8 GEMM and cropped."""
+    from lowprec.kernels import _scale_output, split
+    from lowprec.precision import parse_format
+    from lowprec.qtensor import quantize
+
+    gen = torch.Generator().manual_seed(0)
+    x, w, dy = (torch.randn(*s, generator=gen) * 2 for s in ((rows, 64), (48, 64), (rows, 48)))
+    f_in, f_w, f_g = parse_format("int8", per_token=True), parse_format("ternary"), parse_format("int8")
+    k = KERNELS["int8_tensorcore"]
+
+    def exact(a, fa, b, fb, transposed_b=False):
+        (va, sa), (vb, sb) = split(a, fa), split(b, fb, transposed=transposed_b)
+        return _scale_output((va.double() @ vb.double().t()).float(), sa, sb)
+    A, B = k.operand(x, f_in), k.operand(w, f_w)
+    assert A[0].dtype == B[0].dtype == torch.int8 and A[1].shape == (rows, 1) and B[1].shape == (1,)
+    want = exact(x, f_in, w, f_w)
+    assert torch.equal(k.mm(A, B, torch.float32), want)
+    assert torch.equal(k.mm(A, k.operand_from_qtensor(quantize(w, f_w)), torch.float32), want)
+    G = k.operand(dy, f_g)
+    want = exact(dy, f_g, w, f_w, transposed_b=True)
+    for Bt in (k.operand(w, f_w, transposed=True), k.transposed(B)):
+        assert Bt[0].is_contiguous() and Bt[0].shape == (64, 48)
+        assert torch.equal(k.mm(G, Bt, torch.float32), want)
+    assert k.transposed(A) is None  # per-token scales would lie along a contraction: quantize again
