@@ -331,10 +331,11 @@ class Bf16TensorCore(GemmKernel):
 
     def transposed(self, op):
         """Per-row scales fold into the values, as quantizing the transposed tensor would: the
-        element values are exact in bf16, so the fp32 products and their bf16 rounding are the same."""
+        element values are exact in bf16, so the fp32 products and their bf16 rounding are the same.
+        An int8 kernel's operand (integers within +-127) is taken in bf16 the same way."""
         v, outer = op
         if outer is None or outer.numel() == 1:
-            return v.t(), outer
+            return v.to(torch.bfloat16).t(), outer
         return (v.float() * outer).to(torch.bfloat16).t(), None
 
     def mm(self, A, B, out_dtype, fast_accum=False):

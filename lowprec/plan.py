@@ -146,10 +146,12 @@ class GemmPlan:
 
 
 def _reusable(src: GemmSpec, dst: GemmSpec, fmt_src, fmt_dst) -> bool:
-    """Whether ``dst`` can take the operand ``src`` quantized, transposed: the same kernel and format,
-    and no per-row scale that the transposition would put along an FP8 GEMM's contraction (the
-    reference and bf16 kernels fold such scales into the values, exactly as quantizing again would)."""
-    if src.kernel != dst.kernel or fmt_src != fmt_dst or src.kernel == "bf16":
+    """Whether ``dst`` can take the operand ``src`` quantized, transposed: the same kernel (or an int8
+    operand for the bf16 kernel: its integers are exact in bf16) and format, and no per-row scale that
+    the transposition would put along an FP8 GEMM's contraction (the reference and bf16 kernels fold
+    such scales into the values, exactly as quantizing again would)."""
+    same = src.kernel == dst.kernel or (src.kernel, dst.kernel) == ("int8_tensorcore", "bf16_tensorcore")
+    if not same or fmt_src != fmt_dst or src.kernel == "bf16":
         return False
     return not src.kernel.startswith("fp8") or fmt_src.granularity != "row"
 

@@ -142,7 +142,9 @@ def test_int8_tensor_cores_are_opt_in_and_take_fprop_and_dgrad(monkeypatch):
     fields = {"weight": "ternary", **INT8_IN}
     assert kernels_of(fields)[1] == ("bf16_tensorcore",) * 3  # the default order: no int8
     monkeypatch.setattr(kernels, "AUTO_ORDER", kernels.AUTO_ORDER_INT8)
-    assert kernels_of(fields)[1] == ("int8_tensorcore", "bf16_tensorcore", "bf16_tensorcore")
+    plan, names = kernels_of(fields)
+    assert names == ("int8_tensorcore", "bf16_tensorcore", "bf16_tensorcore")
+    assert plan.reuse_weight and plan.reuse_input  # backward takes forward's int8 operands, in bf16
     assert kernels_of({"weight": "binary", **INT8_IN}, "sm80")[1][0] == "int8_tensorcore"
     grad_int8 = {"weight": "ternary", "input": "int8", "grad": {"format": "int8", "granularity": "tensor"}}
     plan, names = kernels_of(grad_int8)
@@ -165,7 +167,8 @@ def test_int8_kernel_is_the_integer_product_scaled(rows):
     exact integer product of the quantized operands with the outer scales applied in fp32 as the
     bf16 kernel applies them: per-token int8 input x latent ternary weight, the same weight packed
     (native), and an int8 gradient x the transposed weight (quantized again, or forward's operand
-    kept); fewer than 17 rows are padded for torch's int8 GEMM and cropped."""
+    kept); fewer than 17 rows are padded for torch's int8 GEMM and cropped. The bf16 kernel takes
+    the int8 operands for backward as if it had quantized the tensors itself."""
     from lowprec.kernels import _scale_output, split
     from lowprec.precision import parse_format
     from lowprec.qtensor import quantize
@@ -189,3 +192,8 @@ def test_int8_kernel_is_the_integer_product_scaled(rows):
         assert Bt[0].is_contiguous() and Bt[0].shape == (64, 48)
         assert torch.equal(k.mm(G, Bt, torch.float32), want)
     assert k.transposed(A) is None  # per-token scales would lie along a contraction: quantize again
+    bf16 = KERNELS["bf16_tensorcore"]  # backward's bf16 GEMMs take the int8 operands (plan.reuse_*)
+    for kept, fmt, t in ((A, f_in, x), (B, f_w, w)):
+        got, again = bf16.transposed(kept), bf16.operand(t, fmt, transposed=True)
+        assert got[0].dtype == torch.bfloat16 and torch.equal(got[0], again[0])
+        assert (got[1] is None and again[1] is None) or torch.equal(got[1], again[1])
