@@ -83,9 +83,9 @@ def code_step(values, transition, bits: int, data, g_w, s, m, noise, gamma: floa
     ``s`` (G, 1) scales, ``m`` the stored momentum (fp32, or bf16 with ``noise``: U[0, 1) draws
     shaped like it for its stochastic rounding), ``values`` / ``transition`` the optimizer's rule.
 
-    One function of tensors and constants, so that on CUDA it runs compiled (`_compiled_layers`, per rule): the
-    unpacking, the momentum, the transition, the packing, the rounding and the scale's gradient in
-    a few fused kernels instead of ~70 launches a layer. Compiled and eager compute the same ops;
+    One function of tensors and constants, so that on CUDA it runs compiled (inside `layers_step`):
+    the unpacking, the momentum, the transition, the packing, the rounding and the scale's gradient
+    in a few fused kernels instead of ~70 launches a layer. Compiled and eager compute the same ops;
     the fused kernels may round the fp32 momentum's ``lerp`` and the scale gradient's sum differently
     in the last bit."""
     codes = unpack_codes(data, bits, g_w.numel()).view(g_w.shape)

@@ -179,7 +179,8 @@ def test_int8_fprop_equals_the_bf16_kernel(monkeypatch, storage, compiled):
             xx = x.clone().requires_grad_(True)
             y = fn(xx)
             y.backward(dy)
-            results[order, M] = (layer.plan.fprop.kernel, y, xx.grad, layer.native_grad if layer.is_native else layer.weight.grad)
+            grad_w = layer.native_grad if layer.is_native else layer.weight.grad
+            results[order, M] = (layer.plan.fprop.kernel, y, xx.grad, grad_w)
             torch._dynamo.reset()
     for M in (9, 512):
         (k0, *a), (k1, *b) = results["AUTO_ORDER", M], results["AUTO_ORDER_INT8", M]
