@@ -280,12 +280,11 @@ def test_compiled_rules_trace_whole_and_equal_eager(monkeypatch):
 def test_compiled_update_on_cuda_equals_eager(kind, cls, momentum_dtype):
     """On CUDA a group's update runs compiled (`optim.bop.layers_step`, one graph): in each of 3
     steps of two layers of different shapes, from the same state, the codes equal the eager
-    function's exactly, the stored
-    momentum within one bf16 ulp (rtol 2^-7, bf16) / 1e-6 (fp32) of the element or of the layer's
-    largest momentum, and the scales within rtol 1e-5
-    (the fused kernels may round the fp32 lerp, the scale gradient's sum and the scale's Adam
-    arithmetic differently in the last bit; a flip needs |m| to cross tau, which no draw here puts
-    within an ulp of it)."""
+    function's exactly, the stored momentum is within one bf16 ulp (rtol 2^-7, bf16) / 1e-6 (fp32)
+    of the element or of the layer's largest momentum, and the scales within rtol 1e-5 (the fused
+    kernels may round the fp32 lerp, the scale gradient's sum and the scale's Adam arithmetic
+    differently in the last bit; a flip needs |m| to cross tau, which no draw here puts within an
+    ulp of it)."""
     import copy
 
     import optim.bop
