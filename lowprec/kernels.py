@@ -14,7 +14,7 @@ operand is not transposed. Every other scale is folded into ``values``.
                             >= 8.9): both operands on an FP8 grid with per-tensor scales. FP8
                             grids hold E4M3/E5M2 and, exactly, ternary, binary and E2M1 codes.
 ``fp8_rowwise``             The same with per-row scales where they factor out (CUDA >= 9.0).
-``int8_tensorcore``         ``torch._int_mm`` on int8 tensor cores (CUDA, compute capability >= 8.0),
+``int8_tensorcore``         ``torch._int_mm`` on int8 tensor cores (CUDA, compute capability >= 8.0; or the CPU),
                             int32 accumulation: both operands integers within +-127 with per-tensor
                             or (untransposed) per-row scales (int8, ternary, binary), fprop and
                             dgrad (wgrad contracts over the tokens, whose count a plan does not
@@ -430,8 +430,8 @@ class Int8TensorCore(GemmKernel):
     MIN_ROWS = 17  # torch._int_mm on CUDA takes more than 16 rows: fewer are padded with zeros
 
     def check_support(self, gemm, a, b, device, shape):
-        if device.type != "cuda" or device.capability is None or device.capability < (8, 0):
-            return False, f"{device}: int8 tensor-core GEMMs need CUDA compute capability 8.0"
+        if device.type != "cpu" and (device.type != "cuda" or device.capability is None or device.capability < (8, 0)):
+            return False, f"{device}: int8 tensor-core GEMMs need CUDA compute capability 8.0 (or the CPU)"
         if gemm == "wgrad":
             return False, "wgrad contracts over the tokens, whose count the plan does not know (int32 could overflow)"
         peaks = [int8_grid(a), int8_grid(b)]

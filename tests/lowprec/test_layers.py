@@ -211,3 +211,38 @@ def test_weight_operand_lives_with_the_graph_and_follows_in_place_updates():
     new = lowprec.quantize(-qn.native_weight.dequantize(), "ternary")
     qn.set_native_weight(new)
     assert torch.equal(qn(x), x @ new.dequantize().t() + bn)
+
+
+@pytest.mark.parametrize("storage", ["latent", "native"])
+def test_int8_fprop_in_a_layer_is_the_exact_integer_product(monkeypatch, storage):
+    """With ``AUTO_ORDER_INT8`` a BitNet layer (int8 per-token input, ternary weight) runs its fprop
+    on ``torch._int_mm`` (here on the CPU): the output is the exact integer product of the quantized
+    operands times their scales (the fp32 order of `kernels._scale_output`) plus the bias, eager and
+    compiled (one graph); dgrad and wgrad, on the same kernel as under the default order, give the
+    same gradients bit for bit; 3 tokens go through the padding to 17 rows."""
+    from lowprec import kernels
+    from lowprec.kernels import _scale_output, split, split_qtensor
+
+    precision = lp(weight="ternary", input="int8", storage=storage)
+    results = {}
+    for order in ("AUTO_ORDER", "AUTO_ORDER_INT8"):
+        monkeypatch.setattr(kernels, "AUTO_ORDER", getattr(kernels, order))
+        for rows in (3, 40):
+            q, w, b = pair(precision, n_in=64, n_out=32)
+            x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows), requires_grad=True)
+            y = q(x)
+            y.backward(torch.ones_like(y))
+            grad_w = q.native_grad if q.is_native else q.weight.grad
+            results[order, rows] = (q.plan.fprop.kernel, y.detach(), x.grad, grad_w, q, x.detach(), b)
+    for rows in (3, 40):
+        k0, y0, gx0, gw0, *_ = results["AUTO_ORDER", rows]
+        k1, y1, gx1, gw1, q, x, b = results["AUTO_ORDER_INT8", rows]
+        assert (k0, k1) == ("emulated", "int8_tensorcore")
+        va, sa = split(x, q.plan.fprop.a)
+        vw, sw = split_qtensor(q.native_weight) if q.is_native else split(q.weight.detach(), q.plan.fprop.b)
+        want = _scale_output((va.double() @ vw.double().t()).float(), sa, sw) + b
+        assert torch.equal(y1, want)
+        torch.testing.assert_close(y0, y1, rtol=1e-5, atol=1e-6)  # emulated: products of dequantized fp32 values
+        assert torch.equal(gx0, gx1) and torch.equal(gw0, gw1)
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(q, fullgraph=True)(x), y1)
