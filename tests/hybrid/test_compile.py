@@ -303,3 +303,32 @@ def test_hybrid_step_as_cuda_graphs(policy, rnn_mode):
     assert torch.isfinite(got).all(), losses
     torch.testing.assert_close(got, losses["default"], rtol=1e-5, atol=0, msg=lambda m: f"{m}\n{losses}")
     torch.testing.assert_close(got[0], losses["eager"][0], rtol=1e-4, atol=0, msg=lambda m: f"{m}\n{losses}")
+
+
+@pytest.mark.parametrize("rnn_mode", ["chunked", "stream"])
+def test_int8_plans_trace_whole_and_equal_eager(monkeypatch, rnn_mode):
+    """Opted into int8 GEMMs (``lowprec.kernels.AUTO_ORDER_INT8``; on the CPU ``torch._int_mm``), the
+    tiny hybrid under BitNet's policy (int8 x ternary fprop in the blocks and the LSTM's recurrent
+    layer) traces as one graph per shape class (fullgraph) over TBPTT steps with a carried state,
+    and aot_eager's losses, gradients and state equal eager's bit for bit."""
+    from lowprec import kernels
+
+    monkeypatch.setattr(kernels, "AUTO_ORDER", kernels.AUTO_ORDER_INT8)
+    cfg = preset("tiny").replace(rnn_mode=rnn_mode, window=4, chunk=2, max_memory=3, n_blocks=1, rnn_layers=1)
+    torch.manual_seed(0)
+    model = HybridLM(cfg)
+    apply_policy(model, PrecisionPolicy.from_config(OmegaConf.load(PAPER.parent / "ternary.yaml")))
+    kernels_of = {name: m.plan.fprop.kernel for name, m in model.named_modules() if hasattr(m, "plan")}
+    assert kernels_of["rnn.lstm.0.hh"] == kernels_of["blocks.0.ffn.up"] == "int8_tensorcore", kernels_of
+    tokens = torch.randint(0, cfg.vocab_size, (B, STEPS * T + 1))
+    backend = CountingBackend()
+    torch._dynamo.reset()
+    got, got_state = train_steps(torch.compile(model, backend=backend, fullgraph=True), tokens, T)
+    ref, ref_state = train_steps(model, tokens, T)
+    torch._dynamo.reset()
+    assert backend.graphs == 2  # state absent, state carried
+    for (loss, grads), (ref_loss, ref_grads) in zip(got, ref, strict=True):
+        assert torch.equal(loss, ref_loss)
+        assert all(torch.equal(g, ref_grads[name]) for name, g in grads.items())
+    for k, v in got_state.state_dict().items():
+        assert (v is None and ref_state.state_dict()[k] is None) or torch.equal(v, ref_state.state_dict()[k]), k
