@@ -6,13 +6,16 @@
 One training step = forward, cross-entropy, backward, optimizer step (bf16 autocast for the
 reference; our models' precision from the policy, their activations in fp32, or with ``--param-dtype
 bf16`` parameters and activations in bf16 from fp32 masters), over random byte tokens (the speed of a step does
-not depend on the text). Every variant runs under ``torch.compile`` (``--mode eager``: none does). Reported per variant: tokens/s
-over ``--iters`` steps issued back to back as a training loop issues them, one device synchronization
-before and after (the first step, which compiles, is reported as "first step s"; beside it "synced": the
-median of as many steps each followed by a synchronization, which also pay the host's time to reach the
-device with the step's first kernel), model FLOPs utilization
-(6 x parameters x tokens/s over the H100's 989 TFLOP/s dense bf16 peak, attention FLOPs not
-counted), peak memory, and the speed relative to the reference in the same process.
+not depend on the text). Every variant runs under ``torch.compile`` (``--mode eager``: none does).
+
+Reported per variant: tokens/s over ``--iters`` steps issued back to back as a training loop issues
+them, one device synchronization before and after, the median of ``--repeats`` such windows (one
+window can catch a pause of the host, a garbage collection, that the others do not; the windows'
+range is in the row's notes); the first step, which compiles, as "first step s"; "synced": the median
+of ``--iters`` steps each followed by a synchronization, which also pay the host's time to reach the
+device with the step's first kernel; model FLOPs utilization (6 x parameters x tokens/s over the
+H100's 989 TFLOP/s dense bf16 peak, attention FLOPs not counted), peak memory, and the speed relative
+to the reference in the same process.
 
 Sizes: ``30m`` = d 512, 10 blocks, T 128, B 128 (16K tokens/step); ``600m`` = d 2048, 12 blocks,
 T 1024, B 8 (8K tokens/step). Variants: ``ref`` (the reference GPT of :mod:`experiments.reference_gpt`
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import statistics
 import time
 from pathlib import Path
 
@@ -106,8 +110,10 @@ def build(variant: str, size: dict, rnn_graphs: bool = True, param_dtype: str = 
 
 
 def measure(variant: str, size: dict, iters: int, mode: str | None = None, rnn_graphs: bool = True,
-            param_dtype: str = "master", profile: bool = False, blocks_once: bool = False, regional: bool = False) -> dict:
-    """One variant's row. ``profile``: after the timed steps, one step profiled and one with CUDA's
+            param_dtype: str = "master", profile: bool = False, blocks_once: bool = False, regional: bool = False,
+            repeats: int = 3) -> dict:
+    """One variant's row: tokens/s from the median of ``repeats`` windows of ``iters`` back-to-back
+    steps. ``profile``: after the timed steps, one step profiled and one with CUDA's
     sync warnings on; their lines (:mod:`experiments.gpu_profile`) are returned under "profile".
     ``regional``: our models compile their blocks only (``train.compile=blocks``), the reference
     its whole step as always."""
@@ -133,8 +139,10 @@ def measure(variant: str, size: dict, iters: int, mode: str | None = None, rnn_g
     first_s = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats()
     synced = median_ms(step, iters, warmup=2) / 1e3
-    s = back_to_back_ms(step, iters, warmup=0) / 1e3  # warmed up by the synced steps above
+    windows = sorted(back_to_back_ms(step, iters, warmup=0) for _ in range(repeats))  # warmed up by the synced steps
+    s = statistics.median(windows) / 1e3
     tps = B * T / s
+    note = f"{note}; {repeats} windows of {iters} steps: {windows[0]:.2f}-{windows[-1]:.2f} ms a step"
     rnn = getattr(model, "rnn", None)
     if rnn is not None:  # whether the LSTM's loops ran as CUDA graphs in the timed steps
         caps, reps = sum(m.graphs.captures for m in rnn.lstm), sum(m.graphs.replays for m in rnn.lstm)
@@ -160,7 +168,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
-    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--iters", type=int, default=10, help="steps in one timed window")
+    ap.add_argument("--repeats", type=int, default=3, help="timed windows; tokens/s from the median window")
     ap.add_argument("--mode", default=None,
                     help="torch.compile mode for every variant (default: the default mode); 'eager': not compiled")
     ap.add_argument("--rnn-graphs", action=argparse.BooleanOptionalAction, default=True,
@@ -188,7 +197,7 @@ def main(argv=None):
         for variant in args.variants:
             try:
                 r = measure(variant, size, args.iters, args.mode, args.rnn_graphs, args.param_dtype, args.profile,
-                            args.compile_blocks_once, args.regional)
+                            args.compile_blocks_once, args.regional, args.repeats)
             except ImportError as e:
                 print(f"| {name} | {variant} | - | - | - | - | - | - | - | not run: {e} |", flush=True)
                 continue
