@@ -1,0 +1,26 @@
+"""The training benchmark's variants, built on the CPU (the timing itself needs a GPU)."""
+import torch
+
+import experiments.bench_train as bench
+from lowprec import kernels
+
+TINY = dict(d=64, blocks=1, heads=4, T=16, B=2)
+
+
+def fprop_kernels(model) -> set[str]:
+    return {m.plan.fprop.kernel for m in model.modules() if hasattr(m, "plan")}
+
+
+def test_int8_variants_plan_int8_gemms_and_leave_the_default_order(monkeypatch):
+    """``windowed:ternary@int8`` builds its layers with ``AUTO_ORDER_INT8`` (their fprop on the int8
+    kernel, named in the row's plans) and puts the default order back; the plain variant keeps
+    the default plans."""
+    monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, device=None: self)  # stay on the CPU
+    before = kernels.AUTO_ORDER
+    model, _, _, _, note = bench.build("windowed:ternary@int8", TINY)
+    assert kernels.AUTO_ORDER is before
+    assert "int8_tensorcore" in fprop_kernels(model) and "int8_tensorcore" in note
+    model, _, _, _, note = bench.build("windowed:ternary", TINY)
+    assert "int8_tensorcore" not in fprop_kernels(model) and "int8_tensorcore" not in note
+    assert {v for v in bench.VARIANTS if v.endswith("@int8")} == {
+        f"{m}:{p}@int8" for m in ("windowed", "hybrid") for p in ("ternary", "ternary_native")}
