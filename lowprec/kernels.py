@@ -350,7 +350,40 @@ class Bf16TensorCore(GemmKernel):
         return to_dtype(_scale_output(c, A[1], B[1]), out_dtype)
 
 
-class Fp8(GemmKernel):
+class _CodesKernel(GemmKernel):
+    """A kernel that multiplies element codes in a dtype of their own (``code_dtype(fmt)``), the
+    tensor or untransposed row scales kept outside the GEMM: both operands row-major ``(rows, K)``
+    (``_layout``)."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def code_dtype(fmt) -> torch.dtype:
+        """The dtype holding every element of ``fmt`` exactly."""
+
+    def operand(self, t, fmt, *, rounding="nearest", amax=None, transposed=False):
+        dtype = self.code_dtype(fmt)
+        if t.numel() > CHUNK_ELEMENTS and not torch.compiler.is_compiling() and fmt.granularity != "block":
+            # eager, e.g. a 16384 x 65536 weight: no float32 copy of it
+            codes, s = quantize_large(t, fmt, rounding=rounding, amax=amax, out_dtype=dtype, scaled=False)
+            outer = s.reshape(1) if fmt.granularity == "tensor" else s.reshape(-1, 1)
+        else:
+            v, outer = split(t, fmt, rounding=rounding, amax=amax)
+            codes = v.to(dtype)
+        return self._layout(codes, outer, transposed)
+
+    def operand_from_qtensor(self, q, transposed=False):
+        v, outer = split_qtensor(q)
+        return self._layout(v.to(self.code_dtype(q.fmt)), outer, transposed)
+
+    @staticmethod
+    def _layout(codes, outer, transposed):
+        return (codes.t().contiguous() if transposed else codes), outer
+
+    def transposed(self, op):
+        return None if op[1].numel() != 1 else self._layout(op[0], op[1], True)
+
+
+class Fp8(_CodesKernel):
     """FP8 ``torch._scaled_mm``; ``rowwise`` admits per-row outer scales."""
 
     def __init__(self, rowwise: bool):
@@ -379,27 +412,13 @@ class Fp8(GemmKernel):
             return False, f"layer {shape[0]}->{shape[1]}: FP8 GEMMs need dimensions divisible by 16"
         return True, "ok"
 
-    def operand(self, t, fmt, *, rounding="nearest", amax=None, transposed=False):
-        dtype = fp8_grid(fmt)
-        if t.numel() > CHUNK_ELEMENTS and not torch.compiler.is_compiling() and fmt.granularity != "block":
-            # eager, e.g. a 16384 x 65536 weight: no float32 copy of it
-            codes, s = quantize_large(t, fmt, rounding=rounding, amax=amax, out_dtype=dtype, scaled=False)
-            outer = s.reshape(1) if fmt.granularity == "tensor" else s.reshape(-1, 1)
-        else:
-            v, outer = split(t, fmt, rounding=rounding, amax=amax)
-            codes = v.to(dtype)
-        return self._layout(codes, outer, transposed)
-
-    def operand_from_qtensor(self, q, transposed=False):
-        v, outer = split_qtensor(q)
-        return self._layout(v.to(fp8_grid(q.fmt)), outer, transposed)
+    @staticmethod
+    def code_dtype(fmt):
+        return fp8_grid(fmt)
 
     @staticmethod
     def _layout(codes, outer, transposed):
         return (_pad_last(codes.t().contiguous()) if transposed else codes), outer
-
-    def transposed(self, op):
-        return None if op[1].numel() != 1 else self._layout(op[0], op[1], True)
 
     def mm(self, A, B, out_dtype, fast_accum=False):
         """``A @ B^T``: cuBLAS wants A row-major and B^T column-major, i.e. both (rows, K)
@@ -421,7 +440,7 @@ class Fp8(GemmKernel):
         return to_dtype(_scale_output(out, sa.reshape(-1, 1), sb), out_dtype)
 
 
-class Int8TensorCore(GemmKernel):
+class Int8TensorCore(_CodesKernel):
     """``torch._int_mm``: int8 x int8 -> int32 on int8 tensor cores, the outer scales on the output.
     Exact (integer sums, no overflow: ``check_support`` bounds the contraction)."""
 
@@ -447,27 +466,9 @@ class Int8TensorCore(GemmKernel):
             return False, f"a contraction of {contraction} could overflow int32"
         return True, "ok"
 
-    def operand(self, t, fmt, *, rounding="nearest", amax=None, transposed=False):
-        if t.numel() > CHUNK_ELEMENTS and not torch.compiler.is_compiling():
-            # eager, e.g. a 16384 x 65536 weight: no float32 copy of it
-            codes, s = quantize_large(t, fmt, rounding=rounding, amax=amax, out_dtype=torch.int8, scaled=False)
-            outer = s.reshape(1) if fmt.granularity == "tensor" else s.reshape(-1, 1)
-        else:
-            v, outer = split(t, fmt, rounding=rounding, amax=amax)
-            codes = v.to(torch.int8)
-        return self._layout(codes, outer, transposed)
-
-    def operand_from_qtensor(self, q, transposed=False):
-        v, outer = split_qtensor(q)
-        return self._layout(v.to(torch.int8), outer, transposed)
-
     @staticmethod
-    def _layout(codes, outer, transposed):
-        """Row-major ``(rows, K)``, as `mm` takes both operands."""
-        return (codes.t().contiguous() if transposed else codes), outer
-
-    def transposed(self, op):
-        return None if op[1].numel() != 1 else self._layout(op[0], op[1], True)
+    def code_dtype(fmt):
+        return torch.int8
 
     def mm(self, A, B, out_dtype, fast_accum=False):
         """``A @ B^T``: ``A`` row-major, ``B^T`` column-major (``B`` row-major), as cuBLAS's int8

@@ -217,26 +217,10 @@ class TargetOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
     def _apply(self, group: dict, target, grad: torch.Tensor, index: int, skip: torch.Tensor | None = None) -> None:
         """Run ``_update`` and write its result; where ``skip`` (a 0-d bool tensor) is set, keep
         the old weight and state tensors instead."""
-        st, old = self._begin(group, target)
-        st["step"] = st["step"] + 1
-        self._commit(target, st, old, self._update(group, target, local(grad), index), skip)
-
-    def _begin(self, group: dict, target) -> tuple[dict, dict]:
-        """The state of ``target`` (made on its first update), its entries before this update, and
-        ``calls`` counted; ``step`` is the caller's to advance."""
-        st = self.state[target]
-        device = self._device_of(target)
-        if not st:
-            st["step"], st["calls"] = torch.zeros((), device=device), 0
-            self._init_state(group, target, st)
-        elif not isinstance(st["step"], torch.Tensor):  # a state written with a Python-int step
-            st["step"], st["calls"] = torch.full((), float(st["step"]), device=device), st.get("calls", st["step"])
+        st = self._begin(group, target)
         old = dict(st)
-        st["calls"] += 1
-        return st, old
-
-    def _commit(self, target, st: dict, old: dict, new, skip: torch.Tensor | None) -> None:
-        """Write the new weight ``new``; where ``skip`` is set, keep ``old``'s state tensors and weight."""
+        st["step"] = st["step"] + 1
+        new = self._update(group, target, local(grad), index)
         native = isinstance(target, nn.Module)
         if skip is not None:
             for k, v in st.items():
@@ -247,6 +231,19 @@ class TargetOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
             target.set_native_weight(new)
         elif new is not target:
             local(target).copy_(new)
+
+    def _begin(self, group: dict, target) -> dict:
+        """The state of ``target`` (made on its first update), with this update counted in
+        ``calls``; ``step`` is the caller's to advance."""
+        st = self.state[target]
+        device = self._device_of(target)
+        if not st:
+            st["step"], st["calls"] = torch.zeros((), device=device), 0
+            self._init_state(group, target, st)
+        elif not isinstance(st["step"], torch.Tensor):  # a state written with a Python-int step
+            st["step"], st["calls"] = torch.full((), float(st["step"]), device=device), st.get("calls", st["step"])
+        st["calls"] += 1
+        return st
 
     @staticmethod
     def _device_of(t) -> torch.device:

@@ -226,7 +226,7 @@ class _CodeMomentumOptimizer(TargetOptimizer):
         device flag inside it; the packed codes and scales written into the layers' storage."""
         operands = []
         for layer, grad, index in items:
-            st, _ = self._begin(group, layer)
+            st = self._begin(group, layer)
             q = layer.native_weight
             g_w, _ = to_groups(local(grad), q.fmt)  # (G, N) fp32, block padding zero
             m = st["momentum"].reshape(g_w.shape)  # as optim.moments.store wrote it: fp32, or bf16
