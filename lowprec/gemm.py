@@ -139,7 +139,7 @@ def _fprop(x2, w, amax_x, amax_w, plan: GemmPlan, io: LayerIO, A=None):
         io.record("weight", (lambda: _native(plan, w).dequantize()) if native else w, fp.b)
     if plan.gemv is not None and x2.is_cuda and x2.shape[0] <= GEMV_MAX_ROWS:
         xq = KERNELS["emulated"].operand(x2, fp.a, amax=_for(fp.a, amax_x))[0]
-        return to_dtype(gemv.ternary_gemv(xq, w[0], w[1], plan.out_features), x2.dtype), None, None
+        return to_dtype(gemv.packed_gemv(xq, w[0], w[1], plan.out_features), x2.dtype), None, None
     k = KERNELS[fp.kernel]
     A = A if A is not None else k.operand(x2, fp.a, amax=_for(fp.a, amax_x))
     B = _weight_operand(k, fp.b, False, plan, w, io, amax_w)

@@ -7,7 +7,8 @@ small-batch GEMV (an LSTM's recurrent step) moves 2 bits per weight instead of 8
 is memory-bound there. Codes are exact in bf16; ``x`` is rounded to bf16 (as the bf16 tensor-core
 fallback does) and products accumulate in fp32. Used in fprop for at most ``GEMV_MAX_ROWS``
 tokens on CUDA when Triton is importable (the ``packed_ternary_gemv`` kernel of
-:mod:`lowprec.kernels`). Block sizes and the way of computing (``MODE``: tensor-core dots per code
+:mod:`lowprec.kernels`), through the operator ``lowprec::ternary_gemv`` (``packed_gemv``), which
+``torch.compile`` keeps as one opaque call. Block sizes and the way of computing (``MODE``: tensor-core dots per code
 lane, one dot over codes put back in k order, or, for one row of x, fp32 multiply-adds without tensor
 cores, with each code's value made by an int->float conversion or from its bits; for the word modes
 also the number of parts the K range is split into, each a program of its own, their sums then added
@@ -195,7 +196,9 @@ def ternary_gemv(x: torch.Tensor, w_data: torch.Tensor, w_scale: torch.Tensor, o
     M, K = x.shape
     N = out_features
     w = w_data.view(N, K // 4)
-    if w.data_ptr() % 4:  # the word modes read 4-byte words (a view at an odd offset: rare)
+    # the word modes read 4-byte words: a view at an odd offset (rare) is copied; the offset, not
+    # data_ptr(), which torch.compile cannot trace (storages start at allocator-aligned addresses)
+    if (w.storage_offset() * w.element_size()) % 4:
         w = w.clone()
     x = x.to(torch.bfloat16).contiguous()
     # one row of x: the one-row modes write row s of y for the part s of a split K range (rows a
@@ -216,3 +219,15 @@ def ternary_gemv(x: torch.Tensor, w_data: torch.Tensor, w_scale: torch.Tensor, o
     if M == 1:
         y = y.sum(0, keepdim=True)
     return y * w_scale.to(torch.float32)
+
+
+@torch.library.custom_op("lowprec::ternary_gemv", mutates_args=())
+def packed_gemv(x: torch.Tensor, w_data: torch.Tensor, w_scale: torch.Tensor, out_features: int) -> torch.Tensor:
+    """`ternary_gemv` (autotuned) as an operator: a compiled caller calls it as it is instead of
+    tracing the Triton launch and its autotuner."""
+    return ternary_gemv(x, w_data, w_scale, out_features)
+
+
+@packed_gemv.register_fake
+def _(x, w_data, w_scale, out_features):
+    return x.new_empty((x.shape[0], out_features), dtype=torch.float32)

@@ -105,3 +105,35 @@ def test_every_gemv_config_in_the_triton_interpreter():
                        env=env, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.strip().splitlines()[-1] == "FAILED []"
+
+
+def test_gemv_operator_shapes_its_output_without_running():
+    """``lowprec::ternary_gemv``'s fake (what ``torch.compile`` traces instead of the Triton launch):
+    fp32 ``(M, out_features)``, also for one row (the kernel's split rows summed to one)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lowprec import gemv
+
+    with FakeTensorMode():
+        for m in (1, 9):
+            y = gemv.packed_gemv(torch.empty(m, K, dtype=torch.bfloat16), torch.empty(N, K // 4, dtype=torch.uint8),
+                                 torch.empty(1), N)
+            assert (tuple(y.shape), y.dtype) == ((m, N), torch.float32)
+
+
+@pytest.mark.gpu
+def test_gemv_operator_passes_opcheck_and_equals_the_kernel():
+    """The operator's schema, fake and eager results (``torch.library.opcheck``), and its output is
+    the kernel's, bit for bit (the same autotuned launch)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from lowprec import gemv
+
+    if gemv.triton is None:
+        pytest.skip("needs triton")
+    t, packed = (a.cuda() for a in packed_case(seed=5))
+    for m in (1, 9):
+        x = torch.randn(m, K, device="cuda")
+        s = torch.tensor([0.5], device="cuda")
+        torch.library.opcheck(gemv.packed_gemv, (x, packed, s, N), test_utils=("test_schema", "test_faketensor"))
+        assert torch.equal(gemv.packed_gemv(x, packed, s, N), gemv.ternary_gemv(x, packed, s, N))
