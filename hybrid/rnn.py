@@ -42,10 +42,11 @@ autograd adds the T weight gradients.
 
 Execution on CUDA: each loop (forward, backward) is replayed as one CUDA graph from its second call
 on (`LSTMLayer.graphs_for`, `lowprec.cuda_graphs.GraphCache`), instead of launching every step's
-kernels from Python; under `torch.compile` each step's cell runs as one compiled kernel, which also
-casts its output to the next GEMM's operand where that is a plain cast (`RecurrentGemms.input_cast`;
-for a plain `hh`, h_t and da_t in the activation dtype), so a step is its GEMM and its cell, forward
-and backward.
+kernels from Python; each step's cell runs compiled, and also computes the next GEMM's operand from
+its output (`RecurrentGemms.input_cast` / `grad_cast`: a cast, or for a scaled format such as FP8 with
+a per-tensor scale its amax and scaled cast; for a plain `hh`, h_t and da_t in the activation dtype),
+so a step is its GEMM and its cell's kernels, forward and backward, instead of some thirty small
+kernels of quantization around each GEMM.
 
 The compressor maps a chunk summary s (B, K, d) to one memory vector per chunk:
 
@@ -158,7 +159,7 @@ def _cell_backward(dh, dc, dy_t, acts_t, tanh_c, c_prev, valid_t, ad=None, cast=
 _FUSED: list = []
 
 # Compiled variants one process's cells may need: activation and state dtypes, with and without a
-# mask, the next GEMM's operand cast or none, a second batch size (chunked mode), and inputs whose
+# mask, the next GEMM's operand function or none, a second batch size (chunked mode), and inputs whose
 # dispatch keys differ (made inside a custom operator, a CUDA graph's buffers, FSDP2's gathered
 # weights). torch's default limit (8) is exceeded by a sharded bf16 run.
 CELL_VARIANTS = 64
@@ -193,7 +194,7 @@ def _compiled_cell(f):
 def _cells(fused: bool):
     """(cell, cell_backward): the eager functions, op for op as autograd differentiates the
     per-step loop; ``fused`` (the compiled recurrence operators on CUDA): the same functions
-    compiled (each step's pointwise work in one kernel instead of ~15, the next GEMM's operand cast
+    compiled (each step's pointwise work in one kernel instead of ~15, the next GEMM's operand
     included where the GEMMs offer it as `input_cast` / `grad_cast`; the numbers then differ from
     eager by the fused kernels' rounding)."""
     if fused:

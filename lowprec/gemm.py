@@ -23,6 +23,7 @@ fprop and dgrad per step, wgrad once over all steps stacked (see its doc for wha
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -90,7 +91,7 @@ def _weight_operand(kernel, fmt, transposed, plan: GemmPlan, w, io: LayerIO, ama
         make = lambda: kernel.operand(w, fmt, amax=amax, transposed=transposed)  # noqa: E731
     if amax is not None or torch.compiler.is_compiling():
         return make()
-    tag = tuple((t._version, t.data_ptr()) for t in (w if isinstance(w, tuple) else (w,)) if t is not None)
+    tag = _version_tag(w)
     key = (kernel.name, fmt, transposed)
     # kernels captured into a CUDA graph must not read a tensor a cache kept from another step (a
     # replay would not look the cache up again: it would read a stale operand); they share the
@@ -103,6 +104,12 @@ def _weight_operand(kernel, fmt, transposed, plan: GemmPlan, w, io: LayerIO, ama
             shared[io, key, tag] = make()
         return shared[io, key, tag]
     return io.cache.get(key, tag, make)
+
+
+def _version_tag(w) -> tuple:
+    """What identifies the weight ``w`` (a tensor or the native tuple) as it is now: its tensors'
+    versions and addresses."""
+    return tuple((t._version, t.data_ptr()) for t in (w if isinstance(w, tuple) else (w,)) if t is not None)
 
 
 _CAPTURE = threading.local()
@@ -128,34 +135,58 @@ def _native(plan: GemmPlan, w) -> QTensor:
     return QTensor(*w, fmt, (plan.out_features, K), padded)
 
 
-def _fprop(x2, w, amax_x, amax_w, plan: GemmPlan, io: LayerIO, A=None):
+def _gemv_applies(plan: GemmPlan, x2) -> bool:
+    """Whether fprop of ``x2`` runs on the packed ternary GEMV."""
+    return plan.gemv is not None and x2.is_cuda and x2.shape[0] <= GEMV_MAX_ROWS
+
+
+def _fprop(x2, w, amax_x, amax_w, plan: GemmPlan, io: LayerIO, A=None, B=None):
     """``y = Q(x2) Q(W)^T`` (no bias) in ``x2``'s dtype -> ``(y, A, B)``, the quantized operands
     of ``x2`` and ``W`` (None where the packed GEMV ran). ``w``: the master weight, or the native
-    ``(data, scale, global)``. ``A``: ``x2``'s operand where the caller computed it already."""
+    ``(data, scale, global)``. ``A`` / ``B``: the operand of ``x2`` / of ``W`` where the caller
+    computed it already (``A``: the GEMV's input operand where the GEMV runs)."""
     p, fp = plan.precision, plan.fprop
     native = p.storage == "native"
     if io.record is not None:
         io.record("input", x2, fp.a)
         io.record("weight", (lambda: _native(plan, w).dequantize()) if native else w, fp.b)
-    if plan.gemv is not None and x2.is_cuda and x2.shape[0] <= GEMV_MAX_ROWS:
-        xq = KERNELS["emulated"].operand(x2, fp.a, amax=_for(fp.a, amax_x))[0]
+    if _gemv_applies(plan, x2):
+        xq = (A if A is not None else KERNELS["emulated"].operand(x2, fp.a, amax=_for(fp.a, amax_x)))[0]
         return to_dtype(gemv.packed_gemv(xq, w[0], w[1], plan.out_features), x2.dtype), None, None
     k = KERNELS[fp.kernel]
     A = A if A is not None else k.operand(x2, fp.a, amax=_for(fp.a, amax_x))
-    B = _weight_operand(k, fp.b, False, plan, w, io, amax_w)
+    B = B if B is not None else _weight_operand(k, fp.b, False, plan, w, io, amax_w)
     return k.mm(A, B, x2.dtype, fast_accum=fp.kernel.startswith("fp8")), A, B
 
 
-def _dgrad(dy, w, B_fprop, amax_g, plan: GemmPlan, io: LayerIO, out_dtype, G=None):
+def _dgrad(dy, w, B_fprop, amax_g, plan: GemmPlan, io: LayerIO, out_dtype, G=None, B=None):
     """``dx = Q(dy) Q(W)`` -> ``(dx, G, B)``, the quantized operands of ``dy`` and ``W``.
-    ``B_fprop``: fprop's weight operand where the plan reuses it, else None. ``G``: ``dy``'s
-    operand where the caller computed it already."""
+    ``B_fprop``: fprop's weight operand where the plan reuses it, else None. ``G`` / ``B``: the
+    operand of ``dy`` / dgrad's weight operand where the caller computed it already."""
     k = KERNELS[plan.dgrad.kernel]
     if G is None:
         G = k.operand(dy, plan.dgrad.a, rounding=plan.precision.grad_rounding, amax=_for(plan.dgrad.a, amax_g))
-    B = k.transposed(B_fprop) if B_fprop is not None else None
-    B = B if B is not None else _weight_operand(k, plan.dgrad.b, True, plan, w, io)
+    if B is None:
+        B = k.transposed(B_fprop) if B_fprop is not None else None
+        B = B if B is not None else _weight_operand(k, plan.dgrad.b, True, plan, w, io)
     return k.mm(G, B, out_dtype), G, B
+
+
+def _input_operand(x, plan: GemmPlan):
+    """fprop's operand of ``x`` as ``_fprop`` derives it (current scaling)."""
+    fmt = plan.fprop.a
+    return KERNELS["emulated" if _gemv_applies(plan, x) else plan.fprop.kernel].operand(x, fmt)
+
+
+def _grad_operand(dy, plan: GemmPlan):
+    """dgrad's operand of ``dy`` as ``_dgrad`` derives it (current scaling)."""
+    return KERNELS[plan.dgrad.kernel].operand(dy, plan.dgrad.a, rounding=plan.precision.grad_rounding)
+
+
+@functools.cache
+def _operand_function(plan: GemmPlan, gemm: str):
+    """One function object per plan and GEMM (a compiled caller guards on its identity)."""
+    return functools.partial(_input_operand if gemm == "fprop" else _grad_operand, plan=plan)
 
 
 def _wgrad(dy, x2, A_fprop, G, amax_g, w_a, plan: GemmPlan):
@@ -249,9 +280,11 @@ class RecurrentGemms:
     - stochastic rounding of the gradient (``grad_rounding: stochastic``) draws its random numbers
       in another order, so dgrad too matches the per-step calls in distribution only.
 
-    Where the plan does not reuse fprop's weight operand in dgrad (the packed GEMV ran, or dgrad's
-    weight format or kernel is another), dgrad's own is derived once per backward and kept for
-    the steps (until the caller's node is freed) instead of once per step.
+    The weight's operands are derived once per loop, not once per step: fprop's by the forward
+    loop's first step (without a weight history), dgrad's (fprop's transposed, or its own where
+    the plan does not reuse fprop's: the packed GEMV ran, or dgrad's weight format or kernel is
+    another) by the backward's first step, and taken by the steps after it (also inside a CUDA
+    graph's capture, where a per-step layer call derives them again at every step).
 
     Weight-gradient hooks see what they see for a per-step caller: autograd sums the T per-step
     gradients of a leaf before its hooks run, so hooks on the latent weight, the native carrier's
@@ -262,12 +295,13 @@ class RecurrentGemms:
     io: LayerIO
     input_history: torch.Tensor | None = None  # delayed scaling of the input (an amax history)
     weight_history: torch.Tensor | None = None
-    # dgrad's own weight operand (where fprop's is not reused), kept from one step's dgrad to the
-    # next: the layer's cache holds it only weakly, so each step would derive it again
-    _held: list = field(default_factory=list, repr=False)
-    # the same for fprop's weight operand where dgrad does not take it (no step's ``saved`` holds
-    # it then), from the first step of a forward loop to ``end_forward``
+    # the weight operands of a loop's steps, derived by its first step and taken by the others (no
+    # cache lookup, and none to miss: inside a CUDA graph's capture every lookup would derive it
+    # again): fprop's from the first step of a forward loop to ``end_forward``; dgrad's, with what
+    # it was derived from (the fprop operand it transposes, or the weights' versions), for the steps
+    # of a backward
     _held_fprop: list = field(default_factory=list, repr=False)
+    _held: list = field(default_factory=list, repr=False)
     # input_cast(x) / grad_cast(dy) are operands in the plan's formats, not x and dy themselves (as a
     # plain nn.Linear's are): a recurrence keeps x and dy apart from them
     operand_is_input = False
@@ -285,16 +319,18 @@ class RecurrentGemms:
         ``a``: ``input_cast(x)``, where the caller computed it already."""
         amax_x = delayed_amax(self.input_history, x)
         amax_w = delayed_amax(self.weight_history, weights[0])
-        y, _, B = _fprop(x, self._w(weights), amax_x, amax_w, self.plan, self.io, None if a is None else (a, None))
+        # a weight history moves its amax at every step; a compiled graph shares the operand itself
+        hold = self.weight_history is None and not torch.compiler.is_compiling()
+        B = self._held_fprop[0] if hold and self._held_fprop else None
+        y, _, B = _fprop(x, self._w(weights), amax_x, amax_w, self.plan, self.io, a, B)
+        if hold and B is not None:
+            self._held_fprop[:] = [B]
         if self.plan.reuse_weight and B is not None:
             return y, B
-        if B is not None and not torch.compiler.is_compiling():  # compiled graphs share it themselves
-            self._held_fprop[:] = [B]
         return y, (None, None)
 
     def end_forward(self):
-        """The forward loop is over: drop fprop's weight operand kept for its steps (where no step's
-        ``saved`` keeps it for the backward)."""
+        """The forward loop is over: drop fprop's weight operand kept for its steps."""
         self._held_fprop.clear()
 
     def dgrad(self, dy, weights, saved, need_dx: bool = True, g=None):
@@ -309,10 +345,16 @@ class RecurrentGemms:
         if not need_dx:
             return None
         B_fprop = saved if saved[0] is not None else None
-        dx, _, B = _dgrad(dy, self._w(weights), B_fprop, amax_g, self.plan, self.io, dy.dtype,
-                          None if g is None else (g, None))
-        if B_fprop is None and not torch.compiler.is_compiling():  # compiled graphs share it themselves
-            self._held[:] = [B]
+        w = self._w(weights)
+        hold = not torch.compiler.is_compiling()
+        # what dgrad's weight operand comes from: fprop's operand (that very tensor), or the weights
+        source = (B_fprop[0] if B_fprop is not None else _version_tag(w)) if hold else None
+        B = None
+        if hold and self._held and (self._held[0][0] is source or (B_fprop is None and self._held[0][0] == source)):
+            B = self._held[0][1]
+        dx, _, B = _dgrad(dy, w, B_fprop, amax_g, self.plan, self.io, dy.dtype, g, B)
+        if hold:
+            self._held[:] = [(source, B)]
         return dx
 
     @property
@@ -328,22 +370,22 @@ class RecurrentGemms:
 
     @property
     def input_cast(self):
-        """``x -> fprop's operand values of x`` as one elementwise function (see
-        ``GemmKernel.plain_cast``) where fprop's input format is a plain cast and no delayed
-        scaling or packed GEMV is involved, else None: a caller may compute it fused with the
-        work that produces ``x`` and pass it to ``fprop`` as ``a``."""
-        plan = self.plan
-        if self.input_history is not None or plan.gemv is not None:
+        """``x -> fprop's operand of x`` (``a``), one function for every step (the kernel's operand: an
+        elementwise cast for an unscaled format, the amax reduction and the scaled cast for a scaled
+        one), where no delayed scaling is involved, else None: a caller may compute it together with
+        the work that produces ``x`` (an LSTM's cell: in its compiled kernel) and pass it to ``fprop``
+        as ``a``."""
+        if self.input_history is not None:
             return None
-        return KERNELS[plan.fprop.kernel].plain_cast(plan.fprop.a)
+        return _operand_function(self.plan, "fprop")
 
     @property
     def grad_cast(self):
-        """As ``input_cast``, for dgrad's gradient operand (``dgrad``'s ``g``)."""
-        plan = self.plan
-        if self.io.grad_history is not None:
+        """As ``input_cast``, for dgrad's gradient operand (``dgrad``'s ``g``); None also where the
+        gradient is rounded stochastically (its random draws stay in ``dgrad``)."""
+        if self.io.grad_history is not None or self.plan.precision.grad_rounding != "nearest":
             return None
-        return KERNELS[plan.dgrad.kernel].plain_cast(plan.dgrad.a, plan.precision.grad_rounding)
+        return _operand_function(self.plan, "dgrad")
 
     @property
     def recording(self) -> bool:

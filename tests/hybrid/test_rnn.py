@@ -18,6 +18,7 @@ from torch import nn
 import lowprec
 from hybrid.rnn import LSTMLayer, LSTMRecurrence
 from lowprec import KERNELS, LayerPrecision, PrecisionPolicy, Telemetry, apply_policy
+from lowprec.gemm import LayerIO
 from lowprec.nn import QLinear
 
 
@@ -337,15 +338,83 @@ def test_dgrad_weight_operand_derived_once_per_backward(monkeypatch):
     assert counts == [1, T]
 
 
+class KeepsNothing:
+    """An operand cache that keeps nothing: every lookup derives the operand again, as every lookup
+    inside a CUDA graph's capture does."""
+
+    @staticmethod
+    def get(key, tag, make):
+        return make()
+
+
+@pytest.mark.parametrize("dgrad_weight", [None, "bf16"], ids=["reuses-fprop", "own-operand"])
+def test_weight_operands_derived_once_per_loop_where_no_cache_keeps_them(monkeypatch, dgrad_weight):
+    """With an operand cache that keeps nothing, the recurrence still quantizes its weight once per
+    forward loop and once per backward (fprop's operand transposed once, or dgrad's own derived
+    once) instead of at every step; every output and gradient is bit-identical to the loops run
+    with the layer's own cache."""
+    from hybrid.rnn import _recurrence_backward, _recurrence_forward
+    from lowprec.gemm import RecurrentGemms
+
+    p = {"weight": "fp8_e4m3", "input": "fp8_e4m3", "grad": "fp8_e5m2"}
+    if dgrad_weight:
+        p["dgrad"] = {"weight": dgrad_weight}
+    d, T, B = 16, 6, 2
+    torch.manual_seed(0)
+    layer = QLinear(d, 4 * d, bias=False, precision=LayerPrecision.from_fields(p))
+    assert layer.plan.reuse_weight == (dgrad_weight is None)
+    w = layer.weight.detach()
+    emulated = KERNELS["emulated"]
+    operand, transposed = emulated.operand, emulated.transposed
+    counts = [0, 0, 0]  # fprop's weight operand derived, dgrad's own derived, fprop's transposed
+
+    def counting(t, fmt, **kw):
+        counts[1 if kw.get("transposed", False) else 0] += t is w
+        return operand(t, fmt, **kw)
+
+    def counting_transposed(op):
+        counts[2] += 1
+        return transposed(op)
+
+    monkeypatch.setattr(emulated, "operand", counting)
+    monkeypatch.setattr(emulated, "transposed", counting_transposed)
+    gx, h, c = (torch.randn(*shape) for shape in ((B, T, 4 * d), (B, d), (B, d)))
+    dy, dh, dc = (torch.randn(*shape) for shape in ((B, T, d), (B, d), (B, d)))
+    results = []
+    for cache in (KeepsNothing(), layer._io.cache):
+        counts[:] = [0, 0, 0]
+        gemms = RecurrentGemms(layer.plan, LayerIO(cache))
+        fwd = _recurrence_forward(gx, h, c, None, torch.float32, gemms, (w, None, None, None))
+        hs_prev, cs_prev, acts, tanh_cs, saved = fwd[3:]
+        da, dh0, dc0, dws = _recurrence_backward(dy, dh, dc, None, hs_prev, cs_prev, acts, tanh_cs, gemms,
+                                                 (w, None, None, None), saved, need_state=True, need_w=True)
+        results.append([*fwd[:7], da, dh0, dc0, dws[0]])
+        assert counts == ([1, 0, 1] if dgrad_weight is None else [1, 1, 0])
+    for i, (a, b) in enumerate(zip(*results, strict=True)):
+        assert torch.equal(a, b), i
+
+
+# (precision fields, described device, the kernel fprop and dgrad run on): unscaled casts on the
+# bf16 tensor cores; int8 inputs with a scale per token (a row reduction); FP8 with per-tensor scales
+# (a whole-tensor amax) on the FP8 tensor cores (torch._scaled_mm runs on the CPU too)
+CELL_OPERANDS = {
+    "bf16": ({"weight": "bf16", "input": "bf16", "grad": "bf16"}, "sm80", "bf16_tensorcore"),
+    "fp16": ({"weight": "fp16", "input": "fp16", "grad": "fp16"}, "sm80", "bf16_tensorcore"),
+    "int8-per-token": ({"weight": "int8", "input": "int8", "grad": "bf16"}, "sm80", "bf16_tensorcore"),
+    "fp8-per-tensor": ({"weight": "fp8_e4m3", "input": {"format": "fp8_e4m3", "granularity": "tensor"},
+                        "grad": {"format": "fp8_e5m2", "granularity": "tensor"}}, "sm90", "fp8_tensorwise"),
+}
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["eager-cells", "compiled-cells"])
-@pytest.mark.parametrize("fmt", ["bf16", "fp16"])
+@pytest.mark.parametrize("fmt", list(CELL_OPERANDS))
 def test_the_cells_compute_the_next_gemm_operand(fmt, fused, device):
-    """With the bf16 tensor-core plan (on the CPU: described for sm80, run on CPU tensors) the
-    recurrent GEMMs offer their input and gradient casts as elementwise functions, and each step's
-    cell computes the next GEMM's operand (compiled: inside the cell's kernel). Forward outputs,
-    saved tensors and every gradient are bit-identical to the loop in which the GEMMs cast their
-    operands themselves, with the cells as eager functions and compiled (inductor's C++ kernels on
-    the CPU, Triton's on CUDA)."""
+    """The recurrent GEMMs offer their input and gradient operands as functions of the step's
+    output (on the CPU: plans described for a GPU, run on CPU tensors), and each step's cell
+    computes the next GEMM's operand (compiled: inside the cell's graph, the amax reduction of a
+    scaled format included). Forward outputs, saved tensors and every gradient are bit-identical
+    to the loop in which the GEMMs quantize their operands themselves, with the cells as eager
+    functions and compiled (inductor's C++ kernels on the CPU, Triton's on CUDA)."""
     from hybrid.rnn import _recurrence_backward, _recurrence_forward
     from lowprec.gemm import RecurrentGemms
 
@@ -356,12 +425,14 @@ def test_the_cells_compute_the_next_gemm_operand(fmt, fused, device):
     class CastsItself(RecurrentGemms):
         input_cast = grad_cast = None
 
+    fields, described, kernel = CELL_OPERANDS[fmt]
+    if not cpu and kernel.startswith("fp8") and torch.cuda.get_device_capability(device) < (8, 9):
+        pytest.skip("FP8 tensor cores need compute capability 8.9")
     torch.manual_seed(0)
     d = 16
-    layer = QLinear(d, 4 * d, bias=False, precision=LayerPrecision.from_fields({"weight": fmt, "input": fmt, "grad": fmt}),
-                    device=device)
-    plan = layer.plan_for("sm80" if cpu else device)
-    assert plan.fprop.kernel == plan.dgrad.kernel == "bf16_tensorcore"
+    layer = QLinear(d, 4 * d, bias=False, precision=LayerPrecision.from_fields(fields), device=device)
+    plan = layer.plan_for(described if cpu else device)
+    assert plan.fprop.kernel == plan.dgrad.kernel == kernel
     offers, plain = RecurrentGemms(plan, layer._io), CastsItself(plan, layer._io)
     assert offers.input_cast is not None and offers.grad_cast is not None and plain.input_cast is None
     weights = (layer.weight.detach(), None, None, None)
