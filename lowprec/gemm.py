@@ -350,8 +350,10 @@ class RecurrentGemms:
         # what dgrad's weight operand comes from: fprop's operand (that very tensor), or the weights
         source = (B_fprop[0] if B_fprop is not None else _version_tag(w)) if hold else None
         B = None
-        if hold and self._held and (self._held[0][0] is source or (B_fprop is None and self._held[0][0] == source)):
-            B = self._held[0][1]
+        if hold and self._held:
+            kept = self._held[0][0]
+            if kept is source or (isinstance(kept, tuple) and isinstance(source, tuple) and kept == source):
+                B = self._held[0][1]
         dx, _, B = _dgrad(dy, w, B_fprop, amax_g, self.plan, self.io, dy.dtype, g, B)
         if hold:
             self._held[:] = [(source, B)]
