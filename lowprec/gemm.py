@@ -140,6 +140,19 @@ def _gemv_applies(plan: GemmPlan, x2) -> bool:
     return plan.gemv is not None and x2.is_cuda and x2.shape[0] <= GEMV_MAX_ROWS
 
 
+def _input_operand(x, plan: GemmPlan, amax=None):
+    """fprop's operand of ``x`` (where the packed GEMV runs, the reference kernel's values, which it
+    reads); ``amax``: a delayed amax, or None (current scaling)."""
+    kernel = "emulated" if _gemv_applies(plan, x) else plan.fprop.kernel
+    return KERNELS[kernel].operand(x, plan.fprop.a, amax=_for(plan.fprop.a, amax))
+
+
+def _grad_operand(dy, plan: GemmPlan, amax=None):
+    """dgrad's operand of ``dy``; ``amax`` as for `_input_operand`."""
+    fmt = plan.dgrad.a
+    return KERNELS[plan.dgrad.kernel].operand(dy, fmt, rounding=plan.precision.grad_rounding, amax=_for(fmt, amax))
+
+
 def _fprop(x2, w, amax_x, amax_w, plan: GemmPlan, io: LayerIO, A=None, B=None):
     """``y = Q(x2) Q(W)^T`` (no bias) in ``x2``'s dtype -> ``(y, A, B)``, the quantized operands
     of ``x2`` and ``W`` (None where the packed GEMV ran). ``w``: the master weight, or the native
@@ -150,11 +163,10 @@ def _fprop(x2, w, amax_x, amax_w, plan: GemmPlan, io: LayerIO, A=None, B=None):
     if io.record is not None:
         io.record("input", x2, fp.a)
         io.record("weight", (lambda: _native(plan, w).dequantize()) if native else w, fp.b)
+    A = A if A is not None else _input_operand(x2, plan, amax_x)
     if _gemv_applies(plan, x2):
-        xq = (A if A is not None else KERNELS["emulated"].operand(x2, fp.a, amax=_for(fp.a, amax_x)))[0]
-        return to_dtype(gemv.packed_gemv(xq, w[0], w[1], plan.out_features), x2.dtype), None, None
+        return to_dtype(gemv.packed_gemv(A[0], w[0], w[1], plan.out_features), x2.dtype), None, None
     k = KERNELS[fp.kernel]
-    A = A if A is not None else k.operand(x2, fp.a, amax=_for(fp.a, amax_x))
     B = B if B is not None else _weight_operand(k, fp.b, False, plan, w, io, amax_w)
     return k.mm(A, B, x2.dtype, fast_accum=fp.kernel.startswith("fp8")), A, B
 
@@ -164,23 +176,11 @@ def _dgrad(dy, w, B_fprop, amax_g, plan: GemmPlan, io: LayerIO, out_dtype, G=Non
     ``B_fprop``: fprop's weight operand where the plan reuses it, else None. ``G`` / ``B``: the
     operand of ``dy`` / dgrad's weight operand where the caller computed it already."""
     k = KERNELS[plan.dgrad.kernel]
-    if G is None:
-        G = k.operand(dy, plan.dgrad.a, rounding=plan.precision.grad_rounding, amax=_for(plan.dgrad.a, amax_g))
+    G = G if G is not None else _grad_operand(dy, plan, amax_g)
     if B is None:
         B = k.transposed(B_fprop) if B_fprop is not None else None
         B = B if B is not None else _weight_operand(k, plan.dgrad.b, True, plan, w, io)
     return k.mm(G, B, out_dtype), G, B
-
-
-def _input_operand(x, plan: GemmPlan):
-    """fprop's operand of ``x`` as ``_fprop`` derives it (current scaling)."""
-    fmt = plan.fprop.a
-    return KERNELS["emulated" if _gemv_applies(plan, x) else plan.fprop.kernel].operand(x, fmt)
-
-
-def _grad_operand(dy, plan: GemmPlan):
-    """dgrad's operand of ``dy`` as ``_dgrad`` derives it (current scaling)."""
-    return KERNELS[plan.dgrad.kernel].operand(dy, plan.dgrad.a, rounding=plan.precision.grad_rounding)
 
 
 @functools.cache
