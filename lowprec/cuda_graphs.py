@@ -57,9 +57,10 @@ def _signature(t: torch.Tensor | None, strides: bool):
 
 class _Graph:
     """``fn(*copied, *fixed)`` captured; ``copied`` are copied into buffers at each call, the last
-    ``strided`` of them into buffers of their own strides (weights copied in), the others contiguous."""
+    ``strided`` of them into buffers of their own strides (weights copied in), the others contiguous.
+    ``first``: what the warm-up run returned, with ``keep_first``."""
 
-    def __init__(self, fn, copied, fixed, strided: int = 0):
+    def __init__(self, fn, copied, fixed, strided: int = 0, keep_first: bool = False):
         first = len(copied) - strided
         self.inputs = [None if t is None else torch.empty_like(t) if i >= first
                        else torch.empty_like(t, memory_format=torch.contiguous_format)
@@ -68,7 +69,11 @@ class _Graph:
         stream = torch.cuda.Stream(device=self._device(copied, fixed))
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), shared_operands():  # warm-up on the capture stream
-            fn(*self.inputs, *fixed)
+            warm = fn(*self.inputs, *fixed)
+        # ``keep_first``: the warm-up's results are this call's (a function that writes its fixed inputs has
+        # done this call's work in its warm-up)
+        self.first = warm if keep_first else None
+        del warm
         self.graph = torch.cuda.CUDAGraph()
         # the fixed inputs are not kept: a later call of this signature passes a tensor at each address
         with torch.cuda.graph(self.graph, pool=_pool(stream.device), stream=stream,
@@ -99,28 +104,33 @@ class GraphCache:
     signature, make no host synchronisation and return tensors (in any nesting of tuples and lists)
     or Nones.
 
+    ``mutating``: ``fn`` writes its fixed inputs in place (an optimizer's state): they are never
+    copied in (fixed inputs at new addresses get a graph of their own, up to ``max_graphs``; past it
+    ``fn`` runs as it is), and the call that captures a graph is the graph's warm-up run, which does
+    that call's work, and is not also replayed.
+
     ``captures``, ``replays`` and ``moves`` (of the fixed inputs; from 2 on, they are copied in)
     count what happened. A cache is dropped, not copied, with a copy of its owner
     (``copy.deepcopy`` and pickling give an empty one)."""
 
-    def __init__(self, max_graphs: int = 16, max_bytes: int = 1 << 30):
-        self.max_graphs, self.max_bytes = max_graphs, max_bytes
+    def __init__(self, max_graphs: int = 16, max_bytes: int = 1 << 30, mutating: bool = False):
+        self.max_graphs, self.max_bytes, self.mutating = max_graphs, max_bytes, mutating
         self._graphs: dict = {}
         self._seen: set = set()
         self._addresses: dict = {}  # signature without addresses -> the fixed inputs' addresses last seen
         self.captures = self.replays = self.moves = 0
 
     def __reduce__(self):
-        return type(self), (self.max_graphs, self.max_bytes)
+        return type(self), (self.max_graphs, self.max_bytes, self.mutating)
 
     def __call__(self, fn: Callable, copied: Sequence[torch.Tensor | None], fixed: Sequence[torch.Tensor | None],
                  key: Hashable):
         # buffers made under inference mode cannot be written outside it: a graph of its own there
         shapes = (key, torch.is_inference_mode_enabled(), tuple(_signature(t, False) for t in copied),
                   tuple(_signature(t, True) for t in fixed))
-        if self.moves < 2:
+        if self.moves < 2 or self.mutating:
             addresses = tuple(None if t is None else t.data_ptr() for t in fixed)
-            if self._addresses.setdefault(shapes, addresses) != addresses:
+            if self._addresses.setdefault(shapes, addresses) != addresses and not self.mutating:
                 self._addresses[shapes] = addresses
                 self.moves += 1
                 if self.moves >= 2:  # graphs of addresses that will not come back
@@ -135,8 +145,11 @@ class GraphCache:
             if sig not in self._seen or len(self._graphs) >= self.max_graphs or size > self.max_bytes:
                 self._seen.add(sig)
                 return fn(*copied, *fixed)
-            graph = self._graphs[sig] = _Graph(fn, inputs, fixed_in, strided)
+            graph = self._graphs[sig] = _Graph(fn, inputs, fixed_in, strided, keep_first=self.mutating)
             self.captures += 1
+            if self.mutating:  # the warm-up did this call's work: replaying now would do it twice
+                first, graph.first = graph.first, None
+                return first
         self.replays += 1
         return graph(inputs)
 

@@ -51,6 +51,50 @@ def uniform_like(v: torch.Tensor, generator: torch.Generator | None) -> torch.Te
     return torch.rand(v.shape, generator=generator, device=v.device, dtype=torch.float32)
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mul32_(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x <- (x * c) mod 2^32`` in place, for int64 ``x`` in ``[0, 2^32)`` and a constant
+    ``c < 2^32``: in two 16-bit halves of ``c``, so that no int64 product overflows (each stays
+    below ``2^48``)."""
+    high = ((x * (c >> 16)) & 0xFFFF) << 16
+    return x.mul_(c & 0xFFFF).add_(high).bitwise_and_(_M32)
+
+
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """``x <- h(x)`` in place: a bijection of ``[0, 2^32)`` whose every output bit depends on every
+    input bit (xor-shifts and odd multiplies with the constants of C. Wellons' ``lowbias32``), in
+    int64 arithmetic."""
+    x.bitwise_xor_(x >> 16)
+    _mul32_(x, 0x7FEB352D)
+    x.bitwise_xor_(x >> 15)
+    _mul32_(x, 0x846CA68B)
+    return x.bitwise_xor_(x >> 16)
+
+
+def counter_uniform(shape, key: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """U[0, 1) fp32 noise of ``shape``, a function of its arguments only: element ``i`` (row-major)
+    is ``(h(i xor b) >> 8) 2^-24``, a 24-bit fraction, where ``h`` is :func:`_mix32_` and the
+    32-bit word ``b`` mixes ``key`` (a 0-d int64 tensor, up to 63 bits) and ``counter`` (a 0-d
+    int64 tensor; its low 32 bits count). Unlike a generator it has no state to seed or advance: a
+    compiled graph computes it inside the kernel that uses it, and a CUDA graph that advances
+    ``counter`` in place draws new noise at every replay. Within one call no two elements below
+    ``2^32`` share their hash (``h`` is a bijection); different ``(key, counter)`` give unrelated
+    streams."""
+    base = key.bitwise_and(_M32).bitwise_xor_(
+        _mix32_(key.bitwise_right_shift(32).bitwise_xor_(_mix32_(counter.bitwise_and(_M32)))))
+    _mix32_(base)
+    n = 1
+    for d in shape:
+        n *= d
+    i = torch.arange(n, device=key.device, dtype=torch.int64)
+    if n > 1 << 32:  # the high word of the index, folded in before the hash (static: the shape's)
+        i = (i & _M32).bitwise_xor_(_mix32_(i >> 32))
+    x = _mix32_(i.bitwise_xor_(base))
+    return (x >> 8).to(torch.float32).mul_(2.0**-24).reshape(shape)
+
+
 def round_float_grid(v: torch.Tensor, fmt: Format, rounding: str, generator=None, noise=None) -> torch.Tensor:
     """Round float32 ``v`` onto ``fmt``'s minifloat grid, saturating at ``fmt.max_value``.
 

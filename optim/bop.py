@@ -53,9 +53,19 @@ unless set in the param group.
 
 State per layer: ``momentum`` (``(G, N)`` in ``momentum_dtype``: ``bf16`` by default, written with
 stochastic rounding, see :mod:`optim.moments`; or ``fp32``), ``scale_exp_avg``,
-``scale_exp_avg_sq`` (fp32, one per scale group), ``step`` (a 0-d fp32 tensor) and ``calls`` (see
-:mod:`optim.base`). Resident bytes per weight, bf16 momentum: binary 1/8 + 2 = 2.125, ternary
-2/8 + 2 = 2.25, plus 12 bytes per scale group and 4 per layer.
+``scale_exp_avg_sq`` (fp32, one per scale group), ``step`` (a 0-d fp32 tensor), ``draws`` (a 0-d
+int64 tensor: the updates tried, skipped ones included) and ``noise_key`` (a 0-d int64 tensor made
+from the optimizer's seed and the layer's position), which pick the stochastic rounding's noise
+(:func:`lowprec.rounding.counter_uniform`: a hash of key, count and element, computed inside the
+update's kernels, with no generator to reseed), and ``calls`` (see :mod:`optim.base`). Every state
+tensor is updated in place. Resident bytes per weight, bf16 momentum: binary 1/8 + 2 = 2.125,
+ternary 2/8 + 2 = 2.25, plus 12 bytes per scale group and 20 per layer.
+
+Running it: each layer's update is one function of tensors written in place (`layer_step`), compiled
+on CUDA (two or three small graphs for a whole model: the layers' shapes become symbolic after the
+second), and from the second ``step()`` with the same layers, gradients and state, a param group's
+whole update is replayed as one CUDA graph (the gradients and ``lr`` copied into it; a group whose
+gradients exceed ``GRAPH_MAX_BYTES`` runs its compiled updates one by one).
 """
 
 from __future__ import annotations
@@ -67,11 +77,13 @@ import torch
 import lowprec
 from lowprec.common import check_real
 from lowprec.packing import pack_codes, unpack_codes
-from lowprec.rounding import round_float_grid, uniform_like
+from lowprec.qtensor import QTensor
+from lowprec.cuda_graphs import GraphCache
+from lowprec.rounding import counter_uniform, round_float_grid
 from lowprec.scaling import ABSMEAN_EPS, to_groups
 
-from .base import TargetOptimizer, check_betas, describe_target, is_native_layer, local
-from .moments import check_moment_dtype, store_zeros
+from .base import TargetOptimizer, check_betas, describe_target, is_native_layer, local, shard_coordinate
+from .moments import check_moment_dtype, noise_seed, store_zeros
 
 MOMENTUM_DTYPES = ("fp32", "bf16")
 _BF16 = lowprec.format("bf16")
@@ -83,7 +95,7 @@ def code_step(values, transition, bits: int, data, g_w, s, m, noise, gamma: floa
     ``s`` (G, 1) scales, ``m`` the stored momentum (fp32, or bf16 with ``noise``: U[0, 1) draws
     shaped like it for its stochastic rounding), ``values`` / ``transition`` the optimizer's rule.
 
-    One function of tensors and constants, so that on CUDA it runs compiled (inside `layers_step`):
+    One function of tensors and constants, so that on CUDA it runs compiled (inside `layer_step`):
     the unpacking, the momentum, the transition, the packing, the rounding and the scale's gradient
     in a few fused kernels instead of ~70 launches a layer. Compiled and eager compute the same ops;
     the fused kernels may round the fp32 momentum's ``lerp`` and the scale gradient's sum differently
@@ -111,42 +123,47 @@ def scale_step(s, dlog_s, t, exp_avg, exp_avg_sq, lr, b1: float, b2: float, eps:
     return (s * torch.exp(m / denom * (-lr / (1 - b1**t)))).clamp_(min=ABSMEAN_EPS), m, v
 
 
-def layers_step(rule, layers, lr, skip, gamma: float, tau: float, b1: float, b2: float, eps: float):
-    """One update of every layer of a param group: ``layers`` a list of ``(packed data, stored scale,
-    g_w, s, m, noise, step, scale_exp_avg, scale_exp_avg_sq)`` (the weight's storage, `code_step`'s
-    operands, the updates taken so far, the scale's Adam moments): writes each layer's new packed data
-    and stored scale into its storage (in place) and returns a list of its new ``(momentum,
-    scale_exp_avg, scale_exp_avg_sq, step)``; where ``skip`` (a 0-d bool tensor, or None) is set,
-    the old values, bit for bit. ``rule``: a class's `_rule`."""
-    out = []
-    for data, scale, g_w, s, m, noise, t, exp_avg, exp_avg_sq in layers:
-        t_new = t + 1
-        new_data, new_m, dlog_s = rule(data, g_w, s, m, noise, gamma, tau)
-        new_s, new_avg, new_avg_sq = scale_step(s, dlog_s, t_new, exp_avg, exp_avg_sq, lr, b1, b2, eps)
-        new = (new_data.reshape(data.shape), new_s.reshape(scale.shape).to(scale.dtype), new_m, new_avg, new_avg_sq,
-               t_new)
-        if skip is not None:
-            new = tuple(torch.where(skip, o, n) for o, n in zip((data, scale, m, exp_avg, exp_avg_sq, t), new))
-        data.copy_(new[0])  # compiled, the last kernels write the storage themselves
-        scale.copy_(new[1])
-        out.append(new[2:])
-    return out
+def layer_step(rule, data, scale, g_w, s, m, key, draws, t, exp_avg, exp_avg_sq, lr, skip, gamma: float,
+               tau: float, b1: float, b2: float, eps: float) -> None:
+    """One update of one layer, every result written in place: its packed ``data`` and stored
+    ``scale`` (the weight's storage), its stored momentum ``m`` (a view of the state, shaped like
+    ``g_w``), ``t`` (the 0-d step count), the scale's Adam moments, and ``draws`` (the 0-d int64 count
+    of updates tried, skipped ones included), which with the layer's ``key`` picks the momentum's
+    stochastic-rounding noise (:func:`lowprec.rounding.counter_uniform`; bf16 momentum only). Where
+    ``skip`` (a 0-d bool tensor, or None) is set, everything but ``draws`` keeps its old value, bit
+    for bit. ``rule``: a class's `_rule`; ``lr`` a float or a 0-d float64 tensor.
+
+    A function of tensors and constants written in place, so that on CUDA it runs compiled (a few
+    fused kernels, the noise computed inside them) and a group's updates can be captured and replayed
+    as one CUDA graph (`_CodeMomentumOptimizer`)."""
+    draws.add_(1)
+    noise = counter_uniform(m.shape, key, draws) if m.dtype == torch.bfloat16 else None
+    t_new = t + 1
+    new_data, new_m, dlog_s = rule(data, g_w, s, m, noise, gamma, tau)
+    new_s, new_avg, new_avg_sq = scale_step(s, dlog_s, t_new, exp_avg, exp_avg_sq, lr, b1, b2, eps)
+    new = (new_data.reshape(data.shape), new_s.reshape(scale.shape).to(scale.dtype), new_m, new_avg, new_avg_sq, t_new)
+    for old, value in zip((data, scale, m, exp_avg, exp_avg_sq, t), new):
+        old.copy_(value if skip is None else torch.where(skip, old, value))
 
 
 _COMPILED: dict = {}
 BACKEND = "inductor"  # the compiler backend of the compiled updates
 COMPILE_ON = ("cuda",)  # the device types whose updates run compiled
+GRAPHS_ON = ("cuda",)  # the device types whose param groups' updates are replayed as CUDA graphs (compiled ones)
+GRAPH_MAX_BYTES = 1 << 30  # no graph for a group whose gradients exceed this: the graph copies them in
 
 
-def _compiled_layers(rule, gamma: float, tau: float, b1: float, b2: float, eps: float):
-    """`layers_step` of ``rule`` compiled whole (one graph for a group's layers: a few fused
-    kernels a layer, launched from one call), with the group's constants written in (one compiled
-    function per rule and constants; ``lr``, which schedules move, stays an input). A call past
-    torch's recompile limit (many groups, or groups of new shapes) runs it eagerly."""
+def _compiled_layer(rule, gamma: float, tau: float, b1: float, b2: float, eps: float):
+    """`layer_step` of ``rule`` compiled, the group's constants written in (one compiled function per
+    rule and constants; ``lr``, which schedules move, stays an input). Its first call compiles for
+    that layer's shapes, a call with other shapes recompiles once with the shapes symbolic, and later
+    layers reuse that graph: a model's update compiles two or three small graphs whatever its number
+    of layers. A call past torch's recompile limit runs eagerly."""
     key = (rule, gamma, tau, b1, b2, eps)
     if key not in _COMPILED:
-        def step(layers, lr, skip):
-            return layers_step(rule, layers, lr, skip, gamma, tau, b1, b2, eps)
+        def step(data, scale, g_w, s, m, key, draws, t, exp_avg, exp_avg_sq, lr, skip):
+            layer_step(rule, data, scale, g_w, s, m, key, draws, t, exp_avg, exp_avg_sq, lr, skip, gamma, tau, b1, b2,
+                       eps)
         compiled = torch.compile(step, fullgraph=True, backend=BACKEND)
 
         def call(*args):
@@ -156,6 +173,9 @@ def _compiled_layers(rule, gamma: float, tau: float, b1: float, b2: float, eps: 
                 return step(*args)  # raised before the function ran: nothing to undo
         _COMPILED[key] = call
     return _COMPILED[key]
+
+
+_LAYER_STATE = ("momentum", "noise_key", "draws", "step", "scale_exp_avg", "scale_exp_avg_sq")
 
 
 class _CodeMomentumOptimizer(TargetOptimizer):
@@ -170,6 +190,8 @@ class _CodeMomentumOptimizer(TargetOptimizer):
         defaults = {"lr": lr, "gamma": gamma, "threshold": threshold, "betas": betas, "eps": eps,
                     "momentum_dtype": momentum_dtype}
         super().__init__(params, defaults, seed)
+        # a group's update replayed as one CUDA graph; its state tensors written where they are
+        self._graphs = GraphCache(max_graphs=8, max_bytes=GRAPH_MAX_BYTES, mutating=True)
 
     def _check_group(self, group: dict) -> None:
         check_real("gamma", group["gamma"], "in (0, 1] (the adaptivity rate of the gradient average)",
@@ -221,33 +243,56 @@ class _CodeMomentumOptimizer(TargetOptimizer):
         st["scale_exp_avg"] = torch.zeros_like(s)
         st["scale_exp_avg_sq"] = torch.zeros_like(s)
 
-    def _step_group(self, group: dict, items: list, skip: torch.Tensor | None) -> None:
-        """Every layer of the group in one `layers_step` (one compiled call on CUDA), the skip on the
-        device flag inside it; the packed codes and scales written into the layers' storage."""
-        operands = []
+    def _noise_state(self, layer, st: dict, index: int, grad: torch.Tensor) -> None:
+        """The layer's noise key and device count of updates tried, made on its first update (or for a
+        state saved without them: ``draws`` from the host count ``calls``, which `_begin` has moved)."""
+        if "noise_key" not in st:
+            target = index + (shard_coordinate(grad) << 32)  # the shards of one weight draw apart
+            key = noise_seed(self.seed, type(self).__name__, target, 0)
+            st["noise_key"] = torch.tensor(key, dtype=torch.int64).to(layer.w_data.device)
+        if "draws" not in st:
+            st["draws"] = torch.tensor(st["calls"] - 1, dtype=torch.int64).to(layer.w_data.device)
+
+    def _step_group(self, group: dict, items: list, skip: torch.Tensor | None, graphs: bool = True) -> None:
+        """Every layer of the group through `layer_step` (compiled on CUDA), the skip on the device flag
+        inside it, everything written in place; on CUDA, from the second step of the same layers,
+        gradients and state on, the whole group replayed as one CUDA graph (``graphs``: allowed)."""
+        grads, fixed, layout = [], [], []
         for layer, grad, index in items:
             st = self._begin(group, layer)
+            self._noise_state(layer, st, index, grad)
             q = layer.native_weight
-            g_w, _ = to_groups(local(grad), q.fmt)  # (G, N) fp32, block padding zero
-            m = st["momentum"].reshape(g_w.shape)  # as optim.moments.store wrote it: fp32, or bf16
-            noise = None
-            if group["momentum_dtype"] != "fp32":  # drawn as optim.moments.store draws them
-                noise = uniform_like(m, self._noise(g_w.device, index, st["calls"]))
-            operands.append((q.data, q.scale, g_w, q.group_scales(), m, noise, st["step"], st["scale_exp_avg"],
-                             st["scale_exp_avg_sq"]))
-        device = operands[0][0].device
+            grads.append(local(grad))
+            fixed += [q.data, q.scale, *(st[k] for k in _LAYER_STATE)]
+            layout.append((q.fmt, tuple(q.shape), q.padded_last))
+        device = grads[0].device
         constants = (group["gamma"], group["threshold"], *group["betas"], group["eps"])
         if device.type in COMPILE_ON:
+            update = _compiled_layer(self._rule, *constants)
             lr = torch.full((), group["lr"], dtype=torch.float64, device=device)  # an input: schedules move it
-            out = _compiled_layers(self._rule, *constants)(operands, lr, skip)
         else:
-            out = layers_step(self._rule, operands, group["lr"], skip, *constants)
-        for (layer, _, _), state in zip(items, out):
-            st = self.state[layer]
-            st["momentum"], st["scale_exp_avg"], st["scale_exp_avg_sq"], st["step"] = state
+            def update(*args):
+                layer_step(self._rule, *args, *constants)
+            lr = group["lr"]
+
+        def run(lr, skip, *tensors):
+            for i, (fmt, shape, padded) in enumerate(layout):
+                data, scale, m, key, draws, t, exp_avg, exp_avg_sq = tensors[len(layout) + 8 * i:][:8]
+                g_w, _ = to_groups(tensors[i], fmt)  # (G, N) fp32, block padding zero
+                s = QTensor(data, scale, None, fmt, shape, padded).group_scales()
+                update(data, scale, g_w, s, m.view(g_w.shape), key, draws, t, exp_avg, exp_avg_sq, lr, skip)
+
+        if graphs and device.type in GRAPHS_ON and device.type in COMPILE_ON:
+            self._graphs(run, [lr, skip, *grads], fixed, (self._rule, constants, tuple(layout)))
+        else:
+            run(lr, skip, *grads, *fixed)
 
     def _apply(self, group: dict, layer, grad: torch.Tensor, index: int, skip: torch.Tensor | None = None) -> None:
-        self._step_group(group, [(layer, grad, index)], skip)
+        self._step_group(group, [(layer, grad, index)], skip, graphs=False)  # one layer, in backward: no graph
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._graphs.clear()  # the graphs wrote the replaced state tensors
 
 
 class Bop(_CodeMomentumOptimizer):

@@ -103,7 +103,7 @@ def test_a_step_with_non_finite_gradients_changes_nothing_but_the_scale():
         for i, st in part["state"].items():
             for k, v in st.items():
                 old = state["parts"][name]["state"][i][k]
-                if k == "calls":
+                if k in ("calls", "draws"):  # updates tried (on the host; a native layer's on the device too)
                     assert v == old + 1
                 elif isinstance(v, torch.Tensor):
                     assert torch.equal(v, old), (name, k)

@@ -144,3 +144,62 @@ def test_fake_quant_cast_path_for_fp8_matches_the_grouped_path(name, granularity
         fast, (ref, _) = fake_quant(t, fmt), quantize_dequantize(t, fmt)
         same = (fast.view(torch.int32) == ref.view(torch.int32)) | (fast.isnan() & ref.isnan())
         assert bool(same.all()), (t[~same][:8], fast[~same][:8], ref[~same][:8])
+
+
+# ---- counter-based noise ---------------------------------------------------------------------------
+_M32 = 0xFFFFFFFF
+
+
+def _mix32_int(x: int) -> int:
+    """The hash written with Python integers (arbitrary precision: no overflow to avoid)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def _counter_uniform_int(key: int, counter: int, i: int) -> float:
+    base = _mix32_int((key & _M32) ^ _mix32_int((key >> 32) ^ _mix32_int(counter & _M32)))
+    return (_mix32_int(i ^ base) >> 8) * 2.0**-24
+
+
+@pytest.mark.parametrize("key,counter", [(0, 0), (12345, 7), ((1 << 63) - 1, (1 << 40) + 3)])
+def test_counter_noise_is_the_hash_of_key_count_and_element(key, counter, device):
+    """`counter_uniform` equals its definition evaluated with Python integers, element for element
+    (the int64 arithmetic that avoids overflow computes the same 32-bit hash), on the CPU and CUDA."""
+    from lowprec.rounding import counter_uniform
+
+    u = counter_uniform((7, 300), torch.tensor(key, device=device), torch.tensor(counter, device=device))
+    want = torch.tensor([_counter_uniform_int(key, counter, i) for i in range(2100)], dtype=torch.float64)
+    assert u.dtype == torch.float32 and u.shape == (7, 300)
+    assert torch.equal(u.cpu().flatten().double(), want)
+
+
+def test_counter_noise_is_uniform_and_new_for_each_count_and_key():
+    """2^20 draws are on the 2^-24 grid in [0, 1); their 256-bin histogram passes a chi-square test
+    (255 degrees of freedom: the statistic exceeds 400 with probability < 1e-7 for uniform draws);
+    draws of the next count, or of another key, agree with them no more than independent draws would
+    (at most 2^20 x 2^-24 = 1/16 expected coincidences: fewer than 10); consecutive draws are
+    uncorrelated (|r| < 0.01, 10 standard deviations of 2^-10)."""
+    from lowprec.rounding import counter_uniform
+
+    key, n = torch.tensor(987654321), 1 << 20
+    u = counter_uniform((n,), key, torch.tensor(1))
+    assert 0 <= float(u.min()) and float(u.max()) < 1
+    assert torch.equal(u * 2**24, (u * 2**24).floor())
+    hist = torch.histc(u, bins=256, min=0, max=1)
+    assert float(((hist - n / 256) ** 2 / (n / 256)).sum()) < 400
+    assert int((counter_uniform((n,), key, torch.tensor(2)) == u).sum()) < 10
+    assert int((counter_uniform((n,), torch.tensor(987654322), torch.tensor(1)) == u).sum()) < 10
+    assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 0.01
+
+
+def test_counter_noise_traces_to_the_same_bits():
+    """Compiled (`aot_eager`, fullgraph) the noise is the eager function's, bit for bit (integer
+    arithmetic and one exact conversion)."""
+    from lowprec.rounding import counter_uniform
+
+    compiled = torch.compile(counter_uniform, backend="aot_eager", fullgraph=True)
+    key, count = torch.tensor(42), torch.tensor(3)
+    assert torch.equal(compiled((33, 17), key, count), counter_uniform((33, 17), key, count))

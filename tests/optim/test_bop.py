@@ -176,11 +176,11 @@ def test_wrong_targets_raise():
         optim.Bop([latent[0]])
 
 
-def reference_update(kind: str, q, g: torch.Tensor, m: torch.Tensor, gen, gamma: float, tau: float):
-    """The module doc's rule written out op by op (per-tensor scale, G = 1), its bf16 momentum
-    stored by `optim.moments.store` -> (codes, stored momentum)."""
-    from optim.moments import store
-
+def reference_update(kind, q, g, m, u, gamma, tau):
+    """The module doc's rule written out op by op (per-tensor scale, G = 1), its momentum rounded
+    stochastically to bf16 by bit arithmetic: U[0, 1) noise ``u`` of 24-bit resolution adds
+    ``floor(u 2^16)`` to the fp32 magnitude's 16 bits that bf16 drops, and the sum is truncated
+    (the carry rounds up with probability equal to the dropped fraction) -> (codes, bf16 momentum)."""
     c = q.values().reshape(1, -1)
     s = q.group_scales()
     m = m.float().lerp(g.reshape(1, -1) * s, gamma)
@@ -189,28 +189,31 @@ def reference_update(kind: str, q, g: torch.Tensor, m: torch.Tensor, gen, gamma:
     else:
         new = (c + torch.where(m.abs() > tau, -torch.sign(m), 0.0)).clamp(-1, 1)
         m = m.masked_fill(new != c, 0.0)
-    st = {}
-    store(st, "momentum", m, "bf16", gen)
-    return new, st["momentum"]
+    bits = m.view(torch.int32) + (u.reshape(m.shape) * 2**16).to(torch.int32)  # exact: u 2^16 < 2^16
+    return new, (bits & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
 
 
 @pytest.mark.parametrize("kind,cls", [("binary", optim.Bop), ("ternary", optim.TernaryBop)])
 def test_update_equals_the_rule_with_stored_bf16_momentum(kind, cls):
     """Three steps from random gradients with the bf16 momentum: each step's codes and stored
-    momentum are bit-identical to the rule written out op by op with `optim.moments.store`'s
-    stochastic rounding drawing from the same seeded generator (the optimizer draws its noise
-    before the update, the reference inside the store: the same draws)."""
+    momentum are bit-identical to the rule written out op by op, its stochastic rounding done on
+    the bits with the noise the layer's key and count of updates give
+    (:func:`lowprec.rounding.counter_uniform`, keyed by the optimizer's seed and class and the
+    layer's position); the key and count are in the state (a checkpoint carries them)."""
+    from lowprec.rounding import counter_uniform
+    from optim.moments import noise_seed
+
     layer = native_layer(kind, 32, 64)
     gamma, tau = 0.3, 2e-3
     opt = cls([layer], gamma=gamma, threshold=tau, lr=1e-3, momentum_dtype="bf16", seed=5)
+    key = torch.tensor(noise_seed(5, cls.__name__, 0, 0))
     gen = torch.Generator().manual_seed(0)
     moved = 0
-    for _ in range(3):
-        q, m = layer.native_weight, opt.state[layer]["momentum"] if opt.state.get(layer) else torch.zeros(1, 32 * 64)
+    for step in range(1, 4):
+        q, m = layer.native_weight, opt.state[layer]["momentum"].clone() if opt.state.get(layer) else torch.zeros(1, 2048)
         layer.native_grad = torch.randn(32, 64, generator=gen) * 0.1
-        calls = opt.state[layer]["calls"] + 1 if opt.state.get(layer) else 1
-        want_codes, want_m = reference_update(kind, q, layer.native_grad, m, opt._noise(torch.device("cpu"), 0, calls),
-                                              gamma, tau)
+        u = counter_uniform((1, 32 * 64), key, torch.tensor(step))
+        want_codes, want_m = reference_update(kind, q, layer.native_grad, m, u, gamma, tau)
         before = codes_of(layer).reshape(1, -1).clone()
         opt.step()
         got = codes_of(layer).reshape(1, -1)
@@ -218,15 +221,18 @@ def test_update_equals_the_rule_with_stored_bf16_momentum(kind, cls):
         assert torch.equal(got, want_codes)
         assert opt.state[layer]["momentum"].dtype == torch.bfloat16
         assert torch.equal(opt.state[layer]["momentum"], want_m)
+        assert int(opt.state[layer]["draws"]) == step and int(opt.state[layer]["noise_key"]) == int(key)
     assert moved > 0  # the steps moved codes: the transitions were exercised
 
 
 def test_compiled_rules_trace_whole_and_equal_eager(monkeypatch):
-    """A param group's update (its layers of three shapes together, the skip on the device flag
-    inside) traces as one graph (fullgraph) with the rule's constants, compiled once per momentum
-    dtype and not again on later steps, Bop and TernaryBop in one process: under `aot_eager` (the
-    traced ATen ops run as they are) the codes, momenta, scales and step counts equal the eager
-    update's bit for bit, a skipped step's included."""
+    """A layer's update (the noise and the skip on the device flag inside) traces as one graph
+    (fullgraph) with the rule's constants. A group of layers of three shapes compiles two graphs
+    (the first layer's shapes; at the second shape once more, with the shapes symbolic, which the
+    third reuses), fp32 momentum one more (its dtype, shapes already symbolic), nothing on later
+    steps; Bop and TernaryBop in one process. Under `aot_eager` (the traced ATen ops run as they
+    are) the codes, momenta, scales, step and draw counts equal the eager update's bit for bit,
+    a skipped step's included."""
     import copy
 
     import torch._dynamo
@@ -244,6 +250,7 @@ def test_compiled_rules_trace_whole_and_equal_eager(monkeypatch):
     monkeypatch.setattr(optim.bop, "BACKEND", counting)
     monkeypatch.setattr(optim.bop, "_COMPILED", {})
     for kind, cls in [("binary", optim.Bop), ("ternary", optim.TernaryBop)]:
+        graphs = []
         for momentum_dtype in ("bf16", "fp32"):
             layers = [native_layer(kind, 32, 64), native_layer(kind, 48, 128, seed=1), native_layer(kind, 16, 256, 2)]
             twins = copy.deepcopy(layers)
@@ -261,13 +268,18 @@ def test_compiled_rules_trace_whole_and_equal_eager(monkeypatch):
                 for a, b in zip(layers, twins):
                     assert torch.equal(a.native_weight.data, b.native_weight.data)
                     assert torch.equal(a.native_weight.scale, b.native_weight.scale)
-                    assert torch.equal(opts[0].state[a]["momentum"], opts[1].state[b]["momentum"])
-                    assert torch.equal(opts[0].state[a]["step"], opts[1].state[b]["step"])
+                    for k in ("momentum", "step", "draws", "scale_exp_avg"):
+                        assert torch.equal(opts[0].state[a][k], opts[1].state[b][k]), k
+                    # traced, `addcmul_` is decomposed into a multiply and an add, rounded twice: one ulp
+                    torch.testing.assert_close(opts[0].state[a]["scale_exp_avg_sq"],
+                                               opts[1].state[b]["scale_exp_avg_sq"], rtol=2.0**-23, atol=0)
+                graphs.append(counters["stats"]["unique_graphs"])
             assert all(int(opts[0].state[a]["step"]) == 2 for a in layers)  # the skipped step not counted
+            assert all(int(opts[0].state[a]["draws"]) == 3 for a in layers)  # but tried: new noise after it
         assert traced, cls  # this rule's update ran compiled
-        # one graph per momentum dtype, none anew on later steps (the backend may be called
-        # twice for one graph: dynamo restarts a trace once to specialize its float constants)
-        assert counters["stats"]["unique_graphs"] == 2, cls
+        # (the backend may be called twice for one graph: dynamo restarts a trace once to
+        # specialize its float constants; unique_graphs counts graphs)
+        assert graphs == [2, 2, 2, 3, 3, 3], (cls, graphs)
         traced.clear()
         counters.clear()
     assert len(optim.bop._COMPILED) == 2
@@ -278,9 +290,10 @@ def test_compiled_rules_trace_whole_and_equal_eager(monkeypatch):
 @pytest.mark.parametrize("kind,cls", [("binary", optim.Bop), ("ternary", optim.TernaryBop)])
 @pytest.mark.parametrize("momentum_dtype", ["bf16", "fp32"])
 def test_compiled_update_on_cuda_equals_eager(kind, cls, momentum_dtype):
-    """On CUDA a group's update runs compiled (`optim.bop.layers_step`, one graph): in each of 3
-    steps of two layers of different shapes, from the same state, the codes equal the eager
-    function's exactly, the stored momentum is within one bf16 ulp (rtol 2^-7, bf16) / 1e-6 (fp32)
+    """On CUDA each layer's update runs compiled (`optim.bop.layer_step`) and the group's update is
+    replayed as one CUDA graph from its second step (step 1 compiles, step 2 captures while doing its
+    work, steps 3 and 4 replay): in each of 4 steps of two layers of different shapes, from the same
+    state, the codes equal the eager function's exactly, the noise's draw counts too, the stored momentum is within one bf16 ulp (rtol 2^-7, bf16) / 1e-6 (fp32)
     of the element or of the layer's largest momentum, and the scales within rtol 1e-5 (the fused
     kernels may round the fp32 lerp, the scale gradient's sum and the scale's Adam arithmetic
     differently in the last bit; a flip needs |m| to cross tau, which no draw here puts within an
@@ -294,16 +307,18 @@ def test_compiled_update_on_cuda_equals_eager(kind, cls, momentum_dtype):
     opts = [cls(ls, gamma=0.3, threshold=2e-3, lr=1e-3, momentum_dtype=momentum_dtype, seed=5)
             for ls in (layers, twins)]
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for _ in range(3):
+    for step in range(4):
         for a, b in zip(layers, twins):
             a.native_grad = torch.randn(a.native_weight.shape, generator=gen, device="cuda") * 0.1
             b.native_grad = a.native_grad.clone()
-        opts[0].step()  # compiled
+        opts[0].step()  # compiled, replayed as a graph from the second step
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(optim.bop, "COMPILE_ON", ())
             opts[1].step()
+        assert (opts[0]._graphs.captures, opts[0]._graphs.replays) == ((0, 0), (1, 0), (1, 1), (1, 2))[step]
         for a, b in zip(layers, twins):
             assert torch.equal(codes_of(a), codes_of(b))
+            assert int(opts[0].state[a]["draws"]) == int(opts[1].state[b]["draws"]) == step + 1
             ma, mb = opts[0].state[a]["momentum"].float(), opts[1].state[b]["momentum"].float()
             tol = 2.0**-7 if momentum_dtype == "bf16" else 1e-6  # one bf16 ulp / a few fp32 ulps, relative
             diff = (ma - mb).abs()

@@ -186,14 +186,17 @@ FUSED = {"latent": {"fused": True}, "other": {"fused": True}}  # torch's fused A
 
 
 def without_calls(sd):
-    """An optimizer state dict without the ``calls`` counters (updates tried: a skip counts too)."""
+    """An optimizer state dict without the counts of updates tried (``calls`` on the host, ``draws``
+    on the device: a skip counts too)."""
     if isinstance(sd, dict):
-        return {k: without_calls(v) for k, v in sd.items() if k != "calls"}
+        return {k: without_calls(v) for k, v in sd.items() if k not in ("calls", "draws")}
     return sd
 
 
 def calls(opt) -> list[int]:
-    return [st["calls"] for part in opt.parts.values() for st in part.state.values() if "calls" in st]
+    """Each target's count of updates tried, and a native part's count on the device beside it."""
+    return [(st["calls"], int(st["draws"]) if "draws" in st else None)
+            for part in opt.parts.values() for st in part.state.values() if "calls" in st]
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["adamw", "fused-adamw"])
@@ -217,7 +220,7 @@ def test_a_step_skipped_on_the_device_flag_changes_nothing(fused):
     opt.step(found_inf=torch.ones(()))
     assert_bit_identical(weights, model.state_dict(), "weights")
     assert_bit_identical(without_calls(before), without_calls(opt.state_dict()), "optimizer state")
-    assert calls(opt) == [n + 1 for n in tried]
+    assert calls(opt) == [(n + 1, None if d is None else d + 1) for n, d in tried]
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["adamw", "fused-adamw"])
