@@ -107,7 +107,8 @@ class GraphCache:
     ``mutating``: ``fn`` writes its fixed inputs in place (an optimizer's state): they are never
     copied in (fixed inputs at new addresses get a graph of their own, up to ``max_graphs``; past it
     ``fn`` runs as it is), and the call that captures a graph is the graph's warm-up run, which does
-    that call's work, and is not also replayed.
+    that call's work, and is not also replayed. A replay bumps the fixed inputs' version counters,
+    as an in-place op would: whatever keys on them (a layer's operand cache) sees the new values.
 
     ``captures``, ``replays`` and ``moves`` (of the fixed inputs; from 2 on, they are copied in)
     count what happened. A cache is dropped, not copied, with a copy of its owner
@@ -151,7 +152,10 @@ class GraphCache:
                 first, graph.first = graph.first, None
                 return first
         self.replays += 1
-        return graph(inputs)
+        out = graph(inputs)
+        if self.mutating:  # written behind autograd's back: bump their versions as an in-place op would
+            torch.autograd.graph.increment_version([t for t in fixed if t is not None])
+        return out
 
     def clear(self) -> None:
         """Drop every graph (their memory returns to the pool) and start afresh."""

@@ -202,7 +202,7 @@ def test_graph_cache_decides_when_to_capture(monkeypatch):
     made = []
 
     class Recorded:
-        def __init__(self, fn, copied, fixed, strided=0):
+        def __init__(self, fn, copied, fixed, strided=0, keep_first=False):
             self.fn, self.fixed = fn, fixed
             made.append(self)
 
