@@ -128,6 +128,18 @@ def shared_operands():
         _CAPTURE.operands = before
 
 
+def _hold_scope(t: torch.Tensor):
+    """Where a weight operand derived now may be taken again: inside the CUDA graph capture in
+    progress on ``t``'s device, only by that capture (its `shared_operands` table, or a token of its
+    own without one); outside any capture, by steps outside captures (None). A capture that took an
+    operand derived before it would record reads of memory its replays do not refresh: every later
+    replay would read that step's weights (or, once the operand is freed, whatever took its memory)."""
+    if not (t.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return None
+    table = getattr(_CAPTURE, "operands", None)
+    return table if table is not None else object()
+
+
 def _native(plan: GemmPlan, w) -> QTensor:
     """The native weight ``(data, scale, global)`` as a QTensor (views, no copy)."""
     fmt, K = plan.precision.weight, plan.in_features
@@ -299,7 +311,7 @@ class RecurrentGemms:
     # cache lookup, and none to miss: inside a CUDA graph's capture every lookup would derive it
     # again): fprop's from the first step of a forward loop to ``end_forward``; dgrad's, with what
     # it was derived from (the fprop operand it transposes, or the weights' versions), for the steps
-    # of a backward
+    # of a backward; each with the capture it was derived in (`_hold_scope`), where alone it is taken
     _held_fprop: list = field(default_factory=list, repr=False)
     _held: list = field(default_factory=list, repr=False)
     # input_cast(x) / grad_cast(dy) are operands in the plan's formats, not x and dy themselves (as a
@@ -321,10 +333,11 @@ class RecurrentGemms:
         amax_w = delayed_amax(self.weight_history, weights[0])
         # a weight history moves its amax at every step; a compiled graph shares the operand itself
         hold = self.weight_history is None and not torch.compiler.is_compiling()
-        B = self._held_fprop[0] if hold and self._held_fprop else None
+        scope = _hold_scope(x)
+        B = self._held_fprop[0][1] if hold and self._held_fprop and self._held_fprop[0][0] is scope else None
         y, _, B = _fprop(x, self._w(weights), amax_x, amax_w, self.plan, self.io, a, B)
         if hold and B is not None:
-            self._held_fprop[:] = [B]
+            self._held_fprop[:] = [(scope, B)]
         if self.plan.reuse_weight and B is not None:
             return y, B
         return y, (None, None)
@@ -349,14 +362,16 @@ class RecurrentGemms:
         hold = not torch.compiler.is_compiling()
         # what dgrad's weight operand comes from: fprop's operand (that very tensor), or the weights
         source = (B_fprop[0] if B_fprop is not None else _version_tag(w)) if hold else None
+        scope = _hold_scope(dy)
         B = None
         if hold and self._held:
-            kept = self._held[0][0]
-            if kept is source or (isinstance(kept, tuple) and isinstance(source, tuple) and kept == source):
-                B = self._held[0][1]
+            kept_scope, kept, kept_B = self._held[0]
+            same = kept is source or (isinstance(kept, tuple) and isinstance(source, tuple) and kept == source)
+            if same and kept_scope is scope:
+                B = kept_B
         dx, _, B = _dgrad(dy, w, B_fprop, amax_g, self.plan, self.io, dy.dtype, g, B)
         if hold:
-            self._held[:] = [(source, B)]
+            self._held[:] = [(scope, source, B)]
         return dx
 
     @property

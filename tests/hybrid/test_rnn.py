@@ -556,6 +556,42 @@ def test_compiled_cell_compiles_once_across_dispatch_contexts():
     torch._dynamo.reset()
 
 
+def test_a_held_weight_operand_is_taken_only_in_the_capture_that_derived_it(monkeypatch):
+    """A CUDA graph records the memory its kernels read: a weight operand derived outside a capture
+    (its warm-up, an earlier step) and taken inside it would be read by every replay, never
+    refreshed (a later step's weights unseen; garbage once freed). Where the capture scope changes
+    (`lowprec.gemm._hold_scope`, stood in for here: the CPU has no captures), fprop and dgrad get
+    the weight's operand again (inside a capture: derived by it), and within one scope they take the
+    one they hold; the outputs are the same numbers either way."""
+    import lowprec.gemm as lg
+
+    d, B = 16, 2
+    torch.manual_seed(0)
+    fp8 = {"weight": "fp8_e4m3", "input": {"format": "fp8_e4m3", "granularity": "tensor"}, "storage": "native"}
+    hh = QLinear.from_float(nn.Linear(d, 4 * d, bias=False), LayerPrecision.from_fields(fp8))
+    gemms, weights = hh.recurrent_gemms()
+    gemms = dataclasses.replace(gemms, plan=dataclasses.replace(gemms.plan, reuse_weight=False))
+    made = []  # the weight operands looked up or derived (a held one is neither)
+    real = lg._weight_operand
+    monkeypatch.setattr(lg, "_weight_operand", lambda *a, **k: made.append(1) or real(*a, **k))
+    scopes = {"now": None}
+    monkeypatch.setattr(lg, "_hold_scope", lambda t: scopes["now"])
+    x, dy = torch.randn(B, d), torch.randn(B, 4 * d)
+    with torch.no_grad():
+        counts, outputs = [], []
+        for scope in (None, None, "capture-1", "capture-1", "capture-2", None):
+            scopes["now"] = scope
+            y, saved = gemms.fprop(x, weights)
+            dx = gemms.dgrad(dy, weights, saved)
+            counts.append(len(made))
+            outputs.append((y, dx))
+    # fprop holds its operand until the loop ends (not ended here), dgrad its own: one each at the
+    # first step, none in the same scope, one each again at every change of scope
+    assert counts == [2, 2, 4, 4, 6, 8]
+    for y, dx in outputs[1:]:
+        assert torch.equal(y, outputs[0][0]) and torch.equal(dx, outputs[0][1])
+
+
 @pytest.mark.parametrize("native", [False, True], ids=["latent", "native"])
 def test_recurrence_derives_fprop_weight_operand_once(monkeypatch, native):
     """Where dgrad does not take fprop's weight operand (on a GPU: FP8 per-tensor fprop, row-wise
@@ -583,7 +619,8 @@ def test_recurrence_derives_fprop_weight_operand_once(monkeypatch, native):
         assert all(saved == (None, None) for _, saved in steps)
         for x, (y, _) in zip(xs, steps):
             assert torch.equal(y, hh(x))
-        held = gemms._held_fprop[0]
+        scope, held = gemms._held_fprop[0]
+        assert scope is None  # derived outside any CUDA graph capture
         gemms.end_forward()
         assert gemms._held_fprop == []
     del steps
