@@ -75,6 +75,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowprec.cuda_graphs import GraphCache
+from lowprec.gemm import loop_scope
 
 from .config import CHUNK_POOLS
 
@@ -281,8 +282,9 @@ def _plan_of(gemms):
 def _run_forward(gx, h, c, valid, ad, gemms, weights, graphs, fused: bool):
     """`_recurrence_forward`, replayed as a CUDA graph when ``graphs`` (a `GraphCache`) is given;
     the per-step ``saved`` is then None (the backward derives it again, `fprop_saved`)."""
-    if graphs is None:
-        return _recurrence_forward(gx, h, c, valid, ad, gemms, weights, fused)
+    if graphs is None:  # (inside a compiled step's capture: the loop's steps share its weight operands)
+        with loop_scope(gx):
+            return _recurrence_forward(gx, h, c, valid, ad, gemms, weights, fused)
 
     def loop(gx, h, c, valid, *weights):
         return _recurrence_forward(gx, h, c, valid, ad, gemms, weights, fused)[:7]
@@ -301,7 +303,8 @@ def _run_backward(dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, gemms, wei
                                     need_state, need_w, fused)
     copied = (dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs)
     if graphs is None:
-        return loop(*copied, *weights)
+        with loop_scope(dy):
+            return loop(*copied, *weights)
     return graphs(loop, copied, weights, ("backward", need_state, need_w, fused, _plan_of(gemms)))
 
 

@@ -128,6 +128,18 @@ def shared_operands():
         _CAPTURE.operands = before
 
 
+@contextlib.contextmanager
+def loop_scope(t: torch.Tensor):
+    """Within: a loop of steps on ``t``'s device, run inside a CUDA graph capture that opened no
+    `shared_operands` table (a compiled step's whole-graph capture), gets a table of its own, so its
+    steps share the weight operands its first step derives inside the capture. Elsewhere a no-op."""
+    if t.is_cuda and torch.cuda.is_current_stream_capturing() and getattr(_CAPTURE, "operands", None) is None:
+        with shared_operands():
+            yield
+    else:
+        yield
+
+
 def _hold_scope(t: torch.Tensor):
     """Where a weight operand derived now may be taken again: inside the CUDA graph capture in
     progress on ``t``'s device, only by that capture (its `shared_operands` table, or a token of its
