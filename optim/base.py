@@ -16,7 +16,8 @@ State is kept per target (``self.state[target]``): ``"step"``, the updates taken
 tensor on the target's device (as torch.optim keeps it), and ``"calls"``, the updates tried (taken or
 skipped), a Python int; ``state_dict()`` numbers targets in group order and round-trips exactly
 (tensors are copied bit for bit; the stochastic-rounding noise is reseeded from (seed, target,
-calls), see :mod:`optim.moments`).
+calls), see :mod:`optim.moments`, or, for Bop and TernaryBop, computed from a key and a device count
+kept in the state, see :mod:`optim.bop`).
 
 Sharded Parameters. A Parameter that FSDP2 has sharded (a ``DTensor``) is updated through its local
 shard (``local``): the state holds tensors of the shard's shape and the update reads and writes the

@@ -210,7 +210,8 @@ def test_update_equals_the_rule_with_stored_bf16_momentum(kind, cls):
     gen = torch.Generator().manual_seed(0)
     moved = 0
     for step in range(1, 4):
-        q, m = layer.native_weight, opt.state[layer]["momentum"].clone() if opt.state.get(layer) else torch.zeros(1, 2048)
+        m = opt.state[layer]["momentum"].clone() if opt.state.get(layer) else torch.zeros(1, 2048)
+        q = layer.native_weight
         layer.native_grad = torch.randn(32, 64, generator=gen) * 0.1
         u = counter_uniform((1, 32 * 64), key, torch.tensor(step))
         want_codes, want_m = reference_update(kind, q, layer.native_grad, m, u, gamma, tau)
@@ -293,8 +294,9 @@ def test_compiled_update_on_cuda_equals_eager(kind, cls, momentum_dtype):
     """On CUDA each layer's update runs compiled (`optim.bop.layer_step`) and the group's update is
     replayed as one CUDA graph from its second step (step 1 compiles, step 2 captures while doing its
     work, steps 3 and 4 replay): in each of 4 steps of two layers of different shapes, from the same
-    state, the codes equal the eager function's exactly, the noise's draw counts too, the stored momentum is within one bf16 ulp (rtol 2^-7, bf16) / 1e-6 (fp32)
-    of the element or of the layer's largest momentum, and the scales within rtol 1e-5 (the fused
+    state, the codes equal the eager function's exactly, the noise's draw counts too, the stored
+    momentum is within one bf16 ulp (rtol 2^-7, bf16) / 1e-6 (fp32) of the element or of the
+    layer's largest momentum, and the scales within rtol 1e-5 (the fused
     kernels may round the fp32 lerp, the scale gradient's sum and the scale's Adam arithmetic
     differently in the last bit; a flip needs |m| to cross tau, which no draw here puts within an
     ulp of it)."""
