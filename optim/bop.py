@@ -76,9 +76,9 @@ import torch
 
 import lowprec
 from lowprec.common import check_real
+from lowprec.cuda_graphs import GraphCache
 from lowprec.packing import pack_codes, unpack_codes
 from lowprec.qtensor import QTensor
-from lowprec.cuda_graphs import GraphCache
 from lowprec.rounding import counter_uniform, round_float_grid
 from lowprec.scaling import ABSMEAN_EPS, to_groups
 
