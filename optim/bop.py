@@ -176,6 +176,7 @@ def _compiled_layer(rule, gamma: float, tau: float, b1: float, b2: float, eps: f
 
 
 _LAYER_STATE = ("momentum", "noise_key", "draws", "step", "scale_exp_avg", "scale_exp_avg_sq")
+_PER_LAYER = 2 + len(_LAYER_STATE)  # a layer's tensors written in place: its data and scale, then its state
 
 
 class _CodeMomentumOptimizer(TargetOptimizer):
@@ -277,7 +278,8 @@ class _CodeMomentumOptimizer(TargetOptimizer):
 
         def run(lr, skip, *tensors):
             for i, (fmt, shape, padded) in enumerate(layout):
-                data, scale, m, key, draws, t, exp_avg, exp_avg_sq = tensors[len(layout) + 8 * i:][:8]
+                first = len(layout) + _PER_LAYER * i
+                data, scale, m, key, draws, t, exp_avg, exp_avg_sq = tensors[first:first + _PER_LAYER]
                 g_w, _ = to_groups(tensors[i], fmt)  # (G, N) fp32, block padding zero
                 s = QTensor(data, scale, None, fmt, shape, padded).group_scales()
                 update(data, scale, g_w, s, m.view(g_w.shape), key, draws, t, exp_avg, exp_avg_sq, lr, skip)
