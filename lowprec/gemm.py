@@ -177,6 +177,12 @@ def _grad_operand(dy, plan: GemmPlan, amax=None):
     return KERNELS[plan.dgrad.kernel].operand(dy, fmt, rounding=plan.precision.grad_rounding, amax=_for(fmt, amax))
 
 
+def _operand_pair(kernel: str, t, fmt, rounding: str, amax):
+    """``(op, op_t)``: ``t``'s operand for ``kernel`` and, where the kernel makes both in one pass,
+    the transposed one a later GEMM reuses (else None: that GEMM transposes ``op`` itself)."""
+    return KERNELS[kernel].operands(t, fmt, rounding=rounding, amax=_for(fmt, amax))
+
+
 def _fprop(x2, w, amax_x, amax_w, plan: GemmPlan, io: LayerIO, A=None, B=None):
     """``y = Q(x2) Q(W)^T`` (no bias) in ``x2``'s dtype -> ``(y, A, B)``, the quantized operands
     of ``x2`` and ``W`` (None where the packed GEMV ran). ``w``: the master weight, or the native
@@ -213,18 +219,20 @@ def _operand_function(plan: GemmPlan, gemm: str):
     return functools.partial(_input_operand if gemm == "fprop" else _grad_operand, plan=plan)
 
 
-def _wgrad(dy, x2, A_fprop, G, amax_g, w_a, plan: GemmPlan):
+def _wgrad(dy, x2, A_fprop, G, amax_g, w_a, plan: GemmPlan, A_t=None, G_t=None):
     """``dW = Q(dy)^T Q(x2)`` (then the weight STE when latent): fp32 for a native weight (its
     carrier's gradient), else in the master's dtype. ``A_fprop``/``G``: fprop's input operand and
-    dgrad's gradient operand where the plan reuses them, else None."""
+    dgrad's gradient operand where the plan reuses them, else None; ``A_t``/``G_t``: the same
+    already transposed, where they were made so with them (they are then taken as they are)."""
     p, dg, wg = plan.precision, plan.dgrad, plan.wgrad
     native = p.storage == "native"
     k = KERNELS[wg.kernel]
-    A = k.transposed(G) if plan.reuse_grad and G is not None else None
+    A = G_t if G_t is not None else k.transposed(G) if plan.reuse_grad and G is not None else None
     if A is None:
         A = k.operand(dy, wg.a, rounding=p.grad_rounding, amax=_for(wg.a, amax_g) if wg.a == dg.a else None,
                       transposed=True)
-    B = k.transposed(A_fprop) if A_fprop is not None else k.operand(x2, wg.b, transposed=True)
+    B = A_t if A_t is not None else k.transposed(A_fprop) if A_fprop is not None else \
+        k.operand(x2, wg.b, transposed=True)
     dw = k.mm(A, B, torch.float32 if native else w_a.dtype)
     if not native:
         pseudo = weight_pseudo_grad(w_a, plan.fprop.b, p.ste)
@@ -240,33 +248,41 @@ class QLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, w_a, w_b, w_c, bias, carrier, amax_x, amax_w, plan: GemmPlan, io: LayerIO):
         native = plan.precision.storage == "native"
-        y, A, B = _fprop(x2, (w_a, w_b, w_c) if native else w_a, amax_x, amax_w, plan, io)
+        A = A_t = None
+        if plan.reuse_input and not _gemv_applies(plan, x2):  # wgrad's operand from the same pass, where it can
+            A, A_t = _operand_pair(plan.fprop.kernel, x2, plan.fprop.a, "nearest", amax_x)
+        y, A, B = _fprop(x2, (w_a, w_b, w_c) if native else w_a, amax_x, amax_w, plan, io, A)
         if bias is not None:
             y = y + bias.to(y.dtype)
         keep_x = plan.reuse_input and A is not None
         keep_w = plan.reuse_weight and B is not None
+        x_t = keep_x and A_t is not None  # what is kept of x is wgrad's operand itself
         ctx.plan, ctx.io = plan, io
-        ctx.meta = (bias is not None, None if bias is None else bias.dtype, x2.dtype, keep_x, keep_w)
+        ctx.meta = (bias is not None, None if bias is None else bias.dtype, x2.dtype, keep_x, keep_w, x_t)
         ctx.save_for_backward(None if keep_x else x2, w_a, w_b, w_c,
-                              *(A if keep_x else (None, None)), *(B if keep_w else (None, None)))
+                              *((A_t if x_t else A) if keep_x else (None, None)), *(B if keep_w else (None, None)))
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x2, w_a, w_b, w_c, xa, xs, wb, ws = ctx.saved_tensors
         plan, io = ctx.plan, ctx.io
-        has_bias, bias_dtype, x_dtype, keep_x, keep_w = ctx.meta
+        has_bias, bias_dtype, x_dtype, keep_x, keep_w, x_t = ctx.meta
         native = plan.precision.storage == "native"
         w = (w_a, w_b, w_c) if native else w_a
         dy = dy.contiguous()
         if io.record is not None:
             io.record("grad", dy, plan.dgrad.a)
         amax_g = delayed_amax(io.grad_history, dy)
-        dx = dw = G = None
+        dx = dw = G = G_t = None
+        wgrad = ctx.needs_input_grad[1] or ctx.needs_input_grad[5]
         if ctx.needs_input_grad[0]:
-            dx, G, _ = _dgrad(dy, w, (wb, ws) if keep_w else None, amax_g, plan, io, x_dtype)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[5]:
-            dw = _wgrad(dy, x2, (xa, xs) if keep_x else None, G, amax_g, w_a, plan)
+            if wgrad and plan.reuse_grad:  # wgrad's operand of dy from the same pass, where it can
+                G, G_t = _operand_pair(plan.dgrad.kernel, dy, plan.dgrad.a, plan.precision.grad_rounding, amax_g)
+            dx, G, _ = _dgrad(dy, w, (wb, ws) if keep_w else None, amax_g, plan, io, x_dtype, G)
+        if wgrad:
+            kept = (xa, xs) if keep_x else None
+            dw = _wgrad(dy, x2, None if x_t else kept, G, amax_g, w_a, plan, kept if x_t else None, G_t)
         db = dy.sum(0).to(bias_dtype) if has_bias and ctx.needs_input_grad[4] else None
         if native:  # the weight's gradient goes to the carrier
             return dx, None, None, None, db, dw, None, None, None, None

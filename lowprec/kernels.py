@@ -45,7 +45,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from . import gemv
+from . import fp8_cast, gemv
 from .common import to_dtype
 from .formats import Format
 from .rounding import torch_dtype_of
@@ -237,6 +237,11 @@ class GemmKernel(Kernel, abc.ABC):
         v, outer = op
         return None if (outer is not None and outer.numel() != 1) else (v.t(), outer)
 
+    def operands(self, t, fmt, *, rounding="nearest", amax=None):
+        """``(op, op_t)``: ``t``'s operand and, where this kernel makes both in one pass, the operand
+        of ``t`` transposed (what ``transposed(op)`` gives); else ``op_t`` is None."""
+        return self.operand(t, fmt, rounding=rounding, amax=amax), None
+
     def plain_cast(self, fmt, rounding="nearest"):
         """A function ``t -> values`` with ``operand(t, fmt, rounding=rounding) == (values, None)``
         (untransposed) that reads nothing but ``t``, elementwise, where this kernel has one for
@@ -415,6 +420,18 @@ class Fp8(_CodesKernel):
     @staticmethod
     def code_dtype(fmt):
         return fp8_grid(fmt)
+
+    def operand(self, t, fmt, *, rounding="nearest", amax=None, transposed=False):
+        # an E4M3/E5M2 format: the amax and scale as tensor operations (fused into what made ``t``),
+        # the cast, in the layout asked for, in one pass (lowprec.fp8_cast); the same codes
+        if fp8_cast.applies(t, fmt, rounding):
+            return fp8_cast.operand(t, fmt, amax=amax, transposed=transposed)
+        return super().operand(t, fmt, rounding=rounding, amax=amax, transposed=transposed)
+
+    def operands(self, t, fmt, *, rounding="nearest", amax=None):
+        if fp8_cast.applies(t, fmt, rounding) and fmt.granularity == "tensor":
+            return fp8_cast.operands(t, fmt, amax=amax)
+        return super().operands(t, fmt, rounding=rounding, amax=amax)
 
     @staticmethod
     def _layout(codes, outer, transposed):

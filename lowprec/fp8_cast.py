@@ -1,0 +1,264 @@
+"""FP8 operands in two reads of a tensor: its amax, then its E4M3 / E5M2 codes in one or both layouts.
+
+The FP8 tensor-core kernels (:mod:`lowprec.kernels`) need, per operand, an amax, a scale and the
+codes in the layout the GEMM reads (row-major, or transposed with the token dimension padded to a
+multiple of 16). Written as tensor operations, the cast is a chain (to fp32, divide, clamp where
+finite, cast, NaN where infinite) that the compiler fuses into whatever produced the tensor: a GELU's
+output quantized this way had its ``erf`` computed again in the amax kernel and in the cast kernel,
+and a layer norm's output was written out in fp32 for its cast to read. Here the operand is the
+operator ``lowprec::fp8_operand`` (:func:`operand`, :func:`operands`), which ``torch.compile`` keeps
+as one call, so the tensor it reads is computed once and stored in its own dtype. On CUDA it is two
+Triton kernels:
+
+- the amax (per tensor or per row): one read of the tensor (any 2-D strides; bf16, fp16 or fp32),
+  each program's maximum of ``|x|`` taken as integer bits (ordered as the numbers are, NaN above
+  infinity) and merged with one atomic maximum;
+- the cast: the scale from the amax (or from a delayed amax), then one more read of the tensor and
+  one write of its codes in each layout asked for: row-major, transposed with the token dimension
+  padded to a multiple of 16 (what a weight gradient reads), or both at once.
+
+The codes are those of :func:`lowprec.kernels.split` followed by the cast to the FP8 dtype, bit for
+bit (the division is IEEE round-to-nearest, ``tl.div_rn``, as eager's): ``v = x / s``; a finite
+``v`` is clamped to the format's largest value and rounded to nearest even; NaN stays NaN; an
+infinite ``v`` becomes NaN in E4M3 (no infinity) and keeps its infinity in E5M2. A NaN code is
+written as ``0x7F`` (its sign carries nothing). On the CPU, or without Triton, the operator computes
+the same with tensor operations (:func:`reference_operand`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .formats import Format
+from .rounding import torch_dtype_of
+
+try:  # Triton ships with CUDA builds of torch; the CPU build runs without it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    triton = None
+
+PAD = 16  # the transposed layout's last (token) dimension is padded to a multiple of this
+_DTYPES = {(4, 3): torch.float8_e4m3fn, (5, 2): torch.float8_e5m2}
+_NAN_CODE = 0x7F
+
+
+def fp8_dtype(fmt: Format | None, rounding: str = "nearest") -> torch.dtype | None:
+    """The FP8 dtype whose cast ``cast`` computes for ``fmt`` (an E4M3 or E5M2 float with its
+    dtype's range, absmax-scaled per tensor or per row, rounded to nearest), else None."""
+    if fmt is None or rounding != "nearest" or fmt.kind != "float" or fmt.scale != "absmax":
+        return None
+    if fmt.granularity not in ("tensor", "row"):
+        return None
+    dt = _DTYPES.get((fmt.exp_bits, fmt.man_bits))
+    if dt is None or torch_dtype_of(fmt) != dt or fmt.max_value != torch.finfo(dt).max:
+        return None
+    return dt
+
+
+def applies(t: torch.Tensor, fmt: Format | None, rounding: str = "nearest") -> bool:
+    """Whether ``t``'s operand in ``fmt`` is made here: a non-empty 2-D floating tensor and a format
+    of :func:`fp8_dtype`."""
+    return fp8_dtype(fmt, rounding) is not None and t.dim() == 2 and t.numel() > 0 and t.is_floating_point()
+
+
+def scales(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp32 scales of ``t`` (2-D) in ``fmt``, exactly those of :func:`lowprec.scaling.group_scales`:
+    ``(1,)`` per tensor, ``(rows, 1)`` per row; NaN where the group holds a NaN or an infinity.
+    ``amax``: a delayed (per-tensor) amax used instead of the measured one."""
+    per_row = fmt.granularity == "row"
+    measured = t.abs().amax(dim=1, keepdim=True) if per_row else t.abs().amax().reshape(1)
+    measured = measured.float()
+    stat = measured if amax is None else amax.to(torch.float32).reshape(1)
+    s = stat / torch.full((), fmt.max_value, dtype=torch.float32, device=t.device)
+    s = torch.where(s > 0, s, 1.0)
+    return torch.where(torch.isfinite(measured), s, float("nan"))
+
+
+def reference_cast(x: torch.Tensor, s: torch.Tensor, e5m2: bool, transposed: bool) -> torch.Tensor:
+    """The codes of ``x`` (M, K) under the scales ``s`` (``(1,)`` or ``(M, 1)``), computed with tensor
+    operations: ``(M, K)``, or with ``transposed`` ``(K, M)`` padded with zero codes."""
+    top = 57344.0 if e5m2 else 448.0
+    dt = torch.float8_e5m2 if e5m2 else torch.float8_e4m3fn
+    v = x.float() / s.reshape(-1, 1)
+    out = torch.where(torch.isfinite(v), v.clamp(-top, top), v)
+    if not e5m2:
+        out = torch.where(torch.isinf(v), float("nan"), out)
+    bits = out.to(dt).view(torch.uint8)
+    codes = torch.where(torch.isnan(out), torch.full_like(bits, _NAN_CODE), bits).view(dt)
+    if not transposed:
+        return codes.contiguous()
+    t = codes.t().contiguous().view(torch.uint8)
+    pad = (-t.shape[1]) % PAD
+    return torch.nn.functional.pad(t, (0, pad)).view(dt) if pad else t.view(dt)
+
+
+def _outputs(x: torch.Tensor, e5m2: bool, per_row: bool, rowmajor: bool, transposed: bool):
+    M, K = x.shape
+    dt = torch.float8_e5m2 if e5m2 else torch.float8_e4m3fn
+    codes = torch.empty((M, K) if rowmajor else (0,), dtype=dt, device=x.device)
+    codes_t = torch.empty((K, M + (-M) % PAD) if transposed else (0,), dtype=dt, device=x.device)
+    s = torch.empty((M, 1) if per_row else (1,), dtype=torch.float32, device=x.device)
+    return codes, codes_t, s
+
+
+if triton is not None:
+
+    @triton.jit
+    def _amax_kernel(x_ptr, out_ptr, M, K, stride_xm, stride_xk, PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr):
+        # |x| as the bits of a non-negative fp32 number: ordered as the numbers are, NaN above inf
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rm64 = rm.to(tl.int64)
+        k0 = tl.program_id(1) * BLOCK_K * CHUNKS
+        acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
+        for c in tl.static_range(CHUNKS):
+            rk = k0 + c * BLOCK_K + tl.arange(0, BLOCK_K)
+            inside = (rm[:, None] < M) & (rk[None, :] < K)
+            x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk, mask=inside,
+                        other=0.0)
+            acc = tl.maximum(acc, x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+        if PER_ROW:
+            tl.atomic_max(out_ptr + rm, tl.max(acc, axis=1), mask=rm < M, sem="relaxed")
+        else:
+            tl.atomic_max(out_ptr, tl.max(tl.max(acc, axis=1), axis=0), sem="relaxed")
+
+    @triton.jit
+    def _cast_kernel(x_ptr, amax_ptr, delayed_ptr, s_ptr, y_ptr, yt_ptr, M, K, Mp, stride_xm, stride_xk, stride_y,
+                     stride_yt, TOP: tl.constexpr, E5M2: tl.constexpr, PER_ROW: tl.constexpr,
+                     DELAYED: tl.constexpr, ROWMAJOR: tl.constexpr, TRANSPOSED: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        rm64 = rm.to(tl.int64)
+        rk64 = rk.to(tl.int64)
+        # the scale, as `scales` computes it: amax / max (IEEE division), 1 where that is 0, NaN where
+        # the group holds a NaN or an infinity
+        if PER_ROW:
+            measured = tl.load(amax_ptr + rm, mask=rm < M, other=0).to(tl.float32, bitcast=True)
+        else:
+            measured = tl.load(amax_ptr + rm * 0).to(tl.float32, bitcast=True)
+        if DELAYED:
+            stat = tl.load(delayed_ptr + rm * 0).to(tl.float32)
+        else:
+            stat = measured
+        s = tl.div_rn(stat, tl.full([BLOCK_M], TOP, tl.float32))
+        s = tl.where(s > 0, s, 1.0)
+        s = tl.where(measured < float("inf"), s, float("nan"))
+        if PER_ROW:
+            tl.store(s_ptr + rm, s, mask=(rm < M) & (tl.program_id(1) == 0))
+        else:
+            tl.store(s_ptr + rm * 0, s, mask=(rm == 0) & (tl.program_id(0) == 0) & (tl.program_id(1) == 0))
+        inside = (rm[:, None] < M) & (rk[None, :] < K)
+        x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk64[None, :] * stride_xk, mask=inside, other=0.0)
+        v = tl.div_rn(x.to(tl.float32), s[:, None])
+        finite = tl.abs(v) < float("inf")
+        c = tl.where(finite, tl.minimum(tl.maximum(v, -TOP), TOP), 0.0)
+        if E5M2:
+            bits = c.to(tl.float8e5, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
+            bits = tl.where(v == float("inf"), 0x7C, tl.where(v == float("-inf"), 0xFC, bits.to(tl.int32)))
+            bits = tl.where(v != v, 0x7F, bits)
+        else:
+            bits = c.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
+            bits = tl.where(finite, bits.to(tl.int32), 0x7F)
+        if ROWMAJOR:
+            tl.store(y_ptr + rm64[:, None] * stride_y + rk64[None, :], bits.to(tl.uint8), mask=inside)
+        if TRANSPOSED:
+            bits = tl.where(rm[:, None] < M, bits, 0).to(tl.uint8)  # the padding columns: code 0x00 (+0)
+            tl.store(yt_ptr + rk64[None, :] * stride_yt + rm64[:, None], bits,
+                     mask=(rk[None, :] < K) & (rm[:, None] < Mp))
+
+
+# tile sizes (timed on an H200 over 2048..8192 x 2048..8192 bf16 inputs)
+CAST_BLOCKS = dict(BLOCK_M=64, BLOCK_K=64, num_warps=8)
+AMAX_BLOCKS = dict(BLOCK_M=32, BLOCK_K=256, CHUNKS=4, num_warps=8)
+
+
+def triton_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_row: bool, rowmajor: bool,
+                   transposed: bool):
+    """The operator's result from the Triton kernels (CUDA): the amax, then the cast."""
+    M, K = x.shape
+    codes, codes_t, s = _outputs(x, e5m2, per_row, rowmajor, transposed)
+    measured = torch.zeros(M if per_row else 1, dtype=torch.int32, device=x.device)
+    a = AMAX_BLOCKS
+    grid = (triton.cdiv(M, a["BLOCK_M"]), triton.cdiv(K, a["BLOCK_K"] * a["CHUNKS"]))
+    _amax_kernel[grid](x, measured, M, K, x.stride(0), x.stride(1), PER_ROW=per_row, **a)
+    rows = M + (-M) % PAD if transposed else M
+    c = CAST_BLOCKS
+    grid = (triton.cdiv(rows, c["BLOCK_M"]), triton.cdiv(K, c["BLOCK_K"]))
+    delayed = measured if amax is None else amax.reshape(1)
+    _cast_kernel[grid](x, measured, delayed, s, codes.view(torch.uint8), codes_t.view(torch.uint8), M, K, rows,
+                       x.stride(0), x.stride(1), codes.stride(0) if rowmajor else 0,
+                       codes_t.stride(0) if transposed else 0, TOP=57344.0 if e5m2 else 448.0, E5M2=e5m2,
+                       PER_ROW=per_row, DELAYED=amax is not None, ROWMAJOR=rowmajor, TRANSPOSED=transposed, **c)
+    return codes, codes_t, s
+
+
+def reference_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_row: bool, rowmajor: bool,
+                      transposed: bool):
+    """The operator's result computed with tensor operations (CPU, or no Triton)."""
+    fmt = _FORMATS[e5m2, per_row]
+    s = scales(x, fmt, amax)
+    codes, codes_t, _ = _outputs(x, e5m2, per_row, rowmajor, transposed)
+    if rowmajor:
+        codes = reference_cast(x, s, e5m2, False)
+    if transposed:
+        codes_t = reference_cast(x, s, e5m2, True)
+    return codes, codes_t, s
+
+
+@torch.library.custom_op("lowprec::fp8_operand", mutates_args=())
+def _fp8_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_row: bool, rowmajor: bool,
+                 transposed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if x.is_cuda and triton is not None:
+        return triton_operand(x, amax, e5m2, per_row, rowmajor, transposed)
+    return reference_operand(x, amax, e5m2, per_row, rowmajor, transposed)
+
+
+@_fp8_operand.register_fake
+def _(x, amax, e5m2, per_row, rowmajor, transposed):
+    return _outputs(x, e5m2, per_row, rowmajor, transposed)
+
+
+def _call(t: torch.Tensor, fmt: Format, amax, rowmajor: bool, transposed: bool):
+    dt = fp8_dtype(fmt)
+    if dt is None or t.dim() != 2 or t.numel() == 0:
+        raise ValueError(f"fp8_cast: {fmt} on a tensor of shape {tuple(t.shape)} is not one it makes (see applies)")
+    per_row = fmt.granularity == "row"
+    if per_row and amax is not None:
+        raise ValueError("fp8_cast: a delayed amax applies to per-tensor scales only")
+    if per_row and transposed and t.shape[0] != 1:
+        raise ValueError("fp8_cast: per-row scales lie along the contraction of the transposed layout")
+    if amax is not None:
+        amax = amax.to(torch.float32)
+    return _fp8_operand(t, amax, dt == torch.float8_e5m2, per_row, rowmajor, transposed)
+
+
+def operand(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None, transposed: bool = False):
+    """``(codes, outer)`` of ``t`` (2-D) in ``fmt``, laid out as :class:`lowprec.kernels.Fp8` lays
+    them out: row-major, or transposed with the token dimension padded to ``PAD`` (zero codes); the
+    outer scale ``(1,)`` per tensor, ``(rows, 1)`` per row. ``amax``: a delayed per-tensor amax.
+    Only where :func:`applies`."""
+    codes, codes_t, s = _call(t, fmt, amax, not transposed, transposed)
+    return (codes_t if transposed else codes), s
+
+
+def operands(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None):
+    """Both layouts from one pass (per-tensor scales): ``((codes, outer), (codes_t, outer))``."""
+    if fmt.granularity != "tensor":
+        raise ValueError(f"fp8_cast.operands: both layouts need a per-tensor scale, not {fmt}")
+    codes, codes_t, s = _call(t, fmt, amax, True, True)
+    return (codes, s), (codes_t, s)
+
+
+def _format(e5m2: bool, per_row: bool) -> Format:
+    from .formats import format as get_format
+
+    return get_format("fp8_e5m2" if e5m2 else "fp8_e4m3", granularity="row" if per_row else "tensor")
+
+
+_FORMATS = {(e, r): _format(e, r) for e in (False, True) for r in (False, True)}
+
+
+__all__ = ["PAD", "applies", "fp8_dtype", "operand", "operands", "reference_cast", "reference_operand", "scales",
+           "triton_operand"]

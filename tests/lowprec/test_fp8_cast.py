@@ -1,0 +1,168 @@
+"""An FP8 operand in one pass (lowprec.fp8_cast): its codes and scales are the general quantizer's,
+bit for bit, per tensor and per row, E4M3 and E5M2, row-major and transposed-and-padded, on the
+CPU (tensor operations) and on CUDA (the Triton kernel), eager and compiled."""
+import pytest
+import torch
+
+import lowprec
+from lowprec import fp8_cast
+from lowprec.kernels import KERNELS, _CodesKernel
+
+
+def _general(t, fmt, amax=None, transposed=False):
+    """The operand as the codes kernels make it without this module: the general quantizer's
+    values cast to the FP8 dtype."""
+    return _CodesKernel.operand(KERNELS["fp8_tensorwise"], t, fmt, amax=amax, transposed=transposed)
+
+
+def _assert_same(a, b):
+    """Codes equal byte for byte, except that a NaN code may carry either sign (the sign of a NaN
+    holds nothing: the general path's depends on the device's division); scales equal exactly."""
+    (ca, sa), (cb, sb) = a, b
+    assert ca.dtype == cb.dtype and ca.shape == cb.shape and ca.stride() == cb.stride()
+    na, nb = ca.float().isnan(), cb.float().isnan()
+    assert torch.equal(na, nb)
+    assert torch.equal(ca.view(torch.uint8)[~na], cb.view(torch.uint8)[~nb])
+    assert sa.shape == sb.shape and torch.equal(sa.isnan(), sb.isnan())
+    assert torch.equal(sa.nan_to_num(), sb.nan_to_num())
+
+
+def _values(rows, cols, dtype, device, seed=0):
+    """Magnitudes over 30 decades (11 in fp16; each column its own), so that, scaled, values fall on
+    normal and subnormal codes, round to zero and saturate; exact zeros, signed zeros and, with more
+    than one row, an all-zero row."""
+    gen = torch.Generator().manual_seed(seed)
+    low, high = (-7, 4) if dtype == torch.float16 else (-20, 10)
+    t = torch.randn(rows, cols, generator=gen) * torch.logspace(low, high, cols)
+    t[0, :3] = torch.tensor([0.0, -0.0, 448.0])
+    if rows > 1:
+        t[1] = 0.0
+    return t.to(dtype).to(device)
+
+
+CASES = [("fp8_e4m3", "tensor"), ("fp8_e5m2", "tensor"), ("fp8_e4m3", "row"), ("fp8_e5m2", "row")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name,granularity", CASES)
+def test_operand_is_the_general_quantizers(device, name, granularity, dtype):
+    fmt = lowprec.format(name, granularity=granularity)
+    assert fp8_cast.applies(torch.zeros(2, 2), fmt)
+    for rows, cols in [(37, 50), (1, 16), (130, 70)]:  # token counts that need padding, tiles cut short
+        t = _values(rows, cols, dtype, device, seed=rows)
+        for transposed in (False, True) if granularity == "tensor" else (False,):
+            _assert_same(fp8_cast.operand(t, fmt, transposed=transposed), _general(t, fmt, transposed=transposed))
+            if granularity == "tensor":  # delayed scaling: an amax below the tensor's saturates its largest values
+                amax = torch.tensor(1e-3, device=device)
+                _assert_same(fp8_cast.operand(t, fmt, amax, transposed), _general(t, fmt, amax, transposed))
+
+
+@pytest.mark.parametrize("name,granularity", CASES)
+def test_nan_and_inf_make_their_scale_group_nan(device, name, granularity):
+    """A NaN or an infinity makes its group's scale NaN and every code of the group NaN (per tensor:
+    all of them; per row: that row); nothing else changes."""
+    fmt = lowprec.format(name, granularity=granularity)
+    t = _values(12, 32, torch.bfloat16, device)
+    t[3, 5], t[7, 9] = float("nan"), float("-inf")
+    codes, s = fp8_cast.operand(t, fmt)
+    _assert_same((codes, s), _general(t, fmt))
+    nan_rows = codes.float().isnan().all(dim=1)
+    if granularity == "tensor":
+        assert s.isnan().all() and nan_rows.all()
+    else:
+        assert torch.equal(nan_rows, s.isnan().reshape(-1)) and nan_rows.nonzero().flatten().tolist() == [3, 7]
+
+
+def test_non_contiguous_input_and_padding_columns(device):
+    """A transposed view reads through its strides; the transposed layout's padding columns hold
+    the code 0x00 (+0), whatever the scale (here NaN)."""
+    fmt = lowprec.format("fp8_e4m3", granularity="tensor")
+    base = _values(40, 21, torch.float32, device)
+    t = base.t()  # (21, 40), column-major
+    _assert_same(fp8_cast.operand(t, fmt), _general(t.contiguous(), fmt))
+    base[2, 2] = float("nan")
+    codes, _ = fp8_cast.operand(base, fmt, transposed=True)
+    assert codes.shape == (21, 48)
+    assert torch.equal(codes[:, 40:].view(torch.uint8), torch.zeros(21, 8, dtype=torch.uint8, device=device))
+
+
+def test_both_layouts_at_once_are_each_layout_alone(device):
+    fmt = lowprec.format("fp8_e5m2", granularity="tensor")
+    t = _values(33, 40, torch.bfloat16, device)
+    both = fp8_cast.operands(t, fmt, torch.tensor(2.0, device=device))
+    _assert_same(both[0], _general(t, fmt, torch.tensor(2.0, device=device)))
+    _assert_same(both[1], _general(t, fmt, torch.tensor(2.0, device=device), transposed=True))
+
+
+def test_what_it_takes_and_refuses():
+    fmt = lowprec.format("fp8_e4m3")
+    assert fp8_cast.applies(torch.zeros(3, 4), lowprec.format("fp8_e5m2", granularity="row"))
+    assert not fp8_cast.applies(torch.zeros(3, 4), fmt, rounding="stochastic")
+    assert not fp8_cast.applies(torch.zeros(3, 4), lowprec.format("mxfp8"))  # block scales
+    assert not fp8_cast.applies(torch.zeros(3, 4), lowprec.format("fp8_e4m3", max_value=240.0))  # not the dtype's range
+    assert not fp8_cast.applies(torch.zeros(0, 4), fmt) and not fp8_cast.applies(torch.zeros(2, 3, 4), fmt)
+    assert not fp8_cast.applies(torch.zeros(3, 4, dtype=torch.int32), fmt)
+    with pytest.raises(ValueError, match="is not one it makes"):
+        fp8_cast.operand(torch.zeros(2, 3, 4), fmt)
+    with pytest.raises(ValueError, match="is not one it makes"):
+        fp8_cast.operand(torch.zeros(2, 3), lowprec.format("mxfp8"))
+    row = lowprec.format("fp8_e4m3", granularity="row")
+    with pytest.raises(ValueError, match="delayed amax"):
+        fp8_cast.operand(torch.zeros(2, 3), row, amax=torch.tensor(1.0))
+    with pytest.raises(ValueError, match="per-row scales"):
+        fp8_cast.operand(torch.zeros(2, 3), row, transposed=True)
+    with pytest.raises(ValueError, match="both layouts"):
+        fp8_cast.operands(torch.zeros(2, 3), row)
+
+
+def test_compiled_operand_is_the_eager_one(device):
+    """Under torch.compile (fullgraph) the operator stays one call and the amax fuses around it:
+    the same codes and scale as eager."""
+    fmt = lowprec.format("fp8_e4m3", granularity="tensor")
+    x = _values(64, 48, torch.bfloat16, device)
+
+    def f(x):
+        h = torch.nn.functional.gelu(x * 2)
+        return fp8_cast.operand(h, fmt) + fp8_cast.operand(h, fmt, transposed=True)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    got, want = compiled(x), f(x)
+    _assert_same(got[:2], want[:2])
+    _assert_same(got[2:], want[2:])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("e5m2", [False, True])
+def test_triton_kernels_equal_the_reference_on_every_bit_pattern(e5m2):
+    """Every bf16 bit pattern (NaN and inf among them), scaled by its own amax (all NaN then), and,
+    with the non-finite ones left out, by delayed amaxes that saturate and that flush to zero:
+    the Triton kernels' codes and scales are the tensor-operation reference's, byte for byte
+    (NaN codes are 0x7F in both)."""
+    x = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(256, 256).cuda()
+    finite = torch.where(x.isfinite(), x, 0).reshape(512, 128)
+    cases = [(x, None, False), (finite, None, False), (finite, None, True), (x, None, True)]
+    cases += [(finite, torch.tensor(a, device="cuda"), False) for a in (1e-30, 3.0, 1e30)]
+    for t, amax, per_row in cases:
+        for rowmajor, transposed in ((True, False), (False, True), (True, True)) if not per_row else ((True, False),):
+            got = fp8_cast.triton_operand(t, amax, e5m2, per_row, rowmajor, transposed)
+            want = fp8_cast.reference_operand(t, amax, e5m2, per_row, rowmajor, transposed)
+            for g, w in zip(got, want):
+                assert g.dtype == w.dtype and g.shape == w.shape
+                assert torch.equal(g.view(torch.uint8), w.view(torch.uint8)) if g.dtype != torch.float32 else \
+                    torch.equal(g.view(torch.int32), w.view(torch.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_kernels_on_a_large_tensor():
+    """More than 2^31 bytes of offsets: the kernels' indexing is 64-bit (a (2^16 + 3) x 2^15 input,
+    both layouts)."""
+    x = torch.randn(2**16 + 3, 2**15, device="cuda", dtype=torch.bfloat16)
+    x[-1, -1] = 1000.0  # the amax, in the last tile
+    codes, codes_t, s = fp8_cast.triton_operand(x, None, False, False, True, True)
+    assert codes_t.shape == (2**15, 2**16 + 16) and torch.equal(s.cpu(), torch.tensor([1000.0]) / torch.tensor(448.0))
+    for rows in (slice(0, 64), slice(2**16 - 61, 2**16 + 3)):
+        want = fp8_cast.reference_cast(x[rows], s, False, False)
+        assert torch.equal(codes[rows].view(torch.uint8), want.view(torch.uint8))
+        assert torch.equal(codes_t[:, rows].view(torch.uint8), want.t().view(torch.uint8))
