@@ -105,24 +105,18 @@ def _outputs(x: torch.Tensor, e5m2: bool, per_row: bool, rowmajor: bool, transpo
 if triton is not None:
 
     @triton.jit
-    def _amax_kernel(x_ptr, out_ptr, M, K, stride_xm, stride_xk, PER_ROW: tl.constexpr, WIDE: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr):
+    def _amax_kernel(x_ptr, out_ptr, M, K, stride_xm, stride_xk, PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr):
         # |x| as the bits of a non-negative fp32 number: ordered as the numbers are, NaN above inf
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        if WIDE:  # offsets beyond 2^31
-            rm64 = rm.to(tl.int64)
-        else:
-            rm64 = rm
+        rm64 = rm.to(tl.int64)
         k0 = tl.program_id(1) * BLOCK_K * CHUNKS
         acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
         for c in tl.static_range(CHUNKS):
             rk = k0 + c * BLOCK_K + tl.arange(0, BLOCK_K)
             inside = (rm[:, None] < M) & (rk[None, :] < K)
-            if WIDE:
-                rk64 = rk.to(tl.int64)
-            else:
-                rk64 = rk
-            x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk64[None, :] * stride_xk, mask=inside, other=0.0)
+            x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk, mask=inside,
+                        other=0.0)
             acc = tl.maximum(acc, x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF)
         if PER_ROW:
             tl.atomic_max(out_ptr + rm, tl.max(acc, axis=1), mask=rm < M, sem="relaxed")
@@ -132,16 +126,12 @@ if triton is not None:
     @triton.jit
     def _cast_kernel(x_ptr, amax_ptr, delayed_ptr, s_ptr, y_ptr, yt_ptr, M, K, Mp, stride_xm, stride_xk, stride_y,
                      stride_yt, TOP: tl.constexpr, E5M2: tl.constexpr, PER_ROW: tl.constexpr,
-                     DELAYED: tl.constexpr, ROWMAJOR: tl.constexpr, TRANSPOSED: tl.constexpr, WIDE: tl.constexpr,
+                     DELAYED: tl.constexpr, ROWMAJOR: tl.constexpr, TRANSPOSED: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-        if WIDE:  # offsets beyond 2^31
-            rm64 = rm.to(tl.int64)
-            rk64 = rk.to(tl.int64)
-        else:
-            rm64 = rm
-            rk64 = rk
+        rm64 = rm.to(tl.int64)
+        rk64 = rk.to(tl.int64)
         # the scale, as `scales` computes it: amax / max (IEEE division), 1 where that is 0, NaN where
         # the group holds a NaN or an infinity
         if PER_ROW:
@@ -182,7 +172,6 @@ if triton is not None:
 # tile sizes (timed on an H200 over 2048..8192 x 2048..8192 bf16 inputs)
 CAST_BLOCKS = dict(BLOCK_M=64, BLOCK_K=64, num_warps=8)
 AMAX_BLOCKS = dict(BLOCK_M=32, BLOCK_K=256, CHUNKS=4, num_warps=8)
-WIDE = None  # 64-bit offsets: None = where needed; True / False forces them (tests)
 
 
 def triton_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_row: bool, rowmajor: bool,
@@ -191,12 +180,9 @@ def triton_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_r
     M, K = x.shape
     codes, codes_t, s = _outputs(x, e5m2, per_row, rowmajor, transposed)
     measured = torch.zeros(M if per_row else 1, dtype=torch.int32, device=x.device)
-    # 32-bit offsets where every element's (of x, read through its strides, and of both layouts) fits
-    farthest = max((M - 1) * abs(x.stride(0)) + (K - 1) * abs(x.stride(1)), K * (M + PAD))
-    wide = WIDE if WIDE is not None else farthest >= 2**31
     a = AMAX_BLOCKS
     grid = (triton.cdiv(M, a["BLOCK_M"]), triton.cdiv(K, a["BLOCK_K"] * a["CHUNKS"]))
-    _amax_kernel[grid](x, measured, M, K, x.stride(0), x.stride(1), PER_ROW=per_row, WIDE=wide, **a)
+    _amax_kernel[grid](x, measured, M, K, x.stride(0), x.stride(1), PER_ROW=per_row, **a)
     rows = M + (-M) % PAD if transposed else M
     c = CAST_BLOCKS
     grid = (triton.cdiv(rows, c["BLOCK_M"]), triton.cdiv(K, c["BLOCK_K"]))
@@ -204,8 +190,7 @@ def triton_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_r
     _cast_kernel[grid](x, measured, delayed, s, codes.view(torch.uint8), codes_t.view(torch.uint8), M, K, rows,
                        x.stride(0), x.stride(1), codes.stride(0) if rowmajor else 0,
                        codes_t.stride(0) if transposed else 0, TOP=57344.0 if e5m2 else 448.0, E5M2=e5m2,
-                       PER_ROW=per_row, DELAYED=amax is not None, ROWMAJOR=rowmajor, TRANSPOSED=transposed,
-                       WIDE=wide, **c)
+                       PER_ROW=per_row, DELAYED=amax is not None, ROWMAJOR=rowmajor, TRANSPOSED=transposed, **c)
     return codes, codes_t, s
 
 
