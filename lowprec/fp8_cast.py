@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from .formats import Format
+from .formats import format as get_format
 from .rounding import torch_dtype_of
 
 try:  # Triton ships with CUDA builds of torch; the CPU build runs without it
@@ -251,13 +252,9 @@ def operands(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None):
     return (codes, s), (codes_t, s)
 
 
-def _format(e5m2: bool, per_row: bool) -> Format:
-    from .formats import format as get_format
-
-    return get_format("fp8_e5m2" if e5m2 else "fp8_e4m3", granularity="row" if per_row else "tensor")
-
-
-_FORMATS = {(e, r): _format(e, r) for e in (False, True) for r in (False, True)}
+# the format of each (E5M2?, per row?) the operator is called with: its reference quantizes in it
+_FORMATS = {(e, r): get_format("fp8_e5m2" if e else "fp8_e4m3", granularity="row" if r else "tensor")
+            for e in (False, True) for r in (False, True)}
 
 
 __all__ = ["PAD", "applies", "fp8_dtype", "operand", "operands", "reference_cast", "reference_operand", "scales",

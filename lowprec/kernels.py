@@ -422,8 +422,8 @@ class Fp8(_CodesKernel):
         return fp8_grid(fmt)
 
     def operand(self, t, fmt, *, rounding="nearest", amax=None, transposed=False):
-        # an E4M3/E5M2 format: the amax and scale as tensor operations (fused into what made ``t``),
-        # the cast, in the layout asked for, in one pass (lowprec.fp8_cast); the same codes
+        # an E4M3/E5M2 format with a per-tensor or per-row scale: the amax, then the codes in the layout
+        # asked for, each one Triton pass on CUDA (lowprec.fp8_cast); the general quantizer's codes
         if fp8_cast.applies(t, fmt, rounding):
             return fp8_cast.operand(t, fmt, amax=amax, transposed=transposed)
         return super().operand(t, fmt, rounding=rounding, amax=amax, transposed=transposed)
