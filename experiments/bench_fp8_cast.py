@@ -1,0 +1,130 @@
+"""FP8 operand benchmark: how long making one operand takes on the GPU, against the memory's speed.
+
+    python -m experiments.bench_fp8_cast                           # the 600M model's operand shapes (GPU)
+    python -m experiments.bench_fp8_cast --shapes 8192x8192 --layouts both
+
+For each bf16 tensor shape and layout (``row``: row-major codes for fprop/dgrad; ``transposed``: the
+transposed, padded codes for wgrad; ``both``: the two from one read) it prints the GPU time of the
+kernels that make the operand (per call: the sum of the kernels' durations under ``torch.profiler``,
+the mean over ``--calls`` calls), in two ways:
+
+- ``fp8_operand``: the operator ``lowprec::fp8_operand`` (:mod:`lowprec.fp8_cast`): an amax pass
+  and a cast pass in Triton;
+- ``compiled``: the general quantizer's tensor operations under ``torch.compile`` (what the FP8
+  kernels ran before), ``both`` being the row-major operand then its transposed copy;
+
+with the bytes each must move at least (the amax reads the tensor, the cast reads it again and
+writes one byte per code and layout) over ``fp8_operand``'s time, and a bf16 copy of the tensor
+(one read, one write) as the memory's yardstick. ``--check`` compares ``fp8_operand``'s codes with
+the general quantizer's run eagerly, byte for byte (the compiled one may differ from both in the
+last bit of a quotient: the compiler's fp32 division is not IEEE's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+
+import torch
+
+LAYOUTS = {"row": (True, False), "transposed": (False, True), "both": (True, True)}
+# the 600M benchmark model's operands: activations and gradients of d 2048 / 4d 8192 over 8192
+# tokens, GQA's key/value projections, and the largest weights
+SHAPES = ["8192x2048", "8192x8192", "8192x512", "2048x8192", "8192x3072"]
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """``"MxK"`` -> ``(M, K)``; ``ValueError`` for anything else."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"a shape is ROWSxCOLS with positive integers, e.g. 8192x2048, not {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def min_bytes(rows: int, cols: int, layout: str, element_bytes: int = 2) -> int:
+    """What making the operand must move at least: two reads of the tensor (amax, cast), one byte
+    per code in each layout written (the transposed one padded to 16 columns)."""
+    rowmajor, transposed = LAYOUTS[layout]
+    written = rowmajor * rows * cols + transposed * cols * (rows + (-rows) % 16)
+    return 2 * rows * cols * element_bytes + written
+
+
+def kernel_us(fn, calls: int) -> float:
+    """Mean GPU time of ``fn()``'s kernels per call, from ``torch.profiler`` over ``calls`` calls
+    (after two calls that compile and warm up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.time_range.elapsed_us() for e in kernels) / calls
+
+
+def _general(fmt, layout: str):
+    """The general quantizer's operand in ``layout`` (``both``: the row-major one, then its
+    transposed copy), as a function of the tensor."""
+    from lowprec.kernels import KERNELS, _CodesKernel
+
+    k = KERNELS["fp8_tensorwise"]
+
+    def make(x):
+        if layout == "transposed":
+            return _CodesKernel.operand(k, x, fmt, transposed=True)
+        op = _CodesKernel.operand(k, x, fmt)
+        return (op, k.transposed(op)) if layout == "both" else op
+    return make
+
+
+def _codes(out, layout: str) -> list[torch.Tensor]:
+    """The code tensors of an operand result, row-major first."""
+    if layout == "both":
+        return [out[0][0], out[1][0]]
+    return [out[0]]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=SHAPES, help="ROWSxCOLS of the bf16 tensor")
+    ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    ap.add_argument("--format", default="fp8_e4m3", choices=["fp8_e4m3", "fp8_e5m2"])
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--check", action="store_true", help="compare both ways' codes byte for byte")
+    args = ap.parse_args(argv)
+    shapes = [parse_shape(s) for s in args.shapes]
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_fp8_cast needs a CUDA GPU")
+    import lowprec
+    from lowprec import fp8_cast
+
+    from .bench_layers import environment
+
+    fmt = lowprec.format(args.format, granularity="tensor")
+    print(f"# FP8 operand ({args.format}, per-tensor scale) of a bf16 tensor, {environment()}, {datetime.date.today()}")
+    print("| shape | layout | fp8_operand µs | its minimum bytes at | compiled µs | vs compiled | bf16 copy µs (GB/s) |")
+    print("|---|---|---|---|---|---|---|")
+    for rows, cols in shapes:
+        x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+        copy_us = kernel_us(lambda: x.clone(), args.calls)
+        for layout in args.layouts:
+            transposed_only = layout == "transposed"
+            ours = (lambda: fp8_cast.operands(x, fmt)) if layout == "both" else \
+                (lambda: fp8_cast.operand(x, fmt, transposed=transposed_only))
+            general = torch.compile(_general(fmt, layout))
+            t_ours = kernel_us(ours, args.calls)
+            t_general = kernel_us(lambda: general(x), args.calls)
+            if args.check:
+                for a, b in zip(_codes(ours(), layout), _codes(_general(fmt, layout)(x), layout)):
+                    if not torch.equal(a.view(torch.uint8), b.view(torch.uint8)):
+                        raise SystemExit(f"{rows}x{cols} {layout}: the codes differ")
+            rate = min_bytes(rows, cols, layout) / t_ours / 1e3
+            print(f"| {rows}x{cols} | {layout} | {t_ours:.1f} | {rate:,.0f} GB/s | {t_general:.1f} | "
+                  f"{t_general / t_ours:.2f}x | {copy_us:.1f} ({4 * rows * cols / copy_us / 1e3:,.0f}) |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The FP8 operand benchmark's arithmetic and inputs (its timings need a GPU)."""
+import pytest
+import torch
+
+from experiments import bench_fp8_cast as bench
+
+
+def test_shapes_parse_and_bad_ones_are_refused():
+    assert bench.parse_shape("8192x2048") == (8192, 2048)
+    assert bench.parse_shape("3X5") == (3, 5)
+    for bad in ("8192", "8192x", "0x16", "ax4", "2x3x4", "-2x4"):
+        with pytest.raises(ValueError, match="ROWSxCOLS"):
+            bench.parse_shape(bad)
+
+
+def test_minimum_bytes_count_two_reads_and_each_layout_written():
+    # 3 x 5 bf16: 30 bytes read twice; row-major codes 15 bytes; transposed 5 x 16 padded = 80 bytes
+    assert bench.min_bytes(3, 5, "row") == 60 + 15
+    assert bench.min_bytes(3, 5, "transposed") == 60 + 80
+    assert bench.min_bytes(3, 5, "both") == 60 + 15 + 80
+    assert bench.min_bytes(32, 4, "transposed", element_bytes=4) == 2 * 128 * 4 + 4 * 32
+
+
+def test_the_general_quantizers_layouts_are_the_operators_on_the_cpu():
+    """What ``--check`` compares on the GPU, here through the operator's CPU path."""
+    import lowprec
+    from lowprec import fp8_cast
+
+    fmt = lowprec.format("fp8_e4m3", granularity="tensor")
+    x = torch.randn(40, 24, dtype=torch.bfloat16)
+    ours = {"row": fp8_cast.operand(x, fmt), "transposed": fp8_cast.operand(x, fmt, transposed=True),
+            "both": fp8_cast.operands(x, fmt)}
+    for layout, out in ours.items():
+        for a, b in zip(bench._codes(out, layout), bench._codes(bench._general(fmt, layout)(x), layout), strict=True):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
+def test_without_a_gpu_it_says_so():
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        bench.main(["--shapes", "64x64"])
+    with pytest.raises(ValueError, match="ROWSxCOLS"):
+        bench.main(["--shapes", "64"])
