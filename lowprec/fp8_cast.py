@@ -45,7 +45,7 @@ _NAN_CODE = 0x7F
 
 
 def fp8_dtype(fmt: Format | None, rounding: str = "nearest") -> torch.dtype | None:
-    """The FP8 dtype whose cast ``cast`` computes for ``fmt`` (an E4M3 or E5M2 float with its
+    """The FP8 dtype of the codes :func:`operand` makes for ``fmt`` (an E4M3 or E5M2 float with its
     dtype's range, absmax-scaled per tensor or per row, rounded to nearest), else None."""
     if fmt is None or rounding != "nearest" or fmt.kind != "float" or fmt.scale != "absmax":
         return None
