@@ -164,17 +164,19 @@ def _gemv_applies(plan: GemmPlan, x2) -> bool:
     return plan.gemv is not None and x2.is_cuda and x2.shape[0] <= GEMV_MAX_ROWS
 
 
-def _input_operand(x, plan: GemmPlan, amax=None):
+def _input_operand(x, plan: GemmPlan, amax=None, fusable=False):
     """fprop's operand of ``x`` (where the packed GEMV runs, the reference kernel's values, which it
-    reads); ``amax``: a delayed amax, or None (current scaling)."""
-    kernel = "emulated" if _gemv_applies(plan, x) else plan.fprop.kernel
-    return KERNELS[kernel].operand(x, plan.fprop.a, amax=_for(plan.fprop.a, amax))
+    reads); ``amax``: a delayed amax, or None (current scaling); ``fusable``: as tensor operations
+    only (``GemmKernel.fusable_operand``)."""
+    k = KERNELS["emulated" if _gemv_applies(plan, x) else plan.fprop.kernel]
+    return (k.fusable_operand if fusable else k.operand)(x, plan.fprop.a, amax=_for(plan.fprop.a, amax))
 
 
-def _grad_operand(dy, plan: GemmPlan, amax=None):
-    """dgrad's operand of ``dy``; ``amax`` as for `_input_operand`."""
-    fmt = plan.dgrad.a
-    return KERNELS[plan.dgrad.kernel].operand(dy, fmt, rounding=plan.precision.grad_rounding, amax=_for(fmt, amax))
+def _grad_operand(dy, plan: GemmPlan, amax=None, fusable=False):
+    """dgrad's operand of ``dy``; ``amax``, ``fusable`` as for `_input_operand`."""
+    fmt, k = plan.dgrad.a, KERNELS[plan.dgrad.kernel]
+    return (k.fusable_operand if fusable else k.operand)(dy, fmt, rounding=plan.precision.grad_rounding,
+                                                         amax=_for(fmt, amax))
 
 
 def _operand_pair(kernel: str, t, fmt, rounding: str, amax):
@@ -215,8 +217,9 @@ def _dgrad(dy, w, B_fprop, amax_g, plan: GemmPlan, io: LayerIO, out_dtype, G=Non
 
 @functools.cache
 def _operand_function(plan: GemmPlan, gemm: str):
-    """One function object per plan and GEMM (a compiled caller guards on its identity)."""
-    return functools.partial(_input_operand if gemm == "fprop" else _grad_operand, plan=plan)
+    """One function object per plan and GEMM (a compiled caller guards on its identity), computing
+    the operand as tensor operations its caller's compiled function fuses."""
+    return functools.partial(_input_operand if gemm == "fprop" else _grad_operand, plan=plan, fusable=True)
 
 
 def _wgrad(dy, x2, A_fprop, G, amax_g, w_a, plan: GemmPlan, A_t=None, G_t=None):
@@ -417,9 +420,9 @@ class RecurrentGemms:
     def input_cast(self):
         """``x -> fprop's operand of x`` (``a``), one function for every step (the kernel's operand: an
         elementwise cast for an unscaled format, the amax reduction and the scaled cast for a scaled
-        one), where no delayed scaling is involved, else None: a caller may compute it together with
-        the work that produces ``x`` (an LSTM's cell: in its compiled kernel) and pass it to ``fprop``
-        as ``a``."""
+        one, as tensor operations: ``GemmKernel.fusable_operand``), where no delayed scaling is involved,
+        else None: a caller may compute it together with the work that produces ``x`` (an LSTM's cell:
+        in its compiled kernel) and pass it to ``fprop`` as ``a``."""
         if self.input_history is not None:
             return None
         return _operand_function(self.plan, "fprop")

@@ -242,6 +242,12 @@ class GemmKernel(Kernel, abc.ABC):
         of ``t`` transposed (what ``transposed(op)`` gives); else ``op_t`` is None."""
         return self.operand(t, fmt, rounding=rounding, amax=amax), None
 
+    def fusable_operand(self, t, fmt, *, rounding="nearest", amax=None):
+        """``operand(t, fmt)`` (untransposed) as tensor operations only, for a caller that computes it
+        in a compiled function together with the work that produced ``t`` (an LSTM step's cell: for
+        a few rows, one fused kernel costs less than passes of their own)."""
+        return self.operand(t, fmt, rounding=rounding, amax=amax)
+
     def plain_cast(self, fmt, rounding="nearest"):
         """A function ``t -> values`` with ``operand(t, fmt, rounding=rounding) == (values, None)``
         (untransposed) that reads nothing but ``t``, elementwise, where this kernel has one for
@@ -432,6 +438,9 @@ class Fp8(_CodesKernel):
         if fp8_cast.applies(t, fmt, rounding) and fmt.granularity == "tensor":
             return fp8_cast.operands(t, fmt, amax=amax)
         return super().operands(t, fmt, rounding=rounding, amax=amax)
+
+    def fusable_operand(self, t, fmt, *, rounding="nearest", amax=None):
+        return super().operand(t, fmt, rounding=rounding, amax=amax)  # the general quantizer: the same codes
 
     @staticmethod
     def _layout(codes, outer, transposed):

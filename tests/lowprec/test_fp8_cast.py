@@ -166,3 +166,27 @@ def test_triton_kernels_on_a_large_tensor():
         want = fp8_cast.reference_cast(x[rows], s, False, False)
         assert torch.equal(codes[rows].view(torch.uint8), want.view(torch.uint8))
         assert torch.equal(codes_t[:, rows].view(torch.uint8), want.t().view(torch.uint8))
+
+
+def test_an_lstm_cells_casts_stay_tensor_operations(monkeypatch):
+    """The operands a recurrence's cell computes itself (`RecurrentGemms.input_cast` / `grad_cast`,
+    a few rows a step, fused into the cell's compiled kernel) are the general quantizer's tensor
+    operations, not the operator; the layer's own GEMMs take the operator; the codes are the same."""
+    from lowprec.gemm import LayerIO, RecurrentGemms, _grad_operand, _input_operand
+    from lowprec.nn import QLinear
+    from lowprec.nn.native import OperandCache
+
+    fields = {"weight": "fp8_e4m3", "input": {"format": "fp8_e4m3", "granularity": "tensor"},
+              "grad": {"format": "fp8_e5m2", "granularity": "tensor"}}
+    layer = QLinear(16, 64, bias=False, precision=lowprec.LayerPrecision.from_fields(fields))
+    plan = layer.plan_for("sm90")
+    assert plan.fprop.kernel == plan.dgrad.kernel == "fp8_tensorwise"
+    gemms = RecurrentGemms(plan, LayerIO(OperandCache()))
+    x, dy = torch.randn(3, 16), torch.randn(3, 64)
+    want = _input_operand(x, plan), _grad_operand(dy, plan)  # the operator's (CPU path)
+    calls = []
+    monkeypatch.setattr(fp8_cast, "_fp8_operand", lambda *a: calls.append(a) or pytest.fail("the operator ran"))
+    got = gemms.input_cast(x), gemms.grad_cast(dy)
+    assert not calls
+    for g, w in zip(got, want, strict=True):
+        _assert_same(g, w)
