@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -383,7 +384,9 @@ def compute_in_param_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     (param_dtype=dtype)``): ``p.to(dtype)``, or, for a latent weight that the ranks all-gather in its
     format (:func:`lowprec.fsdp.lowbit_gather_weights`), its codes dequantized to ``dtype``
     (:func:`lowprec.fsdp.as_gathered`); differentiable, the gradient reaching the master in its own
-    dtype. Activations follow (embeddings and layers return ``dtype``); the LSTM's carried state
+    dtype. A latent weight that one ``QLinear`` alone reads is not swapped: the layer is told how it
+    is gathered (``QLinear.gathered_as``), and where its kernel can, makes its operands from the master
+    without the dequantized copy written out (the same numbers). Activations follow (embeddings and layers return ``dtype``); the LSTM's carried state
     keeps its own dtype. The tiny hybrid's gradients are bit-identical to 2 ranks' (tested). The
     parameters themselves (what the optimizer, the state dict and a checkpoint see) stay as they are.
     Two forward hooks on ``model`` swap the casts in and back (the second also when the forward
@@ -391,6 +394,7 @@ def compute_in_param_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     Returns ``model``. ``ValueError`` when applied twice. Blocks set to compile once
     (``model.compile_blocks_once``) are set back to compile apiece, with a warning."""
     from lowprec.fsdp import gathered_formats
+    from lowprec.nn import QLinear
 
     if getattr(model, "_param_dtype", None) is not None:
         raise ValueError(f"the model already computes in {model._param_dtype}")
@@ -403,6 +407,14 @@ def compute_in_param_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
             m.compile_once = False
     model._param_dtype = dtype
     model._gather_formats = gathered_formats(model, dtype)
+    readers = Counter(id(w) for m in model.modules() if isinstance(w := getattr(m, "weight", None), torch.Tensor))
+    model._read_gathered = set()
+    for name, fmt in model._gather_formats.items():
+        layer = model.get_submodule(name.rpartition(".")[0])
+        if (isinstance(layer, QLinear) and name.endswith(".weight") and readers[id(layer.weight)] == 1
+                and layer.weight.dtype != dtype):
+            layer.gathered_as = (fmt, dtype)
+            model._read_gathered.add(name)
     model._params_in_forward = None
     model.register_forward_pre_hook(_params_in_dtype)
     model.register_forward_hook(_params_back, always_call=True)
@@ -417,7 +429,8 @@ def _params_in_dtype(module: nn.Module, args) -> None:
 
     dtype, formats = module._param_dtype, module._gather_formats
     casts = {n: p.to(dtype) if formats.get(n) is None else as_gathered(p, formats[n], dtype)
-             for n, p in module.named_parameters() if p.is_floating_point() and p.dtype != dtype}
+             for n, p in module.named_parameters()
+             if p.is_floating_point() and p.dtype != dtype and n not in module._read_gathered}
     module._params_in_forward, _ = NamedMemberAccessor(module).swap_tensors_dict(casts)
 
 

@@ -23,6 +23,13 @@ bit (the division is IEEE round-to-nearest, ``tl.div_rn``, as eager's): ``v = x 
 infinite ``v`` becomes NaN in E4M3 (no infinity) and keeps its infinity in E5M2. A NaN code is
 written as ``0x7F`` (its sign carries nothing). On the CPU, or without Triton, the operator computes
 the same with tensor operations (:func:`reference_operand`).
+
+A weight that reaches its GEMMs as a data-parallel run's ranks hold it (gathered in its FP8 format,
+dequantized to bf16: :func:`lowprec.fsdp.as_gathered`) is read from its master (``gathered=``): the
+cast pass dequantizes each code in registers and quantizes that value again under the dequantized
+tensor's own scale, which is known before the pass (the largest dequantized value is the amax's own
+code dequantized), so the dequantized tensor is never written: the same codes and scale as
+quantizing it.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
 
 PAD = 16  # the transposed layout's last (token) dimension is padded to a multiple of this
+GATHERED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what a gathered weight may be dequantized to
 _DTYPES = {(4, 3): torch.float8_e4m3fn, (5, 2): torch.float8_e5m2}
 _NAN_CODE = 0x7F
 
@@ -125,10 +133,27 @@ if triton is not None:
             tl.atomic_max(out_ptr, tl.max(tl.max(acc, axis=1), axis=0), sem="relaxed")
 
     @triton.jit
+    def _fp8_value(v, TOP: tl.constexpr, E5M2: tl.constexpr):
+        # the value of a finite v's code (clamped, rounded to nearest even), as fp32
+        c = tl.minimum(tl.maximum(v, -TOP), TOP)
+        if E5M2:
+            return c.to(tl.float8e5, fp_downcast_rounding="rtne").to(tl.float32)
+        return c.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.float32)
+
+    @triton.jit
+    def _narrow(v, GATHERED: tl.constexpr):
+        # v (fp32) rounded to the dtype a gathered weight is dequantized to: 1 bf16, 2 fp16, 3 fp32
+        if GATHERED == 1:
+            return v.to(tl.bfloat16).to(tl.float32)
+        if GATHERED == 2:
+            return v.to(tl.float16).to(tl.float32)
+        return v
+
+    @triton.jit
     def _cast_kernel(x_ptr, amax_ptr, delayed_ptr, s_ptr, y_ptr, yt_ptr, M, K, Mp, stride_xm, stride_xk, stride_y,
                      stride_yt, TOP: tl.constexpr, E5M2: tl.constexpr, PER_ROW: tl.constexpr,
                      DELAYED: tl.constexpr, ROWMAJOR: tl.constexpr, TRANSPOSED: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                     GATHERED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         rm64 = rm.to(tl.int64)
@@ -146,13 +171,24 @@ if triton is not None:
         s = tl.div_rn(stat, tl.full([BLOCK_M], TOP, tl.float32))
         s = tl.where(s > 0, s, 1.0)
         s = tl.where(measured < float("inf"), s, float("nan"))
+        inside = (rm[:, None] < M) & (rk[None, :] < K)
+        x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk64[None, :] * stride_xk, mask=inside, other=0.0)
+        x = x.to(tl.float32)
+        if GATHERED != 0:
+            # x is a master weight that reaches the GEMM as its codes under s, dequantized (code x s in
+            # fp32, rounded to the gathered dtype): that tensor g is quantized here in its place. Its amax
+            # is the amax's own code dequantized (each step is monotonic in |x|), so g's scale is known
+            # before g is; a NaN scale (a NaN or an infinity in x) makes every g NaN, as it makes s2 NaN
+            top = _narrow(_fp8_value(tl.div_rn(measured, s), TOP, E5M2) * s, GATHERED)
+            x = _narrow(_fp8_value(tl.div_rn(x, s[:, None]), TOP, E5M2) * s[:, None], GATHERED)
+            s = tl.div_rn(top, tl.full([BLOCK_M], TOP, tl.float32))
+            s = tl.where(s > 0, s, 1.0)
+            s = tl.where(top < float("inf"), s, float("nan"))
         if PER_ROW:
             tl.store(s_ptr + rm, s, mask=(rm < M) & (tl.program_id(1) == 0))
         else:
             tl.store(s_ptr + rm * 0, s, mask=(rm == 0) & (tl.program_id(0) == 0) & (tl.program_id(1) == 0))
-        inside = (rm[:, None] < M) & (rk[None, :] < K)
-        x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk64[None, :] * stride_xk, mask=inside, other=0.0)
-        v = tl.div_rn(x.to(tl.float32), s[:, None])
+        v = tl.div_rn(x, s[:, None])
         finite = tl.abs(v) < float("inf")
         c = tl.where(finite, tl.minimum(tl.maximum(v, -TOP), TOP), 0.0)
         if E5M2:
@@ -176,7 +212,7 @@ AMAX_BLOCKS = dict(BLOCK_M=32, BLOCK_K=256, CHUNKS=4, num_warps=8)
 
 
 def triton_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_row: bool, rowmajor: bool,
-                   transposed: bool):
+                   transposed: bool, gathered: int = 0):
     """The operator's result from the Triton kernels (CUDA): the amax, then the cast."""
     M, K = x.shape
     codes, codes_t, s = _outputs(x, e5m2, per_row, rowmajor, transposed)
@@ -191,13 +227,17 @@ def triton_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_r
     _cast_kernel[grid](x, measured, delayed, s, codes.view(torch.uint8), codes_t.view(torch.uint8), M, K, rows,
                        x.stride(0), x.stride(1), codes.stride(0) if rowmajor else 0,
                        codes_t.stride(0) if transposed else 0, TOP=57344.0 if e5m2 else 448.0, E5M2=e5m2,
-                       PER_ROW=per_row, DELAYED=amax is not None, ROWMAJOR=rowmajor, TRANSPOSED=transposed, **c)
+                       PER_ROW=per_row, DELAYED=amax is not None, ROWMAJOR=rowmajor, TRANSPOSED=transposed,
+                       GATHERED=gathered, **c)
     return codes, codes_t, s
 
 
 def reference_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_row: bool, rowmajor: bool,
-                      transposed: bool):
+                      transposed: bool, gathered: int = 0):
     """The operator's result computed with tensor operations (CPU, or no Triton)."""
+    if gathered:  # the dequantized codes of x under its own scale, then their operand
+        codes, _, s = reference_operand(x, None, e5m2, False, True, False)
+        x = (codes.float() * s).to(GATHERED_DTYPES[gathered - 1])
     s = scales(x, _FORMATS[e5m2, per_row], amax)
     unused = torch.empty((0,), dtype=torch.float8_e5m2 if e5m2 else torch.float8_e4m3fn, device=x.device)
     codes = reference_cast(x, s, e5m2, False) if rowmajor else unused
@@ -207,18 +247,18 @@ def reference_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, pe
 
 @torch.library.custom_op("lowprec::fp8_operand", mutates_args=())
 def _fp8_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_row: bool, rowmajor: bool,
-                 transposed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 transposed: bool, gathered: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if x.is_cuda and triton is not None:
-        return triton_operand(x, amax, e5m2, per_row, rowmajor, transposed)
-    return reference_operand(x, amax, e5m2, per_row, rowmajor, transposed)
+        return triton_operand(x, amax, e5m2, per_row, rowmajor, transposed, gathered)
+    return reference_operand(x, amax, e5m2, per_row, rowmajor, transposed, gathered)
 
 
 @_fp8_operand.register_fake
-def _(x, amax, e5m2, per_row, rowmajor, transposed):
+def _(x, amax, e5m2, per_row, rowmajor, transposed, gathered):
     return _outputs(x, e5m2, per_row, rowmajor, transposed)
 
 
-def _call(t: torch.Tensor, fmt: Format, amax, rowmajor: bool, transposed: bool):
+def _call(t: torch.Tensor, fmt: Format, amax, rowmajor: bool, transposed: bool, gathered: torch.dtype | None = None):
     dt = fp8_dtype(fmt)
     if dt is None or t.dim() != 2 or t.numel() == 0:
         raise ValueError(f"fp8_cast: {fmt} on a tensor of shape {tuple(t.shape)} is not one it makes (see applies)")
@@ -227,25 +267,34 @@ def _call(t: torch.Tensor, fmt: Format, amax, rowmajor: bool, transposed: bool):
         raise ValueError("fp8_cast: a delayed amax applies to per-tensor scales only")
     if per_row and transposed and t.shape[0] != 1:
         raise ValueError("fp8_cast: per-row scales lie along the contraction of the transposed layout")
+    if gathered is not None and (per_row or amax is not None or gathered not in GATHERED_DTYPES):
+        raise ValueError(f"fp8_cast: a gathered weight is read with its own per-tensor scale into one of "
+                         f"{GATHERED_DTYPES}, not {fmt} {'with a delayed amax ' if amax is not None else ''}into {gathered}")
     if amax is not None:
         amax = amax.to(torch.float32)
-    return _fp8_operand(t, amax, dt == torch.float8_e5m2, per_row, rowmajor, transposed)
+    code = 0 if gathered is None else 1 + GATHERED_DTYPES.index(gathered)
+    return _fp8_operand(t, amax, dt == torch.float8_e5m2, per_row, rowmajor, transposed, code)
 
 
-def operand(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None, transposed: bool = False):
+def operand(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None, transposed: bool = False,
+            gathered: torch.dtype | None = None):
     """``(codes, outer)`` of ``t`` (2-D) in ``fmt``, laid out as :class:`lowprec.kernels.Fp8` lays
     them out: row-major, or transposed with the token dimension padded to ``PAD`` (zero codes); the
     outer scale ``(1,)`` per tensor, ``(rows, 1)`` per row. ``amax``: a delayed per-tensor amax.
+    ``gathered`` (a dtype of ``GATHERED_DTYPES``; per-tensor ``fmt``, no ``amax``): the operand, in
+    ``fmt``, of ``t``'s codes in ``fmt`` dequantized to that dtype (what :func:`lowprec.fsdp.as_gathered`
+    hands a layer), computed from ``t`` in the same two passes without writing that tensor out.
     Only where :func:`applies`."""
-    codes, codes_t, s = _call(t, fmt, amax, not transposed, transposed)
+    codes, codes_t, s = _call(t, fmt, amax, not transposed, transposed, gathered)
     return (codes_t if transposed else codes), s
 
 
-def operands(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None):
-    """Both layouts from one pass (per-tensor scales): ``((codes, outer), (codes_t, outer))``."""
+def operands(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None, gathered: torch.dtype | None = None):
+    """Both layouts from one pass (per-tensor scales): ``((codes, outer), (codes_t, outer))``.
+    ``amax``, ``gathered``: as for :func:`operand`."""
     if fmt.granularity != "tensor":
         raise ValueError(f"fp8_cast.operands: both layouts need a per-tensor scale, not {fmt}")
-    codes, codes_t, s = _call(t, fmt, amax, True, True)
+    codes, codes_t, s = _call(t, fmt, amax, True, True, gathered)
     return (codes, s), (codes_t, s)
 
 
@@ -254,5 +303,5 @@ _FORMATS = {(e, r): get_format("fp8_e5m2" if e else "fp8_e4m3", granularity="row
             for e in (False, True) for r in (False, True)}
 
 
-__all__ = ["PAD", "applies", "fp8_dtype", "operand", "operands", "reference_cast", "reference_operand", "scales",
+__all__ = ["GATHERED_DTYPES", "PAD", "applies", "fp8_dtype", "operand", "operands", "reference_cast", "reference_operand", "scales",
            "triton_operand"]

@@ -76,11 +76,25 @@ def _for(fmt: Format | None, amax):
     return amax if fmt is not None and fmt.scale == "absmax" and fmt.granularity == "tensor" else None
 
 
-def _weight_operand(kernel, fmt, transposed, plan: GemmPlan, w, io: LayerIO, amax=None):
-    """Operand of the weight (``w``: the master, or the native ``(data, scale, global)``), shared
-    through the layer's cache while the weight is unchanged."""
+def gathered_applies(plan: GemmPlan, gathered) -> bool:
+    """Whether the GEMMs of ``plan`` read a weight that reaches them gathered, ``gathered = (fmt,
+    dtype)`` (:func:`lowprec.fsdp.as_gathered`), from its master (``QLinearFunction``'s ``gathered``):
+    the weight operands are then made from the master without the dequantized tensor written out.
+    Where they are not, the layer hands its GEMMs ``as_gathered(master, fmt, dtype)`` itself."""
+    fmt, dtype = gathered
     p = plan.precision
-    if p.storage == "native":
+    return (p.storage == "latent" and p.ste == "identity" and plan.gemv is None and plan.fprop.b == fmt
+            and plan.reuse_weight and KERNELS[plan.fprop.kernel].reads_gathered(fmt, dtype))
+
+
+def _weight_operand(kernel, fmt, transposed, plan: GemmPlan, w, io: LayerIO, amax=None, gathered=None):
+    """Operand of the weight (``w``: the master, or the native ``(data, scale, global)``), shared
+    through the layer's cache while the weight is unchanged. ``gathered``: as ``QLinearFunction``'s."""
+    p = plan.precision
+    if gathered is not None:
+        make = lambda: kernel.gathered_operands(w, fmt, gathered[1], rowmajor=not transposed,  # noqa: E731
+                                                transposed=transposed)[transposed]
+    elif p.storage == "native":
         q = _native(plan, w)
         if fmt == p.weight:  # as stored: re-deriving a scale from dequantized codes could change it
             make = lambda: kernel.operand_from_qtensor(q, transposed)  # noqa: E731
@@ -92,7 +106,7 @@ def _weight_operand(kernel, fmt, transposed, plan: GemmPlan, w, io: LayerIO, ama
     if amax is not None or torch.compiler.is_compiling():
         return make()
     tag = _version_tag(w)
-    key = (kernel.name, fmt, transposed)
+    key = (kernel.name, fmt, transposed, gathered)
     # kernels captured into a CUDA graph must not read a tensor a cache kept from another step (a
     # replay would not look the cache up again: it would read a stale operand); they share the
     # operands derived inside the same capture instead (`shared_operands`)
@@ -185,33 +199,44 @@ def _operand_pair(kernel: str, t, fmt, rounding: str, amax):
     return KERNELS[kernel].operands(t, fmt, rounding=rounding, amax=_for(fmt, amax))
 
 
-def _fprop(x2, w, amax_x, amax_w, plan: GemmPlan, io: LayerIO, A=None, B=None):
+def _fprop(x2, w, amax_x, amax_w, plan: GemmPlan, io: LayerIO, A=None, B=None, gathered=None):
     """``y = Q(x2) Q(W)^T`` (no bias) in ``x2``'s dtype -> ``(y, A, B)``, the quantized operands
     of ``x2`` and ``W`` (None where the packed GEMV ran). ``w``: the master weight, or the native
     ``(data, scale, global)``. ``A`` / ``B``: the operand of ``x2`` / of ``W`` where the caller
-    computed it already (``A``: the GEMV's input operand where the GEMV runs)."""
+    computed it already (``A``: the GEMV's input operand where the GEMV runs). ``gathered``: as
+    ``QLinearFunction``'s."""
     p, fp = plan.precision, plan.fprop
     native = p.storage == "native"
     if io.record is not None:
         io.record("input", x2, fp.a)
-        io.record("weight", (lambda: _native(plan, w).dequantize()) if native else w, fp.b)
+        seen = (lambda: _native(plan, w).dequantize()) if native else w
+        if gathered is not None:
+            seen = lambda: _as_gathered(w.detach(), *gathered)  # noqa: E731
+        io.record("weight", seen, fp.b)
     A = A if A is not None else _input_operand(x2, plan, amax_x)
     if _gemv_applies(plan, x2):
         return to_dtype(gemv.packed_gemv(A[0], w[0], w[1], plan.out_features), x2.dtype), None, None
     k = KERNELS[fp.kernel]
-    B = B if B is not None else _weight_operand(k, fp.b, False, plan, w, io, amax_w)
+    B = B if B is not None else _weight_operand(k, fp.b, False, plan, w, io, amax_w, gathered)
     return k.mm(A, B, x2.dtype, fast_accum=fp.kernel.startswith("fp8")), A, B
 
 
-def _dgrad(dy, w, B_fprop, amax_g, plan: GemmPlan, io: LayerIO, out_dtype, G=None, B=None):
+def _as_gathered(w, fmt, dtype):
+    from .fsdp import as_gathered  # the sharded path's module, which builds on this one
+
+    return as_gathered(w, fmt, dtype)
+
+
+def _dgrad(dy, w, B_fprop, amax_g, plan: GemmPlan, io: LayerIO, out_dtype, G=None, B=None, gathered=None):
     """``dx = Q(dy) Q(W)`` -> ``(dx, G, B)``, the quantized operands of ``dy`` and ``W``.
     ``B_fprop``: fprop's weight operand where the plan reuses it, else None. ``G`` / ``B``: the
-    operand of ``dy`` / dgrad's weight operand where the caller computed it already."""
+    operand of ``dy`` / dgrad's weight operand where the caller computed it already. ``gathered``:
+    as ``QLinearFunction``'s."""
     k = KERNELS[plan.dgrad.kernel]
     G = G if G is not None else _grad_operand(dy, plan, amax_g)
     if B is None:
         B = k.transposed(B_fprop) if B_fprop is not None else None
-        B = B if B is not None else _weight_operand(k, plan.dgrad.b, True, plan, w, io)
+        B = B if B is not None else _weight_operand(k, plan.dgrad.b, True, plan, w, io, gathered=gathered)
     return k.mm(G, B, out_dtype), G, B
 
 
@@ -222,11 +247,12 @@ def _operand_function(plan: GemmPlan, gemm: str):
     return functools.partial(_input_operand if gemm == "fprop" else _grad_operand, plan=plan, fusable=True)
 
 
-def _wgrad(dy, x2, A_fprop, G, amax_g, w_a, plan: GemmPlan, A_t=None, G_t=None):
+def _wgrad(dy, x2, A_fprop, G, amax_g, w_a, plan: GemmPlan, A_t=None, G_t=None, dtype=None):
     """``dW = Q(dy)^T Q(x2)`` (then the weight STE when latent): fp32 for a native weight (its
-    carrier's gradient), else in the master's dtype. ``A_fprop``/``G``: fprop's input operand and
-    dgrad's gradient operand where the plan reuses them, else None; ``A_t``/``G_t``: the same
-    already transposed, where they were made so with them (they are then taken as they are)."""
+    carrier's gradient), else in the master's dtype (``dtype``: in that one, then cast to the
+    master's). ``A_fprop``/``G``: fprop's input operand and dgrad's gradient operand where the plan
+    reuses them, else None; ``A_t``/``G_t``: the same already transposed, where they were made so
+    with them (they are then taken as they are)."""
     p, dg, wg = plan.precision, plan.dgrad, plan.wgrad
     native = p.storage == "native"
     k = KERNELS[wg.kernel]
@@ -236,41 +262,53 @@ def _wgrad(dy, x2, A_fprop, G, amax_g, w_a, plan: GemmPlan, A_t=None, G_t=None):
                       transposed=True)
     B = A_t if A_t is not None else k.transposed(A_fprop) if A_fprop is not None else \
         k.operand(x2, wg.b, transposed=True)
-    dw = k.mm(A, B, torch.float32 if native else w_a.dtype)
+    dw = k.mm(A, B, torch.float32 if native else dtype or w_a.dtype)
     if not native:
         pseudo = weight_pseudo_grad(w_a, plan.fprop.b, p.ste)
-        dw = dw if pseudo is None else (dw.float() * pseudo).to(w_a.dtype)
-    return dw
+        dw = dw if pseudo is None else (dw.float() * pseudo).to(dw.dtype)
+    return dw if native else dw.to(w_a.dtype)
 
 
 class QLinearFunction(torch.autograd.Function):
     """Inputs: x2 (M, K); w_a, w_b, w_c: the latent master weight (and two Nones), or the native
     weight's packed data, scale and global scale; bias or None; carrier (native: the leaf whose
-    gradient is the weight's; else None); amax_x, amax_w (delayed scaling, or None); plan; io."""
+    gradient is the weight's; else None); amax_x, amax_w (delayed scaling, or None); plan; io;
+    gathered: None, or ``(fmt, dtype)`` where the GEMMs see the latent weight as a data-parallel
+    run's ranks hold it, ``as_gathered(w_a, fmt, dtype)`` (:func:`lowprec.fsdp.as_gathered`; only
+    where `gathered_applies`): its operands are made from the master, its gradient computed in
+    ``dtype`` and handed to the master in the master's dtype, the numbers of that composition."""
 
     @staticmethod
-    def forward(ctx, x2, w_a, w_b, w_c, bias, carrier, amax_x, amax_w, plan: GemmPlan, io: LayerIO):
+    def forward(ctx, x2, w_a, w_b, w_c, bias, carrier, amax_x, amax_w, plan: GemmPlan, io: LayerIO, gathered=None):
         native = plan.precision.storage == "native"
-        A = A_t = None
-        if plan.reuse_input and not _gemv_applies(plan, x2):  # wgrad's operand from the same pass, where it can
+        gemv = _gemv_applies(plan, x2)
+        A = A_t = B = B_t = None
+        if plan.reuse_input and not gemv:  # wgrad's operand from the same pass, where it can
             A, A_t = _operand_pair(plan.fprop.kernel, x2, plan.fprop.a, "nearest", amax_x)
-        y, A, B = _fprop(x2, (w_a, w_b, w_c) if native else w_a, amax_x, amax_w, plan, io, A)
+        if plan.reuse_weight and not native and not gemv and torch.compiler.is_compiling():
+            # dgrad's weight operand from fprop's pass (eager steps share fprop's through the layer's cache)
+            k, fmt = KERNELS[plan.fprop.kernel], plan.fprop.b
+            B, B_t = (k.gathered_operands(w_a, fmt, gathered[1]) if gathered is not None else
+                      _operand_pair(plan.fprop.kernel, w_a, fmt, "nearest", amax_w))
+        y, A, B = _fprop(x2, (w_a, w_b, w_c) if native else w_a, amax_x, amax_w, plan, io, A, B, gathered)
         if bias is not None:
             y = y + bias.to(y.dtype)
         keep_x = plan.reuse_input and A is not None
         keep_w = plan.reuse_weight and B is not None
         x_t = keep_x and A_t is not None  # what is kept of x is wgrad's operand itself
-        ctx.plan, ctx.io = plan, io
-        ctx.meta = (bias is not None, None if bias is None else bias.dtype, x2.dtype, keep_x, keep_w, x_t)
+        w_t = keep_w and B_t is not None  # and of the weight, dgrad's
+        ctx.plan, ctx.io, ctx.gathered = plan, io, gathered
+        ctx.meta = (bias is not None, None if bias is None else bias.dtype, x2.dtype, keep_x, keep_w, x_t, w_t)
         ctx.save_for_backward(None if keep_x else x2, w_a, w_b, w_c,
-                              *((A_t if x_t else A) if keep_x else (None, None)), *(B if keep_w else (None, None)))
+                              *((A_t if x_t else A) if keep_x else (None, None)),
+                              *((B_t if w_t else B) if keep_w else (None, None)))
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x2, w_a, w_b, w_c, xa, xs, wb, ws = ctx.saved_tensors
-        plan, io = ctx.plan, ctx.io
-        has_bias, bias_dtype, x_dtype, keep_x, keep_w, x_t = ctx.meta
+        plan, io, gathered = ctx.plan, ctx.io, ctx.gathered
+        has_bias, bias_dtype, x_dtype, keep_x, keep_w, x_t, w_t = ctx.meta
         native = plan.precision.storage == "native"
         w = (w_a, w_b, w_c) if native else w_a
         dy = dy.contiguous()
@@ -282,14 +320,16 @@ class QLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if wgrad and plan.reuse_grad:  # wgrad's operand of dy from the same pass, where it can
                 G, G_t = _operand_pair(plan.dgrad.kernel, dy, plan.dgrad.a, plan.precision.grad_rounding, amax_g)
-            dx, G, _ = _dgrad(dy, w, (wb, ws) if keep_w else None, amax_g, plan, io, x_dtype, G)
+            dx, G, _ = _dgrad(dy, w, (wb, ws) if keep_w and not w_t else None, amax_g, plan, io, x_dtype, G,
+                              (wb, ws) if w_t else None, gathered)
         if wgrad:
             kept = (xa, xs) if keep_x else None
-            dw = _wgrad(dy, x2, None if x_t else kept, G, amax_g, w_a, plan, kept if x_t else None, G_t)
+            dw = _wgrad(dy, x2, None if x_t else kept, G, amax_g, w_a, plan, kept if x_t else None, G_t,
+                        None if gathered is None else gathered[1])
         db = dy.sum(0).to(bias_dtype) if has_bias and ctx.needs_input_grad[4] else None
         if native:  # the weight's gradient goes to the carrier
-            return dx, None, None, None, db, dw, None, None, None, None
-        return dx, dw, None, None, db, None, None, None, None, None
+            return dx, None, None, None, db, dw, None, None, None, None, None
+        return dx, dw, None, None, db, None, None, None, None, None, None
 
 
 @dataclass(frozen=True, eq=False)
@@ -465,4 +505,5 @@ def weight_pseudo_grad(weight: torch.Tensor, fmt: Format | None, ste: str) -> to
     return STES[ste](u, fmt.max_value)
 
 
-__all__ = ["QLinearFunction", "RecurrentGemms", "LayerIO", "delayed_amax", "weight_pseudo_grad", "shared_operands"]
+__all__ = ["QLinearFunction", "RecurrentGemms", "LayerIO", "delayed_amax", "gathered_applies", "weight_pseudo_grad",
+           "shared_operands"]

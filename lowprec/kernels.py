@@ -242,6 +242,17 @@ class GemmKernel(Kernel, abc.ABC):
         of ``t`` transposed (what ``transposed(op)`` gives); else ``op_t`` is None."""
         return self.operand(t, fmt, rounding=rounding, amax=amax), None
 
+    def reads_gathered(self, fmt, dtype) -> bool:
+        """Whether ``gathered_operands`` makes, from a weight's master, the operands in ``fmt`` of that
+        weight as a data-parallel run's ranks hold it: gathered in ``fmt``, dequantized to ``dtype``
+        (:func:`lowprec.fsdp.as_gathered`), without that tensor written out."""
+        return False
+
+    def gathered_operands(self, w, fmt, dtype, *, rowmajor=True, transposed=True):
+        """``(op, op_t)`` of ``as_gathered(w, fmt, dtype)`` in ``fmt`` (each layout asked for, else
+        None), computed from ``w``: only where ``reads_gathered``."""
+        raise NotImplementedError(f"{self.name} does not read a gathered weight from its master")
+
     def fusable_operand(self, t, fmt, *, rounding="nearest", amax=None):
         """``operand(t, fmt)`` (untransposed) as tensor operations only, for a caller that computes it
         in a compiled function together with the work that produced ``t`` (an LSTM step's cell: for
@@ -441,6 +452,17 @@ class Fp8(_CodesKernel):
 
     def fusable_operand(self, t, fmt, *, rounding="nearest", amax=None):
         return super().operand(t, fmt, rounding=rounding, amax=amax)  # the general quantizer: the same codes
+
+    def reads_gathered(self, fmt, dtype):
+        return fp8_cast.fp8_dtype(fmt) is not None and fmt.granularity == "tensor" and dtype in fp8_cast.GATHERED_DTYPES
+
+    def gathered_operands(self, w, fmt, dtype, *, rowmajor=True, transposed=True):
+        if not self.reads_gathered(fmt, dtype):
+            raise ValueError(f"{self.name}: a weight gathered in {fmt} and read in {dtype} is not one it reads")
+        if rowmajor and transposed:
+            return fp8_cast.operands(w, fmt, gathered=dtype)
+        op = fp8_cast.operand(w, fmt, transposed=transposed, gathered=dtype)
+        return (None, op) if transposed else (op, None)
 
     @staticmethod
     def _layout(codes, outer, transposed):

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from .. import gemm
+from ..fsdp import as_gathered
 from ..plan import GemmPlan, build_plan
 from ..precision import FULL_PRECISION, LayerPrecision
 from ..telemetry import maybe_record, recording
@@ -34,6 +35,9 @@ class QLinear(NativeWeightMixin, nn.Module):
         self._plan_error: ValueError | None = None
         self._plan_device: torch.device | None = None
         self._operands = OperandCache()
+        # (format, dtype): the GEMMs see the latent weight as a data-parallel run's ranks hold it,
+        # gathered in that format and dequantized to that dtype (lowprec.fsdp.as_gathered); None: as it is
+        self.gathered_as = None
         if weight is None:
             weight = torch.empty(out_features, in_features, device=device, dtype=dtype)
             if weight.device.type != "meta":
@@ -134,12 +138,16 @@ class QLinear(NativeWeightMixin, nn.Module):
             self._io.grad_history = self._buffers.get("amax_history_grad")
         x2 = x.reshape(-1, self.in_features)
         amax_x = self._delayed_amax("input", x2) if self._delayed else None
+        gathered = None
         if self.is_native:
             w, carrier, amax_w = (self.w_data, self.w_scale, self.w_global), self._grad_carrier, None
         else:
-            w, carrier = (self.weight, None, None), None
-            amax_w = self._delayed_amax("weight", self.weight) if self._delayed else None
-        y = gemm.QLinearFunction.apply(x2, *w, self.bias, carrier, amax_x, amax_w, plan, self._io)
+            weight, carrier, gathered = self.weight, None, self.gathered_as
+            if gathered is not None and (self._delayed or not gemm.gathered_applies(plan, gathered)):
+                weight, gathered = as_gathered(weight, *gathered), None  # the GEMMs read it as any weight
+            w = (weight, None, None)
+            amax_w = self._delayed_amax("weight", weight) if self._delayed else None
+        y = gemm.QLinearFunction.apply(x2, *w, self.bias, carrier, amax_x, amax_w, plan, self._io, gathered)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def recurrent_gemms(self) -> tuple[gemm.RecurrentGemms, tuple]:
@@ -162,7 +170,8 @@ class QLinear(NativeWeightMixin, nn.Module):
             weights = (self.w_data, self.w_scale, self.w_global, self._grad_carrier)
             history.pop("weight", None)
         else:
-            weights = (self.weight, None, None, None)
+            weight = self.weight if self.gathered_as is None else as_gathered(self.weight, *self.gathered_as)
+            weights = (weight, None, None, None)
         return gemm.RecurrentGemms(plan, self._io, history.get("input"), history.get("weight")), weights
 
     # ---- accounting ---------------------------------------------------------------------------

@@ -1150,9 +1150,21 @@ def test_compute_in_param_dtype_on_one_process():
     before = dict(model.named_parameters())
     keys = {k: v.dtype for k, v in model.state_dict().items()}
     compute_in_param_dtype(model, torch.bfloat16)
+    # a latent weight that one QLinear alone reads is read by the layer as gathered (not swapped);
+    # a tied one (the head's, the token embedding's) is swapped in for both readers
+    from lowprec.nn import QLinear
+
+    fp8 = lowprec.format("fp8_e4m3", granularity="tensor")
+    assert model.blocks[0].attn.q.gathered_as == (fp8, torch.bfloat16)
+    assert "blocks.0.attn.q.weight" in model._read_gathered and "embed.tok.weight" not in model._read_gathered
+    tied = compute_in_param_dtype(build("paper", preset("tiny").replace(tie_embeddings=True)), torch.bfloat16)
+    assert tied.head.gathered_as is None and "head.weight" not in tied._read_gathered
+    assert tied.blocks[0].attn.q.gathered_as == (fp8, torch.bfloat16)
+    assert all(isinstance(tied.get_submodule(n.removesuffix(".weight")), QLinear) for n in tied._read_gathered)
     x, y = batch(rows=2)
     logits, _ = model(x)
     assert logits.dtype == torch.bfloat16
+    assert tied(x)[0].dtype == torch.bfloat16
     with pytest.raises(ValueError, match="tokens must be"):
         model(x[0])
     after = dict(model.named_parameters())

@@ -190,3 +190,90 @@ def test_an_lstm_cells_casts_stay_tensor_operations(monkeypatch):
     assert not calls
     for g, w in zip(got, want, strict=True):
         _assert_same(g, w)
+
+
+def _gathered_cases(master, device):
+    """Master weights over 30 decades of scale (each column its own magnitude), and ones whose
+    dequantized codes overflow fp16 or bf16, underflow, hold a NaN or an infinity, or are all zero."""
+    yield _values(37, 50, master, device)
+    for decade in (-40, -30, 4, 6, 30, 38) if master == torch.float32 else (-30, 4, 6, 30, 38):
+        yield (torch.randn(24, 40) * 3.0 * 10.0**decade).to(master).to(device)
+    nan, inf = _values(20, 32, master, device), _values(20, 32, master, device)
+    nan[3, 4], inf[5, 6] = float("nan"), float("-inf")
+    yield nan
+    yield inf
+    yield torch.zeros(16, 16, dtype=master, device=device)
+
+
+@pytest.mark.parametrize("master", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
+def test_a_gathered_weights_operand_is_that_of_its_dequantized_codes(device, name, master):
+    """``gathered=dtype``: from the master in one pass, the operand of what a data-parallel run's ranks
+    hold after gathering the weight in the format and dequantizing it to ``dtype``
+    (lowprec.fsdp.as_gathered): its codes and its own scale, byte for byte, in both layouts."""
+    from lowprec.fsdp import as_gathered
+
+    fmt = lowprec.format(name, granularity="tensor")
+    for dtype in fp8_cast.GATHERED_DTYPES:
+        for w in _gathered_cases(master, device):
+            g = as_gathered(w, fmt, dtype)
+            for transposed in (False, True):
+                _assert_same(fp8_cast.operand(w, fmt, transposed=transposed, gathered=dtype),
+                             fp8_cast.operand(g, fmt, transposed=transposed))
+            both = fp8_cast.operands(w, fmt, gathered=dtype)
+            _assert_same(both[0], fp8_cast.operand(g, fmt))
+            _assert_same(both[1], fp8_cast.operand(g, fmt, transposed=True))
+
+
+def test_a_gathered_weight_is_read_per_tensor_with_its_own_amax():
+    w = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="gathered weight"):
+        fp8_cast.operand(w, lowprec.format("fp8_e4m3", granularity="row"), gathered=torch.bfloat16)
+    with pytest.raises(ValueError, match="delayed amax"):
+        fp8_cast.operand(w, lowprec.format("fp8_e4m3", granularity="tensor"), amax=torch.tensor(1.0),
+                         gathered=torch.bfloat16)
+    with pytest.raises(ValueError, match="gathered weight"):
+        fp8_cast.operand(w, lowprec.format("fp8_e4m3", granularity="tensor"), gathered=torch.int8)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_layer_reads_its_gathered_weight_from_the_master(device, compiled):
+    """A QLinear told that its weight reaches it gathered (``gathered_as``, as compute_in_param_dtype
+    tells it) computes what it computes when handed ``as_gathered(master)``: the output, the input's
+    gradient and the master's gradient, bit for bit, eager and compiled. On a GPU with FP8 tensor
+    cores its operands are made from the master (compiled, fprop's pass also makes dgrad's layout);
+    the CPU's plan hands its GEMMs the dequantized weight, as the swap does."""
+    from lowprec.fsdp import as_gathered
+    from lowprec.gemm import gathered_applies
+    from lowprec.nn import QLinear
+
+    fields = {"weight": "fp8_e4m3", "input": {"format": "fp8_e4m3", "granularity": "tensor"},
+              "grad": {"format": "fp8_e5m2", "granularity": "tensor"}}
+    torch.manual_seed(0)
+    layer = QLinear(64, 96, bias=True, precision=lowprec.LayerPrecision.from_fields(fields)).to(device)
+    fmt = layer.precision.operand("fprop", "weight")
+    if device == "cuda":
+        assert gathered_applies(layer.plan, (fmt, torch.bfloat16))
+    x = torch.randn(40, 64, device=device, dtype=torch.bfloat16)
+    dy = torch.randn(40, 96, device=device, dtype=torch.bfloat16)
+
+    def run(gathered):
+        layer.zero_grad(set_to_none=True)
+        layer.gathered_as = (fmt, torch.bfloat16) if gathered else None
+        xi = x.clone().requires_grad_()
+
+        def f(xi):
+            if gathered:
+                return layer(xi)
+            weight = as_gathered(layer.weight, fmt, torch.bfloat16)
+            return torch.func.functional_call(layer, {"weight": weight, "bias": layer.bias.to(torch.bfloat16)}, (xi,))
+        backend = "aot_eager" if device == "cpu" else "inductor"
+        y = (torch.compile(f, fullgraph=True, backend=backend) if compiled else f)(xi)
+        y.backward(dy)
+        return y, xi.grad, layer.weight.grad
+
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn(96))
+    got, want = run(True), run(False)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and torch.equal(g, w)
