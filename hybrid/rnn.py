@@ -378,7 +378,7 @@ def _layer_of(key: str) -> LSTMLayer:
 
 def _gemms_of(key: str):
     hh = _layer_of(key).hh
-    return LINEAR_GEMMS if type(hh) is nn.Linear else hh.recurrent_gemms()[0]
+    return LINEAR_GEMMS if type(hh) is nn.Linear else hh.recurrent_gemms(weights=False)[0]
 
 
 def _full(weights: list[Tensor], slots: list[int], n: int) -> tuple:

@@ -150,7 +150,7 @@ class QLinear(NativeWeightMixin, nn.Module):
         y = gemm.QLinearFunction.apply(x2, *w, self.bias, carrier, amax_x, amax_w, plan, self._io, gathered)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def recurrent_gemms(self) -> tuple[gemm.RecurrentGemms, tuple]:
+    def recurrent_gemms(self, weights: bool = True) -> tuple[gemm.RecurrentGemms, tuple | None]:
         """This layer's GEMMs for a caller that applies it once per step of a recurrence inside one
         autograd node of its own, with the weight gradient of all steps as ONE GEMM
         (:class:`~lowprec.gemm.RecurrentGemms`: what it computes exactly as the layer, and what not).
@@ -159,7 +159,9 @@ class QLinear(NativeWeightMixin, nn.Module):
         ``(w_data, w_scale, w_global, carrier)`` (native) are the tensors the caller's node takes as
         inputs, hands back to ``gemms``' calls, and returns ``gemms.wgrad``'s gradients for. Build
         it where the layer would be called (a forward hook of a unit that gathers the weight has
-        run); the layer's own forward hooks do not run. ``ValueError`` for a layer with a bias."""
+        run); the layer's own forward hooks do not run. A weight read as gathered (``gathered_as``) is
+        handed over as ``as_gathered(weight, ...)``. ``weights=False``: ``(gemms, None)``, computing no
+        tensor (what a caller's backward looks the gemms up with). ``ValueError`` for a layer with a bias."""
         if self.bias is not None:
             raise ValueError("recurrent_gemms: a layer with a bias (its gradient would be one more sum over the steps)")
         plan = self.plan
@@ -167,12 +169,13 @@ class QLinear(NativeWeightMixin, nn.Module):
             self._io.grad_history = self._buffers.get("amax_history_grad")
         history = {op: getattr(self, name) for op, name in self._delayed.items()}
         if self.is_native:
-            weights = (self.w_data, self.w_scale, self.w_global, self._grad_carrier)
+            tensors = (self.w_data, self.w_scale, self.w_global, self._grad_carrier)
             history.pop("weight", None)
-        else:
+        elif weights:
             weight = self.weight if self.gathered_as is None else as_gathered(self.weight, *self.gathered_as)
-            weights = (weight, None, None, None)
-        return gemm.RecurrentGemms(plan, self._io, history.get("input"), history.get("weight")), weights
+            tensors = (weight, None, None, None)
+        gemms = gemm.RecurrentGemms(plan, self._io, history.get("input"), history.get("weight"))
+        return gemms, tensors if weights else None
 
     # ---- accounting ---------------------------------------------------------------------------
     def resident_bytes(self) -> int:

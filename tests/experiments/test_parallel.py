@@ -404,6 +404,23 @@ def test_prefetch_starts_the_next_units_gather(dp2):
         assert r["prefetch/same_grads"]
 
 
+def test_gathered_lstm_weights_compile():
+    """The fp8 policy's LSTM layers read their weights as gathered (compute_in_param_dtype): the
+    compiled step (aot_eager: the same ATen ops) traces the recurrence's backward, whose layers'
+    GEMMs are looked up without their weights, and gives eager's loss and gradients bit for bit."""
+    from experiments.parallel import compute_in_param_dtype
+
+    models = [compute_in_param_dtype(build("fp8"), torch.bfloat16) for _ in range(2)]
+    assert models[0].rnn.lstm[0].hh.gathered_as is not None
+    x, y = batch(rows=2)
+    losses = [torch.compile(loss_of, backend="aot_eager")(models[0], x, y), loss_of(models[1], x, y)]
+    for loss in losses:
+        loss.backward()
+    assert torch.equal(losses[0], losses[1])
+    grads = dict(models[1].named_parameters())
+    assert all(torch.equal(p.grad, grads[n].grad) for n, p in models[0].named_parameters() if p.requires_grad)
+
+
 def test_bf16_weights_gather_through_the_param_dtype(dp2):
     """Under the bf16 policy with parallel.param_dtype bf16 no weight is wrapped for a gather in its
     format (FSDP2's cast is that format), and the gradients are the wrapped gather's, bit for bit."""
