@@ -114,6 +114,7 @@ def main(argv=None):
             transposed_only = layout == "transposed"
             ours = (lambda: fp8_cast.operands(x, fmt)) if layout == "both" else \
                 (lambda: fp8_cast.operand(x, fmt, transposed=transposed_only))
+            torch._dynamo.reset()  # each case compiles afresh (the same function would soon hit dynamo's recompile limit)
             general = torch.compile(_general(fmt, layout))
             t_ours = kernel_us(ours, args.calls)
             t_general = kernel_us(lambda: general(x), args.calls)
