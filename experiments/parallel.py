@@ -386,9 +386,10 @@ def compute_in_param_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     (:func:`lowprec.fsdp.as_gathered`); differentiable, the gradient reaching the master in its own
     dtype. A latent weight that one ``QLinear`` alone reads is not swapped: the layer is told how it
     is gathered (``QLinear.gathered_as``), and where its kernel can, makes its operands from the master
-    without the dequantized copy written out (the same numbers). Activations follow (embeddings and layers return ``dtype``); the LSTM's carried state
-    keeps its own dtype. The tiny hybrid's gradients are bit-identical to 2 ranks' (tested). The
-    parameters themselves (what the optimizer, the state dict and a checkpoint see) stay as they are.
+    without the dequantized copy written out (the same numbers). Activations follow (embeddings and
+    layers return ``dtype``); the LSTM's carried state keeps its own dtype. The tiny hybrid's gradients
+    are bit-identical to 2 ranks' (tested). The parameters themselves (what the optimizer, the state
+    dict and a checkpoint see) stay as they are.
     Two forward hooks on ``model`` swap the casts in and back (the second also when the forward
     raises); ``torch.compile`` traces them; a copy of the model (``copy.deepcopy``) keeps them.
     Returns ``model``. ``ValueError`` when applied twice. Blocks set to compile once

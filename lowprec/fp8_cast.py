@@ -25,7 +25,7 @@ written as ``0x7F`` (its sign carries nothing). On the CPU, or without Triton, t
 the same with tensor operations (:func:`reference_operand`).
 
 A weight that reaches its GEMMs as a data-parallel run's ranks hold it (gathered in its FP8 format,
-dequantized to bf16: :func:`lowprec.fsdp.as_gathered`) is read from its master (``gathered=``): the
+dequantized to bf16, fp16 or fp32: :func:`lowprec.fsdp.as_gathered`) is read from its master (``gathered=``): the
 cast pass dequantizes each code in registers and quantizes that value again under the dequantized
 tensor's own scale, which is known before the pass (the largest dequantized value is the amax's own
 code dequantized), so the dequantized tensor is never written: the same codes and scale as
@@ -178,7 +178,7 @@ if triton is not None:
             # x is a master weight that reaches the GEMM as its codes under s, dequantized (code x s in
             # fp32, rounded to the gathered dtype): that tensor g is quantized here in its place. Its amax
             # is the amax's own code dequantized (each step is monotonic in |x|), so g's scale is known
-            # before g is; a NaN scale (a NaN or an infinity in x) makes every g NaN, as it makes s2 NaN
+            # before g is; a NaN scale (a NaN or an infinity in x) makes every g NaN, and g's scale NaN
             top = _narrow(_fp8_value(tl.div_rn(measured, s), TOP, E5M2) * s, GATHERED)
             x = _narrow(_fp8_value(tl.div_rn(x, s[:, None]), TOP, E5M2) * s[:, None], GATHERED)
             s = tl.div_rn(top, tl.full([BLOCK_M], TOP, tl.float32))
@@ -268,8 +268,9 @@ def _call(t: torch.Tensor, fmt: Format, amax, rowmajor: bool, transposed: bool, 
     if per_row and transposed and t.shape[0] != 1:
         raise ValueError("fp8_cast: per-row scales lie along the contraction of the transposed layout")
     if gathered is not None and (per_row or amax is not None or gathered not in GATHERED_DTYPES):
+        delayed = "with a delayed amax " if amax is not None else ""
         raise ValueError(f"fp8_cast: a gathered weight is read with its own per-tensor scale into one of "
-                         f"{GATHERED_DTYPES}, not {fmt} {'with a delayed amax ' if amax is not None else ''}into {gathered}")
+                         f"{GATHERED_DTYPES}, not {fmt} {delayed}into {gathered}")
     if amax is not None:
         amax = amax.to(torch.float32)
     code = 0 if gathered is None else 1 + GATHERED_DTYPES.index(gathered)
@@ -303,5 +304,5 @@ _FORMATS = {(e, r): get_format("fp8_e5m2" if e else "fp8_e4m3", granularity="row
             for e in (False, True) for r in (False, True)}
 
 
-__all__ = ["GATHERED_DTYPES", "PAD", "applies", "fp8_dtype", "operand", "operands", "reference_cast", "reference_operand", "scales",
-           "triton_operand"]
+__all__ = ["GATHERED_DTYPES", "PAD", "applies", "fp8_dtype", "operand", "operands", "reference_cast",
+           "reference_operand", "scales", "triton_operand"]
