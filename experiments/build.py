@@ -246,8 +246,9 @@ def build_run(cfg: DictConfig, parallel=None) -> Run:
         pcfg = check_parallel(cfg, t, parallel)
         device = parallel.device
     threads = resolve_threads(t["threads"])
+    # logged always: the thread count changes a CPU run's sums, so two runs compare only at the same count
+    log.info("torch threads: %d (train.threads=%s)", threads, t["threads"])
     if threads != torch.get_num_threads():
-        log.info("torch threads: %d (train.threads=%s)", threads, t["threads"])
         torch.set_num_threads(threads)
     data_cfg = _stage("data", DataConfig.from_config, cfg.data)
     vocab = _stage("data", vocab_size, data_cfg)
