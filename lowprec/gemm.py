@@ -33,6 +33,7 @@ import torch
 from . import gemv
 from .common import to_dtype
 from .formats import Format
+from .fsdp import as_gathered
 from .kernels import GEMV_MAX_ROWS, KERNELS
 from .plan import GemmPlan
 from .qtensor import QTensor
@@ -211,7 +212,7 @@ def _fprop(x2, w, amax_x, amax_w, plan: GemmPlan, io: LayerIO, A=None, B=None, g
         io.record("input", x2, fp.a)
         seen = (lambda: _native(plan, w).dequantize()) if native else w
         if gathered is not None:
-            seen = lambda: _as_gathered(w.detach(), *gathered)  # noqa: E731
+            seen = lambda: as_gathered(w.detach(), *gathered)  # noqa: E731
         io.record("weight", seen, fp.b)
     A = A if A is not None else _input_operand(x2, plan, amax_x)
     if _gemv_applies(plan, x2):
@@ -220,11 +221,6 @@ def _fprop(x2, w, amax_x, amax_w, plan: GemmPlan, io: LayerIO, A=None, B=None, g
     B = B if B is not None else _weight_operand(k, fp.b, False, plan, w, io, amax_w, gathered)
     return k.mm(A, B, x2.dtype, fast_accum=fp.kernel.startswith("fp8")), A, B
 
-
-def _as_gathered(w, fmt, dtype):
-    from .fsdp import as_gathered  # the sharded path's module, which builds on this one
-
-    return as_gathered(w, fmt, dtype)
 
 
 def _dgrad(dy, w, B_fprop, amax_g, plan: GemmPlan, io: LayerIO, out_dtype, G=None, B=None, gathered=None):
