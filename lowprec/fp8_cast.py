@@ -215,14 +215,18 @@ AMAX_BLOCKS = dict(BLOCK_M=32, BLOCK_K=256, CHUNKS=4, num_warps=8)
 
 
 def triton_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_row: bool, rowmajor: bool,
-                   transposed: bool, gathered: int = 0):
-    """The operator's result from the Triton kernels (CUDA): the amax, then the cast."""
+                   transposed: bool, gathered: int = 0, measured: torch.Tensor | None = None):
+    """The operator's result from the Triton kernels (CUDA): the amax (unless ``measured`` gives it),
+    then the cast."""
     M, K = x.shape
     codes, codes_t, s = _outputs(x, e5m2, per_row, rowmajor, transposed)
-    measured = torch.zeros(M if per_row else 1, dtype=torch.int32, device=x.device)
-    a = AMAX_BLOCKS
-    grid = (triton.cdiv(M, a["BLOCK_M"]), triton.cdiv(K, a["BLOCK_K"] * a["CHUNKS"]))
-    _amax_kernel[grid](x, measured, M, K, x.stride(0), x.stride(1), PER_ROW=per_row, **a)
+    if measured is not None:  # max |x| as fp32 (NaN where x holds one): its bits are what the amax pass makes
+        measured = measured.to(torch.float32).reshape(1).contiguous().view(torch.int32)
+    else:
+        measured = torch.zeros(M if per_row else 1, dtype=torch.int32, device=x.device)
+        a = AMAX_BLOCKS
+        grid = (triton.cdiv(M, a["BLOCK_M"]), triton.cdiv(K, a["BLOCK_K"] * a["CHUNKS"]))
+        _amax_kernel[grid](x, measured, M, K, x.stride(0), x.stride(1), PER_ROW=per_row, **a)
     rows = M + (-M) % PAD if transposed else M
     c = CAST_BLOCKS_TRANSPOSED if transposed else CAST_BLOCKS
     grid = (triton.cdiv(rows, c["BLOCK_M"]), triton.cdiv(K, c["BLOCK_K"]))
@@ -236,8 +240,9 @@ def triton_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_r
 
 
 def reference_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_row: bool, rowmajor: bool,
-                      transposed: bool, gathered: int = 0):
-    """The operator's result computed with tensor operations (CPU, or no Triton)."""
+                      transposed: bool, gathered: int = 0, measured: torch.Tensor | None = None):
+    """The operator's result computed with tensor operations (CPU, or no Triton); ``measured``, being
+    ``x``'s own amax, changes nothing here."""
     if gathered:  # the dequantized codes of x under its own scale, then their operand
         codes, _, s = reference_operand(x, None, e5m2, False, True, False)
         x = (codes.float() * s).to(GATHERED_DTYPES[gathered - 1])
@@ -250,18 +255,20 @@ def reference_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, pe
 
 @torch.library.custom_op("lowprec::fp8_operand", mutates_args=())
 def _fp8_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_row: bool, rowmajor: bool,
-                 transposed: bool, gathered: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 transposed: bool, gathered: int, measured: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if x.is_cuda and triton is not None:
-        return triton_operand(x, amax, e5m2, per_row, rowmajor, transposed, gathered)
-    return reference_operand(x, amax, e5m2, per_row, rowmajor, transposed, gathered)
+        return triton_operand(x, amax, e5m2, per_row, rowmajor, transposed, gathered, measured)
+    return reference_operand(x, amax, e5m2, per_row, rowmajor, transposed, gathered, measured)
 
 
 @_fp8_operand.register_fake
-def _(x, amax, e5m2, per_row, rowmajor, transposed, gathered):
+def _(x, amax, e5m2, per_row, rowmajor, transposed, gathered, measured=None):
     return _outputs(x, e5m2, per_row, rowmajor, transposed)
 
 
-def _call(t: torch.Tensor, fmt: Format, amax, rowmajor: bool, transposed: bool, gathered: torch.dtype | None = None):
+def _call(t: torch.Tensor, fmt: Format, amax, rowmajor: bool, transposed: bool, gathered: torch.dtype | None = None,
+          measured: torch.Tensor | None = None):
     dt = fp8_dtype(fmt)
     if dt is None or t.dim() != 2 or t.numel() == 0:
         raise ValueError(f"fp8_cast: {fmt} on a tensor of shape {tuple(t.shape)} is not one it makes (see applies)")
@@ -274,31 +281,37 @@ def _call(t: torch.Tensor, fmt: Format, amax, rowmajor: bool, transposed: bool, 
         delayed = "with a delayed amax " if amax is not None else ""
         raise ValueError(f"fp8_cast: a gathered weight is read with its own per-tensor scale into one of "
                          f"{GATHERED_DTYPES}, not {fmt} {delayed}into {gathered}")
+    if measured is not None and (per_row or amax is not None or gathered is not None or measured.numel() != 1):
+        raise ValueError("fp8_cast: a measured amax is one number, max |t|, for a per-tensor scale with no delayed "
+                         "amax and no gathered weight")
     if amax is not None:
         amax = amax.to(torch.float32)
     code = 0 if gathered is None else 1 + GATHERED_DTYPES.index(gathered)
-    return _fp8_operand(t, amax, dt == torch.float8_e5m2, per_row, rowmajor, transposed, code)
+    return _fp8_operand(t, amax, dt == torch.float8_e5m2, per_row, rowmajor, transposed, code, measured)
 
 
 def operand(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None, transposed: bool = False,
-            gathered: torch.dtype | None = None):
+            gathered: torch.dtype | None = None, measured: torch.Tensor | None = None):
     """``(codes, outer)`` of ``t`` (2-D) in ``fmt``, laid out as :class:`lowprec.kernels.Fp8` lays
     them out: row-major, or transposed with the token dimension padded to ``PAD`` (zero codes); the
     outer scale ``(1,)`` per tensor, ``(rows, 1)`` per row. ``amax``: a delayed per-tensor amax.
     ``gathered`` (a dtype of ``GATHERED_DTYPES``; per-tensor ``fmt``, no ``amax``): the operand, in
     ``fmt``, of ``t``'s codes in ``fmt`` dequantized to that dtype (what :func:`lowprec.fsdp.as_gathered`
     hands a layer), computed from ``t`` in the same two passes without writing that tensor out.
-    Only where :func:`applies`."""
-    codes, codes_t, s = _call(t, fmt, amax, not transposed, transposed, gathered)
+    ``measured`` (per-tensor ``fmt``, no ``amax``, no ``gathered``): ``t.abs().amax()``, which the
+    caller computed (a compiled graph computes it in the kernel that makes ``t``): the amax pass is
+    skipped, the result is the same. Only where :func:`applies`."""
+    codes, codes_t, s = _call(t, fmt, amax, not transposed, transposed, gathered, measured)
     return (codes_t if transposed else codes), s
 
 
-def operands(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None, gathered: torch.dtype | None = None):
+def operands(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None, gathered: torch.dtype | None = None,
+             measured: torch.Tensor | None = None):
     """Both layouts from one pass (per-tensor scales): ``((codes, outer), (codes_t, outer))``.
-    ``amax``, ``gathered``: as for :func:`operand`."""
+    ``amax``, ``gathered``, ``measured``: as for :func:`operand`."""
     if fmt.granularity != "tensor":
         raise ValueError(f"fp8_cast.operands: both layouts need a per-tensor scale, not {fmt}")
-    codes, codes_t, s = _call(t, fmt, amax, True, True, gathered)
+    codes, codes_t, s = _call(t, fmt, amax, True, True, gathered, measured)
     return (codes, s), (codes_t, s)
 
 

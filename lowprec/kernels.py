@@ -438,16 +438,26 @@ class Fp8(_CodesKernel):
     def code_dtype(fmt):
         return fp8_grid(fmt)
 
+    # compiled, a per-tensor operand's amax is a reduction in the graph, which the compiler fuses into the
+    # kernel that makes the tensor where it can (a GELU, its backward), instead of a pass of its own
+    amax_in_graph = True
+
+    def _measured(self, t, fmt, amax):
+        if (self.amax_in_graph and amax is None and fmt.granularity == "tensor"
+                and torch.compiler.is_compiling()):
+            return t.abs().amax()
+        return None
+
     def operand(self, t, fmt, *, rounding="nearest", amax=None, transposed=False):
         # an E4M3/E5M2 format with a per-tensor or per-row scale: the amax, then the codes in the layout
         # asked for, each one Triton pass on CUDA (lowprec.fp8_cast); the general quantizer's codes
         if fp8_cast.applies(t, fmt, rounding):
-            return fp8_cast.operand(t, fmt, amax=amax, transposed=transposed)
+            return fp8_cast.operand(t, fmt, amax=amax, transposed=transposed, measured=self._measured(t, fmt, amax))
         return super().operand(t, fmt, rounding=rounding, amax=amax, transposed=transposed)
 
     def operands(self, t, fmt, *, rounding="nearest", amax=None):
         if fp8_cast.applies(t, fmt, rounding) and fmt.granularity == "tensor":
-            return fp8_cast.operands(t, fmt, amax=amax)
+            return fp8_cast.operands(t, fmt, amax=amax, measured=self._measured(t, fmt, amax))
         return super().operands(t, fmt, rounding=rounding, amax=amax)
 
     def fusable_operand(self, t, fmt, *, rounding="nearest", amax=None):

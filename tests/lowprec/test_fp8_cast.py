@@ -115,6 +115,68 @@ def test_what_it_takes_and_refuses():
         fp8_cast.operands(torch.zeros(2, 3), row)
 
 
+def test_a_measured_amax_gives_the_same_operand(device):
+    """``measured`` (the tensor's amax, computed by the caller) replaces the amax pass: the same codes
+    and scale as without it, in each layout and with a NaN in the tensor; refused where it cannot
+    stand for the amax pass (per-row scales, a delayed amax, a gathered weight, more than one number)."""
+    fmt = lowprec.format("fp8_e4m3", granularity="tensor")
+    x = _values(64, 48, torch.bfloat16, device)
+    nan = x.clone()
+    nan[3, 4] = float("nan")
+    for t in (x, nan):
+        m = t.abs().amax()
+        _assert_same(fp8_cast.operand(t, fmt, measured=m), fp8_cast.operand(t, fmt))
+        _assert_same(fp8_cast.operand(t, fmt, transposed=True, measured=m), fp8_cast.operand(t, fmt, transposed=True))
+        for a, b in zip(fp8_cast.operands(t, fmt, measured=m), fp8_cast.operands(t, fmt), strict=True):
+            _assert_same(a, b)
+    m = x.abs().amax()
+    with pytest.raises(ValueError, match="measured amax"):
+        fp8_cast.operand(x, lowprec.format("fp8_e4m3", granularity="row"), measured=m)
+    with pytest.raises(ValueError, match="measured amax"):
+        fp8_cast.operand(x, fmt, amax=m, measured=m)
+    with pytest.raises(ValueError, match="measured amax"):
+        fp8_cast.operand(x.float(), fmt, gathered=torch.bfloat16, measured=m)
+    with pytest.raises(ValueError, match="measured amax"):
+        fp8_cast.operand(x, fmt, measured=x.abs().amax(dim=1))
+
+
+def test_a_compiled_fp8_kernel_takes_its_amax_from_the_graph(device):
+    """Compiled, the FP8 kernel's per-tensor operand is given its amax as a reduction of the graph (which
+    the compiler fuses into the kernel making the tensor): the operator is called with it, the codes
+    are eager's; with ``amax_in_graph`` off, or per row, the operator takes its own amax."""
+    from lowprec.kernels import KERNELS
+
+    k = KERNELS["fp8_tensorwise"]
+    x = _values(64, 48, torch.bfloat16, device)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def calls(gm):
+        return [n for n in gm.graph.nodes if n.op == "call_function" and "fp8_operand" in str(n.target)]
+
+    for fmt, in_graph in ((lowprec.format("fp8_e4m3", granularity="tensor"), True),
+                          (lowprec.format("fp8_e5m2", granularity="tensor"), False),
+                          (lowprec.format("fp8_e4m3", granularity="row"), True)):
+        def f(x):
+            return k.operand(torch.nn.functional.gelu(x), fmt)
+        torch._dynamo.reset()
+        graphs.clear()
+        before, k.amax_in_graph = k.amax_in_graph, in_graph
+        try:
+            got = torch.compile(f, fullgraph=True, backend=backend)(x)
+        finally:
+            k.amax_in_graph = before
+        _assert_same(got, f(x))
+        (call,) = calls(graphs[0])
+        measured = call.kwargs.get("measured", call.args[7] if len(call.args) > 7 else None)
+        assert (measured is not None) == (in_graph and fmt.granularity == "tensor"), (fmt, in_graph, call)
+        if measured is not None:
+            assert "amax" in str(measured.target)
+
+
 def test_compiled_operand_is_the_eager_one(device):
     """Under torch.compile (fullgraph) the operator stays one call and the amax fuses around it:
     the same codes and scale as eager."""
@@ -145,12 +207,16 @@ def test_triton_kernels_equal_the_reference_on_every_bit_pattern(e5m2):
     cases += [(finite, torch.tensor(a, device="cuda"), False) for a in (1e-30, 3.0, 1e30)]
     for t, amax, per_row in cases:
         for rowmajor, transposed in ((True, False), (False, True), (True, True)) if not per_row else ((True, False),):
-            got = fp8_cast.triton_operand(t, amax, e5m2, per_row, rowmajor, transposed)
             want = fp8_cast.reference_operand(t, amax, e5m2, per_row, rowmajor, transposed)
-            for g, w in zip(got, want):
-                assert g.dtype == w.dtype and g.shape == w.shape
-                assert torch.equal(g.view(torch.uint8), w.view(torch.uint8)) if g.dtype != torch.float32 else \
-                    torch.equal(g.view(torch.int32), w.view(torch.int32))
+            runs = [fp8_cast.triton_operand(t, amax, e5m2, per_row, rowmajor, transposed)]
+            if amax is None and not per_row:  # the amax measured by the caller (NaN where t holds one) instead
+                runs.append(fp8_cast.triton_operand(t, None, e5m2, False, rowmajor, transposed,
+                                                    measured=t.abs().amax()))
+            for got in runs:
+                for g, w in zip(got, want, strict=True):
+                    assert g.dtype == w.dtype and g.shape == w.shape
+                    assert torch.equal(g.view(torch.uint8), w.view(torch.uint8)) if g.dtype != torch.float32 else \
+                        torch.equal(g.view(torch.int32), w.view(torch.int32))
 
 
 @pytest.mark.gpu
