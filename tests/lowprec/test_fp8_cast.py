@@ -143,11 +143,21 @@ def test_a_measured_amax_gives_the_same_operand(device):
 def test_a_compiled_fp8_kernel_takes_its_amax_from_the_graph(device):
     """Compiled, the FP8 kernel's per-tensor operand is given its amax as a reduction of the graph (which
     the compiler fuses into the kernel making the tensor): the operator is called with it, the codes
-    are eager's; with ``amax_in_graph`` off, or per row, the operator takes its own amax."""
+    are eager's (on CUDA also through inductor's kernels, a NaN in the tensor included); with
+    ``amax_in_graph`` off, or per row, the operator takes its own amax."""
     from lowprec.kernels import KERNELS
 
     k = KERNELS["fp8_tensorwise"]
     x = _values(64, 48, torch.bfloat16, device)
+    if device == "cuda":
+        fmt = lowprec.format("fp8_e4m3", granularity="tensor")
+        nan = x.clone()
+        nan[5, 6] = float("nan")
+        for t in (x, nan):
+            torch._dynamo.reset()
+            got = torch.compile(lambda t: k.operands(torch.nn.functional.gelu(t), fmt), fullgraph=True)(t)
+            for a, b in zip(got, k.operands(torch.nn.functional.gelu(t), fmt), strict=True):
+                _assert_same(a, b)
     graphs = []
 
     def backend(gm, example_inputs):
