@@ -439,7 +439,8 @@ class Fp8(_CodesKernel):
         return fp8_grid(fmt)
 
     # compiled, a per-tensor operand's amax is a reduction in the graph, which the compiler fuses into the
-    # kernel that makes the tensor where it can (a GELU, its backward), instead of a pass of its own
+    # kernel that makes the tensor where it can (a GELU, its backward, a layer norm), instead of a pass of
+    # its own; False: the operator's own amax pass, as in eager
     amax_in_graph = True
 
     def _measured(self, t, fmt, amax):
