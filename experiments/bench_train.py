@@ -23,7 +23,9 @@ at this size, fused AdamW), ``ref-torchao`` (the same with torchao float8 tensor
 torchao is installed), and ``windowed:<policy>`` / ``hybrid:<policy>`` (``HybridLM`` without / with
 its RNN memory, the same width, depth and heads, segment = T, state not carried) for the policies
 of ``configs/precision``; ``...:ternary@int8`` / ``...:ternary_native@int8``: the same with int8
-tensor cores tried before bf16 (``lowprec.kernels.AUTO_ORDER_INT8``: BitNet's int8 x ternary fprop).
+tensor cores tried before bf16 (``lowprec.kernels.AUTO_ORDER_INT8``: BitNet's int8 x ternary fprop);
+``...:fp8@amax-pass`` / ``...:fp8@amax-inline``: the FP8 operands' amax as the operator's own pass, or as a
+reduction of the graph over the tensor's expression (see :func:`settings`).
 Each of ours prints its layers' plans. ``--profile`` adds, after each row, where one more step's GPU
 time went and which Python lines made the host wait (:mod:`experiments.gpu_profile`).
 """
@@ -31,6 +33,7 @@ time went and which Python lines made the host wait (:mod:`experiments.gpu_profi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import statistics
@@ -55,6 +58,33 @@ SIZES = {"30m": dict(d=512, blocks=10, heads=8, T=128, B=128), "600m": dict(d=20
 POLICIES = ["bf16", "fp8", "fp8_delayed", "paper", "ternary", "ternary_native"]
 VARIANTS = ["ref", "ref-torchao", *(f"{m}:{p}" for m in ("windowed", "hybrid") for p in POLICIES)]
 VARIANTS += [f"{m}:{p}@int8" for m in ("windowed", "hybrid") for p in ("ternary", "ternary_native")]
+VARIANTS += [f"{m}:fp8@{s}" for m in ("windowed", "hybrid") for s in ("amax-pass", "amax-inline")]
+
+
+@contextlib.contextmanager
+def settings(variant: str):
+    """The library settings a variant's suffix names, in force while it is built, compiled and timed:
+    ``@int8``: int8 tensor cores tried before bf16 (``lowprec.kernels.AUTO_ORDER_INT8``); ``@amax-pass``:
+    compiled FP8 operands take their amax in the operator's own pass (``Fp8.amax_in_graph`` off);
+    ``@amax-inline``: the graph's amax reads the tensor's expression, not the stored tensor
+    (``Fp8.amax_reads_stored`` off)."""
+    suffix = variant.partition("@")[2]
+    fp8 = lowprec.kernels.Fp8
+    known = {"int8": (lowprec.kernels, "AUTO_ORDER", lowprec.kernels.AUTO_ORDER_INT8),
+             "amax-pass": (fp8, "amax_in_graph", False), "amax-inline": (fp8, "amax_reads_stored", False), "": None}
+    if suffix not in known:
+        raise ValueError(f"{variant}: unknown suffix @{suffix} (known: {', '.join('@' + k for k in known if k)})")
+    target = known[suffix]
+    if target is None:
+        yield
+        return
+    obj, name, value = target
+    before = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, before)
 
 
 def build(variant: str, size: dict, rnn_graphs: bool = True, param_dtype: str = "master", blocks_once: bool = False):
@@ -77,13 +107,7 @@ def build(variant: str, size: dict, rnn_graphs: bool = True, param_dtype: str = 
             with torch.autocast("cuda", torch.bfloat16):
                 return F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
         return model, opt, loss_fn, sum(p.numel() for p in model.parameters()), note
-    if variant.endswith("@int8"):  # the layers planned with int8 tensor cores tried before bf16
-        before, lowprec.kernels.AUTO_ORDER = lowprec.kernels.AUTO_ORDER, lowprec.kernels.AUTO_ORDER_INT8
-        try:
-            return build(variant.removesuffix("@int8"), size, rnn_graphs, param_dtype, blocks_once)
-        finally:
-            lowprec.kernels.AUTO_ORDER = before
-    kind, policy = variant.split(":")
+    kind, policy = variant.partition("@")[0].split(":")  # the suffix: settings(), in force around build()
     cfg = hybrid.preset("medium").replace(
         d_model=d, n_blocks=L, n_heads=H, n_kv_heads=H // 4, head_dim=d // H, d_ff=4 * d, window=T, max_window=T,
         memory=kind == "hybrid", dropout=0.0, chunk=64 if T >= 64 else T, compressor_hidden=d // 2, xattn_heads=H,
@@ -117,6 +141,11 @@ def measure(variant: str, size: dict, iters: int, mode: str | None = None, rnn_g
     sync warnings on; their lines (:mod:`experiments.gpu_profile`) are returned under "profile".
     ``regional``: our models compile their blocks only (``train.compile=blocks``), the reference
     its whole step as always."""
+    with settings(variant):
+        return _measure(variant, size, iters, mode, rnn_graphs, param_dtype, profile, blocks_once, regional, repeats)
+
+
+def _measure(variant, size, iters, mode, rnn_graphs, param_dtype, profile, blocks_once, regional, repeats) -> dict:
     torch.manual_seed(0)
     model, opt, loss_fn, n_params, note = build(variant, size, rnn_graphs, param_dtype, blocks_once)
     if regional and mode != "eager" and hasattr(model, "compile_blocks"):  # train.compile=blocks: the blocks compiled, the rest eager

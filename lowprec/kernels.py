@@ -442,10 +442,17 @@ class Fp8(_CodesKernel):
     # kernel that makes the tensor where it can (a GELU, its backward, a layer norm), instead of a pass of
     # its own; False: the operator's own amax pass, as in eager
     amax_in_graph = True
+    # with the amax in the graph: the reduction reads the tensor as stored for the operator (a no-op view the
+    # compiler must store first), so the kernel storing it also takes the amax; False: the reduction reads the
+    # tensor's expression, which the compiler may compute twice (a GELU once in the reduction, once in the
+    # kernel storing it for the cast)
+    amax_reads_stored = True
 
     def _measured(self, t, fmt, amax):
         if (self.amax_in_graph and amax is None and fmt.granularity == "tensor"
                 and torch.compiler.is_compiling()):
+            if self.amax_reads_stored:
+                t = torch.as_strided(t, t.shape, t.stride())
             return t.abs().amax()
         return None
 

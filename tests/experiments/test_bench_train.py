@@ -1,4 +1,5 @@
 """The training benchmark's variants, built on the CPU (the timing itself needs a GPU)."""
+import pytest
 import torch
 
 import experiments.bench_train as bench
@@ -17,10 +18,31 @@ def test_int8_variants_plan_int8_gemms_and_leave_the_default_order(monkeypatch):
     the default plans."""
     monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, device=None: self)  # stay on the CPU
     before = kernels.AUTO_ORDER
-    model, _, _, _, note = bench.build("windowed:ternary@int8", TINY)
+    with bench.settings("windowed:ternary@int8"):
+        assert kernels.AUTO_ORDER is kernels.AUTO_ORDER_INT8
+        model, _, _, _, note = bench.build("windowed:ternary@int8", TINY)
     assert kernels.AUTO_ORDER is before
     assert "int8_tensorcore" in fprop_kernels(model) and "int8_tensorcore" in note
-    model, _, _, _, note = bench.build("windowed:ternary", TINY)
+    with bench.settings("windowed:ternary"):
+        model, _, _, _, note = bench.build("windowed:ternary", TINY)
     assert "int8_tensorcore" not in fprop_kernels(model) and "int8_tensorcore" not in note
     assert {v for v in bench.VARIANTS if v.endswith("@int8")} == {
         f"{m}:{p}@int8" for m in ("windowed", "hybrid") for p in ("ternary", "ternary_native")}
+
+
+def test_amax_variants_switch_the_fp8_amax_and_put_it_back(monkeypatch):
+    """``@amax-pass`` turns ``Fp8.amax_in_graph`` off, ``@amax-inline`` ``Fp8.amax_reads_stored``, only
+    inside their ``settings``; both build the FP8 policy's model; an unknown suffix is refused."""
+    monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, device=None: self)
+    fp8 = kernels.Fp8
+    before = (fp8.amax_in_graph, fp8.amax_reads_stored)
+    assert before == (True, True)
+    for suffix, want in (("amax-pass", (False, True)), ("amax-inline", (True, False))):
+        with bench.settings(f"windowed:fp8@{suffix}"):
+            assert (fp8.amax_in_graph, fp8.amax_reads_stored) == want
+            model, _, _, _, _ = bench.build(f"windowed:fp8@{suffix}", TINY)
+        assert (fp8.amax_in_graph, fp8.amax_reads_stored) == before
+        assert fprop_kernels(model) == fprop_kernels(bench.build("windowed:fp8", TINY)[0])
+    with pytest.raises(ValueError, match="unknown suffix @nope"):
+        with bench.settings("windowed:fp8@nope"):
+            pass

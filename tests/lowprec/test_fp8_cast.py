@@ -1,6 +1,7 @@
 """An FP8 operand in one pass (lowprec.fp8_cast): its codes and scales are the general quantizer's,
 bit for bit, per tensor and per row, E4M3 and E5M2, row-major and transposed-and-padded, on the
 CPU (tensor operations) and on CUDA (the Triton kernel), eager and compiled."""
+import itertools
 import pytest
 import torch
 
@@ -143,8 +144,9 @@ def test_a_measured_amax_gives_the_same_operand(device):
 def test_a_compiled_fp8_kernel_takes_its_amax_from_the_graph(device):
     """Compiled, the FP8 kernel's per-tensor operand is given its amax as a reduction of the graph (which
     the compiler fuses into the kernel making the tensor): the operator is called with it, the codes
-    are eager's (on CUDA also through inductor's kernels, a NaN in the tensor included); with
-    ``amax_in_graph`` off, or per row, the operator takes its own amax."""
+    are eager's (on CUDA also through inductor's kernels, a NaN in the tensor included, the reduction
+    reading the stored tensor or its expression); with ``amax_in_graph`` off, or per row, the operator
+    takes its own amax; with ``amax_reads_stored`` the reduction reads the tensor through a no-op view."""
     from lowprec.kernels import KERNELS
 
     k = KERNELS["fp8_tensorwise"]
@@ -153,9 +155,13 @@ def test_a_compiled_fp8_kernel_takes_its_amax_from_the_graph(device):
         fmt = lowprec.format("fp8_e4m3", granularity="tensor")
         nan = x.clone()
         nan[5, 6] = float("nan")
-        for t in (x, nan):
+        for t, stored in itertools.product((x, nan), (True, False)):
             torch._dynamo.reset()
-            got = torch.compile(lambda t: k.operands(torch.nn.functional.gelu(t), fmt), fullgraph=True)(t)
+            before, k.amax_reads_stored = k.amax_reads_stored, stored
+            try:
+                got = torch.compile(lambda t: k.operands(torch.nn.functional.gelu(t), fmt), fullgraph=True)(t)
+            finally:
+                k.amax_reads_stored = before
             for a, b in zip(got, k.operands(torch.nn.functional.gelu(t), fmt), strict=True):
                 _assert_same(a, b)
     graphs = []
@@ -185,6 +191,9 @@ def test_a_compiled_fp8_kernel_takes_its_amax_from_the_graph(device):
         assert (measured is not None) == (in_graph and fmt.granularity == "tensor"), (fmt, in_graph, call)
         if measured is not None:
             assert "amax" in str(measured.target)
+            read = [a for a in measured.all_input_nodes][0]  # abs(view) with the stored tensor read
+            view = read.all_input_nodes[0]
+            assert view.target is torch.as_strided and k.amax_reads_stored, view
 
 
 def test_compiled_operand_is_the_eager_one(device):
