@@ -24,8 +24,8 @@ torchao is installed), and ``windowed:<policy>`` / ``hybrid:<policy>`` (``Hybrid
 its RNN memory, the same width, depth and heads, segment = T, state not carried) for the policies
 of ``configs/precision``; ``...:ternary@int8`` / ``...:ternary_native@int8``: the same with int8
 tensor cores tried before bf16 (``lowprec.kernels.AUTO_ORDER_INT8``: BitNet's int8 x ternary fprop);
-``...:fp8@amax-pass`` / ``...:fp8@amax-inline``: the FP8 operands' amax as the operator's own pass, or as a
-reduction of the graph over the tensor's expression (see :func:`settings`).
+``...:fp8@amax-pass`` / ``@amax-stored`` / ``@amax-inline``: where the FP8 operands' amax is taken (see
+:func:`settings`).
 Each of ours prints its layers' plans. ``--profile`` adds, after each row, where one more step's GPU
 time went and which Python lines made the host wait (:mod:`experiments.gpu_profile`).
 """
@@ -58,33 +58,32 @@ SIZES = {"30m": dict(d=512, blocks=10, heads=8, T=128, B=128), "600m": dict(d=20
 POLICIES = ["bf16", "fp8", "fp8_delayed", "paper", "ternary", "ternary_native"]
 VARIANTS = ["ref", "ref-torchao", *(f"{m}:{p}" for m in ("windowed", "hybrid") for p in POLICIES)]
 VARIANTS += [f"{m}:{p}@int8" for m in ("windowed", "hybrid") for p in ("ternary", "ternary_native")]
-VARIANTS += [f"{m}:fp8@{s}" for m in ("windowed", "hybrid") for s in ("amax-pass", "amax-inline")]
+VARIANTS += [f"{m}:fp8@{s}" for m in ("windowed", "hybrid") for s in ("amax-pass", "amax-stored", "amax-inline")]
 
 
 @contextlib.contextmanager
 def settings(variant: str):
     """The library settings a variant's suffix names, in force while it is built, compiled and timed:
-    ``@int8``: int8 tensor cores tried before bf16 (``lowprec.kernels.AUTO_ORDER_INT8``); ``@amax-pass``:
-    compiled FP8 operands take their amax in the operator's own pass (``Fp8.amax_in_graph`` off);
-    ``@amax-inline``: the graph's amax reads the tensor's expression, not the stored tensor
-    (``Fp8.amax_reads_stored`` off)."""
+    ``@int8``: int8 tensor cores tried before bf16 (``lowprec.kernels.AUTO_ORDER_INT8``); where a compiled
+    FP8 operand's per-tensor amax is taken: ``@amax-pass`` in the operator's own pass (``Fp8.amax_in_graph``
+    off, the default), ``@amax-stored`` as a reduction of the graph over the tensor as stored for the operator
+    (``amax_in_graph`` on), ``@amax-inline`` the same over the tensor's expression (``amax_reads_stored`` off)."""
     suffix = variant.partition("@")[2]
     fp8 = lowprec.kernels.Fp8
-    known = {"int8": (lowprec.kernels, "AUTO_ORDER", lowprec.kernels.AUTO_ORDER_INT8),
-             "amax-pass": (fp8, "amax_in_graph", False), "amax-inline": (fp8, "amax_reads_stored", False), "": None}
+    known = {"": [], "int8": [(lowprec.kernels, "AUTO_ORDER", lowprec.kernels.AUTO_ORDER_INT8)],
+             "amax-pass": [(fp8, "amax_in_graph", False)],
+             "amax-stored": [(fp8, "amax_in_graph", True), (fp8, "amax_reads_stored", True)],
+             "amax-inline": [(fp8, "amax_in_graph", True), (fp8, "amax_reads_stored", False)]}
     if suffix not in known:
         raise ValueError(f"{variant}: unknown suffix @{suffix} (known: {', '.join('@' + k for k in known if k)})")
-    target = known[suffix]
-    if target is None:
-        yield
-        return
-    obj, name, value = target
-    before = getattr(obj, name)
-    setattr(obj, name, value)
+    before = [(obj, name, getattr(obj, name)) for obj, name, _ in known[suffix]]
     try:
+        for obj, name, value in known[suffix]:
+            setattr(obj, name, value)
         yield
     finally:
-        setattr(obj, name, before)
+        for obj, name, value in before:
+            setattr(obj, name, value)
 
 
 def build(variant: str, size: dict, rnn_graphs: bool = True, param_dtype: str = "master", blocks_once: bool = False):

@@ -31,18 +31,20 @@ def test_int8_variants_plan_int8_gemms_and_leave_the_default_order(monkeypatch):
 
 
 def test_amax_variants_switch_the_fp8_amax_and_put_it_back(monkeypatch):
-    """``@amax-pass`` turns ``Fp8.amax_in_graph`` off, ``@amax-inline`` ``Fp8.amax_reads_stored``, only
-    inside their ``settings``; both build the FP8 policy's model; an unknown suffix is refused."""
+    """``@amax-pass`` / ``@amax-stored`` / ``@amax-inline`` set ``Fp8.amax_in_graph`` and
+    ``Fp8.amax_reads_stored`` only inside their ``settings``; each builds the FP8 policy's model; an
+    unknown suffix is refused."""
     monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, device=None: self)
     fp8 = kernels.Fp8
     before = (fp8.amax_in_graph, fp8.amax_reads_stored)
-    assert before == (True, True)
-    for suffix, want in (("amax-pass", (False, True)), ("amax-inline", (True, False))):
+    assert before == (False, True)
+    plain = fprop_kernels(bench.build("windowed:fp8", TINY)[0])
+    for suffix, want in (("amax-pass", (False, True)), ("amax-stored", (True, True)), ("amax-inline", (True, False))):
         with bench.settings(f"windowed:fp8@{suffix}"):
             assert (fp8.amax_in_graph, fp8.amax_reads_stored) == want
             model, _, _, _, _ = bench.build(f"windowed:fp8@{suffix}", TINY)
         assert (fp8.amax_in_graph, fp8.amax_reads_stored) == before
-        assert fprop_kernels(model) == fprop_kernels(bench.build("windowed:fp8", TINY)[0])
+        assert fprop_kernels(model) == plain
     with pytest.raises(ValueError, match="unknown suffix @nope"):
         with bench.settings("windowed:fp8@nope"):
             pass

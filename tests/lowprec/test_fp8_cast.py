@@ -155,13 +155,14 @@ def test_a_compiled_fp8_kernel_takes_its_amax_from_the_graph(device):
         fmt = lowprec.format("fp8_e4m3", granularity="tensor")
         nan = x.clone()
         nan[5, 6] = float("nan")
-        for t, stored in itertools.product((x, nan), (True, False)):
+        for t, (in_graph, stored) in itertools.product((x, nan), ((True, True), (True, False), (False, True))):
             torch._dynamo.reset()
-            before, k.amax_reads_stored = k.amax_reads_stored, stored
+            before = k.amax_in_graph, k.amax_reads_stored
+            k.amax_in_graph, k.amax_reads_stored = in_graph, stored
             try:
                 got = torch.compile(lambda t: k.operands(torch.nn.functional.gelu(t), fmt), fullgraph=True)(t)
             finally:
-                k.amax_reads_stored = before
+                k.amax_in_graph, k.amax_reads_stored = before
             for a, b in zip(got, k.operands(torch.nn.functional.gelu(t), fmt), strict=True):
                 _assert_same(a, b)
     graphs = []
