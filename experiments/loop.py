@@ -27,10 +27,11 @@ function of the step number: a skipped update still advances it (as with ``torch
 which keeps that decision off the device too. The batches are copied to the device from pinned
 memory, asynchronously.
 
-``compile=True`` compiles the forward and the loss over the step's segments (and, through
-AOTAutograd, their backward): once, for the carried state (TBPTT) or the fresh windows; a TBPTT
-step that starts a document (the first, and one per epoch) runs eager instead of compiling a second
-graph for the state-less shape class. The update runs eager: Bop/TernaryBop/SRAdamW reseed a host generator
+``compile=True`` compiles the forward and the loss (and, through AOTAutograd, their backward): once,
+for the fresh windows, or (TBPTT) for one segment from a carried state, called for each of the step's
+segments (the carried state made to require grad as the state one segment hands the next does, so
+both meet one graph, one segment long); a TBPTT step that starts a document (the first, and one per
+epoch) runs eager instead of compiling a second graph for the state-less shape class. The update runs eager: Bop/TernaryBop/SRAdamW reseed a host generator
 per weight (a graph break) and torch's fused AdamW is one kernel already. ``compile="blocks"``
 compiles the model's blocks instead (``HybridLM.compile_blocks``: one compiled body for all of
 them, everything else eager), in every step and in evaluation.
@@ -143,6 +144,9 @@ class Stepper:
                                  f"{type(self.model).__name__} has none")
             self.model.compile_blocks()
             self._sums = self._segments_sums
+        elif self.compile and self.tbptt:  # one segment compiled, called for each of the step's segments
+            self._segment = torch.compile(self._segment_sums)
+            self._sums = self._compiled_segments_sums
         else:
             self._sums = torch.compile(self._segments_sums) if self.compile else self._segments_sums
         if self.scaler is not None:
@@ -169,8 +173,28 @@ class Stepper:
             scored = scored + (y >= 0).sum()
         return total, scored, state
 
+    def _segment_sums(self, x, y, state) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """(Σ nats over the scored targets, their count, state) of one segment from a carried state: what
+        ``train.compile`` compiles with TBPTT (forward and loss; AOTAutograd compiles their backward)."""
+        logits, state = self.model(x, state)
+        nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+        return nats, (y >= 0).sum(), state
+
+    def _compiled_segments_sums(self, xs, ys, resets, state) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """``_segments_sums`` of a step with a carried state and no reset, one compiled segment called
+        for each: the carried state is made to require grad (``HybridState.requiring_grad``) as the
+        state a segment hands the next does, so every segment meets the same graph, which is then
+        one segment long, however many segments a step has (its gradient for the carried state is
+        computed and dropped)."""
+        total, scored = 0, 0
+        state = state.requiring_grad()
+        for x, y in zip(xs, ys):
+            nats, n, state = self._segment(x, y, state)
+            total, scored = total + nats, scored + n
+        return total, scored, state
+
     def _sums_for(self, resets: tuple[bool, ...], state):
-        """The compiled ``_segments_sums``, or (TBPTT) the eager one for a step that starts a document
+        """The compiled sums (``_sums``), or (TBPTT) the eager ones for a step that starts a document
         somewhere (no carried state, or a reset among its segments): the compiled graph is then the
         carried-state one only, compiled once, and the rare fresh-state step (the first, and one
         per epoch) costs no second compilation."""

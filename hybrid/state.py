@@ -52,6 +52,12 @@ class HybridState:
         """The same values with no autograd history (the cut of truncated BPTT)."""
         return replace(self, **{k: v.detach() for k, v in self._tensors().items()})
 
+    def requiring_grad(self) -> HybridState:
+        """The same values, cut from any graph, the floating ones as leaves that require grad: a state
+        carried into a compiled segment then meets the graph the segment's own output state meets."""
+        return replace(self, **{k: v.detach().requires_grad_(v.is_floating_point())
+                                for k, v in self._tensors().items()})
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> HybridState:
         """Move every tensor to `device`; cast the float ones to `dtype` (`pos` and token ids stay int64)."""
         return replace(self, **{k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)

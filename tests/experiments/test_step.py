@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lowprec
@@ -158,7 +159,8 @@ def test_compiled_tbptt_steps_compile_once_and_equal_eager(cfg_of, corpus, tmp_p
     compiler's backend swapped for one that counts its graphs and runs them with ``aot_eager`` (the
     traced ATen ops, run eagerly: the numbers of eager, exactly). Steps that start a document (the
     first, and one after the state is dropped as at an epoch's end) run eager; every other step runs
-    the ONE compiled graph. Losses, gradient norms and the weights after 6 steps are bit-identical
+    the ONE compiled graph, one segment long (called for each segment, the carried state made to
+    require grad as the state one segment hands the next does). Losses, gradient norms and the weights after 6 steps are bit-identical
     to the same run without compilation."""
     graphs = compiled_graphs
 
@@ -167,6 +169,7 @@ def test_compiled_tbptt_steps_compile_once_and_equal_eager(cfg_of, corpus, tmp_p
         cfg = cfg_of(corpus, tmp_path / f"run{len(extra)}", "model.rnn_mode=stream", "precision=paper", *extra)
         trainer = Trainer(cfg)
         stepper = trainer.stepper
+        assert stepper.k == 2
         results = []
         for i in range(6):
             if i == 3:
@@ -176,6 +179,9 @@ def test_compiled_tbptt_steps_compile_once_and_equal_eager(cfg_of, corpus, tmp_p
 
     got, got_weights = run("train.compile=true")
     assert len(graphs) == 1
+    # the graph is one segment long, called for each of the step's two: one loss, one model call
+    losses = [n for n in graphs[0].graph.nodes if n.op == "call_function" and n.target is F.cross_entropy]
+    assert len(losses) == 1
     ref, ref_weights = run()
     assert len(graphs) == 1  # the eager run compiled nothing
     assert got == ref
