@@ -31,8 +31,9 @@ memory, asynchronously.
 for the fresh windows, or (TBPTT) for one segment from a carried state, called for each of the step's
 segments (the carried state made to require grad as the state one segment hands the next does, so
 both meet one graph, one segment long); a TBPTT step that starts a document (the first, and one per
-epoch) runs eager instead of compiling a second graph for the state-less shape class. The update runs eager: Bop/TernaryBop/SRAdamW reseed a host generator
-per weight (a graph break) and torch's fused AdamW is one kernel already. ``compile="blocks"``
+epoch) runs eager instead of compiling a second graph for the state-less shape class. The update
+runs eager: Bop/TernaryBop/SRAdamW reseed a host generator per weight (a graph break) and torch's
+fused AdamW is one kernel already. ``compile="blocks"``
 compiles the model's blocks instead (``HybridLM.compile_blocks``: one compiled body for all of
 them, everything else eager), in every step and in evaluation.
 

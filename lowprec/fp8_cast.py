@@ -13,8 +13,8 @@ Triton kernels:
 - the amax (per tensor or per row): one read of the tensor (any 2-D strides; bf16, fp16 or fp32),
   each program's maximum of ``|x|`` taken as integer bits (ordered as the numbers are, NaN above
   infinity) and merged with one atomic maximum; skipped where the caller gives the per-tensor amax
-  (``measured=``: a compiled FP8 kernel of :mod:`lowprec.kernels` computes it in the graph, where the
-  compiler fuses it into the kernel that makes the tensor, a GELU or its backward, a layer norm);
+  (``measured=``: with ``lowprec.kernels.Fp8.amax_in_graph`` on, a compiled FP8 kernel computes it in the
+  graph, where the compiler can fuse it into the kernel that makes the tensor, a layer norm);
 - the cast: the scale from the amax (or from a delayed amax), then one more read of the tensor and
   one write of its codes in each layout asked for: row-major, transposed with the token dimension
   padded to a multiple of 16 (what a weight gradient reads), or both at once.

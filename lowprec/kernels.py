@@ -444,9 +444,9 @@ class Fp8(_CodesKernel):
     # process on an H200 the training step ran as fast either way, within the run-to-run spread
     amax_in_graph = False
     # with the amax in the graph: the reduction reads the tensor as stored for the operator (a no-op view the
-    # compiler must store first), so the kernel storing it also takes the amax; False: the reduction reads the
-    # tensor's expression, which the compiler may compute twice (a GELU once in the reduction, once in the
-    # kernel storing it for the cast)
+    # compiler must store first), so the tensor is computed once (a layer norm's kernel also takes the amax, a
+    # GELU's output gets a reduction kernel of its own); False: the reduction reads the tensor's expression,
+    # which the compiler may compute twice (a GELU once in the reduction, once in the kernel storing it)
     amax_reads_stored = True
 
     def _measured(self, t, fmt, amax):
