@@ -7,7 +7,8 @@
 union of their intervals), how many kernels and copies (memcpy, memset) ran, the collectives'
 kernel time and the part of it beside no other kernel, the host's waits for the device (CUDA
 runtime calls whose name says ``Synchronize``, the final synchronization of the measurement
-included), the kernels taking most time, and the host's own time in its CPU-side operations. ``host_syncs`` runs a call under
+included), the kernels' time and count by kind (GEMM, attention, FP8 operand passes, compiled
+reductions and pointwise kernels, ...: :func:`kernel_kinds`), the kernels taking most time, and the host's own time in its CPU-side operations. ``host_syncs`` runs a call under
 ``torch.cuda.set_sync_debug_mode("warn")`` and returns where each synchronizing operation was
 called from: a step that should queue its work without waiting (the trainer's step does) names
 its offenders there.
@@ -21,7 +22,8 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["host_syncs", "profile_call", "step_report", "sync_report", "sync_sites", "union_length"]
+__all__ = ["host_syncs", "kernel_kinds", "profile_call", "step_report", "sync_report", "sync_sites",
+           "union_length"]
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:
@@ -69,6 +71,8 @@ def step_report(prof, wall_s: float, top: int = 15, top_host: int = 10) -> list[
                f"beside no compute kernel; {len(kernels) - copies} kernels, {copies} copies")
     waited = "; ".join(f"{n} {len(ts)} x {sum(ts) / 1e3:.1f} ms" for n, ts in sorted(waits.items()))
     lines = [summary, f"host waits: {waited or 'none recorded'}"]
+    lines.append("by kind: " + "; ".join(f"{k} {ms:.2f} ms {n} x" for k, ms, n in kernel_kinds(
+        [(e.name, e.time_range.elapsed_us()) for e in kernels])))
     by: dict[str, list[float]] = {}
     for e in kernels:
         by.setdefault(e.name[:90], []).append(e.time_range.elapsed_us())
@@ -80,6 +84,35 @@ def step_report(prof, wall_s: float, top: int = 15, top_host: int = 10) -> list[
     for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:top_host]:
         lines.append(f"host {e.self_cpu_time_total / 1e3:8.2f} ms {e.count:5d} x  {e.key[:90]}")
     return lines
+
+
+# a kernel's kind, from the first pattern its name contains (lower case), tried in this order
+KINDS = (
+    ("annotation", ("optimizer.step#",)),  # a range the profiler records around the optimizer's kernels
+    ("copy", ("memcpy", "memset")),
+    ("attention", ("sdpa", "flash", "fmha", "attention")),
+    ("fp8 operand", ("_amax_kernel", "_cast_kernel")),
+    ("gemm", ("nvjet", "gemm", "cutlass", "xmma", "splitkreduce", "cublas", "_scaled_mm", "sm90_")),
+    ("optimizer", ("multi_tensor_apply", "adam", "_foreach", "optimizer")),
+    ("compiled reduction", ("triton_red_", "triton_per_")),
+    ("compiled pointwise", ("triton_poi_",)),
+    ("other triton", ("triton_",)),
+    ("aten reduction", ("reduce_kernel",)),
+    ("aten elementwise", ("elementwise_kernel", "catarraybatchedcopy", "at::native")),
+)
+
+
+def kernel_kinds(kernels: list[tuple[str, float]]) -> list[tuple[str, float, int]]:
+    """``[(kind, ms, count)]`` of ``(name, µs)`` kernels, the kinds of :data:`KINDS` (``other``: none
+    matched), the most time first."""
+    ms: dict[str, float] = {}
+    count: Counter[str] = Counter()
+    for name, us in kernels:
+        low = name.lower()
+        kind = next((k for k, pats in KINDS if any(p in low for p in pats)), "other")
+        ms[kind] = ms.get(kind, 0.0) + us / 1e3
+        count[kind] += 1
+    return sorted(((k, ms[k], count[k]) for k in ms), key=lambda r: -r[1])
 
 
 # the text of the warning CUDA's sync-debug mode raises at each synchronizing operation; setting the mode

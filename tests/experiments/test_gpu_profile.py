@@ -6,7 +6,8 @@ import warnings
 import pytest
 import torch
 
-from experiments.gpu_profile import host_syncs, profile_call, step_report, sync_report, sync_sites, union_length
+from experiments.gpu_profile import (host_syncs, kernel_kinds, profile_call, step_report, sync_report, sync_sites,
+                                     union_length)
 
 
 def test_union_length_counts_overlaps_once():
@@ -93,3 +94,23 @@ def test_sync_report_totals_and_lists_the_lines():
     assert sync_report(syncs) == ["3 synchronizing calls in one step", "    2 x  a.py:3", "    1 x  b.py:9"]
     assert sync_report(syncs, top=1) == ["3 synchronizing calls in one step", "    2 x  a.py:3"]
     assert sync_report([]) == ["0 synchronizing calls in one step"]
+
+
+def test_kernel_kinds_sorts_kernels_by_kind():
+    """Each kernel name goes to the first kind whose pattern it contains (an FP8 operand's Triton pass
+    before the compiler's kernels, cuBLAS's split-K reduction with the GEMMs); the kinds come most
+    time first, with their time and count; a name no pattern matches is ``other``."""
+    kernels = [("nvjet_sm90_qqtst_256x128_128x4_1x2_h_bz_coopA_TNT", 80.0),
+               ("void cublasLt::splitKreduce_kernel<32, 16, int, float>", 5.0),
+               ("_cast_kernel", 14.0), ("_cast_kernel", 12.0), ("_amax_kernel", 7.0),
+               ("triton_red_fused_abs_amax_gelu_view_12", 52.0), ("triton_per_fused_native_layer_norm_3", 3.0),
+               ("triton_poi_fused_gelu_view_6", 50.0),
+               ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", 21.0),
+               ("Memset (Device)", 1.0), ("some_kernel_of_a_library", 2.0), ("Optimizer.step#AdamW.step", 0.5)]
+    got = kernel_kinds(kernels)
+    assert [k for k, _, _ in got] == ["gemm", "compiled reduction", "compiled pointwise", "fp8 operand",
+                                      "attention", "other", "copy", "annotation"]
+    by = {k: (round(ms, 3), n) for k, ms, n in got}
+    assert by["gemm"] == (0.085, 2) and by["fp8 operand"] == (0.033, 3) and by["compiled reduction"] == (0.055, 2)
+    assert by["other"] == (0.002, 1) and by["copy"] == (0.001, 1)
+    assert kernel_kinds([]) == []
