@@ -153,20 +153,22 @@ def compiled_graphs(monkeypatch):
     return graphs
 
 
-def test_compiled_tbptt_steps_compile_once_and_equal_eager(cfg_of, corpus, tmp_path, compiled_graphs):
-    """``train.compile=true`` on the tiny hybrid (stream mode: the recurrence's operators carry
-    state from segment to segment) through the trainer's Stepper, 2 segments a step, with the
-    compiler's backend swapped for one that counts its graphs and runs them with ``aot_eager`` (the
-    traced ATen ops, run eagerly: the numbers of eager, exactly). Steps that start a document (the
-    first, and one after the state is dropped as at an epoch's end) run eager; every other step runs
-    the ONE compiled graph, one segment long (called for each segment, the carried state made to
-    require grad as the state one segment hands the next does). Losses, gradient norms and the weights after 6 steps are bit-identical
-    to the same run without compilation."""
+@pytest.mark.parametrize("mode", ["stream", "chunked"])
+def test_compiled_tbptt_steps_compile_once_and_equal_eager(cfg_of, corpus, tmp_path, compiled_graphs, mode):
+    """``train.compile=true`` on the tiny hybrid (both rnn modes; in stream mode the recurrence's
+    operators carry state from segment to segment) through the trainer's Stepper, 2 segments a step,
+    with the compiler's backend swapped for one that counts its graphs and runs them with
+    ``aot_eager`` (the traced ATen ops, run eagerly: the numbers of eager, exactly). Steps that start
+    a document (the first, and one after the state is dropped as at an epoch's end) run eager; every
+    other step runs the ONE compiled graph, one segment long (called for each segment, the carried
+    state made to require grad as the state one segment hands the next does). In stream mode losses,
+    gradient norms and the weights after 6 steps are bit-identical to the same run without
+    compilation; in chunked mode they are close (the tolerance below says why)."""
     graphs = compiled_graphs
 
     def run(*extra):
         torch._dynamo.reset()
-        cfg = cfg_of(corpus, tmp_path / f"run{len(extra)}", "model.rnn_mode=stream", "precision=paper", *extra)
+        cfg = cfg_of(corpus, tmp_path / f"run{len(extra)}", f"model.rnn_mode={mode}", "precision=paper", *extra)
         trainer = Trainer(cfg)
         stepper = trainer.stepper
         assert stepper.k == 2
@@ -184,9 +186,20 @@ def test_compiled_tbptt_steps_compile_once_and_equal_eager(cfg_of, corpus, tmp_p
     assert len(losses) == 1
     ref, ref_weights = run()
     assert len(graphs) == 1  # the eager run compiled nothing
-    assert got == ref
-    for k, v in got_weights.items():
-        assert torch.equal(v, ref_weights[k]), k
+    if mode == "stream":
+        assert got == ref
+        for k, v in got_weights.items():
+            assert torch.equal(v, ref_weights[k]), k
+        return
+    # chunked: each compiled segment adds up its own contributions to the LSTM weights' gradients before
+    # the other segment's are added, where eager adds them as they arrive; the sums differ in their last
+    # bits (measured: one fp32 unit in the last place on a few dozen LSTM weights after the first compiled
+    # update), which the paper policy's FP8/FP4 rounding of the later steps can turn into a code step of
+    # some activations: the losses stay within 1e-4 and the norms within 1e-3 of eager's (measured: 3.3e-5
+    # and 4.1e-4 at most), every step taken as in eager
+    for (loss, norm, taken, scale), (loss0, norm0, taken0, scale0) in zip(got, ref, strict=True):
+        assert (taken, scale) == (taken0, scale0)
+        assert loss == pytest.approx(loss0, rel=1e-4) and norm == pytest.approx(norm0, rel=1e-3)
 
 
 def test_compiled_blocks_compile_one_block_for_all_and_equal_eager(cfg_of, corpus, tmp_path, compiled_graphs):
