@@ -90,7 +90,13 @@ def build(variant: str, size: dict, rnn_graphs: bool = True, param_dtype: str = 
     """(model, optimizer, step function, parameter count, note). ``param_dtype`` bf16: our models
     compute with their parameters (fp32 masters) cast to bf16, activations in bf16
     (``parallel.param_dtype``; :func:`experiments.parallel.compute_in_param_dtype`). ``blocks_once``:
-    ``model.compile_blocks_once``."""
+    ``model.compile_blocks_once``. Built under the variant's :func:`settings` (a setting read when the
+    step compiles needs them around the compilation too, as :func:`measure` has them)."""
+    with settings(variant):
+        return _build(variant, size, rnn_graphs, param_dtype, blocks_once)
+
+
+def _build(variant: str, size: dict, rnn_graphs: bool, param_dtype: str, blocks_once: bool):
     d, L, H, T = size["d"], size["blocks"], size["heads"], size["T"]
     if variant.startswith("ref"):
         model = GPT(vocab=256, d=d, layers=L, heads=H, context=T).cuda()

@@ -20,11 +20,11 @@ def test_int8_variants_plan_int8_gemms_and_leave_the_default_order(monkeypatch):
     before = kernels.AUTO_ORDER
     with bench.settings("windowed:ternary@int8"):
         assert kernels.AUTO_ORDER is kernels.AUTO_ORDER_INT8
-        model, _, _, _, note = bench.build("windowed:ternary@int8", TINY)
+    assert kernels.AUTO_ORDER is before
+    model, _, _, _, note = bench.build("windowed:ternary@int8", TINY)  # build() applies the suffix itself
     assert kernels.AUTO_ORDER is before
     assert "int8_tensorcore" in fprop_kernels(model) and "int8_tensorcore" in note
-    with bench.settings("windowed:ternary"):
-        model, _, _, _, note = bench.build("windowed:ternary", TINY)
+    model, _, _, _, note = bench.build("windowed:ternary", TINY)
     assert "int8_tensorcore" not in fprop_kernels(model) and "int8_tensorcore" not in note
     assert {v for v in bench.VARIANTS if v.endswith("@int8")} == {
         f"{m}:{p}@int8" for m in ("windowed", "hybrid") for p in ("ternary", "ternary_native")}
