@@ -2,6 +2,7 @@
 
     python -m experiments.bench_fp8_cast                           # the 600M model's operand shapes (GPU)
     python -m experiments.bench_fp8_cast --shapes 8192x8192 --layouts both
+    python -m experiments.bench_fp8_cast --sweep                   # the passes' tile sizes, per shape
 
 For each bf16 tensor shape and layout (``row``: row-major codes for fprop/dgrad; ``transposed``: the
 transposed, padded codes for wgrad; ``both``: the two from one read) it prints the GPU time of the
@@ -18,6 +19,12 @@ writes one byte per code and layout) over ``fp8_operand``'s time, and a bf16 cop
 (one read, one write) as the memory's yardstick. ``--check`` compares ``fp8_operand``'s codes with
 the general quantizer's run eagerly, byte for byte (the compiled one may differ from both in the
 last bit of a quotient: the compiler's fp32 division is not IEEE's).
+
+``--sweep`` times each pass alone over a grid of tile sizes (``CAST_SWEEP``, ``AMAX_SWEEP``) for each
+shape (default: the operands of the 30M and 600M benchmark models, ``SWEEP_SHAPES``) and layout, and
+prints the module's tiles against the fastest found, with the rate of the bytes the pass must move;
+every tile size's codes (or amax) are checked against the module's, byte for byte. ``--dtype float32``
+sweeps an fp32 tensor (a master weight the FP8 kernels read directly).
 """
 
 from __future__ import annotations
@@ -27,10 +34,21 @@ import datetime
 
 import torch
 
+try:  # the sweep launches the amax kernel itself
+    import triton
+except ImportError:  # pragma: no cover - a CUDA build of torch ships it
+    triton = None
+
 LAYOUTS = {"row": (True, False), "transposed": (False, True), "both": (True, True)}
 # the 600M benchmark model's operands: activations and gradients of d 2048 / 4d 8192 over 8192
 # tokens, GQA's key/value projections, and the largest weights
 SHAPES = ["8192x2048", "8192x8192", "8192x512", "2048x8192", "8192x3072"]
+# the sweep's: the 30M model's (16,384 tokens, d 512, GQA's 128-wide key/value, 4d 2048) and the 600M's
+SWEEP_SHAPES = ["16384x128", "16384x512", "16384x2048", "8192x512", "8192x2048", "8192x3072", "8192x8192"]
+CAST_SWEEP = [dict(BLOCK_M=m, BLOCK_K=k, num_warps=w) for m in (16, 32, 64, 128) for k in (32, 64, 128, 256)
+              for w in (2, 4, 8) if 1024 <= m * k <= 16384]
+AMAX_SWEEP = [dict(BLOCK_M=m, BLOCK_K=k, CHUNKS=c, num_warps=w) for m in (8, 16, 32, 64) for k in (128, 256, 512)
+              for c in (1, 2, 4, 8) for w in (4, 8) if m * k <= 16384]
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -87,6 +105,60 @@ def _codes(out, layout: str) -> list[torch.Tensor]:
     return [out[0]]
 
 
+def tiles(cfg: dict) -> str:
+    """A tile configuration as text: ``64x64 w8`` (``x4`` chunks for the amax pass)."""
+    chunks = f" x{cfg['CHUNKS']}" if "CHUNKS" in cfg else ""
+    return f"{cfg['BLOCK_M']}x{cfg['BLOCK_K']}{chunks} w{cfg['num_warps']}"
+
+
+def sweep(shapes: list[tuple[int, int]], layouts: list[str], dtype: torch.dtype, calls: int,
+          device: str = "cuda") -> None:
+    """The ``--sweep`` table (module doc)."""
+    from lowprec import fp8_cast
+
+    size = torch.tensor([], dtype=dtype).element_size()
+    print("| shape | dtype | pass | layout | module's tiles | µs | fastest tiles | µs | its minimum bytes at |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for rows, cols in shapes:
+        x = torch.randn(rows, cols, device=device, dtype=dtype)
+        amax = x.abs().amax().float()
+        for layout in layouts:
+            rowmajor, transposed = LAYOUTS[layout]
+
+            def cast(cfg=None):
+                return fp8_cast.triton_operand(x, None, False, False, rowmajor, transposed, measured=amax,
+                                               cast_blocks=cfg)
+            want = [c.view(torch.uint8) for c in cast()[:2]]
+            default = fp8_cast.CAST_BLOCKS_TRANSPOSED if transposed else fp8_cast.CAST_BLOCKS
+            times = {}
+            for cfg in CAST_SWEEP:
+                if not all(torch.equal(a.view(torch.uint8), b) for a, b in zip(cast(cfg)[:2], want)):
+                    raise SystemExit(f"{rows}x{cols} {layout}: tiles {tiles(cfg)} give other codes")
+                times[tiles(cfg)] = kernel_us(lambda cfg=cfg: cast(cfg), calls)
+            t_default = kernel_us(cast, calls)
+            best = min(times, key=times.get)
+            moved = rows * cols * size + rowmajor * rows * cols + transposed * cols * (rows + (-rows) % 16)
+            print(f"| {rows}x{cols} | {str(dtype).removeprefix('torch.')} | cast | {layout} | {tiles(default)} | "
+                  f"{t_default:.1f} | {best} | {times[best]:.1f} | {moved / times[best] / 1e3:,.0f} GB/s |", flush=True)
+        out = torch.zeros(1, dtype=torch.int32, device=device)
+
+        def amax_pass(cfg):
+            out.zero_()
+            grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(cols, cfg["BLOCK_K"] * cfg["CHUNKS"]))
+            fp8_cast._amax_kernel[grid](x, out, rows, cols, x.stride(0), x.stride(1), PER_ROW=False, **cfg)
+            return out
+        times = {}
+        for cfg in AMAX_SWEEP:
+            if not torch.equal(amax_pass(cfg).view(torch.float32), amax.reshape(1)):
+                raise SystemExit(f"{rows}x{cols}: amax tiles {tiles(cfg)} give another amax")
+            times[tiles(cfg)] = kernel_us(lambda cfg=cfg: amax_pass(cfg), calls)
+        t_default = kernel_us(lambda: amax_pass(fp8_cast.AMAX_BLOCKS), calls)
+        best = min(times, key=times.get)
+        print(f"| {rows}x{cols} | {str(dtype).removeprefix('torch.')} | amax (with its buffer's fill) | | "
+              f"{tiles(fp8_cast.AMAX_BLOCKS)} | {t_default:.1f} | {best} | {times[best]:.1f} | "
+              f"{rows * cols * size / times[best] / 1e3:,.0f} GB/s |", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="ROWSxCOLS of the bf16 tensor")
@@ -94,8 +166,10 @@ def main(argv=None):
     ap.add_argument("--format", default="fp8_e4m3", choices=["fp8_e4m3", "fp8_e5m2"])
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--check", action="store_true", help="compare both ways' codes byte for byte")
+    ap.add_argument("--sweep", action="store_true", help="time each pass over a grid of tile sizes (module doc)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="the tensor's dtype (--sweep)")
     args = ap.parse_args(argv)
-    shapes = [parse_shape(s) for s in args.shapes]
+    shapes = [parse_shape(s) for s in (SWEEP_SHAPES if args.sweep and args.shapes == SHAPES else args.shapes)]
     if not torch.cuda.is_available():
         raise SystemExit("bench_fp8_cast needs a CUDA GPU")
     import lowprec
@@ -104,6 +178,10 @@ def main(argv=None):
     from .bench_layers import environment
 
     fmt = lowprec.format(args.format, granularity="tensor")
+    if args.sweep:
+        print(f"# FP8 operand passes' tile sizes (E4M3, per-tensor scale), {environment()}, {datetime.date.today()}")
+        sweep(shapes, args.layouts, getattr(torch, args.dtype), args.calls)
+        return
     print(f"# FP8 operand ({args.format}, per-tensor scale) of a bf16 tensor, {environment()}, {datetime.date.today()}")
     print("| shape | layout | fp8_operand µs | its minimum bytes at | compiled µs | vs compiled | bf16 copy µs (GB/s) |")
     print("|---|---|---|---|---|---|---|")

@@ -217,20 +217,22 @@ AMAX_BLOCKS = dict(BLOCK_M=32, BLOCK_K=256, CHUNKS=4, num_warps=8)
 
 
 def triton_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_row: bool, rowmajor: bool,
-                   transposed: bool, gathered: int = 0, measured: torch.Tensor | None = None):
+                   transposed: bool, gathered: int = 0, measured: torch.Tensor | None = None,
+                   cast_blocks: dict | None = None, amax_blocks: dict | None = None):
     """The operator's result from the Triton kernels (CUDA): the amax (unless ``measured`` gives it),
-    then the cast."""
+    then the cast. ``cast_blocks`` / ``amax_blocks``: tile sizes other than the module's (as
+    ``CAST_BLOCKS`` / ``AMAX_BLOCKS``; a benchmark's sweep), which change no code."""
     M, K = x.shape
     codes, codes_t, s = _outputs(x, e5m2, per_row, rowmajor, transposed)
     if measured is not None:  # max |x| as fp32 (NaN where x holds one): its bits are what the amax pass makes
         measured = measured.to(torch.float32).reshape(1).contiguous().view(torch.int32)
     else:
         measured = torch.zeros(M if per_row else 1, dtype=torch.int32, device=x.device)
-        a = AMAX_BLOCKS
+        a = amax_blocks or AMAX_BLOCKS
         grid = (triton.cdiv(M, a["BLOCK_M"]), triton.cdiv(K, a["BLOCK_K"] * a["CHUNKS"]))
         _amax_kernel[grid](x, measured, M, K, x.stride(0), x.stride(1), PER_ROW=per_row, **a)
     rows = M + (-M) % PAD if transposed else M
-    c = CAST_BLOCKS_TRANSPOSED if transposed else CAST_BLOCKS
+    c = cast_blocks or (CAST_BLOCKS_TRANSPOSED if transposed else CAST_BLOCKS)
     grid = (triton.cdiv(rows, c["BLOCK_M"]), triton.cdiv(K, c["BLOCK_K"]))
     delayed = measured if amax is None else amax.reshape(1)
     _cast_kernel[grid](x, measured, delayed, s, codes.view(torch.uint8), codes_t.view(torch.uint8), M, K, rows,

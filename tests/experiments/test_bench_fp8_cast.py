@@ -41,3 +41,19 @@ def test_without_a_gpu_it_says_so():
         bench.main(["--shapes", "64x64"])
     with pytest.raises(ValueError, match="ROWSxCOLS"):
         bench.main(["--shapes", "64"])
+
+
+def test_the_sweep_tries_the_module_tiles_and_only_tiles_that_fit():
+    """Every pass's own tile sizes are among the sweep's (its fastest is never slower than what runs
+    unswept), each tile holds 1,024 to 16,384 elements of a pass, no tile is listed twice, and the
+    sweep's default shapes parse."""
+    from lowprec import fp8_cast
+
+    names = [bench.tiles(c) for c in bench.CAST_SWEEP]
+    assert bench.tiles(fp8_cast.CAST_BLOCKS) in names and bench.tiles(fp8_cast.CAST_BLOCKS_TRANSPOSED) in names
+    assert bench.tiles(fp8_cast.AMAX_BLOCKS) in [bench.tiles(c) for c in bench.AMAX_SWEEP]
+    assert all(1024 <= c["BLOCK_M"] * c["BLOCK_K"] <= 16384 for c in bench.CAST_SWEEP)
+    assert all(c["BLOCK_M"] * c["BLOCK_K"] <= 16384 for c in bench.AMAX_SWEEP)
+    assert len(set(names)) == len(names) and len({bench.tiles(c) for c in bench.AMAX_SWEEP}) == len(bench.AMAX_SWEEP)
+    assert bench.tiles(dict(BLOCK_M=32, BLOCK_K=256, CHUNKS=4, num_warps=8)) == "32x256 x4 w8"
+    assert [bench.parse_shape(s) for s in bench.SWEEP_SHAPES][0] == (16384, 128)
