@@ -29,8 +29,8 @@ memory, asynchronously.
 
 ``compile=True`` compiles the forward and the loss (and, through AOTAutograd, their backward): once,
 for the fresh windows, or (TBPTT) for one segment from a carried state, called for each of the step's
-segments (the carried state made to require grad as the state one segment hands the next does, so
-both meet one graph, one segment long); a TBPTT step that starts a document (the first, and one per
+segments (with several, the carried state made to require grad as the state one segment hands the next
+does, so all meet one graph, one segment long); a TBPTT step that starts a document (the first, and one per
 epoch) runs eager instead of compiling a second graph for the state-less shape class. The update
 runs eager: Bop/TernaryBop/SRAdamW reseed a host generator per weight (a graph break) and torch's
 fused AdamW is one kernel already. ``compile="blocks"``
@@ -183,12 +183,13 @@ class Stepper:
 
     def _compiled_segments_sums(self, xs, ys, resets, state) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """``_segments_sums`` of a step with a carried state and no reset, one compiled segment called
-        for each: the carried state is made to require grad (``HybridState.requiring_grad``) as the
-        state a segment hands the next does, so every segment meets the same graph, which is then
-        one segment long, however many segments a step has (its gradient for the carried state is
-        computed and dropped)."""
+        for each: with more than one segment the carried state is made to require grad
+        (``HybridState.requiring_grad``) as the state a segment hands the next does, so every segment
+        meets the same graph, which is then one segment long, however many segments a step has (its
+        gradient for the carried state is computed and dropped); with one, the state is left as it is."""
         total, scored = 0, 0
-        state = state.requiring_grad()
+        if len(xs) > 1:
+            state = state.requiring_grad()
         for x, y in zip(xs, ys):
             nats, n, state = self._segment(x, y, state)
             total, scored = total + nats, scored + n

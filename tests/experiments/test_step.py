@@ -232,3 +232,28 @@ def test_compiled_blocks_compile_one_block_for_all_and_equal_eager(cfg_of, corpu
     cfg = cfg_of(corpus, tmp_path / "bad", "train.compile=yes")
     with pytest.raises(ConfigError, match="train.compile='yes' must be true"):
         check_train(cfg.train)
+
+
+def test_compiled_segments_meet_one_graph_whatever_the_segment_count():
+    """``train.compile=true`` with TBPTT calls one compiled segment per segment: with two segments the
+    carried state enters the first as leaves that require grad, as the second's state does (the
+    first's output); with one segment it enters as it was carried, no gradient asked for it."""
+    from experiments.loop import Stepper
+    from hybrid import HybridState
+
+    seen = []
+
+    def segment(x, y, state):
+        seen.append(state.h.requires_grad)
+        h = state.h * x.float().mean()  # the next state depends on the segment, as the model's does
+        return x.float().sum(), (y >= 0).sum(), HybridState(pos=state.pos + 1, h=h)
+
+    stepper = Stepper.__new__(Stepper)
+    stepper._segment = segment
+    carried = HybridState(pos=3, h=torch.ones(2, 4))
+    x = torch.ones(2, 5, requires_grad=True)
+    for k, want in ((1, [False]), (2, [True, True])):
+        seen.clear()
+        total, scored, state = stepper._compiled_segments_sums([x] * k, [torch.zeros(2, 5)] * k, (False,) * k, carried)
+        assert seen == want and int(scored) == 10 * k and int(state.pos) == 3 + k
+    assert not carried.h.requires_grad  # the carried state itself is left untouched
