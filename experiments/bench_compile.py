@@ -12,6 +12,10 @@ steps after the compiling ones. With TBPTT (the default) the first step has no c
 runs eager under ``true`` (its graph is the carried-state one): the compilation falls on step 2.
 Under ``blocks`` every step calls the compiled blocks: step 1 compiles.
 
+Each row also gives the compiler's phases over the mode's steps, from its own timers (``PHASES``):
+Dynamo's tracing, AOTAutograd's joint trace and partition, inductor (all graphs, its lowering, its
+scheduling and code generation, the wait for its kernels' compilation), the guards.
+
 ``--backend aot_eager`` traces (Dynamo and AOTAutograd) without generating code: the part of the
 compile time that does not depend on the device. Every mode starts from an empty compile cache in
 this process (``torch._dynamo.reset``); inductor's on-disk cache is not cleared, so run each
@@ -36,9 +40,32 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MODES = ("false", "true", "blocks")
 
 
+# the compiler's own timers (torch._dynamo.utils.compile_times) a row's phases are read from: (label, timer); the
+# timers nest (inductor's holds code generation and the kernels' compilation), so the phases overlap
+PHASES = (("Dynamo tracing", "bytecode_tracing"), ("AOTAutograd joint trace", "aot_trace_joint_graph"),
+          ("partition", "min_cut_rematerialization_partition"), ("inductor, all graphs", "compile_fx_inner"),
+          ("lowering", "GraphLowering.run"), ("scheduling and code generation", "GraphLowering.codegen"),
+          ("waiting for kernel compiles", "async_compile.wait"), ("C++ compiles", "compile_file"),
+          ("guards", "build_guards"))
+
+
+def phases(timers: dict[str, float]) -> str:
+    """The compile's phases, in seconds, from the compiler's timers (``PHASES``; those it did not run are left
+    out): one line, nested phases overlapping."""
+    return "; ".join(f"{label} {timers[key]:.1f}" for label, key in PHASES if key in timers)
+
+
+def _timers() -> dict[str, float]:
+    from torch._dynamo.utils import compile_times
+
+    names, values = compile_times(repr="csv", aggregate=True)
+    return {n: float(v) for n, v in zip(names, values)}
+
+
 def measure(mode: str, overrides: list[str], steps: int, backend: str) -> dict:
-    """One mode's step times (s) and compiled graph count."""
+    """One mode's step times (s), compiled graph count and the compiler's phases (``phases``)."""
     torch._dynamo.reset()
+    torch._dynamo.utils.compilation_time_metrics.clear()
     graphs = []
 
     def counting(gm, example_inputs):
@@ -62,7 +89,7 @@ def measure(mode: str, overrides: list[str], steps: int, backend: str) -> dict:
                 times.append(time.perf_counter() - t)
     finally:
         torch.compile = original
-    return {"times": times, "graphs": len(graphs)}
+    return {"times": times, "graphs": len(graphs), "phases": phases(_timers())}
 
 
 def main(argv=None) -> None:
@@ -77,12 +104,13 @@ def main(argv=None) -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"# compile time, {' '.join(args.overrides) or 'default config'}, backend {args.backend}, torch {torch.__version__}, "
           f"{device}, {datetime.date.today()}")
-    print("| train.compile | step 1 s | step 2 s | later steps, median s | graphs compiled |")
-    print("|---|---|---|---|---|")
+    print("| train.compile | step 1 s | step 2 s | later steps, median s | graphs compiled | compiler phases, s (nested) |")
+    print("|---|---|---|---|---|---|")
     for mode in args.modes:
         r = measure(mode, args.overrides, args.steps, args.backend)
         t = r["times"]
-        print(f"| {mode} | {t[0]:.3g} | {t[1]:.3g} | {statistics.median(t[2:]):.3g} | {r['graphs']} |", flush=True)
+        print(f"| {mode} | {t[0]:.3g} | {t[1]:.3g} | {statistics.median(t[2:]):.3g} | {r['graphs']} | "
+              f"{r['phases']} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """experiments.bench_compile: its table on the tiny hybrid, traced only (aot_eager)."""
 import re
 
-from experiments.bench_compile import main
+from experiments.bench_compile import PHASES, main, phases
 
 
 def test_table_counts_the_graphs_of_each_mode(corpus, capsys):
@@ -18,3 +18,13 @@ def test_table_counts_the_graphs_of_each_mode(corpus, capsys):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert all(float(c) >= 0 for c in cells[1:4]), row   # step times (an eager step may print as 0.0x)
         assert cells[4] == graphs, row
+    blocks = [c.strip() for c in rows[1].strip("|").split("|")]
+    assert blocks[5].startswith("Dynamo tracing "), rows[1]   # aot_eager: tracing phases only, no inductor
+    assert "inductor" not in blocks[5], rows[1]
+
+
+def test_phases_name_the_timers_that_ran_in_order():
+    timers = {"bytecode_tracing": 1.25, "compile_fx_inner": 30.0, "async_compile.wait": 12.04, "unrelated": 9.0}
+    assert phases(timers) == "Dynamo tracing 1.2; inductor, all graphs 30.0; waiting for kernel compiles 12.0"
+    assert phases({}) == ""
+    assert len({key for _, key in PHASES}) == len(PHASES)
