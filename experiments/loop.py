@@ -164,19 +164,20 @@ class Stepper:
             t = t.pin_memory()  # a copy from pageable memory would wait for the device
         return t.to(self.device, non_blocking=True)
 
-    def _segments_sums(self, xs, ys, resets, state) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """(Σ nats over the scored targets, their count, state) of the step's segments: what
-        ``train.compile`` compiles (forward and loss; AOTAutograd compiles their backward)."""
+    def _segments_sums(self, xs, ys, resets, state, segment=None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """(Σ nats over the scored targets, their count, state) of the step's segments, each through
+        ``segment`` (default ``_segment_sums``): what ``train.compile`` compiles without TBPTT (forward
+        and loss; AOTAutograd compiles their backward)."""
+        segment = segment or self._segment_sums
         total, scored = 0, 0
         for x, y, reset in zip(xs, ys, resets):
-            logits, state = self.model(x, None if reset else state)
-            total = total + F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-            scored = scored + (y >= 0).sum()
+            nats, n, state = segment(x, y, None if reset else state)
+            total, scored = total + nats, scored + n
         return total, scored, state
 
     def _segment_sums(self, x, y, state) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """(Σ nats over the scored targets, their count, state) of one segment from a carried state: what
-        ``train.compile`` compiles with TBPTT (forward and loss; AOTAutograd compiles their backward)."""
+        """(Σ nats over the scored targets, their count, state) of one segment: what ``train.compile``
+        compiles with TBPTT."""
         logits, state = self.model(x, state)
         nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
         return nats, (y >= 0).sum(), state
@@ -187,13 +188,9 @@ class Stepper:
         (``HybridState.requiring_grad``) as the state a segment hands the next does, so every segment
         meets the same graph, which is then one segment long, however many segments a step has (its
         gradient for the carried state is computed and dropped); with one, the state is left as it is."""
-        total, scored = 0, 0
         if len(xs) > 1:
             state = state.requiring_grad()
-        for x, y in zip(xs, ys):
-            nats, n, state = self._segment(x, y, state)
-            total, scored = total + nats, scored + n
-        return total, scored, state
+        return self._segments_sums(xs, ys, resets, state, segment=self._segment)
 
     def _sums_for(self, resets: tuple[bool, ...], state):
         """The compiled sums (``_sums``), or (TBPTT) the eager ones for a step that starts a document
