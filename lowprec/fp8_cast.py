@@ -152,14 +152,45 @@ if triton is not None:
         return v
 
     @triton.jit
+    def _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk):
+        # the tile of x at rows rm, columns rk, as fp32 (0 outside the tensor)
+        inside = (rm[:, None] < M) & (rk[None, :] < K)
+        x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk, mask=inside,
+                    other=0.0)
+        return x.to(tl.float32)
+
+    @triton.jit
+    def _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2: tl.constexpr,
+                     ROWMAJOR: tl.constexpr, TRANSPOSED: tl.constexpr):
+        # the codes of the tile x (fp32) under the scales s (one per row of the tile), in each layout asked for
+        v = tl.div_rn(x, s[:, None])
+        # the conversion saturates (cvt.rn.satfinite): it clamps a finite v to +-TOP (a clamp of its own
+        # costs time: this pass is bound by its arithmetic nearly as much as by memory); an infinite v,
+        # which it would saturate too, and NaN get their codes here
+        if E5M2:
+            bits = v.to(tl.float8e5, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
+            bits = tl.where(v == float("inf"), 0x7C, tl.where(v == float("-inf"), 0xFC, bits.to(tl.int32)))
+            bits = tl.where(v != v, 0x7F, bits)
+        else:
+            bits = v.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
+            bits = tl.where(tl.abs(v) < float("inf"), bits.to(tl.int32), 0x7F)
+        rm64 = rm.to(tl.int64)
+        rk64 = rk.to(tl.int64)
+        if ROWMAJOR:
+            tl.store(y_ptr + rm64[:, None] * stride_y + rk64[None, :], bits.to(tl.uint8),
+                     mask=(rm[:, None] < M) & (rk[None, :] < K))
+        if TRANSPOSED:
+            bits = tl.where(rm[:, None] < M, bits, 0).to(tl.uint8)  # the padding columns: code 0x00 (+0)
+            tl.store(yt_ptr + rk64[None, :] * stride_yt + rm64[:, None], bits,
+                     mask=(rk[None, :] < K) & (rm[:, None] < Mp))
+
+    @triton.jit
     def _cast_kernel(x_ptr, amax_ptr, delayed_ptr, s_ptr, y_ptr, yt_ptr, M, K, Mp, stride_xm, stride_xk, stride_y,
                      stride_yt, TOP: tl.constexpr, E5M2: tl.constexpr, PER_ROW: tl.constexpr,
                      DELAYED: tl.constexpr, ROWMAJOR: tl.constexpr, TRANSPOSED: tl.constexpr,
                      GATHERED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-        rm64 = rm.to(tl.int64)
-        rk64 = rk.to(tl.int64)
         # the scale, as `scales` computes it: amax / max (IEEE division), 1 where that is 0, NaN where
         # the group holds a NaN or an infinity
         if PER_ROW:
@@ -173,9 +204,7 @@ if triton is not None:
         s = tl.div_rn(stat, tl.full([BLOCK_M], TOP, tl.float32))
         s = tl.where(s > 0, s, 1.0)
         s = tl.where(measured < float("inf"), s, float("nan"))
-        inside = (rm[:, None] < M) & (rk[None, :] < K)
-        x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk64[None, :] * stride_xk, mask=inside, other=0.0)
-        x = x.to(tl.float32)
+        x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
         if GATHERED != 0:
             # x is a master weight that reaches the GEMM as its codes under s, dequantized (code x s in
             # fp32, rounded to the gathered dtype): that tensor g is quantized here in its place. Its amax
@@ -190,23 +219,51 @@ if triton is not None:
             tl.store(s_ptr + rm, s, mask=(rm < M) & (tl.program_id(1) == 0))
         else:
             tl.store(s_ptr + rm * 0, s, mask=(rm == 0) & (tl.program_id(0) == 0) & (tl.program_id(1) == 0))
-        v = tl.div_rn(x, s[:, None])
-        # the conversion saturates (cvt.rn.satfinite): it clamps a finite v to +-TOP (a clamp of its own
-        # costs time: this pass is bound by its arithmetic nearly as much as by memory); an infinite v,
-        # which it would saturate too, and NaN get their codes here
-        if E5M2:
-            bits = v.to(tl.float8e5, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
-            bits = tl.where(v == float("inf"), 0x7C, tl.where(v == float("-inf"), 0xFC, bits.to(tl.int32)))
-            bits = tl.where(v != v, 0x7F, bits)
-        else:
-            bits = v.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
-            bits = tl.where(tl.abs(v) < float("inf"), bits.to(tl.int32), 0x7F)
-        if ROWMAJOR:
-            tl.store(y_ptr + rm64[:, None] * stride_y + rk64[None, :], bits.to(tl.uint8), mask=inside)
-        if TRANSPOSED:
-            bits = tl.where(rm[:, None] < M, bits, 0).to(tl.uint8)  # the padding columns: code 0x00 (+0)
-            tl.store(yt_ptr + rk64[None, :] * stride_yt + rm64[:, None], bits,
-                     mask=(rk[None, :] < K) & (rm[:, None] < Mp))
+        _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR, TRANSPOSED)
+
+    @triton.jit
+    def _history_kernel(x_ptr, hist_ptr, work_ptr, s_ptr, used_ptr, y_ptr, yt_ptr, M, K, Mp, L, tiles_m, tiles_k, stride_xm,
+                        stride_xk, stride_y, stride_yt, TOP: tl.constexpr, E5M2: tl.constexpr,
+                        ROWMAJOR: tl.constexpr, TRANSPOSED: tl.constexpr, HIST: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        # delayed scaling in one pass: every program casts its tile under the scale of the history's
+        # largest amax and adds its tile's amax (of the finite values; a flag for the others) to the
+        # work slots with atomic maxima; the last program to finish (an atomic count) pushes that amax
+        # into the history, writes the scale and the amax used, and puts the slots back to zero
+        rh = tl.arange(0, HIST)
+        past = tl.max(tl.load(hist_ptr + rh, mask=rh < L, other=0.0), axis=0)
+        s = tl.div_rn(tl.zeros([BLOCK_M], tl.float32) + past, tl.full([BLOCK_M], TOP, tl.float32))
+        s = tl.where(s > 0, s, 1.0)
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
+        _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR, TRANSPOSED)
+        ax = tl.abs(x)
+        finite = ax < float("inf")
+        tl.atomic_max(work_ptr, tl.max(tl.max(tl.where(finite, ax, 0.0).to(tl.int32, bitcast=True), axis=1), axis=0),
+                      sem="relaxed")
+        tl.atomic_max(work_ptr + 1, tl.max(tl.max(tl.where(finite, 0, 1), axis=1), axis=0), sem="relaxed")
+        # (tiles_m, tiles_k: the grid)
+        if tl.atomic_add(work_ptr + 2, 1, sem="acq_rel") == tiles_m * tiles_k - 1:
+            now = tl.atomic_xchg(work_ptr, 0, sem="acq_rel").to(tl.float32, bitcast=True)
+            bad = tl.atomic_xchg(work_ptr + 1, 0, sem="acq_rel")
+            tl.atomic_xchg(work_ptr + 2, 0, sem="acq_rel")
+            used = tl.where(past > 0, past, now)
+            older = tl.load(hist_ptr + rh - 1, mask=(rh >= 1) & (rh < L), other=0.0)
+            tl.store(hist_ptr + rh, tl.where(rh == 0, now, older), mask=rh < L)
+            s = tl.div_rn(tl.zeros([BLOCK_M], tl.float32) + used, tl.full([BLOCK_M], TOP, tl.float32))
+            s = tl.where(s > 0, s, 1.0)
+            tl.store(used_ptr + rm * 0, tl.zeros([BLOCK_M], tl.float32) + used, mask=tl.arange(0, BLOCK_M) == 0)
+            tl.store(s_ptr + rm * 0, tl.where(bad != 0, float("nan"), s), mask=tl.arange(0, BLOCK_M) == 0)
+            if (past == 0) & (now > 0):
+                # an empty history: the tiles were cast under a scale of 1; this program casts them all again
+                # under the tensor's own (once per history: the amax is in it from now on)
+                for tile in range(0, tiles_m * tiles_k):
+                    rm = (tile // tiles_k) * BLOCK_M + tl.arange(0, BLOCK_M)
+                    rk = (tile % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+                    x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
+                    _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR,
+                                 TRANSPOSED)
 
 
 # tile sizes (timed on an H200 over 2048..8192 x 2048..8192 bf16 inputs): the cast writing row-major codes
@@ -255,6 +312,82 @@ def reference_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, pe
     codes = reference_cast(x, s, e5m2, False) if rowmajor else unused
     codes_t = reference_cast(x, s, e5m2, True) if transposed else unused.clone()
     return codes, codes_t, s
+
+
+WORK_SLOTS = 3  # a history's work slots (int32, zero between calls): the amax being taken, a non-finite flag, a count
+
+
+def triton_history_operand(x: torch.Tensor, history: torch.Tensor, work: torch.Tensor, e5m2: bool, rowmajor: bool,
+                           transposed: bool, cast_blocks: dict | None = None):
+    """:func:`history_operand`'s result from the one-pass Triton kernel (CUDA)."""
+    M, K = x.shape
+    codes, codes_t, s = _outputs(x, e5m2, False, rowmajor, transposed)
+    used = torch.empty((1,), dtype=torch.float32, device=x.device)
+    rows = M + (-M) % PAD if transposed else M
+    c = cast_blocks or (CAST_BLOCKS_TRANSPOSED if transposed else CAST_BLOCKS)
+    grid = (triton.cdiv(rows, c["BLOCK_M"]), triton.cdiv(K, c["BLOCK_K"]))
+    L = history.numel()
+    _history_kernel[grid](x, history, work, s, used, codes.view(torch.uint8), codes_t.view(torch.uint8), M, K, rows, L,
+                          *grid, x.stride(0), x.stride(1), codes.stride(0) if rowmajor else 0,
+                          codes_t.stride(0) if transposed else 0, TOP=57344.0 if e5m2 else 448.0, E5M2=e5m2,
+                          ROWMAJOR=rowmajor, TRANSPOSED=transposed, HIST=triton.next_power_of_2(L), **c)
+    return codes, codes_t, s, used
+
+
+def reference_history_operand(x: torch.Tensor, history: torch.Tensor, work: torch.Tensor, e5m2: bool,
+                              rowmajor: bool, transposed: bool):
+    """:func:`history_operand`'s result computed with tensor operations (``work`` is left as it is)."""
+    top = 57344.0 if e5m2 else 448.0
+    past = history.amax().float()
+    now = torch.where(torch.isfinite(x), x.abs(), 0).amax().float()
+    used = torch.where(past > 0, past, now)
+    s = used / torch.full((), top, dtype=torch.float32, device=x.device)
+    s = torch.where(s > 0, s, 1.0).reshape(1)
+    unused = torch.empty((0,), dtype=torch.float8_e5m2 if e5m2 else torch.float8_e4m3fn, device=x.device)
+    codes = reference_cast(x, s, e5m2, False) if rowmajor else unused
+    codes_t = reference_cast(x, s, e5m2, True) if transposed else unused.clone()
+    history.copy_(torch.cat([now.reshape(1).to(history.dtype), history[:-1]]))
+    return codes, codes_t, torch.where(torch.isfinite(x).all(), s, float("nan")), used.reshape(1)
+
+
+@torch.library.custom_op("lowprec::fp8_history_operand", mutates_args=("history", "work"))
+def _fp8_history_operand(x: torch.Tensor, history: torch.Tensor, work: torch.Tensor, e5m2: bool, rowmajor: bool,
+                         transposed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if x.is_cuda and triton is not None:
+        return triton_history_operand(x, history, work, e5m2, rowmajor, transposed)
+    return reference_history_operand(x, history, work, e5m2, rowmajor, transposed)
+
+
+@_fp8_history_operand.register_fake
+def _(x, history, work, e5m2, rowmajor, transposed):
+    return (*_outputs(x, e5m2, False, rowmajor, transposed), x.new_empty((1,), dtype=torch.float32))
+
+
+def history_applies(t: torch.Tensor, fmt: Format | None, history: torch.Tensor, work: torch.Tensor | None) -> bool:
+    """Whether :func:`history_operand` makes ``t``'s operand in ``fmt`` from ``history`` and ``work``: as
+    :func:`applies` with a per-tensor scale, a contiguous fp32 history and ``WORK_SLOTS`` int32 work slots
+    on ``t``'s device."""
+    return (applies(t, fmt) and fmt.granularity == "tensor" and work is not None
+            and history.dtype == torch.float32 and history.dim() == 1 and history.is_contiguous()
+            and history.numel() > 0 and work.dtype == torch.int32 and work.numel() == WORK_SLOTS
+            and work.is_contiguous() and history.device == t.device == work.device)
+
+
+def history_operand(t: torch.Tensor, fmt: Format, history: torch.Tensor, work: torch.Tensor, rowmajor: bool = True,
+                    transposed: bool = False):
+    """Delayed scaling in one read of ``t`` (2-D): ``(codes, codes_t, outer, used)``. The scale is the history's
+    largest amax over the format's largest value (``t``'s own amax where the history holds none yet, as
+    :func:`lowprec.gemm.delayed_amax`); ``t``'s amax over its finite values is pushed into ``history`` (in
+    place) as the pass reads it; ``used``: the amax the scale came from. Where ``t`` holds a NaN or an
+    infinity the scale is NaN (as every scale of this module) and the codes are those of the scale
+    the history gave (its NaN / infinite values coded as :func:`reference_cast` codes them): every GEMM
+    output is NaN either way. ``work``: ``WORK_SLOTS`` int32 zeros, which the pass uses and leaves zero.
+    Only where :func:`history_applies`; unused layouts are empty tensors."""
+    if not history_applies(t, fmt, history, work):
+        raise ValueError(f"fp8_cast.history_operand: {fmt} on a tensor of shape {tuple(t.shape)} with a "
+                         f"{history.dtype} history of shape {tuple(history.shape)} is not one it makes "
+                         "(see history_applies)")
+    return _fp8_history_operand(t, history, work, fp8_dtype(fmt) == torch.float8_e5m2, rowmajor, transposed)
 
 
 @torch.library.custom_op("lowprec::fp8_operand", mutates_args=())
@@ -324,5 +457,6 @@ _FORMATS = {(e, r): get_format("fp8_e5m2" if e else "fp8_e4m3", granularity="row
             for e in (False, True) for r in (False, True)}
 
 
-__all__ = ["GATHERED_DTYPES", "PAD", "applies", "fp8_dtype", "operand", "operands", "reference_cast",
-           "reference_operand", "scales", "triton_operand"]
+__all__ = ["GATHERED_DTYPES", "PAD", "WORK_SLOTS", "applies", "fp8_dtype", "history_applies", "history_operand",
+           "operand", "operands", "reference_cast", "reference_history_operand", "reference_operand", "scales",
+           "triton_history_operand", "triton_operand"]
