@@ -380,7 +380,7 @@ def test_a_history_operand_is_the_delayed_amax_then_the_cast(device, name, dtype
     from the history and pushed (DelayedAmax.value, as without work slots), then the cast under it.
     Over four calls (an empty history, whose first call scales by the tensor's own amax, then a
     history that saturates a larger tensor and one that keeps a smaller one): the same codes, scale,
-    amax and history, exactly; the work slots are zero after every call."""
+    amax and history, exactly; the work slot is zero after every call."""
     from lowprec.scaling import DelayedAmax
 
     fmt = lowprec.format(name, granularity="tensor")
@@ -433,7 +433,7 @@ def test_what_a_history_operand_takes_and_refuses():
     refused = [(t, lowprec.format("fp8_e4m3", granularity="row"), h, work),  # per-row scales
                (t, lowprec.format("int8", granularity="tensor"), h, work),  # not FP8
                (t, fmt, h.bfloat16(), work),  # a history that is not fp32
-               (t, fmt, h, work.long()), (t, fmt, h, work[:2]),  # slots of another kind or count
+               (t, fmt, h, work.long()), (t, fmt, h, torch.zeros(fp8_cast.WORK_SLOTS + 1, dtype=torch.int32)),  # another kind or count
                (t, fmt, torch.zeros(3, 2)[:, 0], work),  # a strided history
                (torch.ones(4), fmt, h, work)]  # not 2-D
     for args in refused:
@@ -476,7 +476,7 @@ def test_the_history_kernel_equals_its_reference_over_many_tiles(e5m2):
     """The one-pass kernel on a tensor of thousands of tiles (the last tile to finish pushes the amax;
     on an empty history it casts every tile again under the tensor's own scale), three calls in a
     row, each layout: codes, scale, amax used and history are the reference's byte for byte, and the
-    work slots are zero after each call."""
+    work slot is zero after each call."""
     x = torch.randn(4099, 3072, device="cuda", dtype=torch.bfloat16)
     for rowmajor, transposed in LAYOUTS:
         h, h_ref = torch.zeros(4, device="cuda"), torch.zeros(4, device="cuda")
