@@ -332,9 +332,10 @@ def reference_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, pe
 
 
 WORK_SLOTS = 1  # a history's work slot (int32, zero between calls): the count of the one-pass kernel's programs
-# the one-pass kernel's tiles: each program casts CHUNKS tiles along a row (fewer programs to count)
-HISTORY_BLOCKS = dict(CAST_BLOCKS, CHUNKS=4)
-HISTORY_BLOCKS_TRANSPOSED = dict(CAST_BLOCKS_TRANSPOSED, CHUNKS=4)
+# the one-pass kernel's tiles: each program casts CHUNKS tiles along a row (fewer programs to count, but
+# each loads its next tile only after storing the last one's codes)
+HISTORY_BLOCKS = dict(CAST_BLOCKS, CHUNKS=1)
+HISTORY_BLOCKS_TRANSPOSED = dict(CAST_BLOCKS_TRANSPOSED, CHUNKS=1)
 
 
 def triton_history_operand(x: torch.Tensor, history: torch.Tensor, work: torch.Tensor, e5m2: bool, rowmajor: bool,
