@@ -160,9 +160,8 @@ def sweep(shapes: list[tuple[int, int]], layouts: list[str], dtype: torch.dtype,
               f"{rows * cols * size / times[best] / 1e3:,.0f} GB/s |", flush=True)
 
 
-HISTORY_SWEEP = [dict(BLOCK_M=m, BLOCK_K=k, CHUNKS=c, num_warps=w) for m, k, w in ((64, 64, 8), (32, 128, 4),
-                                                                                     (16, 256, 8), (32, 64, 4))
-                 for c in (1, 2, 4)]
+HISTORY_SWEEP = [dict(BLOCK_M=m, BLOCK_K=k, num_warps=w) for m, k, w in ((64, 64, 8), (32, 128, 4), (16, 256, 8),
+                                                                          (32, 64, 4), (16, 128, 4), (64, 128, 8))]
 
 
 def history(shapes: list[tuple[int, int]], layouts: list[str], calls: int, device: str = "cuda") -> None:

@@ -22,7 +22,7 @@ Triton kernels:
 Delayed scaling (Transformer Engine's recipe: the scale comes from the largest amax of the tensor's last
 steps) needs no amax before the cast: :func:`history_operand` is ONE pass (``lowprec::fp8_history_operand``),
 which casts under the history's scale, takes the tensor's amax as it reads it and pushes it into the
-history in place; the last of the kernel's programs to finish does the push, so no other kernel runs.
+history in place (a one-program kernel after it does the push: no pass over the tensor before the cast).
 
 The codes are those of :func:`lowprec.kernels.split` followed by the cast to the FP8 dtype, bit for
 bit (the division is IEEE round-to-nearest, ``tl.div_rn``, as eager's): ``v = x / s``; a finite
@@ -227,60 +227,56 @@ if triton is not None:
         _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR, TRANSPOSED)
 
     @triton.jit
-    def _history_kernel(x_ptr, hist_ptr, count_ptr, part_ptr, s_ptr, used_ptr, y_ptr, yt_ptr, M, K, Mp, L, tiles_k,
-                        stride_xm, stride_xk, stride_y, stride_yt, TOP: tl.constexpr, E5M2: tl.constexpr,
-                        ROWMAJOR: tl.constexpr, TRANSPOSED: tl.constexpr, HIST: tl.constexpr, PARTS: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr):
-        # delayed scaling in one pass: every program casts its CHUNKS tiles under the scale of the history's
-        # largest amax and stores their amax (of the finite values, with a flag for the others) in its own
-        # slot of part_ptr; the last program to finish (an atomic count, which also orders those stores
-        # before it) reduces the slots, pushes that amax into the history, writes the scale and the amax
-        # used, and sets the count back to zero
+    def _history_kernel(x_ptr, hist_ptr, work_ptr, y_ptr, yt_ptr, M, K, Mp, L, stride_xm, stride_xk, stride_y,
+                        stride_yt, TOP: tl.constexpr, E5M2: tl.constexpr, ROWMAJOR: tl.constexpr,
+                        TRANSPOSED: tl.constexpr, HIST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        # delayed scaling's cast: every program casts its tile under the scale of the history's largest amax
+        # and merges its tile's amax (of the finite values) into work[0] with an atomic maximum (the bits of a
+        # non-negative float are ordered as it is), and a flag for a NaN or an infinity into work[1]
         rh = tl.arange(0, HIST)
         past = tl.max(tl.load(hist_ptr + rh, mask=rh < L, other=0.0), axis=0)
         s = tl.div_rn(tl.zeros([BLOCK_M], tl.float32) + past, tl.full([BLOCK_M], TOP, tl.float32))
         s = tl.where(s > 0, s, 1.0)
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        top = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
-        bad = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
-        for c in tl.static_range(CHUNKS):
-            rk = (tl.program_id(1) * CHUNKS + c) * BLOCK_K + tl.arange(0, BLOCK_K)
-            x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
-            _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR, TRANSPOSED)
-            ax = tl.abs(x)
-            finite = ax < float("inf")
-            top = tl.maximum(top, tl.where(finite, ax, 0.0).to(tl.int32, bitcast=True))
-            bad = tl.maximum(bad, tl.where(finite, 0, 1))
-        part = tl.max(tl.max(top, axis=1), axis=0).to(tl.int64) | (tl.max(tl.max(bad, axis=1), axis=0).to(tl.int64) << 32)
-        me = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        tl.store(part_ptr + me, part)
-        programs = tl.num_programs(0) * tl.num_programs(1)
-        tl.debug_barrier()  # every thread's stores (the slot; the codes, which a recast overwrites) before the count
-        if tl.atomic_add(count_ptr, 1, sem="acq_rel") == programs - 1:
-            rp = tl.arange(0, PARTS)
-            acc = tl.zeros([PARTS], dtype=tl.int64)
-            for p0 in range(0, programs, PARTS):
-                acc = tl.maximum(acc, tl.load(part_ptr + p0 + rp, mask=p0 + rp < programs, other=0, cache_modifier=".cg"))
-            acc = tl.max(acc, axis=0)
-            now = (acc & 0x7FFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-            tl.atomic_xchg(count_ptr, 0, sem="relaxed")
-            used = tl.where(past > 0, past, now)
-            older = tl.load(hist_ptr + rh - 1, mask=(rh >= 1) & (rh < L), other=0.0)
-            tl.store(hist_ptr + rh, tl.where(rh == 0, now, older), mask=rh < L)
-            s = tl.div_rn(tl.zeros([BLOCK_M], tl.float32) + used, tl.full([BLOCK_M], TOP, tl.float32))
-            s = tl.where(s > 0, s, 1.0)
-            first = tl.arange(0, BLOCK_M) == 0
-            tl.store(used_ptr + rm * 0, tl.zeros([BLOCK_M], tl.float32) + used, mask=first)
-            tl.store(s_ptr + rm * 0, tl.where((acc >> 32) != 0, float("nan"), s), mask=first)
-            if (past == 0) & (now > 0):
-                # an empty history: the tiles were cast under a scale of 1; this program casts them all again
-                # under the tensor's own (once per history: the amax is in it from now on)
-                for tile in range(0, tl.num_programs(0) * tiles_k):
-                    rm = (tile // tiles_k) * BLOCK_M + tl.arange(0, BLOCK_M)
-                    rk = (tile % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
-                    x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
-                    _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR,
-                                 TRANSPOSED)
+        rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
+        _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR, TRANSPOSED)
+        ax = tl.abs(x)
+        finite = ax < float("inf")
+        tl.atomic_max(work_ptr, tl.max(tl.max(tl.where(finite, ax, 0.0).to(tl.int32, bitcast=True), axis=1), axis=0),
+                      sem="relaxed")
+        bad = tl.max(tl.max(tl.where(finite, 0, 1), axis=1), axis=0)
+        tl.atomic_max(work_ptr + 1, bad, mask=bad != 0, sem="relaxed")
+
+    @triton.jit
+    def _history_push_kernel(x_ptr, hist_ptr, work_ptr, s_ptr, used_ptr, y_ptr, yt_ptr, M, K, Mp, L, stride_xm,
+                             stride_xk, stride_y, stride_yt, TOP: tl.constexpr, E5M2: tl.constexpr,
+                             ROWMAJOR: tl.constexpr, TRANSPOSED: tl.constexpr, HIST: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        # one program, after the cast: pushes the tensor's amax into the history, writes the scale (NaN where
+        # the tensor holds a NaN or an infinity) and the amax used, and sets the work slots back to zero
+        rh = tl.arange(0, HIST)
+        past = tl.max(tl.load(hist_ptr + rh, mask=rh < L, other=0.0), axis=0)
+        now = tl.load(work_ptr).to(tl.float32, bitcast=True)
+        bad = tl.load(work_ptr + 1)
+        tl.store(work_ptr + tl.arange(0, 2), tl.zeros([2], tl.int32))
+        used = tl.where(past > 0, past, now)
+        older = tl.load(hist_ptr + rh - 1, mask=(rh >= 1) & (rh < L), other=0.0)
+        tl.store(hist_ptr + rh, tl.where(rh == 0, now, older), mask=rh < L)
+        s = tl.div_rn(tl.zeros([BLOCK_M], tl.float32) + used, tl.full([BLOCK_M], TOP, tl.float32))
+        s = tl.where(s > 0, s, 1.0)
+        first = tl.arange(0, BLOCK_M) == 0
+        tl.store(used_ptr + tl.arange(0, BLOCK_M) * 0, tl.zeros([BLOCK_M], tl.float32) + used, mask=first)
+        tl.store(s_ptr + tl.arange(0, BLOCK_M) * 0, tl.where(bad != 0, float("nan"), s), mask=first)
+        if (past == 0) & (now > 0):
+            # an empty history: the tiles were cast under a scale of 1; cast them all again under the tensor's
+            # own (once per history: the amax is in it from now on)
+            tiles_k = tl.cdiv(K, BLOCK_K)
+            for tile in range(0, tl.cdiv(Mp, BLOCK_M) * tiles_k):
+                rm = (tile // tiles_k) * BLOCK_M + tl.arange(0, BLOCK_M)
+                rk = (tile % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+                x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
+                _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR, TRANSPOSED)
 
 
 # tile sizes (timed on an H200 over 2048..8192 x 2048..8192 bf16 inputs): the cast writing row-major codes
@@ -331,30 +327,31 @@ def reference_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, pe
     return codes, codes_t, s
 
 
-WORK_SLOTS = 1  # a history's work slot (int32, zero between calls): the count of the one-pass kernel's programs
-# the one-pass kernel's tiles: each program casts CHUNKS tiles along a row (fewer programs to count, but
-# each loads its next tile only after storing the last one's codes)
-HISTORY_BLOCKS = dict(CAST_BLOCKS, CHUNKS=1)
-HISTORY_BLOCKS_TRANSPOSED = dict(CAST_BLOCKS_TRANSPOSED, CHUNKS=1)
+WORK_SLOTS = 2  # a history's work slots (int32, zero between calls): the amax being taken, a NaN / infinity flag
+# the one-pass cast's tiles (those of the current-scaling cast)
+HISTORY_BLOCKS = CAST_BLOCKS
+HISTORY_BLOCKS_TRANSPOSED = CAST_BLOCKS_TRANSPOSED
 
 
 def triton_history_operand(x: torch.Tensor, history: torch.Tensor, work: torch.Tensor, e5m2: bool, rowmajor: bool,
                            transposed: bool, blocks: dict | None = None):
-    """:func:`history_operand`'s result from the one-pass Triton kernel (CUDA). ``blocks``: tile sizes
-    other than the module's (as ``HISTORY_BLOCKS``), which change no code."""
+    """:func:`history_operand`'s result from the Triton kernels (CUDA): the cast, which takes the amax as it
+    goes, then a one-program kernel that pushes it. ``blocks``: tile sizes other than the module's (as
+    ``HISTORY_BLOCKS``), which change no code."""
     M, K = x.shape
     codes, codes_t, s = _outputs(x, e5m2, False, rowmajor, transposed)
     used = torch.empty((1,), dtype=torch.float32, device=x.device)
     rows = M + (-M) % PAD if transposed else M
     c = blocks or (HISTORY_BLOCKS_TRANSPOSED if transposed else HISTORY_BLOCKS)
-    grid = (triton.cdiv(rows, c["BLOCK_M"]), triton.cdiv(K, c["BLOCK_K"] * c["CHUNKS"]))
-    parts = torch.empty(grid[0] * grid[1], dtype=torch.int64, device=x.device)  # each program writes its own
-    L = history.numel()
-    _history_kernel[grid](x, history, work, parts, s, used, codes.view(torch.uint8), codes_t.view(torch.uint8), M, K,
-                          rows, L, triton.cdiv(K, c["BLOCK_K"]), x.stride(0), x.stride(1),
-                          codes.stride(0) if rowmajor else 0, codes_t.stride(0) if transposed else 0,
-                          TOP=57344.0 if e5m2 else 448.0, E5M2=e5m2, ROWMAJOR=rowmajor, TRANSPOSED=transposed,
-                          HIST=triton.next_power_of_2(L), PARTS=1024, **c)
+    grid = (triton.cdiv(rows, c["BLOCK_M"]), triton.cdiv(K, c["BLOCK_K"]))
+    args = (M, K, rows, history.numel(), x.stride(0), x.stride(1), codes.stride(0) if rowmajor else 0,
+            codes_t.stride(0) if transposed else 0)
+    consts = dict(TOP=57344.0 if e5m2 else 448.0, E5M2=e5m2, ROWMAJOR=rowmajor, TRANSPOSED=transposed,
+                  HIST=triton.next_power_of_2(history.numel()))
+    y, yt = codes.view(torch.uint8), codes_t.view(torch.uint8)
+    _history_kernel[grid](x, history, work, y, yt, *args, **consts, **c)
+    _history_push_kernel[(1,)](x, history, work, s, used, y, yt, *args, **consts, BLOCK_M=c["BLOCK_M"],
+                               BLOCK_K=c["BLOCK_K"], num_warps=c["num_warps"])
     return codes, codes_t, s, used
 
 
