@@ -458,17 +458,20 @@ class Fp8(_CodesKernel):
             return t.abs().amax()
         return None
 
-    # a delayed amax may come as a `DelayedAmax` (its history not read yet): the first operand made with it
-    # is cast in one pass that takes the tensor's amax for the history as it goes (fp8_cast.history_operand)
+    # a delayed amax may come as a `DelayedAmax` (its history not read yet). True: the first operand made with
+    # it is cast in one pass that takes the tensor's amax for the history as it goes (fp8_cast.history_operand);
+    # False (the default): the amax is taken from the history first (DelayedAmax.value), then the operator's
+    # own passes (amax: for the NaN check; cast). The same codes for a finite tensor (fp8_cast.history_operand
+    # says what differs for one holding NaN or infinity); the one-pass kernels have not been timed in training yet
+    history_in_one_pass = False
     takes_history = True
 
-    @staticmethod
-    def _from_history(t, fmt, rounding, amax, rowmajor, transposed):
+    def _from_history(self, t, fmt, rounding, amax, rowmajor, transposed):
         # the codes from amax's history in one pass, where it applies (else None: amax.value() is used)
-        if (isinstance(amax, DelayedAmax) and amax.used is None and amax.t is t and rounding == "nearest"
-                and fp8_cast.history_applies(t, fmt, amax.history, amax.work)):
-            codes, codes_t, s, amax.used = fp8_cast.history_operand(t, fmt, amax.history, amax.work, rowmajor,
-                                                                    transposed)
+        if (self.history_in_one_pass and isinstance(amax, DelayedAmax) and amax.used is None and amax.t is t
+                and rounding == "nearest" and fp8_cast.history_applies(t, fmt, amax.history, amax.work)):
+            codes, codes_t, s, used = fp8_cast.history_operand(t, fmt, amax.history, amax.work, rowmajor, transposed)
+            amax.used = used.reshape(())  # as DelayedAmax.value's
             return codes, codes_t, s
         return None
 

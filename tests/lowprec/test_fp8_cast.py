@@ -443,13 +443,19 @@ def test_what_a_history_operand_takes_and_refuses():
     assert not fp8_cast.history_applies(t, fmt, h, None)
 
 
-def test_an_fp8_kernel_takes_a_delayed_amax_from_its_history_once(device):
-    """The FP8 kernel makes the first operand of a DelayedAmax from its history in one pass (the
-    history moves once, ``used`` is set); a later operand of the same tensor under it (a second
-    GEMM's layout) uses that amax without moving the history; a kernel that does not read histories
-    (the general quantizer) takes its value, which moves the history as the one pass does."""
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_an_fp8_kernel_takes_a_delayed_amax_from_its_history_once(device, one_pass, monkeypatch):
+    """The FP8 kernel makes the first operand of a DelayedAmax from its history (in one pass with
+    ``Fp8.history_in_one_pass``, else by its value first): the history moves once, ``used`` is set;
+    a later operand of the same tensor under it (a second GEMM's layout) uses that amax without
+    moving the history; a kernel that does not read histories (the general quantizer) takes its
+    value, which moves the history as the one pass does. One pass or not, the same codes."""
     from lowprec.scaling import DelayedAmax
 
+    calls = []
+    original = fp8_cast.history_operand
+    monkeypatch.setattr(fp8_cast, "history_operand", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(KERNELS["fp8_tensorwise"], "history_in_one_pass", one_pass)
     fmt = lowprec.format("fp8_e5m2", granularity="tensor")
     k = KERNELS["fp8_tensorwise"]
     t = _history_case(torch.bfloat16, device, 5)
@@ -457,7 +463,7 @@ def test_an_fp8_kernel_takes_a_delayed_amax_from_its_history_once(device):
     work = torch.zeros(fp8_cast.WORK_SLOTS, dtype=torch.int32, device=device)
     handle = DelayedAmax(h, work, t)
     row, col = k.operands(t, fmt, amax=handle)
-    assert torch.equal(handle.used, torch.tensor([0.5], device=device))
+    assert torch.equal(handle.used, torch.tensor(0.5, device=device))
     moved = h.clone()
     assert moved[0] == t.float().abs().amax() and moved[1] == 0.5
     again = k.operand(t, fmt, amax=handle, transposed=True)
@@ -467,6 +473,7 @@ def test_an_fp8_kernel_takes_a_delayed_amax_from_its_history_once(device):
     general = DelayedAmax(torch.tensor([0.5, 0.0], device=device), None, t)
     _assert_same(_general(t, fmt, amax=general.value()), _general(t, fmt, amax=handle.used))
     assert torch.equal(general.history, moved)
+    assert len(calls) == one_pass
 
 
 @pytest.mark.gpu
@@ -494,16 +501,18 @@ def test_the_history_kernel_equals_its_reference_over_many_tiles(e5m2):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("one_pass", [False, True])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_delayed_fp8_layers_compiled_equal_eager(backend):
-    """Two FP8 layers with delayed scaling on tensor cores (every operand of a history made in one
-    pass): four steps compiled (fullgraph) and eager from the same weights give the same input and
+def test_delayed_fp8_layers_compiled_equal_eager(backend, one_pass, monkeypatch):
+    """Two FP8 layers with delayed scaling on tensor cores (with ``Fp8.history_in_one_pass``, every
+    operand of a history made in one pass): four steps compiled (fullgraph) and eager from the same weights give the same input and
     weight gradients and histories, bit for bit (a ReLU between them, which every backend computes
     exactly; the gradient handed in is a fixed tensor), and the histories hold one amax a step."""
     import copy
 
     from lowprec.nn import QLinear
 
+    monkeypatch.setattr(KERNELS["fp8_tensorwise"], "history_in_one_pass", one_pass)
     fields = {"weight": "fp8_e4m3", "input": {"format": "fp8_e4m3", "granularity": "tensor"},
               "grad": {"format": "fp8_e5m2", "granularity": "tensor"}, "scaling": "delayed", "amax_history": 8}
     torch.manual_seed(0)
