@@ -72,7 +72,8 @@ def measure(mode: str, overrides: list[str], steps: int, backend: str) -> dict:
         # a torch.compile call that passes a mode or inductor options (the LSTM cell's) hands them on here
         graphs.append(gm)
         if backend == "inductor" and options:
-            return torch._TorchCompileInductorWrapper(options.get("mode"), options.get("options"), None)(gm, example_inputs)
+            inductor = torch._TorchCompileInductorWrapper(options.get("mode"), options.get("options"), None)
+            return inductor(gm, example_inputs)
         return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
 
     original = torch.compile

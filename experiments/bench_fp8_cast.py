@@ -112,6 +112,17 @@ def tiles(cfg: dict) -> str:
     return f"{cfg['BLOCK_M']}x{cfg['BLOCK_K']}{chunks} w{cfg['num_warps']}"
 
 
+def _timed_tilings(make, configs: list[dict], want: list[torch.Tensor], calls: int, what: str) -> dict[str, float]:
+    """``{tiles: µs}`` of ``make(cfg)`` for each of ``configs``, each tiling's codes (its first two
+    results) checked against ``want`` byte for byte."""
+    times = {}
+    for cfg in configs:
+        if not all(torch.equal(a.view(torch.uint8), b) for a, b in zip(make(cfg)[:2], want)):
+            raise SystemExit(f"{what}: tiles {tiles(cfg)} give other codes")
+        times[tiles(cfg)] = kernel_us(lambda cfg=cfg: make(cfg), calls)
+    return times
+
+
 def sweep(shapes: list[tuple[int, int]], layouts: list[str], dtype: torch.dtype, calls: int,
           device: str = "cuda") -> None:
     """The ``--sweep`` table (module doc)."""
@@ -131,11 +142,7 @@ def sweep(shapes: list[tuple[int, int]], layouts: list[str], dtype: torch.dtype,
                                                cast_blocks=cfg)
             want = [c.view(torch.uint8) for c in cast()[:2]]
             default = fp8_cast.CAST_BLOCKS_TRANSPOSED if transposed else fp8_cast.CAST_BLOCKS
-            times = {}
-            for cfg in CAST_SWEEP:
-                if not all(torch.equal(a.view(torch.uint8), b) for a, b in zip(cast(cfg)[:2], want)):
-                    raise SystemExit(f"{rows}x{cols} {layout}: tiles {tiles(cfg)} give other codes")
-                times[tiles(cfg)] = kernel_us(lambda cfg=cfg: cast(cfg), calls)
+            times = _timed_tilings(cast, CAST_SWEEP, want, calls, f"{rows}x{cols} {layout}")
             t_default = kernel_us(cast, calls)
             best = min(times, key=times.get)
             moved = rows * cols * size + rowmajor * rows * cols + transposed * cols * (rows + (-rows) % 16)
@@ -186,11 +193,7 @@ def history(shapes: list[tuple[int, int]], layouts: list[str], calls: int, devic
             def one(cfg=None):
                 return fp8_cast.triton_history_operand(x, h, work, False, rowmajor, transposed, blocks=cfg)
             default = fp8_cast.HISTORY_BLOCKS_TRANSPOSED if transposed else fp8_cast.HISTORY_BLOCKS
-            times = {}
-            for cfg in HISTORY_SWEEP:
-                if not all(torch.equal(a.view(torch.uint8), b) for a, b in zip(one(cfg)[:2], want)):
-                    raise SystemExit(f"{rows}x{cols} {layout}: one-pass tiles {tiles(cfg)} give other codes")
-                times[tiles(cfg)] = kernel_us(lambda cfg=cfg: one(cfg), calls)
+            times = _timed_tilings(one, HISTORY_SWEEP, want, calls, f"{rows}x{cols} {layout}, one pass")
             t_two, t_default = kernel_us(two, calls), kernel_us(one, calls)
             best = min(times, key=times.get)
             print(f"| {rows}x{cols} | {layout} | {t_two:.1f} | {tiles(default)} | {t_default:.1f} | {best} | "

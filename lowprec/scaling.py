@@ -292,14 +292,15 @@ class DelayedAmax:
     ``used``: the amax, once taken. ``settle()``: take it if no operand did (the history moves
     once per call whether or not the amax was needed)."""
 
-    def __init__(self, history: torch.Tensor, work: torch.Tensor, t: torch.Tensor):
+    def __init__(self, history: torch.Tensor, work: torch.Tensor | None, t: torch.Tensor):
         self.history, self.work, self.t = history, work, t
         self.used = None
 
     def value(self) -> torch.Tensor:
         if self.used is None:
             t, history = self.t, self.history
-            now = torch.where(torch.isfinite(t), t.detach().abs(), 0).amax().float() if t.numel() else history.new_zeros(())
+            t = t.detach()
+            now = torch.where(torch.isfinite(t), t.abs(), 0).amax().float() if t.numel() else history.new_zeros(())
             past = history.amax()
             self.used = torch.where(past > 0, past, now)
             history.copy_(torch.cat([now.reshape(1), history[:-1]]))

@@ -433,7 +433,8 @@ def test_what_a_history_operand_takes_and_refuses():
     refused = [(t, lowprec.format("fp8_e4m3", granularity="row"), h, work),  # per-row scales
                (t, lowprec.format("int8", granularity="tensor"), h, work),  # not FP8
                (t, fmt, h.bfloat16(), work),  # a history that is not fp32
-               (t, fmt, h, work.long()), (t, fmt, h, torch.zeros(fp8_cast.WORK_SLOTS + 1, dtype=torch.int32)),  # another kind or count
+               (t, fmt, h, work.long()),  # slots of another kind
+               (t, fmt, h, torch.zeros(fp8_cast.WORK_SLOTS + 1, dtype=torch.int32)),  # or count
                (t, fmt, torch.zeros(3, 2)[:, 0], work),  # a strided history
                (torch.ones(4), fmt, h, work)]  # not 2-D
     for args in refused:
@@ -504,10 +505,11 @@ def test_the_history_kernel_equals_its_reference_over_many_tiles(e5m2):
 @pytest.mark.parametrize("one_pass", [False, True])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_delayed_fp8_layers_compiled_equal_eager(backend, one_pass, monkeypatch):
-    """Two FP8 layers with delayed scaling on tensor cores (with ``Fp8.history_in_one_pass``, every
-    operand of a history made in one pass): four steps compiled (fullgraph) and eager from the same weights give the same input and
-    weight gradients and histories, bit for bit (a ReLU between them, which every backend computes
-    exactly; the gradient handed in is a fixed tensor), and the histories hold one amax a step."""
+    """Two FP8 layers with delayed scaling on tensor cores (with ``Fp8.history_in_one_pass``, every operand of
+    a history made in one pass): four steps compiled (fullgraph) and eager from the same weights give
+    the same input and weight gradients and histories, bit for bit (a ReLU between them, which every
+    backend computes exactly; the gradient handed in is a fixed tensor), and the histories hold one amax
+    a step."""
     import copy
 
     from lowprec.nn import QLinear
