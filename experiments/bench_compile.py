@@ -62,19 +62,26 @@ def _timers() -> dict[str, float]:
     return {n: float(v) for n, v in zip(names, values)}
 
 
+def counting_backend(backend: str, graphs: list):
+    """A compiler backend that appends each graph it is given to ``graphs`` and compiles it with ``backend``;
+    a ``torch.compile`` call's mode and options (the LSTM cell's) reach inductor as they would without it
+    (other backends take none)."""
+    def counting(gm, example_inputs, **options):
+        graphs.append(gm)
+        if backend == "inductor" and options:
+            inductor = torch._TorchCompileInductorWrapper(options.get("mode"), options.get("options"), None)
+            return inductor(gm, example_inputs)
+        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
+    return counting
+
+
 def measure(mode: str, overrides: list[str], steps: int, backend: str) -> dict:
     """One mode's step times (s), compiled graph count and the compiler's phases (``phases``)."""
     torch._dynamo.reset()
     torch._dynamo.utils.compilation_time_metrics.clear()
     graphs = []
 
-    def counting(gm, example_inputs, **options):
-        # a torch.compile call that passes a mode or inductor options (the LSTM cell's) hands them on here
-        graphs.append(gm)
-        if backend == "inductor" and options:
-            inductor = torch._TorchCompileInductorWrapper(options.get("mode"), options.get("options"), None)
-            return inductor(gm, example_inputs)
-        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
+    counting = counting_backend(backend, graphs)
 
     original = torch.compile
     torch.compile = lambda fn=None, **kw: original(fn, **{**kw, "backend": counting})

@@ -1,7 +1,9 @@
 """experiments.bench_compile: its table on the tiny hybrid, traced only (aot_eager)."""
 import re
 
-from experiments.bench_compile import PHASES, main, phases
+import torch
+
+from experiments.bench_compile import PHASES, counting_backend, main, phases
 
 
 def test_table_counts_the_graphs_of_each_mode(corpus, capsys):
@@ -28,3 +30,13 @@ def test_phases_name_the_timers_that_ran_in_order():
     assert phases(timers) == "Dynamo tracing 1.2; inductor, all graphs 30.0; waiting for kernel compiles 12.0"
     assert phases({}) == ""
     assert len({key for _, key in PHASES}) == len(PHASES)
+
+
+def test_the_counting_backend_takes_a_compile_calls_options():
+    """A ``torch.compile(..., options=...)`` inside the step (the LSTM cell's on CUDA) hands its options
+    to the backend: the counting backend takes them, counts the graph and compiles it."""
+    graphs = []
+    f = torch.compile(lambda x: x * 2 + 1, backend=counting_backend("aot_eager", graphs), fullgraph=True,
+                      options={"max_autotune": False})
+    assert torch.equal(f(torch.ones(3)), torch.full((3,), 3.0))
+    assert len(graphs) == 1
