@@ -760,6 +760,30 @@ def test_meta_built_model_trains_on_its_shards(fork_ranks):
         assert all(shards[n] == (full_rows[n][0] // 2, full_rows[n][1]) for n in shards)
 
 
+def test_materialize_starts_delayed_scaling_histories_empty(monkeypatch):
+    """A meta-built model under fp8_delayed, materialized: its amax histories and their work slots are
+    zero (``to_empty`` leaves memory as it finds it; here it is made to leave 7s, so the zeros are
+    materialize_'s), its parameters finite."""
+    from experiments.bench_parallel import materialize_
+
+    with torch.device("meta"):
+        model = HybridLM(preset("tiny"))
+    lowprec.apply_policy(model, policy("fp8_delayed"))
+    to_empty = torch.nn.Module.to_empty
+
+    def garbage(self, *, device, recurse=True):
+        out = to_empty(self, device=device, recurse=recurse)
+        for t in [*self.parameters(), *self.buffers()]:
+            t.data.fill_(7)
+        return out
+    monkeypatch.setattr(torch.nn.Module, "to_empty", garbage)
+    materialize_(model, torch.device("cpu"))
+    amax = {n: b for n, b in model.named_buffers() if "amax_" in n}
+    assert any("amax_work_" in n for n in amax) and any("amax_history_" in n for n in amax)
+    assert all(not b.any() for b in amax.values())
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
+
+
 def _ignored_targets_batch():
     """A global batch of 4 rows whose second half (rank 1's rows) scores only 3 of its targets."""
     x, y = batch()
