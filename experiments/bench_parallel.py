@@ -98,8 +98,7 @@ def model_config(name: str, blocks: int | None, T: int) -> hybrid.HybridConfig:
 def materialize_(model: nn.Module, device: torch.device, std: float = 0.02) -> None:
     """Give a meta-built, policy-applied, sharded model real storage on ``device``: every float
     parameter (a shard under FSDP2) N(0, std), norm weights 1, biases 0, delayed scaling's amax histories
-    and work slots 0. Native layers already hold
-    their codes (see :func:`build`)."""
+    and work slots 0. Native layers already hold their codes (see :func:`build`)."""
     from torch.distributed.tensor import DTensor
 
     kept = {name: b for name, b in model.named_buffers() if b.device.type != "meta"}  # native codes and scales
