@@ -4,6 +4,7 @@
     python -m experiments.bench_fp8_cast --shapes 8192x8192 --layouts both
     python -m experiments.bench_fp8_cast --sweep                   # the passes' tile sizes, per shape
     python -m experiments.bench_fp8_cast --history                 # delayed scaling's one pass, per tile size
+    python -m experiments.bench_fp8_cast --rows                    # per-row scales in one kernel, per tile size
 
 For each bf16 tensor shape and layout (``row``: row-major codes for fprop/dgrad; ``transposed``: the
 transposed, padded codes for wgrad; ``both``: the two from one read) it prints the GPU time of the
@@ -200,6 +201,37 @@ def history(shapes: list[tuple[int, int]], layouts: list[str], calls: int, devic
                   f"{times[best]:.1f} | {t_two / t_default:.2f}x |", flush=True)
 
 
+ROWS_SWEEP = [dict(BLOCK_M=m, BLOCK_K=k, num_warps=w) for m, k, w in ((8, 256, 4), (4, 256, 4), (16, 256, 8),
+                                                                       (8, 512, 8), (4, 512, 4), (16, 128, 4))]
+
+
+def row_scales(shapes: list[tuple[int, int]], calls: int, device: str = "cuda") -> None:
+    """The ``--rows`` table: an E4M3 operand with per-row scales (row-major codes) in one kernel
+    (``fp8_cast.ROWS_IN_ONE_KERNEL``, over ``ROWS_SWEEP``'s tiles) against the amax pass (into a cleared
+    buffer) and the cast; each tiling's codes checked against the two kernels' (scales too)."""
+    from lowprec import fp8_cast
+
+    print("| shape | amax + cast µs | one kernel, module's tiles | µs | fastest tiles | µs | vs two kernels |")
+    print("|---|---|---|---|---|---|---|")
+    before = fp8_cast.ROWS_IN_ONE_KERNEL
+    try:
+        for rows, cols in shapes:
+            x = torch.randn(rows, cols, device=device, dtype=torch.bfloat16)
+
+            def run(one: bool, cfg=None):
+                fp8_cast.ROWS_IN_ONE_KERNEL = one
+                out = fp8_cast.triton_operand(x, None, False, True, True, False, rows_blocks=cfg)
+                return out[0], out[2].view(torch.uint8)  # the codes and the scales' bytes
+            want = [t.view(torch.uint8) for t in run(False)]
+            times = _timed_tilings(lambda cfg: run(True, cfg), ROWS_SWEEP, want, calls, f"{rows}x{cols} rows")
+            t_two, t_default = kernel_us(lambda: run(False), calls), kernel_us(lambda: run(True), calls)
+            best = min(times, key=times.get)
+            print(f"| {rows}x{cols} | {t_two:.1f} | {tiles(fp8_cast.ROWS_BLOCKS)} | {t_default:.1f} | {best} | "
+                  f"{times[best]:.1f} | {t_two / t_default:.2f}x |", flush=True)
+    finally:
+        fp8_cast.ROWS_IN_ONE_KERNEL = before
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="ROWSxCOLS of the bf16 tensor")
@@ -209,9 +241,10 @@ def main(argv=None):
     ap.add_argument("--check", action="store_true", help="compare both ways' codes byte for byte")
     ap.add_argument("--sweep", action="store_true", help="time each pass over a grid of tile sizes (module doc)")
     ap.add_argument("--history", action="store_true", help="delayed scaling's one pass against amax + cast")
+    ap.add_argument("--rows", action="store_true", help="per-row scales in one kernel against amax + cast")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="the tensor's dtype (--sweep)")
     args = ap.parse_args(argv)
-    wide = (args.sweep or args.history) and args.shapes == SHAPES
+    wide = (args.sweep or args.history or args.rows) and args.shapes == SHAPES
     shapes = [parse_shape(s) for s in (SWEEP_SHAPES if wide else args.shapes)]
     if not torch.cuda.is_available():
         raise SystemExit("bench_fp8_cast needs a CUDA GPU")
@@ -221,6 +254,10 @@ def main(argv=None):
     from .bench_layers import environment
 
     fmt = lowprec.format(args.format, granularity="tensor")
+    if args.rows:
+        print(f"# FP8 operand with per-row scales in one kernel (E4M3), {environment()}, {datetime.date.today()}")
+        row_scales(shapes, args.calls)
+        return
     if args.history:
         print(f"# FP8 operand in one pass from an amax history (E4M3), {environment()}, {datetime.date.today()}")
         history(shapes, args.layouts, args.calls)

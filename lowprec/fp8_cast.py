@@ -279,21 +279,54 @@ if triton is not None:
                 _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR, TRANSPOSED)
 
 
+    @triton.jit
+    def _rows_kernel(x_ptr, s_ptr, y_ptr, M, K, stride_xm, stride_xk, stride_y, TOP: tl.constexpr, E5M2: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr):
+        # per-row scales in one kernel: each program holds whole rows, takes their amax over K, then reads
+        # them again (from L2 for the most part) to write their codes; no atomics, no buffer to clear
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)
+        for kt in tl.static_range(K_TILES):
+            x = _load_tile(x_ptr, rm, kt * BLOCK_K + tl.arange(0, BLOCK_K), M, K, stride_xm, stride_xk)
+            acc = tl.maximum(acc, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF)  # |x|'s bits, NaN above inf
+        measured = tl.max(acc, axis=1).to(tl.float32, bitcast=True)
+        s = tl.div_rn(measured, tl.full([BLOCK_M], TOP, tl.float32))
+        s = tl.where(s > 0, s, 1.0)
+        s = tl.where(measured < float("inf"), s, float("nan"))
+        tl.store(s_ptr + rm, s, mask=rm < M)
+        for kt in tl.static_range(K_TILES):
+            rk = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+            x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
+            _store_codes(x, s, rm, rk, M, K, M, y_ptr, y_ptr, stride_y, 0, E5M2, True, False)
+
 # tile sizes (timed on an H200 over 2048..8192 x 2048..8192 bf16 inputs): the cast writing row-major codes
 # only, and the cast writing the transposed layout (alone or with the row-major one)
 CAST_BLOCKS = dict(BLOCK_M=64, BLOCK_K=64, num_warps=8)
 CAST_BLOCKS_TRANSPOSED = dict(BLOCK_M=32, BLOCK_K=128, num_warps=4)
 AMAX_BLOCKS = dict(BLOCK_M=32, BLOCK_K=256, CHUNKS=4, num_warps=8)
+# per-row scales in one kernel (``ROWS_IN_ONE_KERNEL``): rows a program holds, the width of its reads
+ROWS_BLOCKS = dict(BLOCK_M=8, BLOCK_K=256, num_warps=4)
+# True: a per-row operand (row-major codes) is one kernel that holds whole rows (amax, then cast, per program)
+# instead of an amax pass with atomics into a cleared buffer, then the cast; the same codes. Off until timed
+# in training
+ROWS_IN_ONE_KERNEL = False
 
 
 def triton_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_row: bool, rowmajor: bool,
                    transposed: bool, gathered: int = 0, measured: torch.Tensor | None = None,
-                   cast_blocks: dict | None = None, amax_blocks: dict | None = None):
+                   cast_blocks: dict | None = None, amax_blocks: dict | None = None, rows_blocks: dict | None = None):
     """The operator's result from the Triton kernels (CUDA): the amax (unless ``measured`` gives it),
-    then the cast. ``cast_blocks`` / ``amax_blocks``: tile sizes other than the module's (as
-    ``CAST_BLOCKS`` / ``AMAX_BLOCKS``; a benchmark's sweep), which change no code."""
+    then the cast; per-row scales of row-major codes in one kernel where ``ROWS_IN_ONE_KERNEL`` is on.
+    ``cast_blocks`` / ``amax_blocks`` / ``rows_blocks``: tile sizes other than the module's (as
+    ``CAST_BLOCKS`` / ``AMAX_BLOCKS`` / ``ROWS_BLOCKS``; a benchmark's sweep), which change no code."""
     M, K = x.shape
     codes, codes_t, s = _outputs(x, e5m2, per_row, rowmajor, transposed)
+    if per_row and ROWS_IN_ONE_KERNEL and amax is None and measured is None and not gathered and not transposed:
+        r = rows_blocks or ROWS_BLOCKS
+        _rows_kernel[(triton.cdiv(M, r["BLOCK_M"]),)](
+            x, s, codes.view(torch.uint8), M, K, x.stride(0), x.stride(1), codes.stride(0),
+            TOP=57344.0 if e5m2 else 448.0, E5M2=e5m2, K_TILES=triton.cdiv(K, r["BLOCK_K"]), **r)
+        return codes, codes_t, s
     if measured is not None:  # max |x| as fp32 (NaN where x holds one): its bits are what the amax pass makes
         measured = measured.to(torch.float32).reshape(1).contiguous().view(torch.int32)
     else:

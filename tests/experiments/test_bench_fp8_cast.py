@@ -46,7 +46,8 @@ def test_without_a_gpu_it_says_so():
 def test_the_sweep_tries_the_module_tiles_and_only_tiles_that_fit():
     """Every pass's own tile sizes are among the sweep's (its fastest is never slower than what runs
     unswept), each tile holds 1,024 to 16,384 elements of a pass, no tile is listed twice, and the
-    sweep's default shapes parse; the same for the one-pass (``--history``) table's tilings."""
+    sweep's default shapes parse; the same for the one-pass (``--history``) and per-row (``--rows``)
+    tables' tilings."""
     from lowprec import fp8_cast
 
     names = [bench.tiles(c) for c in bench.CAST_SWEEP]
@@ -60,3 +61,5 @@ def test_the_sweep_tries_the_module_tiles_and_only_tiles_that_fit():
     history = [bench.tiles(c) for c in bench.HISTORY_SWEEP]  # the one-pass table's tilings, the module's among them
     assert {bench.tiles(fp8_cast.HISTORY_BLOCKS), bench.tiles(fp8_cast.HISTORY_BLOCKS_TRANSPOSED)} <= set(history)
     assert len(set(history)) == len(history) and set(history) <= set(names)
+    rows = [bench.tiles(c) for c in bench.ROWS_SWEEP]  # the one-kernel per-row table's, the module's among them
+    assert bench.tiles(fp8_cast.ROWS_BLOCKS) in rows and len(set(rows)) == len(rows)

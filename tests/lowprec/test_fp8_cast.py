@@ -215,16 +215,21 @@ def test_compiled_operand_is_the_eager_one(device):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rows_in_one_kernel", [False, True])
 @pytest.mark.parametrize("e5m2", [False, True])
-def test_triton_kernels_equal_the_reference_on_every_bit_pattern(e5m2):
+def test_triton_kernels_equal_the_reference_on_every_bit_pattern(e5m2, rows_in_one_kernel, monkeypatch):
     """Every bf16 bit pattern (NaN and inf among them), scaled by its own amax (all NaN then), and,
     with the non-finite ones left out, by delayed amaxes that saturate and that flush to zero:
     the Triton kernels' codes and scales are the tensor-operation reference's, byte for byte
-    (NaN codes are 0x7F in both)."""
+    (NaN codes are 0x7F in both); per-row scales also from the one-kernel path
+    (``ROWS_IN_ONE_KERNEL``), on rows 8,192 wide and on a strided view."""
+    monkeypatch.setattr(fp8_cast, "ROWS_IN_ONE_KERNEL", rows_in_one_kernel)
     x = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(256, 256).cuda()
     finite = torch.where(x.isfinite(), x, 0).reshape(512, 128)
     cases = [(x, None, False), (finite, None, False), (finite, None, True), (x, None, True)]
     cases += [(finite, torch.tensor(a, device="cuda"), False) for a in (1e-30, 3.0, 1e30)]
+    # per row: rows as wide as the 600M model's (many reads a row), a strided one cut short of a tile
+    cases += [(x.reshape(8, 8192), None, True), (finite.reshape(16, 4096)[:, :4000], None, True)]
     for t, amax, per_row in cases:
         for rowmajor, transposed in ((True, False), (False, True), (True, True)) if not per_row else ((True, False),):
             want = fp8_cast.reference_operand(t, amax, e5m2, per_row, rowmajor, transposed)
