@@ -385,7 +385,7 @@ def test_a_history_operand_is_the_delayed_amax_then_the_cast(device, name, dtype
     from the history and pushed (DelayedAmax.value, as without work slots), then the cast under it.
     Over four calls (an empty history, whose first call scales by the tensor's own amax, then a
     history that saturates a larger tensor and one that keeps a smaller one): the same codes, scale,
-    amax and history, exactly; the work slot is zero after every call."""
+    amax and history, exactly; the work slots are zero after every call."""
     from lowprec.scaling import DelayedAmax
 
     fmt = lowprec.format(name, granularity="tensor")
@@ -489,7 +489,7 @@ def test_the_history_kernel_equals_its_reference_over_many_tiles(e5m2):
     """The one-pass kernel on a tensor of thousands of tiles (the last tile to finish pushes the amax;
     on an empty history it casts every tile again under the tensor's own scale), three calls in a
     row, each layout: codes, scale, amax used and history are the reference's byte for byte, and the
-    work slot is zero after each call."""
+    work slots are zero after each call."""
     x = torch.randn(4099, 3072, device="cuda", dtype=torch.bfloat16)
     for rowmajor, transposed in LAYOUTS:
         h, h_ref = torch.zeros(4, device="cuda"), torch.zeros(4, device="cuda")
