@@ -72,9 +72,10 @@ def delayed_amax(history: torch.Tensor | None, work: torch.Tensor | None, t: tor
 
 
 def _settle(*amaxes) -> None:
+    """Take each DelayedAmax no operand took (its amax enters the history all the same)."""
     for a in amaxes:
         if isinstance(a, DelayedAmax):
-            a.settle()
+            a.value()
 
 
 def _for(fmt: Format | None, amax, kernel=None):

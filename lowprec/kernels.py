@@ -467,30 +467,31 @@ class Fp8(_CodesKernel):
     takes_history = True
 
     def _from_history(self, t, fmt, rounding, amax, rowmajor, transposed):
-        # the codes from amax's history in one pass, where it applies (else None: amax.value() is used)
-        if (self.history_in_one_pass and isinstance(amax, DelayedAmax) and amax.used is None and amax.t is t
-                and rounding == "nearest" and fp8_cast.history_applies(t, fmt, amax.history, amax.work)):
+        # ((codes, codes_t, outer) from amax's history in one pass, None), where that applies; else (None, the
+        # amax itself: a DelayedAmax's value)
+        if not isinstance(amax, DelayedAmax):
+            return None, amax
+        if (self.history_in_one_pass and amax.used is None and amax.t is t and rounding == "nearest"
+                and fp8_cast.history_applies(t, fmt, amax.history, amax.work)):
             codes, codes_t, s, used = fp8_cast.history_operand(t, fmt, amax.history, amax.work, rowmajor, transposed)
             amax.used = used.reshape(())  # as DelayedAmax.value's
-            return codes, codes_t, s
-        return None
+            return (codes, codes_t, s), None
+        return None, amax.value()
 
     def operand(self, t, fmt, *, rounding="nearest", amax=None, transposed=False):
         # an E4M3/E5M2 format with a per-tensor or per-row scale: the amax, then the codes in the layout
         # asked for, each one Triton pass on CUDA (lowprec.fp8_cast); the general quantizer's codes
-        made = self._from_history(t, fmt, rounding, amax, not transposed, transposed)
+        made, amax = self._from_history(t, fmt, rounding, amax, not transposed, transposed)
         if made is not None:
             return (made[1] if transposed else made[0]), made[2]
-        amax = amax.value() if isinstance(amax, DelayedAmax) else amax
         if fp8_cast.applies(t, fmt, rounding):
             return fp8_cast.operand(t, fmt, amax=amax, transposed=transposed, measured=self._measured(t, fmt, amax))
         return super().operand(t, fmt, rounding=rounding, amax=amax, transposed=transposed)
 
     def operands(self, t, fmt, *, rounding="nearest", amax=None):
-        made = self._from_history(t, fmt, rounding, amax, True, True)
+        made, amax = self._from_history(t, fmt, rounding, amax, True, True)
         if made is not None:
             return (made[0], made[2]), (made[1], made[2])
-        amax = amax.value() if isinstance(amax, DelayedAmax) else amax
         if fp8_cast.applies(t, fmt, rounding) and fmt.granularity == "tensor":
             return fp8_cast.operands(t, fmt, amax=amax, measured=self._measured(t, fmt, amax))
         return super().operands(t, fmt, rounding=rounding, amax=amax)

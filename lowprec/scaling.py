@@ -289,8 +289,8 @@ class DelayedAmax:
     :func:`lowprec.fp8_cast.history_operand`, which pushes ``t``'s amax into the history as it casts;
     any other use (``value()``) computes the amax first (the max of the history; ``t``'s own while the
     history holds none) and pushes ``t``'s amax (of its finite values) into the history, in place.
-    ``used``: the amax, once taken. ``settle()``: take it if no operand did (the history moves
-    once per call whether or not the amax was needed)."""
+    ``used``: the amax, once taken (``value()`` again returns it: a call whose operands did not take
+    the amax takes it so, and the history moves once per call whether or not the amax was needed)."""
 
     def __init__(self, history: torch.Tensor, work: torch.Tensor | None, t: torch.Tensor):
         self.history, self.work, self.t = history, work, t
@@ -305,5 +305,3 @@ class DelayedAmax:
             self.used = torch.where(past > 0, past, now)
             history.copy_(torch.cat([now.reshape(1), history[:-1]]))
         return self.used
-
-    settle = value
