@@ -3,7 +3,6 @@
     python -m experiments.bench_fp8_cast                           # the 600M model's operand shapes (GPU)
     python -m experiments.bench_fp8_cast --shapes 8192x8192 --layouts both
     python -m experiments.bench_fp8_cast --sweep                   # the passes' tile sizes, per shape
-    python -m experiments.bench_fp8_cast --history                 # delayed scaling's one pass, per tile size
     python -m experiments.bench_fp8_cast --rows                    # per-row scales in one kernel, per tile size
 
 For each bf16 tensor shape and layout (``row``: row-major codes for fprop/dgrad; ``transposed``: the
@@ -168,39 +167,6 @@ def sweep(shapes: list[tuple[int, int]], layouts: list[str], dtype: torch.dtype,
               f"{rows * cols * size / times[best] / 1e3:,.0f} GB/s |", flush=True)
 
 
-HISTORY_SWEEP = [dict(BLOCK_M=m, BLOCK_K=k, num_warps=w) for m, k, w in ((64, 64, 8), (32, 128, 4), (16, 256, 8),
-                                                                          (32, 64, 4), (16, 128, 4), (64, 128, 8))]
-
-
-def history(shapes: list[tuple[int, int]], layouts: list[str], calls: int, device: str = "cuda") -> None:
-    """The ``--history`` table: delayed scaling's operand in one pass (``fp8_cast.triton_history_operand``,
-    over ``HISTORY_SWEEP``'s tiles) against the two passes of current scaling (amax, then cast); each
-    tiling's codes checked against the two-pass operand's under the same amax."""
-    from lowprec import fp8_cast
-
-    print("| shape | layout | amax + cast µs | one pass, module's tiles | µs | fastest tiles | µs | vs two passes |")
-    print("|---|---|---|---|---|---|---|---|")
-    for rows, cols in shapes:
-        x = torch.randn(rows, cols, device=device, dtype=torch.bfloat16)
-        amax = x.abs().amax().float().reshape(1)
-        work = torch.zeros(fp8_cast.WORK_SLOTS, dtype=torch.int32, device=device)
-        h = amax.repeat(16)  # a filled history: every call scales by this amax and pushes the same one
-        for layout in layouts:
-            rowmajor, transposed = LAYOUTS[layout]
-            two = lambda: fp8_cast.triton_operand(x, None, False, False, rowmajor, transposed)  # noqa: E731
-            want = [c.view(torch.uint8) for c in fp8_cast.triton_operand(x, amax, False, False, rowmajor,
-                                                                       transposed)[:2]]
-
-            def one(cfg=None):
-                return fp8_cast.triton_history_operand(x, h, work, False, rowmajor, transposed, blocks=cfg)
-            default = fp8_cast.HISTORY_BLOCKS_TRANSPOSED if transposed else fp8_cast.HISTORY_BLOCKS
-            times = _timed_tilings(one, HISTORY_SWEEP, want, calls, f"{rows}x{cols} {layout}, one pass")
-            t_two, t_default = kernel_us(two, calls), kernel_us(one, calls)
-            best = min(times, key=times.get)
-            print(f"| {rows}x{cols} | {layout} | {t_two:.1f} | {tiles(default)} | {t_default:.1f} | {best} | "
-                  f"{times[best]:.1f} | {t_two / t_default:.2f}x |", flush=True)
-
-
 ROWS_SWEEP = [dict(BLOCK_M=m, BLOCK_K=k, num_warps=w) for m, k, w in ((8, 256, 4), (4, 256, 4), (16, 256, 8),
                                                                        (8, 512, 8), (4, 512, 4), (16, 128, 4))]
 
@@ -240,11 +206,10 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--check", action="store_true", help="compare both ways' codes byte for byte")
     ap.add_argument("--sweep", action="store_true", help="time each pass over a grid of tile sizes (module doc)")
-    ap.add_argument("--history", action="store_true", help="delayed scaling's one pass against amax + cast")
     ap.add_argument("--rows", action="store_true", help="per-row scales in one kernel against amax + cast")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="the tensor's dtype (--sweep)")
     args = ap.parse_args(argv)
-    wide = (args.sweep or args.history or args.rows) and args.shapes == SHAPES
+    wide = (args.sweep or args.rows) and args.shapes == SHAPES
     shapes = [parse_shape(s) for s in (SWEEP_SHAPES if wide else args.shapes)]
     if not torch.cuda.is_available():
         raise SystemExit("bench_fp8_cast needs a CUDA GPU")
@@ -257,10 +222,6 @@ def main(argv=None):
     if args.rows:
         print(f"# FP8 operand with per-row scales in one kernel (E4M3), {environment()}, {datetime.date.today()}")
         row_scales(shapes, args.calls)
-        return
-    if args.history:
-        print(f"# FP8 operand in one pass from an amax history (E4M3), {environment()}, {datetime.date.today()}")
-        history(shapes, args.layouts, args.calls)
         return
     if args.sweep:
         print(f"# FP8 operand passes' tile sizes (E4M3, per-tensor scale), {environment()}, {datetime.date.today()}")

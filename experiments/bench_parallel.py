@@ -98,15 +98,15 @@ def model_config(name: str, blocks: int | None, T: int) -> hybrid.HybridConfig:
 def materialize_(model: nn.Module, device: torch.device, std: float = 0.02) -> None:
     """Give a meta-built, policy-applied, sharded model real storage on ``device``: every float
     parameter (a shard under FSDP2) N(0, std), norm weights 1, biases 0, delayed scaling's amax histories
-    and work slots 0. Native layers already hold their codes (see :func:`build`)."""
+    0. Native layers already hold their codes (see :func:`build`)."""
     from torch.distributed.tensor import DTensor
 
     kept = {name: b for name, b in model.named_buffers() if b.device.type != "meta"}  # native codes and scales
     model.to_empty(device=device)
     for name, b in kept.items():
         model.get_buffer(name).copy_(b)
-    for name, b in model.named_buffers():  # delayed scaling's amax histories and their work slots start empty
-        if name not in kept and name.rpartition(".")[2].startswith(("amax_history_", "amax_work_")):
+    for name, b in model.named_buffers():  # delayed scaling's amax histories start empty
+        if name not in kept and name.rpartition(".")[2].startswith("amax_history_"):
             b.zero_()
     for name, p in model.named_parameters():
         local = p.to_local() if isinstance(p, DTensor) else p

@@ -25,8 +25,7 @@ its RNN memory, the same width, depth and heads, segment = T, state not carried)
 of ``configs/precision``; ``...:ternary@int8`` / ``...:ternary_native@int8``: the same with int8
 tensor cores tried before bf16 (``lowprec.kernels.AUTO_ORDER_INT8``: BitNet's int8 x ternary fprop);
 ``...:fp8@amax-pass`` / ``@amax-stored`` / ``@amax-inline``: where the FP8 operands' amax is taken;
-``...:fp8_delayed@one-pass``: delayed scaling's operands in one pass each; ``...:paper@rows-one-kernel``:
-per-row FP8 operands in one kernel each (see :func:`settings`).
+``...:paper@rows-one-kernel``: per-row FP8 operands in one kernel each (see :func:`settings`).
 Each of ours prints its layers' plans. ``--profile`` adds, after each row, where one more step's GPU
 time went and which Python lines made the host wait (:mod:`experiments.gpu_profile`).
 """
@@ -60,7 +59,6 @@ POLICIES = ["bf16", "fp8", "fp8_delayed", "paper", "ternary", "ternary_native"]
 VARIANTS = ["ref", "ref-torchao", *(f"{m}:{p}" for m in ("windowed", "hybrid") for p in POLICIES)]
 VARIANTS += [f"{m}:{p}@int8" for m in ("windowed", "hybrid") for p in ("ternary", "ternary_native")]
 VARIANTS += [f"{m}:fp8@{s}" for m in ("windowed", "hybrid") for s in ("amax-pass", "amax-stored", "amax-inline")]
-VARIANTS += [f"{m}:fp8_delayed@one-pass" for m in ("windowed", "hybrid")]
 VARIANTS += [f"{m}:paper@rows-one-kernel" for m in ("windowed", "hybrid")]
 
 
@@ -71,16 +69,14 @@ def settings(variant: str):
     FP8 operand's per-tensor amax is taken: ``@amax-pass`` in the operator's own pass (``Fp8.amax_in_graph``
     off, the default), ``@amax-stored`` as a reduction of the graph over the tensor as stored for the operator
     (``amax_in_graph`` on), ``@amax-inline`` the same over the tensor's expression (``amax_reads_stored`` off);
-    ``@one-pass``: delayed scaling's FP8 operands cast in one pass that pushes the amax into the history as it
-    goes (``Fp8.history_in_one_pass``); ``@rows-one-kernel``: FP8 operands with per-row scales made in one
-    kernel each (``lowprec.fp8_cast.ROWS_IN_ONE_KERNEL``)."""
+    ``@rows-one-kernel``: FP8 operands with per-row scales made in one kernel each
+    (``lowprec.fp8_cast.ROWS_IN_ONE_KERNEL``)."""
     suffix = variant.partition("@")[2]
     fp8 = lowprec.kernels.Fp8
     known = {"": [], "int8": [(lowprec.kernels, "AUTO_ORDER", lowprec.kernels.AUTO_ORDER_INT8)],
              "amax-pass": [(fp8, "amax_in_graph", False)],
              "amax-stored": [(fp8, "amax_in_graph", True), (fp8, "amax_reads_stored", True)],
              "amax-inline": [(fp8, "amax_in_graph", True), (fp8, "amax_reads_stored", False)],
-             "one-pass": [(fp8, "history_in_one_pass", True)],
              "rows-one-kernel": [(lowprec.fp8_cast, "ROWS_IN_ONE_KERNEL", True)]}
     if suffix not in known:
         raise ValueError(f"{variant}: unknown suffix @{suffix} (known: {', '.join('@' + k for k in known if k)})")

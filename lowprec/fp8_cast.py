@@ -19,11 +19,6 @@ Triton kernels:
   one write of its codes in each layout asked for: row-major, transposed with the token dimension
   padded to a multiple of 16 (what a weight gradient reads), or both at once.
 
-Delayed scaling (Transformer Engine's recipe: the scale comes from the largest amax of the tensor's last
-steps) needs no amax before the cast: :func:`history_operand` is ONE pass (``lowprec::fp8_history_operand``),
-which casts under the history's scale, takes the tensor's amax as it reads it and pushes it into the
-history in place (a one-program kernel after it does the push: no pass over the tensor before the cast).
-
 The codes are those of :func:`lowprec.kernels.split` followed by the cast to the FP8 dtype, bit for
 bit (the division is IEEE round-to-nearest, ``tl.div_rn``, as eager's): ``v = x / s``; a finite
 ``v`` is clamped to the format's largest value and rounded to nearest even; NaN stays NaN; an
@@ -227,59 +222,6 @@ if triton is not None:
         _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR, TRANSPOSED)
 
     @triton.jit
-    def _history_kernel(x_ptr, hist_ptr, work_ptr, y_ptr, yt_ptr, M, K, Mp, L, stride_xm, stride_xk, stride_y,
-                        stride_yt, TOP: tl.constexpr, E5M2: tl.constexpr, ROWMAJOR: tl.constexpr,
-                        TRANSPOSED: tl.constexpr, HIST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-        # delayed scaling's cast: every program casts its tile under the scale of the history's largest amax
-        # and merges its tile's amax (of the finite values) into work[0] with an atomic maximum (the bits of a
-        # non-negative float are ordered as it is), and a flag for a NaN or an infinity into work[1]
-        rh = tl.arange(0, HIST)
-        past = tl.max(tl.load(hist_ptr + rh, mask=rh < L, other=0.0), axis=0)
-        s = tl.div_rn(tl.zeros([BLOCK_M], tl.float32) + past, tl.full([BLOCK_M], TOP, tl.float32))
-        s = tl.where(s > 0, s, 1.0)
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-        x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
-        _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR, TRANSPOSED)
-        ax = tl.abs(x)
-        finite = ax < float("inf")
-        tl.atomic_max(work_ptr, tl.max(tl.max(tl.where(finite, ax, 0.0).to(tl.int32, bitcast=True), axis=1), axis=0),
-                      sem="relaxed")
-        bad = tl.max(tl.max(tl.where(finite, 0, 1), axis=1), axis=0)
-        tl.atomic_max(work_ptr + 1, bad, mask=bad != 0, sem="relaxed")
-
-    @triton.jit
-    def _history_push_kernel(x_ptr, hist_ptr, work_ptr, s_ptr, used_ptr, y_ptr, yt_ptr, M, K, Mp, L, stride_xm,
-                             stride_xk, stride_y, stride_yt, TOP: tl.constexpr, E5M2: tl.constexpr,
-                             ROWMAJOR: tl.constexpr, TRANSPOSED: tl.constexpr, HIST: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-        # one program, after the cast: pushes the tensor's amax into the history, writes the scale (NaN where
-        # the tensor holds a NaN or an infinity) and the amax used, and sets the work slots back to zero
-        rh = tl.arange(0, HIST)
-        past = tl.max(tl.load(hist_ptr + rh, mask=rh < L, other=0.0), axis=0)
-        now = tl.load(work_ptr).to(tl.float32, bitcast=True)
-        bad = tl.load(work_ptr + 1)
-        tl.store(work_ptr + tl.arange(0, 2), tl.zeros([2], tl.int32))
-        used = tl.where(past > 0, past, now)
-        older = tl.load(hist_ptr + rh - 1, mask=(rh >= 1) & (rh < L), other=0.0)
-        tl.store(hist_ptr + rh, tl.where(rh == 0, now, older), mask=rh < L)
-        s = tl.div_rn(tl.zeros([BLOCK_M], tl.float32) + used, tl.full([BLOCK_M], TOP, tl.float32))
-        s = tl.where(s > 0, s, 1.0)
-        first = tl.arange(0, BLOCK_M) == 0
-        tl.store(used_ptr + tl.arange(0, BLOCK_M) * 0, tl.zeros([BLOCK_M], tl.float32) + used, mask=first)
-        tl.store(s_ptr + tl.arange(0, BLOCK_M) * 0, tl.where(bad != 0, float("nan"), s), mask=first)
-        if (past == 0) & (now > 0):
-            # an empty history: the tiles were cast under a scale of 1; cast them all again under the tensor's
-            # own (once per history: the amax is in it from now on)
-            tiles_k = tl.cdiv(K, BLOCK_K)
-            for tile in range(0, tl.cdiv(Mp, BLOCK_M) * tiles_k):
-                rm = (tile // tiles_k) * BLOCK_M + tl.arange(0, BLOCK_M)
-                rk = (tile % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
-                x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
-                _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR, TRANSPOSED)
-
-
-    @triton.jit
     def _rows_kernel(x_ptr, s_ptr, y_ptr, M, K, stride_xm, stride_xk, stride_y, TOP: tl.constexpr, E5M2: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr):
         # per-row scales in one kernel: each program holds whole rows, takes their amax over K, then reads
@@ -298,6 +240,7 @@ if triton is not None:
             rk = kt * BLOCK_K + tl.arange(0, BLOCK_K)
             x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
             _store_codes(x, s, rm, rk, M, K, M, y_ptr, y_ptr, stride_y, 0, E5M2, True, False)
+
 
 # tile sizes (timed on an H200 over 2048..8192 x 2048..8192 bf16 inputs): the cast writing row-major codes
 # only, and the cast writing the transposed layout (alone or with the row-major one)
@@ -358,90 +301,6 @@ def reference_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, pe
     codes = reference_cast(x, s, e5m2, False) if rowmajor else unused
     codes_t = reference_cast(x, s, e5m2, True) if transposed else unused.clone()
     return codes, codes_t, s
-
-
-WORK_SLOTS = 2  # a history's work slots (int32, zero between calls): the amax being taken, a NaN / infinity flag
-# the one-pass cast's tiles (those of the current-scaling cast)
-HISTORY_BLOCKS = CAST_BLOCKS
-HISTORY_BLOCKS_TRANSPOSED = CAST_BLOCKS_TRANSPOSED
-
-
-def triton_history_operand(x: torch.Tensor, history: torch.Tensor, work: torch.Tensor, e5m2: bool, rowmajor: bool,
-                           transposed: bool, blocks: dict | None = None):
-    """:func:`history_operand`'s result from the Triton kernels (CUDA): the cast, which takes the amax as it
-    goes, then a one-program kernel that pushes it. ``blocks``: tile sizes other than the module's (as
-    ``HISTORY_BLOCKS``), which change no code."""
-    M, K = x.shape
-    codes, codes_t, s = _outputs(x, e5m2, False, rowmajor, transposed)
-    used = torch.empty((1,), dtype=torch.float32, device=x.device)
-    rows = M + (-M) % PAD if transposed else M
-    c = blocks or (HISTORY_BLOCKS_TRANSPOSED if transposed else HISTORY_BLOCKS)
-    grid = (triton.cdiv(rows, c["BLOCK_M"]), triton.cdiv(K, c["BLOCK_K"]))
-    args = (M, K, rows, history.numel(), x.stride(0), x.stride(1), codes.stride(0) if rowmajor else 0,
-            codes_t.stride(0) if transposed else 0)
-    consts = dict(TOP=57344.0 if e5m2 else 448.0, E5M2=e5m2, ROWMAJOR=rowmajor, TRANSPOSED=transposed,
-                  HIST=triton.next_power_of_2(history.numel()))
-    y, yt = codes.view(torch.uint8), codes_t.view(torch.uint8)
-    _history_kernel[grid](x, history, work, y, yt, *args, **consts, **c)
-    _history_push_kernel[(1,)](x, history, work, s, used, y, yt, *args, **consts, BLOCK_M=c["BLOCK_M"],
-                               BLOCK_K=c["BLOCK_K"], num_warps=c["num_warps"])
-    return codes, codes_t, s, used
-
-
-def reference_history_operand(x: torch.Tensor, history: torch.Tensor, work: torch.Tensor, e5m2: bool,
-                              rowmajor: bool, transposed: bool):
-    """:func:`history_operand`'s result computed with tensor operations (``work`` is left as it is)."""
-    top = 57344.0 if e5m2 else 448.0
-    past = history.amax().float()
-    now = torch.where(torch.isfinite(x), x.abs(), 0).amax().float()
-    used = torch.where(past > 0, past, now)
-    s = used / torch.full((), top, dtype=torch.float32, device=x.device)
-    s = torch.where(s > 0, s, 1.0).reshape(1)
-    unused = torch.empty((0,), dtype=torch.float8_e5m2 if e5m2 else torch.float8_e4m3fn, device=x.device)
-    codes = reference_cast(x, s, e5m2, False) if rowmajor else unused
-    codes_t = reference_cast(x, s, e5m2, True) if transposed else unused.clone()
-    history.copy_(torch.cat([now.reshape(1).to(history.dtype), history[:-1]]))
-    return codes, codes_t, torch.where(torch.isfinite(x).all(), s, float("nan")), used.reshape(1)
-
-
-@torch.library.custom_op("lowprec::fp8_history_operand", mutates_args=("history", "work"))
-def _fp8_history_operand(x: torch.Tensor, history: torch.Tensor, work: torch.Tensor, e5m2: bool, rowmajor: bool,
-                         transposed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if x.is_cuda and triton is not None:
-        return triton_history_operand(x, history, work, e5m2, rowmajor, transposed)
-    return reference_history_operand(x, history, work, e5m2, rowmajor, transposed)
-
-
-@_fp8_history_operand.register_fake
-def _(x, history, work, e5m2, rowmajor, transposed):
-    return (*_outputs(x, e5m2, False, rowmajor, transposed), x.new_empty((1,), dtype=torch.float32))
-
-
-def history_applies(t: torch.Tensor, fmt: Format | None, history: torch.Tensor, work: torch.Tensor | None) -> bool:
-    """Whether :func:`history_operand` makes ``t``'s operand in ``fmt`` from ``history`` and ``work``: as
-    :func:`applies` with a per-tensor scale, a contiguous fp32 history and ``WORK_SLOTS`` int32 work slots
-    on ``t``'s device."""
-    return (applies(t, fmt) and fmt.granularity == "tensor" and work is not None
-            and history.dtype == torch.float32 and history.dim() == 1 and history.is_contiguous()
-            and history.numel() > 0 and work.dtype == torch.int32 and work.numel() == WORK_SLOTS
-            and work.is_contiguous() and history.device == t.device == work.device)
-
-
-def history_operand(t: torch.Tensor, fmt: Format, history: torch.Tensor, work: torch.Tensor, rowmajor: bool = True,
-                    transposed: bool = False):
-    """Delayed scaling in one read of ``t`` (2-D): ``(codes, codes_t, outer, used)``. The scale is the history's
-    largest amax over the format's largest value (``t``'s own amax where the history holds none yet, as
-    :func:`lowprec.gemm.delayed_amax`); ``t``'s amax over its finite values is pushed into ``history`` (in
-    place) as the pass reads it; ``used``: the amax the scale came from. Where ``t`` holds a NaN or an
-    infinity the scale is NaN (as every scale of this module) and the codes are those of the scale
-    the history gave (its NaN / infinite values coded as :func:`reference_cast` codes them): every GEMM
-    output is NaN either way. ``work``: ``WORK_SLOTS`` int32 zeros, which the pass uses and leaves zero.
-    Only where :func:`history_applies`; unused layouts are empty tensors."""
-    if not history_applies(t, fmt, history, work):
-        raise ValueError(f"fp8_cast.history_operand: {fmt} on a tensor of shape {tuple(t.shape)} with a "
-                         f"{history.dtype} history of shape {tuple(history.shape)} is not one it makes "
-                         "(see history_applies)")
-    return _fp8_history_operand(t, history, work, fp8_dtype(fmt) == torch.float8_e5m2, rowmajor, transposed)
 
 
 @torch.library.custom_op("lowprec::fp8_operand", mutates_args=())
@@ -511,6 +370,5 @@ _FORMATS = {(e, r): get_format("fp8_e5m2" if e else "fp8_e4m3", granularity="row
             for e in (False, True) for r in (False, True)}
 
 
-__all__ = ["GATHERED_DTYPES", "PAD", "WORK_SLOTS", "applies", "fp8_dtype", "history_applies", "history_operand",
-           "operand", "operands", "reference_cast", "reference_history_operand", "reference_operand", "scales",
-           "triton_history_operand", "triton_operand"]
+__all__ = ["GATHERED_DTYPES", "PAD", "applies", "fp8_dtype", "operand", "operands", "reference_cast",
+           "reference_operand", "scales", "triton_operand"]

@@ -37,7 +37,7 @@ from .fsdp import as_gathered
 from .kernels import GEMV_MAX_ROWS, KERNELS
 from .plan import GemmPlan
 from .qtensor import QTensor
-from .scaling import DelayedAmax, quantize_dequantize
+from .scaling import quantize_dequantize
 from .ste import STES
 
 
@@ -46,46 +46,35 @@ class LayerIO:
     """What a layer's GEMMs touch besides tensors: ``cache.get(key, tag, make)`` (quantized weight
     operands shared within a step, see :class:`lowprec.nn.native.OperandCache`),
     ``record(operand, tensor_or_thunk, fmt)`` (telemetry), ``grad_history`` (delayed scaling of
-    the gradient: an amax history updated in place, with its ``grad_work`` slots) and ``recording()``
-    (whether ``record`` records anything now; without it, whether there is a ``record``)."""
+    the gradient: an amax history updated in place) and ``recording()`` (whether ``record`` records
+    anything now; without it, whether there is a ``record``)."""
 
     cache: object
     record: Callable | None = None
     grad_history: torch.Tensor | None = None
     recording: Callable[[], bool] | None = None
-    grad_work: torch.Tensor | None = None  # the gradient history's work slots (`delayed_amax`)
 
     def records(self) -> bool:
         return self.record is not None and (self.recording is None or self.recording())
 
 
-def delayed_amax(history: torch.Tensor | None, work: torch.Tensor | None, t: torch.Tensor):
+@torch.no_grad()
+def delayed_amax(history: torch.Tensor | None, t: torch.Tensor):
     """Delayed scaling (Transformer Engine's DelayedScaling): the amax used now is the max of the
     history (this tensor's own amax while the history is empty); this amax is then pushed into the
-    history, in place. None without a history. With ``work`` (the history's
-    :data:`lowprec.fp8_cast.WORK_SLOTS` slots) a :class:`DelayedAmax`, which the operand made with it
-    takes (one pass over ``t`` where that operand is FP8), else the amax itself, taken now."""
+    history, in place. None without a history."""
     if history is None:
         return None
-    handle = DelayedAmax(history, work, t)
-    return handle if work is not None else handle.value()
+    now = torch.where(torch.isfinite(t), t.detach().abs(), 0).amax().float() if t.numel() else history.new_zeros(())
+    past = history.amax()
+    used = torch.where(past > 0, past, now)
+    history.copy_(torch.cat([now.reshape(1), history[:-1]]))
+    return used
 
 
-def _settle(*amaxes) -> None:
-    """Take each DelayedAmax no operand took (its amax enters the history all the same)."""
-    for a in amaxes:
-        if isinstance(a, DelayedAmax):
-            a.value()
-
-
-def _for(fmt: Format | None, amax, kernel=None):
-    """A delayed amax applies only to per-tensor absmax formats; a :class:`DelayedAmax` goes as it is
-    to a ``kernel`` that takes histories, as its value to any other."""
-    if fmt is None or fmt.scale != "absmax" or fmt.granularity != "tensor":
-        return None
-    if isinstance(amax, DelayedAmax) and not getattr(kernel, "takes_history", False):
-        return amax.value()
-    return amax
+def _for(fmt: Format | None, amax):
+    """A delayed amax applies only to per-tensor absmax formats."""
+    return amax if fmt is not None and fmt.scale == "absmax" and fmt.granularity == "tensor" else None
 
 
 def gathered_applies(plan: GemmPlan, gathered) -> bool:
@@ -113,7 +102,7 @@ def _weight_operand(kernel, fmt, transposed, plan: GemmPlan, w, io: LayerIO, ama
         else:
             make = lambda: kernel.operand(q.dequantize(torch.float32), fmt, transposed=transposed)  # noqa: E731
     else:
-        amax = _for(fmt, amax, kernel)
+        amax = _for(fmt, amax)
         make = lambda: kernel.operand(w, fmt, amax=amax, transposed=transposed)  # noqa: E731
     if amax is not None or torch.compiler.is_compiling():
         return make()
@@ -195,21 +184,20 @@ def _input_operand(x, plan: GemmPlan, amax=None, fusable=False):
     reads); ``amax``: a delayed amax, or None (current scaling); ``fusable``: as tensor operations
     only (``GemmKernel.fusable_operand``)."""
     k = KERNELS["emulated" if _gemv_applies(plan, x) else plan.fprop.kernel]
-    return (k.fusable_operand if fusable else k.operand)(x, plan.fprop.a, amax=_for(plan.fprop.a, amax,
-                                                                                     None if fusable else k))
+    return (k.fusable_operand if fusable else k.operand)(x, plan.fprop.a, amax=_for(plan.fprop.a, amax))
 
 
 def _grad_operand(dy, plan: GemmPlan, amax=None, fusable=False):
     """dgrad's operand of ``dy``; ``amax``, ``fusable`` as for `_input_operand`."""
     fmt, k = plan.dgrad.a, KERNELS[plan.dgrad.kernel]
     return (k.fusable_operand if fusable else k.operand)(dy, fmt, rounding=plan.precision.grad_rounding,
-                                                         amax=_for(fmt, amax, None if fusable else k))
+                                                         amax=_for(fmt, amax))
 
 
 def _operand_pair(kernel: str, t, fmt, rounding: str, amax):
     """``(op, op_t)``: ``t``'s operand for ``kernel`` and, where the kernel makes both in one pass,
     the transposed one a later GEMM reuses (else None: that GEMM transposes ``op`` itself)."""
-    return KERNELS[kernel].operands(t, fmt, rounding=rounding, amax=_for(fmt, amax, KERNELS[kernel]))
+    return KERNELS[kernel].operands(t, fmt, rounding=rounding, amax=_for(fmt, amax))
 
 
 def _fprop(x2, w, amax_x, amax_w, plan: GemmPlan, io: LayerIO, A=None, B=None, gathered=None):
@@ -266,7 +254,7 @@ def _wgrad(dy, x2, A_fprop, G, amax_g, w_a, plan: GemmPlan, A_t=None, G_t=None, 
     k = KERNELS[wg.kernel]
     A = G_t if G_t is not None else k.transposed(G) if plan.reuse_grad and G is not None else None
     if A is None:
-        A = k.operand(dy, wg.a, rounding=p.grad_rounding, amax=_for(wg.a, amax_g, k) if wg.a == dg.a else None,
+        A = k.operand(dy, wg.a, rounding=p.grad_rounding, amax=_for(wg.a, amax_g) if wg.a == dg.a else None,
                       transposed=True)
     B = A_t if A_t is not None else k.transposed(A_fprop) if A_fprop is not None else \
         k.operand(x2, wg.b, transposed=True)
@@ -280,8 +268,7 @@ def _wgrad(dy, x2, A_fprop, G, amax_g, w_a, plan: GemmPlan, A_t=None, G_t=None, 
 class QLinearFunction(torch.autograd.Function):
     """Inputs: x2 (M, K); w_a, w_b, w_c: the latent master weight (and two Nones), or the native
     weight's packed data, scale and global scale; bias or None; carrier (native: the leaf whose
-    gradient is the weight's; else None); amax_x, amax_w (delayed scaling: an amax, or the ``(history,
-    work)`` `delayed_amax` takes it from; or None); plan; io;
+    gradient is the weight's; else None); amax_x, amax_w (delayed scaling, or None); plan; io;
     gathered: None, or ``(fmt, dtype)`` where the GEMMs see the latent weight as a data-parallel
     run's ranks hold it, ``as_gathered(w_a, fmt, dtype)`` (:func:`lowprec.fsdp.as_gathered`; only
     where `gathered_applies`): its operands are made from the master, its gradient computed in
@@ -289,9 +276,6 @@ class QLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, w_a, w_b, w_c, bias, carrier, amax_x, amax_w, plan: GemmPlan, io: LayerIO, gathered=None):
-        # a delayed amax comes as its (history, work): the first operand made of the tensor takes it
-        amax_x = delayed_amax(*amax_x, x2) if isinstance(amax_x, tuple) else amax_x
-        amax_w = delayed_amax(*amax_w, w_a) if isinstance(amax_w, tuple) else amax_w
         native = plan.precision.storage == "native"
         gemv = _gemv_applies(plan, x2)
         A = A_t = B = B_t = None
@@ -303,7 +287,6 @@ class QLinearFunction(torch.autograd.Function):
             B, B_t = (k.gathered_operands(w_a, fmt, gathered[1]) if gathered is not None else
                       _operand_pair(plan.fprop.kernel, w_a, fmt, "nearest", amax_w))
         y, A, B = _fprop(x2, (w_a, w_b, w_c) if native else w_a, amax_x, amax_w, plan, io, A, B, gathered)
-        _settle(amax_x, amax_w)
         if bias is not None:
             y = y + bias.to(y.dtype)
         keep_x = plan.reuse_input and A is not None
@@ -327,7 +310,7 @@ class QLinearFunction(torch.autograd.Function):
         dy = dy.contiguous()
         if io.record is not None:
             io.record("grad", dy, plan.dgrad.a)
-        amax_g = delayed_amax(io.grad_history, io.grad_work, dy)
+        amax_g = delayed_amax(io.grad_history, dy)
         dx = dw = G = G_t = None
         wgrad = ctx.needs_input_grad[1] or ctx.needs_input_grad[5]
         if ctx.needs_input_grad[0]:
@@ -339,7 +322,6 @@ class QLinearFunction(torch.autograd.Function):
             kept = (xa, xs) if keep_x else None
             dw = _wgrad(dy, x2, None if x_t else kept, G, amax_g, w_a, plan, kept if x_t else None, G_t,
                         None if gathered is None else gathered[1])
-        _settle(amax_g)
         db = dy.sum(0).to(bias_dtype) if has_bias and ctx.needs_input_grad[4] else None
         if native:  # the weight's gradient goes to the carrier
             return dx, None, None, None, db, dw, None, None, None, None, None
@@ -392,8 +374,6 @@ class RecurrentGemms:
     io: LayerIO
     input_history: torch.Tensor | None = None  # delayed scaling of the input (an amax history)
     weight_history: torch.Tensor | None = None
-    input_work: torch.Tensor | None = None  # the histories' work slots (`delayed_amax`)
-    weight_work: torch.Tensor | None = None
     # the weight operands of a loop's steps, derived by its first step and taken by the others (no
     # cache lookup, and none to miss: inside a CUDA graph's capture every lookup would derive it
     # again): fprop's from the first step of a forward loop to ``end_forward``; dgrad's, with what
@@ -416,14 +396,13 @@ class RecurrentGemms:
         """One step: ``x`` (M, K) -> ``(y, saved)``: y (M, N) in ``x``'s dtype, exactly the
         layer's output for ``x``; ``saved``: the tensors (or Nones) this step's dgrad needs.
         ``a``: ``input_cast(x)``, where the caller computed it already."""
-        amax_x = delayed_amax(self.input_history, self.input_work, x)
-        amax_w = delayed_amax(self.weight_history, self.weight_work, weights[0])
+        amax_x = delayed_amax(self.input_history, x)
+        amax_w = delayed_amax(self.weight_history, weights[0])
         # a weight history moves its amax at every step; a compiled graph shares the operand itself
         hold = self.weight_history is None and not torch.compiler.is_compiling()
         scope = _hold_scope(x)
         B = self._held_fprop[0][1] if hold and self._held_fprop and self._held_fprop[0][0] is scope else None
         y, _, B = _fprop(x, self._w(weights), amax_x, amax_w, self.plan, self.io, a, B)
-        _settle(amax_x, amax_w)
         if hold and B is not None:
             self._held_fprop[:] = [(scope, B)]
         if self.plan.reuse_weight and B is not None:
@@ -442,9 +421,8 @@ class RecurrentGemms:
         dy = dy.contiguous()
         if self.io.record is not None:
             self.io.record("grad", dy, self.plan.dgrad.a)
-        amax_g = delayed_amax(self.io.grad_history, self.io.grad_work, dy)
+        amax_g = delayed_amax(self.io.grad_history, dy)
         if not need_dx:
-            _settle(amax_g)
             return None
         B_fprop = saved if saved[0] is not None else None
         w = self._w(weights)
@@ -459,7 +437,6 @@ class RecurrentGemms:
             if same and kept_scope is scope:
                 B = kept_B
         dx, _, B = _dgrad(dy, w, B_fprop, amax_g, self.plan, self.io, dy.dtype, g, B)
-        _settle(amax_g)
         if hold:
             self._held[:] = [(scope, source, B)]
         return dx

@@ -51,7 +51,6 @@ from .formats import Format
 from .rounding import torch_dtype_of
 from .scaling import (
     CHUNK_ELEMENTS,
-    DelayedAmax,
     fake_quant,
     from_groups,
     quantize_groups,
@@ -458,40 +457,14 @@ class Fp8(_CodesKernel):
             return t.abs().amax()
         return None
 
-    # a delayed amax may come as a `DelayedAmax` (its history not read yet). True: the first operand made with
-    # it is cast in one pass that takes the tensor's amax for the history as it goes (fp8_cast.history_operand);
-    # False (the default): the amax is taken from the history first (DelayedAmax.value), then the operator's
-    # own passes (amax: for the NaN check; cast). The same codes for a finite tensor (fp8_cast.history_operand
-    # says what differs for one holding NaN or infinity); the one-pass kernels have not been timed in training yet
-    history_in_one_pass = False
-    takes_history = True
-
-    def _from_history(self, t, fmt, rounding, amax, rowmajor, transposed):
-        # ((codes, codes_t, outer) from amax's history in one pass, None), where that applies; else (None, the
-        # amax itself: a DelayedAmax's value)
-        if not isinstance(amax, DelayedAmax):
-            return None, amax
-        if (self.history_in_one_pass and amax.used is None and amax.t is t and rounding == "nearest"
-                and fp8_cast.history_applies(t, fmt, amax.history, amax.work)):
-            codes, codes_t, s, used = fp8_cast.history_operand(t, fmt, amax.history, amax.work, rowmajor, transposed)
-            amax.used = used.reshape(())  # as DelayedAmax.value's
-            return (codes, codes_t, s), None
-        return None, amax.value()
-
     def operand(self, t, fmt, *, rounding="nearest", amax=None, transposed=False):
         # an E4M3/E5M2 format with a per-tensor or per-row scale: the amax, then the codes in the layout
         # asked for, each one Triton pass on CUDA (lowprec.fp8_cast); the general quantizer's codes
-        made, amax = self._from_history(t, fmt, rounding, amax, not transposed, transposed)
-        if made is not None:
-            return (made[1] if transposed else made[0]), made[2]
         if fp8_cast.applies(t, fmt, rounding):
             return fp8_cast.operand(t, fmt, amax=amax, transposed=transposed, measured=self._measured(t, fmt, amax))
         return super().operand(t, fmt, rounding=rounding, amax=amax, transposed=transposed)
 
     def operands(self, t, fmt, *, rounding="nearest", amax=None):
-        made, amax = self._from_history(t, fmt, rounding, amax, True, True)
-        if made is not None:
-            return (made[0], made[2]), (made[1], made[2])
         if fp8_cast.applies(t, fmt, rounding) and fmt.granularity == "tensor":
             return fp8_cast.operands(t, fmt, amax=amax, measured=self._measured(t, fmt, amax))
         return super().operands(t, fmt, rounding=rounding, amax=amax)

@@ -281,27 +281,3 @@ def fake_quant(x: torch.Tensor, fmt, *, rounding="nearest", generator=None, amax
         check_rounding(rounding)
         return quantize_large(x, fmt, rounding=rounding, generator=generator, amax=amax, out_dtype=out_dtype)[0]
     return quantize_dequantize(x, fmt, rounding=rounding, generator=generator, amax=amax)[0].to(out_dtype)
-
-
-class DelayedAmax:
-    """The amax delayed scaling uses for ``t``, taken from ``history`` by the first operand made with
-    it: an FP8 kernel that reads histories (``takes_history``) makes that operand in one pass with
-    :func:`lowprec.fp8_cast.history_operand`, which pushes ``t``'s amax into the history as it casts;
-    any other use (``value()``) computes the amax first (the max of the history; ``t``'s own while the
-    history holds none) and pushes ``t``'s amax (of its finite values) into the history, in place.
-    ``used``: the amax, once taken (``value()`` again returns it: a call whose operands did not take
-    the amax takes it so, and the history moves once per call whether or not the amax was needed)."""
-
-    def __init__(self, history: torch.Tensor, work: torch.Tensor | None, t: torch.Tensor):
-        self.history, self.work, self.t = history, work, t
-        self.used = None
-
-    def value(self) -> torch.Tensor:
-        if self.used is None:
-            t, history = self.t, self.history
-            t = t.detach()
-            now = torch.where(torch.isfinite(t), t.abs(), 0).amax().float() if t.numel() else history.new_zeros(())
-            past = history.amax()
-            self.used = torch.where(past > 0, past, now)
-            history.copy_(torch.cat([now.reshape(1), history[:-1]]))
-        return self.used

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .. import fp8_cast, gemm
+from .. import gemm
 from ..fsdp import as_gathered
 from ..plan import GemmPlan, build_plan
 from ..precision import FULL_PRECISION, LayerPrecision
@@ -54,8 +54,7 @@ class QLinear(NativeWeightMixin, nn.Module):
         else:
             self.register_parameter("bias", None)
         self._init_delayed(weight.device)
-        self._io = gemm.LayerIO(self._operands, self._record, getattr(self, "amax_history_grad", None), self._recording,
-                                getattr(self, "amax_work_grad", None))
+        self._io = gemm.LayerIO(self._operands, self._record, getattr(self, "amax_history_grad", None), self._recording)
         self._replan()
 
     def _record(self, operand, x, fmt):
@@ -81,18 +80,14 @@ class QLinear(NativeWeightMixin, nn.Module):
             if fmt is not None and fmt.scale == "absmax" and fmt.granularity == "tensor":
                 buf = torch.zeros(self.precision.amax_history, device=device)
                 self.register_buffer(f"amax_history_{operand}", buf)
-                # the slots an FP8 cast that reads the history works in (zero between calls; not state)
-                work = torch.zeros(fp8_cast.WORK_SLOTS, dtype=torch.int32, device=device)
-                self.register_buffer(f"amax_work_{operand}", work, persistent=False)
                 self._delayed[operand] = f"amax_history_{operand}"
 
-    def _delayed_amax(self, operand: str):
-        """``(history, work)`` of ``operand``'s delayed scaling, which ``QLinearFunction`` takes the amax
-        from (None with current scaling)."""
+    def _delayed_amax(self, operand: str, t: torch.Tensor):
+        """The amax delayed scaling uses now for ``operand`` (None with current scaling)."""
         name = self._delayed.get(operand)
         if name is None or (operand == "weight" and self.is_native):
             return None
-        return getattr(self, name), self._buffers.get(f"amax_work_{operand}")
+        return gemm.delayed_amax(getattr(self, name), t)
 
     # ---- the plan ----------------------------------------------------------------------------------
     def plan_for(self, device) -> GemmPlan:
@@ -139,11 +134,10 @@ class QLinear(NativeWeightMixin, nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QLinear expects last dimension {self.in_features}, got input {tuple(x.shape)}")
         plan = self.plan
-        if self._delayed:  # the buffers are replaced when the module moves
+        if self._delayed:  # the buffer is replaced when the module moves
             self._io.grad_history = self._buffers.get("amax_history_grad")
-            self._io.grad_work = self._buffers.get("amax_work_grad")
         x2 = x.reshape(-1, self.in_features)
-        amax_x = self._delayed_amax("input") if self._delayed else None
+        amax_x = self._delayed_amax("input", x2) if self._delayed else None
         gathered = None
         if self.is_native:
             w, carrier, amax_w = (self.w_data, self.w_scale, self.w_global), self._grad_carrier, None
@@ -152,7 +146,7 @@ class QLinear(NativeWeightMixin, nn.Module):
             if gathered is not None and (self._delayed or not gemm.gathered_applies(plan, gathered)):
                 weight, gathered = as_gathered(weight, *gathered), None  # the GEMMs read it as any weight
             w = (weight, None, None)
-            amax_w = self._delayed_amax("weight") if self._delayed else None
+            amax_w = self._delayed_amax("weight", weight) if self._delayed else None
         y = gemm.QLinearFunction.apply(x2, *w, self.bias, carrier, amax_x, amax_w, plan, self._io, gathered)
         return y.reshape(*x.shape[:-1], self.out_features)
 
@@ -173,7 +167,6 @@ class QLinear(NativeWeightMixin, nn.Module):
         plan = self.plan
         if self._delayed:  # the buffers are replaced when the module moves
             self._io.grad_history = self._buffers.get("amax_history_grad")
-            self._io.grad_work = self._buffers.get("amax_work_grad")
         history = {op: getattr(self, name) for op, name in self._delayed.items()}
         if self.is_native:
             tensors = (self.w_data, self.w_scale, self.w_global, self._grad_carrier)
@@ -181,9 +174,7 @@ class QLinear(NativeWeightMixin, nn.Module):
         elif weights:
             weight = self.weight if self.gathered_as is None else as_gathered(self.weight, *self.gathered_as)
             tensors = (weight, None, None, None)
-        work = {op: self._buffers.get(f"amax_work_{op}") for op in history}
-        gemms = gemm.RecurrentGemms(plan, self._io, history.get("input"), history.get("weight"), work.get("input"),
-                                    work.get("weight"))
+        gemms = gemm.RecurrentGemms(plan, self._io, history.get("input"), history.get("weight"))
         return gemms, tensors if weights else None
 
     # ---- accounting ---------------------------------------------------------------------------

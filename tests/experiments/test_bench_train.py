@@ -34,8 +34,7 @@ def test_int8_variants_plan_int8_gemms_and_leave_the_default_order(monkeypatch):
 def test_amax_variants_switch_the_fp8_amax_and_put_it_back(monkeypatch):
     """``@amax-pass`` / ``@amax-stored`` / ``@amax-inline`` set ``Fp8.amax_in_graph`` and
     ``Fp8.amax_reads_stored`` only inside their ``settings``; each builds the FP8 policy's model;
-    ``@one-pass`` sets ``Fp8.history_in_one_pass`` the same way, ``@rows-one-kernel``
-    ``fp8_cast.ROWS_IN_ONE_KERNEL``; an unknown suffix is refused."""
+    ``@rows-one-kernel`` sets ``fp8_cast.ROWS_IN_ONE_KERNEL`` the same way; an unknown suffix is refused."""
     monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, device=None: self)
     fp8 = kernels.Fp8
     before = (fp8.amax_in_graph, fp8.amax_reads_stored)
@@ -47,10 +46,6 @@ def test_amax_variants_switch_the_fp8_amax_and_put_it_back(monkeypatch):
             model, _, _, _, _ = bench.build(f"windowed:fp8@{suffix}", TINY)
         assert (fp8.amax_in_graph, fp8.amax_reads_stored) == before
         assert fprop_kernels(model) == plain
-    assert not fp8.history_in_one_pass
-    with bench.settings("windowed:fp8_delayed@one-pass"):
-        assert fp8.history_in_one_pass
-    assert not fp8.history_in_one_pass
     assert not lowprec.fp8_cast.ROWS_IN_ONE_KERNEL
     with bench.settings("windowed:paper@rows-one-kernel"):
         assert lowprec.fp8_cast.ROWS_IN_ONE_KERNEL

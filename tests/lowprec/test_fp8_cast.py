@@ -370,156 +370,18 @@ def test_a_layer_reads_its_gathered_weight_from_the_master(device, compiled):
         assert g.dtype == w.dtype and torch.equal(g, w)
 
 
-def _history_case(dtype, device, seed):
-    """A tensor over 30 decades of magnitude, tiles cut short (130 x 70)."""
-    return _values(130, 70, dtype, device, seed=seed)
-
-
-LAYOUTS = [(True, False), (False, True), (True, True)]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
-def test_a_history_operand_is_the_delayed_amax_then_the_cast(device, name, dtype):
-    """Delayed scaling in one pass (history_operand) against its two steps done apart: the amax taken
-    from the history and pushed (DelayedAmax.value, as without work slots), then the cast under it.
-    Over four calls (an empty history, whose first call scales by the tensor's own amax, then a
-    history that saturates a larger tensor and one that keeps a smaller one): the same codes, scale,
-    amax and history, exactly; the work slots are zero after every call."""
-    from lowprec.scaling import DelayedAmax
-
-    fmt = lowprec.format(name, granularity="tensor")
-    h, h_ref = torch.zeros(5, device=device), torch.zeros(5, device=device)
-    work = torch.zeros(fp8_cast.WORK_SLOTS, dtype=torch.int32, device=device)
-    for call, scale in enumerate([1.0, 1e3, 1e-3, 1.0]):
-        t = (_history_case(torch.float32, device, call) * scale).to(dtype)
-        rowmajor, transposed = LAYOUTS[call % 3]
-        codes, codes_t, s, used = fp8_cast.history_operand(t, fmt, h, work, rowmajor, transposed)
-        want_used = DelayedAmax(h_ref, None, t).value()
-        want = fp8_cast.operands(t, fmt, amax=want_used)
-        assert torch.equal(used, want_used.reshape(1)) and torch.equal(h, h_ref), call
-        assert torch.equal(work, torch.zeros_like(work))
-        if rowmajor:
-            _assert_same((codes, s), want[0])
-        if transposed:
-            _assert_same((codes_t, s), want[1])
-        assert (codes.numel() == 0) != rowmajor and (codes_t.numel() == 0) != transposed
-    assert bool((h[:4] > 0).all()) and h[4] == 0  # one amax a call, newest first
-
-
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_a_history_operand_of_a_tensor_with_nan_or_inf(device, bad):
-    """A NaN or an infinity: the scale is NaN (so is every GEMM output made with it, as with the
-    two-pass operand, whose codes are all NaN); the codes are those of the history's scale, the bad
-    value's NaN (E4M3) or its infinity (E5M2); the amax pushed is that of the finite values."""
-    for name in ("fp8_e4m3", "fp8_e5m2"):
-        fmt = lowprec.format(name, granularity="tensor")
-        t = _history_case(torch.float32, device, 3)
-        t[7, 11] = bad
-        for past in (0.0, 2.0):  # an empty history (the tensor's finite amax) and a filled one
-            h = torch.tensor([past, 0.0, 0.0], device=device)
-            work = torch.zeros(fp8_cast.WORK_SLOTS, dtype=torch.int32, device=device)
-            codes, codes_t, s, used = fp8_cast.history_operand(t, fmt, h, work, True, True)
-            finite_amax = torch.where(t.isfinite(), t.abs(), 0).amax()
-            assert torch.equal(used, (finite_amax if past == 0 else torch.tensor(past, device=device)).reshape(1))
-            assert s.isnan().all() and torch.equal(h, torch.stack([finite_amax, h.new_tensor(past), h.new_zeros(())]))
-            top = fmt.max_value
-            scale = (used / torch.tensor(top, device=device)).reshape(1)
-            for got, tr in ((codes, False), (codes_t, True)):
-                assert torch.equal(got.view(torch.uint8), fp8_cast.reference_cast(t, scale, name == "fp8_e5m2",
-                                                                                  tr).view(torch.uint8))
-
-
-def test_what_a_history_operand_takes_and_refuses():
-    fmt = lowprec.format("fp8_e4m3", granularity="tensor")
-    t, h = torch.ones(4, 4), torch.zeros(3)
-    work = torch.zeros(fp8_cast.WORK_SLOTS, dtype=torch.int32)
-    assert fp8_cast.history_applies(t, fmt, h, work)
-    refused = [(t, lowprec.format("fp8_e4m3", granularity="row"), h, work),  # per-row scales
-               (t, lowprec.format("int8", granularity="tensor"), h, work),  # not FP8
-               (t, fmt, h.bfloat16(), work),  # a history that is not fp32
-               (t, fmt, h, work.long()),  # slots of another kind
-               (t, fmt, h, torch.zeros(fp8_cast.WORK_SLOTS + 1, dtype=torch.int32)),  # or count
-               (t, fmt, torch.zeros(3, 2)[:, 0], work),  # a strided history
-               (torch.ones(4), fmt, h, work)]  # not 2-D
-    for args in refused:
-        assert not fp8_cast.history_applies(*args)
-        with pytest.raises(ValueError, match="history_applies"):
-            fp8_cast.history_operand(*args)
-    assert not fp8_cast.history_applies(t, fmt, h, None)
-
-
-@pytest.mark.parametrize("one_pass", [False, True])
-def test_an_fp8_kernel_takes_a_delayed_amax_from_its_history_once(device, one_pass, monkeypatch):
-    """The FP8 kernel makes the first operand of a DelayedAmax from its history (in one pass with
-    ``Fp8.history_in_one_pass``, else by its value first): the history moves once, ``used`` is set;
-    a later operand of the same tensor under it (a second GEMM's layout) uses that amax without
-    moving the history; a kernel that does not read histories (the general quantizer) takes its
-    value, which moves the history as the one pass does. One pass or not, the same codes."""
-    from lowprec.scaling import DelayedAmax
-
-    calls = []
-    original = fp8_cast.history_operand
-    monkeypatch.setattr(fp8_cast, "history_operand", lambda *a: calls.append(1) or original(*a))
-    monkeypatch.setattr(KERNELS["fp8_tensorwise"], "history_in_one_pass", one_pass)
-    fmt = lowprec.format("fp8_e5m2", granularity="tensor")
-    k = KERNELS["fp8_tensorwise"]
-    t = _history_case(torch.bfloat16, device, 5)
-    h = torch.tensor([0.5, 0.0], device=device)
-    work = torch.zeros(fp8_cast.WORK_SLOTS, dtype=torch.int32, device=device)
-    handle = DelayedAmax(h, work, t)
-    row, col = k.operands(t, fmt, amax=handle)
-    assert torch.equal(handle.used, torch.tensor(0.5, device=device))
-    moved = h.clone()
-    assert moved[0] == t.float().abs().amax() and moved[1] == 0.5
-    again = k.operand(t, fmt, amax=handle, transposed=True)
-    assert torch.equal(h, moved)
-    _assert_same(again, col)
-    _assert_same(row, fp8_cast.operand(t, fmt, amax=handle.used))
-    general = DelayedAmax(torch.tensor([0.5, 0.0], device=device), None, t)
-    _assert_same(_general(t, fmt, amax=general.value()), _general(t, fmt, amax=handle.used))
-    assert torch.equal(general.history, moved)
-    assert len(calls) == one_pass
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("e5m2", [False, True])
-def test_the_history_kernel_equals_its_reference_over_many_tiles(e5m2):
-    """The one-pass kernel on a tensor of thousands of tiles (the last tile to finish pushes the amax;
-    on an empty history it casts every tile again under the tensor's own scale), three calls in a
-    row, each layout: codes, scale, amax used and history are the reference's byte for byte, and the
-    work slots are zero after each call."""
-    x = torch.randn(4099, 3072, device="cuda", dtype=torch.bfloat16)
-    for rowmajor, transposed in LAYOUTS:
-        h, h_ref = torch.zeros(4, device="cuda"), torch.zeros(4, device="cuda")
-        work = torch.zeros(fp8_cast.WORK_SLOTS, dtype=torch.int32, device="cuda")
-        for scale in (1.0, 4.0, 0.25):
-            t = x * scale
-            got = fp8_cast.triton_history_operand(t, h, work, e5m2, rowmajor, transposed)
-            want = fp8_cast.reference_history_operand(t, h_ref, work.clone(), e5m2, rowmajor, transposed)
-            for g, w in zip(got, want, strict=True):
-                assert g.dtype == w.dtype and g.shape == w.shape
-                assert torch.equal(g.view(torch.uint8), w.view(torch.uint8)) if g.dtype != torch.float32 else \
-                    torch.equal(g.view(torch.int32), w.view(torch.int32))
-            assert torch.equal(h, h_ref) and not work.any()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("one_pass", [False, True])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_delayed_fp8_layers_compiled_equal_eager(backend, one_pass, monkeypatch):
-    """Two FP8 layers with delayed scaling on tensor cores (with ``Fp8.history_in_one_pass``, every operand of
-    a history made in one pass): four steps compiled (fullgraph) and eager from the same weights give
-    the same input and weight gradients and histories, bit for bit (a ReLU between them, which every
-    backend computes exactly; the gradient handed in is a fixed tensor), and the histories hold one amax
-    a step."""
+def test_delayed_fp8_layers_compiled_equal_eager(backend):
+    """Two FP8 layers with delayed scaling on tensor cores: four steps compiled (fullgraph) and eager from
+    the same weights give the same input and weight gradients and histories, bit for bit (a ReLU between
+    them, which every backend computes exactly; the gradient handed in is a fixed tensor), and the
+    histories hold one amax a step."""
     import copy
 
     from lowprec.nn import QLinear
 
-    monkeypatch.setattr(KERNELS["fp8_tensorwise"], "history_in_one_pass", one_pass)
     fields = {"weight": "fp8_e4m3", "input": {"format": "fp8_e4m3", "granularity": "tensor"},
               "grad": {"format": "fp8_e5m2", "granularity": "tensor"}, "scaling": "delayed", "amax_history": 8}
     torch.manual_seed(0)
