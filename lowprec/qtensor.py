@@ -51,7 +51,7 @@ def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
     """4-bit codes -> float32 E2M1 values (the sign bit gives -0.0 for code 8)."""
     c = (codes & 7).to(torch.int32)
     e, m = c >> 1, (c & 1).to(torch.float32)
-    mag = torch.where(e == 0, m * 0.5, torch.ldexp(1.0 + m * 0.5, e - 1))
+    mag = torch.where(e == 0, m * 0.5, (1.0 + m * 0.5) * ((e + 126) << 23).view(torch.float32))  # * 2^(e-1)
     return torch.where((codes >> 3).bool(), -mag, mag)
 
 

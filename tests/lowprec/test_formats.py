@@ -130,6 +130,54 @@ def test_fp8_scaled_matches_torch_after_scaling(name, granularity, shape, magnit
     assert torch.equal(bits(q.dequantize()), bits(deq))
 
 
+# ---- the generic float grid over every fp32 exponent ------------------------------------------
+def _every_exponent(n_per_exponent=2048, seed=0) -> torch.Tensor:
+    """fp32 numbers with every exponent field (zero and subnormals, normals, inf and NaN), both signs,
+    random mantissas, and the zeros, infinities and largest finite numbers themselves."""
+    g = torch.Generator().manual_seed(seed)
+    e = torch.arange(256, dtype=torch.int32).repeat_interleave(n_per_exponent)
+    b = (e << 23) | torch.randint(0, 1 << 23, e.shape, generator=g, dtype=torch.int32)
+    b = torch.cat([b, torch.tensor([0, 0x7F800000, 0x7F7FFFFF, 1], dtype=torch.int32)])
+    return torch.cat([b, b | -(2**31)]).view(torch.float32)
+
+
+def _grid_reference(x: torch.Tensor, fmt, noise=None) -> torch.Tensor:
+    """The module doc's rule in numpy (frexp and true division in float64): q = 2^(max(floor(log2 a),
+    e_min) - m), nearest-even or floor(a / q + u) (the sum in fp32), saturating at max, inf and NaN kept."""
+    v = x.double().numpy()
+    a = np.minimum(np.abs(v), fmt.max_value)
+    finite = np.isfinite(v)
+    _, ex = np.frexp(np.where(finite, a, 1.0))
+    q = np.ldexp(1.0, np.maximum(ex - 1, fmt.min_normal_exp) - fmt.man_bits)
+    r = a / q  # exact, also in fp32; the stochastic sum is fp32's, as the module's
+    r = np.round(r) if noise is None else np.floor(r.astype(np.float32) + noise.numpy()).astype(np.float64)
+    out = np.where(finite, np.minimum(r * q, fmt.max_value), np.abs(v))
+    return torch.from_numpy(np.copysign(out, v).astype(np.float32))
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "fp16", "bf16"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_float_grid_every_exponent_field_matches_float64_reference(name, rounding):
+    # the quantum is taken from the exponent bits (bf16's subnormal quanta through frexp): compared with
+    # the rule computed in float64 over all 256 exponent fields, signs, zeros, subnormals, inf and NaN
+    fmt = lowprec.format(name, scale="none") if name.startswith("fp8") else lowprec.format(name)
+    x = _every_exponent()
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) if rounding == "stochastic" else None
+    out = round_float_grid(x, fmt, rounding, noise=noise)
+    ref = _grid_reference(x, fmt, noise)
+    nan = torch.isnan(x)
+    assert torch.isnan(out[nan]).all()
+    assert torch.equal(bits(out[~nan]), bits(ref[~nan]))
+    if rounding == "nearest" and name != "bf16":  # and the formats' own casts (ml_dtypes for E2M1)
+        fin = torch.isfinite(x)
+        if name == "fp4_e2m1":
+            cast = ml_e2m1(x[fin])
+        else:
+            dt = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "fp16": torch.float16}[name]
+            cast = x[fin].clamp(-fmt.max_value, fmt.max_value).to(dt).float()
+        assert torch.equal(bits(out[fin]), bits(cast))
+
+
 # ---- FP4 E2M1: exhaustive against ml_dtypes ----------------------------------------------
 def ml_e2m1(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(x.cpu().numpy().astype(np.float32).astype(ml_dtypes.float4_e2m1fn).astype(np.float32))
