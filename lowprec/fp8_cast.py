@@ -104,11 +104,11 @@ def reference_cast(x: torch.Tensor, s: torch.Tensor, e5m2: bool, transposed: boo
     return torch.nn.functional.pad(t, (0, pad)).view(dt) if pad else t.view(dt)
 
 
-def _outputs(x: torch.Tensor, e5m2: bool, per_row: bool, rowmajor: bool, transposed: bool):
+def _outputs(x: torch.Tensor, e5m2: bool, per_row: bool, rowmajor: bool, transposed: bool, values: bool = False):
     M, K = x.shape
-    dt = torch.float8_e5m2 if e5m2 else torch.float8_e4m3fn
+    dt = torch.bfloat16 if values else torch.float8_e5m2 if e5m2 else torch.float8_e4m3fn
     codes = torch.empty((M, K) if rowmajor else (0,), dtype=dt, device=x.device)
-    codes_t = torch.empty((K, M + (-M) % PAD) if transposed else (0,), dtype=dt, device=x.device)
+    codes_t = torch.empty((K, M if values else M + (-M) % PAD) if transposed else (0,), dtype=dt, device=x.device)
     s = torch.empty((M, 1) if per_row else (1,), dtype=torch.float32, device=x.device)
     return codes, codes_t, s
 
@@ -161,8 +161,10 @@ if triton is not None:
 
     @triton.jit
     def _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2: tl.constexpr,
-                     ROWMAJOR: tl.constexpr, TRANSPOSED: tl.constexpr):
-        # the codes of the tile x (fp32) under the scales s (one per row of the tile), in each layout asked for
+                     ROWMAJOR: tl.constexpr, TRANSPOSED: tl.constexpr, VALUES: tl.constexpr = False,
+                     FOLD: tl.constexpr = False):
+        # the codes of the tile x (fp32) under the scales s (one per row of the tile), in each layout asked for;
+        # VALUES: their values in bf16 instead (exact), the transposed layout's multiplied by the scales (FOLD)
         v = tl.div_rn(x, s[:, None])
         # the conversion saturates (cvt.rn.satfinite): it clamps a finite v to +-TOP (a clamp of its own
         # costs time: this pass is bound by its arithmetic nearly as much as by memory); an infinite v,
@@ -176,19 +178,34 @@ if triton is not None:
             bits = tl.where(tl.abs(v) < float("inf"), bits.to(tl.int32), 0x7F)
         rm64 = rm.to(tl.int64)
         rk64 = rk.to(tl.int64)
-        if ROWMAJOR:
-            tl.store(y_ptr + rm64[:, None] * stride_y + rk64[None, :], bits.to(tl.uint8),
-                     mask=(rm[:, None] < M) & (rk[None, :] < K))
-        if TRANSPOSED:
-            bits = tl.where(rm[:, None] < M, bits, 0).to(tl.uint8)  # the padding columns: code 0x00 (+0)
-            tl.store(yt_ptr + rk64[None, :] * stride_yt + rm64[:, None], bits,
-                     mask=(rk[None, :] < K) & (rm[:, None] < Mp))
+        if VALUES:
+            if E5M2:
+                val = bits.to(tl.uint8).to(tl.float8e5, bitcast=True).to(tl.float32)
+            else:
+                val = bits.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            if ROWMAJOR:
+                tl.store(y_ptr + rm64[:, None] * stride_y + rk64[None, :], val.to(tl.bfloat16),
+                         mask=(rm[:, None] < M) & (rk[None, :] < K))
+            if TRANSPOSED:
+                if FOLD:
+                    val = val * s[:, None]
+                tl.store(yt_ptr + rk64[None, :] * stride_yt + rm64[:, None], val.to(tl.bfloat16),
+                         mask=(rk[None, :] < K) & (rm[:, None] < M))
+        else:
+            if ROWMAJOR:
+                tl.store(y_ptr + rm64[:, None] * stride_y + rk64[None, :], bits.to(tl.uint8),
+                         mask=(rm[:, None] < M) & (rk[None, :] < K))
+            if TRANSPOSED:
+                bits = tl.where(rm[:, None] < M, bits, 0).to(tl.uint8)  # the padding columns: code 0x00 (+0)
+                tl.store(yt_ptr + rk64[None, :] * stride_yt + rm64[:, None], bits,
+                         mask=(rk[None, :] < K) & (rm[:, None] < Mp))
 
     @triton.jit
     def _cast_kernel(x_ptr, amax_ptr, delayed_ptr, s_ptr, y_ptr, yt_ptr, M, K, Mp, stride_xm, stride_xk, stride_y,
                      stride_yt, TOP: tl.constexpr, E5M2: tl.constexpr, PER_ROW: tl.constexpr,
                      DELAYED: tl.constexpr, ROWMAJOR: tl.constexpr, TRANSPOSED: tl.constexpr,
-                     GATHERED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                     GATHERED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                     VALUES: tl.constexpr = False):
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         # the scale, as `scales` computes it: amax / max (IEEE division), 1 where that is 0, NaN where
@@ -219,7 +236,8 @@ if triton is not None:
             tl.store(s_ptr + rm, s, mask=(rm < M) & (tl.program_id(1) == 0))
         else:
             tl.store(s_ptr + rm * 0, s, mask=(rm == 0) & (tl.program_id(0) == 0) & (tl.program_id(1) == 0))
-        _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR, TRANSPOSED)
+        _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR, TRANSPOSED,
+                     VALUES, VALUES and PER_ROW)
 
     @triton.jit
     def _rows_kernel(x_ptr, s_ptr, y_ptr, M, K, stride_xm, stride_xk, stride_y, TOP: tl.constexpr, E5M2: tl.constexpr,
@@ -257,14 +275,17 @@ ROWS_IN_ONE_KERNEL = False
 
 def triton_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_row: bool, rowmajor: bool,
                    transposed: bool, gathered: int = 0, measured: torch.Tensor | None = None,
-                   cast_blocks: dict | None = None, amax_blocks: dict | None = None, rows_blocks: dict | None = None):
+                   cast_blocks: dict | None = None, amax_blocks: dict | None = None, rows_blocks: dict | None = None,
+                   values: bool = False):
     """The operator's result from the Triton kernels (CUDA): the amax (unless ``measured`` gives it),
     then the cast; per-row scales of row-major codes in one kernel where ``ROWS_IN_ONE_KERNEL`` is on.
     ``cast_blocks`` / ``amax_blocks`` / ``rows_blocks``: tile sizes other than the module's (as
-    ``CAST_BLOCKS`` / ``AMAX_BLOCKS`` / ``ROWS_BLOCKS``; a benchmark's sweep), which change no code."""
+    ``CAST_BLOCKS`` / ``AMAX_BLOCKS`` / ``ROWS_BLOCKS``; a benchmark's sweep), which change no code.
+    ``values``: as :func:`values` (bf16 values instead of codes)."""
     M, K = x.shape
-    codes, codes_t, s = _outputs(x, e5m2, per_row, rowmajor, transposed)
-    if per_row and ROWS_IN_ONE_KERNEL and amax is None and measured is None and not gathered and not transposed:
+    codes, codes_t, s = _outputs(x, e5m2, per_row, rowmajor, transposed, values)
+    if (per_row and ROWS_IN_ONE_KERNEL and amax is None and measured is None and not gathered and not transposed
+            and not values):
         r = rows_blocks or ROWS_BLOCKS
         _rows_kernel[(triton.cdiv(M, r["BLOCK_M"]),)](
             x, s, codes.view(torch.uint8), M, K, x.stride(0), x.stride(1), codes.stride(0),
@@ -277,25 +298,32 @@ def triton_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_r
         a = amax_blocks or AMAX_BLOCKS
         grid = (triton.cdiv(M, a["BLOCK_M"]), triton.cdiv(K, a["BLOCK_K"] * a["CHUNKS"]))
         _amax_kernel[grid](x, measured, M, K, x.stride(0), x.stride(1), PER_ROW=per_row, **a)
-    rows = M + (-M) % PAD if transposed else M
+    rows = M + (-M) % PAD if transposed and not values else M
     c = cast_blocks or (CAST_BLOCKS_TRANSPOSED if transposed else CAST_BLOCKS)
     grid = (triton.cdiv(rows, c["BLOCK_M"]), triton.cdiv(K, c["BLOCK_K"]))
     delayed = measured if amax is None else amax.reshape(1)
-    _cast_kernel[grid](x, measured, delayed, s, codes.view(torch.uint8), codes_t.view(torch.uint8), M, K, rows,
+    out, out_t = (codes, codes_t) if values else (codes.view(torch.uint8), codes_t.view(torch.uint8))
+    _cast_kernel[grid](x, measured, delayed, s, out, out_t, M, K, rows,
                        x.stride(0), x.stride(1), codes.stride(0) if rowmajor else 0,
                        codes_t.stride(0) if transposed else 0, TOP=57344.0 if e5m2 else 448.0, E5M2=e5m2,
                        PER_ROW=per_row, DELAYED=amax is not None, ROWMAJOR=rowmajor, TRANSPOSED=transposed,
-                       GATHERED=gathered, **c)
+                       GATHERED=gathered, VALUES=values, **c)
     return codes, codes_t, s
 
 
 def reference_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_row: bool, rowmajor: bool,
-                      transposed: bool, gathered: int = 0, measured: torch.Tensor | None = None):
+                      transposed: bool, gathered: int = 0, measured: torch.Tensor | None = None, values: bool = False):
     """The operator's result computed with tensor operations (CPU, or no Triton); ``measured``, being
     ``x``'s own amax, changes nothing here."""
     if gathered:  # the dequantized codes of x under its own scale, then their operand
         codes, _, s = reference_operand(x, None, e5m2, False, True, False)
         x = (codes.float() * s).to(GATHERED_DTYPES[gathered - 1])
+    if values:  # the codes' values in bf16, the transposed layout's times the scales where they are per row
+        codes, _, s = reference_operand(x, amax, e5m2, per_row, True, False)
+        v = codes.float()
+        unused = torch.empty((0,), dtype=torch.bfloat16, device=x.device)
+        v_t = ((v * s) if per_row else v).to(torch.bfloat16).t().contiguous() if transposed else unused.clone()
+        return (v.to(torch.bfloat16) if rowmajor else unused), v_t, s
     s = scales(x, _FORMATS[e5m2, per_row], amax)
     unused = torch.empty((0,), dtype=torch.float8_e5m2 if e5m2 else torch.float8_e4m3fn, device=x.device)
     codes = reference_cast(x, s, e5m2, False) if rowmajor else unused
@@ -305,28 +333,30 @@ def reference_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, pe
 
 @torch.library.custom_op("lowprec::fp8_operand", mutates_args=())
 def _fp8_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_row: bool, rowmajor: bool,
-                 transposed: bool, gathered: int, measured: torch.Tensor | None = None
+                 transposed: bool, gathered: int, measured: torch.Tensor | None = None, values: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if x.is_cuda and triton is not None:
-        return triton_operand(x, amax, e5m2, per_row, rowmajor, transposed, gathered, measured)
-    return reference_operand(x, amax, e5m2, per_row, rowmajor, transposed, gathered, measured)
+        return triton_operand(x, amax, e5m2, per_row, rowmajor, transposed, gathered, measured, values=values)
+    return reference_operand(x, amax, e5m2, per_row, rowmajor, transposed, gathered, measured, values=values)
 
 
 @_fp8_operand.register_fake
-def _(x, amax, e5m2, per_row, rowmajor, transposed, gathered, measured=None):
-    return _outputs(x, e5m2, per_row, rowmajor, transposed)
+def _(x, amax, e5m2, per_row, rowmajor, transposed, gathered, measured=None, values=False):
+    return _outputs(x, e5m2, per_row, rowmajor, transposed, values)
 
 
 def _call(t: torch.Tensor, fmt: Format, amax, rowmajor: bool, transposed: bool, gathered: torch.dtype | None = None,
-          measured: torch.Tensor | None = None):
+          measured: torch.Tensor | None = None, values: bool = False):
     dt = fp8_dtype(fmt)
     if dt is None or t.dim() != 2 or t.numel() == 0:
         raise ValueError(f"fp8_cast: {fmt} on a tensor of shape {tuple(t.shape)} is not one it makes (see applies)")
     per_row = fmt.granularity == "row"
     if per_row and amax is not None:
         raise ValueError("fp8_cast: a delayed amax applies to per-tensor scales only")
-    if per_row and transposed and t.shape[0] != 1:
+    if per_row and transposed and t.shape[0] != 1 and not values:
         raise ValueError("fp8_cast: per-row scales lie along the contraction of the transposed layout")
+    if values and (gathered is not None or measured is not None):
+        raise ValueError("fp8_cast: bf16 values are made from the tensor itself (no gathered weight, no measured amax)")
     if gathered is not None and (per_row or amax is not None or gathered not in GATHERED_DTYPES):
         delayed = "with a delayed amax " if amax is not None else ""
         raise ValueError(f"fp8_cast: a gathered weight is read with its own per-tensor scale into one of "
@@ -337,7 +367,7 @@ def _call(t: torch.Tensor, fmt: Format, amax, rowmajor: bool, transposed: bool, 
     if amax is not None:
         amax = amax.to(torch.float32)
     code = 0 if gathered is None else 1 + GATHERED_DTYPES.index(gathered)
-    return _fp8_operand(t, amax, dt == torch.float8_e5m2, per_row, rowmajor, transposed, code, measured)
+    return _fp8_operand(t, amax, dt == torch.float8_e5m2, per_row, rowmajor, transposed, code, measured, values)
 
 
 def operand(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None, transposed: bool = False,
@@ -365,10 +395,22 @@ def operands(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None, gat
     return (codes, s), (codes_t, s)
 
 
+def values(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None, rowmajor: bool = True,
+           transposed: bool = False):
+    """The operands of a bf16 tensor-core GEMM on ``t``'s FP8 values (:class:`lowprec.kernels.Bf16TensorCore`),
+    from the same two passes as :func:`operand`'s codes: ``(values, values_t, outer)``, ``values`` the codes'
+    values in bf16 (exact), row-major, where ``rowmajor``; ``values_t`` the same transposed (``(K, M)``, no
+    padding), where ``transposed``, multiplied by the scales first (fp32, then rounded to bf16) where they
+    are per row, since they then lie along that layout's contraction; ``outer`` the scales, ``(1,)`` or
+    ``(rows, 1)``, which apply to ``values`` as they stand and to a per-tensor ``values_t``.
+    ``amax``: a delayed per-tensor amax. Empty tensors stand for the layouts not asked for."""
+    return _call(t, fmt, amax, rowmajor, transposed, values=True)
+
+
 # the format of each (E5M2?, per row?) the operator is called with: its reference quantizes in it
 _FORMATS = {(e, r): get_format("fp8_e5m2" if e else "fp8_e4m3", granularity="row" if r else "tensor")
             for e in (False, True) for r in (False, True)}
 
 
 __all__ = ["GATHERED_DTYPES", "PAD", "applies", "fp8_dtype", "operand", "operands", "reference_cast",
-           "reference_operand", "scales", "triton_operand"]
+           "reference_operand", "scales", "triton_operand", "values"]

@@ -321,6 +321,23 @@ class Bf16TensorCore(GemmKernel):
         return bf16_exact(a, ta) and bf16_exact(b, tb)
 
     def operand(self, t, fmt, *, rounding="nearest", amax=None, transposed=False):
+        if t.is_cuda and fp8_cast.applies(t, fmt, rounding):
+            # an E4M3/E5M2 format with a per-tensor or per-row scale: the FP8 operand's two Triton passes
+            # (lowprec.fp8_cast), writing the codes' values in bf16; the general quantizer's values
+            v, v_t, s = fp8_cast.values(t, fmt, amax=amax, rowmajor=not transposed, transposed=transposed)
+            return (v_t, s if fmt.granularity == "tensor" else None) if transposed else (v, s)
+        return self._general_operand(t, fmt, rounding=rounding, amax=amax, transposed=transposed)
+
+    def operands(self, t, fmt, *, rounding="nearest", amax=None):
+        if t.is_cuda and fp8_cast.applies(t, fmt, rounding):  # both layouts from the same two passes
+            v, v_t, s = fp8_cast.values(t, fmt, amax=amax, rowmajor=True, transposed=True)
+            return (v, s), (v_t, s if fmt.granularity == "tensor" else None)
+        return super().operands(t, fmt, rounding=rounding, amax=amax)
+
+    def fusable_operand(self, t, fmt, *, rounding="nearest", amax=None):
+        return self._general_operand(t, fmt, rounding=rounding, amax=amax)  # tensor operations: the same values
+
+    def _general_operand(self, t, fmt, *, rounding="nearest", amax=None, transposed=False):
         if fmt is None:
             v, outer = t, None
             v = v.t() if transposed else v

@@ -58,6 +58,45 @@ def test_operand_is_the_general_quantizers(device, name, granularity, dtype):
                 _assert_same(fp8_cast.operand(t, fmt, amax, transposed), _general(t, fmt, amax, transposed))
 
 
+def _assert_same_values(a, b):
+    """bf16 operands equal bit for bit, NaN for NaN (its sign and payload hold nothing), and the same
+    layout; outer scales equal exactly (NaN for NaN) or both None."""
+    (va, sa), (vb, sb) = a, b
+    assert va.dtype == vb.dtype == torch.bfloat16 and va.shape == vb.shape
+    na, nb = va.isnan(), vb.isnan()
+    assert torch.equal(na, nb)
+    assert torch.equal(va.view(torch.int16)[~na], vb.view(torch.int16)[~nb])
+    assert (sa is None) == (sb is None)
+    if sa is not None:
+        assert sa.shape == sb.shape and torch.equal(sa.isnan(), sb.isnan())
+        assert torch.equal(sa.nan_to_num(), sb.nan_to_num())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name,granularity", CASES)
+def test_bf16_values_are_the_general_quantizers(device, name, granularity, dtype):
+    """The bf16 tensor-core kernel's operands of an FP8 format from this module's passes (its codes'
+    values; transposed, per-row scales multiplied in) are the general quantizer's, bit for bit; on
+    CUDA the kernel takes them from here, both layouts at once or one at a time."""
+    fmt = lowprec.format(name, granularity=granularity)
+    k = KERNELS["bf16_tensorcore"]
+    for rows, cols in [(37, 50), (1, 16), (130, 70)]:
+        t = _values(rows, cols, dtype, device, seed=rows)
+        t[-1, -1] = float("nan") if rows > 2 else t[-1, -1]  # a NaN row (per row) or a NaN tensor
+        amaxes = [None, torch.tensor(1e-3, device=device)] if granularity == "tensor" else [None]
+        for amax in amaxes:
+            want = [k._general_operand(t, fmt, amax=amax, transposed=tr) for tr in (False, True)]
+            v, v_t, s = fp8_cast.values(t, fmt, amax=amax, transposed=True)
+            _assert_same_values((v, s), want[0])
+            _assert_same_values((v_t, s if granularity == "tensor" else None), want[1])
+            if device.type == "cuda":
+                for tr in (False, True):
+                    _assert_same_values(k.operand(t, fmt, amax=amax, transposed=tr), want[tr])
+                op, op_t = k.operands(t, fmt, amax=amax)
+                _assert_same_values(op, want[0])
+                _assert_same_values(op_t, want[1])
+
+
 @pytest.mark.parametrize("name,granularity", CASES)
 def test_nan_and_inf_make_their_scale_group_nan(device, name, granularity):
     """A NaN or an infinity makes its group's scale NaN and every code of the group NaN (per tensor:
@@ -222,7 +261,8 @@ def test_triton_kernels_equal_the_reference_on_every_bit_pattern(e5m2, rows_in_o
     with the non-finite ones left out, by delayed amaxes that saturate and that flush to zero:
     the Triton kernels' codes and scales are the tensor-operation reference's, byte for byte
     (NaN codes are 0x7F in both); per-row scales also from the one-kernel path
-    (``ROWS_IN_ONE_KERNEL``), on rows 8,192 wide and on a strided view."""
+    (``ROWS_IN_ONE_KERNEL``), on rows 8,192 wide and on a strided view; and the codes' bf16 values in each
+    layout (``values=True``), the transposed ones times their per-row scales."""
     monkeypatch.setattr(fp8_cast, "ROWS_IN_ONE_KERNEL", rows_in_one_kernel)
     x = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(256, 256).cuda()
     finite = torch.where(x.isfinite(), x, 0).reshape(512, 128)
@@ -242,6 +282,13 @@ def test_triton_kernels_equal_the_reference_on_every_bit_pattern(e5m2, rows_in_o
                     assert g.dtype == w.dtype and g.shape == w.shape
                     assert torch.equal(g.view(torch.uint8), w.view(torch.uint8)) if g.dtype != torch.float32 else \
                         torch.equal(g.view(torch.int32), w.view(torch.int32))
+        for rowmajor, transposed in ((True, False), (False, True), (True, True)):  # bf16 values (NaN for NaN)
+            want = fp8_cast.reference_operand(t, amax, e5m2, per_row, rowmajor, transposed, values=True)
+            got = fp8_cast.triton_operand(t, amax, e5m2, per_row, rowmajor, transposed, values=True)
+            for g, w in zip(got, want, strict=True):
+                assert g.dtype == w.dtype and g.shape == w.shape
+                bits = torch.int16 if g.dtype == torch.bfloat16 else torch.int32
+                assert torch.equal(g.isnan(), w.isnan()) and torch.equal(g.view(bits)[~g.isnan()], w.view(bits)[~w.isnan()])
 
 
 @pytest.mark.gpu
