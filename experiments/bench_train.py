@@ -70,14 +70,16 @@ def settings(variant: str):
     off, the default), ``@amax-stored`` as a reduction of the graph over the tensor as stored for the operator
     (``amax_in_graph`` on), ``@amax-inline`` the same over the tensor's expression (``amax_reads_stored`` off);
     ``@rows-one-kernel``: FP8 operands with per-row scales made in one kernel each
-    (``lowprec.fp8_cast.ROWS_IN_ONE_KERNEL``)."""
+    (``lowprec.fp8_cast.ROWS_IN_ONE_KERNEL``); ``@bf16-values``: the bf16 tensor-core GEMMs' operands in FP8
+    formats made by the FP8 operand's passes (``lowprec.kernels.Bf16TensorCore.fp8_values_from_passes``)."""
     suffix = variant.partition("@")[2]
     fp8 = lowprec.kernels.Fp8
     known = {"": [], "int8": [(lowprec.kernels, "AUTO_ORDER", lowprec.kernels.AUTO_ORDER_INT8)],
              "amax-pass": [(fp8, "amax_in_graph", False)],
              "amax-stored": [(fp8, "amax_in_graph", True), (fp8, "amax_reads_stored", True)],
              "amax-inline": [(fp8, "amax_in_graph", True), (fp8, "amax_reads_stored", False)],
-             "rows-one-kernel": [(lowprec.fp8_cast, "ROWS_IN_ONE_KERNEL", True)]}
+             "rows-one-kernel": [(lowprec.fp8_cast, "ROWS_IN_ONE_KERNEL", True)],
+             "bf16-values": [(lowprec.kernels.Bf16TensorCore, "fp8_values_from_passes", True)]}
     if suffix not in known:
         raise ValueError(f"{variant}: unknown suffix @{suffix} (known: {', '.join('@' + k for k in known if k)})")
     before = [(obj, name, getattr(obj, name)) for obj, name, _ in known[suffix]]

@@ -320,16 +320,25 @@ class Bf16TensorCore(GemmKernel):
         ta, tb = TRANSPOSED[gemm]
         return bf16_exact(a, ta) and bf16_exact(b, tb)
 
+    # True: on CUDA, an operand in an E4M3/E5M2 format with a per-tensor or per-row scale is made by the FP8
+    # operand's two Triton passes (lowprec.fp8_cast), which write the codes' values in bf16 (both layouts at
+    # once where backward reuses one); False (the default): the general quantizer's tensor operations, which
+    # a compiled step fuses into the kernels around them. The same values either way; in a compiled 600M
+    # step under the paper policy on an H200 the passes made the step slower (the operator's input must be
+    # stored, so a GELU's output is computed again for it, and a gradient's amax is taken twice)
+    fp8_values_from_passes = False
+
+    def _from_passes(self, t, fmt, rounding) -> bool:
+        return self.fp8_values_from_passes and t.is_cuda and fp8_cast.applies(t, fmt, rounding)
+
     def operand(self, t, fmt, *, rounding="nearest", amax=None, transposed=False):
-        if t.is_cuda and fp8_cast.applies(t, fmt, rounding):
-            # an E4M3/E5M2 format with a per-tensor or per-row scale: the FP8 operand's two Triton passes
-            # (lowprec.fp8_cast), writing the codes' values in bf16; the general quantizer's values
+        if self._from_passes(t, fmt, rounding):  # the codes' values in bf16 from lowprec.fp8_cast's passes
             v, v_t, s = fp8_cast.values(t, fmt, amax=amax, rowmajor=not transposed, transposed=transposed)
             return (v_t, s if fmt.granularity == "tensor" else None) if transposed else (v, s)
         return self._general_operand(t, fmt, rounding=rounding, amax=amax, transposed=transposed)
 
     def operands(self, t, fmt, *, rounding="nearest", amax=None):
-        if t.is_cuda and fp8_cast.applies(t, fmt, rounding):  # both layouts from the same two passes
+        if self._from_passes(t, fmt, rounding):  # both layouts from the same two passes
             v, v_t, s = fp8_cast.values(t, fmt, amax=amax, rowmajor=True, transposed=True)
             return (v, s), (v_t, s if fmt.granularity == "tensor" else None)
         return super().operands(t, fmt, rounding=rounding, amax=amax)

@@ -74,12 +74,14 @@ def _assert_same_values(a, b):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name,granularity", CASES)
-def test_bf16_values_are_the_general_quantizers(device, name, granularity, dtype):
+def test_bf16_values_are_the_general_quantizers(device, name, granularity, dtype, monkeypatch):
     """The bf16 tensor-core kernel's operands of an FP8 format from this module's passes (its codes'
     values; transposed, per-row scales multiplied in) are the general quantizer's, bit for bit; on
-    CUDA the kernel takes them from here, both layouts at once or one at a time."""
+    CUDA, with ``fp8_values_from_passes`` on, the kernel takes them from here, both layouts at once or
+    one at a time."""
     fmt = lowprec.format(name, granularity=granularity)
     k = KERNELS["bf16_tensorcore"]
+    monkeypatch.setattr(type(k), "fp8_values_from_passes", True)
     for rows, cols in [(37, 50), (1, 16), (130, 70)]:
         t = _values(rows, cols, dtype, device, seed=rows)
         t[-1, -1] = float("nan") if rows > 2 else t[-1, -1]  # a NaN row (per row) or a NaN tensor
