@@ -25,7 +25,8 @@ its RNN memory, the same width, depth and heads, segment = T, state not carried)
 of ``configs/precision``; ``...:ternary@int8`` / ``...:ternary_native@int8``: the same with int8
 tensor cores tried before bf16 (``lowprec.kernels.AUTO_ORDER_INT8``: BitNet's int8 x ternary fprop);
 ``...:fp8@amax-pass`` / ``@amax-stored`` / ``@amax-inline``: where the FP8 operands' amax is taken;
-``...:paper@rows-one-kernel``: per-row FP8 operands in one kernel each (see :func:`settings`).
+``...:paper@rows-one-kernel``: per-row FP8 operands in one kernel each; ``...:paper@bf16-values``: the bf16
+GEMMs' FP8 operands from the FP8 passes (see :func:`settings`).
 Each of ours prints its layers' plans. ``--profile`` adds, after each row, where one more step's GPU
 time went and which Python lines made the host wait (:mod:`experiments.gpu_profile`).
 """
@@ -59,7 +60,7 @@ POLICIES = ["bf16", "fp8", "fp8_delayed", "paper", "ternary", "ternary_native"]
 VARIANTS = ["ref", "ref-torchao", *(f"{m}:{p}" for m in ("windowed", "hybrid") for p in POLICIES)]
 VARIANTS += [f"{m}:{p}@int8" for m in ("windowed", "hybrid") for p in ("ternary", "ternary_native")]
 VARIANTS += [f"{m}:fp8@{s}" for m in ("windowed", "hybrid") for s in ("amax-pass", "amax-stored", "amax-inline")]
-VARIANTS += [f"{m}:paper@rows-one-kernel" for m in ("windowed", "hybrid")]
+VARIANTS += [f"{m}:paper@{s}" for s in ("rows-one-kernel", "bf16-values") for m in ("windowed", "hybrid")]
 
 
 @contextlib.contextmanager
