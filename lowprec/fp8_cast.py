@@ -32,6 +32,11 @@ cast pass dequantizes each code in registers and quantizes that value again unde
 tensor's own scale, which is known before the pass (the largest dequantized value is the amax's own
 code dequantized), so the dequantized tensor is never written: the same codes and scale as
 quantizing it.
+
+The same passes can write the codes' values in bf16 instead of the codes (:func:`values`): the operands of a bf16
+tensor-core GEMM in these formats (``lowprec.kernels.Bf16TensorCore.fp8_values_from_passes``), the transposed
+layout's values multiplied by their per-row scales (fp32, then rounded to bf16), which lie along its
+contraction, as the general quantizer folds them.
 """
 
 from __future__ import annotations
@@ -268,8 +273,8 @@ AMAX_BLOCKS = dict(BLOCK_M=32, BLOCK_K=256, CHUNKS=4, num_warps=8)
 # per-row scales in one kernel (``ROWS_IN_ONE_KERNEL``): rows a program holds, the width of its reads
 ROWS_BLOCKS = dict(BLOCK_M=8, BLOCK_K=256, num_warps=4)
 # True: a per-row operand (row-major codes) is one kernel that holds whole rows (amax, then cast, per program)
-# instead of an amax pass with atomics into a cleared buffer, then the cast; the same codes. Off until timed
-# in training
+# instead of an amax pass with atomics into a cleared buffer, then the cast; the same codes. Off: in a compiled
+# 600M step under the paper policy on an H200 the step ran slower with it
 ROWS_IN_ONE_KERNEL = False
 
 
