@@ -108,14 +108,14 @@ def round_float_grid(v: torch.Tensor, fmt: Format, rounding: str, generator=None
     mx = fmt.max_value
     finite = torch.isfinite(v)
     a = torch.where(finite, v.abs().clamp(max=mx), v.abs())
-    if fmt.min_normal_exp - fmt.man_bits >= -126:
+    if v.dtype == torch.float32 and fmt.min_normal_exp - fmt.man_bits >= -126:
         # on the bits: floor(log2 a) is a's biased exponent field - 127 (an fp32 subnormal's, -127,
         # is below every e_min here), and 2^(e - m) and its reciprocal are the fp32 numbers with
         # those exponents: a few integer operations instead of frexp, ldexp and a division
         e = ((a.view(torch.int32) >> 23) - 127).clamp(min=fmt.min_normal_exp) - fmt.man_bits
         quantum = ((e + 127) << 23).view(torch.float32)
         r = a * ((127 - e) << 23).view(torch.float32)  # a / quantum, exact: a power of 2
-    else:  # a quantum below fp32's normal range (bf16's subnormals): no exponent field to write it in
+    else:  # another dtype, or a quantum below fp32's normal range (bf16's subnormals), which no exponent field writes
         _, exp = torch.frexp(a)  # a = mant * 2^exp with mant in [0.5, 1): floor(log2 a) = exp - 1
         e = (exp - 1).clamp(min=fmt.min_normal_exp)
         quantum = torch.ldexp(torch.ones_like(a), e - fmt.man_bits)
