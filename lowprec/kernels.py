@@ -327,6 +327,11 @@ class Bf16TensorCore(GemmKernel):
     # step under the paper policy on an H200 the passes made the step slower (the operator's input must be
     # stored, so a GELU's output is computed again for it, and a gradient's amax is taken twice)
     fp8_values_from_passes = False
+    # True: compiled, an operand with per-row scales quantizes the tensor as stored (a no-op view the compiler
+    # must store first) instead of its expression: the compiler otherwise fuses the row reduction and the
+    # quantization into the kernel that makes the tensor, computing it again in each of that kernel's loops
+    # (a GELU's backward, three times). The same values either way. Off by default: not yet timed in training
+    row_operands_read_stored = False
 
     def _from_passes(self, t, fmt, rounding) -> bool:
         return self.fp8_values_from_passes and t.is_cuda and fp8_cast.applies(t, fmt, rounding)
@@ -335,6 +340,9 @@ class Bf16TensorCore(GemmKernel):
         if self._from_passes(t, fmt, rounding):  # the codes' values in bf16 from lowprec.fp8_cast's passes
             v, v_t, s = fp8_cast.values(t, fmt, amax=amax, rowmajor=not transposed, transposed=transposed)
             return (v_t, s if fmt.granularity == "tensor" else None) if transposed else (v, s)
+        if (self.row_operands_read_stored and fmt is not None and fmt.is_scaled and fmt.granularity == "row"
+                and torch.compiler.is_compiling()):
+            t = torch.as_strided(t, t.shape, t.stride())
         return self._general_operand(t, fmt, rounding=rounding, amax=amax, transposed=transposed)
 
     def operands(self, t, fmt, *, rounding="nearest", amax=None):

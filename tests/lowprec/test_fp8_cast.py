@@ -99,6 +99,37 @@ def test_bf16_values_are_the_general_quantizers(device, name, granularity, dtype
                 _assert_same_values(op_t, want[1])
 
 
+@pytest.mark.parametrize("name", ["fp8_e5m2", "int8"])
+def test_a_compiled_row_operand_can_read_the_stored_tensor(device, name, monkeypatch):
+    """With ``row_operands_read_stored``, a compiled bf16 tensor-core operand with per-row scales quantizes
+    its tensor through a no-op view (the tensor stored once, not computed again inside the quantization's
+    loops): the traced graph reads it so, and the values are eager's, in both layouts (on CUDA through
+    inductor's kernels); off, no view is traced."""
+    k = KERNELS["bf16_tensorcore"]
+    fmt = lowprec.format(name, granularity="row")
+    x = _values(64, 48, torch.bfloat16, device)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    for stored in (True, False):
+        monkeypatch.setattr(type(k), "row_operands_read_stored", stored)
+        for transposed in (False, True):
+            def f(x):
+                return k.operand(torch.nn.functional.gelu(x), fmt, transposed=transposed)
+            torch._dynamo.reset()
+            graphs.clear()
+            got = torch.compile(f, fullgraph=True, backend=backend)(x)
+            _assert_same_values(got, f(x))
+            views = [n for n in graphs[0].graph.nodes if n.op == "call_function" and n.target is torch.as_strided]
+            assert len(views) == stored and all("gelu" in str(v.args[0].target) for v in views), graphs[0].graph
+            if device.type == "cuda":
+                torch._dynamo.reset()
+                _assert_same_values(torch.compile(f, fullgraph=True)(x), f(x))
+
+
 @pytest.mark.parametrize("name,granularity", CASES)
 def test_nan_and_inf_make_their_scale_group_nan(device, name, granularity):
     """A NaN or an infinity makes its group's scale NaN and every code of the group NaN (per tensor:
