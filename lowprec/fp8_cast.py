@@ -157,6 +157,14 @@ if triton is not None:
         return v
 
     @triton.jit
+    def _scale(stat, measured, TOP: tl.constexpr):
+        # the scale, as `scales` computes it: stat / max (IEEE division), 1 where that is 0, NaN where the
+        # measured amax is not finite (the group holds a NaN or an infinity)
+        s = tl.div_rn(stat, tl.zeros_like(stat) + TOP)
+        s = tl.where(s > 0, s, 1.0)
+        return tl.where(measured < float("inf"), s, float("nan"))
+
+    @triton.jit
     def _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk):
         # the tile of x at rows rm, columns rk, as fp32 (0 outside the tensor)
         inside = (rm[:, None] < M) & (rk[None, :] < K)
@@ -213,8 +221,6 @@ if triton is not None:
                      VALUES: tl.constexpr = False):
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-        # the scale, as `scales` computes it: amax / max (IEEE division), 1 where that is 0, NaN where
-        # the group holds a NaN or an infinity
         if PER_ROW:
             measured = tl.load(amax_ptr + rm, mask=rm < M, other=0).to(tl.float32, bitcast=True)
         else:
@@ -223,9 +229,7 @@ if triton is not None:
             stat = tl.load(delayed_ptr + rm * 0).to(tl.float32)
         else:
             stat = measured
-        s = tl.div_rn(stat, tl.full([BLOCK_M], TOP, tl.float32))
-        s = tl.where(s > 0, s, 1.0)
-        s = tl.where(measured < float("inf"), s, float("nan"))
+        s = _scale(stat, measured, TOP)
         x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
         if GATHERED != 0:
             # x is a master weight that reaches the GEMM as its codes under s, dequantized (code x s in
@@ -234,9 +238,7 @@ if triton is not None:
             # before g is; a NaN scale (a NaN or an infinity in x) makes every g NaN, and g's scale NaN
             top = _narrow(_fp8_value(tl.div_rn(measured, s), E5M2) * s, GATHERED)
             x = _narrow(_fp8_value(tl.div_rn(x, s[:, None]), E5M2) * s[:, None], GATHERED)
-            s = tl.div_rn(top, tl.full([BLOCK_M], TOP, tl.float32))
-            s = tl.where(s > 0, s, 1.0)
-            s = tl.where(top < float("inf"), s, float("nan"))
+            s = _scale(top, top, TOP)
         if PER_ROW:
             tl.store(s_ptr + rm, s, mask=(rm < M) & (tl.program_id(1) == 0))
         else:
@@ -255,9 +257,7 @@ if triton is not None:
             x = _load_tile(x_ptr, rm, kt * BLOCK_K + tl.arange(0, BLOCK_K), M, K, stride_xm, stride_xk)
             acc = tl.maximum(acc, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF)  # |x|'s bits, NaN above inf
         measured = tl.max(acc, axis=1).to(tl.float32, bitcast=True)
-        s = tl.div_rn(measured, tl.full([BLOCK_M], TOP, tl.float32))
-        s = tl.where(s > 0, s, 1.0)
-        s = tl.where(measured < float("inf"), s, float("nan"))
+        s = _scale(measured, measured, TOP)
         tl.store(s_ptr + rm, s, mask=rm < M)
         for kt in tl.static_range(K_TILES):
             rk = kt * BLOCK_K + tl.arange(0, BLOCK_K)
