@@ -103,8 +103,9 @@ def test_bf16_values_are_the_general_quantizers(device, name, granularity, dtype
 def test_a_compiled_row_operand_can_read_the_stored_tensor(device, name, monkeypatch):
     """With ``row_operands_read_stored``, a compiled bf16 tensor-core operand with per-row scales quantizes
     its tensor through a no-op view (the tensor stored once, not computed again inside the quantization's
-    loops): the traced graph reads it so, and the values are eager's, in both layouts (on CUDA through
-    inductor's kernels); off, no view is traced."""
+    loops): the traced graph reads it so, and the values are eager's, in both layouts. Off, no view is
+    traced, and the compiler (inductor, on CPU and CUDA) quantizes the producer's value before its rounding
+    to bf16: the values are eager's for the GELU computed in fp32."""
     k = KERNELS["bf16_tensorcore"]
     fmt = lowprec.format(name, granularity="row")
     x = _values(64, 48, torch.bfloat16, device)
@@ -125,9 +126,9 @@ def test_a_compiled_row_operand_can_read_the_stored_tensor(device, name, monkeyp
             _assert_same_values(got, f(x))
             views = [n for n in graphs[0].graph.nodes if n.op == "call_function" and n.target is torch.as_strided]
             assert len(views) == stored and all("gelu" in str(v.args[0].target) for v in views), graphs[0].graph
-            if device.type == "cuda":
-                torch._dynamo.reset()
-                _assert_same_values(torch.compile(f, fullgraph=True)(x), f(x))
+            torch._dynamo.reset()
+            unrounded = k.operand(torch.nn.functional.gelu(x.float()), fmt, transposed=transposed)
+            _assert_same_values(torch.compile(f, fullgraph=True)(x), f(x) if stored else unrounded)
 
 
 @pytest.mark.parametrize("name,granularity", CASES)
