@@ -74,6 +74,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lowprec.common import eager_division
 from lowprec.cuda_graphs import GraphCache
 from lowprec.gemm import loop_scope
 
@@ -166,23 +167,11 @@ _FUSED: list = []
 CELL_VARIANTS = 64
 
 
-def _eager_division() -> dict:
-    """The inductor option that makes a compiled fp32 division round as eager's does (Triton's own
-    ``/`` is an approximate division): a scaled operand's ``x / scale`` then gives the codes the
-    GEMM's own quantization gives. Its name differs between torch releases; {} where it is absent."""
-    config = torch._inductor.config
-    if hasattr(getattr(config, "eager_numerics", None), "division_rounding"):
-        return {"eager_numerics.division_rounding": True}
-    if hasattr(config, "emulate_divison_rounding"):  # the option's spelling in earlier releases
-        return {"emulate_divison_rounding": True}
-    return {}
-
-
 def _compiled_cell(f):
     """``f`` compiled (fullgraph, with eager's fp32 division); a call that needs one more variant
     than torch's recompile limit allows is compiled again under ``CELL_VARIANTS`` (the limit is only
     raised for that call: a ``config.patch`` around every call would cost ~0.1 ms of host time each)."""
-    compiled = torch.compile(f, fullgraph=True, options=_eager_division())
+    compiled = torch.compile(f, fullgraph=True, options=eager_division())
     over_limit = (torch._dynamo.exc.FailOnRecompileLimitHit, torch._dynamo.exc.Unsupported)
 
     @functools.wraps(f)

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from numbers import Real
 from typing import Any
 
-__all__ = ["check_real", "plain", "human_bytes", "to_dtype"]
+__all__ = ["check_real", "plain", "human_bytes", "to_dtype", "eager_division"]
 
 
 def check_real(name: str, value: Any, valid: str, ok: Callable[[float], bool]) -> float:
@@ -52,3 +52,17 @@ def to_dtype(t, dtype):
     and autograd gives its gradient to the second place: backward receives zeros for the output,
     and nothing before the function gets a gradient."""
     return t if t.dtype == dtype else t.to(dtype)
+
+
+def eager_division() -> dict:
+    """The ``torch.compile`` option that makes a compiled fp32 division round as eager's does (inductor's
+    Triton code otherwise multiplies by the reciprocal, which can differ in the last bit): a scaled
+    operand's ``x / scale`` then gives the codes eager's quantization gives. Its name differs between
+    torch releases; {} where it is absent."""
+    import torch._inductor.config as config
+
+    if hasattr(getattr(config, "eager_numerics", None), "division_rounding"):
+        return {"eager_numerics.division_rounding": True}
+    if hasattr(config, "emulate_divison_rounding"):  # the option's spelling in earlier releases
+        return {"emulate_divison_rounding": True}
+    return {}
