@@ -74,11 +74,18 @@ def lstm_table(batch_sizes=(1, 16), d=16384):
         "fp8 (native)": {"weight": "fp8_e4m3", "input": {"format": "fp8_e4m3", "granularity": "tensor"},
                          "storage": "native", "backend": "tensorcore"},
         "ternary (native, packed 2-bit kernel)": {"weight": "ternary", "storage": "native", "backend": "tensorcore"},
+        "ternary (native, packed 2-bit kernel, decoded on CUDA cores)": {"weight": "ternary", "storage": "native",
+                                                                         "backend": "tensorcore"},
         "binary (native, e4m3 codes)": {"weight": "binary", "input": {"format": "fp8_e4m3", "granularity": "tensor"},
                                         "storage": "native", "backend": "tensorcore"},
     }
+    from lowprec import gemv
+    decode = gemv.TENSOR_CORE_DECODE
     for name, fields in variants.items():
         layer = base if fields is None else QLinear.from_float(base, LayerPrecision.from_fields(fields))
+        # the packed GEMV's codes decoded on the way to the tensor cores (MODE 6), or, in the row that says
+        # so, by the autotuner's pick of the modes that decode them on CUDA cores
+        gemv.TENSOR_CORE_DECODE = "CUDA cores" not in name
         for B in batch_sizes:
             h = torch.randn(B, d, device="cuda", dtype=torch.bfloat16)
             if fields is None:
@@ -97,8 +104,9 @@ def lstm_table(batch_sizes=(1, 16), d=16384):
             if fields is None:
                 nbytes, path = base.weight.numel() * 2, "cuBLAS bf16"
             elif "packed" in name:
-                from lowprec import gemv
-                cfg = gemv._ternary_gemv_kernel.best_config.kwargs  # the autotuner's pick for this shape
+                # the autotuner's pick for this shape
+                tuner = gemv._ternary_gemv_tc_kernel if gemv.tensor_core_decode_applies(h) else gemv._ternary_gemv_kernel
+                cfg = tuner.best_config.kwargs
                 split = f", K in {cfg['SPLIT']} parts" if cfg["SPLIT"] > 1 else ""
                 nbytes = layer.native_nbytes()
                 path = f"Triton 2-bit GEMV (MODE {cfg['MODE']}, {cfg['BLOCK_N']} rows a program{split})"
@@ -110,6 +118,7 @@ def lstm_table(batch_sizes=(1, 16), d=16384):
             print(f"| {name} | {B} | {ms:.3f} | {nbytes / 2**20:.0f} MiB | {floor:.3f} | {100 * floor / ms:.0f}% | {path} |", flush=True)
         del layer
         torch.cuda.empty_cache()
+    gemv.TENSOR_CORE_DECODE = decode
 
 
 def slice_step(tokens=2048, policy="paper", rnn_mode="stream"):

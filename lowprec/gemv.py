@@ -22,6 +22,16 @@ normal or subnormal) the product is ``x_k (c - 1)`` exactly, as with a converted
 one logic operation, one add and one fused multiply-add, no conversion: compiled for sm_90 the loop
 of the word modes spends about 3.9 instructions a code (x's loads and scaling shared by the rows a
 thread holds), MODE 2's about 7.9.
+
+MODE 6 (any number of rows, GPUs with bf16 tensor cores) decodes on the way to the tensor cores: the
+codes, read as 16-bit halves of 8 codes each, are taken two halves (one 32-bit register) at a time, so
+that code ``l`` of both halves becomes one pair of bf16 values in one register: ``0x43004300 | (c << 2p)``
+(after a shift by ``6 (l // 3)``, ``p = l % 3``) is ``128 + c 4^p`` in each half, and one fused
+multiply-add of the pair by ``4^-p`` and ``-(128 4^-p + 1)`` gives ``c - 1`` exactly: one logic operation
+and one bf16x2 multiply-add for two codes (and two shifts a register for its eight lanes), in inline PTX. Each code lane is
+one dot of a (rows, halves) tile with the matching entries of x, which the caller permutes once to
+``x[m, 8 p + l]`` at ``(l, m, p)``; the dots accumulate in fp32, and splitting the K range as above makes
+more programs.
 """
 
 from __future__ import annotations
@@ -181,18 +191,97 @@ if triton is not None:
     _ternary_gemv_kernel = triton.autotune(configs=_CONFIGS, key=["M", "N", "K4"], reset_to_zero=["y_ptr"],
                                            prune_configs_by={"early_config_prune": _for_rows})(_ternary_gemv_body)
 
+    # MODE 6: (BLOCK_N rows, BLOCK_H halves a row a step, SPLIT parts of the K range), timed on an H200 at
+    # 65,536 x 16,384 for 1 and 16 rows of x
+    _TC_CONFIGS = [
+        triton.Config({"BLOCK_N": bn, "BLOCK_H": bh, "MODE": 6, "SPLIT": split}, num_warps=w, num_stages=st)
+        for bn, bh, w, st, split in [
+            (64, 64, 4, 3, 1), (64, 64, 2, 3, 1), (128, 64, 2, 2, 1), (256, 32, 4, 3, 1), (128, 64, 2, 3, 4),
+            (64, 64, 4, 3, 4), (64, 32, 1, 3, 1), (128, 32, 2, 3, 4), (64, 128, 4, 3, 1), (128, 128, 4, 3, 1),
+            (64, 64, 4, 4, 2)]
+    ]
+    MAX_TC_SPLIT = max(c.kwargs["SPLIT"] for c in _TC_CONFIGS)
+
+    @triton.jit
+    def _lane_values(wh, LANE: tl.constexpr):
+        """bf16 ``c - 1`` for code ``LANE`` of each 16-bit half of ``wh`` (int16), two halves a register
+        (module doc)."""
+        if LANE == 0:
+            asm: tl.constexpr = "{ .reg .b32 t, s, n; mov.b32 t, $1; lop3.b32 t, t, 0x30003, 0x43004300, 0xEA; mov.b32 s, 0x3f803f80; mov.b32 n, 0xc301c301; fma.rn.bf16x2 $0, t, s, n; }"
+        elif LANE == 1:
+            asm: tl.constexpr = "{ .reg .b32 t, s, n; mov.b32 t, $1; lop3.b32 t, t, 0xc000c, 0x43004300, 0xEA; mov.b32 s, 0x3e803e80; mov.b32 n, 0xc204c204; fma.rn.bf16x2 $0, t, s, n; }"
+        elif LANE == 2:
+            asm: tl.constexpr = "{ .reg .b32 t, s, n; mov.b32 t, $1; lop3.b32 t, t, 0x300030, 0x43004300, 0xEA; mov.b32 s, 0x3d803d80; mov.b32 n, 0xc110c110; fma.rn.bf16x2 $0, t, s, n; }"
+        elif LANE == 3:
+            asm: tl.constexpr = "{ .reg .b32 t, s, n; shr.b32 t, $1, 6; lop3.b32 t, t, 0x30003, 0x43004300, 0xEA; mov.b32 s, 0x3f803f80; mov.b32 n, 0xc301c301; fma.rn.bf16x2 $0, t, s, n; }"
+        elif LANE == 4:
+            asm: tl.constexpr = "{ .reg .b32 t, s, n; shr.b32 t, $1, 6; lop3.b32 t, t, 0xc000c, 0x43004300, 0xEA; mov.b32 s, 0x3e803e80; mov.b32 n, 0xc204c204; fma.rn.bf16x2 $0, t, s, n; }"
+        elif LANE == 5:
+            asm: tl.constexpr = "{ .reg .b32 t, s, n; shr.b32 t, $1, 6; lop3.b32 t, t, 0x300030, 0x43004300, 0xEA; mov.b32 s, 0x3d803d80; mov.b32 n, 0xc110c110; fma.rn.bf16x2 $0, t, s, n; }"
+        elif LANE == 6:
+            asm: tl.constexpr = "{ .reg .b32 t, s, n; shr.b32 t, $1, 12; lop3.b32 t, t, 0x30003, 0x43004300, 0xEA; mov.b32 s, 0x3f803f80; mov.b32 n, 0xc301c301; fma.rn.bf16x2 $0, t, s, n; }"
+        elif LANE == 7:
+            asm: tl.constexpr = "{ .reg .b32 t, s, n; shr.b32 t, $1, 12; lop3.b32 t, t, 0xc000c, 0x43004300, 0xEA; mov.b32 s, 0x3e803e80; mov.b32 n, 0xc204c204; fma.rn.bf16x2 $0, t, s, n; }"
+        return tl.inline_asm_elementwise(asm, "=r,r", [wh], dtype=tl.bfloat16, is_pure=True, pack=2)
+
+    @triton.jit
+    def _ternary_gemv_tc_body(xp_ptr, w_ptr, y_ptr, M, N, KH, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_H: tl.constexpr, MODE: tl.constexpr, SPLIT: tl.constexpr):
+        # y[s, m, n] = the part s of sum over k of x[m, k] T[n, k]: w as int16 halves (KH a row), xp[l, m, p] =
+        # x[m, 8 p + l]; the dot is the transposed one (codes as the first operand: the decoded registers
+        # feed the tensor cores directly), x's rows padded to BLOCK_M with zeros
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, BLOCK_M)
+        span = tl.cdiv(tl.cdiv(KH, SPLIT), BLOCK_H) * BLOCK_H
+        h_lo = tl.program_id(1) * span
+        h_hi = tl.minimum(h_lo + span, KH)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for h0 in range(h_lo, h_hi, BLOCK_H):
+            rh = h0 + tl.arange(0, BLOCK_H)
+            # 0x5555: eight zero codes, for rows and halves past the ends
+            wh = tl.load(w_ptr + rn[:, None] * KH + rh[None, :], mask=(rn[:, None] < N) & (rh[None, :] < h_hi),
+                         other=0x5555)
+            for lane in tl.static_range(8):
+                xl = tl.load(xp_ptr + (lane * M + rm[None, :]) * KH + rh[:, None],
+                             mask=(rm[None, :] < M) & (rh[:, None] < h_hi), other=0.0)
+                acc = tl.dot(_lane_values(wh, lane), xl, acc)
+        tl.store(y_ptr + (tl.program_id(1) * M + rm[None, :]) * N + rn[:, None], acc,
+                 mask=(rm[None, :] < M) & (rn[:, None] < N))
+
+    def _tc_for_rows(configs, named_args, **kwargs):
+        """MODE 6's configurations for ``M`` rows: the split ones for one row only (their partial sums,
+        SPLIT x M x N, cost more to clear and add than they save for more rows)."""
+        return [c for c in configs if c.kwargs["SPLIT"] == 1 or named_args["M"] == 1]
+
+    _ternary_gemv_tc_kernel = triton.autotune(configs=_TC_CONFIGS, key=["M", "N", "KH"], reset_to_zero=["y_ptr"],
+                                              prune_configs_by={"early_config_prune": _tc_for_rows})(
+        _ternary_gemv_tc_body)
+
 
 # the exponent bits of 2^23 (MODES 3 to 5), passed at run time: a register the compiler cannot fold
 # into the per-code masks, so that each code takes one logic operation (AND with mask | magic)
 _MAGIC = 0x4B000000
 
 
+# True: the autotuned call runs MODE 6 (the codes decoded on the way to the tensor cores) where it applies
+# (K a multiple of 8, a GPU with bf16 tensor cores: compute capability 8.0 or later); False: the
+# autotuner's pick among MODES 0 to 5
+TENSOR_CORE_DECODE = True
+
+
+def tensor_core_decode_applies(x: torch.Tensor) -> bool:
+    """Whether the autotuned ``ternary_gemv`` of ``x`` runs MODE 6."""
+    return (TENSOR_CORE_DECODE and triton is not None and x.is_cuda and x.shape[1] % 8 == 0
+            and torch.cuda.get_device_capability(x.device) >= (8, 0))
+
+
 def ternary_gemv(x: torch.Tensor, w_data: torch.Tensor, w_scale: torch.Tensor, out_features: int,
                  config=None, dot_f32: bool = False) -> torch.Tensor:
     """fp32 ``(M, N)`` = ``x (M, K) @ (w_scale * T)^T`` for 2-bit codes ``w_data`` of ``T (N, K)``.
-    ``config``: one of ``_CONFIGS`` instead of the autotuned choice; ``dot_f32`` (with ``config``): the
-    dot on fp32 operands instead of bf16, the same values (the codes and the bf16-rounded x are exact
-    in both), for Triton's interpreter (``TRITON_INTERPRET=1``), whose bf16 dot is wrong."""
+    ``config``: one of ``_CONFIGS`` or ``_TC_CONFIGS`` instead of the autotuned choice; ``dot_f32`` (with
+    a configuration of ``_CONFIGS``): the dot on fp32 operands instead of bf16, the same values (the codes
+    and the bf16-rounded x are exact in both), for Triton's interpreter (``TRITON_INTERPRET=1``), whose
+    bf16 dot is wrong (MODE 6's inline PTX runs on a GPU only)."""
     M, K = x.shape
     N = out_features
     w = w_data.view(N, K // 4)
@@ -200,6 +289,8 @@ def ternary_gemv(x: torch.Tensor, w_data: torch.Tensor, w_scale: torch.Tensor, o
     # data_ptr(), which torch.compile cannot trace (storages start at allocator-aligned addresses)
     if (w.storage_offset() * w.element_size()) % 4:
         w = w.clone()
+    if config is None and tensor_core_decode_applies(x) or config is not None and config.kwargs["MODE"] == 6:
+        return _tensor_core_gemv(x, w, w_scale, N, config)
     x = x.to(torch.bfloat16).contiguous()
     # one row of x: the one-row modes write row s of y for the part s of a split K range (rows a
     # configuration does not split into stay 0), added in a fixed order below
@@ -219,6 +310,28 @@ def ternary_gemv(x: torch.Tensor, w_data: torch.Tensor, w_scale: torch.Tensor, o
     if M == 1:
         y = y.sum(0, keepdim=True)
     return y * w_scale.to(torch.float32)
+
+
+def _tensor_core_gemv(x, w, w_scale, N, config):
+    """MODE 6 (autotuned, or ``config``): x permuted to ``(8, M, K // 8)`` (module doc), the partial sums
+    of a split K range added in a fixed order."""
+    M, K = x.shape
+    if K % 8:
+        raise ValueError(f"MODE 6 reads 16-bit halves of 8 codes: K = {K} is no multiple of 8")
+    if not x.is_cuda:
+        raise ValueError("MODE 6 decodes the codes in inline PTX: it runs on a CUDA GPU only")
+    xp = x.to(torch.bfloat16).view(M, K // 8, 8).permute(2, 0, 1).contiguous()
+    split = MAX_TC_SPLIT if config is None and M == 1 else 1 if config is None else config.kwargs["SPLIT"]
+    y = torch.zeros(split, M, N, device=x.device, dtype=torch.float32) if split > 1 else \
+        torch.empty(1, M, N, device=x.device, dtype=torch.float32)
+    block_m = max(16, triton.next_power_of_2(M))
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
+    if config is None:
+        _ternary_gemv_tc_kernel[grid](xp, w.view(torch.int16), y, M, N, K // 8, BLOCK_M=block_m)
+    else:
+        _ternary_gemv_tc_body[grid](xp, w.view(torch.int16), y, M, N, K // 8, BLOCK_M=block_m, **config.kwargs,
+                                    num_warps=config.num_warps, num_stages=config.num_stages)
+    return (y.sum(0) if split > 1 else y[0]) * w_scale.to(torch.float32)
 
 
 @torch.library.custom_op("lowprec::ternary_gemv", mutates_args=())

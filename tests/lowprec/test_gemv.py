@@ -22,7 +22,7 @@ def packed_case(seed: int = 0):
 
 def check_all_configs(device: str, dot_f32: bool) -> list[str]:
     """Every configuration on M = 1, 3, 17 rows (MODES 2 to 5: one row; more are refused; K split into up to 8
-    parts, some of them empty: K // 16 = 32 words a row); the failures.
+    parts, some of them empty: K // 16 = 32 words a row; MODE 6, which needs a GPU, only there); the failures.
     Tolerance: the products are exact (codes in {-1, 0, 1} times bf16 x; MODES 3 to 5 make each
     code's value from its bits and multiply x by a power of 2, both exact), so the only error is the fp32
     summation of K terms in some order: at most gamma_K * sum |x_k T_nk|, gamma_K = K u / (1 - K u),
@@ -39,7 +39,7 @@ def check_all_configs(device: str, dot_f32: bool) -> list[str]:
         xb = x.bfloat16().double()
         ref = xb @ t.double().t()
         bound = gamma * (xb.abs() @ t.double().abs().t())
-        for cfg in gemv._CONFIGS:
+        for cfg in gemv._CONFIGS + ([] if dot_f32 else gemv._TC_CONFIGS):
             if cfg.kwargs["MODE"] in gemv.ONE_ROW_MODES and m != 1:
                 with pytest.raises(ValueError, match="one row"):
                     gemv.ternary_gemv(x, packed, torch.tensor(1.0, device=device), N, config=cfg, dot_f32=dot_f32)
@@ -65,7 +65,7 @@ def check_all_configs(device: str, dot_f32: bool) -> list[str]:
 
 
 @pytest.mark.gpu
-def test_every_gemv_config_on_the_gpu():
+def test_every_gemv_config_on_the_gpu(monkeypatch):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from lowprec import gemv
@@ -73,17 +73,34 @@ def test_every_gemv_config_on_the_gpu():
     if gemv.triton is None:
         pytest.skip("needs triton")
     assert {c.kwargs["MODE"] for c in gemv._CONFIGS} == {0, 1, 2, 3, 4, 5}
+    assert {c.kwargs["MODE"] for c in gemv._TC_CONFIGS} == {6} and any(c.kwargs["SPLIT"] > 1 for c in gemv._TC_CONFIGS)
     assert check_all_configs("cuda", dot_f32=False) == []
-    # the autotuned kernel: the call that times every configuration (whose split ones leave partial sums
-    # in rows that a later one does not write) and the call after it, from the cached choice
+    # the autotuned kernels (MODE 6, and MODES 0 to 5 with it off): the call that times every configuration
+    # (whose split ones leave partial sums in rows that a later one does not write) and the call after it,
+    # from the cached choice; 1 row and 5
     t, packed = (a.cuda() for a in packed_case(seed=3))
-    x = torch.randn(1, K, device="cuda")
-    xb = x.bfloat16().double()
     u = 2.0 ** -24
-    bound = K * u / (1 - K * u) * (xb.abs() @ t.double().abs().t())
-    for _ in range(2):
-        y = gemv.ternary_gemv(x, packed, torch.tensor(1.0, device="cuda"), N)
-        assert bool(((y.double() - xb @ t.double().t()).abs() <= bound).all())
+    for decode in (True, False):
+        monkeypatch.setattr(gemv, "TENSOR_CORE_DECODE", decode)
+        for m in (1, 5):
+            x = torch.randn(m, K, device="cuda")
+            assert gemv.tensor_core_decode_applies(x) == decode
+            xb = x.bfloat16().double()
+            bound = K * u / (1 - K * u) * (xb.abs() @ t.double().abs().t())
+            for _ in range(2):
+                y = gemv.ternary_gemv(x, packed, torch.tensor(1.0, device="cuda"), N)
+                assert bool(((y.double() - xb @ t.double().t()).abs() <= bound).all())
+    # MODE 6 reads halves of 8 codes: K = 12 (3 packed bytes a row) is refused, and the autotuned call
+    # takes the other modes
+    monkeypatch.setattr(gemv, "TENSOR_CORE_DECODE", True)
+    x = torch.randn(1, 12, device="cuda")
+    assert not gemv.tensor_core_decode_applies(x)
+    with pytest.raises(ValueError, match="no multiple of 8"):
+        gemv.ternary_gemv(x, packed[:, :3].contiguous(), torch.tensor(1.0, device="cuda"), N,
+                          config=gemv._TC_CONFIGS[0])
+    y = gemv.ternary_gemv(x, packed[:, :3].contiguous(), torch.tensor(1.0, device="cuda"), N)
+    xb, t12 = x.bfloat16().double(), t[:, :12].double()
+    assert bool(((y.double() - xb @ t12.t()).abs() <= 12 * u / (1 - 12 * u) * (xb.abs() @ t12.abs().t())).all())
 
 
 def test_every_gemv_config_in_the_triton_interpreter():
