@@ -83,8 +83,8 @@ def lstm_table(batch_sizes=(1, 16), d=16384):
     decode = gemv.TENSOR_CORE_DECODE
     for name, fields in variants.items():
         layer = base if fields is None else QLinear.from_float(base, LayerPrecision.from_fields(fields))
-        # the packed GEMV's codes decoded on the way to the tensor cores (MODE 6), or, in the row that says
-        # so, by the autotuner's pick of the modes that decode them on CUDA cores
+        # the packed GEMV: the faster of MODE 6 (codes decoded on the way to the tensor cores) and the
+        # autotuner's pick of the modes that decode them on CUDA cores, or, in the row that says so, the latter
         gemv.TENSOR_CORE_DECODE = "CUDA cores" not in name
         for B in batch_sizes:
             h = torch.randn(B, d, device="cuda", dtype=torch.bfloat16)
@@ -105,7 +105,7 @@ def lstm_table(batch_sizes=(1, 16), d=16384):
                 nbytes, path = base.weight.numel() * 2, "cuBLAS bf16"
             elif "packed" in name:
                 # the autotuner's pick for this shape
-                tuner = gemv._ternary_gemv_tc_kernel if gemv.tensor_core_decode_applies(h) else gemv._ternary_gemv_kernel
+                tuner = gemv._ternary_gemv_tc_kernel if gemv.decodes_on_tensor_cores(h, 4 * d) else gemv._ternary_gemv_kernel
                 cfg = tuner.best_config.kwargs
                 split = f", K in {cfg['SPLIT']} parts" if cfg["SPLIT"] > 1 else ""
                 nbytes = layer.native_nbytes()

@@ -31,7 +31,8 @@ multiply-add of the pair by ``4^-p`` and ``-(128 4^-p + 1)`` gives ``c - 1`` exa
 and one bf16x2 multiply-add for two codes (and two shifts a register for its eight lanes), in inline PTX. Each code lane is
 one dot of a (rows, halves) tile with the matching entries of x, which the caller permutes once to
 ``x[m, 8 p + l]`` at ``(l, m, p)``; the dots accumulate in fp32, and splitting the K range as above makes
-more programs.
+more programs. Where it applies, the autotuned call times MODE 6's pick against the other modes' on each
+shape's first call and keeps the faster (``TENSOR_CORE_DECODE``).
 """
 
 from __future__ import annotations
@@ -248,10 +249,21 @@ if triton is not None:
         tl.store(y_ptr + (tl.program_id(1) * M + rm[None, :]) * N + rn[:, None], acc,
                  mask=(rm[None, :] < M) & (rn[:, None] < N))
 
+    def _tc_fits(config, block_m: int, device) -> str | None:
+        """Why MODE 6's ``config`` cannot run with ``block_m`` rows of x on ``device``, or None: each stage
+        of its loop holds a tile of codes and the eight lanes' tiles of x in shared memory."""
+        kw = config.kwargs
+        need = config.num_stages * 2 * (kw["BLOCK_N"] * kw["BLOCK_H"] + 8 * kw["BLOCK_H"] * block_m)
+        have = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+        return f"MODE 6 {kw} needs {need} bytes of shared memory, the device has {have}" if need > have else None
+
     def _tc_for_rows(configs, named_args, **kwargs):
-        """MODE 6's configurations for ``M`` rows: the split ones for one row only (their partial sums,
-        SPLIT x M x N, cost more to clear and add than they save for more rows)."""
-        return [c for c in configs if c.kwargs["SPLIT"] == 1 or named_args["M"] == 1]
+        """MODE 6's configurations for ``M`` rows that fit the device's shared memory; the split ones for
+        one row only (their partial sums, SPLIT x M x N, cost more to clear and add than they save for
+        more rows)."""
+        m, device = named_args["M"], named_args["xp_ptr"].device
+        return [c for c in configs if (c.kwargs["SPLIT"] == 1 or m == 1)
+                and _tc_fits(c, max(16, triton.next_power_of_2(m)), device) is None]
 
     _ternary_gemv_tc_kernel = triton.autotune(configs=_TC_CONFIGS, key=["M", "N", "KH"], reset_to_zero=["y_ptr"],
                                               prune_configs_by={"early_config_prune": _tc_for_rows})(
@@ -263,16 +275,26 @@ if triton is not None:
 _MAGIC = 0x4B000000
 
 
-# True: the autotuned call runs MODE 6 (the codes decoded on the way to the tensor cores) where it applies
-# (K a multiple of 8, a GPU with bf16 tensor cores: compute capability 8.0 or later); False: the
-# autotuner's pick among MODES 0 to 5
+# True: where MODE 6 applies (K a multiple of 8, a GPU with bf16 tensor cores: compute capability 8.0 or
+# later), the autotuned call times it against the autotuner's pick among MODES 0 to 5 on the first call of
+# each shape and keeps the faster; False: MODES 0 to 5 only
 TENSOR_CORE_DECODE = True
+# (M, N, K, device index) -> True where MODE 6 was the faster on the shape's first call
+_DECODE_CHOICE: dict = {}
 
 
 def tensor_core_decode_applies(x: torch.Tensor) -> bool:
-    """Whether the autotuned ``ternary_gemv`` of ``x`` runs MODE 6."""
+    """Whether MODE 6 is among the autotuned ``ternary_gemv``'s choices for ``x``."""
     return (TENSOR_CORE_DECODE and triton is not None and x.is_cuda and x.shape[1] % 8 == 0
             and torch.cuda.get_device_capability(x.device) >= (8, 0))
+
+
+def decodes_on_tensor_cores(x: torch.Tensor, N: int) -> bool | None:
+    """Whether the autotuned ``ternary_gemv`` of ``x`` with ``N`` outputs runs MODE 6; None before the
+    shape's first call."""
+    if not tensor_core_decode_applies(x):
+        return False
+    return _DECODE_CHOICE.get((*x.shape, N, x.device.index))
 
 
 def ternary_gemv(x: torch.Tensor, w_data: torch.Tensor, w_scale: torch.Tensor, out_features: int,
@@ -289,8 +311,24 @@ def ternary_gemv(x: torch.Tensor, w_data: torch.Tensor, w_scale: torch.Tensor, o
     # data_ptr(), which torch.compile cannot trace (storages start at allocator-aligned addresses)
     if (w.storage_offset() * w.element_size()) % 4:
         w = w.clone()
-    if config is None and tensor_core_decode_applies(x) or config is not None and config.kwargs["MODE"] == 6:
-        return _tensor_core_gemv(x, w, w_scale, N, config)
+    if config is not None:  # one configuration, as given (tests run each)
+        if config.kwargs["MODE"] == 6:
+            return _tensor_core_gemv(x, w, w_scale, N, config)
+        return _cuda_core_gemv(x, w, w_scale, N, config, dot_f32)
+    if tensor_core_decode_applies(x):
+        key = (M, N, K, x.device.index)
+        if key not in _DECODE_CHOICE:  # each path autotunes itself on its first call, then one is kept
+            times = [triton.testing.do_bench(lambda: f(x, w, w_scale, N, None), warmup=5, rep=25)
+                     for f in (_tensor_core_gemv, _cuda_core_gemv)]
+            _DECODE_CHOICE[key] = times[0] <= times[1]
+        if _DECODE_CHOICE[key]:
+            return _tensor_core_gemv(x, w, w_scale, N, None)
+    return _cuda_core_gemv(x, w, w_scale, N, None)
+
+
+def _cuda_core_gemv(x, w, w_scale, N, config, dot_f32=False):
+    """MODES 0 to 5 (autotuned, or ``config``)."""
+    M, K = x.shape
     x = x.to(torch.bfloat16).contiguous()
     # one row of x: the one-row modes write row s of y for the part s of a split K range (rows a
     # configuration does not split into stay 0), added in a fixed order below
@@ -300,7 +338,7 @@ def ternary_gemv(x: torch.Tensor, w_data: torch.Tensor, w_scale: torch.Tensor, o
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
     if config is None:
         _ternary_gemv_kernel[grid](x, w, y, M, N, K // 4, x.stride(0), y.stride(0), _MAGIC, BLOCK_M=block_m)
-    else:  # one configuration, as given (tests run each)
+    else:
         why = _fits(config.kwargs, M, K // 4)
         if why is not None:
             raise ValueError(why)
@@ -326,6 +364,8 @@ def _tensor_core_gemv(x, w, w_scale, N, config):
         torch.empty(1, M, N, device=x.device, dtype=torch.float32)
     block_m = max(16, triton.next_power_of_2(M))
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
+    if config is not None and (why := _tc_fits(config, block_m, x.device)) is not None:
+        raise ValueError(why)
     if config is None:
         _ternary_gemv_tc_kernel[grid](xp, w.view(torch.int16), y, M, N, K // 8, BLOCK_M=block_m)
     else:

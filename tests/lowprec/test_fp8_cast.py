@@ -106,7 +106,8 @@ def test_a_compiled_row_operand_can_read_the_stored_tensor(device, name, monkeyp
     its tensor through a no-op view (the tensor stored once, not computed again inside the quantization's
     loops): the traced graph reads it so, and the values are eager's, in both layouts. Off, no view is
     traced, and the compiler (inductor, on CPU and CUDA) quantizes the producer's value before its rounding
-    to bf16: the values are eager's for the GELU computed in fp32."""
+    to bf16: the values are eager's for the product computed in fp32. (The producer, x * 1.5, is exact in
+    fp32 on every device, so compiled and eager agree bit for bit; a GELU's erf may differ in its last bit.)"""
     k = KERNELS["bf16_tensorcore"]
     fmt = lowprec.format(name, granularity="row")
     x = _values(64, 48, torch.bfloat16, device)
@@ -120,15 +121,15 @@ def test_a_compiled_row_operand_can_read_the_stored_tensor(device, name, monkeyp
         monkeypatch.setattr(type(k), "row_operands_read_stored", stored)
         for transposed in (False, True):
             def f(x):
-                return k.operand(torch.nn.functional.gelu(x), fmt, transposed=transposed)
+                return k.operand(x * 1.5, fmt, transposed=transposed)
             torch._dynamo.reset()
             graphs.clear()
             got = torch.compile(f, fullgraph=True, backend=backend)(x)
             _assert_same_values(got, f(x))
             views = [n for n in graphs[0].graph.nodes if n.op == "call_function" and n.target is torch.as_strided]
-            assert len(views) == stored and all("gelu" in str(v.args[0].target) for v in views), graphs[0].graph
+            assert len(views) == stored and all("mul" in str(v.args[0].target) for v in views), graphs[0].graph
             torch._dynamo.reset()
-            unrounded = k.operand(torch.nn.functional.gelu(x.float()), fmt, transposed=transposed)
+            unrounded = k.operand(x.float() * 1.5, fmt, transposed=transposed)
             # with eager's fp32 division (inductor's own multiplies by the reciprocal: a scale's last bit)
             got = torch.compile(f, fullgraph=True, options=eager_division())(x)
             _assert_same_values(got, f(x) if stored else unrounded)

@@ -90,6 +90,11 @@ def test_every_gemv_config_on_the_gpu(monkeypatch):
             for _ in range(2):
                 y = gemv.ternary_gemv(x, packed, torch.tensor(1.0, device="cuda"), N)
                 assert bool(((y.double() - xb @ t.double().t()).abs() <= bound).all())
+                assert gemv.decodes_on_tensor_cores(x, N) in ((True, False) if decode else (False,))
+    # a configuration too large for the device's shared memory at 64 rows is refused
+    big = gemv.triton.Config({"BLOCK_N": 256, "BLOCK_H": 256, "MODE": 6, "SPLIT": 1}, num_warps=4, num_stages=4)
+    with pytest.raises(ValueError, match="shared memory"):
+        gemv.ternary_gemv(torch.randn(64, K, device="cuda"), packed, torch.tensor(1.0, device="cuda"), N, config=big)
     # MODE 6 reads halves of 8 codes: K = 12 (3 packed bytes a row) is refused, and the autotuned call
     # takes the other modes
     monkeypatch.setattr(gemv, "TENSOR_CORE_DECODE", True)
