@@ -31,8 +31,8 @@ multiply-add of the pair by ``4^-p`` and ``-(128 4^-p + 1)`` gives ``c - 1`` exa
 and one bf16x2 multiply-add for two codes (and two shifts a register for its eight lanes), in inline PTX. Each code lane is
 one dot of a (rows, halves) tile with the matching entries of x, which the caller permutes once to
 ``x[m, 8 p + l]`` at ``(l, m, p)``; the dots accumulate in fp32, and splitting the K range as above makes
-more programs. Where it applies, the autotuned call times MODE 6's pick against the other modes' on each
-shape's first call and keeps the faster (``TENSOR_CORE_DECODE``).
+more programs. With ``TENSOR_CORE_DECODE`` (off by default), where it applies, the autotuned call times
+MODE 6's pick against the other modes' on each shape's first call and keeps the faster.
 """
 
 from __future__ import annotations
@@ -277,8 +277,9 @@ _MAGIC = 0x4B000000
 
 # True: where MODE 6 applies (K a multiple of 8, a GPU with bf16 tensor cores: compute capability 8.0 or
 # later), the autotuned call times it against the autotuner's pick among MODES 0 to 5 on the first call of
-# each shape and keeps the faster; False: MODES 0 to 5 only
-TENSOR_CORE_DECODE = True
+# each shape and keeps the faster; False (the default until MODE 6's exactness test has run on a GPU):
+# MODES 0 to 5 only
+TENSOR_CORE_DECODE = False
 # (M, N, K, device index) -> True where MODE 6 was the faster on the shape's first call
 _DECODE_CHOICE: dict = {}
 
