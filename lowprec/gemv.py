@@ -203,26 +203,22 @@ if triton is not None:
     ]
     MAX_TC_SPLIT = max(c.kwargs["SPLIT"] for c in _TC_CONFIGS)
 
+    def _lane_asm(lane: int) -> str:
+        """The PTX that makes code ``lane`` of both 16-bit halves of a register one bf16 pair (module doc)."""
+        shift, p = 6 * (lane // 3), lane % 3
+        move = f"shr.b32 t, $1, {shift}" if shift else "mov.b32 t, $1"
+        scale = {0: 0x3F80, 1: 0x3E80, 2: 0x3D80}[p] * 0x10001  # 4^-p in both halves
+        offset = {0: 0xC301, 1: 0xC204, 2: 0xC110}[p] * 0x10001  # -(128 4^-p + 1) in both halves
+        return (f"{{ .reg .b32 t, s, n; {move}; lop3.b32 t, t, {0x30003 << 2 * p:#x}, 0x43004300, 0xEA; "
+                f"mov.b32 s, {scale:#x}; mov.b32 n, {offset:#x}; fma.rn.bf16x2 $0, t, s, n; }}")
+
+    _LANE_ASM = tl.constexpr(tuple(_lane_asm(lane) for lane in range(8)))
+
     @triton.jit
     def _lane_values(wh, LANE: tl.constexpr):
         """bf16 ``c - 1`` for code ``LANE`` of each 16-bit half of ``wh`` (int16), two halves a register
         (module doc)."""
-        if LANE == 0:
-            asm: tl.constexpr = "{ .reg .b32 t, s, n; mov.b32 t, $1; lop3.b32 t, t, 0x30003, 0x43004300, 0xEA; mov.b32 s, 0x3f803f80; mov.b32 n, 0xc301c301; fma.rn.bf16x2 $0, t, s, n; }"
-        elif LANE == 1:
-            asm: tl.constexpr = "{ .reg .b32 t, s, n; mov.b32 t, $1; lop3.b32 t, t, 0xc000c, 0x43004300, 0xEA; mov.b32 s, 0x3e803e80; mov.b32 n, 0xc204c204; fma.rn.bf16x2 $0, t, s, n; }"
-        elif LANE == 2:
-            asm: tl.constexpr = "{ .reg .b32 t, s, n; mov.b32 t, $1; lop3.b32 t, t, 0x300030, 0x43004300, 0xEA; mov.b32 s, 0x3d803d80; mov.b32 n, 0xc110c110; fma.rn.bf16x2 $0, t, s, n; }"
-        elif LANE == 3:
-            asm: tl.constexpr = "{ .reg .b32 t, s, n; shr.b32 t, $1, 6; lop3.b32 t, t, 0x30003, 0x43004300, 0xEA; mov.b32 s, 0x3f803f80; mov.b32 n, 0xc301c301; fma.rn.bf16x2 $0, t, s, n; }"
-        elif LANE == 4:
-            asm: tl.constexpr = "{ .reg .b32 t, s, n; shr.b32 t, $1, 6; lop3.b32 t, t, 0xc000c, 0x43004300, 0xEA; mov.b32 s, 0x3e803e80; mov.b32 n, 0xc204c204; fma.rn.bf16x2 $0, t, s, n; }"
-        elif LANE == 5:
-            asm: tl.constexpr = "{ .reg .b32 t, s, n; shr.b32 t, $1, 6; lop3.b32 t, t, 0x300030, 0x43004300, 0xEA; mov.b32 s, 0x3d803d80; mov.b32 n, 0xc110c110; fma.rn.bf16x2 $0, t, s, n; }"
-        elif LANE == 6:
-            asm: tl.constexpr = "{ .reg .b32 t, s, n; shr.b32 t, $1, 12; lop3.b32 t, t, 0x30003, 0x43004300, 0xEA; mov.b32 s, 0x3f803f80; mov.b32 n, 0xc301c301; fma.rn.bf16x2 $0, t, s, n; }"
-        elif LANE == 7:
-            asm: tl.constexpr = "{ .reg .b32 t, s, n; shr.b32 t, $1, 12; lop3.b32 t, t, 0xc000c, 0x43004300, 0xEA; mov.b32 s, 0x3e803e80; mov.b32 n, 0xc204c204; fma.rn.bf16x2 $0, t, s, n; }"
+        asm: tl.constexpr = _LANE_ASM[LANE]
         return tl.inline_asm_elementwise(asm, "=r,r", [wh], dtype=tl.bfloat16, is_pure=True, pack=2)
 
     @triton.jit
