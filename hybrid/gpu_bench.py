@@ -2,10 +2,15 @@
 
     python -m hybrid.gpu_bench                 # both parts
     python -m hybrid.gpu_bench --part lstm     # only the recurrent-step table
+    python -m hybrid.gpu_bench --part gemv     # every configuration of the packed ternary GEMV
 
 Part ``lstm``: one LSTM recurrent step at width 16384 — ``hh(h)``, a (B x 16384) @ (16384 x 65536)
 GEMV, the sequential part of the memory — per weight format, next to its memory-bandwidth floor
-(weight bytes / measured device-to-device copy bandwidth; the step is memory-bound at small B).
+(weight bytes / measured device-to-device copy bandwidth; the step is memory-bound at small B), timed
+with calls issued back to back and as replays of a CUDA graph (no host time between kernels).
+
+Part ``gemv`` (not in ``all``): the packed ternary GEMV of that step in each of its configurations, timed
+and checked against an fp64 reference.
 
 Part ``step``: one training step of the ``slice16k`` preset (8.96B parameters: 1 block, 1 LSTM
 layer, width 16384) under the ``paper`` precision policy, in ``stream`` and in ``chunked`` mode: time,
@@ -51,6 +56,22 @@ def back_to_back_ms(fn, iters: int = 20, warmup: int = 3) -> float:
     return a.elapsed_time(b) / iters
 
 
+def graph_ms(fn, iters: int = 20) -> float | None:
+    """Mean ms per replay of a CUDA graph of one call of ``fn()`` (after the warm-up calls of
+    ``back_to_back_ms``, which autotune), replays issued back to back: the device's time with no host
+    work between kernels, as a captured training step runs them; None where ``fn`` cannot be captured."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(g):
+            fn()
+    except RuntimeError:  # an operation that synchronizes or allocates on the host's side of a capture
+        torch.cuda.synchronize()
+        return None
+    return back_to_back_ms(g.replay, iters=iters, warmup=2)
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
@@ -64,8 +85,9 @@ def lstm_table(batch_sizes=(1, 16), d=16384):
     bw = copy_bandwidth()
     print(f"\n## LSTM recurrent step hh(h) at width {d} (16384 -> 65536), {torch.cuda.get_device_name()}, "
           f"copy bandwidth {bw / 1e12:.2f} TB/s, {datetime.date.today()}\n")
-    print("| weights | B | ms / step | weight bytes | floor ms (bytes / bandwidth) | % of floor | path |")
-    print("|---|---|---|---|---|---|---|")
+    print("| weights | B | ms / step | ms / step, CUDA graph | weight bytes | floor ms (bytes / bandwidth) | "
+          "% of floor (graph) | path |")
+    print("|---|---|---|---|---|---|---|---|")
     base = torch.nn.Linear(d, 4 * d, bias=False, device="cuda", dtype=torch.bfloat16)
     variants = {
         "bf16": None,
@@ -90,6 +112,7 @@ def lstm_table(batch_sizes=(1, 16), d=16384):
             h = torch.randn(B, d, device="cuda", dtype=torch.bfloat16)
             if fields is None:
                 ms = back_to_back_ms(lambda: layer(h))
+                graph = graph_ms(lambda: layer(h))
             else:
                 # a step of the recurrence: the GEMMs the LSTM calls per token, with the weight's
                 # operand derived at the first step and kept for the rest, as its forward loop does
@@ -99,6 +122,7 @@ def lstm_table(batch_sizes=(1, 16), d=16384):
                 def step():
                     steps[:] = [gemms.fprop(h, weights)]
                 ms = back_to_back_ms(step)
+                graph = graph_ms(step)
                 gemms.end_forward()
                 del steps
             if fields is None:
@@ -115,10 +139,56 @@ def lstm_table(batch_sizes=(1, 16), d=16384):
             else:
                 nbytes, path = base.weight.numel(), "FP8 GEMM (cached E4M3 weight)"
             floor = nbytes / bw * 1e3
-            print(f"| {name} | {B} | {ms:.3f} | {nbytes / 2**20:.0f} MiB | {floor:.3f} | {100 * floor / ms:.0f}% | {path} |", flush=True)
+            g = "–" if graph is None else f"{graph:.3f}"
+            pct = "–" if graph is None else f"{100 * floor / graph:.0f}%"
+            print(f"| {name} | {B} | {ms:.3f} | {g} | {nbytes / 2**20:.0f} MiB | {floor:.3f} | {pct} | {path} |",
+                  flush=True)
         del layer
         torch.cuda.empty_cache()
     gemv.TENSOR_CORE_DECODE = decode
+
+
+@torch.no_grad()
+def gemv_table(batch_sizes=(1, 16), d=16384, check_rows=256):
+    """Every configuration of the packed ternary GEMV (``lowprec.gemv``: MODES 0 to 5 and MODE 6) on the
+    recurrent step's shape, called through ``ternary_gemv`` with that configuration: its time back to back
+    and as a CUDA graph, against the floor, and its error on the first ``check_rows`` outputs against an
+    fp64 reference over the bound of fp32 summation (1 or less: within it)."""
+    from lowprec import gemv
+
+    bw = copy_bandwidth()
+    N, K = 4 * d, d
+    g = torch.Generator(device="cuda").manual_seed(0)
+    packed = torch.randint(0, 256, (N, K // 4), device="cuda", dtype=torch.uint8, generator=g)
+    codes = (packed[:check_rows, :, None] >> torch.tensor([0, 2, 4, 6], device="cuda")) & 3
+    t = codes.reshape(check_rows, K).double() - 1
+    floor = packed.numel() / bw * 1e3
+    u = 2.0 ** -24
+    print(f"\n## Packed ternary GEMV, every configuration: ({d} x B) -> {N}, {torch.cuda.get_device_name()}, "
+          f"copy bandwidth {bw / 1e12:.2f} TB/s, floor {floor:.3f} ms, {datetime.date.today()}\n")
+    print("| B | configuration | ms | ms, CUDA graph | % of floor (graph) | error / bound |")
+    print("|---|---|---|---|---|---|")
+    scale = torch.tensor(1.0, device="cuda")
+    for B in batch_sizes:
+        x = torch.randn(B, K, device="cuda", generator=g)
+        xb = x.bfloat16().double()
+        ref = xb @ t.t()
+        bound = K * u / (1 - K * u) * (xb.abs() @ t.abs().t())
+        for cfg in gemv._CONFIGS + gemv._TC_CONFIGS:
+            kw = cfg.kwargs
+            if kw["MODE"] in gemv.ONE_ROW_MODES and B != 1:
+                continue
+            if kw["MODE"] == 6 and gemv._tc_fits(cfg, max(16, gemv.triton.next_power_of_2(B)), x.device):
+                continue
+
+            def call():
+                return gemv.ternary_gemv(x, packed, scale, N, config=cfg)
+            err = ((call()[:, :check_rows].double() - ref).abs() / bound.clamp(min=1e-300)).max().item()
+            ms = back_to_back_ms(call)
+            graph = graph_ms(call)
+            desc = ", ".join(f"{k} {v}" for k, v in kw.items()) + f", warps {cfg.num_warps}, stages {cfg.num_stages}"
+            gs, pct = ("–", "–") if graph is None else (f"{graph:.3f}", f"{100 * floor / graph:.0f}%")
+            print(f"| {B} | {desc} | {ms:.3f} | {gs} | {pct} | {err:.2f} |", flush=True)
 
 
 def slice_step(tokens=2048, policy="paper", rnn_mode="stream"):
@@ -172,7 +242,7 @@ def slice_step(tokens=2048, policy="paper", rnn_mode="stream"):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["lstm", "step", "all"], default="all")
+    ap.add_argument("--part", choices=["lstm", "gemv", "step", "all"], default="all")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--rnn-modes", nargs="+", choices=["stream", "chunked"], default=["stream", "chunked"],
                     help="part step: the memory's rnn_mode of each measured step")
@@ -181,6 +251,8 @@ def main(argv=None):
         raise SystemExit("hybrid.gpu_bench needs a CUDA GPU")
     if args.part in ("lstm", "all"):
         lstm_table()
+    if args.part == "gemv":
+        gemv_table()
     if args.part in ("step", "all"):
         for mode in args.rnn_modes:
             slice_step(args.tokens, rnn_mode=mode)
