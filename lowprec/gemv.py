@@ -286,12 +286,17 @@ def tensor_core_decode_applies(x: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device) >= (8, 0))
 
 
+def _choice_key(x: torch.Tensor, N: int) -> tuple:
+    """``_DECODE_CHOICE``'s key of ``x`` (M, K) with ``N`` outputs."""
+    return x.shape[0], N, x.shape[1], x.device.index
+
+
 def decodes_on_tensor_cores(x: torch.Tensor, N: int) -> bool | None:
     """Whether the autotuned ``ternary_gemv`` of ``x`` with ``N`` outputs runs MODE 6; None before the
     shape's first call."""
     if not tensor_core_decode_applies(x):
         return False
-    return _DECODE_CHOICE.get((*x.shape, N, x.device.index))
+    return _DECODE_CHOICE.get(_choice_key(x, N))
 
 
 def ternary_gemv(x: torch.Tensor, w_data: torch.Tensor, w_scale: torch.Tensor, out_features: int,
@@ -313,7 +318,7 @@ def ternary_gemv(x: torch.Tensor, w_data: torch.Tensor, w_scale: torch.Tensor, o
             return _tensor_core_gemv(x, w, w_scale, N, config)
         return _cuda_core_gemv(x, w, w_scale, N, config, dot_f32)
     if tensor_core_decode_applies(x):
-        key = (M, N, K, x.device.index)
+        key = _choice_key(x, N)
         if key not in _DECODE_CHOICE:  # each path autotunes itself on its first call, then one is kept
             times = [triton.testing.do_bench(lambda: f(x, w, w_scale, N, None), warmup=5, rep=25)
                      for f in (_tensor_core_gemv, _cuda_core_gemv)]
