@@ -360,7 +360,7 @@ def _tensor_core_gemv(x, w, w_scale, N, config):
         raise ValueError(f"MODE 6 reads 16-bit halves of 8 codes: K = {K} is no multiple of 8")
     if not x.is_cuda:
         raise ValueError("MODE 6 decodes the codes in inline PTX: it runs on a CUDA GPU only")
-    xp = x.to(torch.bfloat16).view(M, K // 8, 8).permute(2, 0, 1).contiguous()
+    xp = x.to(torch.bfloat16).reshape(M, K // 8, 8).permute(2, 0, 1).contiguous()
     split = MAX_TC_SPLIT if config is None and M == 1 else 1 if config is None else config.kwargs["SPLIT"]
     y = torch.zeros(split, M, N, device=x.device, dtype=torch.float32) if split > 1 else \
         torch.empty(1, M, N, device=x.device, dtype=torch.float32)
