@@ -41,6 +41,18 @@ import torch
 
 GEMV_MAX_ROWS = 64
 
+def lane_ptx(lane: int) -> str:
+    """MODE 6's PTX that makes code ``lane`` (0 to 7) of both 16-bit halves of a 32-bit register one pair of
+    bf16 values ``c - 1`` (module doc): a shift, one ``lop3`` (``(t & mask) | 0x43004300``), one bf16x2 fused
+    multiply-add by ``4^-p`` and ``-(128 4^-p + 1)``."""
+    shift, p = 6 * (lane // 3), lane % 3
+    move = f"shr.b32 t, $1, {shift}" if shift else "mov.b32 t, $1"
+    scale = {0: 0x3F80, 1: 0x3E80, 2: 0x3D80}[p] * 0x10001  # 4^-p in both halves
+    offset = {0: 0xC301, 1: 0xC204, 2: 0xC110}[p] * 0x10001  # -(128 4^-p + 1) in both halves
+    return (f"{{ .reg .b32 t, s, n; {move}; lop3.b32 t, t, {0x30003 << 2 * p:#x}, 0x43004300, 0xEA; "
+            f"mov.b32 s, {scale:#x}; mov.b32 n, {offset:#x}; fma.rn.bf16x2 $0, t, s, n; }}")
+
+
 try:  # Triton ships with CUDA builds of torch; the CPU build runs without it
     import triton
     import triton.language as tl
@@ -203,16 +215,7 @@ if triton is not None:
     ]
     MAX_TC_SPLIT = max(c.kwargs["SPLIT"] for c in _TC_CONFIGS)
 
-    def _lane_asm(lane: int) -> str:
-        """The PTX that makes code ``lane`` of both 16-bit halves of a register one bf16 pair (module doc)."""
-        shift, p = 6 * (lane // 3), lane % 3
-        move = f"shr.b32 t, $1, {shift}" if shift else "mov.b32 t, $1"
-        scale = {0: 0x3F80, 1: 0x3E80, 2: 0x3D80}[p] * 0x10001  # 4^-p in both halves
-        offset = {0: 0xC301, 1: 0xC204, 2: 0xC110}[p] * 0x10001  # -(128 4^-p + 1) in both halves
-        return (f"{{ .reg .b32 t, s, n; {move}; lop3.b32 t, t, {0x30003 << 2 * p:#x}, 0x43004300, 0xEA; "
-                f"mov.b32 s, {scale:#x}; mov.b32 n, {offset:#x}; fma.rn.bf16x2 $0, t, s, n; }}")
-
-    _LANE_ASM = tl.constexpr(tuple(_lane_asm(lane) for lane in range(8)))
+    _LANE_ASM = tl.constexpr(tuple(lane_ptx(lane) for lane in range(8)))
 
     @triton.jit
     def _lane_values(wh, LANE: tl.constexpr):

@@ -133,6 +133,42 @@ def test_every_gemv_config_in_the_triton_interpreter():
     assert p.stdout.strip().splitlines()[-1] == "FAILED []"
 
 
+def _bf16(bits: torch.Tensor) -> torch.Tensor:
+    """float64 values of bf16 bit patterns (int64 in [0, 2^16))."""
+    return bits.to(torch.int32).to(torch.int16).view(torch.bfloat16).double()
+
+
+def test_mode6_ptx_decodes_every_half_exactly():
+    """MODE 6's PTX (``lane_ptx``), read back and carried out op by op on the CPU for every 16-bit half in both
+    halves of a register (PTX ISA: ``shr.b32`` logical, ``lop3`` with immLut 0xEA = (a & b) | c, ``fma.rn.bf16x2``
+    per half, rounded once to bf16): code ``lane`` of each half, ``c``, comes out as ``c - 1``, exactly, for
+    every lane. The GPU test checks the kernel's results; this one pins the constants with no GPU."""
+    import re
+
+    from lowprec import gemv
+
+    lo = torch.arange(2 ** 16, dtype=torch.int64)
+    hi = torch.randperm(2 ** 16, generator=torch.Generator().manual_seed(0))
+    word = lo | (hi << 16)
+    for lane in range(8):
+        ptx = gemv.lane_ptx(lane)
+        m = re.fullmatch(r"\{ \.reg \.b32 t, s, n; (?:shr\.b32 t, \$1, (\d+)|mov\.b32 t, \$1); "
+                         r"lop3\.b32 t, t, (0x[0-9a-f]+), (0x[0-9a-f]+), 0xEA; mov\.b32 s, (0x[0-9a-f]+); "
+                         r"mov\.b32 n, (0x[0-9a-f]+); fma\.rn\.bf16x2 \$0, t, s, n; \}", ptx)
+        assert m, ptx
+        shift = int(m.group(1) or 0)
+        mask, magic, scale, offset = (int(g, 16) for g in m.groups()[1:])
+        t = ((word >> shift) & mask) | magic
+        for half, src in ((0, lo), (16, hi)):
+            def part(v):
+                return _bf16((v >> half) & 0xFFFF)
+            # the products and sums here are small dyadic numbers: float64 holds them exactly, and the one
+            # rounding to bf16 is fma's
+            got = (part(t) * part(torch.tensor(scale)) + part(torch.tensor(offset))).to(torch.bfloat16).double()
+            want = ((src >> (2 * lane)) & 3).double() - 1
+            assert torch.equal(got, want), (lane, half)
+
+
 def test_gemv_operator_shapes_its_output_without_running():
     """``lowprec::ternary_gemv``'s fake (what ``torch.compile`` traces instead of the Triton launch):
     fp32 ``(M, out_features)``, also for one row (the kernel's split rows summed to one)."""
