@@ -155,13 +155,13 @@ def gemv_table(batch_sizes=(1, 16), d=16384, check_rows=256):
     and as a CUDA graph, against the floor, and its error on the first ``check_rows`` outputs against an
     fp64 reference over the bound of fp32 summation (1 or less: within it)."""
     from lowprec import gemv
+    from lowprec.packing import pack_codes, unpack_codes
 
     bw = copy_bandwidth()
     N, K = 4 * d, d
     g = torch.Generator(device="cuda").manual_seed(0)
-    packed = torch.randint(0, 256, (N, K // 4), device="cuda", dtype=torch.uint8, generator=g)
-    codes = (packed[:check_rows, :, None] >> torch.tensor([0, 2, 4, 6], device="cuda")) & 3
-    t = codes.reshape(check_rows, K).double() - 1
+    packed = pack_codes(torch.randint(0, 3, (N, K), device="cuda", dtype=torch.uint8, generator=g), 2).view(N, K // 4)
+    t = unpack_codes(packed[:check_rows], 2, check_rows * K).reshape(check_rows, K).double() - 1
     floor = packed.numel() / bw * 1e3
     u = 2.0 ** -24
     print(f"\n## Packed ternary GEMV, every configuration: ({d} x B) -> {N}, {torch.cuda.get_device_name()}, "
