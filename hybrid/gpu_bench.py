@@ -56,20 +56,28 @@ def back_to_back_ms(fn, iters: int = 20, warmup: int = 3) -> float:
     return a.elapsed_time(b) / iters
 
 
-def graph_ms(fn, iters: int = 20) -> float | None:
-    """Mean ms per replay of a CUDA graph of one call of ``fn()`` (after the warm-up calls of
-    ``back_to_back_ms``, which autotune), replays issued back to back: the device's time with no host
-    work between kernels, as a captured training step runs them; None where ``fn`` cannot be captured."""
+def graph_ms(fn, iters: int = 20, calls: int = 8) -> float | None:
+    """Mean ms per call of ``fn()`` replayed from CUDA graphs (after the warm-up calls of ``back_to_back_ms``,
+    which autotune), replays issued back to back: the device's time with no host work between kernels, as
+    a captured training step runs them. A graph of ``calls`` calls and one of ``2 calls``; the difference
+    of their replay times over ``calls``, so that work done once per capture (a weight operand derived by
+    a recurrence's first step in the graph, then taken by the others) is not counted per call. None where
+    ``fn`` cannot be captured."""
     fn()
     torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(g):
-            fn()
-    except RuntimeError:  # an operation that synchronizes or allocates on the host's side of a capture
-        torch.cuda.synchronize()
-        return None
-    return back_to_back_ms(g.replay, iters=iters, warmup=2)
+    times = []
+    for n in (calls, 2 * calls):
+        g = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(g):
+                for _ in range(n):
+                    fn()
+        except RuntimeError:  # an operation that synchronizes or allocates on the host's side of a capture
+            torch.cuda.synchronize()
+            return None
+        times.append(back_to_back_ms(g.replay, iters=iters, warmup=2))
+        del g
+    return (times[1] - times[0]) / calls
 
 
 def copy_bandwidth() -> float:
@@ -96,8 +104,8 @@ def lstm_table(batch_sizes=(1, 16), d=16384):
         "fp8 (native)": {"weight": "fp8_e4m3", "input": {"format": "fp8_e4m3", "granularity": "tensor"},
                          "storage": "native", "backend": "tensorcore"},
         "ternary (native, packed 2-bit kernel)": {"weight": "ternary", "storage": "native", "backend": "tensorcore"},
-        "ternary (native, packed 2-bit kernel, tensor-core decode allowed)": {"weight": "ternary", "storage": "native",
-                                                                              "backend": "tensorcore"},
+        "ternary (native, packed 2-bit kernel, CUDA-core modes only)": {"weight": "ternary", "storage": "native",
+                                                                         "backend": "tensorcore"},
         "binary (native, e4m3 codes)": {"weight": "binary", "input": {"format": "fp8_e4m3", "granularity": "tensor"},
                                         "storage": "native", "backend": "tensorcore"},
     }
@@ -105,9 +113,9 @@ def lstm_table(batch_sizes=(1, 16), d=16384):
     decode = gemv.TENSOR_CORE_DECODE
     for name, fields in variants.items():
         layer = base if fields is None else QLinear.from_float(base, LayerPrecision.from_fields(fields))
-        # the packed GEMV: the autotuner's pick of the modes that decode the codes on CUDA cores, or, in the
-        # row that says so, the faster of that and MODE 6 (decoded on the way to the tensor cores)
-        gemv.TENSOR_CORE_DECODE = "tensor-core decode" in name
+        # the packed GEMV: the faster of the autotuner's picks of MODE 6 (codes decoded on the way to the
+        # tensor cores) and of the modes that decode them on CUDA cores, or, in the row that says so, the latter
+        gemv.TENSOR_CORE_DECODE = decode and "CUDA-core modes only" not in name
         for B in batch_sizes:
             h = torch.randn(B, d, device="cuda", dtype=torch.bfloat16)
             if fields is None:
@@ -129,8 +137,8 @@ def lstm_table(batch_sizes=(1, 16), d=16384):
                 nbytes, path = base.weight.numel() * 2, "cuBLAS bf16"
             elif "packed" in name:
                 # the autotuner's pick for this shape
-                tuner = gemv._ternary_gemv_tc_kernel if gemv.decodes_on_tensor_cores(h, 4 * d) else gemv._ternary_gemv_kernel
-                cfg = tuner.best_config.kwargs
+                on_tc = gemv.decodes_on_tensor_cores(h, 4 * d)
+                cfg = (gemv.tensor_core_config(h, 4 * d) if on_tc else gemv._ternary_gemv_kernel.best_config).kwargs
                 split = f", K in {cfg['SPLIT']} parts" if cfg["SPLIT"] > 1 else ""
                 nbytes = layer.native_nbytes()
                 path = f"Triton 2-bit GEMV (MODE {cfg['MODE']}, {cfg['BLOCK_N']} rows a program{split})"

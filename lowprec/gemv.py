@@ -31,7 +31,7 @@ multiply-add of the pair by ``4^-p`` and ``-(128 4^-p + 1)`` gives ``c - 1`` exa
 and one bf16x2 multiply-add for two codes (and two shifts a register for its eight lanes), in inline PTX. Each code lane is
 one dot of a (rows, halves) tile with the matching entries of x, which the caller permutes once to
 ``x[m, 8 p + l]`` at ``(l, m, p)``; the dots accumulate in fp32, and splitting the K range as above makes
-more programs. With ``TENSOR_CORE_DECODE`` (off by default), where it applies, the autotuned call times
+more programs. With ``TENSOR_CORE_DECODE`` (on by default), where it applies, the autotuned call times
 MODE 6's pick against the other modes' on each shape's first call and keeps the faster.
 """
 
@@ -205,13 +205,16 @@ if triton is not None:
                                            prune_configs_by={"early_config_prune": _for_rows})(_ternary_gemv_body)
 
     # MODE 6: (BLOCK_N rows, BLOCK_H halves a row a step, SPLIT parts of the K range), timed on an H200 at
-    # 65,536 x 16,384 for 1 and 16 rows of x
+    # 65,536 x 16,384 for 1 and 16 rows of x; the later ones hold less shared memory a program (fewer stages,
+    # smaller tiles), so that more programs share an SM
     _TC_CONFIGS = [
         triton.Config({"BLOCK_N": bn, "BLOCK_H": bh, "MODE": 6, "SPLIT": split}, num_warps=w, num_stages=st)
         for bn, bh, w, st, split in [
             (64, 64, 4, 3, 1), (64, 64, 2, 3, 1), (128, 64, 2, 2, 1), (256, 32, 4, 3, 1), (128, 64, 2, 3, 4),
             (64, 64, 4, 3, 4), (64, 32, 1, 3, 1), (128, 32, 2, 3, 4), (64, 128, 4, 3, 1), (128, 128, 4, 3, 1),
-            (64, 64, 4, 4, 2)]
+            (64, 64, 4, 4, 2),
+            (64, 64, 2, 2, 1), (128, 32, 2, 2, 1), (128, 64, 4, 2, 1), (256, 64, 4, 2, 1), (64, 32, 2, 2, 1),
+            (256, 32, 8, 2, 1), (128, 32, 4, 3, 1), (32, 64, 1, 2, 1), (128, 64, 4, 1, 1)]
     ]
     MAX_TC_SPLIT = max(c.kwargs["SPLIT"] for c in _TC_CONFIGS)
 
@@ -225,9 +228,11 @@ if triton is not None:
         return tl.inline_asm_elementwise(asm, "=r,r", [wh], dtype=tl.bfloat16, is_pure=True, pack=2)
 
     @triton.jit
-    def _ternary_gemv_tc_body(xp_ptr, w_ptr, y_ptr, M, N, KH, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_H: tl.constexpr, MODE: tl.constexpr, SPLIT: tl.constexpr):
-        # y[s, m, n] = the part s of sum over k of x[m, k] T[n, k]: w as int16 halves (KH a row), xp[l, m, p] =
+    def _ternary_gemv_tc_body(xp_ptr, w_ptr, y_ptr, scale_ptr, M, N, KH, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, MODE: tl.constexpr, SPLIT: tl.constexpr,
+                              SCALE: tl.constexpr):
+        # y[s, m, n] = the part s of sum over k of x[m, k] T[n, k], times the scale where SCALE (y has one part;
+        # the caller scales the sum of the parts otherwise): w as int16 halves (KH a row), xp[l, m, p] =
         # x[m, 8 p + l]; the dot is the transposed one (codes as the first operand: the decoded registers
         # feed the tensor cores directly), x's rows padded to BLOCK_M with zeros
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -245,6 +250,8 @@ if triton is not None:
                 xl = tl.load(xp_ptr + (lane * M + rm[None, :]) * KH + rh[:, None],
                              mask=(rm[None, :] < M) & (rh[:, None] < h_hi), other=0.0)
                 acc = tl.dot(_lane_values(wh, lane), xl, acc)
+        if SCALE:
+            acc = acc * tl.load(scale_ptr)
         tl.store(y_ptr + (tl.program_id(1) * M + rm[None, :]) * N + rn[:, None], acc,
                  mask=(rm[None, :] < M) & (rn[:, None] < N))
 
@@ -274,13 +281,14 @@ if triton is not None:
 _MAGIC = 0x4B000000
 
 
-# True: where MODE 6 applies (K a multiple of 8, a GPU with bf16 tensor cores: compute capability 8.0 or
-# later), the autotuned call times it against the autotuner's pick among MODES 0 to 5 on the first call of
-# each shape and keeps the faster; False (the default until MODE 6's exactness test has run on a GPU):
-# MODES 0 to 5 only
-TENSOR_CORE_DECODE = False
+# True (the default): where MODE 6 applies (K a multiple of 8, a GPU with bf16 tensor cores: compute
+# capability 8.0 or later), the autotuned call times it against the autotuner's pick among MODES 0 to 5 on
+# the first call of each shape and keeps the faster; False: MODES 0 to 5 only
+TENSOR_CORE_DECODE = True
 # (M, N, K, device index) -> True where MODE 6 was the faster on the shape's first call
 _DECODE_CHOICE: dict = {}
+# (M, N, K, device index) -> the MODE 6 configuration the autotuner picked on the shape's first call
+_TC_PICK: dict = {}
 
 
 def tensor_core_decode_applies(x: torch.Tensor) -> bool:
@@ -356,27 +364,44 @@ def _cuda_core_gemv(x, w, w_scale, N, config, dot_f32=False):
 
 
 def _tensor_core_gemv(x, w, w_scale, N, config):
-    """MODE 6 (autotuned, or ``config``): x permuted to ``(8, M, K // 8)`` (module doc), the partial sums
-    of a split K range added in a fixed order."""
+    """MODE 6 (``config``, or the autotuner's pick for the shape): x permuted to ``(8, M, K // 8)`` (module
+    doc), the partial sums of a split K range added in a fixed order. The autotuner runs on a shape's first
+    call only; its pick (``tensor_core_config``) is then launched directly, with y allocated for its SPLIT
+    (one part: scaled in the kernel, no zeroing, no sum)."""
     M, K = x.shape
     if K % 8:
         raise ValueError(f"MODE 6 reads 16-bit halves of 8 codes: K = {K} is no multiple of 8")
     if not x.is_cuda:
         raise ValueError("MODE 6 decodes the codes in inline PTX: it runs on a CUDA GPU only")
     xp = x.to(torch.bfloat16).reshape(M, K // 8, 8).permute(2, 0, 1).contiguous()
-    split = MAX_TC_SPLIT if config is None and M == 1 else 1 if config is None else config.kwargs["SPLIT"]
-    y = torch.zeros(split, M, N, device=x.device, dtype=torch.float32) if split > 1 else \
-        torch.empty(1, M, N, device=x.device, dtype=torch.float32)
     block_m = max(16, triton.next_power_of_2(M))
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
-    if config is not None and (why := _tc_fits(config, block_m, x.device)) is not None:
-        raise ValueError(why)
+    scale = w_scale.to(torch.float32)
+    key = _choice_key(x, N)
     if config is None:
-        _ternary_gemv_tc_kernel[grid](xp, w.view(torch.int16), y, M, N, K // 8, BLOCK_M=block_m)
+        config = _TC_PICK.get(key)
+    if config is None:  # the shape's first call: autotune, into parts for the largest split any pick may have
+        split = MAX_TC_SPLIT if M == 1 else 1
+        y = torch.zeros(split, M, N, device=x.device, dtype=torch.float32)
+        _ternary_gemv_tc_kernel[grid](xp, w.view(torch.int16), y, scale, M, N, K // 8, BLOCK_M=block_m,
+                                      SCALE=split == 1)
+        _TC_PICK[key] = _ternary_gemv_tc_kernel.best_config
     else:
-        _ternary_gemv_tc_body[grid](xp, w.view(torch.int16), y, M, N, K // 8, BLOCK_M=block_m, **config.kwargs,
-                                    num_warps=config.num_warps, num_stages=config.num_stages)
-    return (y.sum(0) if split > 1 else y[0]) * w_scale.to(torch.float32)
+        if (why := _tc_fits(config, block_m, x.device)) is not None:
+            raise ValueError(why)
+        split = config.kwargs["SPLIT"]
+        y = torch.zeros(split, M, N, device=x.device, dtype=torch.float32) if split > 1 else \
+            torch.empty(1, M, N, device=x.device, dtype=torch.float32)
+        _ternary_gemv_tc_body[grid](xp, w.view(torch.int16), y, scale, M, N, K // 8, BLOCK_M=block_m,
+                                    SCALE=split == 1, **config.kwargs, num_warps=config.num_warps,
+                                    num_stages=config.num_stages)
+    return y.sum(0) * scale if split > 1 else y[0]
+
+
+def tensor_core_config(x: torch.Tensor, N: int):
+    """The MODE 6 configuration the autotuned ``ternary_gemv`` of ``x`` with ``N`` outputs launches (its
+    first call's pick), or None before it ran."""
+    return _TC_PICK.get(_choice_key(x, N))
 
 
 @torch.library.custom_op("lowprec::ternary_gemv", mutates_args=())

@@ -80,8 +80,10 @@ def test_every_gemv_config_on_the_gpu(monkeypatch):
     assert {c.kwargs["MODE"] for c in gemv._TC_CONFIGS} == {6} and any(c.kwargs["SPLIT"] > 1 for c in gemv._TC_CONFIGS)
     assert check_all_configs("cuda", dot_f32=False) == []
     # the autotuned kernels (MODE 6, and MODES 0 to 5 with it off): the call that times every configuration
-    # (whose split ones leave partial sums in rows that a later one does not write) and the call after it,
-    # from the cached choice; 1 row and 5
+    # (whose split ones leave partial sums in rows that a later one does not write) and the calls after it,
+    # from the cached choice (MODE 6: its pick launched directly, scaled in the kernel where it does not
+    # split); 1 row and 5; the scale 0.5 multiplies exactly, once
+    assert gemv.TENSOR_CORE_DECODE  # the default
     t, packed = (a.cuda() for a in packed_case(seed=3))
     u = 2.0 ** -24
     for decode in (True, False):
@@ -91,10 +93,12 @@ def test_every_gemv_config_on_the_gpu(monkeypatch):
             assert gemv.tensor_core_decode_applies(x) == decode
             xb = x.bfloat16().double()
             bound = K * u / (1 - K * u) * (xb.abs() @ t.double().abs().t())
-            for _ in range(2):
-                y = gemv.ternary_gemv(x, packed, torch.tensor(1.0, device="cuda"), N)
-                assert bool(((y.double() - xb @ t.double().t()).abs() <= bound).all())
+            for _ in range(3):
+                y = gemv.ternary_gemv(x, packed, torch.tensor(0.5, device="cuda"), N)
+                assert bool(((2 * y.double() - xb @ t.double().t()).abs() <= bound).all())
                 assert gemv.decodes_on_tensor_cores(x, N) in ((True, False) if decode else (False,))
+            if decode:  # MODE 6 ran (in the first call's timing at least) and kept its pick
+                assert gemv.tensor_core_config(x, N) in gemv._TC_CONFIGS
     # a configuration too large for the device's shared memory at 64 rows is refused
     big = gemv.triton.Config({"BLOCK_N": 256, "BLOCK_H": 256, "MODE": 6, "SPLIT": 1}, num_warps=4, num_stages=4)
     with pytest.raises(ValueError, match="shared memory"):
