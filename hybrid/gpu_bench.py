@@ -22,6 +22,7 @@ fit beside 8.96B bf16 weights, their gradients and the weight caches on one 80 G
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import datetime
 import time
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 import lowprec
-from lowprec import LayerPrecision
+from lowprec import LayerPrecision, gemm
 from lowprec.nn import QLinear
 
 from .model import HybridLM
@@ -56,20 +57,20 @@ def back_to_back_ms(fn, iters: int = 20, warmup: int = 3) -> float:
     return a.elapsed_time(b) / iters
 
 
-def graph_ms(fn, iters: int = 20, calls: int = 8) -> float | None:
+def graph_ms(fn, iters: int = 20, calls: int = 8, scope=contextlib.nullcontext) -> float | None:
     """Mean ms per call of ``fn()`` replayed from CUDA graphs (after the warm-up calls of ``back_to_back_ms``,
     which autotune), replays issued back to back: the device's time with no host work between kernels, as
     a captured training step runs them. A graph of ``calls`` calls and one of ``2 calls``; the difference
     of their replay times over ``calls``, so that work done once per capture (a weight operand derived by
-    a recurrence's first step in the graph, then taken by the others) is not counted per call. None where
-    ``fn`` cannot be captured."""
+    a recurrence's first step in the graph, then taken by the others, within ``scope()``) is not counted
+    per call. None where ``fn`` cannot be captured."""
     fn()
     torch.cuda.synchronize()
     times = []
     for n in (calls, 2 * calls):
         g = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(g):
+            with torch.cuda.graph(g), scope():
                 for _ in range(n):
                     fn()
         except RuntimeError:  # an operation that synchronizes or allocates on the host's side of a capture
@@ -130,7 +131,8 @@ def lstm_table(batch_sizes=(1, 16), d=16384):
                 def step():
                     steps[:] = [gemms.fprop(h, weights)]
                 ms = back_to_back_ms(step)
-                graph = graph_ms(step)
+                # captured as the LSTM's loop is: its steps share the operand its first step derives
+                graph = graph_ms(step, scope=lambda: gemm.loop_scope(h))
                 gemms.end_forward()
                 del steps
             if fields is None:
