@@ -216,7 +216,10 @@ def _fprop(x2, w, amax_x, amax_w, plan: GemmPlan, io: LayerIO, A=None, B=None, g
         io.record("weight", seen, fp.b)
     A = A if A is not None else _input_operand(x2, plan, amax_x)
     if _gemv_applies(plan, x2):
-        return to_dtype(gemv.packed_gemv(A[0], w[0], w[1], plan.out_features), x2.dtype), None, None
+        # a compiled graph calls the GEMV as its operator (one opaque call); eager code calls the function: the
+        # operator's dispatch costs the host about as long as the GEMV runs at a recurrent step's size
+        call = gemv.packed_gemv if torch.compiler.is_compiling() else gemv.ternary_gemv
+        return to_dtype(call(A[0], w[0], w[1], plan.out_features), x2.dtype), None, None
     k = KERNELS[fp.kernel]
     B = B if B is not None else _weight_operand(k, fp.b, False, plan, w, io, amax_w, gathered)
     return k.mm(A, B, x2.dtype, fast_accum=fp.kernel.startswith("fp8")), A, B
