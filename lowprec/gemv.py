@@ -8,11 +8,12 @@ is memory-bound there. Codes are exact in bf16; ``x`` is rounded to bf16 (as the
 fallback does) and products accumulate in fp32. Used in fprop for at most ``GEMV_MAX_ROWS``
 tokens on CUDA when Triton is importable (the ``packed_ternary_gemv`` kernel of
 :mod:`lowprec.kernels`): a compiled graph calls it through the operator ``lowprec::ternary_gemv``
-(``packed_gemv``), which ``torch.compile`` keeps as one opaque call; eager code calls the function. Block sizes and the way of computing (``MODE``: tensor-core dots per code
-lane, one dot over codes put back in k order, or, for one row of x, fp32 multiply-adds without tensor
-cores, with each code's value made by an int->float conversion or from its bits; for the word modes
-also the number of parts the K range is split into, each a program of its own, their sums then added
-in a fixed order: deterministic) are autotuned per (M, N, K) on first use.
+(``packed_gemv``), which ``torch.compile`` keeps as one opaque call; eager code calls the function.
+Block sizes and the way of computing (``MODE``: tensor-core dots per code lane, one dot over codes
+put back in k order, or, for one row of x, fp32 multiply-adds without tensor cores, with each code's
+value made by an int->float conversion or from its bits; for the word modes also the number of parts
+the K range is split into, each a program of its own, their sums then added in a fixed order:
+deterministic) are autotuned per (M, N, K) on first use.
 
 A code's value from its bits (MODES 3 to 5): with the code ``c`` left in place at bit ``2l`` of its
 byte (or 16-bit half word), the fp32 number with bits ``0x4B000000 | (c << 2l)`` is ``2^23 + c 4^l``
