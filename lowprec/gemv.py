@@ -379,20 +379,18 @@ def _tensor_core_gemv(x, w, w_scale, N, config):
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
     scale = w_scale.to(torch.float32)
     key = _choice_key(x, N)
+    config = config if config is not None else _TC_PICK.get(key)
+    # the shape's first call autotunes, into parts for the largest split any pick may have (the autotuner
+    # zeroes y before each trial)
+    split = (MAX_TC_SPLIT if M == 1 else 1) if config is None else config.kwargs["SPLIT"]
+    y = (torch.zeros if split > 1 else torch.empty)(split, M, N, device=x.device, dtype=torch.float32)
     if config is None:
-        config = _TC_PICK.get(key)
-    if config is None:  # the shape's first call: autotune, into parts for the largest split any pick may have
-        split = MAX_TC_SPLIT if M == 1 else 1
-        y = torch.zeros(split, M, N, device=x.device, dtype=torch.float32)
         _ternary_gemv_tc_kernel[grid](xp, w.view(torch.int16), y, scale, M, N, K // 8, BLOCK_M=block_m,
                                       SCALE=split == 1)
         _TC_PICK[key] = _ternary_gemv_tc_kernel.best_config
     else:
         if (why := _tc_fits(config, block_m, x.device)) is not None:
             raise ValueError(why)
-        split = config.kwargs["SPLIT"]
-        y = torch.zeros(split, M, N, device=x.device, dtype=torch.float32) if split > 1 else \
-            torch.empty(1, M, N, device=x.device, dtype=torch.float32)
         _ternary_gemv_tc_body[grid](xp, w.view(torch.int16), y, scale, M, N, K // 8, BLOCK_M=block_m,
                                     SCALE=split == 1, **config.kwargs, num_warps=config.num_warps,
                                     num_stages=config.num_stages)
