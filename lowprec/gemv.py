@@ -32,8 +32,13 @@ multiply-add of the pair by ``4^-p`` and ``-(128 4^-p + 1)`` gives ``c - 1`` exa
 and one bf16x2 multiply-add for two codes (and two shifts a register for its eight lanes), in inline PTX. Each code lane is
 one dot of a (rows, halves) tile with the matching entries of x, which the caller permutes once to
 ``x[m, 8 p + l]`` at ``(l, m, p)``; the dots accumulate in fp32, and splitting the K range as above makes
-more programs. With ``TENSOR_CORE_DECODE`` (on by default), where it applies, the autotuned call times
-MODE 6's pick against the other modes' on each shape's first call and keeps the faster.
+more programs. Codes past the ends of a tile are left as loaded, not replaced by a fill value: any 16
+bits decode to finite values, which meet x's zeros past the K range or fill rows past N that are not
+stored; a fill value is selected in another register layout than the dots' and then moved (compiled for
+sm_90, a fifth more instructions in the loop and more registers). Where a configuration's tiles cover
+the shape exactly (``_tc_even``) the loads take no masks at all. With
+``TENSOR_CORE_DECODE`` (on by default), where it applies, the autotuned call times MODE 6's pick against
+the other modes' on each shape's first call and keeps the faster.
 """
 
 from __future__ import annotations
@@ -205,17 +210,17 @@ if triton is not None:
     _ternary_gemv_kernel = triton.autotune(configs=_CONFIGS, key=["M", "N", "K4"], reset_to_zero=["y_ptr"],
                                            prune_configs_by={"early_config_prune": _for_rows})(_ternary_gemv_body)
 
-    # MODE 6: (BLOCK_N rows, BLOCK_H halves a row a step, SPLIT parts of the K range), timed on an H200 at
-    # 65,536 x 16,384 for 1 and 16 rows of x; the later ones hold less shared memory a program (fewer stages,
-    # smaller tiles), so that more programs share an SM
+    # MODE 6: (BLOCK_N rows, BLOCK_H halves a row a step, SPLIT parts of the K range), the first nine the
+    # fastest timed on an H200 at 65,536 x 16,384 for one row of x (within 5% of each other); the split
+    # ones make programs enough for shapes with few rows, the last ones hold the least shared memory (many
+    # rows of x, smaller GPUs)
     _TC_CONFIGS = [
         triton.Config({"BLOCK_N": bn, "BLOCK_H": bh, "MODE": 6, "SPLIT": split}, num_warps=w, num_stages=st)
         for bn, bh, w, st, split in [
-            (64, 64, 4, 3, 1), (64, 64, 2, 3, 1), (128, 64, 2, 2, 1), (256, 32, 4, 3, 1), (128, 64, 2, 3, 4),
-            (64, 64, 4, 3, 4), (64, 32, 1, 3, 1), (128, 32, 2, 3, 4), (64, 128, 4, 3, 1), (128, 128, 4, 3, 1),
-            (64, 64, 4, 4, 2),
-            (64, 64, 2, 2, 1), (128, 32, 2, 2, 1), (128, 64, 4, 2, 1), (256, 64, 4, 2, 1), (64, 32, 2, 2, 1),
-            (256, 32, 8, 2, 1), (128, 32, 4, 3, 1), (32, 64, 1, 2, 1), (128, 64, 4, 1, 1)]
+            (256, 32, 4, 3, 1), (64, 32, 1, 3, 1), (128, 32, 2, 3, 1), (64, 64, 4, 3, 1), (64, 64, 2, 3, 1),
+            (128, 64, 2, 2, 1), (128, 32, 2, 4, 1), (64, 32, 2, 3, 1), (256, 32, 4, 4, 1),
+            (128, 32, 2, 3, 4), (64, 64, 4, 3, 4), (64, 64, 4, 4, 2),
+            (128, 32, 2, 2, 1), (64, 32, 2, 2, 1), (32, 64, 1, 2, 1)]
     ]
     MAX_TC_SPLIT = max(c.kwargs["SPLIT"] for c in _TC_CONFIGS)
 
@@ -231,7 +236,7 @@ if triton is not None:
     @triton.jit
     def _ternary_gemv_tc_body(xp_ptr, w_ptr, y_ptr, scale_ptr, M, N, KH, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, MODE: tl.constexpr, SPLIT: tl.constexpr,
-                              SCALE: tl.constexpr):
+                              SCALE: tl.constexpr, EVEN: tl.constexpr):
         # y[s, m, n] = the part s of sum over k of x[m, k] T[n, k], times the scale where SCALE (y has one part;
         # the caller scales the sum of the parts otherwise): w as int16 halves (KH a row), xp[l, m, p] =
         # x[m, 8 p + l]; the dot is the transposed one (codes as the first operand: the decoded registers
@@ -244,12 +249,16 @@ if triton is not None:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for h0 in range(h_lo, h_hi, BLOCK_H):
             rh = h0 + tl.arange(0, BLOCK_H)
-            # 0x5555: eight zero codes, for rows and halves past the ends
-            wh = tl.load(w_ptr + rn[:, None] * KH + rh[None, :], mask=(rn[:, None] < N) & (rh[None, :] < h_hi),
-                         other=0x5555)
+            # codes past the ends are left as they come (any 16 bits decode to finite values): a half past
+            # the range meets x's zeros, a row past N is not stored; EVEN: no ends inside a tile, no masks
+            if EVEN:
+                wh = tl.load(w_ptr + rn[:, None] * KH + rh[None, :])
+                x_mask = rm[None, :] < M
+            else:
+                wh = tl.load(w_ptr + rn[:, None] * KH + rh[None, :], mask=(rn[:, None] < N) & (rh[None, :] < h_hi))
+                x_mask = (rm[None, :] < M) & (rh[:, None] < h_hi)
             for lane in tl.static_range(8):
-                xl = tl.load(xp_ptr + (lane * M + rm[None, :]) * KH + rh[:, None],
-                             mask=(rm[None, :] < M) & (rh[:, None] < h_hi), other=0.0)
+                xl = tl.load(xp_ptr + (lane * M + rm[None, :]) * KH + rh[:, None], mask=x_mask, other=0.0)
                 acc = tl.dot(_lane_values(wh, lane), xl, acc)
         if SCALE:
             acc = acc * tl.load(scale_ptr)
@@ -272,9 +281,13 @@ if triton is not None:
         return [c for c in configs if (c.kwargs["SPLIT"] == 1 or m == 1)
                 and _tc_fits(c, max(16, triton.next_power_of_2(m)), device) is None]
 
+    def _tc_even(N: int, KH: int, kw) -> bool:
+        """Whether MODE 6's tiles of ``kw`` cover N rows and each part of KH halves exactly (no masks)."""
+        return N % kw["BLOCK_N"] == 0 and KH % (kw["SPLIT"] * kw["BLOCK_H"]) == 0
+
     _ternary_gemv_tc_kernel = triton.autotune(configs=_TC_CONFIGS, key=["M", "N", "KH"], reset_to_zero=["y_ptr"],
                                               prune_configs_by={"early_config_prune": _tc_for_rows})(
-        _ternary_gemv_tc_body)
+        triton.heuristics({"EVEN": lambda a: _tc_even(a["N"], a["KH"], a)})(_ternary_gemv_tc_body))
 
 
 # the exponent bits of 2^23 (MODES 3 to 5), passed at run time: a register the compiler cannot fold
@@ -392,8 +405,7 @@ def _tensor_core_gemv(x, w, w_scale, N, config):
         if (why := _tc_fits(config, block_m, x.device)) is not None:
             raise ValueError(why)
         _ternary_gemv_tc_body[grid](xp, w.view(torch.int16), y, scale, M, N, K // 8, BLOCK_M=block_m,
-                                    SCALE=split == 1, **config.kwargs, num_warps=config.num_warps,
-                                    num_stages=config.num_stages)
+                                    SCALE=split == 1, EVEN=_tc_even(N, K // 8, config.kwargs), **config.all_kwargs())
     return y.sum(0) * scale if split > 1 else y[0]
 
 

@@ -12,11 +12,11 @@ import torch
 N, K = 200, 512  # 200 rows: the last row block is partly masked; K // 4 = 128 packed bytes a row
 
 
-def packed_case(seed: int = 0):
-    """(T (N, K) in {-1, 0, 1}, its 2-bit codes (N, K // 4) uint8, little end first)."""
+def packed_case(seed: int = 0, n: int = N, k: int = K):
+    """(T (n, k) in {-1, 0, 1}, its 2-bit codes (n, k // 4) uint8, little end first)."""
     g = torch.Generator().manual_seed(seed)
-    t = torch.randint(-1, 2, (N, K), generator=g)
-    c = (t + 1).to(torch.uint8).view(N, K // 4, 4)
+    t = torch.randint(-1, 2, (n, k), generator=g)
+    c = (t + 1).to(torch.uint8).view(n, k // 4, 4)
     return t, (c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)).contiguous()
 
 
@@ -40,6 +40,8 @@ def check_all_configs(device: str, dot_f32: bool) -> list[str]:
         ref = xb @ t.double().t()
         bound = gamma * (xb.abs() @ t.double().abs().t())
         for cfg in gemv._CONFIGS + ([] if dot_f32 else gemv._TC_CONFIGS):
+            if cfg.kwargs["MODE"] == 6:  # N = 200 rows: no MODE 6 tile covers them exactly (masked loads)
+                assert not gemv._tc_even(N, K // 8, cfg.kwargs)
             if cfg.kwargs["MODE"] == 6 and gemv._tc_fits(cfg, max(16, gemv.triton.next_power_of_2(m)), x.device):
                 with pytest.raises(ValueError, match="shared memory"):
                     gemv.ternary_gemv(x, packed, torch.tensor(1.0, device=device), N, config=cfg)
@@ -79,6 +81,21 @@ def test_every_gemv_config_on_the_gpu(monkeypatch):
     assert {c.kwargs["MODE"] for c in gemv._CONFIGS} == {0, 1, 2, 3, 4, 5}
     assert {c.kwargs["MODE"] for c in gemv._TC_CONFIGS} == {6} and any(c.kwargs["SPLIT"] > 1 for c in gemv._TC_CONFIGS)
     assert check_all_configs("cuda", dot_f32=False) == []
+    # MODE 6 on a shape its tiles cover exactly (no masks: ``_tc_even``) for most configurations, on the rest
+    # masked; the same bound (module doc of check_all_configs) with K = 1024
+    n, k = 256, 1024
+    t, packed = (a.cuda() for a in packed_case(seed=7, n=n, k=k))
+    gamma = k * 2.0 ** -24 / (1 - k * 2.0 ** -24)
+    even = {gemv._tc_even(n, k // 8, c.kwargs) for c in gemv._TC_CONFIGS}
+    assert even == {True, False}
+    for m in (1, 3):
+        x = torch.randn(m, k, device="cuda")
+        xb = x.bfloat16().double()
+        bound = gamma * (xb.abs() @ t.double().abs().t())
+        for cfg in gemv._TC_CONFIGS:
+            if gemv._tc_fits(cfg, 16, x.device) is None:
+                y = gemv.ternary_gemv(x, packed, torch.tensor(2.0, device="cuda"), n, config=cfg)
+                assert bool(((y.double() / 2 - xb @ t.double().t()).abs() <= bound).all()), (m, cfg)
     # the autotuned kernels (MODE 6, and MODES 0 to 5 with it off): the call that times every configuration
     # (whose split ones leave partial sums in rows that a later one does not write) and the calls after it,
     # from the cached choice (MODE 6: its pick launched directly, scaled in the kernel where it does not
