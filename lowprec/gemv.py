@@ -13,7 +13,8 @@ Block sizes and the way of computing (``MODE``: tensor-core dots per code lane, 
 put back in k order, or, for one row of x, fp32 multiply-adds without tensor cores, with each code's
 value made by an int->float conversion or from its bits; for the word modes also the number of parts
 the K range is split into, each a program of its own, their sums then added in a fixed order:
-deterministic) are autotuned per (M, N, K) on first use.
+deterministic) are autotuned per (M, N, K) on first use (each configuration timed over calls issued back
+to back, as a recurrence issues them: ``_back_to_back``).
 
 A code's value from its bits (MODES 3 to 5): with the code ``c`` left in place at bit ``2l`` of its
 byte (or 16-bit half word), the fp32 number with bits ``0x4B000000 | (c << 2l)`` is ``2^23 + c 4^l``
@@ -205,10 +206,32 @@ if triton is not None:
         y_mask = (rm[:, None] < M) & (rn[None, :] < N)
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=y_mask)
 
+    def _back_to_back(kernel_call, quantiles=None, calls: int = 10, repeats: int = 7):
+        """ms a call of ``kernel_call`` (the autotuners' timing): ``calls`` calls issued back to back between
+        two events, ``repeats`` times, after one call; the median (or the ``quantiles`` of the repeats). No
+        cache flush between calls, unlike Triton's default timing: a recurrent step reads its weight afresh
+        at every call (far larger than L2 at the widths where the choice matters), with no other large
+        reads in between, and flushing the cache writes back as much again while the kernel runs."""
+        kernel_call()
+        times = []
+        for _ in range(repeats):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(calls):
+                kernel_call()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / calls)
+        times.sort()
+        if quantiles is None:
+            return times[len(times) // 2]
+        return [times[min(len(times) - 1, int(q * len(times)))] for q in quantiles]
+
     # y zeroed before each configuration's trial and before the run after them: a split configuration
     # writes more of its rows than the next one may
     _ternary_gemv_kernel = triton.autotune(configs=_CONFIGS, key=["M", "N", "K4"], reset_to_zero=["y_ptr"],
-                                           prune_configs_by={"early_config_prune": _for_rows})(_ternary_gemv_body)
+                                           prune_configs_by={"early_config_prune": _for_rows},
+                                           do_bench=_back_to_back)(_ternary_gemv_body)
 
     # MODE 6: (BLOCK_N rows, BLOCK_H halves a row a step, SPLIT parts of the K range), the first nine the
     # fastest timed on an H200 at 65,536 x 16,384 for one row of x (within 5% of each other); the split
@@ -286,7 +309,8 @@ if triton is not None:
         return N % kw["BLOCK_N"] == 0 and KH % (kw["SPLIT"] * kw["BLOCK_H"]) == 0
 
     _ternary_gemv_tc_kernel = triton.autotune(configs=_TC_CONFIGS, key=["M", "N", "KH"], reset_to_zero=["y_ptr"],
-                                              prune_configs_by={"early_config_prune": _tc_for_rows})(
+                                              prune_configs_by={"early_config_prune": _tc_for_rows},
+                                              do_bench=_back_to_back)(
         triton.heuristics({"EVEN": lambda a: _tc_even(a["N"], a["KH"], a)})(_ternary_gemv_tc_body))
 
 
@@ -345,7 +369,7 @@ def ternary_gemv(x: torch.Tensor, w_data: torch.Tensor, w_scale: torch.Tensor, o
     if tensor_core_decode_applies(x):
         key = _choice_key(x, N)
         if key not in _DECODE_CHOICE:  # each path autotunes itself on its first call, then one is kept
-            times = [triton.testing.do_bench(lambda: f(x, w, w_scale, N, None), warmup=5, rep=25)
+            times = [_back_to_back(lambda: f(x, w, w_scale, N, None))
                      for f in (_tensor_core_gemv, _cuda_core_gemv)]
             _DECODE_CHOICE[key] = times[0] <= times[1]
         if _DECODE_CHOICE[key]:
