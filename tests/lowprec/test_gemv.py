@@ -82,20 +82,23 @@ def test_every_gemv_config_on_the_gpu(monkeypatch):
     assert {c.kwargs["MODE"] for c in gemv._TC_CONFIGS} == {6} and any(c.kwargs["SPLIT"] > 1 for c in gemv._TC_CONFIGS)
     assert check_all_configs("cuda", dot_f32=False) == []
     # MODE 6 on a shape its tiles cover exactly (no masks: ``_tc_even``) for most configurations, on the rest
-    # masked; the same bound (module doc of check_all_configs) with K = 1024
-    n, k = 256, 1024
-    t, packed = (a.cuda() for a in packed_case(seed=7, n=n, k=k))
-    gamma = k * 2.0 ** -24 / (1 - k * 2.0 ** -24)
-    even = {gemv._tc_even(n, k // 8, c.kwargs) for c in gemv._TC_CONFIGS}
-    assert even == {True, False}
-    for m in (1, 3):
-        x = torch.randn(m, k, device="cuda")
-        xb = x.bfloat16().double()
-        bound = gamma * (xb.abs() @ t.double().abs().t())
-        for cfg in gemv._TC_CONFIGS:
-            if gemv._tc_fits(cfg, 16, x.device) is None:
-                y = gemv.ternary_gemv(x, packed, torch.tensor(2.0, device="cuda"), n, config=cfg)
-                assert bool(((y.double() / 2 - xb @ t.double().t()).abs() <= bound).all()), (m, cfg)
+    # masked; and on one whose K range ends inside a tile of halves for every configuration (K // 8 = 40
+    # halves a row: the codes past the end are left as loaded and meet x's zeros); the same bound (module
+    # doc of check_all_configs)
+    for n, k, evens, partial in ((256, 1024, {True, False}, False), (96, 320, {False}, True)):
+        t, packed = (a.cuda() for a in packed_case(seed=7, n=n, k=k))
+        gamma = k * 2.0 ** -24 / (1 - k * 2.0 ** -24)
+        assert {gemv._tc_even(n, k // 8, c.kwargs) for c in gemv._TC_CONFIGS} == evens
+        if partial:
+            assert all((k // 8) % c.kwargs["BLOCK_H"] for c in gemv._TC_CONFIGS)
+        for m in (1, 3):
+            x = torch.randn(m, k, device="cuda")
+            xb = x.bfloat16().double()
+            bound = gamma * (xb.abs() @ t.double().abs().t())
+            for cfg in gemv._TC_CONFIGS:
+                if gemv._tc_fits(cfg, 16, x.device) is None:
+                    y = gemv.ternary_gemv(x, packed, torch.tensor(2.0, device="cuda"), n, config=cfg)
+                    assert bool(((y.double() / 2 - xb @ t.double().t()).abs() <= bound).all()), (n, k, m, cfg)
     # the autotuned kernels (MODE 6, and MODES 0 to 5 with it off): the call that times every configuration
     # (whose split ones leave partial sums in rows that a later one does not write) and the calls after it,
     # from the cached choice (MODE 6: its pick launched directly, scaled in the kernel where it does not
