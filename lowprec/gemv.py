@@ -36,7 +36,7 @@ one dot of a (rows, halves) tile with the matching entries of x, which the calle
 more programs. Codes past the ends of a tile are left as loaded, not replaced by a fill value: any 16
 bits decode to finite values, which meet x's zeros past the K range or fill rows past N that are not
 stored; a fill value is selected in another register layout than the dots' and then moved (compiled for
-sm_90, a fifth more instructions in the loop and more registers). Where a configuration's tiles cover
+sm_90: more instructions in the loop, more registers). Where a configuration's tiles cover
 the shape exactly (``_tc_even``) the loads take no masks at all. With
 ``TENSOR_CORE_DECODE`` (on by default), where it applies, the autotuned call times MODE 6's pick against
 the other modes' on each shape's first call and keeps the faster.
