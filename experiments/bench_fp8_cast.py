@@ -4,6 +4,7 @@
     python -m experiments.bench_fp8_cast --shapes 8192x8192 --layouts both
     python -m experiments.bench_fp8_cast --sweep                   # the passes' tile sizes, per shape
     python -m experiments.bench_fp8_cast --rows                    # per-row scales in one kernel, per tile size
+    python -m experiments.bench_fp8_cast --delayed                 # delayed scaling in one pass against two
 
 For each bf16 tensor shape and layout (``row``: row-major codes for fprop/dgrad; ``transposed``: the
 transposed, padded codes for wgrad; ``both``: the two from one read) it prints the GPU time of the
@@ -20,6 +21,12 @@ writes one byte per code and layout) over ``fp8_operand``'s time, and a bf16 cop
 (one read, one write) as the memory's yardstick. ``--check`` compares ``fp8_operand``'s codes with
 the general quantizer's run eagerly, byte for byte (the compiled one may differ from both in the
 last bit of a quotient: the compiler's fp32 division is not IEEE's).
+
+``--delayed`` times a per-tensor operand in both layouts three ways: current scaling (the buffer's fill, the
+amax pass, the cast); delayed scaling as two passes, the history's update as compiled tensor operations
+(:func:`lowprec.scaling.delayed_amax`) then the operator with that amax (which still takes the tensor's amax
+for its NaN rule); and delayed scaling in one pass (:func:`lowprec.fp8_cast.delayed_operands`: the workspace's
+fill, one pass), the history full (the steady state); each way's codes checked against the others' byte for byte.
 
 ``--sweep`` times each pass alone over a grid of tile sizes (``CAST_SWEEP``, ``AMAX_SWEEP``) for each
 shape (default: the operands of the 30M and 600M benchmark models, ``SWEEP_SHAPES``) and layout, and
@@ -198,6 +205,33 @@ def row_scales(shapes: list[tuple[int, int]], calls: int, device: str = "cuda") 
         fp8_cast.ROWS_IN_ONE_KERNEL = before
 
 
+def delayed(shapes: list[tuple[int, int]], fmt, calls: int, history: int = 16, device: str = "cuda") -> None:
+    """The ``--delayed`` table (module doc)."""
+    from lowprec import fp8_cast
+    from lowprec.scaling import delayed_amax
+
+    def two_passes(x, h):
+        return fp8_cast.operands(x, fmt, amax=delayed_amax(h, x))
+    compiled = torch.compile(two_passes)
+    print("| shape | current scaling µs | delayed, two passes µs | delayed, one pass µs | one pass vs current | "
+          "one pass vs two | one pass's bytes at |")
+    print("|---|---|---|---|---|---|---|")
+    for rows, cols in shapes:
+        x = torch.randn(rows, cols, device=device, dtype=torch.bfloat16)
+        h1, h2 = (torch.full((history,), float(x.abs().amax()), device=device) for _ in range(2))
+        t_cur = kernel_us(lambda: fp8_cast.operands(x, fmt), calls)
+        t_two = kernel_us(lambda: compiled(x, h1), calls)
+        t_one = kernel_us(lambda: fp8_cast.delayed_operands(x, fmt, h2), calls)
+        one, two, cur = fp8_cast.delayed_operands(x, fmt, h2), compiled(x, h1), fp8_cast.operands(x, fmt)
+        for a, b, c in zip(one[:2], two, cur):
+            if not (torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8))
+                    and torch.equal(a[0].view(torch.uint8), c[0].view(torch.uint8))):
+                raise SystemExit(f"{rows}x{cols}: the delayed codes differ")
+        moved = rows * cols * 2 + rows * cols + cols * (rows + (-rows) % 16)
+        print(f"| {rows}x{cols} | {t_cur:.1f} | {t_two:.1f} | {t_one:.1f} | {t_cur / t_one:.2f}x | {t_two / t_one:.2f}x | "
+              f"{moved / t_one / 1e3:,.0f} GB/s |", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="ROWSxCOLS of the bf16 tensor")
@@ -207,9 +241,10 @@ def main(argv=None):
     ap.add_argument("--check", action="store_true", help="compare both ways' codes byte for byte")
     ap.add_argument("--sweep", action="store_true", help="time each pass over a grid of tile sizes (module doc)")
     ap.add_argument("--rows", action="store_true", help="per-row scales in one kernel against amax + cast")
+    ap.add_argument("--delayed", action="store_true", help="delayed scaling in one pass against two (module doc)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="the tensor's dtype (--sweep)")
     args = ap.parse_args(argv)
-    wide = (args.sweep or args.rows) and args.shapes == SHAPES
+    wide = (args.sweep or args.rows or args.delayed) and args.shapes == SHAPES
     shapes = [parse_shape(s) for s in (SWEEP_SHAPES if wide else args.shapes)]
     if not torch.cuda.is_available():
         raise SystemExit("bench_fp8_cast needs a CUDA GPU")
@@ -222,6 +257,11 @@ def main(argv=None):
     if args.rows:
         print(f"# FP8 operand with per-row scales in one kernel (E4M3), {environment()}, {datetime.date.today()}")
         row_scales(shapes, args.calls)
+        return
+    if args.delayed:
+        print(f"# FP8 operand ({args.format}, per-tensor scale, both layouts) of a bf16 tensor under delayed scaling, "
+              f"{environment()}, {datetime.date.today()}")
+        delayed(shapes, fmt, args.calls)
         return
     if args.sweep:
         print(f"# FP8 operand passes' tile sizes (E4M3, per-tensor scale), {environment()}, {datetime.date.today()}")

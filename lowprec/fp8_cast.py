@@ -46,6 +46,7 @@ import torch
 from .formats import Format
 from .formats import format as get_format
 from .rounding import torch_dtype_of
+from .scaling import delayed_amax
 
 try:  # Triton ships with CUDA builds of torch; the CPU build runs without it
     import triton
@@ -265,6 +266,51 @@ if triton is not None:
             _store_codes(x, s, rm, rk, M, K, M, y_ptr, y_ptr, stride_y, 0, E5M2, True, False)
 
 
+    @triton.jit
+    def _delayed_kernel(x_ptr, hist_ptr, work_ptr, s_ptr, used_ptr, y_ptr, yt_ptr, M, K, Mp, H, stride_xm, stride_xk,
+                        stride_y, stride_yt, TOP: tl.constexpr, E5M2: tl.constexpr, ROWMAJOR: tl.constexpr,
+                        TRANSPOSED: tl.constexpr, HB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        # delayed scaling in one read of x: the scale comes from the history (known before the pass), each
+        # program writes its codes and merges its tile's amax (all of |x|, and the finite |x| only) by atomic
+        # maximum; the last program to finish (a counter) pushes the finite amax into the history, writes the
+        # scale (NaN where x holds a NaN or an infinity) and the amax used, and, where the codes written do
+        # not stand (the history was empty: the scale is x's own; or the scale is NaN), writes every code
+        # again itself. The workspace (measured bits, finite bits, counter) starts at zero
+        rh = tl.arange(0, HB)
+        past = tl.max(tl.load(hist_ptr + rh, mask=rh < H, other=0).to(tl.float32), axis=0)
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
+        if past > 0:
+            stat = tl.zeros([BLOCK_M], dtype=tl.float32) + past
+            _store_codes(x, _scale(stat, stat, TOP), rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2,
+                         ROWMAJOR, TRANSPOSED)
+        bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF  # |x|'s bits: ordered as the numbers are, NaN above inf
+        tl.atomic_max(work_ptr, tl.max(tl.max(bits, axis=1), axis=0), sem="relaxed")
+        finite = tl.where(bits < 0x7F800000, bits, 0)
+        tl.atomic_max(work_ptr + 1, tl.max(tl.max(finite, axis=1), axis=0), sem="relaxed")
+        tl.debug_barrier()  # every thread's stores before the release below
+        if tl.atomic_add(work_ptr + 2, 1, sem="acq_rel") == tl.num_programs(0) * tl.num_programs(1) - 1:
+            measured_bits = tl.atomic_xchg(work_ptr, 0, sem="acq_rel")  # read, and reset for the next call
+            now = tl.atomic_xchg(work_ptr + 1, 0, sem="acq_rel").to(tl.float32, bitcast=True)
+            tl.atomic_xchg(work_ptr + 2, 0, sem="acq_rel")
+            used = tl.where(past > 0, past, now)
+            s = _scale(used, measured_bits.to(tl.float32, bitcast=True), TOP)
+            tl.store(s_ptr, s)
+            tl.store(used_ptr, used)
+            older = tl.load(hist_ptr + rh - 1, mask=(rh >= 1) & (rh < H), other=0).to(tl.float32)
+            tl.debug_barrier()  # every entry read before any is written
+            tl.store(hist_ptr + rh, tl.where(rh == 0, now, older).to(hist_ptr.dtype.element_ty), mask=rh < H)
+            if (past == 0) | (measured_bits >= 0x7F800000):
+                s_rows = tl.zeros([BLOCK_M], dtype=tl.float32) + s
+                for m0 in range(0, Mp, BLOCK_M):
+                    for k0 in range(0, K, BLOCK_K):
+                        rm = m0 + tl.arange(0, BLOCK_M)
+                        rk = k0 + tl.arange(0, BLOCK_K)
+                        x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
+                        _store_codes(x, s_rows, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2,
+                                     ROWMAJOR, TRANSPOSED)
+
 # tile sizes (timed on an H200 over 2048..8192 x 2048..8192 bf16 inputs): the cast writing row-major codes
 # only, and the cast writing the transposed layout (alone or with the row-major one)
 CAST_BLOCKS = dict(BLOCK_M=64, BLOCK_K=64, num_warps=8)
@@ -412,10 +458,71 @@ def values(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None, rowma
     return _call(t, fmt, amax, rowmajor, transposed, values=True)
 
 
+def triton_delayed_operand(x: torch.Tensor, history: torch.Tensor, e5m2: bool, rowmajor: bool, transposed: bool,
+                           cast_blocks: dict | None = None):
+    """The delayed operator's result from one Triton pass (CUDA): ``(codes, codes_t, s, used)``, ``history``
+    pushed in place. ``cast_blocks``: as :func:`triton_operand`'s."""
+    M, K = x.shape
+    codes, codes_t, s = _outputs(x, e5m2, False, rowmajor, transposed)
+    used = torch.empty((), dtype=torch.float32, device=x.device)
+    work = torch.zeros(3, dtype=torch.int32, device=x.device)
+    rows = M + (-M) % PAD if transposed else M
+    c = cast_blocks or (CAST_BLOCKS_TRANSPOSED if transposed else CAST_BLOCKS)
+    grid = (triton.cdiv(rows, c["BLOCK_M"]), triton.cdiv(K, c["BLOCK_K"]))
+    H = history.numel()
+    _delayed_kernel[grid](x, history, work, s, used, codes.view(torch.uint8), codes_t.view(torch.uint8), M, K, rows, H,
+                          x.stride(0), x.stride(1), codes.stride(0) if rowmajor else 0,
+                          codes_t.stride(0) if transposed else 0, TOP=57344.0 if e5m2 else 448.0, E5M2=e5m2,
+                          ROWMAJOR=rowmajor, TRANSPOSED=transposed, HB=triton.next_power_of_2(H), **c)
+    return codes, codes_t, s, used
+
+
+def reference_delayed_operand(x: torch.Tensor, history: torch.Tensor, e5m2: bool, rowmajor: bool, transposed: bool):
+    """The delayed operator's result computed with tensor operations (CPU, or no Triton): the amax
+    :func:`lowprec.scaling.delayed_amax` gives (which pushes the history), then :func:`reference_operand`."""
+    used = delayed_amax(history, x)
+    return (*reference_operand(x, used, e5m2, False, rowmajor, transposed), used)
+
+
+@torch.library.custom_op("lowprec::fp8_operand_delayed", mutates_args=("history",))
+def _fp8_operand_delayed(x: torch.Tensor, history: torch.Tensor, e5m2: bool, rowmajor: bool, transposed: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if x.is_cuda and triton is not None:
+        return triton_delayed_operand(x, history, e5m2, rowmajor, transposed)
+    return reference_delayed_operand(x, history, e5m2, rowmajor, transposed)
+
+
+@_fp8_operand_delayed.register_fake
+def _(x, history, e5m2, rowmajor, transposed):
+    return (*_outputs(x, e5m2, False, rowmajor, transposed), x.new_empty((), dtype=torch.float32))
+
+
+def delayed_operands(t: torch.Tensor, fmt: Format, history: torch.Tensor, rowmajor: bool = True,
+                     transposed: bool = True):
+    """Delayed scaling's operands of ``t`` (2-D) in ``fmt`` (per-tensor), in one read of ``t`` on CUDA:
+    ``(op, op_t, used)``, ``op`` / ``op_t`` as :func:`operands` gives them with ``amax=used`` (None for a
+    layout not asked for), ``used`` the amax they are scaled by, which
+    :func:`lowprec.scaling.delayed_amax` gives, and ``history`` pushed as it pushes it: the same codes,
+    scale and history bit for bit. The scale comes from the history, so each program of the pass writes
+    its codes at once; the last to finish pushes the history. Where the codes it wrote do not stand (the
+    history is all zeros, its first step: the scale is then ``t``'s own amax; or ``t`` holds a NaN or an
+    infinity: the scale is NaN, every code NaN) that last program writes all of them again alone, a slow
+    pass that only such a step takes."""
+    dt = fp8_dtype(fmt)
+    if dt is None or fmt.granularity != "tensor" or t.dim() != 2 or t.numel() == 0:
+        raise ValueError(f"fp8_cast.delayed_operands: {fmt} on a tensor of shape {tuple(t.shape)} is not one it "
+                         "makes (a per-tensor FP8 format, a non-empty 2-D tensor)")
+    if history.dim() != 1 or history.numel() == 0 or not history.is_floating_point() or history.device != t.device:
+        raise ValueError(f"fp8_cast.delayed_operands: the history is a non-empty 1-D float tensor on {t.device}, "
+                         f"not {tuple(history.shape)} {history.dtype} on {history.device}")
+    codes, codes_t, s, used = _fp8_operand_delayed(t, history, dt == torch.float8_e5m2, rowmajor, transposed)
+    return (codes, s) if rowmajor else None, (codes_t, s) if transposed else None, used
+
 # the format of each (E5M2?, per row?) the operator is called with: its reference quantizes in it
 _FORMATS = {(e, r): get_format("fp8_e5m2" if e else "fp8_e4m3", granularity="row" if r else "tensor")
             for e in (False, True) for r in (False, True)}
 
 
-__all__ = ["GATHERED_DTYPES", "PAD", "applies", "fp8_dtype", "operand", "operands", "reference_cast",
-           "reference_operand", "scales", "triton_operand", "values"]
+__all__ = ["GATHERED_DTYPES", "PAD", "applies", "delayed_operands", "fp8_dtype", "operand", "operands",
+           "reference_cast", "reference_delayed_operand", "reference_operand", "scales", "triton_delayed_operand",
+           "triton_operand", "values"]

@@ -37,7 +37,7 @@ from .fsdp import as_gathered
 from .kernels import GEMV_MAX_ROWS, KERNELS
 from .plan import GemmPlan
 from .qtensor import QTensor
-from .scaling import quantize_dequantize
+from .scaling import delayed_amax, quantize_dequantize
 from .ste import STES
 
 
@@ -56,20 +56,6 @@ class LayerIO:
 
     def records(self) -> bool:
         return self.record is not None and (self.recording is None or self.recording())
-
-
-@torch.no_grad()
-def delayed_amax(history: torch.Tensor | None, t: torch.Tensor):
-    """Delayed scaling (Transformer Engine's DelayedScaling): the amax used now is the max of the
-    history (this tensor's own amax while the history is empty); this amax is then pushed into the
-    history, in place. None without a history."""
-    if history is None:
-        return None
-    now = torch.where(torch.isfinite(t), t.detach().abs(), 0).amax().float() if t.numel() else history.new_zeros(())
-    past = history.amax()
-    used = torch.where(past > 0, past, now)
-    history.copy_(torch.cat([now.reshape(1), history[:-1]]))
-    return used
 
 
 def _for(fmt: Format | None, amax):
@@ -194,10 +180,17 @@ def _grad_operand(dy, plan: GemmPlan, amax=None, fusable=False):
                                                          amax=_for(fmt, amax))
 
 
-def _operand_pair(kernel: str, t, fmt, rounding: str, amax):
-    """``(op, op_t)``: ``t``'s operand for ``kernel`` and, where the kernel makes both in one pass,
-    the transposed one a later GEMM reuses (else None: that GEMM transposes ``op`` itself)."""
-    return KERNELS[kernel].operands(t, fmt, rounding=rounding, amax=_for(fmt, amax))
+def _operand_pair(kernel: str, t, fmt, rounding: str, history=None):
+    """``(op, op_t, amax)``: ``t``'s operand for ``kernel`` and, where the kernel makes both in one pass,
+    the transposed one a later GEMM reuses (else None: that GEMM transposes ``op`` itself); under
+    delayed scaling (``history``: ``t``'s amax history, pushed here) ``amax`` is the amax they are scaled
+    by (where the kernel reads the history in the same pass: :meth:`GemmKernel.delayed_operands`), else
+    None."""
+    k = KERNELS[kernel]
+    if history is not None and _for(fmt, history) is not None:
+        return k.delayed_operands(t, fmt, history, rounding=rounding)
+    amax = delayed_amax(history, t)
+    return (*k.operands(t, fmt, rounding=rounding), amax)
 
 
 def _fprop(x2, w, amax_x, amax_w, plan: GemmPlan, io: LayerIO, A=None, B=None, gathered=None):
@@ -271,24 +264,32 @@ def _wgrad(dy, x2, A_fprop, G, amax_g, w_a, plan: GemmPlan, A_t=None, G_t=None, 
 class QLinearFunction(torch.autograd.Function):
     """Inputs: x2 (M, K); w_a, w_b, w_c: the latent master weight (and two Nones), or the native
     weight's packed data, scale and global scale; bias or None; carrier (native: the leaf whose
-    gradient is the weight's; else None); amax_x, amax_w (delayed scaling, or None); plan; io;
+    gradient is the weight's; else None); hist_x, hist_w (delayed scaling: the amax histories of the
+    input and of a latent weight, pushed in place by this call; or None); plan; io;
     gathered: None, or ``(fmt, dtype)`` where the GEMMs see the latent weight as a data-parallel
     run's ranks hold it, ``as_gathered(w_a, fmt, dtype)`` (:func:`lowprec.fsdp.as_gathered`; only
     where `gathered_applies`): its operands are made from the master, its gradient computed in
     ``dtype`` and handed to the master in the master's dtype, the numbers of that composition."""
 
     @staticmethod
-    def forward(ctx, x2, w_a, w_b, w_c, bias, carrier, amax_x, amax_w, plan: GemmPlan, io: LayerIO, gathered=None):
+    def forward(ctx, x2, w_a, w_b, w_c, bias, carrier, hist_x, hist_w, plan: GemmPlan, io: LayerIO, gathered=None):
         native = plan.precision.storage == "native"
         gemv = _gemv_applies(plan, x2)
         A = A_t = B = B_t = None
         if plan.reuse_input and not gemv:  # wgrad's operand from the same pass, where it can
-            A, A_t = _operand_pair(plan.fprop.kernel, x2, plan.fprop.a, "nearest", amax_x)
+            A, A_t, amax_x = _operand_pair(plan.fprop.kernel, x2, plan.fprop.a, "nearest", hist_x)
+        else:
+            amax_x = delayed_amax(hist_x, x2)
         if plan.reuse_weight and not native and not gemv and torch.compiler.is_compiling():
             # dgrad's weight operand from fprop's pass (eager steps share fprop's through the layer's cache)
             k, fmt = KERNELS[plan.fprop.kernel], plan.fprop.b
-            B, B_t = (k.gathered_operands(w_a, fmt, gathered[1]) if gathered is not None else
-                      _operand_pair(plan.fprop.kernel, w_a, fmt, "nearest", amax_w))
+            if gathered is not None:
+                B, B_t = k.gathered_operands(w_a, fmt, gathered[1])
+                amax_w = delayed_amax(hist_w, w_a)
+            else:
+                B, B_t, amax_w = _operand_pair(plan.fprop.kernel, w_a, fmt, "nearest", hist_w)
+        else:
+            amax_w = delayed_amax(hist_w, w_a)
         y, A, B = _fprop(x2, (w_a, w_b, w_c) if native else w_a, amax_x, amax_w, plan, io, A, B, gathered)
         if bias is not None:
             y = y + bias.to(y.dtype)
@@ -313,12 +314,14 @@ class QLinearFunction(torch.autograd.Function):
         dy = dy.contiguous()
         if io.record is not None:
             io.record("grad", dy, plan.dgrad.a)
-        amax_g = delayed_amax(io.grad_history, dy)
         dx = dw = G = G_t = None
         wgrad = ctx.needs_input_grad[1] or ctx.needs_input_grad[5]
+        if ctx.needs_input_grad[0] and wgrad and plan.reuse_grad:  # wgrad's operand of dy from the same pass
+            G, G_t, amax_g = _operand_pair(plan.dgrad.kernel, dy, plan.dgrad.a, plan.precision.grad_rounding,
+                                           io.grad_history)
+        else:
+            amax_g = delayed_amax(io.grad_history, dy)
         if ctx.needs_input_grad[0]:
-            if wgrad and plan.reuse_grad:  # wgrad's operand of dy from the same pass, where it can
-                G, G_t = _operand_pair(plan.dgrad.kernel, dy, plan.dgrad.a, plan.precision.grad_rounding, amax_g)
             dx, G, _ = _dgrad(dy, w, (wb, ws) if keep_w and not w_t else None, amax_g, plan, io, x_dtype, G,
                               (wb, ws) if w_t else None, gathered)
         if wgrad:

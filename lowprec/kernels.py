@@ -51,6 +51,7 @@ from .formats import Format
 from .rounding import torch_dtype_of
 from .scaling import (
     CHUNK_ELEMENTS,
+    delayed_amax,
     fake_quant,
     from_groups,
     quantize_groups,
@@ -241,6 +242,12 @@ class GemmKernel(Kernel, abc.ABC):
         """``(op, op_t)``: ``t``'s operand and, where this kernel makes both in one pass, the operand
         of ``t`` transposed (what ``transposed(op)`` gives); else ``op_t`` is None."""
         return self.operand(t, fmt, rounding=rounding, amax=amax), None
+
+    def delayed_operands(self, t, fmt, history, *, rounding="nearest"):
+        """``(op, op_t, amax)``: ``operands(t, fmt, amax=amax)`` under delayed scaling, ``amax`` the one
+        :func:`lowprec.scaling.delayed_amax` gives (it pushes ``t``'s amax into ``history``, in place)."""
+        amax = delayed_amax(history, t)
+        return (*self.operands(t, fmt, rounding=rounding, amax=amax), amax)
 
     def reads_gathered(self, fmt, dtype) -> bool:
         """Whether ``gathered_operands`` makes, from a weight's master, the operands in ``fmt`` of that
@@ -504,6 +511,12 @@ class Fp8(_CodesKernel):
         if fp8_cast.applies(t, fmt, rounding) and fmt.granularity == "tensor":
             return fp8_cast.operands(t, fmt, amax=amax, measured=self._measured(t, fmt, amax))
         return super().operands(t, fmt, rounding=rounding, amax=amax)
+
+    def delayed_operands(self, t, fmt, history, *, rounding="nearest"):
+        # a per-tensor E4M3/E5M2 format: both layouts in one read of t, the history pushed by the same pass
+        if fp8_cast.applies(t, fmt, rounding) and fmt.granularity == "tensor":
+            return fp8_cast.delayed_operands(t, fmt, history)
+        return super().delayed_operands(t, fmt, history, rounding=rounding)
 
     def fusable_operand(self, t, fmt, *, rounding="nearest", amax=None):
         return super().operand(t, fmt, rounding=rounding, amax=amax)  # the general quantizer: the same codes

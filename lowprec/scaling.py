@@ -190,6 +190,21 @@ def quantize_dequantize(x: torch.Tensor, fmt, *, rounding: str = "nearest", gene
     return xq, s_elem
 
 
+@torch.no_grad()
+def delayed_amax(history: torch.Tensor | None, t: torch.Tensor):
+    """Delayed scaling (Transformer Engine's DelayedScaling): the amax used now is the max of the
+    history (this tensor's own amax while the history is empty: all zeros); this tensor's amax over
+    its finite elements is then pushed into the history, newest first, in place. None without a
+    history."""
+    if history is None:
+        return None
+    now = torch.where(torch.isfinite(t), t.detach().abs(), 0).amax().float() if t.numel() else history.new_zeros(())
+    past = history.amax()
+    used = torch.where(past > 0, past, now)
+    history.copy_(torch.cat([now.reshape(1), history[:-1]]))
+    return used
+
+
 # ---- very large tensors ---------------------------------------------------------------------
 CHUNK_ELEMENTS = 1 << 25  # 32M elements: keeps each float32 temporary at 128 MiB
 

@@ -82,12 +82,12 @@ class QLinear(NativeWeightMixin, nn.Module):
                 self.register_buffer(f"amax_history_{operand}", buf)
                 self._delayed[operand] = f"amax_history_{operand}"
 
-    def _delayed_amax(self, operand: str, t: torch.Tensor):
-        """The amax delayed scaling uses now for ``operand`` (None with current scaling)."""
+    def _history(self, operand: str):
+        """``operand``'s amax history, which its GEMMs push at each call (None with current scaling)."""
         name = self._delayed.get(operand)
         if name is None or (operand == "weight" and self.is_native):
             return None
-        return gemm.delayed_amax(getattr(self, name), t)
+        return getattr(self, name)
 
     # ---- the plan ----------------------------------------------------------------------------------
     def plan_for(self, device) -> GemmPlan:
@@ -137,17 +137,17 @@ class QLinear(NativeWeightMixin, nn.Module):
         if self._delayed:  # the buffer is replaced when the module moves
             self._io.grad_history = self._buffers.get("amax_history_grad")
         x2 = x.reshape(-1, self.in_features)
-        amax_x = self._delayed_amax("input", x2) if self._delayed else None
+        hist_x = self._history("input")
         gathered = None
         if self.is_native:
-            w, carrier, amax_w = (self.w_data, self.w_scale, self.w_global), self._grad_carrier, None
+            w, carrier, hist_w = (self.w_data, self.w_scale, self.w_global), self._grad_carrier, None
         else:
             weight, carrier, gathered = self.weight, None, self.gathered_as
             if gathered is not None and (self._delayed or not gemm.gathered_applies(plan, gathered)):
                 weight, gathered = as_gathered(weight, *gathered), None  # the GEMMs read it as any weight
             w = (weight, None, None)
-            amax_w = self._delayed_amax("weight", weight) if self._delayed else None
-        y = gemm.QLinearFunction.apply(x2, *w, self.bias, carrier, amax_x, amax_w, plan, self._io, gathered)
+            hist_w = self._history("weight")
+        y = gemm.QLinearFunction.apply(x2, *w, self.bias, carrier, hist_x, hist_w, plan, self._io, gathered)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def recurrent_gemms(self, weights: bool = True) -> tuple[gemm.RecurrentGemms, tuple | None]:

@@ -175,6 +175,56 @@ def test_both_layouts_at_once_are_each_layout_alone(device):
     _assert_same(both[1], _general(t, fmt, torch.tensor(2.0, device=device), transposed=True))
 
 
+@pytest.mark.parametrize("layouts", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("history_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
+def test_delayed_operands_are_those_of_the_delayed_amax(device, name, history_dtype, layouts):
+    """Delayed scaling in one pass over the tensor (on CUDA; tensor operations on the CPU): over steps that
+    start from an empty history (the scale is the tensor's own amax), go on from it (the history's), meet a
+    NaN and an infinity (scale NaN, every code NaN, the history taking the finite amax), all-zero tensors
+    until the history is empty again, and values past the history's range (they saturate), the codes in
+    each layout asked for, the scale, the amax used and the history pushed are those of `delayed_amax`
+    followed by `operands(amax=...)`, bit for bit. 300 x 520 spans some 50 programs of the pass (the last
+    to finish pushes the history), and 300 rows are not a multiple of the transposed layout's padding."""
+    from lowprec.scaling import delayed_amax
+    fmt = lowprec.format(name, granularity="tensor")
+    rowmajor, transposed = layouts
+    history = torch.zeros(3, dtype=history_dtype, device=device)
+    twin = history.clone()
+    nan = _values(300, 520, torch.bfloat16, device, seed=2)
+    nan[5, 7], nan[200, 11] = float("nan"), float("-inf")
+    zeros = torch.zeros(300, 520, dtype=torch.bfloat16, device=device)
+    steps = [_values(300, 520, torch.bfloat16, device, seed=0), _values(300, 520, torch.bfloat16, device, seed=1) / 4,
+             nan, zeros, zeros, zeros, _values(300, 520, torch.bfloat16, device, seed=3),
+             _values(300, 520, torch.bfloat16, device, seed=4) * 1000]
+    for step, t in enumerate(steps):
+        op, op_t, used = fp8_cast.delayed_operands(t, fmt, history, rowmajor=rowmajor, transposed=transposed)
+        amax = delayed_amax(twin, t)
+        want, want_t = fp8_cast.operands(t, fmt, amax=amax)
+        assert (op is None) != rowmajor and (op_t is None) != transposed
+        if rowmajor:
+            _assert_same(op, want)
+        if transposed:
+            _assert_same(op_t, want_t)
+        assert used.dtype == amax.dtype and torch.equal(used, amax), step
+        assert history.dtype == history_dtype and torch.equal(history, twin), step
+        if step == 2:
+            assert (op or op_t)[1].isnan().all() and 0 < float(history[0]) < float("inf")
+    assert float(used) < float(steps[-1].abs().amax())  # the last step's scale is the history's: it saturated
+
+
+def test_delayed_operands_refuse_what_they_cannot_make():
+    fmt = lowprec.format("fp8_e4m3", granularity="tensor")
+    h = torch.zeros(4)
+    with pytest.raises(ValueError, match="is not one it makes"):
+        fp8_cast.delayed_operands(torch.ones(2, 3), lowprec.format("fp8_e4m3", granularity="row"), h)
+    with pytest.raises(ValueError, match="is not one it makes"):
+        fp8_cast.delayed_operands(torch.ones(2, 3, 4), fmt, h)
+    for bad in (torch.zeros(2, 2), torch.zeros(0), torch.zeros(4, dtype=torch.int32)):
+        with pytest.raises(ValueError, match="history"):
+            fp8_cast.delayed_operands(torch.ones(2, 3), fmt, bad)
+
+
 def test_what_it_takes_and_refuses():
     fmt = lowprec.format("fp8_e4m3")
     assert fp8_cast.applies(torch.zeros(3, 4), lowprec.format("fp8_e5m2", granularity="row"))
