@@ -269,39 +269,46 @@ if triton is not None:
     @triton.jit
     def _delayed_kernel(x_ptr, hist_ptr, work_ptr, s_ptr, used_ptr, y_ptr, yt_ptr, M, K, Mp, H, stride_xm, stride_xk,
                         stride_y, stride_yt, TOP: tl.constexpr, E5M2: tl.constexpr, ROWMAJOR: tl.constexpr,
-                        TRANSPOSED: tl.constexpr, HB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                        TRANSPOSED: tl.constexpr, HB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                        CHUNKS: tl.constexpr):
         # delayed scaling in one read of x: the scale comes from the history (known before the pass), each
-        # program writes its codes and merges its tile's amax (all of |x|, and the finite |x| only) by atomic
-        # maximum; the last program to finish (a counter) pushes the finite amax into the history, writes the
-        # scale (NaN where x holds a NaN or an infinity) and the amax used, and, where the codes written do
-        # not stand (the history was empty: the scale is x's own; or the scale is NaN), writes every code
-        # again itself. The workspace (measured bits, finite bits, counter) starts at zero
+        # program writes the codes of its CHUNKS tiles (down the rows) at once and merges their finite amax
+        # by one atomic maximum (and, only where it met a NaN or an infinity, raises a flag); the last
+        # program to finish (a counter) pushes the finite amax into the history, writes the scale (NaN where
+        # the flag is up) and the amax used, and, where the codes written do not stand (the history was
+        # empty: the scale is x's own; or the scale is NaN), writes every code again itself. The workspace
+        # (finite amax bits, flag, counter) starts at zero and is left at zero
         rh = tl.arange(0, HB)
         past = tl.max(tl.load(hist_ptr + rh, mask=rh < H, other=0).to(tl.float32), axis=0)
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        stat = tl.zeros([BLOCK_M], dtype=tl.float32) + past
+        s_past = _scale(stat, stat, TOP)
         rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-        x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
-        if past > 0:
-            stat = tl.zeros([BLOCK_M], dtype=tl.float32) + past
-            _store_codes(x, _scale(stat, stat, TOP), rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2,
-                         ROWMAJOR, TRANSPOSED)
-        bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF  # |x|'s bits: ordered as the numbers are, NaN above inf
-        tl.atomic_max(work_ptr, tl.max(tl.max(bits, axis=1), axis=0), sem="relaxed")
-        finite = tl.where(bits < 0x7F800000, bits, 0)
-        tl.atomic_max(work_ptr + 1, tl.max(tl.max(finite, axis=1), axis=0), sem="relaxed")
+        top = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)  # the largest finite |x|'s bits
+        bad = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)  # the largest |x|'s bits: NaN above inf above the rest
+        for c in tl.static_range(CHUNKS):
+            rm = (tl.program_id(0) * CHUNKS + c) * BLOCK_M + tl.arange(0, BLOCK_M)
+            x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
+            if past > 0:
+                _store_codes(x, s_past, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR,
+                             TRANSPOSED)
+            bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+            top = tl.maximum(top, tl.where(bits < 0x7F800000, bits, 0))
+            bad = tl.maximum(bad, bits)
+        tl.atomic_max(work_ptr, tl.max(tl.max(top, axis=1), axis=0), sem="relaxed")
+        tl.atomic_max(work_ptr + 1, 1, mask=tl.max(tl.max(bad, axis=1), axis=0) >= 0x7F800000, sem="relaxed")
         tl.debug_barrier()  # every thread's stores before the release below
         if tl.atomic_add(work_ptr + 2, 1, sem="acq_rel") == tl.num_programs(0) * tl.num_programs(1) - 1:
-            measured_bits = tl.atomic_xchg(work_ptr, 0, sem="acq_rel")  # read, and reset for the next call
-            now = tl.atomic_xchg(work_ptr + 1, 0, sem="acq_rel").to(tl.float32, bitcast=True)
+            now = tl.atomic_xchg(work_ptr, 0, sem="acq_rel").to(tl.float32, bitcast=True)  # read, and reset
+            flagged = tl.atomic_xchg(work_ptr + 1, 0, sem="acq_rel")
             tl.atomic_xchg(work_ptr + 2, 0, sem="acq_rel")
             used = tl.where(past > 0, past, now)
-            s = _scale(used, measured_bits.to(tl.float32, bitcast=True), TOP)
+            s = _scale(used, tl.where(flagged != 0, float("inf"), used), TOP)
             tl.store(s_ptr, s)
             tl.store(used_ptr, used)
             older = tl.load(hist_ptr + rh - 1, mask=(rh >= 1) & (rh < H), other=0).to(tl.float32)
             tl.debug_barrier()  # every entry read before any is written
             tl.store(hist_ptr + rh, tl.where(rh == 0, now, older).to(hist_ptr.dtype.element_ty), mask=rh < H)
-            if (past == 0) | (measured_bits >= 0x7F800000):
+            if (past == 0) | (flagged != 0):
                 s_rows = tl.zeros([BLOCK_M], dtype=tl.float32) + s
                 for m0 in range(0, Mp, BLOCK_M):
                     for k0 in range(0, K, BLOCK_K):
@@ -316,6 +323,10 @@ if triton is not None:
 CAST_BLOCKS = dict(BLOCK_M=64, BLOCK_K=64, num_warps=8)
 CAST_BLOCKS_TRANSPOSED = dict(BLOCK_M=32, BLOCK_K=128, num_warps=4)
 AMAX_BLOCKS = dict(BLOCK_M=32, BLOCK_K=256, CHUNKS=4, num_warps=8)
+# delayed scaling in one pass: the most tiles a program takes (down the rows), so that no fewer than
+# DELAYED_PROGRAMS programs run (each merges its amax with an atomic maximum and counts itself done)
+DELAYED_CHUNKS = 8
+DELAYED_PROGRAMS = 2048
 # per-row scales in one kernel (``ROWS_IN_ONE_KERNEL``): rows a program holds, the width of its reads
 ROWS_BLOCKS = dict(BLOCK_M=8, BLOCK_K=256, num_warps=4)
 # True: a per-row operand (row-major codes) is one kernel that holds whole rows (amax, then cast, per program)
@@ -467,8 +478,12 @@ def triton_delayed_operand(x: torch.Tensor, history: torch.Tensor, e5m2: bool, r
     used = torch.empty((), dtype=torch.float32, device=x.device)
     work = torch.zeros(3, dtype=torch.int32, device=x.device)
     rows = M + (-M) % PAD if transposed else M
-    c = cast_blocks or (CAST_BLOCKS_TRANSPOSED if transposed else CAST_BLOCKS)
-    grid = (triton.cdiv(rows, c["BLOCK_M"]), triton.cdiv(K, c["BLOCK_K"]))
+    c = dict(cast_blocks or (CAST_BLOCKS_TRANSPOSED if transposed else CAST_BLOCKS))
+    tiles = (triton.cdiv(rows, c["BLOCK_M"]), triton.cdiv(K, c["BLOCK_K"]))
+    if "CHUNKS" not in c:  # tiles a program takes: fewer programs merging their amax, as long as there are many
+        c["CHUNKS"] = max(1, min(DELAYED_CHUNKS, tiles[0] * tiles[1] // DELAYED_PROGRAMS))
+        c["CHUNKS"] = 1 << (c["CHUNKS"].bit_length() - 1)
+    grid = (triton.cdiv(tiles[0], c["CHUNKS"]), tiles[1])
     H = history.numel()
     _delayed_kernel[grid](x, history, work, s, used, codes.view(torch.uint8), codes_t.view(torch.uint8), M, K, rows, H,
                           x.stride(0), x.stride(1), codes.stride(0) if rowmajor else 0,
