@@ -267,66 +267,65 @@ if triton is not None:
 
 
     @triton.jit
-    def _delayed_kernel(x_ptr, hist_ptr, work_ptr, s_ptr, used_ptr, y_ptr, yt_ptr, M, K, Mp, H, stride_xm, stride_xk,
-                        stride_y, stride_yt, TOP: tl.constexpr, E5M2: tl.constexpr, ROWMAJOR: tl.constexpr,
-                        TRANSPOSED: tl.constexpr, HB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                        CHUNKS: tl.constexpr):
-        # delayed scaling in one read of x: the scale comes from the history (known before the pass), each
-        # program writes the codes of its CHUNKS tiles (down the rows) at once and merges their finite amax
-        # by one atomic maximum (and, only where it met a NaN or an infinity, raises a flag); the last
-        # program to finish (a counter) pushes the finite amax into the history, writes the scale (NaN where
-        # the flag is up) and the amax used, and, where the codes written do not stand (the history was
-        # empty: the scale is x's own; or the scale is NaN), writes every code again itself. The workspace
-        # (finite amax bits, flag, counter) starts at zero and is left at zero
+    def _past(hist_ptr, H, HB: tl.constexpr):
+        # the largest amax of the history (0 while it is empty)
         rh = tl.arange(0, HB)
-        past = tl.max(tl.load(hist_ptr + rh, mask=rh < H, other=0).to(tl.float32), axis=0)
-        stat = tl.zeros([BLOCK_M], dtype=tl.float32) + past
-        s_past = _scale(stat, stat, TOP)
+        return tl.max(tl.load(hist_ptr + rh, mask=rh < H, other=0).to(tl.float32), axis=0)
+
+    @triton.jit
+    def _delayed_kernel(x_ptr, hist_ptr, work_ptr, y_ptr, yt_ptr, M, K, Mp, H, stride_xm, stride_xk, stride_y, stride_yt,
+                        TOP: tl.constexpr, E5M2: tl.constexpr, ROWMAJOR: tl.constexpr, TRANSPOSED: tl.constexpr,
+                        HB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        # delayed scaling's pass, one read of x: the scale comes from the history, so each program writes its
+        # codes at once (unless the history is empty), and merges its tile's finite amax by an atomic maximum
+        # into the workspace (and, only where the tile holds a NaN or an infinity, raises its flag)
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-        top = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)  # the largest finite |x|'s bits
-        bad = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.int32)  # the largest |x|'s bits: NaN above inf above the rest
-        for c in tl.static_range(CHUNKS):
-            rm = (tl.program_id(0) * CHUNKS + c) * BLOCK_M + tl.arange(0, BLOCK_M)
-            x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
-            if past > 0:
-                _store_codes(x, s_past, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR,
-                             TRANSPOSED)
-            bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-            top = tl.maximum(top, tl.where(bits < 0x7F800000, bits, 0))
-            bad = tl.maximum(bad, bits)
-        tl.atomic_max(work_ptr, tl.max(tl.max(top, axis=1), axis=0), sem="relaxed")
-        tl.atomic_max(work_ptr + 1, 1, mask=tl.max(tl.max(bad, axis=1), axis=0) >= 0x7F800000, sem="relaxed")
-        tl.debug_barrier()  # every thread's stores before the release below
-        if tl.atomic_add(work_ptr + 2, 1, sem="acq_rel") == tl.num_programs(0) * tl.num_programs(1) - 1:
-            now = tl.atomic_xchg(work_ptr, 0, sem="acq_rel").to(tl.float32, bitcast=True)  # read, and reset
-            flagged = tl.atomic_xchg(work_ptr + 1, 0, sem="acq_rel")
-            tl.atomic_xchg(work_ptr + 2, 0, sem="acq_rel")
-            used = tl.where(past > 0, past, now)
-            s = _scale(used, tl.where(flagged != 0, float("inf"), used), TOP)
-            tl.store(s_ptr, s)
-            tl.store(used_ptr, used)
-            older = tl.load(hist_ptr + rh - 1, mask=(rh >= 1) & (rh < H), other=0).to(tl.float32)
-            tl.debug_barrier()  # every entry read before any is written
-            tl.store(hist_ptr + rh, tl.where(rh == 0, now, older).to(hist_ptr.dtype.element_ty), mask=rh < H)
-            if (past == 0) | (flagged != 0):
-                s_rows = tl.zeros([BLOCK_M], dtype=tl.float32) + s
-                for m0 in range(0, Mp, BLOCK_M):
-                    for k0 in range(0, K, BLOCK_K):
-                        rm = m0 + tl.arange(0, BLOCK_M)
-                        rk = k0 + tl.arange(0, BLOCK_K)
-                        x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
-                        _store_codes(x, s_rows, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2,
-                                     ROWMAJOR, TRANSPOSED)
+        x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
+        past = _past(hist_ptr, H, HB)
+        if past > 0:
+            stat = tl.zeros([BLOCK_M], dtype=tl.float32) + past
+            _store_codes(x, _scale(stat, stat, TOP), rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2,
+                         ROWMAJOR, TRANSPOSED)
+        bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF  # |x|'s bits: ordered as the numbers are, NaN above inf
+        top = tl.max(tl.max(bits, axis=1), axis=0)
+        finite = tl.max(tl.max(tl.where(bits < 0x7F800000, bits, 0), axis=1), axis=0)
+        tl.atomic_max(work_ptr, finite, sem="relaxed")
+        tl.atomic_max(work_ptr + 1, 1, mask=top >= 0x7F800000, sem="relaxed")
+
+    @triton.jit
+    def _delayed_finish(x_ptr, hist_ptr, work_ptr, s_ptr, used_ptr, y_ptr, yt_ptr, M, K, Mp, H, stride_xm, stride_xk,
+                        stride_y, stride_yt, TOP: tl.constexpr, E5M2: tl.constexpr, ROWMAJOR: tl.constexpr,
+                        TRANSPOSED: tl.constexpr, HB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        # one program after the pass: pushes the finite amax into the history, writes the scale (NaN where the
+        # flag is up) and the amax used, and, where the codes written do not stand (the history was empty: the
+        # scale is x's own; or the scale is NaN), writes every code again itself
+        rh = tl.arange(0, HB)
+        past = _past(hist_ptr, H, HB)
+        now = tl.load(work_ptr).to(tl.float32, bitcast=True)
+        flagged = tl.load(work_ptr + 1)
+        used = tl.where(past > 0, past, now)
+        s = _scale(used, tl.where(flagged != 0, float("inf"), used), TOP)
+        tl.store(s_ptr, s)
+        tl.store(used_ptr, used)
+        older = tl.load(hist_ptr + rh - 1, mask=(rh >= 1) & (rh < H), other=0).to(tl.float32)
+        tl.debug_barrier()  # every entry read before any is written
+        tl.store(hist_ptr + rh, tl.where(rh == 0, now, older).to(hist_ptr.dtype.element_ty), mask=rh < H)
+        if (past == 0) | (flagged != 0):
+            s_rows = tl.zeros([BLOCK_M], dtype=tl.float32) + s
+            for m0 in range(0, Mp, BLOCK_M):
+                for k0 in range(0, K, BLOCK_K):
+                    rm = m0 + tl.arange(0, BLOCK_M)
+                    rk = k0 + tl.arange(0, BLOCK_K)
+                    x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
+                    _store_codes(x, s_rows, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR,
+                                 TRANSPOSED)
 
 # tile sizes (timed on an H200 over 2048..8192 x 2048..8192 bf16 inputs): the cast writing row-major codes
 # only, and the cast writing the transposed layout (alone or with the row-major one)
 CAST_BLOCKS = dict(BLOCK_M=64, BLOCK_K=64, num_warps=8)
 CAST_BLOCKS_TRANSPOSED = dict(BLOCK_M=32, BLOCK_K=128, num_warps=4)
 AMAX_BLOCKS = dict(BLOCK_M=32, BLOCK_K=256, CHUNKS=4, num_warps=8)
-# delayed scaling in one pass: the most tiles a program takes (down the rows), so that no fewer than
-# DELAYED_PROGRAMS programs run (each merges its amax with an atomic maximum and counts itself done)
-DELAYED_CHUNKS = 8
-DELAYED_PROGRAMS = 2048
 # per-row scales in one kernel (``ROWS_IN_ONE_KERNEL``): rows a program holds, the width of its reads
 ROWS_BLOCKS = dict(BLOCK_M=8, BLOCK_K=256, num_warps=4)
 # True: a per-row operand (row-major codes) is one kernel that holds whole rows (amax, then cast, per program)
@@ -471,24 +470,23 @@ def values(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None, rowma
 
 def triton_delayed_operand(x: torch.Tensor, history: torch.Tensor, e5m2: bool, rowmajor: bool, transposed: bool,
                            cast_blocks: dict | None = None):
-    """The delayed operator's result from one Triton pass (CUDA): ``(codes, codes_t, s, used)``, ``history``
-    pushed in place. ``cast_blocks``: as :func:`triton_operand`'s."""
+    """The delayed operator's result from Triton (CUDA): the pass, then one program that finishes it;
+    ``(codes, codes_t, s, used)``, ``history`` pushed in place. ``cast_blocks``: as :func:`triton_operand`'s."""
     M, K = x.shape
     codes, codes_t, s = _outputs(x, e5m2, False, rowmajor, transposed)
     used = torch.empty((), dtype=torch.float32, device=x.device)
-    work = torch.zeros(3, dtype=torch.int32, device=x.device)
+    work = torch.zeros(2, dtype=torch.int32, device=x.device)
     rows = M + (-M) % PAD if transposed else M
-    c = dict(cast_blocks or (CAST_BLOCKS_TRANSPOSED if transposed else CAST_BLOCKS))
-    tiles = (triton.cdiv(rows, c["BLOCK_M"]), triton.cdiv(K, c["BLOCK_K"]))
-    if "CHUNKS" not in c:  # tiles a program takes: fewer programs merging their amax, as long as there are many
-        c["CHUNKS"] = max(1, min(DELAYED_CHUNKS, tiles[0] * tiles[1] // DELAYED_PROGRAMS))
-        c["CHUNKS"] = 1 << (c["CHUNKS"].bit_length() - 1)
-    grid = (triton.cdiv(tiles[0], c["CHUNKS"]), tiles[1])
+    c = cast_blocks or (CAST_BLOCKS_TRANSPOSED if transposed else CAST_BLOCKS)
+    out, out_t = codes.view(torch.uint8), codes_t.view(torch.uint8)
+    strides = (x.stride(0), x.stride(1), codes.stride(0) if rowmajor else 0, codes_t.stride(0) if transposed else 0)
     H = history.numel()
-    _delayed_kernel[grid](x, history, work, s, used, codes.view(torch.uint8), codes_t.view(torch.uint8), M, K, rows, H,
-                          x.stride(0), x.stride(1), codes.stride(0) if rowmajor else 0,
-                          codes_t.stride(0) if transposed else 0, TOP=57344.0 if e5m2 else 448.0, E5M2=e5m2,
-                          ROWMAJOR=rowmajor, TRANSPOSED=transposed, HB=triton.next_power_of_2(H), **c)
+    const = dict(TOP=57344.0 if e5m2 else 448.0, E5M2=e5m2, ROWMAJOR=rowmajor, TRANSPOSED=transposed,
+                 HB=triton.next_power_of_2(H))
+    grid = (triton.cdiv(rows, c["BLOCK_M"]), triton.cdiv(K, c["BLOCK_K"]))
+    _delayed_kernel[grid](x, history, work, out, out_t, M, K, rows, H, *strides, **const, **c)
+    _delayed_finish[(1,)](x, history, work, s, used, out, out_t, M, K, rows, H, *strides, **const,
+                          **CAST_BLOCKS_TRANSPOSED)
     return codes, codes_t, s, used
 
 
@@ -519,10 +517,10 @@ def delayed_operands(t: torch.Tensor, fmt: Format, history: torch.Tensor, rowmaj
     layout not asked for), ``used`` the amax they are scaled by, which
     :func:`lowprec.scaling.delayed_amax` gives, and ``history`` pushed as it pushes it: the same codes,
     scale and history bit for bit. The scale comes from the history, so each program of the pass writes
-    its codes at once; the last to finish pushes the history. Where the codes it wrote do not stand (the
-    history is all zeros, its first step: the scale is then ``t``'s own amax; or ``t`` holds a NaN or an
-    infinity: the scale is NaN, every code NaN) that last program writes all of them again alone, a slow
-    pass that only such a step takes."""
+    its codes at once; one program after the pass pushes the history. Where the codes the pass wrote do
+    not stand (the history is all zeros, its first step: the scale is then ``t``'s own amax; or ``t``
+    holds a NaN or an infinity: the scale is NaN, every code NaN) that program writes all of them again
+    alone, a slow pass that only such a step takes."""
     dt = fp8_dtype(fmt)
     if dt is None or fmt.granularity != "tensor" or t.dim() != 2 or t.numel() == 0:
         raise ValueError(f"fp8_cast.delayed_operands: {fmt} on a tensor of shape {tuple(t.shape)} is not one it "
@@ -532,6 +530,7 @@ def delayed_operands(t: torch.Tensor, fmt: Format, history: torch.Tensor, rowmaj
                          f"not {tuple(history.shape)} {history.dtype} on {history.device}")
     codes, codes_t, s, used = _fp8_operand_delayed(t, history, dt == torch.float8_e5m2, rowmajor, transposed)
     return (codes, s) if rowmajor else None, (codes_t, s) if transposed else None, used
+
 
 # the format of each (E5M2?, per row?) the operator is called with: its reference quantizes in it
 _FORMATS = {(e, r): get_format("fp8_e5m2" if e else "fp8_e4m3", granularity="row" if r else "tensor")
