@@ -273,12 +273,13 @@ if triton is not None:
         return tl.max(tl.load(hist_ptr + rh, mask=rh < H, other=0).to(tl.float32), axis=0)
 
     @triton.jit
-    def _delayed_kernel(x_ptr, hist_ptr, work_ptr, y_ptr, yt_ptr, M, K, Mp, H, stride_xm, stride_xk, stride_y, stride_yt,
+    def _delayed_kernel(x_ptr, hist_ptr, part_ptr, y_ptr, yt_ptr, M, K, Mp, H, stride_xm, stride_xk, stride_y, stride_yt,
                         TOP: tl.constexpr, E5M2: tl.constexpr, ROWMAJOR: tl.constexpr, TRANSPOSED: tl.constexpr,
                         HB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         # delayed scaling's pass, one read of x: the scale comes from the history, so each program writes its
-        # codes at once (unless the history is empty), and merges its tile's finite amax by an atomic maximum
-        # into the workspace (and, only where the tile holds a NaN or an infinity, raises its flag)
+        # codes at once (unless the history is empty), then its tile's largest finite |x| and largest |x| (as
+        # bits: ordered as the numbers are, NaN above inf) in its own slots (no atomics: one address that every
+        # program updates would serialize them)
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
@@ -287,31 +288,43 @@ if triton is not None:
             stat = tl.zeros([BLOCK_M], dtype=tl.float32) + past
             _store_codes(x, _scale(stat, stat, TOP), rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2,
                          ROWMAJOR, TRANSPOSED)
-        bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF  # |x|'s bits: ordered as the numbers are, NaN above inf
+        bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
         top = tl.max(tl.max(bits, axis=1), axis=0)
-        finite = tl.max(tl.max(tl.where(bits < 0x7F800000, bits, 0), axis=1), axis=0)
-        tl.atomic_max(work_ptr, finite, sem="relaxed")
-        tl.atomic_max(work_ptr + 1, 1, mask=top >= 0x7F800000, sem="relaxed")
+        finite = top
+        if top >= 0x7F800000:  # a NaN or an infinity: the finite ones' maximum apart
+            finite = tl.max(tl.max(tl.where(bits < 0x7F800000, bits, 0), axis=1), axis=0)
+        program = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        n = tl.num_programs(0) * tl.num_programs(1)
+        tl.store(part_ptr + program, finite)
+        tl.store(part_ptr + n + program, top)
 
     @triton.jit
-    def _delayed_finish(x_ptr, hist_ptr, work_ptr, s_ptr, used_ptr, y_ptr, yt_ptr, M, K, Mp, H, stride_xm, stride_xk,
+    def _delayed_finish(x_ptr, hist_ptr, part_ptr, s_ptr, used_ptr, y_ptr, yt_ptr, M, K, Mp, H, n, stride_xm, stride_xk,
                         stride_y, stride_yt, TOP: tl.constexpr, E5M2: tl.constexpr, ROWMAJOR: tl.constexpr,
-                        TRANSPOSED: tl.constexpr, HB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-        # one program after the pass: pushes the finite amax into the history, writes the scale (NaN where the
-        # flag is up) and the amax used, and, where the codes written do not stand (the history was empty: the
-        # scale is x's own; or the scale is NaN), writes every code again itself
+                        TRANSPOSED: tl.constexpr, HB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_P: tl.constexpr):
+        # one program after the pass: merges the n programs' maxima, pushes the finite amax into the history,
+        # writes the scale (NaN where x holds a NaN or an infinity) and the amax used, and, where the codes
+        # written do not stand (the history was empty: the scale is x's own; or the scale is NaN), writes
+        # every code again itself
+        finite = tl.zeros([BLOCK_P], dtype=tl.int32)
+        top = tl.zeros([BLOCK_P], dtype=tl.int32)
+        for p0 in range(0, n, BLOCK_P):
+            rp = p0 + tl.arange(0, BLOCK_P)
+            finite = tl.maximum(finite, tl.load(part_ptr + rp, mask=rp < n, other=0))
+            top = tl.maximum(top, tl.load(part_ptr + n + rp, mask=rp < n, other=0))
+        now = tl.max(finite, axis=0).to(tl.float32, bitcast=True)
+        measured = tl.max(top, axis=0).to(tl.float32, bitcast=True)
         rh = tl.arange(0, HB)
         past = _past(hist_ptr, H, HB)
-        now = tl.load(work_ptr).to(tl.float32, bitcast=True)
-        flagged = tl.load(work_ptr + 1)
         used = tl.where(past > 0, past, now)
-        s = _scale(used, tl.where(flagged != 0, float("inf"), used), TOP)
+        s = _scale(used, measured, TOP)
         tl.store(s_ptr, s)
         tl.store(used_ptr, used)
         older = tl.load(hist_ptr + rh - 1, mask=(rh >= 1) & (rh < H), other=0).to(tl.float32)
         tl.debug_barrier()  # every entry read before any is written
         tl.store(hist_ptr + rh, tl.where(rh == 0, now, older).to(hist_ptr.dtype.element_ty), mask=rh < H)
-        if (past == 0) | (flagged != 0):
+        if (past == 0) | (measured != measured) | (measured == float("inf")):
             s_rows = tl.zeros([BLOCK_M], dtype=tl.float32) + s
             for m0 in range(0, Mp, BLOCK_M):
                 for k0 in range(0, K, BLOCK_K):
@@ -475,18 +488,19 @@ def triton_delayed_operand(x: torch.Tensor, history: torch.Tensor, e5m2: bool, r
     M, K = x.shape
     codes, codes_t, s = _outputs(x, e5m2, False, rowmajor, transposed)
     used = torch.empty((), dtype=torch.float32, device=x.device)
-    work = torch.zeros(2, dtype=torch.int32, device=x.device)
     rows = M + (-M) % PAD if transposed else M
     c = cast_blocks or (CAST_BLOCKS_TRANSPOSED if transposed else CAST_BLOCKS)
+    grid = (triton.cdiv(rows, c["BLOCK_M"]), triton.cdiv(K, c["BLOCK_K"]))
+    n = grid[0] * grid[1]
+    partial = torch.empty(2 * n, dtype=torch.int32, device=x.device)  # each program's two maxima
     out, out_t = codes.view(torch.uint8), codes_t.view(torch.uint8)
     strides = (x.stride(0), x.stride(1), codes.stride(0) if rowmajor else 0, codes_t.stride(0) if transposed else 0)
     H = history.numel()
     const = dict(TOP=57344.0 if e5m2 else 448.0, E5M2=e5m2, ROWMAJOR=rowmajor, TRANSPOSED=transposed,
                  HB=triton.next_power_of_2(H))
-    grid = (triton.cdiv(rows, c["BLOCK_M"]), triton.cdiv(K, c["BLOCK_K"]))
-    _delayed_kernel[grid](x, history, work, out, out_t, M, K, rows, H, *strides, **const, **c)
-    _delayed_finish[(1,)](x, history, work, s, used, out, out_t, M, K, rows, H, *strides, **const,
-                          **CAST_BLOCKS_TRANSPOSED)
+    _delayed_kernel[grid](x, history, partial, out, out_t, M, K, rows, H, *strides, **const, **c)
+    _delayed_finish[(1,)](x, history, partial, s, used, out, out_t, M, K, rows, H, n, *strides, **const,
+                          BLOCK_P=1024, **CAST_BLOCKS_TRANSPOSED)
     return codes, codes_t, s, used
 
 
