@@ -277,17 +277,14 @@ if triton is not None:
                         TOP: tl.constexpr, E5M2: tl.constexpr, ROWMAJOR: tl.constexpr, TRANSPOSED: tl.constexpr,
                         HB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         # delayed scaling's pass, one read of x: the scale comes from the history, so each program writes its
-        # codes at once (unless the history is empty), then its tile's largest finite |x| and largest |x| (as
-        # bits: ordered as the numbers are, NaN above inf) in its own slots (no atomics: one address that every
-        # program updates would serialize them)
+        # codes at once, and its tile's largest finite |x| and largest |x| (as bits: ordered as the numbers
+        # are, NaN above inf) in slots of its own (no atomics: one address that every program updates would
+        # serialize them)
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
-        past = _past(hist_ptr, H, HB)
-        if past > 0:
-            stat = tl.zeros([BLOCK_M], dtype=tl.float32) + past
-            _store_codes(x, _scale(stat, stat, TOP), rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2,
-                         ROWMAJOR, TRANSPOSED)
+        # the maxima first: taken after the codes' stores, they kept the tile's bits alive through them (half
+        # again as many registers, fewer programs on each SM)
         bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
         top = tl.max(tl.max(bits, axis=1), axis=0)
         finite = top
@@ -297,6 +294,10 @@ if triton is not None:
         n = tl.num_programs(0) * tl.num_programs(1)
         tl.store(part_ptr + program, finite)
         tl.store(part_ptr + n + program, top)
+        # under an empty history (past 0: the scale 1) the codes written here are written again by the finish
+        stat = tl.zeros([BLOCK_M], dtype=tl.float32) + _past(hist_ptr, H, HB)
+        _store_codes(x, _scale(stat, stat, TOP), rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2,
+                     ROWMAJOR, TRANSPOSED)
 
     @triton.jit
     def _delayed_finish(x_ptr, hist_ptr, part_ptr, s_ptr, used_ptr, y_ptr, yt_ptr, M, K, Mp, H, n, stride_xm, stride_xk,
