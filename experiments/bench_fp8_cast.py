@@ -25,8 +25,9 @@ last bit of a quotient: the compiler's fp32 division is not IEEE's).
 ``--delayed`` times a per-tensor operand in both layouts three ways: current scaling (the buffer's fill, the
 amax pass, the cast); delayed scaling as two passes, the history's update as compiled tensor operations
 (:func:`lowprec.scaling.delayed_amax`) then the operator with that amax (which still takes the tensor's amax
-for its NaN rule); and delayed scaling in one pass (:func:`lowprec.fp8_cast.delayed_operands`: the workspace's
-fill, one pass), the history full (the steady state); each way's codes checked against the others' byte for byte.
+for its NaN rule); and delayed scaling in one pass (:func:`lowprec.fp8_cast.delayed_operands`: the pass, then
+one program that finishes it), the history full (the steady state); each way's codes checked against the others'
+byte for byte.
 
 ``--sweep`` times each pass alone over a grid of tile sizes (``CAST_SWEEP``, ``AMAX_SWEEP``) for each
 shape (default: the operands of the 30M and 600M benchmark models, ``SWEEP_SHAPES``) and layout, and

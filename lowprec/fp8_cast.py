@@ -26,6 +26,14 @@ infinite ``v`` becomes NaN in E4M3 (no infinity) and keeps its infinity in E5M2.
 written as ``0x7F`` (its sign carries nothing). On the CPU, or without Triton, the operator computes
 the same with tensor operations (:func:`reference_operand`).
 
+Under delayed scaling (:func:`delayed_operands`, the operator ``lowprec::fp8_operand_delayed``) the scale
+comes from an amax history known before the pass, so the tensor is read once: each program of the pass
+writes its codes and its tile's largest |x| (finite, and all) in slots of its own; one program after it
+merges them, pushes the finite amax into the history and writes the scale (NaN where the tensor holds a NaN or
+an infinity), writing every code again itself only where those written do not stand (an empty history, a NaN
+scale). The codes, scale and history are those of :func:`lowprec.scaling.delayed_amax` followed by
+:func:`operands` with that amax, bit for bit.
+
 A weight that reaches its GEMMs as a data-parallel run's ranks hold it (gathered in its FP8 format,
 dequantized to bf16, fp16 or fp32: :func:`lowprec.fsdp.as_gathered`) is read from its master (``gathered=``): the
 cast pass dequantizes each code in registers and quantizes that value again under the dequantized
@@ -340,6 +348,12 @@ if triton is not None:
 CAST_BLOCKS = dict(BLOCK_M=64, BLOCK_K=64, num_warps=8)
 CAST_BLOCKS_TRANSPOSED = dict(BLOCK_M=32, BLOCK_K=128, num_warps=4)
 AMAX_BLOCKS = dict(BLOCK_M=32, BLOCK_K=256, CHUNKS=4, num_warps=8)
+# delayed scaling's pass (its tiles' maxima cost it a reduction each: larger tiles than the cast's, timed on an
+# H200 over 16384x512 .. 8192x8192 bf16 inputs), and the one program that finishes it (BLOCK_P programs' maxima
+# a step; its tile for the codes it writes again where they do not stand)
+DELAYED_BLOCKS = dict(BLOCK_M=16, BLOCK_K=256, num_warps=4)
+DELAYED_BLOCKS_TRANSPOSED = dict(BLOCK_M=64, BLOCK_K=128, num_warps=8)
+DELAYED_FINISH_BLOCKS = dict(BLOCK_P=2048, BLOCK_M=32, BLOCK_K=128, num_warps=8)
 # per-row scales in one kernel (``ROWS_IN_ONE_KERNEL``): rows a program holds, the width of its reads
 ROWS_BLOCKS = dict(BLOCK_M=8, BLOCK_K=256, num_warps=4)
 # True: a per-row operand (row-major codes) is one kernel that holds whole rows (amax, then cast, per program)
@@ -490,7 +504,7 @@ def triton_delayed_operand(x: torch.Tensor, history: torch.Tensor, e5m2: bool, r
     codes, codes_t, s = _outputs(x, e5m2, False, rowmajor, transposed)
     used = torch.empty((), dtype=torch.float32, device=x.device)
     rows = M + (-M) % PAD if transposed else M
-    c = cast_blocks or (CAST_BLOCKS_TRANSPOSED if transposed else CAST_BLOCKS)
+    c = cast_blocks or (DELAYED_BLOCKS_TRANSPOSED if transposed else DELAYED_BLOCKS)
     grid = (triton.cdiv(rows, c["BLOCK_M"]), triton.cdiv(K, c["BLOCK_K"]))
     n = grid[0] * grid[1]
     partial = torch.empty(2 * n, dtype=torch.int32, device=x.device)  # each program's two maxima
@@ -501,7 +515,7 @@ def triton_delayed_operand(x: torch.Tensor, history: torch.Tensor, e5m2: bool, r
                  HB=triton.next_power_of_2(H))
     _delayed_kernel[grid](x, history, partial, out, out_t, M, K, rows, H, *strides, **const, **c)
     _delayed_finish[(1,)](x, history, partial, s, used, out, out_t, M, K, rows, H, n, *strides, **const,
-                          BLOCK_P=1024, **CAST_BLOCKS_TRANSPOSED)
+                          **DELAYED_FINISH_BLOCKS)
     return codes, codes_t, s, used
 
 

@@ -175,18 +175,21 @@ def test_both_layouts_at_once_are_each_layout_alone(device):
     _assert_same(both[1], _general(t, fmt, torch.tensor(2.0, device=device), transposed=True))
 
 
+@pytest.mark.parametrize("block_p", [2048, 16])
 @pytest.mark.parametrize("layouts", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("history_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
-def test_delayed_operands_are_those_of_the_delayed_amax(device, name, history_dtype, layouts):
+def test_delayed_operands_are_those_of_the_delayed_amax(device, name, history_dtype, layouts, block_p, monkeypatch):
     """Delayed scaling in one pass over the tensor (on CUDA; tensor operations on the CPU): over steps that
     start from an empty history (the scale is the tensor's own amax), go on from it (the history's), meet a
     NaN and an infinity (scale NaN, every code NaN, the history taking the finite amax), all-zero tensors
     until the history is empty again, and values past the history's range (they saturate), the codes in
     each layout asked for, the scale, the amax used and the history pushed are those of `delayed_amax`
-    followed by `operands(amax=...)`, bit for bit. 300 x 520 spans some 50 programs of the pass, each
-    merging its amax, and 300 rows are not a multiple of the transposed layout's padding."""
+    followed by `operands(amax=...)`, bit for bit. 300 x 520 spans 25-60 programs of the pass, whose maxima
+    the finishing program merges in one block of 2048 or in blocks of 16 (the last one partly empty); 300
+    rows are not a multiple of the transposed layout's padding."""
     from lowprec.scaling import delayed_amax
+    monkeypatch.setitem(fp8_cast.DELAYED_FINISH_BLOCKS, "BLOCK_P", block_p)
     fmt = lowprec.format(name, granularity="tensor")
     rowmajor, transposed = layouts
     history = torch.zeros(3, dtype=history_dtype, device=device)
