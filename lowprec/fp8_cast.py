@@ -273,7 +273,6 @@ if triton is not None:
             x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
             _store_codes(x, s, rm, rk, M, K, M, y_ptr, y_ptr, stride_y, 0, E5M2, True, False)
 
-
     @triton.jit
     def _past(hist_ptr, H, HB: tl.constexpr):
         # the largest amax of the history (0 while it is empty)

@@ -194,12 +194,12 @@ def test_delayed_operands_are_those_of_the_delayed_amax(device, name, history_dt
     rowmajor, transposed = layouts
     history = torch.zeros(3, dtype=history_dtype, device=device)
     twin = history.clone()
-    nan = _values(300, 520, torch.bfloat16, device, seed=2)
+    def values(seed):
+        return _values(300, 520, torch.bfloat16, device, seed=seed)
+    nan = values(2)
     nan[5, 7], nan[200, 11] = float("nan"), float("-inf")
     zeros = torch.zeros(300, 520, dtype=torch.bfloat16, device=device)
-    steps = [_values(300, 520, torch.bfloat16, device, seed=0), _values(300, 520, torch.bfloat16, device, seed=1) / 4,
-             nan, zeros, zeros, zeros, _values(300, 520, torch.bfloat16, device, seed=3),
-             _values(300, 520, torch.bfloat16, device, seed=4) * 1000]
+    steps = [values(0), values(1) / 4, nan, zeros, zeros, zeros, values(3), values(4) * 1000]
     for step, t in enumerate(steps):
         op, op_t, used = fp8_cast.delayed_operands(t, fmt, history, rowmajor=rowmajor, transposed=transposed)
         amax = delayed_amax(twin, t)
