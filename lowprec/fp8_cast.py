@@ -553,9 +553,11 @@ def delayed_operands(t: torch.Tensor, fmt: Format, history: torch.Tensor, rowmaj
     if dt is None or fmt.granularity != "tensor" or t.dim() != 2 or t.numel() == 0:
         raise ValueError(f"fp8_cast.delayed_operands: {fmt} on a tensor of shape {tuple(t.shape)} is not one it "
                          "makes (a per-tensor FP8 format, a non-empty 2-D tensor)")
-    if history.dim() != 1 or history.numel() == 0 or not history.is_floating_point() or history.device != t.device:
-        raise ValueError(f"fp8_cast.delayed_operands: the history is a non-empty 1-D float tensor on {t.device}, "
-                         f"not {tuple(history.shape)} {history.dtype} on {history.device}")
+    if (history.dim() != 1 or history.numel() == 0 or not history.is_floating_point() or history.device != t.device
+            or not history.is_contiguous()):
+        raise ValueError(f"fp8_cast.delayed_operands: the history is a non-empty contiguous 1-D float tensor on "
+                         f"{t.device}, not {tuple(history.shape)} {history.dtype} with strides {history.stride()} "
+                         f"on {history.device}")
     codes, codes_t, s, used = _fp8_operand_delayed(t, history, dt == torch.float8_e5m2, rowmajor, transposed)
     return (codes, s) if rowmajor else None, (codes_t, s) if transposed else None, used
 

@@ -223,7 +223,7 @@ def test_delayed_operands_refuse_what_they_cannot_make():
         fp8_cast.delayed_operands(torch.ones(2, 3), lowprec.format("fp8_e4m3", granularity="row"), h)
     with pytest.raises(ValueError, match="is not one it makes"):
         fp8_cast.delayed_operands(torch.ones(2, 3, 4), fmt, h)
-    for bad in (torch.zeros(2, 2), torch.zeros(0), torch.zeros(4, dtype=torch.int32)):
+    for bad in (torch.zeros(2, 2), torch.zeros(0), torch.zeros(4, dtype=torch.int32), torch.zeros(8)[::2]):
         with pytest.raises(ValueError, match="history"):
             fp8_cast.delayed_operands(torch.ones(2, 3), fmt, bad)
 
