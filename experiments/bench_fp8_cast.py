@@ -206,28 +206,36 @@ def row_scales(shapes: list[tuple[int, int]], calls: int, device: str = "cuda") 
         fp8_cast.ROWS_IN_ONE_KERNEL = before
 
 
-def delayed(shapes: list[tuple[int, int]], fmt, calls: int, history: int = 16, device: str = "cuda") -> None:
-    """The ``--delayed`` table (module doc)."""
+def delayed_ways(fmt, compiled: bool = True) -> dict:
+    """The ``--delayed`` table's three ways to make an operand in both layouts, each a function of the
+    tensor and its amax history returning ``((codes, s), (codes_t, s))``: current scaling (the history
+    unused), delayed scaling as two passes (the history's update as tensor operations, compiled unless
+    ``compiled`` is False, then the operator with that amax) and in one pass. With the tensor's own amax
+    in the history the three give the same codes."""
     from lowprec import fp8_cast
     from lowprec.scaling import delayed_amax
 
     def two_passes(x, h):
         return fp8_cast.operands(x, fmt, amax=delayed_amax(h, x))
-    compiled = torch.compile(two_passes)
+    return {"current": lambda x, h: fp8_cast.operands(x, fmt),
+            "two passes": torch.compile(two_passes) if compiled else two_passes,
+            "one pass": lambda x, h: fp8_cast.delayed_operands(x, fmt, h)[:2]}
+
+
+def delayed(shapes: list[tuple[int, int]], fmt, calls: int, history: int = 16, device: str = "cuda") -> None:
+    """The ``--delayed`` table (module doc)."""
+    ways = delayed_ways(fmt)
     print("| shape | current scaling µs | delayed, two passes µs | delayed, one pass µs | one pass vs current | "
           "one pass vs two | one pass's bytes at |")
     print("|---|---|---|---|---|---|---|")
     for rows, cols in shapes:
         x = torch.randn(rows, cols, device=device, dtype=torch.bfloat16)
-        h1, h2 = (torch.full((history,), float(x.abs().amax()), device=device) for _ in range(2))
-        t_cur = kernel_us(lambda: fp8_cast.operands(x, fmt), calls)
-        t_two = kernel_us(lambda: compiled(x, h1), calls)
-        t_one = kernel_us(lambda: fp8_cast.delayed_operands(x, fmt, h2), calls)
-        one, two, cur = fp8_cast.delayed_operands(x, fmt, h2), compiled(x, h1), fp8_cast.operands(x, fmt)
-        for a, b, c in zip(one[:2], two, cur):
-            if not (torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8))
-                    and torch.equal(a[0].view(torch.uint8), c[0].view(torch.uint8))):
+        h = torch.full((history,), float(x.abs().amax()), device=device)
+        outs = [way(x, h) for way in ways.values()]
+        for layout in (0, 1):
+            if not all(torch.equal(o[layout][0].view(torch.uint8), outs[0][layout][0].view(torch.uint8)) for o in outs):
                 raise SystemExit(f"{rows}x{cols}: the delayed codes differ")
+        t_cur, t_two, t_one = (kernel_us(lambda way=way: way(x, h), calls) for way in ways.values())
         moved = rows * cols * 2 + rows * cols + cols * (rows + (-rows) % 16)
         print(f"| {rows}x{cols} | {t_cur:.1f} | {t_two:.1f} | {t_one:.1f} | {t_cur / t_one:.2f}x | {t_two / t_one:.2f}x | "
               f"{moved / t_one / 1e3:,.0f} GB/s |", flush=True)
