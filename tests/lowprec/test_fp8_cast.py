@@ -177,9 +177,11 @@ def test_both_layouts_at_once_are_each_layout_alone(device):
 
 @pytest.mark.parametrize("block_p", [2048, 16])
 @pytest.mark.parametrize("layouts", [(True, True), (True, False), (False, True)])
-@pytest.mark.parametrize("history_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,history_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.float32, torch.bfloat16)])
 @pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
-def test_delayed_operands_are_those_of_the_delayed_amax(device, name, history_dtype, layouts, block_p, monkeypatch):
+def test_delayed_operands_are_those_of_the_delayed_amax(device, name, dtype, history_dtype, layouts, block_p,
+                                                        monkeypatch):
     """Delayed scaling in one pass over the tensor (on CUDA; tensor operations on the CPU): over steps that
     start from an empty history (the scale is the tensor's own amax), go on from it (the history's), meet a
     NaN and an infinity (scale NaN, every code NaN, the history taking the finite amax), all-zero tensors
@@ -187,7 +189,8 @@ def test_delayed_operands_are_those_of_the_delayed_amax(device, name, history_dt
     each layout asked for, the scale, the amax used and the history pushed are those of `delayed_amax`
     followed by `operands(amax=...)`, bit for bit. 300 x 520 spans 25-60 programs of the pass, whose maxima
     the finishing program merges in one block of 2048 or in blocks of 16 (the last one partly empty); 300
-    rows are not a multiple of the transposed layout's padding."""
+    rows are not a multiple of the transposed layout's padding. An fp32 tensor's amax is rounded (to nearest
+    even) into a bf16 history."""
     from lowprec.scaling import delayed_amax
     monkeypatch.setitem(fp8_cast.DELAYED_FINISH_BLOCKS, "BLOCK_P", block_p)
     fmt = lowprec.format(name, granularity="tensor")
@@ -195,10 +198,10 @@ def test_delayed_operands_are_those_of_the_delayed_amax(device, name, history_dt
     history = torch.zeros(3, dtype=history_dtype, device=device)
     twin = history.clone()
     def values(seed):
-        return _values(300, 520, torch.bfloat16, device, seed=seed)
+        return _values(300, 520, dtype, device, seed=seed)
     nan = values(2)
     nan[5, 7], nan[200, 11] = float("nan"), float("-inf")
-    zeros = torch.zeros(300, 520, dtype=torch.bfloat16, device=device)
+    zeros = torch.zeros(300, 520, dtype=dtype, device=device)
     steps = [values(0), values(1) / 4, nan, zeros, zeros, zeros, values(3), values(4) * 1000]
     for step, t in enumerate(steps):
         op, op_t, used = fp8_cast.delayed_operands(t, fmt, history, rowmajor=rowmajor, transposed=transposed)
