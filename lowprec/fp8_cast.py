@@ -30,8 +30,8 @@ Under delayed scaling (:func:`delayed_operands`, the operator ``lowprec::fp8_ope
 comes from an amax history known before the pass, so the tensor is read once: each program of the pass
 writes its codes and its tile's largest |x| (finite, and all) in slots of its own; one program after it
 merges them, pushes the finite amax into the history and writes the scale (NaN where the tensor holds a NaN or
-an infinity), writing every code again itself only where those written do not stand (an empty history, a NaN
-scale). The codes, scale and history are those of :func:`lowprec.scaling.delayed_amax` followed by
+an infinity), writing every code again itself only where those written do not stand (the scale is not the
+pass's: an empty history, a NaN scale). The codes, scale and history are those of :func:`lowprec.scaling.delayed_amax` followed by
 :func:`operands` with that amax, bit for bit.
 
 A weight that reaches its GEMMs as a data-parallel run's ranks hold it (gathered in its FP8 format,
@@ -313,8 +313,8 @@ if triton is not None:
                         BLOCK_P: tl.constexpr):
         # one program after the pass: merges the n programs' maxima, pushes the finite amax into the history,
         # writes the scale (NaN where x holds a NaN or an infinity) and the amax used, and, where the codes
-        # written do not stand (the history was empty: the scale is x's own; or the scale is NaN), writes
-        # every code again itself
+        # written do not stand (the scale is not the pass's: the history was empty and x is not all zeros, its
+        # own amax gives the scale; or the scale is NaN), writes every code again itself
         finite = tl.zeros([BLOCK_P], dtype=tl.int32)
         top = tl.zeros([BLOCK_P], dtype=tl.int32)
         for p0 in range(0, n, BLOCK_P):
@@ -332,7 +332,7 @@ if triton is not None:
         older = tl.load(hist_ptr + rh - 1, mask=(rh >= 1) & (rh < H), other=0).to(tl.float32)
         tl.debug_barrier()  # every entry read before any is written
         tl.store(hist_ptr + rh, tl.where(rh == 0, now, older).to(hist_ptr.dtype.element_ty), mask=rh < H)
-        if (past == 0) | (measured != measured) | (measured == float("inf")):
+        if s != _scale(past, past, TOP):  # the pass's scale (1 under an empty history), or a NaN scale
             s_rows = tl.zeros([BLOCK_M], dtype=tl.float32) + s
             for m0 in range(0, Mp, BLOCK_M):
                 for k0 in range(0, K, BLOCK_K):
@@ -546,9 +546,9 @@ def delayed_operands(t: torch.Tensor, fmt: Format, history: torch.Tensor, rowmaj
     :func:`lowprec.scaling.delayed_amax` gives, and ``history`` pushed as it pushes it: the same codes,
     scale and history bit for bit. The scale comes from the history, so each program of the pass writes
     its codes at once; one program after the pass pushes the history. Where the codes the pass wrote do
-    not stand (the history is all zeros, its first step: the scale is then ``t``'s own amax; or ``t``
-    holds a NaN or an infinity: the scale is NaN, every code NaN) that program writes all of them again
-    alone, a slow pass that only such a step takes."""
+    not stand (the history is all zeros, its first step, and ``t`` is not: the scale is then ``t``'s own
+    amax; or ``t`` holds a NaN or an infinity: the scale is NaN, every code NaN) that program writes all
+    of them again alone, a slow pass that only such a step takes."""
     dt = fp8_dtype(fmt)
     if dt is None or fmt.granularity != "tensor" or t.dim() != 2 or t.numel() == 0:
         raise ValueError(f"fp8_cast.delayed_operands: {fmt} on a tensor of shape {tuple(t.shape)} is not one it "

@@ -185,9 +185,10 @@ def test_delayed_operands_are_those_of_the_delayed_amax(device, name, dtype, his
     """Delayed scaling in one pass over the tensor (on CUDA; tensor operations on the CPU): over steps that
     start from an empty history (the scale is the tensor's own amax), go on from it (the history's), meet a
     NaN and an infinity (scale NaN, every code NaN, the history taking the finite amax), all-zero tensors
-    until the history is empty again, and values past the history's range (they saturate), the codes in
-    each layout asked for, the scale, the amax used and the history pushed are those of `delayed_amax`
-    followed by `operands(amax=...)`, bit for bit. 300 x 520 spans 25-60 programs of the pass, whose maxima
+    until the history is empty again and one more (an empty history and a tensor of zeros: scale 1), and
+    values past the history's range (they saturate), the codes in each layout asked for, the scale, the
+    amax used and the history pushed are those of `delayed_amax` followed by `operands(amax=...)`, bit for
+    bit. 300 x 520 spans 25-60 programs of the pass, whose maxima
     the finishing program merges in one block of 2048 or in blocks of 16 (the last one partly empty); 300
     rows are not a multiple of the transposed layout's padding. An fp32 tensor's amax is rounded (to nearest
     even) into a bf16 history."""
@@ -202,7 +203,7 @@ def test_delayed_operands_are_those_of_the_delayed_amax(device, name, dtype, his
     nan = values(2)
     nan[5, 7], nan[200, 11] = float("nan"), float("-inf")
     zeros = torch.zeros(300, 520, dtype=dtype, device=device)
-    steps = [values(0), values(1) / 4, nan, zeros, zeros, zeros, values(3), values(4) * 1000]
+    steps = [values(0), values(1) / 4, nan, zeros, zeros, zeros, zeros, values(3), values(4) * 1000]
     for step, t in enumerate(steps):
         op, op_t, used = fp8_cast.delayed_operands(t, fmt, history, rowmajor=rowmajor, transposed=transposed)
         amax = delayed_amax(twin, t)
