@@ -188,16 +188,16 @@ def test_delayed_operands_are_those_of_the_delayed_amax(device, name, dtype, his
     until the history is empty again and one more (an empty history and a tensor of zeros: scale 1), and
     values past the history's range (they saturate), the codes in each layout asked for, the scale, the
     amax used and the history pushed are those of `delayed_amax` followed by `operands(amax=...)`, bit for
-    bit. 300 x 520 spans 25-60 programs of the pass, whose maxima
-    the finishing program merges in one block of 2048 or in blocks of 16 (the last one partly empty); 300
-    rows are not a multiple of the transposed layout's padding. An fp32 tensor's amax is rounded (to nearest
-    even) into a bf16 history."""
+    bit. 300 x 520 spans 25-60 programs of the pass, whose maxima the finishing program merges in one block
+    of 2048 or in blocks of 16 (the last one partly empty); 300 rows are not a multiple of the transposed
+    layout's padding. An fp32 tensor's amax is rounded (to nearest even) into a bf16 history."""
     from lowprec.scaling import delayed_amax
     monkeypatch.setitem(fp8_cast.DELAYED_FINISH_BLOCKS, "BLOCK_P", block_p)
     fmt = lowprec.format(name, granularity="tensor")
     rowmajor, transposed = layouts
     history = torch.zeros(3, dtype=history_dtype, device=device)
     twin = history.clone()
+
     def values(seed):
         return _values(300, 520, dtype, device, seed=seed)
     nan = values(2)
