@@ -236,7 +236,7 @@ def delayed(shapes: list[tuple[int, int]], fmt, calls: int, history: int = 16, d
             if not all(torch.equal(o[layout][0].view(torch.uint8), outs[0][layout][0].view(torch.uint8)) for o in outs):
                 raise SystemExit(f"{rows}x{cols}: the delayed codes differ")
         t_cur, t_two, t_one = (kernel_us(lambda way=way: way(x, h), calls) for way in ways.values())
-        moved = rows * cols * 2 + rows * cols + cols * (rows + (-rows) % 16)
+        moved = min_bytes(rows, cols, "both") - rows * cols * 2  # one read of the tensor, not two
         print(f"| {rows}x{cols} | {t_cur:.1f} | {t_two:.1f} | {t_one:.1f} | {t_cur / t_one:.2f}x | {t_two / t_one:.2f}x | "
               f"{moved / t_one / 1e3:,.0f} GB/s |", flush=True)
 

@@ -48,6 +48,7 @@ import torch
 
 GEMV_MAX_ROWS = 64
 
+
 def lane_ptx(lane: int) -> str:
     """MODE 6's PTX that makes code ``lane`` (0 to 7) of both 16-bit halves of a 32-bit register one pair of
     bf16 values ``c - 1`` (module doc): a shift, one ``lop3`` (``(t & mask) | 0x43004300``), one bf16x2 fused
