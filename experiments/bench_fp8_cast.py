@@ -5,6 +5,7 @@
     python -m experiments.bench_fp8_cast --sweep                   # the passes' tile sizes, per shape
     python -m experiments.bench_fp8_cast --rows                    # per-row scales in one kernel, per tile size
     python -m experiments.bench_fp8_cast --delayed                 # delayed scaling in one pass against two
+    python -m experiments.bench_fp8_cast --quotient                # the cast's division: IEEE against reciprocal
 
 For each bf16 tensor shape and layout (``row``: row-major codes for fprop/dgrad; ``transposed``: the
 transposed, padded codes for wgrad; ``both``: the two from one read) it prints the GPU time of the
@@ -28,6 +29,11 @@ amax pass, the cast); delayed scaling as two passes, the history's update as com
 for its NaN rule); and delayed scaling in one pass (:func:`lowprec.fp8_cast.delayed_operands`: the pass, then
 one program that finishes it), the history full (the steady state); each way's codes checked against the others'
 byte for byte.
+
+``--quotient`` times the same operand in both layouts, current scaling and delayed scaling in one pass, with the
+cast's quotients x / s from IEEE division and from the scale's reciprocal with one correction
+(``lowprec.fp8_cast.FAST_QUOTIENT``, the default), each way's codes checked against the other's byte for byte,
+against a bf16 copy of the tensor.
 
 ``--sweep`` times each pass alone over a grid of tile sizes (``CAST_SWEEP``, ``AMAX_SWEEP``) for each
 shape (default: the operands of the 30M and 600M benchmark models, ``SWEEP_SHAPES``) and layout, and
@@ -241,6 +247,40 @@ def delayed(shapes: list[tuple[int, int]], fmt, calls: int, history: int = 16, d
               f"{moved / t_one / 1e3:,.0f} GB/s |", flush=True)
 
 
+def quotients(shapes: list[tuple[int, int]], fmt, calls: int, history: int = 16, device: str = "cuda") -> None:
+    """The ``--quotient`` table (module doc)."""
+    from lowprec import fp8_cast
+
+    ways = delayed_ways(fmt, compiled=False)
+    print("| shape | current, IEEE µs | current, reciprocal µs | speed-up | delayed one pass, IEEE µs | "
+          "delayed one pass, reciprocal µs | speed-up | delayed one pass's bytes at | bf16 copy's bytes at |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    before = fp8_cast.FAST_QUOTIENT
+    try:
+        for rows, cols in shapes:
+            x = torch.randn(rows, cols, device=device, dtype=torch.bfloat16)
+            h = torch.full((history,), float(x.abs().amax()), device=device)
+            times, outs = {}, {}
+            for fast in (False, True):
+                fp8_cast.FAST_QUOTIENT = fast
+                for name in ("current", "one pass"):
+                    outs[name, fast] = ways[name](x, h)
+                    times[name, fast] = kernel_us(lambda name=name: ways[name](x, h), calls)
+            for name in ("current", "one pass"):
+                for layout in (0, 1):
+                    a, b = outs[name, False][layout][0], outs[name, True][layout][0]
+                    if not torch.equal(a.view(torch.uint8), b.view(torch.uint8)):
+                        raise SystemExit(f"{rows}x{cols} {name}: the codes differ between the two quotients")
+            copy_us = kernel_us(lambda: x.clone(), calls)
+            moved = min_bytes(rows, cols, "both") - rows * cols * 2  # the one pass reads the tensor once
+            c0, c1, d0, d1 = (times["current", False], times["current", True], times["one pass", False],
+                              times["one pass", True])
+            print(f"| {rows}x{cols} | {c0:.1f} | {c1:.1f} | {c0 / c1:.2f}x | {d0:.1f} | {d1:.1f} | {d0 / d1:.2f}x | "
+                  f"{moved / d1 / 1e3:,.0f} GB/s | {4 * rows * cols / copy_us / 1e3:,.0f} GB/s |", flush=True)
+    finally:
+        fp8_cast.FAST_QUOTIENT = before
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=SHAPES, help="ROWSxCOLS of the bf16 tensor")
@@ -251,9 +291,10 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="time each pass over a grid of tile sizes (module doc)")
     ap.add_argument("--rows", action="store_true", help="per-row scales in one kernel against amax + cast")
     ap.add_argument("--delayed", action="store_true", help="delayed scaling in one pass against two (module doc)")
+    ap.add_argument("--quotient", action="store_true", help="the cast's division: IEEE against reciprocal (module doc)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="the tensor's dtype (--sweep)")
     args = ap.parse_args(argv)
-    wide = (args.sweep or args.rows or args.delayed) and args.shapes == SHAPES
+    wide = (args.sweep or args.rows or args.delayed or args.quotient) and args.shapes == SHAPES
     shapes = [parse_shape(s) for s in (SWEEP_SHAPES if wide else args.shapes)]
     if not torch.cuda.is_available():
         raise SystemExit("bench_fp8_cast needs a CUDA GPU")
@@ -271,6 +312,11 @@ def main(argv=None):
         print(f"# FP8 operand ({args.format}, per-tensor scale, both layouts) of a bf16 tensor under delayed scaling, "
               f"{environment()}, {datetime.date.today()}")
         delayed(shapes, fmt, args.calls)
+        return
+    if args.quotient:
+        print(f"# FP8 operand ({args.format}, per-tensor scale, both layouts) of a bf16 tensor, IEEE division against "
+              f"the reciprocal, {environment()}, {datetime.date.today()}")
+        quotients(shapes, fmt, args.calls)
         return
     if args.sweep:
         print(f"# FP8 operand passes' tile sizes (E4M3, per-tensor scale), {environment()}, {datetime.date.today()}")

@@ -128,6 +128,10 @@ def _outputs(x: torch.Tensor, e5m2: bool, per_row: bool, rowmajor: bool, transpo
 
 
 if triton is not None:
+    # `_fast`'s bounds: the scales whose reciprocals give exact quotients, and the largest x r it lets through
+    _FAST_LO = tl.constexpr(2.0 ** -64)
+    _FAST_HI = tl.constexpr(2.0 ** 64)
+    _FAST_TOP = tl.constexpr(2.0 ** 120)
 
     @triton.jit
     def _amax_kernel(x_ptr, out_ptr, M, K, stride_xm, stride_xk, PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -174,30 +178,61 @@ if triton is not None:
         return tl.where(measured < float("inf"), s, float("nan"))
 
     @triton.jit
-    def _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk):
-        # the tile of x at rows rm, columns rk, as fp32 (0 outside the tensor)
-        inside = (rm[:, None] < M) & (rk[None, :] < K)
-        x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk, mask=inside,
-                    other=0.0)
-        return x.to(tl.float32)
+    def _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk, EVEN: tl.constexpr = False):
+        # the tile of x at rows rm, columns rk, as fp32 (0 outside the tensor); EVEN: the tile lies inside it
+        at = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk
+        if EVEN:
+            return tl.load(at).to(tl.float32)
+        return tl.load(at, mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _quotient(x, s, r, FAST: tl.constexpr):
+        # x / s rounded to nearest even, as IEEE division rounds it. FAST: from r, 1 / s rounded to nearest,
+        # with one correction (Markstein): q = x r, then q + (x - q s) r, each rounded once (the residual
+        # x - q s is exact under a fused multiply-add); that is x / s correctly rounded wherever x / s, r
+        # and the residual are normal, which `_fast` ensures for every |x / s| an FP8 code can tell apart
+        # from zero (>= 2^-20); below that the code is a zero with x's sign, restored here for x = -0
+        if FAST:
+            q = x * r
+            q = tl.fma(tl.fma(q, -s, x), r, q)
+            sign = x.to(tl.int32, bitcast=True) & -2147483648
+            return (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+        return tl.div_rn(x, s)
+
+    @triton.jit
+    def _fast(s, top):
+        # whether a tile takes the quotient from the reciprocal: every |x| <= top (finite) and every scale
+        # s of the tile in [2^-64, 2^64], so that r = 1 / s is normal, the residuals of every quotient of
+        # 2^-20 or more are multiples of 2^-146 with 24 bits at most (normal or exact subnormals), and no
+        # x r reaches 2^120 (finite, its code saturated or NaN-free); else IEEE division. Returns (fast, r)
+        r = tl.div_rn(tl.zeros_like(s) + 1.0, s)
+        ok = (s >= _FAST_LO) & (s <= _FAST_HI) & (top * r < _FAST_TOP)
+        return tl.min(ok.to(tl.int32), axis=0) > 0, r
 
     @triton.jit
     def _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2: tl.constexpr,
                      ROWMAJOR: tl.constexpr, TRANSPOSED: tl.constexpr, VALUES: tl.constexpr = False,
-                     FOLD: tl.constexpr = False):
+                     FOLD: tl.constexpr = False, r=None, FAST: tl.constexpr = False, EVEN: tl.constexpr = False):
         # the codes of the tile x (fp32) under the scales s (one per row of the tile), in each layout asked for;
-        # VALUES: their values in bf16 instead (exact), the transposed layout's multiplied by the scales (FOLD)
-        v = tl.div_rn(x, s[:, None])
+        # VALUES: their values in bf16 instead (exact), the transposed layout's multiplied by the scales (FOLD).
+        # FAST: the quotients from r (as `_fast` gives it, which also makes every v finite); EVEN: the tile
+        # lies inside both layouts (no padding columns in it)
+        if FAST:
+            v = _quotient(x, s[:, None], r[:, None], True)
+        else:
+            v = tl.div_rn(x, s[:, None])
         # the conversion saturates (cvt.rn.satfinite): it clamps a finite v to +-TOP (a clamp of its own
         # costs time: this pass is bound by its arithmetic nearly as much as by memory); an infinite v,
         # which it would saturate too, and NaN get their codes here
         if E5M2:
             bits = v.to(tl.float8e5, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
-            bits = tl.where(v == float("inf"), 0x7C, tl.where(v == float("-inf"), 0xFC, bits.to(tl.int32)))
-            bits = tl.where(v != v, 0x7F, bits)
+            if not FAST:
+                bits = tl.where(v == float("inf"), 0x7C, tl.where(v == float("-inf"), 0xFC, bits.to(tl.int32)))
+                bits = tl.where(v != v, 0x7F, bits)
         else:
             bits = v.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
-            bits = tl.where(tl.abs(v) < float("inf"), bits.to(tl.int32), 0x7F)
+            if not FAST:
+                bits = tl.where(tl.abs(v) < float("inf"), bits.to(tl.int32), 0x7F)
         rm64 = rm.to(tl.int64)
         rk64 = rk.to(tl.int64)
         if VALUES:
@@ -213,6 +248,11 @@ if triton is not None:
                     val = val * s[:, None]
                 tl.store(yt_ptr + rk64[None, :] * stride_yt + rm64[:, None], val.to(tl.bfloat16),
                          mask=(rk[None, :] < K) & (rm[:, None] < M))
+        elif EVEN:
+            if ROWMAJOR:
+                tl.store(y_ptr + rm64[:, None] * stride_y + rk64[None, :], bits.to(tl.uint8))
+            if TRANSPOSED:
+                tl.store(yt_ptr + rk64[None, :] * stride_yt + rm64[:, None], bits.to(tl.uint8))
         else:
             if ROWMAJOR:
                 tl.store(y_ptr + rm64[:, None] * stride_y + rk64[None, :], bits.to(tl.uint8),
@@ -227,7 +267,7 @@ if triton is not None:
                      stride_yt, TOP: tl.constexpr, E5M2: tl.constexpr, PER_ROW: tl.constexpr,
                      DELAYED: tl.constexpr, ROWMAJOR: tl.constexpr, TRANSPOSED: tl.constexpr,
                      GATHERED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                     VALUES: tl.constexpr = False):
+                     VALUES: tl.constexpr = False, FAST: tl.constexpr = False, EVEN: tl.constexpr = False):
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         if PER_ROW:
@@ -239,7 +279,7 @@ if triton is not None:
         else:
             stat = measured
         s = _scale(stat, measured, TOP)
-        x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
+        x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk, EVEN)
         if GATHERED != 0:
             # x is a master weight that reaches the GEMM as its codes under s, dequantized (code x s in
             # fp32, rounded to the gathered dtype): that tensor g is quantized here in its place. Its amax
@@ -252,8 +292,17 @@ if triton is not None:
             tl.store(s_ptr + rm, s, mask=(rm < M) & (tl.program_id(1) == 0))
         else:
             tl.store(s_ptr + rm * 0, s, mask=(rm == 0) & (tl.program_id(0) == 0) & (tl.program_id(1) == 0))
-        _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR, TRANSPOSED,
-                     VALUES, VALUES and PER_ROW)
+        if FAST and GATHERED == 0:  # every |x| of a row is at most its measured amax
+            fast, r = _fast(s, measured)
+            if fast:
+                _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR, TRANSPOSED,
+                             VALUES, VALUES and PER_ROW, r, True, EVEN)
+            else:
+                _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR, TRANSPOSED,
+                             VALUES, VALUES and PER_ROW, s, False, EVEN)
+        else:
+            _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR, TRANSPOSED,
+                         VALUES, VALUES and PER_ROW, s, False, EVEN)
 
     @triton.jit
     def _rows_kernel(x_ptr, s_ptr, y_ptr, M, K, stride_xm, stride_xk, stride_y, TOP: tl.constexpr, E5M2: tl.constexpr,
@@ -282,14 +331,15 @@ if triton is not None:
     @triton.jit
     def _delayed_kernel(x_ptr, hist_ptr, part_ptr, y_ptr, yt_ptr, M, K, Mp, H, stride_xm, stride_xk, stride_y, stride_yt,
                         TOP: tl.constexpr, E5M2: tl.constexpr, ROWMAJOR: tl.constexpr, TRANSPOSED: tl.constexpr,
-                        HB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                        HB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FAST: tl.constexpr = False,
+                        EVEN: tl.constexpr = False):
         # delayed scaling's pass, one read of x: the scale comes from the history, so each program writes its
         # codes at once, and its tile's largest finite |x| and largest |x| (as bits: ordered as the numbers
         # are, NaN above inf) in slots of its own (no atomics: one address that every program updates would
         # serialize them)
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-        x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
+        x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk, EVEN)
         # the maxima first: taken after the codes' stores, they kept the tile's bits alive through them (half
         # again as many registers, fewer programs on each SM)
         bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
@@ -303,8 +353,18 @@ if triton is not None:
         tl.store(part_ptr + n + program, top)
         # under an empty history (past 0: the scale 1) the codes written here are written again by the finish
         stat = tl.zeros([BLOCK_M], dtype=tl.float32) + _past(hist_ptr, H, HB)
-        _store_codes(x, _scale(stat, stat, TOP), rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2,
-                     ROWMAJOR, TRANSPOSED)
+        s = _scale(stat, stat, TOP)
+        if FAST:
+            fast, r = _fast(s, top.to(tl.float32, bitcast=True))
+            if fast:
+                _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR, TRANSPOSED,
+                             False, False, r, True, EVEN)
+            else:
+                _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR, TRANSPOSED,
+                             False, False, s, False, EVEN)
+        else:
+            _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR, TRANSPOSED,
+                         False, False, s, False, EVEN)
 
     @triton.jit
     def _delayed_finish(x_ptr, hist_ptr, part_ptr, s_ptr, used_ptr, y_ptr, yt_ptr, M, K, Mp, H, n, stride_xm, stride_xk,
@@ -355,10 +415,20 @@ DELAYED_BLOCKS_TRANSPOSED = dict(BLOCK_M=64, BLOCK_K=128, num_warps=8)
 DELAYED_FINISH_BLOCKS = dict(BLOCK_P=2048, BLOCK_M=32, BLOCK_K=128, num_warps=8)
 # per-row scales in one kernel (``ROWS_IN_ONE_KERNEL``): rows a program holds, the width of its reads
 ROWS_BLOCKS = dict(BLOCK_M=8, BLOCK_K=256, num_warps=4)
+# True: the cast passes divide by a tile's scales through their reciprocals with one correction, which gives
+# the IEEE quotient (`_quotient`), in the tiles where `_fast` shows that exact (every tile of a tensor whose
+# scale lies in [2^-64, 2^64] and, under a delayed amax, whose values stay below 2^120 times it); False: IEEE
+# division everywhere (a slower instruction sequence, the same codes)
+FAST_QUOTIENT = True
 # True: a per-row operand (row-major codes) is one kernel that holds whole rows (amax, then cast, per program)
 # instead of an amax pass with atomics into a cleared buffer, then the cast; the same codes. Off: in a compiled
 # 600M step under the paper policy on an H200 the step ran slower with it
 ROWS_IN_ONE_KERNEL = False
+
+
+def _even(M: int, K: int, rows: int, blocks: dict) -> bool:
+    # whether every tile of the grid lies inside the tensor and its layouts (no masks needed)
+    return rows == M and M % blocks["BLOCK_M"] == 0 and K % blocks["BLOCK_K"] == 0
 
 
 def triton_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_row: bool, rowmajor: bool,
@@ -395,7 +465,7 @@ def triton_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_r
                        x.stride(0), x.stride(1), codes.stride(0) if rowmajor else 0,
                        codes_t.stride(0) if transposed else 0, TOP=57344.0 if e5m2 else 448.0, E5M2=e5m2,
                        PER_ROW=per_row, DELAYED=amax is not None, ROWMAJOR=rowmajor, TRANSPOSED=transposed,
-                       GATHERED=gathered, VALUES=values, **c)
+                       GATHERED=gathered, VALUES=values, FAST=FAST_QUOTIENT, EVEN=_even(M, K, rows, c), **c)
     return codes, codes_t, s
 
 
@@ -512,7 +582,8 @@ def triton_delayed_operand(x: torch.Tensor, history: torch.Tensor, e5m2: bool, r
     H = history.numel()
     const = dict(TOP=57344.0 if e5m2 else 448.0, E5M2=e5m2, ROWMAJOR=rowmajor, TRANSPOSED=transposed,
                  HB=triton.next_power_of_2(H))
-    _delayed_kernel[grid](x, history, partial, out, out_t, M, K, rows, H, *strides, **const, **c)
+    _delayed_kernel[grid](x, history, partial, out, out_t, M, K, rows, H, *strides, **const, **c, FAST=FAST_QUOTIENT,
+                          EVEN=_even(M, K, rows, c))
     _delayed_finish[(1,)](x, history, partial, s, used, out, out_t, M, K, rows, H, n, *strides, **const,
                           **DELAYED_FINISH_BLOCKS)
     return codes, codes_t, s, used

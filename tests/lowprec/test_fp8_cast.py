@@ -389,6 +389,61 @@ def test_triton_kernels_equal_the_reference_on_every_bit_pattern(e5m2, rows_in_o
                 assert torch.equal(g.isnan(), w.isnan()) and torch.equal(g.view(bits)[~g.isnan()], w.view(bits)[~w.isnan()])
 
 
+def _quotients(x, scales):
+    """``(fast, ieee)``: x / s for every x (fp32, 1-D) and every s of ``scales``, one row per scale,
+    from the cast's reciprocal-and-correction quotient and from IEEE division (``tl.div_rn``)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(x_ptr, s_ptr, fast_ptr, ieee_ptr, N, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < N, other=0.0)
+        s = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(s_ptr + tl.program_id(1))
+        r = tl.div_rn(tl.zeros_like(s) + 1.0, s)
+        out = tl.program_id(1).to(tl.int64) * N + offs
+        tl.store(fast_ptr + out, fp8_cast._quotient(x, s, r, True), mask=offs < N)
+        tl.store(ieee_ptr + out, tl.div_rn(x, s), mask=offs < N)
+
+    fast = torch.empty(len(scales), len(x), device="cuda")
+    ieee = torch.empty_like(fast)
+    kernel[(triton.cdiv(len(x), 1024), len(scales))](x, scales, fast, ieee, len(x), BLOCK=1024)
+    return fast, ieee
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_quotient_from_the_reciprocal_is_ieee_division():
+    """Where the cast divides by a tile's scales through their reciprocals (every scale in [2^-64, 2^64]
+    and every |x / s| below 2^120, which the kernels check per tile), the quotient is IEEE division's
+    bit for bit wherever |x / s| >= 2^-20, and below that both are under 2^-17 with x's sign (both
+    formats' code is then the signed zero). x: every finite bf16 and fp16 number and 2^20 random fp32
+    bit patterns; s: every exponent from -64 to 63 with significands 1, 1 + 2^-23, 2 - 2^-23, 1.5 and
+    random ones, and the scales amax / 448 and amax / 57344 of random amaxes."""
+    gen = torch.Generator().manual_seed(0)
+    every16 = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16)
+    xs = [every16.view(torch.bfloat16).float(), every16.view(torch.float16).float(),
+          torch.randint(-2**31, 2**31 - 1, (2**20,), generator=gen, dtype=torch.int64).to(torch.int32).view(torch.float32)]
+    x = torch.cat(xs)
+    x = x[x.isfinite()].cuda()
+    sig = torch.cat([torch.tensor([1.0, 1 + 2**-23, 2 - 2**-23, 1.5]), 1 + torch.rand(12, generator=gen)])
+    exps = torch.arange(-64, 64, dtype=torch.float32)
+    amax = torch.exp2(torch.rand(512, generator=gen) * 60 - 20) * (1 + torch.rand(512, generator=gen))
+    scales = torch.cat([(sig[:, None] * torch.exp2(exps)[None, :]).flatten(), amax / 448.0, amax / 57344.0])
+    scales = scales[(scales >= 2.0**-64) & (scales <= 2.0**64)].cuda()
+    checked = 0
+    for part in scales.split(256):
+        fast, ieee = _quotients(x, part)
+        inside = x.abs()[None, :] * (1 / part.double())[:, None] < 2.0**120  # the tiles the check lets through
+        big = inside & (ieee.abs() >= 2.0**-20)
+        assert torch.equal(fast.view(torch.int32)[big], ieee.view(torch.int32)[big])
+        small = inside & ~big
+        assert bool((fast[small].abs() < 2.0**-17).all())
+        assert torch.equal(fast[small].signbit(), x.expand_as(fast)[small].signbit())
+        checked += int(big.sum())
+    assert checked > 5 * 10**8  # the check ran on most of them
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_triton_kernels_on_a_large_tensor():
