@@ -30,10 +30,10 @@ for its NaN rule); and delayed scaling in one pass (:func:`lowprec.fp8_cast.dela
 one program that finishes it), the history full (the steady state); each way's codes checked against the others'
 byte for byte.
 
-``--quotient`` times the same operand in both layouts, current scaling and delayed scaling in one pass, with the
+``--quotient`` times the operand in both layouts under current scaling (the amax pass and the cast) with the
 cast's quotients x / s from IEEE division and from the scale's reciprocal with one correction
-(``lowprec.fp8_cast.FAST_QUOTIENT``, the default), each way's codes checked against the other's byte for byte,
-against a bf16 copy of the tensor.
+(``lowprec.fp8_cast.FAST_QUOTIENT``, the default), the two ways' codes checked against each other byte for
+byte, and a bf16 copy of the tensor as the memory's yardstick.
 
 ``--sweep`` times each pass alone over a grid of tile sizes (``CAST_SWEEP``, ``AMAX_SWEEP``) for each
 shape (default: the operands of the 30M and 600M benchmark models, ``SWEEP_SHAPES``) and layout, and
@@ -247,36 +247,27 @@ def delayed(shapes: list[tuple[int, int]], fmt, calls: int, history: int = 16, d
               f"{moved / t_one / 1e3:,.0f} GB/s |", flush=True)
 
 
-def quotients(shapes: list[tuple[int, int]], fmt, calls: int, history: int = 16, device: str = "cuda") -> None:
+def quotients(shapes: list[tuple[int, int]], fmt, calls: int, device: str = "cuda") -> None:
     """The ``--quotient`` table (module doc)."""
     from lowprec import fp8_cast
 
-    ways = delayed_ways(fmt, compiled=False)
-    print("| shape | current, IEEE µs | current, reciprocal µs | speed-up | delayed one pass, IEEE µs | "
-          "delayed one pass, reciprocal µs | speed-up | delayed one pass's bytes at | bf16 copy's bytes at |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| shape | IEEE division µs | reciprocal µs | speed-up | minimum bytes at (reciprocal) | bf16 copy's bytes at |")
+    print("|---|---|---|---|---|---|")
     before = fp8_cast.FAST_QUOTIENT
     try:
         for rows, cols in shapes:
             x = torch.randn(rows, cols, device=device, dtype=torch.bfloat16)
-            h = torch.full((history,), float(x.abs().amax()), device=device)
-            times, outs = {}, {}
+            times, codes = {}, {}
             for fast in (False, True):
                 fp8_cast.FAST_QUOTIENT = fast
-                for name in ("current", "one pass"):
-                    outs[name, fast] = ways[name](x, h)
-                    times[name, fast] = kernel_us(lambda name=name: ways[name](x, h), calls)
-            for name in ("current", "one pass"):
-                for layout in (0, 1):
-                    a, b = outs[name, False][layout][0], outs[name, True][layout][0]
-                    if not torch.equal(a.view(torch.uint8), b.view(torch.uint8)):
-                        raise SystemExit(f"{rows}x{cols} {name}: the codes differ between the two quotients")
+                codes[fast] = _codes(fp8_cast.operands(x, fmt), "both")
+                times[fast] = kernel_us(lambda: fp8_cast.operands(x, fmt), calls)
+            if not all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(codes[False], codes[True])):
+                raise SystemExit(f"{rows}x{cols}: the codes differ between the two quotients")
             copy_us = kernel_us(lambda: x.clone(), calls)
-            moved = min_bytes(rows, cols, "both") - rows * cols * 2  # the one pass reads the tensor once
-            c0, c1, d0, d1 = (times["current", False], times["current", True], times["one pass", False],
-                              times["one pass", True])
-            print(f"| {rows}x{cols} | {c0:.1f} | {c1:.1f} | {c0 / c1:.2f}x | {d0:.1f} | {d1:.1f} | {d0 / d1:.2f}x | "
-                  f"{moved / d1 / 1e3:,.0f} GB/s | {4 * rows * cols / copy_us / 1e3:,.0f} GB/s |", flush=True)
+            print(f"| {rows}x{cols} | {times[False]:.1f} | {times[True]:.1f} | {times[False] / times[True]:.2f}x | "
+                  f"{min_bytes(rows, cols, 'both') / times[True] / 1e3:,.0f} GB/s | "
+                  f"{4 * rows * cols / copy_us / 1e3:,.0f} GB/s |", flush=True)
     finally:
         fp8_cast.FAST_QUOTIENT = before
 

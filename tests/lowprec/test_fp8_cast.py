@@ -175,12 +175,13 @@ def test_both_layouts_at_once_are_each_layout_alone(device):
     _assert_same(both[1], _general(t, fmt, torch.tensor(2.0, device=device), transposed=True))
 
 
+@pytest.mark.parametrize("shape", [(300, 520), (64, 128)])
 @pytest.mark.parametrize("block_p", [2048, 16])
 @pytest.mark.parametrize("layouts", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("dtype,history_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                                 (torch.float32, torch.bfloat16)])
+                                                 (torch.float32, torch.bfloat16), (torch.float32, torch.float32)])
 @pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
-def test_delayed_operands_are_those_of_the_delayed_amax(device, name, dtype, history_dtype, layouts, block_p,
+def test_delayed_operands_are_those_of_the_delayed_amax(device, name, dtype, history_dtype, layouts, block_p, shape,
                                                         monkeypatch):
     """Delayed scaling in one pass over the tensor (on CUDA; tensor operations on the CPU): over steps that
     start from an empty history (the scale is the tensor's own amax), go on from it (the history's), meet a
@@ -190,7 +191,8 @@ def test_delayed_operands_are_those_of_the_delayed_amax(device, name, dtype, his
     amax used and the history pushed are those of `delayed_amax` followed by `operands(amax=...)`, bit for
     bit. 300 x 520 spans 25-60 programs of the pass, whose maxima the finishing program merges in one block
     of 2048 or in blocks of 16 (the last one partly empty); 300 rows are not a multiple of the transposed
-    layout's padding. An fp32 tensor's amax is rounded (to nearest even) into a bf16 history."""
+    layout's padding; 64 x 128 is one whole tile of the pass over both layouts (the shape of a small layer's
+    fp32 master weight). An fp32 tensor's amax is rounded (to nearest even) into a bf16 history."""
     from lowprec.scaling import delayed_amax
     monkeypatch.setitem(fp8_cast.DELAYED_FINISH_BLOCKS, "BLOCK_P", block_p)
     fmt = lowprec.format(name, granularity="tensor")
@@ -199,10 +201,10 @@ def test_delayed_operands_are_those_of_the_delayed_amax(device, name, dtype, his
     twin = history.clone()
 
     def values(seed):
-        return _values(300, 520, dtype, device, seed=seed)
+        return _values(*shape, dtype, device, seed=seed)
     nan = values(2)
-    nan[5, 7], nan[200, 11] = float("nan"), float("-inf")
-    zeros = torch.zeros(300, 520, dtype=dtype, device=device)
+    nan[5, 7], nan[50, 11] = float("nan"), float("-inf")
+    zeros = torch.zeros(*shape, dtype=dtype, device=device)
     steps = [values(0), values(1) / 4, nan, zeros, zeros, zeros, zeros, values(3), values(4) * 1000]
     for step, t in enumerate(steps):
         op, op_t, used = fp8_cast.delayed_operands(t, fmt, history, rowmajor=rowmajor, transposed=transposed)
@@ -442,6 +444,33 @@ def test_the_quotient_from_the_reciprocal_is_ieee_division():
         assert torch.equal(fast[small].signbit(), x.expand_as(fast)[small].signbit())
         checked += int(big.sum())
     assert checked > 5 * 10**8  # the check ran on most of them
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernels_on_whole_tiles(dtype, fast, monkeypatch):
+    """Shapes that the cast's tiles divide (its stores and loads then unmasked), bf16 and fp32 (a master
+    weight), with the quotient from the reciprocal and from IEEE division: per-tensor scales from the
+    tensor's amax, from delayed amaxes below it (values saturate), far below and far above it (scales
+    outside the reciprocal's range), per-row scales, and bf16 values; every layout, E4M3 and E5M2; the
+    Triton kernels' codes and scales are the tensor-operation reference's, byte for byte."""
+    monkeypatch.setattr(fp8_cast, "FAST_QUOTIENT", fast)
+    for rows, cols in [(64, 128), (128, 256), (256, 512)]:
+        t = _values(rows, cols, dtype, "cuda", seed=rows)
+        amax = float(t.abs().amax())
+        for e5m2 in (False, True):
+            cases = [(None, False)] + [(torch.tensor(a, device="cuda"), False) for a in (amax / 3, 1e-30, 1e30)]
+            for a, per_row in cases + [(None, True)]:
+                layouts = ((True, False),) if per_row else ((True, False), (False, True), (True, True))
+                for (rowmajor, transposed), values in itertools.product(layouts, (False, True)):
+                    want = fp8_cast.reference_operand(t, a, e5m2, per_row, rowmajor, transposed, values=values)
+                    got = fp8_cast.triton_operand(t, a, e5m2, per_row, rowmajor, transposed, values=values)
+                    for g, w in zip(got, want, strict=True):
+                        assert g.dtype == w.dtype and g.shape == w.shape
+                        bits = {torch.bfloat16: torch.int16, torch.float32: torch.int32}.get(g.dtype, torch.uint8)
+                        assert torch.equal(g.view(bits), w.view(bits)), (rows, cols, e5m2, a, per_row, transposed, values)
 
 
 @pytest.mark.gpu
