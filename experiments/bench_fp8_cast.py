@@ -31,9 +31,10 @@ one program that finishes it), the history full (the steady state); each way's c
 byte for byte.
 
 ``--quotient`` times the operand in both layouts under current scaling (the amax pass and the cast) with the
-cast's quotients x / s from IEEE division and from the scale's reciprocal with one correction
-(``lowprec.fp8_cast.FAST_QUOTIENT``, the default), the two ways' codes checked against each other byte for
-byte, and a bf16 copy of the tensor as the memory's yardstick.
+cast's quotients x / s from IEEE division, from the scale's reciprocal with one correction
+(``lowprec.fp8_cast.FAST_QUOTIENT``, the default), and the same with the codes converted once for both layouts
+(``lowprec.fp8_cast.FAST_CODES_PINNED``), the ways' codes checked against each other byte for byte, and a bf16
+copy of the tensor as the memory's yardstick.
 
 ``--sweep`` times each pass alone over a grid of tile sizes (``CAST_SWEEP``, ``AMAX_SWEEP``) for each
 shape (default: the operands of the 30M and 600M benchmark models, ``SWEEP_SHAPES``) and layout, and
@@ -251,25 +252,30 @@ def quotients(shapes: list[tuple[int, int]], fmt, calls: int, device: str = "cud
     """The ``--quotient`` table (module doc)."""
     from lowprec import fp8_cast
 
-    print("| shape | IEEE division µs | reciprocal µs | speed-up | minimum bytes at (reciprocal) | bf16 copy's bytes at |")
-    print("|---|---|---|---|---|---|")
-    before = fp8_cast.FAST_QUOTIENT
+    ways = {"IEEE division": (False, False), "reciprocal": (True, False), "reciprocal, codes pinned": (True, True)}
+    print(f"| shape | {' µs | '.join(ways)} µs | reciprocal vs IEEE | pinned vs IEEE | minimum bytes at (pinned) | "
+          "bf16 copy's bytes at |")
+    print("|---|---|---|---|---|---|---|---|")
+    before = fp8_cast.FAST_QUOTIENT, fp8_cast.FAST_CODES_PINNED
     try:
         for rows, cols in shapes:
             x = torch.randn(rows, cols, device=device, dtype=torch.bfloat16)
             times, codes = {}, {}
-            for fast in (False, True):
-                fp8_cast.FAST_QUOTIENT = fast
-                codes[fast] = _codes(fp8_cast.operands(x, fmt), "both")
-                times[fast] = kernel_us(lambda: fp8_cast.operands(x, fmt), calls)
-            if not all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(codes[False], codes[True])):
-                raise SystemExit(f"{rows}x{cols}: the codes differ between the two quotients")
+            for name, (fast, pinned) in ways.items():
+                fp8_cast.FAST_QUOTIENT, fp8_cast.FAST_CODES_PINNED = fast, pinned
+                codes[name] = _codes(fp8_cast.operands(x, fmt), "both")
+                times[name] = kernel_us(lambda: fp8_cast.operands(x, fmt), calls)
+            first = codes["IEEE division"]
+            same = [torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for c in codes.values() for a, b in zip(c, first)]
+            if not all(same):
+                raise SystemExit(f"{rows}x{cols}: the codes differ between the ways")
             copy_us = kernel_us(lambda: x.clone(), calls)
-            print(f"| {rows}x{cols} | {times[False]:.1f} | {times[True]:.1f} | {times[False] / times[True]:.2f}x | "
-                  f"{min_bytes(rows, cols, 'both') / times[True] / 1e3:,.0f} GB/s | "
-                  f"{4 * rows * cols / copy_us / 1e3:,.0f} GB/s |", flush=True)
+            t = list(times.values())
+            rate, copy_rate = min_bytes(rows, cols, "both") / t[2] / 1e3, 4 * rows * cols / copy_us / 1e3
+            print(f"| {rows}x{cols} | {' | '.join(f'{v:.1f}' for v in t)} | {t[0] / t[1]:.2f}x | {t[0] / t[2]:.2f}x | "
+                  f"{rate:,.0f} GB/s | {copy_rate:,.0f} GB/s |", flush=True)
     finally:
-        fp8_cast.FAST_QUOTIENT = before
+        fp8_cast.FAST_QUOTIENT, fp8_cast.FAST_CODES_PINNED = before
 
 
 def main(argv=None):
