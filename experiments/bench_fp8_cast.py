@@ -32,9 +32,8 @@ byte for byte.
 
 ``--quotient`` times the operand in both layouts under current scaling (the amax pass and the cast) with the
 cast's quotients x / s from IEEE division, from the scale's reciprocal with one correction
-(``lowprec.fp8_cast.FAST_QUOTIENT``, the default), and the same with the codes converted once for both layouts
-(``lowprec.fp8_cast.FAST_CODES_PINNED``), the ways' codes checked against each other byte for byte, and a bf16
-copy of the tensor as the memory's yardstick.
+(``lowprec.fp8_cast.FAST_QUOTIENT``, the default), the two ways' codes checked against each other byte for
+byte, and a bf16 copy of the tensor as the memory's yardstick.
 
 ``--sweep`` times each pass alone over a grid of tile sizes (``CAST_SWEEP``, ``AMAX_SWEEP``) for each
 shape (default: the operands of the 30M and 600M benchmark models, ``SWEEP_SHAPES``) and layout, and
@@ -47,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 
 import torch
 
@@ -252,30 +252,27 @@ def quotients(shapes: list[tuple[int, int]], fmt, calls: int, device: str = "cud
     """The ``--quotient`` table (module doc)."""
     from lowprec import fp8_cast
 
-    ways = {"IEEE division": (False, False), "reciprocal": (True, False), "reciprocal, codes pinned": (True, True)}
-    print(f"| shape | {' µs | '.join(ways)} µs | reciprocal vs IEEE | pinned vs IEEE | minimum bytes at (pinned) | "
+    print("| shape | input | IEEE division µs | reciprocal µs | reciprocal vs IEEE | minimum bytes at (reciprocal) | "
           "bf16 copy's bytes at |")
-    print("|---|---|---|---|---|---|---|---|")
-    before = fp8_cast.FAST_QUOTIENT, fp8_cast.FAST_CODES_PINNED
+    print("|---|---|---|---|---|---|---|")
+    before = fp8_cast.FAST_QUOTIENT
     try:
-        for rows, cols in shapes:
-            x = torch.randn(rows, cols, device=device, dtype=torch.bfloat16)
-            times, codes = {}, {}
-            for name, (fast, pinned) in ways.items():
-                fp8_cast.FAST_QUOTIENT, fp8_cast.FAST_CODES_PINNED = fast, pinned
-                codes[name] = _codes(fp8_cast.operands(x, fmt), "both")
-                times[name] = kernel_us(lambda: fp8_cast.operands(x, fmt), calls)
-            first = codes["IEEE division"]
-            same = [torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for c in codes.values() for a, b in zip(c, first)]
-            if not all(same):
-                raise SystemExit(f"{rows}x{cols}: the codes differ between the ways")
-            copy_us = kernel_us(lambda: x.clone(), calls)
-            t = list(times.values())
-            rate, copy_rate = min_bytes(rows, cols, "both") / t[2] / 1e3, 4 * rows * cols / copy_us / 1e3
-            print(f"| {rows}x{cols} | {' | '.join(f'{v:.1f}' for v in t)} | {t[0] / t[1]:.2f}x | {t[0] / t[2]:.2f}x | "
+        for (rows, cols), dtype in itertools.product(shapes, (torch.bfloat16, torch.float32)):
+            x = torch.randn(rows, cols, device=device, dtype=dtype)
+            times, codes = [], []
+            for fast in (False, True):
+                fp8_cast.FAST_QUOTIENT = fast
+                codes.append(_codes(fp8_cast.operands(x, fmt), "both"))
+                times.append(kernel_us(lambda: fp8_cast.operands(x, fmt), calls))
+            if not all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(*codes)):
+                raise SystemExit(f"{rows}x{cols} {dtype}: the codes differ between the ways")
+            copy_us = kernel_us(lambda: x.to(torch.bfloat16, copy=True), calls)
+            rate = min_bytes(rows, cols, "both", x.element_size()) / times[1] / 1e3
+            copy_rate = (x.element_size() + 2) * rows * cols / copy_us / 1e3
+            print(f"| {rows}x{cols} | {str(dtype)[6:]} | {times[0]:.1f} | {times[1]:.1f} | {times[0] / times[1]:.2f}x | "
                   f"{rate:,.0f} GB/s | {copy_rate:,.0f} GB/s |", flush=True)
     finally:
-        fp8_cast.FAST_QUOTIENT, fp8_cast.FAST_CODES_PINNED = before
+        fp8_cast.FAST_QUOTIENT = before
 
 
 def main(argv=None):

@@ -218,31 +218,27 @@ if triton is not None:
     @triton.jit
     def _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2: tl.constexpr,
                      ROWMAJOR: tl.constexpr, TRANSPOSED: tl.constexpr, VALUES: tl.constexpr = False,
-                     FOLD: tl.constexpr = False, r=None, FAST: tl.constexpr = False, EVEN: tl.constexpr = False,
-                     PIN: tl.constexpr = False):
+                     FOLD: tl.constexpr = False, r=None, FAST: tl.constexpr = False, EVEN: tl.constexpr = False):
         # the codes of the tile x (fp32) under the scales s (one per row of the tile), in each layout asked for;
         # VALUES: their values in bf16 instead (exact), the transposed layout's multiplied by the scales (FOLD).
-        # FAST: the quotients from r (as `_fast` gives it, which also makes every v finite); EVEN: the tile
-        # lies inside both layouts (no padding columns in it)
+        # FAST: the quotients from r (as `_fast` gives it); EVEN: the tile lies inside both layouts (no padding
+        # columns in it)
         if FAST:
             v = _quotient(x, s[:, None], r[:, None], True)
         else:
             v = tl.div_rn(x, s[:, None])
         # the conversion saturates (cvt.rn.satfinite): it clamps a finite v to +-TOP (a clamp of its own
         # costs time: this pass is bound by its arithmetic nearly as much as by memory); an infinite v,
-        # which it would saturate too, and NaN get their codes here
+        # which it would saturate too, and NaN get their codes here. Under FAST every v is finite, but the
+        # selects stay: without them, the codes of an fp32 tile written in both layouts came out wrong in
+        # every fourth row of the transposed layout (Triton 3.6, sm_90), and with them they are right
         if E5M2:
             bits = v.to(tl.float8e5, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
-            if not FAST:
-                bits = tl.where(v == float("inf"), 0x7C, tl.where(v == float("-inf"), 0xFC, bits.to(tl.int32)))
-                bits = tl.where(v != v, 0x7F, bits)
+            bits = tl.where(v == float("inf"), 0x7C, tl.where(v == float("-inf"), 0xFC, bits.to(tl.int32)))
+            bits = tl.where(v != v, 0x7F, bits)
         else:
             bits = v.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
-            if not FAST:
-                bits = tl.where(tl.abs(v) < float("inf"), bits.to(tl.int32), 0x7F)
-        if FAST and PIN and ROWMAJOR and TRANSPOSED:  # an opaque move: see FAST_CODES_PINNED
-            bits = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [bits.to(tl.int32)], dtype=tl.int32,
-                                             is_pure=False, pack=1)
+            bits = tl.where(tl.abs(v) < float("inf"), bits.to(tl.int32), 0x7F)
         rm64 = rm.to(tl.int64)
         rk64 = rk.to(tl.int64)
         if VALUES:
@@ -277,8 +273,7 @@ if triton is not None:
                      stride_yt, TOP: tl.constexpr, E5M2: tl.constexpr, PER_ROW: tl.constexpr,
                      DELAYED: tl.constexpr, ROWMAJOR: tl.constexpr, TRANSPOSED: tl.constexpr,
                      GATHERED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                     VALUES: tl.constexpr = False, FAST: tl.constexpr = False, EVEN: tl.constexpr = False,
-                     PIN: tl.constexpr = False):
+                     VALUES: tl.constexpr = False, FAST: tl.constexpr = False, EVEN: tl.constexpr = False):
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         if PER_ROW:
@@ -307,7 +302,7 @@ if triton is not None:
             fast, r = _fast(s, measured)
             if fast:
                 _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR, TRANSPOSED,
-                             VALUES, VALUES and PER_ROW, r, True, EVEN, PIN)
+                             VALUES, VALUES and PER_ROW, r, True, EVEN)
             else:
                 _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR, TRANSPOSED,
                              VALUES, VALUES and PER_ROW, s, False, EVEN)
@@ -421,12 +416,6 @@ ROWS_BLOCKS = dict(BLOCK_M=8, BLOCK_K=256, num_warps=4)
 # times it); False: IEEE division everywhere (more instructions, the same codes). In a compiled 600M step on
 # an H200 the step ran 3% faster with it; the delayed one-pass kernel always divides
 FAST_QUOTIENT = True
-# True: where the cast pass writes both layouts by the reciprocal's quotients, its codes pass through an opaque
-# move, so that the compiler converts the one-byte codes to the transposed store's layout; otherwise (False, the
-# measured default) it converts the two-byte input instead and computes every quotient twice, once in each
-# layout (twice the arithmetic; 120 registers a thread against 56 under IEEE division, 80 with the move, in
-# an sm_90 build). Not yet timed on a GPU
-FAST_CODES_PINNED = False
 # True: a per-row operand (row-major codes) is one kernel that holds whole rows (amax, then cast, per program)
 # instead of an amax pass with atomics into a cleared buffer, then the cast; the same codes. Off: in a compiled
 # 600M step under the paper policy on an H200 the step ran slower with it
@@ -473,7 +462,7 @@ def triton_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_r
                        codes_t.stride(0) if transposed else 0, TOP=57344.0 if e5m2 else 448.0, E5M2=e5m2,
                        PER_ROW=per_row, DELAYED=amax is not None, ROWMAJOR=rowmajor, TRANSPOSED=transposed,
                        GATHERED=gathered, VALUES=values, FAST=FAST_QUOTIENT, EVEN=_even(M, K, rows, c),
-                       PIN=FAST_CODES_PINNED, **c)
+                       **c)
     return codes, codes_t, s
 
 
