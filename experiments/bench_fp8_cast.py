@@ -308,7 +308,7 @@ def main(argv=None):
         delayed(shapes, fmt, args.calls)
         return
     if args.quotient:
-        print(f"# FP8 operand ({args.format}, per-tensor scale, both layouts) of a bf16 tensor, IEEE division against "
+        print(f"# FP8 operand ({args.format}, per-tensor scale, both layouts) of bf16 and fp32 tensors, IEEE division against "
               f"the reciprocal, {environment()}, {datetime.date.today()}")
         quotients(shapes, fmt, args.calls)
         return
