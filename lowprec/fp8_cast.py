@@ -21,9 +21,9 @@ Triton kernels:
 
 The codes are those of :func:`lowprec.kernels.split` followed by the cast to the FP8 dtype, bit for
 bit (the quotient is IEEE round-to-nearest division's, as eager's: in a tile whose scales lie in
-[2^-64, 2^64] and whose values stay below 2^120 times them, the cast pass takes it from the scale's
-reciprocal with one fused correction, which rounds the same and costs fewer instructions than
-``tl.div_rn``; elsewhere, and in the delayed pass, ``tl.div_rn``): ``v = x / s``; a finite
+[2^-64, 2^64] and whose values stay below 2^120 times them, the cast and delayed passes take it from
+the scale's reciprocal with one fused correction, which rounds the same and costs fewer instructions
+than ``tl.div_rn``; elsewhere ``tl.div_rn``): ``v = x / s``; a finite
 ``v`` is clamped to the format's largest value and rounded to nearest even; NaN stays NaN; an
 infinite ``v`` becomes NaN in E4M3 (no infinity) and keeps its infinity in E5M2. A NaN code is
 written as ``0x7F`` (its sign carries nothing). On the CPU, or without Triton, the operator computes
@@ -337,14 +337,15 @@ if triton is not None:
     @triton.jit
     def _delayed_kernel(x_ptr, hist_ptr, part_ptr, y_ptr, yt_ptr, M, K, Mp, H, stride_xm, stride_xk, stride_y, stride_yt,
                         TOP: tl.constexpr, E5M2: tl.constexpr, ROWMAJOR: tl.constexpr, TRANSPOSED: tl.constexpr,
-                        HB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                        HB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FAST: tl.constexpr = False,
+                        EVEN: tl.constexpr = False):
         # delayed scaling's pass, one read of x: the scale comes from the history, so each program writes its
         # codes at once, and its tile's largest finite |x| and largest |x| (as bits: ordered as the numbers
         # are, NaN above inf) in slots of its own (no atomics: one address that every program updates would
         # serialize them)
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-        x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk)
+        x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk, EVEN)
         # the maxima first: taken after the codes' stores, they kept the tile's bits alive through them (half
         # again as many registers, fewer programs on each SM)
         bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
@@ -358,8 +359,18 @@ if triton is not None:
         tl.store(part_ptr + n + program, top)
         # under an empty history (past 0: the scale 1) the codes written here are written again by the finish
         stat = tl.zeros([BLOCK_M], dtype=tl.float32) + _past(hist_ptr, H, HB)
-        _store_codes(x, _scale(stat, stat, TOP), rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2,
-                     ROWMAJOR, TRANSPOSED)
+        s = _scale(stat, stat, TOP)
+        if FAST:  # every |x| of the tile is at most top (a NaN or an infinity among them: not fast)
+            fast, r = _fast(s, top.to(tl.float32, bitcast=True))
+            if fast:
+                _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR, TRANSPOSED,
+                             False, False, r, True, EVEN)
+            else:
+                _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR, TRANSPOSED,
+                             False, False, s, False, EVEN)
+        else:
+            _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR, TRANSPOSED,
+                         False, False, s, False, EVEN)
 
     @triton.jit
     def _delayed_finish(x_ptr, hist_ptr, part_ptr, s_ptr, used_ptr, y_ptr, yt_ptr, M, K, Mp, H, n, stride_xm, stride_xk,
@@ -410,11 +421,11 @@ DELAYED_BLOCKS_TRANSPOSED = dict(BLOCK_M=64, BLOCK_K=128, num_warps=8)
 DELAYED_FINISH_BLOCKS = dict(BLOCK_P=2048, BLOCK_M=32, BLOCK_K=128, num_warps=8)
 # per-row scales in one kernel (``ROWS_IN_ONE_KERNEL``): rows a program holds, the width of its reads
 ROWS_BLOCKS = dict(BLOCK_M=8, BLOCK_K=256, num_warps=4)
-# True: the cast pass (`_cast_kernel`) divides by a tile's scales through their reciprocals with one
-# correction, which gives the IEEE quotient (`_quotient`), in the tiles where `_fast` shows that exact (every
-# tile of a tensor whose scale lies in [2^-64, 2^64] and, under a delayed amax, whose values stay below 2^120
-# times it); False: IEEE division everywhere (more instructions, the same codes). In a compiled 600M step on
-# an H200 the step ran 3% faster with it; the delayed one-pass kernel always divides
+# True: the cast passes (`_cast_kernel`, `_delayed_kernel`) divide by a tile's scales through their reciprocals
+# with one correction, which gives the IEEE quotient (`_quotient`), in the tiles where `_fast` shows that exact
+# (every tile of a tensor whose scale lies in [2^-64, 2^64] and, under a delayed amax, whose values stay below
+# 2^120 times it); False: IEEE division everywhere (more instructions, the same codes). In a compiled 600M FP8
+# step on an H200 the step ran 3% faster with it
 FAST_QUOTIENT = True
 # True: a per-row operand (row-major codes) is one kernel that holds whole rows (amax, then cast, per program)
 # instead of an amax pass with atomics into a cleared buffer, then the cast; the same codes. Off: in a compiled
@@ -579,7 +590,8 @@ def triton_delayed_operand(x: torch.Tensor, history: torch.Tensor, e5m2: bool, r
     H = history.numel()
     const = dict(TOP=57344.0 if e5m2 else 448.0, E5M2=e5m2, ROWMAJOR=rowmajor, TRANSPOSED=transposed,
                  HB=triton.next_power_of_2(H))
-    _delayed_kernel[grid](x, history, partial, out, out_t, M, K, rows, H, *strides, **const, **c)
+    _delayed_kernel[grid](x, history, partial, out, out_t, M, K, rows, H, *strides, **const, **c, FAST=FAST_QUOTIENT,
+                          EVEN=_even(M, K, rows, c))
     _delayed_finish[(1,)](x, history, partial, s, used, out, out_t, M, K, rows, H, n, *strides, **const,
                           **DELAYED_FINISH_BLOCKS)
     return codes, codes_t, s, used
