@@ -335,14 +335,16 @@ if triton is not None:
         return tl.max(tl.load(hist_ptr + rh, mask=rh < H, other=0).to(tl.float32), axis=0)
 
     @triton.jit
-    def _delayed_kernel(x_ptr, hist_ptr, part_ptr, y_ptr, yt_ptr, M, K, Mp, H, stride_xm, stride_xk, stride_y, stride_yt,
-                        TOP: tl.constexpr, E5M2: tl.constexpr, ROWMAJOR: tl.constexpr, TRANSPOSED: tl.constexpr,
-                        HB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FAST: tl.constexpr = False,
-                        EVEN: tl.constexpr = False):
+    def _delayed_kernel(x_ptr, hist_ptr, part_ptr, s_ptr, used_ptr, count_ptr, y_ptr, yt_ptr, M, K, Mp, H, stride_xm,
+                        stride_xk, stride_y, stride_yt, TOP: tl.constexpr, E5M2: tl.constexpr, ROWMAJOR: tl.constexpr,
+                        TRANSPOSED: tl.constexpr, HB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                        FAST: tl.constexpr = False, EVEN: tl.constexpr = False, FINISH: tl.constexpr = False,
+                        FINISH_P: tl.constexpr = 16, FINISH_M: tl.constexpr = 16, FINISH_K: tl.constexpr = 16):
         # delayed scaling's pass, one read of x: the scale comes from the history, so each program writes its
         # codes at once, and its tile's largest finite |x| and largest |x| (as bits: ordered as the numbers
         # are, NaN above inf) in slots of its own (no atomics: one address that every program updates would
-        # serialize them)
+        # serialize them). FINISH: the last program to end finishes the pass (`_finish`, with blocks of its own),
+        # which the count at count_ptr (0 before the pass, and again after it) tells
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk, EVEN)
@@ -371,22 +373,45 @@ if triton is not None:
         else:
             _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR, TRANSPOSED,
                          False, False, s, False, EVEN)
+        if FINISH:
+            # every thread's stores before the count's release; the program that counts last acquires every
+            # other program's stores (their maxima and codes) with it, and reads the maxima from L2
+            tl.debug_barrier()
+            if tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") == n - 1:
+                _finish(x_ptr, hist_ptr, part_ptr, s_ptr, used_ptr, y_ptr, yt_ptr, M, K, Mp, H, n, stride_xm,
+                        stride_xk, stride_y, stride_yt, TOP, E5M2, ROWMAJOR, TRANSPOSED, HB, FINISH_M, FINISH_K,
+                        FINISH_P, True)
+                tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
 
     @triton.jit
     def _delayed_finish(x_ptr, hist_ptr, part_ptr, s_ptr, used_ptr, y_ptr, yt_ptr, M, K, Mp, H, n, stride_xm, stride_xk,
                         stride_y, stride_yt, TOP: tl.constexpr, E5M2: tl.constexpr, ROWMAJOR: tl.constexpr,
                         TRANSPOSED: tl.constexpr, HB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                         BLOCK_P: tl.constexpr):
-        # one program after the pass: merges the n programs' maxima, pushes the finite amax into the history,
-        # writes the scale (NaN where x holds a NaN or an infinity) and the amax used, and, where the codes
-        # written do not stand (the scale is not the pass's: the history was empty and x is not all zeros, its
-        # own amax gives the scale; or the scale is NaN), writes every code again itself
+        # one program after the pass, which finishes it
+        _finish(x_ptr, hist_ptr, part_ptr, s_ptr, used_ptr, y_ptr, yt_ptr, M, K, Mp, H, n, stride_xm, stride_xk,
+                stride_y, stride_yt, TOP, E5M2, ROWMAJOR, TRANSPOSED, HB, BLOCK_M, BLOCK_K, BLOCK_P, False)
+
+    @triton.jit
+    def _finish(x_ptr, hist_ptr, part_ptr, s_ptr, used_ptr, y_ptr, yt_ptr, M, K, Mp, H, n, stride_xm, stride_xk,
+                stride_y, stride_yt, TOP: tl.constexpr, E5M2: tl.constexpr, ROWMAJOR: tl.constexpr,
+                TRANSPOSED: tl.constexpr, HB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_P: tl.constexpr, L2: tl.constexpr):
+        # delayed scaling's finish: merges the n programs' maxima (L2: read from L2, past any stale L1 line),
+        # pushes the finite amax into the history, writes the scale (NaN where x holds a NaN or an infinity)
+        # and the amax used, and, where the codes written do not stand (the scale is not the pass's: the
+        # history was empty and x is not all zeros, its own amax gives the scale; or the scale is NaN), writes
+        # every code again itself
         finite = tl.zeros([BLOCK_P], dtype=tl.int32)
         top = tl.zeros([BLOCK_P], dtype=tl.int32)
         for p0 in range(0, n, BLOCK_P):
             rp = p0 + tl.arange(0, BLOCK_P)
-            finite = tl.maximum(finite, tl.load(part_ptr + rp, mask=rp < n, other=0))
-            top = tl.maximum(top, tl.load(part_ptr + n + rp, mask=rp < n, other=0))
+            if L2:
+                finite = tl.maximum(finite, tl.load(part_ptr + rp, mask=rp < n, other=0, cache_modifier=".cg"))
+                top = tl.maximum(top, tl.load(part_ptr + n + rp, mask=rp < n, other=0, cache_modifier=".cg"))
+            else:
+                finite = tl.maximum(finite, tl.load(part_ptr + rp, mask=rp < n, other=0))
+                top = tl.maximum(top, tl.load(part_ptr + n + rp, mask=rp < n, other=0))
         now = tl.max(finite, axis=0).to(tl.float32, bitcast=True)
         measured = tl.max(top, axis=0).to(tl.float32, bitcast=True)
         rh = tl.arange(0, HB)
@@ -419,6 +444,9 @@ AMAX_BLOCKS = dict(BLOCK_M=32, BLOCK_K=256, CHUNKS=4, num_warps=8)
 DELAYED_BLOCKS = dict(BLOCK_M=16, BLOCK_K=256, num_warps=4)
 DELAYED_BLOCKS_TRANSPOSED = dict(BLOCK_M=64, BLOCK_K=128, num_warps=8)
 DELAYED_FINISH_BLOCKS = dict(BLOCK_P=2048, BLOCK_M=32, BLOCK_K=128, num_warps=8)
+# the same for the pass's last program where it finishes the pass (``DELAYED_FINISH_IN_PASS``): smaller, since
+# the registers its code takes, every program of the pass is given
+DELAYED_FINISH_IN_PASS_BLOCKS = dict(BLOCK_P=256, BLOCK_M=16, BLOCK_K=64)
 # per-row scales in one kernel (``ROWS_IN_ONE_KERNEL``): rows a program holds, the width of its reads
 ROWS_BLOCKS = dict(BLOCK_M=8, BLOCK_K=256, num_warps=4)
 # True: the cast passes (`_cast_kernel`, `_delayed_kernel`) divide by a tile's scales through their reciprocals
@@ -427,6 +455,10 @@ ROWS_BLOCKS = dict(BLOCK_M=8, BLOCK_K=256, num_warps=4)
 # 2^120 times it); False: IEEE division everywhere (more instructions, the same codes). In a compiled 600M step
 # on an H200 the FP8 step ran 3% faster with it, the delayed-scaling FP8 step 6%
 FAST_QUOTIENT = True
+# True: delayed scaling's operand is one kernel on CUDA (`_delayed_kernel`'s last program to end finishes it,
+# counting the programs that have ended in a per-device counter), not the pass followed by one program; the same
+# codes, scale, amax and history. Not yet timed on a GPU: off
+DELAYED_FINISH_IN_PASS = False
 # True: a per-row operand (row-major codes) is one kernel that holds whole rows (amax, then cast, per program)
 # instead of an amax pass with atomics into a cleared buffer, then the cast; the same codes. Off: in a compiled
 # 600M step under the paper policy on an H200 the step ran slower with it
@@ -573,10 +605,23 @@ def values(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None, rowma
     return _call(t, fmt, amax, rowmajor, transposed, values=True)
 
 
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counter(device: torch.device) -> torch.Tensor | None:
+    # the device's count of the delayed pass's ended programs (0 between passes); None while a CUDA graph
+    # is being captured before it exists (made then, it would live in the graph's memory)
+    count = _COUNTERS.get(device)
+    if count is None and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        count = _COUNTERS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return count
+
+
 def triton_delayed_operand(x: torch.Tensor, history: torch.Tensor, e5m2: bool, rowmajor: bool, transposed: bool,
                            cast_blocks: dict | None = None):
-    """The delayed operator's result from Triton (CUDA): the pass, then one program that finishes it;
-    ``(codes, codes_t, s, used)``, ``history`` pushed in place. ``cast_blocks``: as :func:`triton_operand`'s."""
+    """The delayed operator's result from Triton (CUDA): the pass, then one program that finishes it (or,
+    under ``DELAYED_FINISH_IN_PASS``, the pass's last program); ``(codes, codes_t, s, used)``, ``history``
+    pushed in place. ``cast_blocks``: as :func:`triton_operand`'s."""
     M, K = x.shape
     codes, codes_t, s = _outputs(x, e5m2, False, rowmajor, transposed)
     used = torch.empty((), dtype=torch.float32, device=x.device)
@@ -590,10 +635,13 @@ def triton_delayed_operand(x: torch.Tensor, history: torch.Tensor, e5m2: bool, r
     H = history.numel()
     const = dict(TOP=57344.0 if e5m2 else 448.0, E5M2=e5m2, ROWMAJOR=rowmajor, TRANSPOSED=transposed,
                  HB=triton.next_power_of_2(H))
-    _delayed_kernel[grid](x, history, partial, out, out_t, M, K, rows, H, *strides, **const, **c, FAST=FAST_QUOTIENT,
-                          EVEN=_even(M, K, rows, c))
-    _delayed_finish[(1,)](x, history, partial, s, used, out, out_t, M, K, rows, H, n, *strides, **const,
-                          **DELAYED_FINISH_BLOCKS)
+    count = _counter(x.device) if DELAYED_FINISH_IN_PASS else None
+    _delayed_kernel[grid](x, history, partial, s, used, partial if count is None else count, out, out_t, M, K, rows, H,
+                          *strides, **const, **c, FAST=FAST_QUOTIENT, EVEN=_even(M, K, rows, c),
+                          FINISH=count is not None, **{"FINISH_" + k[-1]: v for k, v in DELAYED_FINISH_IN_PASS_BLOCKS.items()})
+    if count is None:
+        _delayed_finish[(1,)](x, history, partial, s, used, out, out_t, M, K, rows, H, n, *strides, **const,
+                              **DELAYED_FINISH_BLOCKS)
     return codes, codes_t, s, used
 
 

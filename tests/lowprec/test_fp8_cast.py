@@ -175,6 +175,17 @@ def test_both_layouts_at_once_are_each_layout_alone(device):
     _assert_same(both[1], _general(t, fmt, torch.tensor(2.0, device=device), transposed=True))
 
 
+def _delayed_steps(shape, dtype, device):
+    """Tensors for delayed scaling's steps: from an empty history on, a NaN and an infinity, all-zero
+    tensors until a history of 3 is empty again and one more, then values past the history's range."""
+    def values(seed):
+        return _values(*shape, dtype, device, seed=seed)
+    nan = values(2)
+    nan[5, 7], nan[50, 11] = float("nan"), float("-inf")
+    zeros = torch.zeros(*shape, dtype=dtype, device=device)
+    return [values(0), values(1) / 4, nan, zeros, zeros, zeros, zeros, values(3), values(4) * 1000]
+
+
 @pytest.mark.parametrize("shape", [(300, 520), (64, 128)])
 @pytest.mark.parametrize("block_p", [2048, 16])
 @pytest.mark.parametrize("layouts", [(True, True), (True, False), (False, True)])
@@ -199,13 +210,7 @@ def test_delayed_operands_are_those_of_the_delayed_amax(device, name, dtype, his
     rowmajor, transposed = layouts
     history = torch.zeros(3, dtype=history_dtype, device=device)
     twin = history.clone()
-
-    def values(seed):
-        return _values(*shape, dtype, device, seed=seed)
-    nan = values(2)
-    nan[5, 7], nan[50, 11] = float("nan"), float("-inf")
-    zeros = torch.zeros(*shape, dtype=dtype, device=device)
-    steps = [values(0), values(1) / 4, nan, zeros, zeros, zeros, zeros, values(3), values(4) * 1000]
+    steps = _delayed_steps(shape, dtype, device)
     for step, t in enumerate(steps):
         op, op_t, used = fp8_cast.delayed_operands(t, fmt, history, rowmajor=rowmajor, transposed=transposed)
         amax = delayed_amax(twin, t)
@@ -220,6 +225,81 @@ def test_delayed_operands_are_those_of_the_delayed_amax(device, name, dtype, his
         if step == 2:
             assert (op or op_t)[1].isnan().all() and 0 < float(history[0]) < float("inf")
     assert float(used) < float(steps[-1].abs().amax())  # the last step's scale is the history's: it saturated
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape", [(300, 520), (64, 128), (4096, 2048)])
+@pytest.mark.parametrize("layouts", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_delayed_pass_finished_by_its_last_program(shape, layouts, dtype, monkeypatch):
+    """Delayed scaling's operand as one kernel (``DELAYED_FINISH_IN_PASS``: the pass's last program
+    finishes it) gives the codes, scale, amax used and history of the pass followed by its finishing
+    program, bit for bit, over the steps of the delayed test (an empty history, a NaN and an infinity,
+    zeros, saturation), E4M3 and E5M2, fp32 and bf16 histories; the count of ended programs is back to 0
+    after every call. 4096 x 2048 is 1,024-2,048 programs, whose maxima the last one merges in blocks of
+    256; the finishing blocks' maxima in blocks of 16 too."""
+    rowmajor, transposed = layouts
+    for name, history_dtype, block_p in (("fp8_e4m3", torch.float32, 256), ("fp8_e5m2", torch.bfloat16, 16)):
+        monkeypatch.setitem(fp8_cast.DELAYED_FINISH_IN_PASS_BLOCKS, "BLOCK_P", block_p)
+        fmt = lowprec.format(name, granularity="tensor")
+        history = torch.zeros(3, dtype=history_dtype, device="cuda")
+        twin = history.clone()
+        for step, t in enumerate(_delayed_steps(shape, dtype, "cuda")):
+            monkeypatch.setattr(fp8_cast, "DELAYED_FINISH_IN_PASS", True)
+            got = fp8_cast.delayed_operands(t, fmt, history, rowmajor=rowmajor, transposed=transposed)
+            assert int(fp8_cast._COUNTERS[t.device]) == 0, step
+            monkeypatch.setattr(fp8_cast, "DELAYED_FINISH_IN_PASS", False)
+            want = fp8_cast.delayed_operands(t, fmt, twin, rowmajor=rowmajor, transposed=transposed)
+            for g, w in zip(got[:2], want[:2], strict=True):
+                assert (g is None) == (w is None)
+                if g is not None:
+                    _assert_same(g, w)
+            assert torch.equal(got[2], want[2]) and torch.equal(history, twin), step
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_delayed_pass_finished_by_its_last_program_in_a_cuda_graph(monkeypatch):
+    """Captured in a CUDA graph (after a first call, which makes the counter) and replayed over the
+    delayed test's steps, the one-kernel delayed operand gives what the pass and its finishing program
+    give eagerly, bit for bit; a counter made during a capture would live in the graph's memory, so a
+    capture before any call falls back to the finishing program (no counter made)."""
+    monkeypatch.setattr(fp8_cast, "_COUNTERS", {})
+    monkeypatch.setattr(fp8_cast, "DELAYED_FINISH_IN_PASS", True)
+    fmt = lowprec.format("fp8_e4m3", granularity="tensor")
+    steps = _delayed_steps((300, 520), torch.bfloat16, "cuda")
+    x = steps[0].clone()
+    history = torch.zeros(3, device="cuda")
+    monkeypatch.setattr(fp8_cast, "DELAYED_FINISH_IN_PASS", False)
+    fp8_cast.delayed_operands(x, fmt, history.clone())  # compiles the kernels outside any capture
+    monkeypatch.setattr(fp8_cast, "DELAYED_FINISH_IN_PASS", True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            fp8_cast.delayed_operands(x, fmt, history)
+    torch.cuda.current_stream().wait_stream(side)
+    assert not fp8_cast._COUNTERS
+    fp8_cast.delayed_operands(x, fmt, history.clone())  # makes the counter (and compiles the one kernel)
+    history.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side):
+        with torch.cuda.graph(graph, stream=side):
+            op, op_t, used = fp8_cast.delayed_operands(x, fmt, history)
+    torch.cuda.current_stream().wait_stream(side)
+    twin = torch.zeros(3, device="cuda")
+    for step, t in enumerate(steps):
+        x.copy_(t)
+        graph.replay()
+        monkeypatch.setattr(fp8_cast, "DELAYED_FINISH_IN_PASS", False)
+        want = fp8_cast.delayed_operands(t, fmt, twin)
+        monkeypatch.setattr(fp8_cast, "DELAYED_FINISH_IN_PASS", True)
+        _assert_same(op, want[0])
+        _assert_same(op_t, want[1])
+        assert torch.equal(used, want[2]) and torch.equal(history, twin), step
+    assert int(next(iter(fp8_cast._COUNTERS.values()))) == 0
 
 
 def test_delayed_operands_refuse_what_they_cannot_make():
