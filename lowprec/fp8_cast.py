@@ -12,9 +12,11 @@ Triton kernels:
 
 - the amax (per tensor or per row): one read of the tensor (any 2-D strides; bf16, fp16 or fp32),
   each program's maximum of ``|x|`` taken as integer bits (ordered as the numbers are, NaN above
-  infinity) and merged with one atomic maximum; skipped where the caller gives the per-tensor amax
-  (``measured=``: with ``lowprec.kernels.Fp8.amax_in_graph`` on, a compiled FP8 kernel computes it in the
-  graph, where the compiler can fuse it into the kernel that makes the tensor, a layer norm);
+  infinity) and merged with one atomic maximum into a cleared buffer (or, per tensor under
+  ``AMAX_MERGED_IN_PASS``, by the pass's last program, with no buffer to clear); skipped where the caller
+  gives the per-tensor amax (``measured=``: with ``lowprec.kernels.Fp8.amax_in_graph`` on, a compiled FP8
+  kernel computes it in the graph, where the compiler can fuse it into the kernel that makes the tensor, a
+  layer norm);
 - the cast: the scale from the amax (or from a delayed amax), then one more read of the tensor and
   one write of its codes in each layout asked for: row-major, transposed with the token dimension
   padded to a multiple of 16 (what a weight gradient reads), or both at once.
@@ -32,7 +34,7 @@ the same with tensor operations (:func:`reference_operand`).
 Under delayed scaling (:func:`delayed_operands`, the operator ``lowprec::fp8_operand_delayed``) the scale
 comes from an amax history known before the pass, so the tensor is read once: each program of the pass
 writes its codes and its tile's largest |x| (finite, and all) in slots of its own; one program after it
-merges them, pushes the finite amax into the history and writes the scale (NaN where the tensor holds a NaN or
+(or, under ``DELAYED_FINISH_IN_PASS``, the pass's last program) merges them, pushes the finite amax into the history and writes the scale (NaN where the tensor holds a NaN or
 an infinity), writing every code again itself only where those written do not stand (the scale is not the
 pass's: an empty history, a NaN scale). The codes, scale and history are those of :func:`lowprec.scaling.delayed_amax` followed by
 :func:`operands` with that amax, bit for bit.
@@ -138,8 +140,12 @@ if triton is not None:
 
     @triton.jit
     def _amax_kernel(x_ptr, out_ptr, M, K, stride_xm, stride_xk, PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr):
-        # |x| as the bits of a non-negative fp32 number: ordered as the numbers are, NaN above inf
+                     BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr, part_ptr=None, count_ptr=None,
+                     MERGE: tl.constexpr = False, MERGE_P: tl.constexpr = 16):
+        # |x| as the bits of a non-negative fp32 number: ordered as the numbers are, NaN above inf, taken into
+        # out (cleared before) by atomics; MERGE (per tensor): each program's maximum in a slot of its own, and
+        # the last program to end (the count at count_ptr, 0 before and after the pass, tells it) merges them
+        # into out, which then needs no clearing
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rm64 = rm.to(tl.int64)
         k0 = tl.program_id(1) * BLOCK_K * CHUNKS
@@ -152,6 +158,18 @@ if triton is not None:
             acc = tl.maximum(acc, x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF)
         if PER_ROW:
             tl.atomic_max(out_ptr + rm, tl.max(acc, axis=1), mask=rm < M, sem="relaxed")
+        elif MERGE:
+            n = tl.num_programs(0) * tl.num_programs(1)
+            tl.store(part_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
+                     tl.max(tl.max(acc, axis=1), axis=0))
+            tl.debug_barrier()  # as in `_delayed_kernel`: the store before the count's release
+            if tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") == n - 1:
+                top = tl.zeros([MERGE_P], dtype=tl.int32)
+                for p0 in range(0, n, MERGE_P):
+                    rp = p0 + tl.arange(0, MERGE_P)
+                    top = tl.maximum(top, tl.load(part_ptr + rp, mask=rp < n, other=0, cache_modifier=".cg"))
+                tl.store(out_ptr, tl.max(top, axis=0))
+                tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
         else:
             tl.atomic_max(out_ptr, tl.max(tl.max(acc, axis=1), axis=0), sem="relaxed")
 
@@ -456,9 +474,13 @@ ROWS_BLOCKS = dict(BLOCK_M=8, BLOCK_K=256, num_warps=4)
 # on an H200 the FP8 step ran 3% faster with it, the delayed-scaling FP8 step 6%
 FAST_QUOTIENT = True
 # True: delayed scaling's operand is one kernel on CUDA (`_delayed_kernel`'s last program to end finishes it,
-# counting the programs that have ended in a per-device counter), not the pass followed by one program; the same
-# codes, scale, amax and history. Not yet timed on a GPU: off
+# which a count of the programs that have ended tells: `_counter`), not the pass followed by one program; the
+# same codes, scale, amax and history. Not yet timed on a GPU: off
 DELAYED_FINISH_IN_PASS = False
+# True: current scaling's per-tensor amax pass merges its programs' maxima in its last program, so that its
+# result needs no cleared buffer (one kernel fewer per operand: the fill); the same amax. Not yet timed: off
+AMAX_MERGED_IN_PASS = False
+AMAX_MERGE_P = 256  # the maxima the merging program reads at a time
 # True: a per-row operand (row-major codes) is one kernel that holds whole rows (amax, then cast, per program)
 # instead of an amax pass with atomics into a cleared buffer, then the cast; the same codes. Off: in a compiled
 # 600M step under the paper policy on an H200 the step ran slower with it
@@ -491,10 +513,17 @@ def triton_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_r
     if measured is not None:  # max |x| as fp32 (NaN where x holds one): its bits are what the amax pass makes
         measured = measured.to(torch.float32).reshape(1).contiguous().view(torch.int32)
     else:
-        measured = torch.zeros(M if per_row else 1, dtype=torch.int32, device=x.device)
         a = amax_blocks or AMAX_BLOCKS
         grid = (triton.cdiv(M, a["BLOCK_M"]), triton.cdiv(K, a["BLOCK_K"] * a["CHUNKS"]))
-        _amax_kernel[grid](x, measured, M, K, x.stride(0), x.stride(1), PER_ROW=per_row, **a)
+        count = None if per_row or not AMAX_MERGED_IN_PASS else _counter(x.device)
+        if count is None:
+            measured = torch.zeros(M if per_row else 1, dtype=torch.int32, device=x.device)
+            _amax_kernel[grid](x, measured, M, K, x.stride(0), x.stride(1), PER_ROW=per_row, **a)
+        else:  # the amax, then each program's maximum, none cleared
+            slots = torch.empty(1 + grid[0] * grid[1], dtype=torch.int32, device=x.device)
+            measured = slots[:1]
+            _amax_kernel[grid](x, measured, M, K, x.stride(0), x.stride(1), PER_ROW=False, **a, part_ptr=slots[1:],
+                               count_ptr=count, MERGE=True, MERGE_P=AMAX_MERGE_P)
     rows = M + (-M) % PAD if transposed and not values else M
     c = cast_blocks or (CAST_BLOCKS_TRANSPOSED if transposed else CAST_BLOCKS)
     grid = (triton.cdiv(rows, c["BLOCK_M"]), triton.cdiv(K, c["BLOCK_K"]))
@@ -605,16 +634,23 @@ def values(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None, rowma
     return _call(t, fmt, amax, rowmajor, transposed, values=True)
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+COUNTER_SLOTS = 4096  # counts of ended programs a device keeps, each 0 between the kernels that use it
+_COUNTERS: dict[torch.device, list] = {}
 
 
 def _counter(device: torch.device) -> torch.Tensor | None:
-    # the device's count of the delayed pass's ended programs (0 between passes); None while a CUDA graph
-    # is being captured before it exists (made then, it would live in the graph's memory)
-    count = _COUNTERS.get(device)
-    if count is None and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        count = _COUNTERS[device] = torch.zeros(1, dtype=torch.int32, device=device)
-    return count
+    # a count of a pass's ended programs for one kernel to use (0 before it, and again after it): the next of
+    # the device's slots in turn, so that kernels in flight at once on different streams (or a CUDA graph's
+    # replay and kernels outside it) use different counts unless COUNTER_SLOTS calls lie between them. None
+    # while a CUDA graph is being captured before the slots exist (made then, they would live in its memory)
+    slots = _COUNTERS.get(device)
+    if slots is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        slots = _COUNTERS[device] = [torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device), 0]
+    pool, i = slots
+    slots[1] = (i + 1) % COUNTER_SLOTS
+    return pool[i:i + 1]
 
 
 def triton_delayed_operand(x: torch.Tensor, history: torch.Tensor, e5m2: bool, rowmajor: bool, transposed: bool,

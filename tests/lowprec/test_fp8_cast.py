@@ -236,8 +236,8 @@ def test_delayed_pass_finished_by_its_last_program(shape, layouts, dtype, monkey
     """Delayed scaling's operand as one kernel (``DELAYED_FINISH_IN_PASS``: the pass's last program
     finishes it) gives the codes, scale, amax used and history of the pass followed by its finishing
     program, bit for bit, over the steps of the delayed test (an empty history, a NaN and an infinity,
-    zeros, saturation), E4M3 and E5M2, fp32 and bf16 histories; the count of ended programs is back to 0
-    after every call. 4096 x 2048 is 1,024-2,048 programs, whose maxima the last one merges in blocks of
+    zeros, saturation), E4M3 and E5M2, fp32 and bf16 histories; every count of ended programs is back to
+    0 after every call. 4096 x 2048 is 1,024-2,048 programs, whose maxima the last one merges in blocks of
     256; the finishing blocks' maxima in blocks of 16 too."""
     rowmajor, transposed = layouts
     for name, history_dtype, block_p in (("fp8_e4m3", torch.float32, 256), ("fp8_e5m2", torch.bfloat16, 16)):
@@ -248,7 +248,7 @@ def test_delayed_pass_finished_by_its_last_program(shape, layouts, dtype, monkey
         for step, t in enumerate(_delayed_steps(shape, dtype, "cuda")):
             monkeypatch.setattr(fp8_cast, "DELAYED_FINISH_IN_PASS", True)
             got = fp8_cast.delayed_operands(t, fmt, history, rowmajor=rowmajor, transposed=transposed)
-            assert int(fp8_cast._COUNTERS[t.device]) == 0, step
+            assert not fp8_cast._COUNTERS[t.device][0].any(), step
             monkeypatch.setattr(fp8_cast, "DELAYED_FINISH_IN_PASS", False)
             want = fp8_cast.delayed_operands(t, fmt, twin, rowmajor=rowmajor, transposed=transposed)
             for g, w in zip(got[:2], want[:2], strict=True):
@@ -299,7 +299,32 @@ def test_delayed_pass_finished_by_its_last_program_in_a_cuda_graph(monkeypatch):
         _assert_same(op, want[0])
         _assert_same(op_t, want[1])
         assert torch.equal(used, want[2]) and torch.equal(history, twin), step
-    assert int(next(iter(fp8_cast._COUNTERS.values()))) == 0
+    assert not next(iter(fp8_cast._COUNTERS.values()))[0].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("merge_p", [256, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_amax_merged_by_the_passs_last_program(dtype, merge_p, monkeypatch):
+    """Current scaling's per-tensor amax merged by the amax pass's last program (``AMAX_MERGED_IN_PASS``:
+    no buffer cleared first) gives the operand of the tensor-operation reference, codes (a NaN's sign
+    aside) and scale bit for bit, in every layout, E4M3 and E5M2, for tensors of 1 to 1,024 amax programs (merged 256 or 16 at a
+    time), one with a NaN, one with an infinity, one of zeros; every count of ended programs is back to 0."""
+    monkeypatch.setattr(fp8_cast, "AMAX_MERGED_IN_PASS", True)
+    monkeypatch.setattr(fp8_cast, "AMAX_MERGE_P", merge_p)
+    for rows, cols in [(5, 7), (300, 520), (16384, 2048)]:
+        base = _values(rows, cols, dtype, "cuda", seed=rows)
+        nan, inf = base.clone(), base.clone()
+        nan[rows // 2, cols // 3] = float("nan")
+        inf[rows - 1, cols - 1] = float("-inf")
+        for t in (base, nan, inf, torch.zeros_like(base)):
+            for e5m2, (rowmajor, transposed) in itertools.product((False, True), ((True, False), (False, True), (True, True))):
+                got = fp8_cast.triton_operand(t, None, e5m2, False, rowmajor, transposed)
+                want = fp8_cast.reference_operand(t, None, e5m2, False, rowmajor, transposed)
+                assert not fp8_cast._COUNTERS[t.device][0].any()
+                for g, w in zip(got[:2], want[:2], strict=True):
+                    _assert_same((g, got[2]), (w, want[2]))
 
 
 def test_delayed_operands_refuse_what_they_cannot_make():
