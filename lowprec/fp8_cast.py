@@ -12,8 +12,8 @@ Triton kernels:
 
 - the amax (per tensor or per row): one read of the tensor (any 2-D strides; bf16, fp16 or fp32),
   each program's maximum of ``|x|`` taken as integer bits (ordered as the numbers are, NaN above
-  infinity) and merged with one atomic maximum into a cleared buffer (or, per tensor under
-  ``AMAX_MERGED_IN_PASS``, by the pass's last program, with no buffer to clear); skipped where the caller
+  infinity) and merged with one atomic maximum into a cleared buffer (or, under ``AMAX_MERGED_IN_PASS``,
+  with no buffer to clear: per tensor by the pass's last program, per row by the cast); skipped where the caller
   gives the per-tensor amax (``measured=``: with ``lowprec.kernels.Fp8.amax_in_graph`` on, a compiled FP8
   kernel computes it in the graph, where the compiler can fuse it into the kernel that makes the tensor, a
   layer norm);
@@ -143,9 +143,10 @@ if triton is not None:
                      BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr, part_ptr=None, count_ptr=None,
                      MERGE: tl.constexpr = False, MERGE_P: tl.constexpr = 16):
         # |x| as the bits of a non-negative fp32 number: ordered as the numbers are, NaN above inf, taken into
-        # out (cleared before) by atomics; MERGE (per tensor): each program's maximum in a slot of its own, and
-        # the last program to end (the count at count_ptr, 0 before and after the pass, tells it) merges them
-        # into out, which then needs no clearing
+        # out (cleared before) by atomics; MERGE, per row: each program's maxima of its rows in its slice of out
+        # (M slots per program along K), which the cast merges; per tensor: each program's maximum in a slot of
+        # its own, which the last program to end (the count at count_ptr, 0 before and after the pass, tells it)
+        # merges into out; out then needs no clearing
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rm64 = rm.to(tl.int64)
         k0 = tl.program_id(1) * BLOCK_K * CHUNKS
@@ -156,7 +157,9 @@ if triton is not None:
             x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk, mask=inside,
                         other=0.0)
             acc = tl.maximum(acc, x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF)
-        if PER_ROW:
+        if PER_ROW and MERGE:
+            tl.store(out_ptr + tl.program_id(1) * M + rm, tl.max(acc, axis=1), mask=rm < M)
+        elif PER_ROW:
             tl.atomic_max(out_ptr + rm, tl.max(acc, axis=1), mask=rm < M, sem="relaxed")
         elif MERGE:
             n = tl.num_programs(0) * tl.num_programs(1)
@@ -291,11 +294,17 @@ if triton is not None:
                      stride_yt, TOP: tl.constexpr, E5M2: tl.constexpr, PER_ROW: tl.constexpr,
                      DELAYED: tl.constexpr, ROWMAJOR: tl.constexpr, TRANSPOSED: tl.constexpr,
                      GATHERED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                     VALUES: tl.constexpr = False, FAST: tl.constexpr = False, EVEN: tl.constexpr = False):
+                     VALUES: tl.constexpr = False, FAST: tl.constexpr = False, EVEN: tl.constexpr = False,
+                     parts=1):
+        # parts: per row, the amax pass's maxima of each row in that many slices (of M each, the amax pass's
+        # programs along K), merged here
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         if PER_ROW:
-            measured = tl.load(amax_ptr + rm, mask=rm < M, other=0).to(tl.float32, bitcast=True)
+            measured = tl.load(amax_ptr + rm, mask=rm < M, other=0)
+            for j in range(1, parts):
+                measured = tl.maximum(measured, tl.load(amax_ptr + j * M + rm, mask=rm < M, other=0))
+            measured = measured.to(tl.float32, bitcast=True)
         else:
             measured = tl.load(amax_ptr + rm * 0).to(tl.float32, bitcast=True)
         if DELAYED:
@@ -477,8 +486,9 @@ FAST_QUOTIENT = True
 # which a count of the programs that have ended tells: `_counter`), not the pass followed by one program; the
 # same codes, scale, amax and history. Not yet timed on a GPU: off
 DELAYED_FINISH_IN_PASS = False
-# True: current scaling's per-tensor amax pass merges its programs' maxima in its last program, so that its
-# result needs no cleared buffer (one kernel fewer per operand: the fill); the same amax. Not yet timed: off
+# True: current scaling's amax pass needs no cleared buffer (one kernel fewer per operand: the fill): per tensor
+# its last program merges its programs' maxima; per row the cast merges each row's maxima from the amax pass's
+# programs along the row. The same amax. Not yet timed: off
 AMAX_MERGED_IN_PASS = False
 AMAX_MERGE_P = 256  # the maxima the merging program reads at a time
 # True: a per-row operand (row-major codes) is one kernel that holds whole rows (amax, then cast, per program)
@@ -510,13 +520,18 @@ def triton_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_r
             x, s, codes.view(torch.uint8), M, K, x.stride(0), x.stride(1), codes.stride(0),
             TOP=57344.0 if e5m2 else 448.0, E5M2=e5m2, K_TILES=triton.cdiv(K, r["BLOCK_K"]), **r)
         return codes, codes_t, s
+    parts = 1
     if measured is not None:  # max |x| as fp32 (NaN where x holds one): its bits are what the amax pass makes
         measured = measured.to(torch.float32).reshape(1).contiguous().view(torch.int32)
     else:
         a = amax_blocks or AMAX_BLOCKS
         grid = (triton.cdiv(M, a["BLOCK_M"]), triton.cdiv(K, a["BLOCK_K"] * a["CHUNKS"]))
         count = None if per_row or not AMAX_MERGED_IN_PASS else _counter(x.device)
-        if count is None:
+        if per_row and AMAX_MERGED_IN_PASS:  # each row's maxima, a slice of M per program along K, none cleared
+            parts = grid[1]
+            measured = torch.empty(parts * M, dtype=torch.int32, device=x.device)
+            _amax_kernel[grid](x, measured, M, K, x.stride(0), x.stride(1), PER_ROW=True, **a, MERGE=True)
+        elif count is None:
             measured = torch.zeros(M if per_row else 1, dtype=torch.int32, device=x.device)
             _amax_kernel[grid](x, measured, M, K, x.stride(0), x.stride(1), PER_ROW=per_row, **a)
         else:  # the amax, then each program's maximum, none cleared
@@ -534,7 +549,7 @@ def triton_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_r
                        codes_t.stride(0) if transposed else 0, TOP=57344.0 if e5m2 else 448.0, E5M2=e5m2,
                        PER_ROW=per_row, DELAYED=amax is not None, ROWMAJOR=rowmajor, TRANSPOSED=transposed,
                        GATHERED=gathered, VALUES=values, FAST=FAST_QUOTIENT, EVEN=_even(M, K, rows, c),
-                       **c)
+                       **c, parts=parts)
     return codes, codes_t, s
 
 

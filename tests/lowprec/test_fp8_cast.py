@@ -304,24 +304,29 @@ def test_delayed_pass_finished_by_its_last_program_in_a_cuda_graph(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("merge_p", [256, 16])
+@pytest.mark.parametrize("small", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_amax_merged_by_the_passs_last_program(dtype, merge_p, monkeypatch):
-    """Current scaling's per-tensor amax merged by the amax pass's last program (``AMAX_MERGED_IN_PASS``:
-    no buffer cleared first) gives the operand of the tensor-operation reference, codes (a NaN's sign
-    aside) and scale bit for bit, in every layout, E4M3 and E5M2, for tensors of 1 to 1,024 amax programs (merged 256 or 16 at a
-    time), one with a NaN, one with an infinity, one of zeros; every count of ended programs is back to 0."""
+def test_amax_with_no_cleared_buffer(dtype, small, monkeypatch):
+    """Current scaling's amax with no buffer cleared first (``AMAX_MERGED_IN_PASS``: per tensor merged by
+    the amax pass's last program, per row by the cast from the amax programs' slices) gives the operand of
+    the tensor-operation reference, codes (a NaN's sign aside) and scales bit for bit, per tensor in every
+    layout and per row, E4M3 and E5M2, for tensors of 1 to 1,024 amax programs merged 256 at a time (1 to 2
+    slices per row), and with smaller amax tiles 1 to 4,096 programs merged 16 at a time (1 to 8 slices),
+    one with a NaN, one with an infinity, one of zeros; every count of ended programs is back to 0."""
     monkeypatch.setattr(fp8_cast, "AMAX_MERGED_IN_PASS", True)
-    monkeypatch.setattr(fp8_cast, "AMAX_MERGE_P", merge_p)
+    if small:
+        monkeypatch.setattr(fp8_cast, "AMAX_MERGE_P", 16)
+        monkeypatch.setattr(fp8_cast, "AMAX_BLOCKS", dict(BLOCK_M=32, BLOCK_K=128, CHUNKS=2, num_warps=4))
     for rows, cols in [(5, 7), (300, 520), (16384, 2048)]:
         base = _values(rows, cols, dtype, "cuda", seed=rows)
         nan, inf = base.clone(), base.clone()
         nan[rows // 2, cols // 3] = float("nan")
         inf[rows - 1, cols - 1] = float("-inf")
         for t in (base, nan, inf, torch.zeros_like(base)):
-            for e5m2, (rowmajor, transposed) in itertools.product((False, True), ((True, False), (False, True), (True, True))):
-                got = fp8_cast.triton_operand(t, None, e5m2, False, rowmajor, transposed)
-                want = fp8_cast.reference_operand(t, None, e5m2, False, rowmajor, transposed)
+            ways = ((False, True, False), (False, False, True), (False, True, True), (True, True, False))
+            for e5m2, (per_row, rowmajor, transposed) in itertools.product((False, True), ways):
+                got = fp8_cast.triton_operand(t, None, e5m2, per_row, rowmajor, transposed)
+                want = fp8_cast.reference_operand(t, None, e5m2, per_row, rowmajor, transposed)
                 assert not fp8_cast._COUNTERS[t.device][0].any()
                 for g, w in zip(got[:2], want[:2], strict=True):
                     _assert_same((g, got[2]), (w, want[2]))
