@@ -12,11 +12,11 @@ Triton kernels:
 
 - the amax (per tensor or per row): one read of the tensor (any 2-D strides; bf16, fp16 or fp32),
   each program's maximum of ``|x|`` taken as integer bits (ordered as the numbers are, NaN above
-  infinity) and merged with one atomic maximum into a cleared buffer (or, under ``AMAX_MERGED_IN_PASS``,
-  with no buffer to clear: per tensor by the pass's last program, per row by the cast); skipped where the caller
-  gives the per-tensor amax (``measured=``: with ``lowprec.kernels.Fp8.amax_in_graph`` on, a compiled FP8
-  kernel computes it in the graph, where the compiler can fuse it into the kernel that makes the tensor, a
-  layer norm);
+  infinity) and merged with one atomic maximum into a cleared buffer (or, under
+  ``AMAX_MERGED_IN_PASS``, with no buffer to clear: per tensor by the pass's last program, per row by
+  the cast); skipped where the caller gives the per-tensor amax (``measured=``: with
+  ``lowprec.kernels.Fp8.amax_in_graph`` on, a compiled FP8 kernel computes it in the graph, where the
+  compiler can fuse it into the kernel that makes the tensor, a layer norm);
 - the cast: the scale from the amax (or from a delayed amax), then one more read of the tensor and
   one write of its codes in each layout asked for: row-major, transposed with the token dimension
   padded to a multiple of 16 (what a weight gradient reads), or both at once.
@@ -34,9 +34,10 @@ the same with tensor operations (:func:`reference_operand`).
 Under delayed scaling (:func:`delayed_operands`, the operator ``lowprec::fp8_operand_delayed``) the scale
 comes from an amax history known before the pass, so the tensor is read once: each program of the pass
 writes its codes and its tile's largest |x| (finite, and all) in slots of its own; one program after it
-(or, under ``DELAYED_FINISH_IN_PASS``, the pass's last program) merges them, pushes the finite amax into the history and writes the scale (NaN where the tensor holds a NaN or
-an infinity), writing every code again itself only where those written do not stand (the scale is not the
-pass's: an empty history, a NaN scale). The codes, scale and history are those of :func:`lowprec.scaling.delayed_amax` followed by
+(or, under ``DELAYED_FINISH_IN_PASS``, the pass's last program) merges them, pushes the finite amax into
+the history and writes the scale (NaN where the tensor holds a NaN or an infinity), writing every code
+again itself only where those written do not stand (the scale is not the pass's: an empty history, a NaN
+scale). The codes, scale and history are those of :func:`lowprec.scaling.delayed_amax` followed by
 :func:`operands` with that amax, bit for bit.
 
 A weight that reaches its GEMMs as a data-parallel run's ranks hold it (gathered in its FP8 format,
@@ -687,9 +688,10 @@ def triton_delayed_operand(x: torch.Tensor, history: torch.Tensor, e5m2: bool, r
     const = dict(TOP=57344.0 if e5m2 else 448.0, E5M2=e5m2, ROWMAJOR=rowmajor, TRANSPOSED=transposed,
                  HB=triton.next_power_of_2(H))
     count = _counter(x.device) if DELAYED_FINISH_IN_PASS else None
+    f = DELAYED_FINISH_IN_PASS_BLOCKS
     _delayed_kernel[grid](x, history, partial, s, used, partial if count is None else count, out, out_t, M, K, rows, H,
                           *strides, **const, **c, FAST=FAST_QUOTIENT, EVEN=_even(M, K, rows, c),
-                          FINISH=count is not None, **{"FINISH_" + k[-1]: v for k, v in DELAYED_FINISH_IN_PASS_BLOCKS.items()})
+                          FINISH=count is not None, FINISH_P=f["BLOCK_P"], FINISH_M=f["BLOCK_M"], FINISH_K=f["BLOCK_K"])
     if count is None:
         _delayed_finish[(1,)](x, history, partial, s, used, out, out_t, M, K, rows, H, n, *strides, **const,
                               **DELAYED_FINISH_BLOCKS)
