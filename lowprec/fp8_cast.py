@@ -485,7 +485,9 @@ ROWS_BLOCKS = dict(BLOCK_M=8, BLOCK_K=256, num_warps=4)
 FAST_QUOTIENT = True
 # True: delayed scaling's operand is one kernel on CUDA (`_delayed_kernel`'s last program to end finishes it,
 # which a count of the programs that have ended tells: `_counter`), not the pass followed by one program; the
-# same codes, scale, amax and history. Not yet timed on a GPU: off
+# same codes, scale, amax and history. The finishing code takes registers of every program: in an sm_90 build,
+# writing both layouts, 94 a thread against 80 (two programs of 8 warps on an SM against three; one layout: 80
+# either way). Not yet timed on a GPU: off
 DELAYED_FINISH_IN_PASS = False
 # True: current scaling's amax pass needs no cleared buffer (one kernel fewer per operand: the fill): per tensor
 # its last program merges its programs' maxima; per row the cast merges each row's maxima from the amax pass's
