@@ -39,8 +39,8 @@ def test_the_delayed_tables_ways_agree_on_the_cpu():
     """What ``--delayed`` checks on the GPU before it times, here through the operators' CPU paths: with the
     tensor's own amax in the history, current scaling (its amax merged in its pass or not) and delayed
     scaling in two passes, in one and in one kernel (on the CPU the settings change no path: this checks
-    the table's plumbing) give the same codes and
-    scales in both layouts; the delayed ways push the history alike."""
+    the table's plumbing) give the same codes and scales in both layouts; the delayed ways push the history
+    alike."""
     import lowprec
 
     fmt = lowprec.format("fp8_e5m2", granularity="tensor")

@@ -562,10 +562,10 @@ def test_the_quotient_from_the_reciprocal_is_ieee_division():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_kernels_on_whole_tiles(dtype, fast, monkeypatch):
     """Shapes that the cast's tiles divide (its stores and loads then unmasked), bf16 and fp32 (a master
-    weight), with the quotient from the reciprocal and from IEEE division: per-tensor scales from the tensor's amax, from delayed amaxes below it (values saturate), far
-    below and far above it (scales outside the reciprocal's range), per-row scales, and bf16 values; every
-    layout, E4M3 and E5M2; the Triton kernels' codes and scales are the tensor-operation reference's, byte
-    for byte."""
+    weight), with the quotient from the reciprocal and from IEEE division: per-tensor scales from the
+    tensor's amax, from delayed amaxes below it (values saturate), far below and far above it (scales outside
+    the reciprocal's range), per-row scales, and bf16 values; every layout, E4M3 and E5M2; the Triton
+    kernels' codes and scales are the tensor-operation reference's, byte for byte."""
     monkeypatch.setattr(fp8_cast, "FAST_QUOTIENT", fast)
     for rows, cols in [(64, 128), (128, 256), (256, 512)]:
         t = _values(rows, cols, dtype, "cuda", seed=rows)
