@@ -260,8 +260,8 @@ def delayed(shapes: list[tuple[int, int]], fmt, calls: int, history: int = 16, d
         t_cur, t_merged, t_two, t_one, t_kernel = (kernel_us(lambda way=way: way(x, h), calls) for way in ways.values())
         moved = min_bytes(rows, cols, "both") - rows * cols * 2  # one read of the tensor, not two
         print(f"| {rows}x{cols} | {t_cur:.1f} | {t_merged:.1f} | {t_two:.1f} | {t_one:.1f} | {t_kernel:.1f} | "
-              f"{t_cur / t_one:.2f}x | {t_two / t_one:.2f}x | {t_one / t_kernel:.2f}x | {moved / t_kernel / 1e3:,.0f} GB/s |",
-              flush=True)
+              f"{t_cur / t_one:.2f}x | {t_two / t_one:.2f}x | {t_one / t_kernel:.2f}x | "
+              f"{moved / t_kernel / 1e3:,.0f} GB/s |", flush=True)
 
 
 def quotients(shapes: list[tuple[int, int]], fmt, calls: int, device: str = "cuda") -> None:
@@ -324,8 +324,8 @@ def main(argv=None):
         delayed(shapes, fmt, args.calls)
         return
     if args.quotient:
-        print(f"# FP8 operand ({args.format}, per-tensor scale, both layouts) of bf16 and fp32 tensors, IEEE division against "
-              f"the reciprocal, {environment()}, {datetime.date.today()}")
+        print(f"# FP8 operand ({args.format}, per-tensor scale, both layouts) of bf16 and fp32 tensors, IEEE division "
+              f"against the reciprocal, {environment()}, {datetime.date.today()}")
         quotients(shapes, fmt, args.calls)
         return
     if args.sweep:
