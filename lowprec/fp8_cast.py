@@ -59,7 +59,7 @@ import torch
 
 from .formats import Format
 from .formats import format as get_format
-from .rounding import torch_dtype_of
+from .rounding import round_to_grid, torch_dtype_of
 from .scaling import delayed_amax
 
 try:  # Triton ships with CUDA builds of torch; the CPU build runs without it
@@ -87,6 +87,14 @@ def fp8_dtype(fmt: Format | None, rounding: str = "nearest") -> torch.dtype | No
     return dt
 
 
+def is_e2m1(fmt: Format | None, rounding: str = "nearest") -> bool:
+    """Whether ``fmt`` is FP4 E2M1 (largest value 6) absmax-scaled per tensor or per row, rounded to nearest:
+    its values, every one exact in E4M3, make E4M3 codes under the same scales (:func:`e2m1_operand`)."""
+    return (fmt is not None and rounding == "nearest" and fmt.kind == "float" and fmt.scale == "absmax"
+            and fmt.granularity in ("tensor", "row") and (fmt.exp_bits, fmt.man_bits) == (2, 1)
+            and fmt.max_value == 6.0)
+
+
 def applies(t: torch.Tensor, fmt: Format | None, rounding: str = "nearest") -> bool:
     """Whether ``t``'s operand in ``fmt`` is made here: a non-empty 2-D floating tensor and a format
     of :func:`fp8_dtype`."""
@@ -106,13 +114,18 @@ def scales(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None) -> to
     return torch.where(torch.isfinite(measured), s, float("nan"))
 
 
-def reference_cast(x: torch.Tensor, s: torch.Tensor, e5m2: bool, transposed: bool) -> torch.Tensor:
+def reference_cast(x: torch.Tensor, s: torch.Tensor, e5m2: bool, transposed: bool, e2m1: bool = False
+                   ) -> torch.Tensor:
     """The codes of ``x`` (M, K) under the scales ``s`` (``(1,)`` or ``(M, 1)``), computed with tensor
-    operations: ``(M, K)``, or with ``transposed`` ``(K, M)`` padded with zero codes."""
+    operations: ``(M, K)``, or with ``transposed`` ``(K, M)`` padded with zero codes. ``e2m1``: E4M3 codes of
+    the values rounded to FP4 E2M1 (as the general quantizer rounds them)."""
     top = 57344.0 if e5m2 else 448.0
     dt = torch.float8_e5m2 if e5m2 else torch.float8_e4m3fn
     v = x.float() / s.reshape(-1, 1)
-    out = torch.where(torch.isfinite(v), v.clamp(-top, top), v)
+    if e2m1:
+        out = round_to_grid(v, _E2M1, "nearest")  # finite values of the grid, NaN for a NaN or an infinity
+    else:
+        out = torch.where(torch.isfinite(v), v.clamp(-top, top), v)
     if not e5m2:
         out = torch.where(torch.isinf(v), float("nan"), out)
     bits = out.to(dt).view(torch.uint8)
@@ -238,17 +251,36 @@ if triton is not None:
         return tl.min(ok.to(tl.int32), axis=0) > 0, r
 
     @triton.jit
+    def _round_e2m1(v):
+        # v rounded to FP4 E2M1 as `lowprec.rounding.round_float_grid` rounds it: |v| clamped to 6, its
+        # quantum 2^(max(floor(log2 |v|), 0) - 1) from the exponent bits, the multiple of it nearest (ties to
+        # even: adding and taking away 2^23 rounds a number below 2^22 to an integer so), v's sign; NaN for a
+        # NaN or an infinity (E2M1 has no infinity)
+        a = tl.minimum(tl.abs(v), 6.0)
+        e = tl.maximum((a.to(tl.int32, bitcast=True) >> 23) - 127, 0) - 1
+        quantum = ((e + 127) << 23).to(tl.float32, bitcast=True)
+        r = a * ((127 - e) << 23).to(tl.float32, bitcast=True)
+        r = (r + 8388608.0) - 8388608.0
+        out = tl.minimum(r * quantum, 6.0)
+        out = (out.to(tl.int32, bitcast=True) | (v.to(tl.int32, bitcast=True) & -2147483648)).to(tl.float32,
+                                                                                                  bitcast=True)
+        return tl.where(tl.abs(v) < float("inf"), out, float("nan"))
+
+    @triton.jit
     def _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2: tl.constexpr,
                      ROWMAJOR: tl.constexpr, TRANSPOSED: tl.constexpr, VALUES: tl.constexpr = False,
-                     FOLD: tl.constexpr = False, r=None, FAST: tl.constexpr = False, EVEN: tl.constexpr = False):
+                     FOLD: tl.constexpr = False, r=None, FAST: tl.constexpr = False, EVEN: tl.constexpr = False,
+                     E2M1: tl.constexpr = False):
         # the codes of the tile x (fp32) under the scales s (one per row of the tile), in each layout asked for;
         # VALUES: their values in bf16 instead (exact), the transposed layout's multiplied by the scales (FOLD).
         # FAST: the quotients from r (as `_fast` gives it); EVEN: the tile lies inside both layouts (no padding
-        # columns in it)
+        # columns in it); E2M1: the quotients rounded to FP4 E2M1 first (their E4M3 codes are then exact)
         if FAST:
             v = _quotient(x, s[:, None], r[:, None], True)
         else:
             v = tl.div_rn(x, s[:, None])
+        if E2M1:
+            v = _round_e2m1(v)
         # the conversion saturates (cvt.rn.satfinite): it clamps a finite v to +-TOP (a clamp of its own
         # costs time: this pass is bound by its arithmetic nearly as much as by memory); an infinite v,
         # which it would saturate too, and NaN get their codes here. Under FAST every v is finite, but the
@@ -296,7 +328,7 @@ if triton is not None:
                      DELAYED: tl.constexpr, ROWMAJOR: tl.constexpr, TRANSPOSED: tl.constexpr,
                      GATHERED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                      VALUES: tl.constexpr = False, FAST: tl.constexpr = False, EVEN: tl.constexpr = False,
-                     parts=1):
+                     E2M1: tl.constexpr = False, parts=1):
         # parts: per row, the amax pass's maxima of each row in that many slices (of M each, the amax pass's
         # programs along K), merged here
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -330,13 +362,13 @@ if triton is not None:
             fast, r = _fast(s, measured)
             if fast:
                 _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR, TRANSPOSED,
-                             VALUES, VALUES and PER_ROW, r, True, EVEN)
+                             VALUES, VALUES and PER_ROW, r, True, EVEN, E2M1)
             else:
                 _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR, TRANSPOSED,
-                             VALUES, VALUES and PER_ROW, s, False, EVEN)
+                             VALUES, VALUES and PER_ROW, s, False, EVEN, E2M1)
         else:
             _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR, TRANSPOSED,
-                         VALUES, VALUES and PER_ROW, s, False, EVEN)
+                         VALUES, VALUES and PER_ROW, s, False, EVEN, E2M1)
 
     @triton.jit
     def _rows_kernel(x_ptr, s_ptr, y_ptr, M, K, stride_xm, stride_xk, stride_y, TOP: tl.constexpr, E5M2: tl.constexpr,
@@ -508,16 +540,16 @@ def _even(M: int, K: int, rows: int, blocks: dict) -> bool:
 def triton_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_row: bool, rowmajor: bool,
                    transposed: bool, gathered: int = 0, measured: torch.Tensor | None = None,
                    cast_blocks: dict | None = None, amax_blocks: dict | None = None, rows_blocks: dict | None = None,
-                   values: bool = False):
+                   values: bool = False, e2m1: bool = False):
     """The operator's result from the Triton kernels (CUDA): the amax (unless ``measured`` gives it),
     then the cast; per-row scales of row-major codes in one kernel where ``ROWS_IN_ONE_KERNEL`` is on.
     ``cast_blocks`` / ``amax_blocks`` / ``rows_blocks``: tile sizes other than the module's (as
     ``CAST_BLOCKS`` / ``AMAX_BLOCKS`` / ``ROWS_BLOCKS``; a benchmark's sweep), which change no code.
-    ``values``: as :func:`values` (bf16 values instead of codes)."""
+    ``values``: as :func:`values` (bf16 values instead of codes). ``e2m1``: as :func:`e2m1_operand`."""
     M, K = x.shape
     codes, codes_t, s = _outputs(x, e5m2, per_row, rowmajor, transposed, values)
     if (per_row and ROWS_IN_ONE_KERNEL and amax is None and measured is None and not gathered and not transposed
-            and not values):
+            and not values and not e2m1):
         r = rows_blocks or ROWS_BLOCKS
         _rows_kernel[(triton.cdiv(M, r["BLOCK_M"]),)](
             x, s, codes.view(torch.uint8), M, K, x.stride(0), x.stride(1), codes.stride(0),
@@ -549,15 +581,16 @@ def triton_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_r
     out, out_t = (codes, codes_t) if values else (codes.view(torch.uint8), codes_t.view(torch.uint8))
     _cast_kernel[grid](x, measured, delayed, s, out, out_t, M, K, rows,
                        x.stride(0), x.stride(1), codes.stride(0) if rowmajor else 0,
-                       codes_t.stride(0) if transposed else 0, TOP=57344.0 if e5m2 else 448.0, E5M2=e5m2,
-                       PER_ROW=per_row, DELAYED=amax is not None, ROWMAJOR=rowmajor, TRANSPOSED=transposed,
-                       GATHERED=gathered, VALUES=values, FAST=FAST_QUOTIENT, EVEN=_even(M, K, rows, c),
+                       codes_t.stride(0) if transposed else 0, TOP=6.0 if e2m1 else 57344.0 if e5m2 else 448.0,
+                       E5M2=e5m2, PER_ROW=per_row, DELAYED=amax is not None, ROWMAJOR=rowmajor, TRANSPOSED=transposed,
+                       GATHERED=gathered, VALUES=values, FAST=FAST_QUOTIENT, EVEN=_even(M, K, rows, c), E2M1=e2m1,
                        **c, parts=parts)
     return codes, codes_t, s
 
 
 def reference_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_row: bool, rowmajor: bool,
-                      transposed: bool, gathered: int = 0, measured: torch.Tensor | None = None, values: bool = False):
+                      transposed: bool, gathered: int = 0, measured: torch.Tensor | None = None, values: bool = False,
+                      e2m1: bool = False):
     """The operator's result computed with tensor operations (CPU, or no Triton); ``measured``, being
     ``x``'s own amax, changes nothing here."""
     if gathered:  # the dequantized codes of x under its own scale, then their operand
@@ -569,24 +602,26 @@ def reference_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, pe
         unused = torch.empty((0,), dtype=torch.bfloat16, device=x.device)
         v_t = ((v * s) if per_row else v).to(torch.bfloat16).t().contiguous() if transposed else unused.clone()
         return (v.to(torch.bfloat16) if rowmajor else unused), v_t, s
-    s = scales(x, _FORMATS[e5m2, per_row], amax)
+    s = scales(x, _E2M1_FORMATS[per_row] if e2m1 else _FORMATS[e5m2, per_row], amax)
     unused = torch.empty((0,), dtype=torch.float8_e5m2 if e5m2 else torch.float8_e4m3fn, device=x.device)
-    codes = reference_cast(x, s, e5m2, False) if rowmajor else unused
-    codes_t = reference_cast(x, s, e5m2, True) if transposed else unused.clone()
+    codes = reference_cast(x, s, e5m2, False, e2m1) if rowmajor else unused
+    codes_t = reference_cast(x, s, e5m2, True, e2m1) if transposed else unused.clone()
     return codes, codes_t, s
 
 
 @torch.library.custom_op("lowprec::fp8_operand", mutates_args=())
 def _fp8_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_row: bool, rowmajor: bool,
-                 transposed: bool, gathered: int, measured: torch.Tensor | None = None, values: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 transposed: bool, gathered: int, measured: torch.Tensor | None = None, values: bool = False,
+                 e2m1: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if x.is_cuda and triton is not None:
-        return triton_operand(x, amax, e5m2, per_row, rowmajor, transposed, gathered, measured, values=values)
-    return reference_operand(x, amax, e5m2, per_row, rowmajor, transposed, gathered, measured, values=values)
+        return triton_operand(x, amax, e5m2, per_row, rowmajor, transposed, gathered, measured, values=values,
+                              e2m1=e2m1)
+    return reference_operand(x, amax, e5m2, per_row, rowmajor, transposed, gathered, measured, values=values,
+                             e2m1=e2m1)
 
 
 @_fp8_operand.register_fake
-def _(x, amax, e5m2, per_row, rowmajor, transposed, gathered, measured=None, values=False):
+def _(x, amax, e5m2, per_row, rowmajor, transposed, gathered, measured=None, values=False, e2m1=False):
     return _outputs(x, e5m2, per_row, rowmajor, transposed, values)
 
 
@@ -638,6 +673,25 @@ def operands(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None, gat
         raise ValueError(f"fp8_cast.operands: both layouts need a per-tensor scale, not {fmt}")
     codes, codes_t, s = _call(t, fmt, amax, True, True, gathered, measured)
     return (codes, s), (codes_t, s)
+
+
+def e2m1_operand(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None, transposed: bool = False):
+    """``(codes, outer)`` of ``t`` (2-D) in an FP4 E2M1 format (:func:`is_e2m1`) as E4M3 codes, which hold
+    every E2M1 value exactly, under the format's scales, laid out as :func:`operand` lays them out: the
+    general quantizer's values cast to E4M3, bit for bit (a NaN's code aside, written ``0x7F``), in the same
+    two passes as an FP8 operand's (the amax, then the scale, the division, the rounding to E2M1 and the
+    codes). ``amax``: a delayed per-tensor amax."""
+    if not is_e2m1(fmt) or t.dim() != 2 or t.numel() == 0 or not t.is_floating_point():
+        raise ValueError(f"fp8_cast.e2m1_operand: {fmt} on a tensor of shape {tuple(t.shape)} is not one it makes "
+                         "(an FP4 E2M1 format scaled per tensor or per row, a non-empty 2-D floating tensor)")
+    per_row = fmt.granularity == "row"
+    if per_row and (amax is not None or (transposed and t.shape[0] != 1)):
+        raise ValueError("fp8_cast.e2m1_operand: per-row scales take no delayed amax and lie along the contraction "
+                         "of the transposed layout")
+    if amax is not None:
+        amax = amax.to(torch.float32)
+    codes, codes_t, s = _fp8_operand(t, amax, False, per_row, not transposed, transposed, 0, None, False, True)
+    return (codes_t if transposed else codes), s
 
 
 def values(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None, rowmajor: bool = True,
@@ -747,8 +801,10 @@ def delayed_operands(t: torch.Tensor, fmt: Format, history: torch.Tensor, rowmaj
 # the format of each (E5M2?, per row?) the operator is called with: its reference quantizes in it
 _FORMATS = {(e, r): get_format("fp8_e5m2" if e else "fp8_e4m3", granularity="row" if r else "tensor")
             for e in (False, True) for r in (False, True)}
+_E2M1_FORMATS = {r: get_format("fp4_e2m1", granularity="row" if r else "tensor") for r in (False, True)}
+_E2M1 = _E2M1_FORMATS[False]
 
 
-__all__ = ["GATHERED_DTYPES", "PAD", "applies", "delayed_operands", "fp8_dtype", "operand", "operands",
-           "reference_cast", "reference_delayed_operand", "reference_operand", "scales", "triton_delayed_operand",
-           "triton_operand", "values"]
+__all__ = ["GATHERED_DTYPES", "PAD", "applies", "delayed_operands", "e2m1_operand", "fp8_dtype", "is_e2m1", "operand",
+           "operands", "reference_cast", "reference_delayed_operand", "reference_operand", "scales",
+           "triton_delayed_operand", "triton_operand", "values"]

@@ -491,6 +491,10 @@ class Fp8(_CodesKernel):
     # GELU's output gets a reduction kernel of its own); False: the reduction reads the tensor's expression,
     # which the compiler may compute twice (a GELU once in the reduction, once in the kernel storing it)
     amax_reads_stored = True
+    # True: an FP4 E2M1 operand (per-tensor or per-row absmax: the paper policy's feed-forward and head weights)
+    # is made by the FP8 operand's two Triton passes on CUDA (lowprec.fp8_cast.e2m1_operand: the same codes);
+    # False (the default, until timed): by the general quantizer's tensor operations, which the compiler fuses
+    e2m1_from_passes = False
 
     def _measured(self, t, fmt, amax):
         if (self.amax_in_graph and amax is None and fmt.granularity == "tensor"
@@ -505,6 +509,9 @@ class Fp8(_CodesKernel):
         # asked for, each one Triton pass on CUDA (lowprec.fp8_cast); the general quantizer's codes
         if fp8_cast.applies(t, fmt, rounding):
             return fp8_cast.operand(t, fmt, amax=amax, transposed=transposed, measured=self._measured(t, fmt, amax))
+        if (self.e2m1_from_passes and fp8_cast.is_e2m1(fmt, rounding) and t.dim() == 2 and t.numel() > 0
+                and t.is_floating_point()):
+            return fp8_cast.e2m1_operand(t, fmt, amax=amax, transposed=transposed)
         return super().operand(t, fmt, rounding=rounding, amax=amax, transposed=transposed)
 
     def operands(self, t, fmt, *, rounding="nearest", amax=None):

@@ -332,6 +332,59 @@ def test_amax_with_no_cleared_buffer(dtype, small, monkeypatch):
                     _assert_same((g, got[2]), (w, want[2]))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_e2m1_operand_is_the_general_quantizers_codes(device, dtype, monkeypatch):
+    """An FP4 E2M1 operand (per row, and per tensor with its own or a delayed amax, both layouts) is the
+    general quantizer's E2M1 values cast to E4M3, bit for bit (a NaN's sign aside), and its scales are the
+    quantizer's: over 30 decades of magnitudes (values on the grid's every step, ties, saturation, zeros,
+    signed zeros, an all-zero row), a NaN and an infinity, whole tiles and ragged ones; on CUDA from the Triton
+    passes, with the quotient from the reciprocal and from IEEE division."""
+    for fast, (rows, cols) in itertools.product((True, False) if device.type == "cuda" else (True,),
+                                                [(64, 128), (45, 70)]):
+        monkeypatch.setattr(fp8_cast, "FAST_QUOTIENT", fast)
+        t = _values(rows, cols, dtype, device, seed=cols)
+        bad = t.clone()
+        bad[rows // 2, 3], bad[rows - 1, cols - 1] = float("nan"), float("inf")
+        amax = torch.tensor(float(t.float().abs().amax()) / 5, device=device)
+        cases = [("row", None, False), ("tensor", None, False), ("tensor", None, True), ("tensor", amax, False),
+                 ("tensor", amax, True)]
+        for x, (granularity, a, transposed) in itertools.product((t, bad), cases):
+            fmt = lowprec.format("fp4_e2m1", granularity=granularity)
+            got = fp8_cast.e2m1_operand(x, fmt, amax=a, transposed=transposed)
+            want = _general(x, fmt, amax=a, transposed=transposed)
+            assert got[0].dtype == torch.float8_e4m3fn
+            _assert_same(got, want)
+
+
+def test_e2m1_operand_refuses_what_it_cannot_make():
+    row, tensor = (lowprec.format("fp4_e2m1", granularity=g) for g in ("row", "tensor"))
+    with pytest.raises(ValueError, match="is not one it makes"):
+        fp8_cast.e2m1_operand(torch.ones(2, 3), lowprec.format("fp8_e4m3", granularity="tensor"))
+    with pytest.raises(ValueError, match="is not one it makes"):
+        fp8_cast.e2m1_operand(torch.ones(2, 3), lowprec.format("nvfp4"))
+    with pytest.raises(ValueError, match="is not one it makes"):
+        fp8_cast.e2m1_operand(torch.ones(2, 3, 4), tensor)
+    with pytest.raises(ValueError, match="contraction"):
+        fp8_cast.e2m1_operand(torch.ones(2, 3), row, transposed=True)
+    with pytest.raises(ValueError, match="delayed amax"):
+        fp8_cast.e2m1_operand(torch.ones(2, 3), row, amax=torch.tensor(1.0))
+
+
+def test_the_fp8_kernel_takes_e2m1_operands_from_the_passes_where_asked(monkeypatch):
+    """``Fp8.e2m1_from_passes`` routes an E2M1 weight's operand to :func:`fp8_cast.e2m1_operand` (and leaves
+    it to the general quantizer where off): the same codes and scales either way."""
+    fmt = lowprec.format("fp4_e2m1", granularity="row")
+    w = _values(32, 48, torch.float32, "cpu", seed=5)
+    kernel = KERNELS["fp8_rowwise"]
+    calls, made = [], fp8_cast.e2m1_operand
+    monkeypatch.setattr(fp8_cast, "e2m1_operand", lambda *a, **k: calls.append(1) or made(*a, **k))
+    off = kernel.operand(w, fmt)
+    monkeypatch.setattr(type(kernel), "e2m1_from_passes", True)
+    on = kernel.operand(w, fmt)
+    assert calls == [1]
+    _assert_same(on, off)
+
+
 def test_delayed_operands_refuse_what_they_cannot_make():
     fmt = lowprec.format("fp8_e4m3", granularity="tensor")
     h = torch.zeros(4)
