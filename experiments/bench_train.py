@@ -28,7 +28,7 @@ tensor cores tried before bf16 (``lowprec.kernels.AUTO_ORDER_INT8``: BitNet's in
 ``...:fp8@amax-merged``: the amax pass merging its maxima itself (no buffer to clear);
 ``...:paper@rows-one-kernel``: per-row FP8 operands in one kernel each; ``...:paper@bf16-values``: the bf16
 GEMMs' FP8 operands from the FP8 passes; ``...:paper@bf16-stored``: their per-row operands read from the stored
-tensor; ``...:paper@e2m1-passes``: the FP4 E2M1 weights' FP8 operands from the FP8 passes;
+tensor; ``...:paper@e2m1-passes``: the FP4 E2M1 weights' operands from the FP8 passes;
 ``...:fp8@ieee-division`` (and ``fp8_delayed``, ``paper``): the FP8 casts dividing by IEEE division;
 ``...:fp8_delayed@finish-in-pass``: each delayed-scaling operand one kernel (see :func:`settings`).
 Each of ours prints its layers' plans. ``--profile`` adds, after each row, where one more step's GPU
@@ -86,8 +86,8 @@ def settings(variant: str):
     (``Bf16TensorCore.row_operands_read_stored``); ``@ieee-division``: the FP8 casts' quotients from IEEE
     division everywhere (``lowprec.fp8_cast.FAST_QUOTIENT`` off); ``@finish-in-pass``: each delayed-scaling
     operand made by one kernel, whose last program finishes it (``lowprec.fp8_cast.DELAYED_FINISH_IN_PASS``);
-    ``@e2m1-passes``: an FP4 E2M1 weight's FP8 operand made by the FP8 operand's passes
-    (``lowprec.kernels.Fp8.e2m1_from_passes``)."""
+    ``@e2m1-passes``: an FP4 E2M1 weight's operands (E4M3 codes, bf16 values) made by the FP8 operand's
+    passes (``lowprec.kernels.E2M1_FROM_PASSES``)."""
     suffix = variant.partition("@")[2]
     fp8 = lowprec.kernels.Fp8
     known = {"": [], "int8": [(lowprec.kernels, "AUTO_ORDER", lowprec.kernels.AUTO_ORDER_INT8)],
@@ -100,7 +100,7 @@ def settings(variant: str):
              "bf16-stored": [(lowprec.kernels.Bf16TensorCore, "row_operands_read_stored", True)],
              "ieee-division": [(lowprec.fp8_cast, "FAST_QUOTIENT", False)],
              "finish-in-pass": [(lowprec.fp8_cast, "DELAYED_FINISH_IN_PASS", True)],
-             "e2m1-passes": [(fp8, "e2m1_from_passes", True)]}
+             "e2m1-passes": [(lowprec.kernels, "E2M1_FROM_PASSES", True)]}
     if suffix not in known:
         raise ValueError(f"{variant}: unknown suffix @{suffix} (known: {', '.join('@' + k for k in known if k)})")
     before = [(obj, name, getattr(obj, name)) for obj, name, _ in known[suffix]]

@@ -597,7 +597,7 @@ def reference_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, pe
         codes, _, s = reference_operand(x, None, e5m2, False, True, False)
         x = (codes.float() * s).to(GATHERED_DTYPES[gathered - 1])
     if values:  # the codes' values in bf16, the transposed layout's times the scales where they are per row
-        codes, _, s = reference_operand(x, amax, e5m2, per_row, True, False)
+        codes, _, s = reference_operand(x, amax, e5m2, per_row, True, False, e2m1=e2m1)
         v = codes.float()
         unused = torch.empty((0,), dtype=torch.bfloat16, device=x.device)
         v_t = ((v * s) if per_row else v).to(torch.bfloat16).t().contiguous() if transposed else unused.clone()
@@ -675,23 +675,35 @@ def operands(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None, gat
     return (codes, s), (codes_t, s)
 
 
+def _e2m1_call(name: str, t: torch.Tensor, fmt: Format, amax, rowmajor: bool, transposed: bool, values: bool):
+    if not is_e2m1(fmt) or t.dim() != 2 or t.numel() == 0 or not t.is_floating_point():
+        raise ValueError(f"fp8_cast.{name}: {fmt} on a tensor of shape {tuple(t.shape)} is not one it makes "
+                         "(an FP4 E2M1 format scaled per tensor or per row, a non-empty 2-D floating tensor)")
+    per_row = fmt.granularity == "row"
+    if per_row and amax is not None:
+        raise ValueError(f"fp8_cast.{name}: a delayed amax applies to per-tensor scales only")
+    if per_row and transposed and t.shape[0] != 1 and not values:
+        raise ValueError(f"fp8_cast.{name}: per-row scales lie along the contraction of the transposed layout")
+    if amax is not None:
+        amax = amax.to(torch.float32)
+    return _fp8_operand(t, amax, False, per_row, rowmajor, transposed, 0, None, values, True)
+
+
 def e2m1_operand(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None, transposed: bool = False):
     """``(codes, outer)`` of ``t`` (2-D) in an FP4 E2M1 format (:func:`is_e2m1`) as E4M3 codes, which hold
     every E2M1 value exactly, under the format's scales, laid out as :func:`operand` lays them out: the
     general quantizer's values cast to E4M3, bit for bit (a NaN's code aside, written ``0x7F``), in the same
     two passes as an FP8 operand's (the amax, then the scale, the division, the rounding to E2M1 and the
     codes). ``amax``: a delayed per-tensor amax."""
-    if not is_e2m1(fmt) or t.dim() != 2 or t.numel() == 0 or not t.is_floating_point():
-        raise ValueError(f"fp8_cast.e2m1_operand: {fmt} on a tensor of shape {tuple(t.shape)} is not one it makes "
-                         "(an FP4 E2M1 format scaled per tensor or per row, a non-empty 2-D floating tensor)")
-    per_row = fmt.granularity == "row"
-    if per_row and (amax is not None or (transposed and t.shape[0] != 1)):
-        raise ValueError("fp8_cast.e2m1_operand: per-row scales take no delayed amax and lie along the contraction "
-                         "of the transposed layout")
-    if amax is not None:
-        amax = amax.to(torch.float32)
-    codes, codes_t, s = _fp8_operand(t, amax, False, per_row, not transposed, transposed, 0, None, False, True)
+    codes, codes_t, s = _e2m1_call("e2m1_operand", t, fmt, amax, not transposed, transposed, False)
     return (codes_t if transposed else codes), s
+
+
+def e2m1_values(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None, rowmajor: bool = True,
+                transposed: bool = False):
+    """The operands of a bf16 tensor-core GEMM on ``t``'s FP4 E2M1 values, from the passes of
+    :func:`e2m1_operand`: ``(values, values_t, outer)`` as :func:`values` gives them for an FP8 format."""
+    return _e2m1_call("e2m1_values", t, fmt, amax, rowmajor, transposed, True)
 
 
 def values(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None, rowmajor: bool = True,
@@ -805,6 +817,6 @@ _E2M1_FORMATS = {r: get_format("fp4_e2m1", granularity="row" if r else "tensor")
 _E2M1 = _E2M1_FORMATS[False]
 
 
-__all__ = ["GATHERED_DTYPES", "PAD", "applies", "delayed_operands", "e2m1_operand", "fp8_dtype", "is_e2m1", "operand",
-           "operands", "reference_cast", "reference_delayed_operand", "reference_operand", "scales",
-           "triton_delayed_operand", "triton_operand", "values"]
+__all__ = ["GATHERED_DTYPES", "PAD", "applies", "delayed_operands", "e2m1_operand", "e2m1_values", "fp8_dtype",
+           "is_e2m1", "operand", "operands", "reference_cast", "reference_delayed_operand", "reference_operand",
+           "scales", "triton_delayed_operand", "triton_operand", "values"]

@@ -316,6 +316,19 @@ class Unquantized(Matmul):
         return (t.t() if transposed else t), None
 
 
+# True: an FP4 E2M1 operand with a per-tensor or per-row absmax scale (the paper policy's feed-forward and head
+# weights) is made by the FP8 operand's two Triton passes (lowprec.fp8_cast.e2m1_operand: E4M3 codes for the
+# FP8 kernels; lowprec.fp8_cast.e2m1_values: bf16 values for bf16_tensorcore); False (the default, until timed):
+# by the general quantizer's tensor operations, which the compiler fuses into kernels of its own. The same
+# codes and values either way
+E2M1_FROM_PASSES = False
+
+
+def _e2m1_from_passes(t, fmt, rounding) -> bool:
+    return (E2M1_FROM_PASSES and fp8_cast.is_e2m1(fmt, rounding) and t.dim() == 2 and t.numel() > 0
+            and t.is_floating_point())
+
+
 class Bf16TensorCore(GemmKernel):
     name = "bf16_tensorcore"
     summary = "quantized values in bf16 on bf16 tensor cores, outer scales on the fp32 output"
@@ -342,12 +355,15 @@ class Bf16TensorCore(GemmKernel):
     # on an H200 took 3% longer with it
     row_operands_read_stored = False
 
-    def _from_passes(self, t, fmt, rounding) -> bool:
-        return self.fp8_values_from_passes and t.is_cuda and fp8_cast.applies(t, fmt, rounding)
+    def _from_passes(self, t, fmt, rounding):
+        # lowprec.fp8_cast's function that makes this operand's values from its passes, or None
+        if self.fp8_values_from_passes and t.is_cuda and fp8_cast.applies(t, fmt, rounding):
+            return fp8_cast.values
+        return fp8_cast.e2m1_values if _e2m1_from_passes(t, fmt, rounding) else None
 
     def operand(self, t, fmt, *, rounding="nearest", amax=None, transposed=False):
-        if self._from_passes(t, fmt, rounding):  # the codes' values in bf16 from lowprec.fp8_cast's passes
-            v, v_t, s = fp8_cast.values(t, fmt, amax=amax, rowmajor=not transposed, transposed=transposed)
+        if passes := self._from_passes(t, fmt, rounding):  # the values in bf16 from lowprec.fp8_cast's passes
+            v, v_t, s = passes(t, fmt, amax=amax, rowmajor=not transposed, transposed=transposed)
             return (v_t, s if fmt.granularity == "tensor" else None) if transposed else (v, s)
         if (self.row_operands_read_stored and fmt is not None and fmt.is_scaled and fmt.granularity == "row"
                 and torch.compiler.is_compiling()):
@@ -355,8 +371,8 @@ class Bf16TensorCore(GemmKernel):
         return self._general_operand(t, fmt, rounding=rounding, amax=amax, transposed=transposed)
 
     def operands(self, t, fmt, *, rounding="nearest", amax=None):
-        if self._from_passes(t, fmt, rounding):  # both layouts from the same two passes
-            v, v_t, s = fp8_cast.values(t, fmt, amax=amax, rowmajor=True, transposed=True)
+        if passes := self._from_passes(t, fmt, rounding):  # both layouts from the same two passes
+            v, v_t, s = passes(t, fmt, amax=amax, rowmajor=True, transposed=True)
             return (v, s), (v_t, s if fmt.granularity == "tensor" else None)
         return super().operands(t, fmt, rounding=rounding, amax=amax)
 
@@ -491,10 +507,6 @@ class Fp8(_CodesKernel):
     # GELU's output gets a reduction kernel of its own); False: the reduction reads the tensor's expression,
     # which the compiler may compute twice (a GELU once in the reduction, once in the kernel storing it)
     amax_reads_stored = True
-    # True: an FP4 E2M1 operand (per-tensor or per-row absmax: the paper policy's feed-forward and head weights)
-    # is made by the FP8 operand's two Triton passes on CUDA (lowprec.fp8_cast.e2m1_operand: the same codes);
-    # False (the default, until timed): by the general quantizer's tensor operations, which the compiler fuses
-    e2m1_from_passes = False
 
     def _measured(self, t, fmt, amax):
         if (self.amax_in_graph and amax is None and fmt.granularity == "tensor"
@@ -509,8 +521,7 @@ class Fp8(_CodesKernel):
         # asked for, each one Triton pass on CUDA (lowprec.fp8_cast); the general quantizer's codes
         if fp8_cast.applies(t, fmt, rounding):
             return fp8_cast.operand(t, fmt, amax=amax, transposed=transposed, measured=self._measured(t, fmt, amax))
-        if (self.e2m1_from_passes and fp8_cast.is_e2m1(fmt, rounding) and t.dim() == 2 and t.numel() > 0
-                and t.is_floating_point()):
+        if _e2m1_from_passes(t, fmt, rounding):
             return fp8_cast.e2m1_operand(t, fmt, amax=amax, transposed=transposed)
         return super().operand(t, fmt, rounding=rounding, amax=amax, transposed=transposed)
 

@@ -338,7 +338,8 @@ def test_e2m1_operand_is_the_general_quantizers_codes(device, dtype, monkeypatch
     general quantizer's E2M1 values cast to E4M3, bit for bit (a NaN's sign aside), and its scales are the
     quantizer's: over 30 decades of magnitudes (values on the grid's every step, ties, saturation, zeros,
     signed zeros, an all-zero row), a NaN and an infinity, whole tiles and ragged ones; on CUDA from the Triton
-    passes, with the quotient from the reciprocal and from IEEE division."""
+    passes, with the quotient from the reciprocal and from IEEE division. The bf16 operands of the same values
+    (:func:`fp8_cast.e2m1_values`) are the bf16 tensor-core kernel's general ones."""
     for fast, (rows, cols) in itertools.product((True, False) if device.type == "cuda" else (True,),
                                                 [(64, 128), (45, 70)]):
         monkeypatch.setattr(fp8_cast, "FAST_QUOTIENT", fast)
@@ -354,6 +355,17 @@ def test_e2m1_operand_is_the_general_quantizers_codes(device, dtype, monkeypatch
             want = _general(x, fmt, amax=a, transposed=transposed)
             assert got[0].dtype == torch.float8_e4m3fn
             _assert_same(got, want)
+            # the bf16 tensor cores' operands: the values (times the scales, per row, in the transposed layout)
+            v, v_t, s = fp8_cast.e2m1_values(x, fmt, amax=a, rowmajor=not transposed, transposed=True)
+            bf16 = KERNELS["bf16_tensorcore"]
+            for layout, (got_v, want_v) in enumerate(((v, bf16._general_operand(x, fmt, amax=a)),
+                                                      (v_t, bf16._general_operand(x, fmt, amax=a, transposed=True)))):
+                if layout == 0 and transposed:
+                    continue
+                assert got_v.dtype == torch.bfloat16 and torch.equal(got_v.isnan(), want_v[0].isnan())
+                assert torch.equal(got_v.nan_to_num(), want_v[0].nan_to_num())
+                assert (want_v[1] is None) == (layout == 1 and granularity == "row")
+                assert want_v[1] is None or torch.equal(s.nan_to_num(), want_v[1].nan_to_num())
 
 
 def test_e2m1_operand_refuses_what_it_cannot_make():
@@ -370,19 +382,35 @@ def test_e2m1_operand_refuses_what_it_cannot_make():
         fp8_cast.e2m1_operand(torch.ones(2, 3), row, amax=torch.tensor(1.0))
 
 
-def test_the_fp8_kernel_takes_e2m1_operands_from_the_passes_where_asked(monkeypatch):
-    """``Fp8.e2m1_from_passes`` routes an E2M1 weight's operand to :func:`fp8_cast.e2m1_operand` (and leaves
-    it to the general quantizer where off): the same codes and scales either way."""
-    fmt = lowprec.format("fp4_e2m1", granularity="row")
+def test_the_kernels_take_e2m1_operands_from_the_passes_where_asked(monkeypatch):
+    """``lowprec.kernels.E2M1_FROM_PASSES`` routes an E2M1 weight's FP8 operand to :func:`fp8_cast.e2m1_operand`
+    and its bf16 operands to :func:`fp8_cast.e2m1_values` (and leaves them to the general quantizer where
+    off): the same codes, values and scales either way (on the CPU the functions' tensor-operation path)."""
+    import lowprec.kernels as kernels
+
     w = _values(32, 48, torch.float32, "cpu", seed=5)
-    kernel = KERNELS["fp8_rowwise"]
-    calls, made = [], fp8_cast.e2m1_operand
-    monkeypatch.setattr(fp8_cast, "e2m1_operand", lambda *a, **k: calls.append(1) or made(*a, **k))
-    off = kernel.operand(w, fmt)
-    monkeypatch.setattr(type(kernel), "e2m1_from_passes", True)
-    on = kernel.operand(w, fmt)
-    assert calls == [1]
-    _assert_same(on, off)
+    calls = []
+    for name in ("e2m1_operand", "e2m1_values"):
+        made = getattr(fp8_cast, name)
+        monkeypatch.setattr(fp8_cast, name, lambda *a, made=made, name=name, **k: calls.append(name) or made(*a, **k))
+
+    def same(a, b):
+        assert torch.equal(a[0].view(torch.uint8) if a[0].dtype == torch.float8_e4m3fn else a[0],
+                           b[0].view(torch.uint8) if b[0].dtype == torch.float8_e4m3fn else b[0])
+        assert (a[1] is None) == (b[1] is None) and (a[1] is None or torch.equal(a[1], b[1]))
+    for granularity in ("row", "tensor"):
+        fmt = lowprec.format("fp4_e2m1", granularity=granularity)
+        fp8, bf16 = KERNELS["fp8_rowwise" if granularity == "row" else "fp8_tensorwise"], KERNELS["bf16_tensorcore"]
+        got = {}
+        for setting in (False, True):
+            monkeypatch.setattr(kernels, "E2M1_FROM_PASSES", setting)
+            got[setting] = [fp8.operand(w, fmt), bf16.operand(w, fmt), bf16.operand(w, fmt, transposed=True)]
+        for a, b in zip(got[True], got[False], strict=True):
+            same(a, b)
+        both = bf16.operands(w, fmt)  # the setting still on: both layouts from one call
+        same(both[0], got[False][1])
+        same(both[1], got[False][2])
+    assert calls == ["e2m1_operand", "e2m1_values", "e2m1_values", "e2m1_values"] * 2
 
 
 def test_delayed_operands_refuse_what_they_cannot_make():
