@@ -792,6 +792,41 @@ def test_a_layer_reads_its_gathered_weight_from_the_master(device, compiled):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_e2m1_layers_from_the_passes_equal_the_general_quantizers(compiled, monkeypatch):
+    """Two layers with the paper policy's feed-forward precision (FP4 E2M1 weights scaled per row, E4M3
+    inputs, E5M2 gradients; fprop on row-wise FP8 tensor cores, dgrad and wgrad on bf16 ones): with
+    ``E2M1_FROM_PASSES`` the outputs, input gradients and weight gradients of three steps are those with the
+    general quantizer's operands, bit for bit, eager and compiled."""
+    import copy
+
+    import lowprec.kernels as kernels
+    from lowprec.nn import QLinear
+
+    fields = {"weight": {"format": "fp4_e2m1", "granularity": "row"}, "input": "fp8_e4m3", "grad": "fp8_e5m2"}
+    p = lowprec.LayerPrecision.from_fields(fields)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(QLinear(64, 128, bias=False, precision=p), torch.nn.ReLU(),
+                                QLinear(128, 64, bias=False, precision=p)).cuda()  # fp32 master weights
+    twin = copy.deepcopy(model)
+    runs = {True: model, False: twin}
+    if compiled:
+        runs = {k: torch.compile(m, fullgraph=True) for k, m in runs.items()}
+    for step in range(3):
+        x = torch.randn(48, 64, device="cuda", dtype=torch.bfloat16) * 10.0 ** (step - 1)
+        dy = torch.randn(48, 64, device="cuda", dtype=torch.bfloat16)
+        out = {}
+        for setting, m in runs.items():
+            monkeypatch.setattr(kernels, "E2M1_FROM_PASSES", setting)
+            xi = x.clone().requires_grad_()
+            y = m(xi)
+            out[setting] = (y, *torch.autograd.grad(y, [xi, *m.parameters()], dy))
+        for a, b in zip(out[True], out[False], strict=True):
+            assert torch.equal(a, b), step
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_delayed_fp8_layers_compiled_equal_eager(backend):
     """Two FP8 layers with delayed scaling on tensor cores: four steps compiled (fullgraph) and eager from
