@@ -507,6 +507,10 @@ DELAYED_FINISH_BLOCKS = dict(BLOCK_P=2048, BLOCK_M=32, BLOCK_K=128, num_warps=8)
 # the same for the pass's last program where it finishes the pass (``DELAYED_FINISH_IN_PASS``): smaller, since
 # the registers its code takes, every program of the pass is given
 DELAYED_FINISH_IN_PASS_BLOCKS = dict(BLOCK_P=256, BLOCK_M=16, BLOCK_K=64)
+# and the registers a thread of that pass may take: those of the pass without the finish (80 in an sm_90 build
+# of each layout's tiles; left to the compiler, the finish's code took 94 writing both layouts, two programs of 8
+# warps on an SM instead of three; held to 80 it spills nothing)
+DELAYED_FINISH_IN_PASS_MAXNREG = 80
 # per-row scales in one kernel (``ROWS_IN_ONE_KERNEL``): rows a program holds, the width of its reads
 ROWS_BLOCKS = dict(BLOCK_M=8, BLOCK_K=256, num_warps=4)
 # True: the cast passes (`_cast_kernel`, `_delayed_kernel`) divide by a tile's scales through their reciprocals
@@ -517,9 +521,8 @@ ROWS_BLOCKS = dict(BLOCK_M=8, BLOCK_K=256, num_warps=4)
 FAST_QUOTIENT = True
 # True: delayed scaling's operand is one kernel on CUDA (`_delayed_kernel`'s last program to end finishes it,
 # which a count of the programs that have ended tells: `_counter`), not the pass followed by one program; the
-# same codes, scale, amax and history. The finishing code takes registers of every program: in an sm_90 build,
-# writing both layouts, 94 a thread against 80 (two programs of 8 warps on an SM against three; one layout: 80
-# either way). Not yet timed on a GPU: off
+# same codes, scale, amax and history (its registers held by DELAYED_FINISH_IN_PASS_MAXNREG). Not yet timed on a
+# GPU: off
 DELAYED_FINISH_IN_PASS = False
 # True: current scaling's amax pass needs no cleared buffer (one kernel fewer per operand: the fill): per tensor
 # its last program merges its programs' maxima; per row the cast merges each row's maxima from the amax pass's
@@ -759,7 +762,8 @@ def triton_delayed_operand(x: torch.Tensor, history: torch.Tensor, e5m2: bool, r
     f = DELAYED_FINISH_IN_PASS_BLOCKS
     _delayed_kernel[grid](x, history, partial, s, used, partial if count is None else count, out, out_t, M, K, rows, H,
                           *strides, **const, **c, FAST=FAST_QUOTIENT, EVEN=_even(M, K, rows, c),
-                          FINISH=count is not None, FINISH_P=f["BLOCK_P"], FINISH_M=f["BLOCK_M"], FINISH_K=f["BLOCK_K"])
+                          FINISH=count is not None, FINISH_P=f["BLOCK_P"], FINISH_M=f["BLOCK_M"], FINISH_K=f["BLOCK_K"],
+                          **({} if count is None else {"maxnreg": DELAYED_FINISH_IN_PASS_MAXNREG}))
     if count is None:
         _delayed_finish[(1,)](x, history, partial, s, used, out, out_t, M, K, rows, H, n, *strides, **const,
                               **DELAYED_FINISH_BLOCKS)
