@@ -31,6 +31,10 @@ infinite ``v`` becomes NaN in E4M3 (no infinity) and keeps its infinity in E5M2.
 written as ``0x7F`` (its sign carries nothing). On the CPU, or without Triton, the operator computes
 the same with tensor operations (:func:`reference_operand`).
 
+An FP4 E2M1 format scaled per tensor or per row (:func:`is_e2m1`) takes the same two passes with ``v``
+rounded to E2M1 before its cast (:func:`e2m1_operand`: E4M3 codes, which hold every E2M1 value exactly;
+:func:`e2m1_values`: their values in bf16), as the general quantizer rounds it.
+
 Under delayed scaling (:func:`delayed_operands`, the operator ``lowprec::fp8_operand_delayed``) the scale
 comes from an amax history known before the pass, so the tensor is read once: each program of the pass
 writes its codes and its tile's largest |x| (finite, and all) in slots of its own; one program after it
