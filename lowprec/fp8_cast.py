@@ -444,7 +444,7 @@ if triton is not None:
             if tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") == n - 1:
                 _finish(x_ptr, hist_ptr, part_ptr, s_ptr, used_ptr, y_ptr, yt_ptr, M, K, Mp, H, n, stride_xm,
                         stride_xk, stride_y, stride_yt, TOP, E5M2, ROWMAJOR, TRANSPOSED, HB, FINISH_M, FINISH_K,
-                        FINISH_P, True)
+                        FINISH_P, ".cg")
                 tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
 
     @triton.jit
@@ -454,14 +454,15 @@ if triton is not None:
                         BLOCK_P: tl.constexpr):
         # one program after the pass, which finishes it
         _finish(x_ptr, hist_ptr, part_ptr, s_ptr, used_ptr, y_ptr, yt_ptr, M, K, Mp, H, n, stride_xm, stride_xk,
-                stride_y, stride_yt, TOP, E5M2, ROWMAJOR, TRANSPOSED, HB, BLOCK_M, BLOCK_K, BLOCK_P, False)
+                stride_y, stride_yt, TOP, E5M2, ROWMAJOR, TRANSPOSED, HB, BLOCK_M, BLOCK_K, BLOCK_P, "")
 
     @triton.jit
     def _finish(x_ptr, hist_ptr, part_ptr, s_ptr, used_ptr, y_ptr, yt_ptr, M, K, Mp, H, n, stride_xm, stride_xk,
                 stride_y, stride_yt, TOP: tl.constexpr, E5M2: tl.constexpr, ROWMAJOR: tl.constexpr,
                 TRANSPOSED: tl.constexpr, HB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                BLOCK_P: tl.constexpr, L2: tl.constexpr):
-        # delayed scaling's finish: merges the n programs' maxima (L2: read from L2, past any stale L1 line),
+                BLOCK_P: tl.constexpr, CACHE: tl.constexpr):
+        # delayed scaling's finish: merges the n programs' maxima (read with the cache modifier CACHE: ".cg"
+        # reads them from L2, past any stale L1 line),
         # pushes the finite amax into the history, writes the scale (NaN where x holds a NaN or an infinity)
         # and the amax used, and, where the codes written do not stand (the scale is not the pass's: the
         # history was empty and x is not all zeros, its own amax gives the scale; or the scale is NaN), writes
@@ -470,12 +471,8 @@ if triton is not None:
         top = tl.zeros([BLOCK_P], dtype=tl.int32)
         for p0 in range(0, n, BLOCK_P):
             rp = p0 + tl.arange(0, BLOCK_P)
-            if L2:
-                finite = tl.maximum(finite, tl.load(part_ptr + rp, mask=rp < n, other=0, cache_modifier=".cg"))
-                top = tl.maximum(top, tl.load(part_ptr + n + rp, mask=rp < n, other=0, cache_modifier=".cg"))
-            else:
-                finite = tl.maximum(finite, tl.load(part_ptr + rp, mask=rp < n, other=0))
-                top = tl.maximum(top, tl.load(part_ptr + n + rp, mask=rp < n, other=0))
+            finite = tl.maximum(finite, tl.load(part_ptr + rp, mask=rp < n, other=0, cache_modifier=CACHE))
+            top = tl.maximum(top, tl.load(part_ptr + n + rp, mask=rp < n, other=0, cache_modifier=CACHE))
         now = tl.max(finite, axis=0).to(tl.float32, bitcast=True)
         measured = tl.max(top, axis=0).to(tl.float32, bitcast=True)
         rh = tl.arange(0, HB)
@@ -568,19 +565,19 @@ def triton_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_r
     else:
         a = amax_blocks or AMAX_BLOCKS
         grid = (triton.cdiv(M, a["BLOCK_M"]), triton.cdiv(K, a["BLOCK_K"] * a["CHUNKS"]))
-        count = None if per_row or not AMAX_MERGED_IN_PASS else _counter(x.device)
-        if per_row and AMAX_MERGED_IN_PASS:  # each row's maxima, a slice of M per program along K, none cleared
+        count = _counter(x.device) if AMAX_MERGED_IN_PASS and not per_row else None
+        if AMAX_MERGED_IN_PASS and per_row:  # each row's maxima, a slice of M per program along K, none cleared
             parts = grid[1]
             measured = torch.empty(parts * M, dtype=torch.int32, device=x.device)
             _amax_kernel[grid](x, measured, M, K, x.stride(0), x.stride(1), PER_ROW=True, **a, MERGE=True)
-        elif count is None:
-            measured = torch.zeros(M if per_row else 1, dtype=torch.int32, device=x.device)
-            _amax_kernel[grid](x, measured, M, K, x.stride(0), x.stride(1), PER_ROW=per_row, **a)
-        else:  # the amax, then each program's maximum, none cleared
+        elif count is not None:  # the amax, then each program's maximum, none cleared
             slots = torch.empty(1 + grid[0] * grid[1], dtype=torch.int32, device=x.device)
             measured = slots[:1]
             _amax_kernel[grid](x, measured, M, K, x.stride(0), x.stride(1), PER_ROW=False, **a, part_ptr=slots[1:],
                                count_ptr=count, MERGE=True, MERGE_P=AMAX_MERGE_P)
+        else:  # atomics into a cleared buffer
+            measured = torch.zeros(M if per_row else 1, dtype=torch.int32, device=x.device)
+            _amax_kernel[grid](x, measured, M, K, x.stride(0), x.stride(1), PER_ROW=per_row, **a)
     rows = M + (-M) % PAD if transposed and not values else M
     c = cast_blocks or (CAST_BLOCKS_TRANSPOSED if transposed else CAST_BLOCKS)
     grid = (triton.cdiv(rows, c["BLOCK_M"]), triton.cdiv(K, c["BLOCK_K"]))
@@ -633,8 +630,9 @@ def _(x, amax, e5m2, per_row, rowmajor, transposed, gathered, measured=None, val
 
 
 def _call(t: torch.Tensor, fmt: Format, amax, rowmajor: bool, transposed: bool, gathered: torch.dtype | None = None,
-          measured: torch.Tensor | None = None, values: bool = False):
-    dt = fp8_dtype(fmt)
+          measured: torch.Tensor | None = None, values: bool = False, e2m1: bool = False):
+    # e2m1: fmt is one of `is_e2m1`, whose codes are E4M3
+    dt = torch.float8_e4m3fn if e2m1 else fp8_dtype(fmt)
     if dt is None or t.dim() != 2 or t.numel() == 0:
         raise ValueError(f"fp8_cast: {fmt} on a tensor of shape {tuple(t.shape)} is not one it makes (see applies)")
     per_row = fmt.granularity == "row"
@@ -654,7 +652,8 @@ def _call(t: torch.Tensor, fmt: Format, amax, rowmajor: bool, transposed: bool, 
     if amax is not None:
         amax = amax.to(torch.float32)
     code = 0 if gathered is None else 1 + GATHERED_DTYPES.index(gathered)
-    return _fp8_operand(t, amax, dt == torch.float8_e5m2, per_row, rowmajor, transposed, code, measured, values)
+    return _fp8_operand(t, amax, dt == torch.float8_e5m2, per_row, rowmajor, transposed, code, measured, values,
+                        e2m1)
 
 
 def operand(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None, transposed: bool = False,
@@ -683,17 +682,10 @@ def operands(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None, gat
 
 
 def _e2m1_call(name: str, t: torch.Tensor, fmt: Format, amax, rowmajor: bool, transposed: bool, values: bool):
-    if not is_e2m1(fmt) or t.dim() != 2 or t.numel() == 0 or not t.is_floating_point():
+    if not is_e2m1(fmt) or not t.is_floating_point():
         raise ValueError(f"fp8_cast.{name}: {fmt} on a tensor of shape {tuple(t.shape)} is not one it makes "
                          "(an FP4 E2M1 format scaled per tensor or per row, a non-empty 2-D floating tensor)")
-    per_row = fmt.granularity == "row"
-    if per_row and amax is not None:
-        raise ValueError(f"fp8_cast.{name}: a delayed amax applies to per-tensor scales only")
-    if per_row and transposed and t.shape[0] != 1 and not values:
-        raise ValueError(f"fp8_cast.{name}: per-row scales lie along the contraction of the transposed layout")
-    if amax is not None:
-        amax = amax.to(torch.float32)
-    return _fp8_operand(t, amax, False, per_row, rowmajor, transposed, 0, None, values, True)
+    return _call(t, fmt, amax, rowmajor, transposed, values=values, e2m1=True)
 
 
 def e2m1_operand(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None, transposed: bool = False):
