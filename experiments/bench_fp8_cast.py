@@ -23,14 +23,12 @@ writes one byte per code and layout) over ``fp8_operand``'s time, and a bf16 cop
 the general quantizer's run eagerly, byte for byte (the compiled one may differ from both in the
 last bit of a quotient: the compiler's fp32 division is not IEEE's).
 
-``--delayed`` times a per-tensor operand in both layouts five ways: current scaling (the buffer's fill, the
-amax pass, the cast); the same with the amax pass merging its programs' maxima itself, no fill
-(``lowprec.fp8_cast.AMAX_MERGED_IN_PASS``); delayed scaling as two passes, the history's update as compiled
-tensor operations (:func:`lowprec.scaling.delayed_amax`) then the operator with that amax (which still takes
-the tensor's amax for its NaN rule); delayed scaling in one pass (:func:`lowprec.fp8_cast.delayed_operands`:
-the pass, then one program that finishes it); and the same as one kernel, whose last program finishes it
-(``lowprec.fp8_cast.DELAYED_FINISH_IN_PASS``); the history full (the steady state); each way's codes checked
-against the others' byte for byte.
+``--delayed`` times a per-tensor operand in both layouts three ways: current scaling (the buffer's fill, the
+amax pass, the cast); delayed scaling as two passes, the history's update as compiled tensor operations
+(:func:`lowprec.scaling.delayed_amax`) then the operator with that amax (which still takes the tensor's amax
+for its NaN rule); and delayed scaling in one pass (:func:`lowprec.fp8_cast.delayed_operands`: the pass, then
+one program that finishes it), the history full (the steady state); each way's codes checked against the others'
+byte for byte.
 
 ``--quotient`` times the operand in both layouts under current scaling (the amax pass and the cast) with the
 cast's quotients x / s from IEEE division, from the scale's reciprocal with one correction
@@ -216,40 +214,27 @@ def row_scales(shapes: list[tuple[int, int]], calls: int, device: str = "cuda") 
 
 
 def delayed_ways(fmt, compiled: bool = True) -> dict:
-    """The ``--delayed`` table's five ways to make an operand in both layouts, each a function of the
+    """The ``--delayed`` table's three ways to make an operand in both layouts, each a function of the
     tensor and its amax history returning ``((codes, s), (codes_t, s))``: current scaling (the history
-    unused), the same with the amax merged in its pass, delayed scaling as two passes (the history's update
-    as tensor operations, compiled unless ``compiled`` is False, then the operator with that amax), in one
-    pass, and in one kernel. With the tensor's own amax in the history the five give the same codes."""
+    unused), delayed scaling as two passes (the history's update as tensor operations, compiled unless
+    ``compiled`` is False, then the operator with that amax) and in one pass. With the tensor's own amax
+    in the history the three give the same codes."""
     from lowprec import fp8_cast
     from lowprec.scaling import delayed_amax
 
     def two_passes(x, h):
         return fp8_cast.operands(x, fmt, amax=delayed_amax(h, x))
-    def setting(name, fn):
-        def way(x, h):
-            before = getattr(fp8_cast, name)
-            setattr(fp8_cast, name, True)
-            try:
-                return fn(x, h)
-            finally:
-                setattr(fp8_cast, name, before)
-        return way
-    one_kernel = setting("DELAYED_FINISH_IN_PASS", lambda x, h: fp8_cast.delayed_operands(x, fmt, h)[:2])
     return {"current": lambda x, h: fp8_cast.operands(x, fmt),
-            "current, amax merged": setting("AMAX_MERGED_IN_PASS", lambda x, h: fp8_cast.operands(x, fmt)),
             "two passes": torch.compile(two_passes) if compiled else two_passes,
-            "one pass": lambda x, h: fp8_cast.delayed_operands(x, fmt, h)[:2],
-            "one kernel": one_kernel}
+            "one pass": lambda x, h: fp8_cast.delayed_operands(x, fmt, h)[:2]}
 
 
 def delayed(shapes: list[tuple[int, int]], fmt, calls: int, history: int = 16, device: str = "cuda") -> None:
     """The ``--delayed`` table (module doc)."""
     ways = delayed_ways(fmt)
-    print("| shape | current scaling µs | current, amax merged µs | delayed, two passes µs | delayed, one pass µs | "
-          "delayed, one kernel µs | one pass vs current | one pass vs two | one kernel vs one pass | one kernel's "
-          "bytes at |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| shape | current scaling µs | delayed, two passes µs | delayed, one pass µs | one pass vs current | "
+          "one pass vs two | one pass's bytes at |")
+    print("|---|---|---|---|---|---|---|")
     for rows, cols in shapes:
         x = torch.randn(rows, cols, device=device, dtype=torch.bfloat16)
         h = torch.full((history,), float(x.abs().amax()), device=device)
@@ -257,11 +242,10 @@ def delayed(shapes: list[tuple[int, int]], fmt, calls: int, history: int = 16, d
         for layout in (0, 1):
             if not all(torch.equal(o[layout][0].view(torch.uint8), outs[0][layout][0].view(torch.uint8)) for o in outs):
                 raise SystemExit(f"{rows}x{cols}: the delayed codes differ")
-        t_cur, t_merged, t_two, t_one, t_kernel = (kernel_us(lambda way=way: way(x, h), calls) for way in ways.values())
+        t_cur, t_two, t_one = (kernel_us(lambda way=way: way(x, h), calls) for way in ways.values())
         moved = min_bytes(rows, cols, "both") - rows * cols * 2  # one read of the tensor, not two
-        print(f"| {rows}x{cols} | {t_cur:.1f} | {t_merged:.1f} | {t_two:.1f} | {t_one:.1f} | {t_kernel:.1f} | "
-              f"{t_cur / t_one:.2f}x | {t_two / t_one:.2f}x | {t_one / t_kernel:.2f}x | "
-              f"{moved / t_kernel / 1e3:,.0f} GB/s |", flush=True)
+        print(f"| {rows}x{cols} | {t_cur:.1f} | {t_two:.1f} | {t_one:.1f} | {t_cur / t_one:.2f}x | {t_two / t_one:.2f}x | "
+              f"{moved / t_one / 1e3:,.0f} GB/s |", flush=True)
 
 
 def quotients(shapes: list[tuple[int, int]], fmt, calls: int, device: str = "cuda") -> None:
@@ -324,8 +308,8 @@ def main(argv=None):
         delayed(shapes, fmt, args.calls)
         return
     if args.quotient:
-        print(f"# FP8 operand ({args.format}, per-tensor scale, both layouts) of bf16 and fp32 tensors, IEEE division "
-              f"against the reciprocal, {environment()}, {datetime.date.today()}")
+        print(f"# FP8 operand ({args.format}, per-tensor scale, both layouts) of bf16 and fp32 tensors, IEEE division against "
+              f"the reciprocal, {environment()}, {datetime.date.today()}")
         quotients(shapes, fmt, args.calls)
         return
     if args.sweep:

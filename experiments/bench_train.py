@@ -25,12 +25,11 @@ its RNN memory, the same width, depth and heads, segment = T, state not carried)
 of ``configs/precision``; ``...:ternary@int8`` / ``...:ternary_native@int8``: the same with int8
 tensor cores tried before bf16 (``lowprec.kernels.AUTO_ORDER_INT8``: BitNet's int8 x ternary fprop);
 ``...:fp8@amax-pass`` / ``@amax-stored`` / ``@amax-inline``: where the FP8 operands' amax is taken;
-``...:fp8@amax-merged``: the amax pass merging its maxima itself (no buffer to clear);
 ``...:paper@rows-one-kernel``: per-row FP8 operands in one kernel each; ``...:paper@bf16-values``: the bf16
 GEMMs' FP8 operands from the FP8 passes; ``...:paper@bf16-stored``: their per-row operands read from the stored
 tensor; ``...:paper@e2m1-passes``: the FP4 E2M1 weights' operands from the FP8 passes;
-``...:fp8@ieee-division`` (and ``fp8_delayed``, ``paper``): the FP8 casts dividing by IEEE division;
-``...:fp8_delayed@finish-in-pass``: each delayed-scaling operand one kernel (see :func:`settings`).
+``...:fp8@ieee-division`` (and ``fp8_delayed``, ``paper``): the FP8 casts dividing by IEEE division (see
+:func:`settings`).
 Each of ours prints its layers' plans. ``--profile`` adds, after each row, where one more step's GPU
 time went and which Python lines made the host wait (:mod:`experiments.gpu_profile`).
 """
@@ -64,10 +63,9 @@ POLICIES = ["bf16", "fp8", "fp8_delayed", "paper", "ternary", "ternary_native"]
 VARIANTS = ["ref", "ref-torchao", *(f"{m}:{p}" for m in ("windowed", "hybrid") for p in POLICIES)]
 VARIANTS += [f"{m}:{p}@int8" for m in ("windowed", "hybrid") for p in ("ternary", "ternary_native")]
 VARIANTS += [f"{m}:fp8@{s}" for m in ("windowed", "hybrid")
-             for s in ("amax-pass", "amax-stored", "amax-inline", "amax-merged")]
+             for s in ("amax-pass", "amax-stored", "amax-inline")]
 VARIANTS += [f"{m}:paper@{s}" for s in ("rows-one-kernel", "bf16-values", "bf16-stored") for m in ("windowed", "hybrid")]
 VARIANTS += [f"{m}:{p}@ieee-division" for m in ("windowed", "hybrid") for p in ("fp8", "fp8_delayed", "paper")]
-VARIANTS += [f"{m}:fp8_delayed@finish-in-pass" for m in ("windowed", "hybrid")]
 VARIANTS += [f"{m}:paper@e2m1-passes" for m in ("windowed", "hybrid")]
 
 
@@ -78,15 +76,12 @@ def settings(variant: str):
     FP8 operand's per-tensor amax is taken: ``@amax-pass`` in the operator's own pass (``Fp8.amax_in_graph``
     off, the default), ``@amax-stored`` as a reduction of the graph over the tensor as stored for the operator
     (``amax_in_graph`` on), ``@amax-inline`` the same over the tensor's expression (``amax_reads_stored`` off);
-    ``@amax-merged``: the amax pass's last program merges its maxima (``lowprec.fp8_cast.AMAX_MERGED_IN_PASS``);
     ``@rows-one-kernel``: FP8 operands with per-row scales made in one kernel each
     (``lowprec.fp8_cast.ROWS_IN_ONE_KERNEL``); ``@bf16-values``: the bf16 tensor-core GEMMs' operands in FP8
     formats made by the FP8 operand's passes (``lowprec.kernels.Bf16TensorCore.fp8_values_from_passes``);
     ``@bf16-stored``: their per-row operands quantized from the tensor as stored
     (``Bf16TensorCore.row_operands_read_stored``); ``@ieee-division``: the FP8 casts' quotients from IEEE
-    division everywhere (``lowprec.fp8_cast.FAST_QUOTIENT`` off); ``@finish-in-pass``: each delayed-scaling
-    operand made by one kernel, whose last program finishes it (``lowprec.fp8_cast.DELAYED_FINISH_IN_PASS``);
-    ``@e2m1-passes``: an FP4 E2M1 weight's operands (E4M3 codes, bf16 values) made by the FP8 operand's
+    division everywhere (``lowprec.fp8_cast.FAST_QUOTIENT`` off); ``@e2m1-passes``: an FP4 E2M1 weight's operands (E4M3 codes, bf16 values) made by the FP8 operand's
     passes (``lowprec.kernels.E2M1_FROM_PASSES``)."""
     suffix = variant.partition("@")[2]
     fp8 = lowprec.kernels.Fp8
@@ -94,12 +89,10 @@ def settings(variant: str):
              "amax-pass": [(fp8, "amax_in_graph", False)],
              "amax-stored": [(fp8, "amax_in_graph", True), (fp8, "amax_reads_stored", True)],
              "amax-inline": [(fp8, "amax_in_graph", True), (fp8, "amax_reads_stored", False)],
-             "amax-merged": [(lowprec.fp8_cast, "AMAX_MERGED_IN_PASS", True)],
              "rows-one-kernel": [(lowprec.fp8_cast, "ROWS_IN_ONE_KERNEL", True)],
              "bf16-values": [(lowprec.kernels.Bf16TensorCore, "fp8_values_from_passes", True)],
              "bf16-stored": [(lowprec.kernels.Bf16TensorCore, "row_operands_read_stored", True)],
              "ieee-division": [(lowprec.fp8_cast, "FAST_QUOTIENT", False)],
-             "finish-in-pass": [(lowprec.fp8_cast, "DELAYED_FINISH_IN_PASS", True)],
              "e2m1-passes": [(lowprec.kernels, "E2M1_FROM_PASSES", True)]}
     if suffix not in known:
         raise ValueError(f"{variant}: unknown suffix @{suffix} (known: {', '.join('@' + k for k in known if k)})")

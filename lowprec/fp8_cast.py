@@ -12,11 +12,9 @@ Triton kernels:
 
 - the amax (per tensor or per row): one read of the tensor (any 2-D strides; bf16, fp16 or fp32),
   each program's maximum of ``|x|`` taken as integer bits (ordered as the numbers are, NaN above
-  infinity) and merged with one atomic maximum into a cleared buffer (or, under
-  ``AMAX_MERGED_IN_PASS``, with no buffer to clear: per tensor by the pass's last program, per row by
-  the cast); skipped where the caller gives the per-tensor amax (``measured=``: with
-  ``lowprec.kernels.Fp8.amax_in_graph`` on, a compiled FP8 kernel computes it in the graph, where the
-  compiler can fuse it into the kernel that makes the tensor, a layer norm);
+  infinity) and merged with one atomic maximum; skipped where the caller gives the per-tensor amax
+  (``measured=``: with ``lowprec.kernels.Fp8.amax_in_graph`` on, a compiled FP8 kernel computes it in the
+  graph, where the compiler can fuse it into the kernel that makes the tensor, a layer norm);
 - the cast: the scale from the amax (or from a delayed amax), then one more read of the tensor and
   one write of its codes in each layout asked for: row-major, transposed with the token dimension
   padded to a multiple of 16 (what a weight gradient reads), or both at once.
@@ -38,10 +36,9 @@ rounded to E2M1 before its cast (:func:`e2m1_operand`: E4M3 codes, which hold ev
 Under delayed scaling (:func:`delayed_operands`, the operator ``lowprec::fp8_operand_delayed``) the scale
 comes from an amax history known before the pass, so the tensor is read once: each program of the pass
 writes its codes and its tile's largest |x| (finite, and all) in slots of its own; one program after it
-(or, under ``DELAYED_FINISH_IN_PASS``, the pass's last program) merges them, pushes the finite amax into
-the history and writes the scale (NaN where the tensor holds a NaN or an infinity), writing every code
-again itself only where those written do not stand (the scale is not the pass's: an empty history, a NaN
-scale). The codes, scale and history are those of :func:`lowprec.scaling.delayed_amax` followed by
+merges them, pushes the finite amax into the history and writes the scale (NaN where the tensor holds a NaN or
+an infinity), writing every code again itself only where those written do not stand (the scale is not the
+pass's: an empty history, a NaN scale). The codes, scale and history are those of :func:`lowprec.scaling.delayed_amax` followed by
 :func:`operands` with that amax, bit for bit.
 
 A weight that reaches its GEMMs as a data-parallel run's ranks hold it (gathered in its FP8 format,
@@ -158,13 +155,8 @@ if triton is not None:
 
     @triton.jit
     def _amax_kernel(x_ptr, out_ptr, M, K, stride_xm, stride_xk, PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr, part_ptr=None, count_ptr=None,
-                     MERGE: tl.constexpr = False, MERGE_P: tl.constexpr = 16):
-        # |x| as the bits of a non-negative fp32 number: ordered as the numbers are, NaN above inf, taken into
-        # out (cleared before) by atomics; MERGE, per row: each program's maxima of its rows in its slice of out
-        # (M slots per program along K), which the cast merges; per tensor: each program's maximum in a slot of
-        # its own, which the last program to end (the count at count_ptr, 0 before and after the pass, tells it)
-        # merges into out; out then needs no clearing
+                     BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr):
+        # |x| as the bits of a non-negative fp32 number: ordered as the numbers are, NaN above inf
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rm64 = rm.to(tl.int64)
         k0 = tl.program_id(1) * BLOCK_K * CHUNKS
@@ -175,22 +167,8 @@ if triton is not None:
             x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk.to(tl.int64)[None, :] * stride_xk, mask=inside,
                         other=0.0)
             acc = tl.maximum(acc, x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF)
-        if PER_ROW and MERGE:
-            tl.store(out_ptr + tl.program_id(1) * M + rm, tl.max(acc, axis=1), mask=rm < M)
-        elif PER_ROW:
+        if PER_ROW:
             tl.atomic_max(out_ptr + rm, tl.max(acc, axis=1), mask=rm < M, sem="relaxed")
-        elif MERGE:
-            n = tl.num_programs(0) * tl.num_programs(1)
-            tl.store(part_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
-                     tl.max(tl.max(acc, axis=1), axis=0))
-            tl.debug_barrier()  # as in `_delayed_kernel`: the store before the count's release
-            if tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") == n - 1:
-                top = tl.zeros([MERGE_P], dtype=tl.int32)
-                for p0 in range(0, n, MERGE_P):
-                    rp = p0 + tl.arange(0, MERGE_P)
-                    top = tl.maximum(top, tl.load(part_ptr + rp, mask=rp < n, other=0, cache_modifier=".cg"))
-                tl.store(out_ptr, tl.max(top, axis=0))
-                tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
         else:
             tl.atomic_max(out_ptr, tl.max(tl.max(acc, axis=1), axis=0), sem="relaxed")
 
@@ -332,16 +310,11 @@ if triton is not None:
                      DELAYED: tl.constexpr, ROWMAJOR: tl.constexpr, TRANSPOSED: tl.constexpr,
                      GATHERED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                      VALUES: tl.constexpr = False, FAST: tl.constexpr = False, EVEN: tl.constexpr = False,
-                     E2M1: tl.constexpr = False, parts=1):
-        # parts: per row, the amax pass's maxima of each row in that many slices (of M each, the amax pass's
-        # programs along K), merged here
+                     E2M1: tl.constexpr = False):
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         if PER_ROW:
-            measured = tl.load(amax_ptr + rm, mask=rm < M, other=0)
-            for j in range(1, parts):
-                measured = tl.maximum(measured, tl.load(amax_ptr + j * M + rm, mask=rm < M, other=0))
-            measured = measured.to(tl.float32, bitcast=True)
+            measured = tl.load(amax_ptr + rm, mask=rm < M, other=0).to(tl.float32, bitcast=True)
         else:
             measured = tl.load(amax_ptr + rm * 0).to(tl.float32, bitcast=True)
         if DELAYED:
@@ -399,16 +372,14 @@ if triton is not None:
         return tl.max(tl.load(hist_ptr + rh, mask=rh < H, other=0).to(tl.float32), axis=0)
 
     @triton.jit
-    def _delayed_kernel(x_ptr, hist_ptr, part_ptr, s_ptr, used_ptr, count_ptr, y_ptr, yt_ptr, M, K, Mp, H, stride_xm,
-                        stride_xk, stride_y, stride_yt, TOP: tl.constexpr, E5M2: tl.constexpr, ROWMAJOR: tl.constexpr,
-                        TRANSPOSED: tl.constexpr, HB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                        FAST: tl.constexpr = False, EVEN: tl.constexpr = False, FINISH: tl.constexpr = False,
-                        FINISH_P: tl.constexpr = 16, FINISH_M: tl.constexpr = 16, FINISH_K: tl.constexpr = 16):
+    def _delayed_kernel(x_ptr, hist_ptr, part_ptr, y_ptr, yt_ptr, M, K, Mp, H, stride_xm, stride_xk, stride_y, stride_yt,
+                        TOP: tl.constexpr, E5M2: tl.constexpr, ROWMAJOR: tl.constexpr, TRANSPOSED: tl.constexpr,
+                        HB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FAST: tl.constexpr = False,
+                        EVEN: tl.constexpr = False):
         # delayed scaling's pass, one read of x: the scale comes from the history, so each program writes its
         # codes at once, and its tile's largest finite |x| and largest |x| (as bits: ordered as the numbers
         # are, NaN above inf) in slots of its own (no atomics: one address that every program updates would
-        # serialize them). FINISH: the last program to end finishes the pass (`_finish`, with blocks of its own),
-        # which the count at count_ptr (0 before the pass, and again after it) tells
+        # serialize them)
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         x = _load_tile(x_ptr, rm, rk, M, K, stride_xm, stride_xk, EVEN)
@@ -437,42 +408,22 @@ if triton is not None:
         else:
             _store_codes(x, s, rm, rk, M, K, Mp, y_ptr, yt_ptr, stride_y, stride_yt, E5M2, ROWMAJOR, TRANSPOSED,
                          False, False, s, False, EVEN)
-        if FINISH:
-            # every thread's stores before the count's release; the program that counts last acquires every
-            # other program's stores (their maxima and codes) with it, and reads the maxima from L2
-            tl.debug_barrier()
-            if tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") == n - 1:
-                _finish(x_ptr, hist_ptr, part_ptr, s_ptr, used_ptr, y_ptr, yt_ptr, M, K, Mp, H, n, stride_xm,
-                        stride_xk, stride_y, stride_yt, TOP, E5M2, ROWMAJOR, TRANSPOSED, HB, FINISH_M, FINISH_K,
-                        FINISH_P, ".cg")
-                tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
 
     @triton.jit
     def _delayed_finish(x_ptr, hist_ptr, part_ptr, s_ptr, used_ptr, y_ptr, yt_ptr, M, K, Mp, H, n, stride_xm, stride_xk,
                         stride_y, stride_yt, TOP: tl.constexpr, E5M2: tl.constexpr, ROWMAJOR: tl.constexpr,
                         TRANSPOSED: tl.constexpr, HB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                         BLOCK_P: tl.constexpr):
-        # one program after the pass, which finishes it
-        _finish(x_ptr, hist_ptr, part_ptr, s_ptr, used_ptr, y_ptr, yt_ptr, M, K, Mp, H, n, stride_xm, stride_xk,
-                stride_y, stride_yt, TOP, E5M2, ROWMAJOR, TRANSPOSED, HB, BLOCK_M, BLOCK_K, BLOCK_P, "")
-
-    @triton.jit
-    def _finish(x_ptr, hist_ptr, part_ptr, s_ptr, used_ptr, y_ptr, yt_ptr, M, K, Mp, H, n, stride_xm, stride_xk,
-                stride_y, stride_yt, TOP: tl.constexpr, E5M2: tl.constexpr, ROWMAJOR: tl.constexpr,
-                TRANSPOSED: tl.constexpr, HB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                BLOCK_P: tl.constexpr, CACHE: tl.constexpr):
-        # delayed scaling's finish: merges the n programs' maxima (read with the cache modifier CACHE: ".cg"
-        # reads them from L2, past any stale L1 line),
-        # pushes the finite amax into the history, writes the scale (NaN where x holds a NaN or an infinity)
-        # and the amax used, and, where the codes written do not stand (the scale is not the pass's: the
-        # history was empty and x is not all zeros, its own amax gives the scale; or the scale is NaN), writes
-        # every code again itself
+        # one program after the pass: merges the n programs' maxima, pushes the finite amax into the history,
+        # writes the scale (NaN where x holds a NaN or an infinity) and the amax used, and, where the codes
+        # written do not stand (the scale is not the pass's: the history was empty and x is not all zeros, its
+        # own amax gives the scale; or the scale is NaN), writes every code again itself
         finite = tl.zeros([BLOCK_P], dtype=tl.int32)
         top = tl.zeros([BLOCK_P], dtype=tl.int32)
         for p0 in range(0, n, BLOCK_P):
             rp = p0 + tl.arange(0, BLOCK_P)
-            finite = tl.maximum(finite, tl.load(part_ptr + rp, mask=rp < n, other=0, cache_modifier=CACHE))
-            top = tl.maximum(top, tl.load(part_ptr + n + rp, mask=rp < n, other=0, cache_modifier=CACHE))
+            finite = tl.maximum(finite, tl.load(part_ptr + rp, mask=rp < n, other=0))
+            top = tl.maximum(top, tl.load(part_ptr + n + rp, mask=rp < n, other=0))
         now = tl.max(finite, axis=0).to(tl.float32, bitcast=True)
         measured = tl.max(top, axis=0).to(tl.float32, bitcast=True)
         rh = tl.arange(0, HB)
@@ -505,13 +456,6 @@ AMAX_BLOCKS = dict(BLOCK_M=32, BLOCK_K=256, CHUNKS=4, num_warps=8)
 DELAYED_BLOCKS = dict(BLOCK_M=16, BLOCK_K=256, num_warps=4)
 DELAYED_BLOCKS_TRANSPOSED = dict(BLOCK_M=64, BLOCK_K=128, num_warps=8)
 DELAYED_FINISH_BLOCKS = dict(BLOCK_P=2048, BLOCK_M=32, BLOCK_K=128, num_warps=8)
-# the same for the pass's last program where it finishes the pass (``DELAYED_FINISH_IN_PASS``): smaller, since
-# the registers its code takes, every program of the pass is given
-DELAYED_FINISH_IN_PASS_BLOCKS = dict(BLOCK_P=256, BLOCK_M=16, BLOCK_K=64)
-# and the registers a thread of that pass may take: those of the pass without the finish (80 in an sm_90 build
-# of each layout's tiles; left to the compiler, the finish's code took 94 writing both layouts, two programs of 8
-# warps on an SM instead of three; held to 80 it spills nothing)
-DELAYED_FINISH_IN_PASS_MAXNREG = 80
 # per-row scales in one kernel (``ROWS_IN_ONE_KERNEL``): rows a program holds, the width of its reads
 ROWS_BLOCKS = dict(BLOCK_M=8, BLOCK_K=256, num_warps=4)
 # True: the cast passes (`_cast_kernel`, `_delayed_kernel`) divide by a tile's scales through their reciprocals
@@ -520,16 +464,6 @@ ROWS_BLOCKS = dict(BLOCK_M=8, BLOCK_K=256, num_warps=4)
 # 2^120 times it); False: IEEE division everywhere (more instructions, the same codes). In a compiled 600M step
 # on an H200 the FP8 step ran 3% faster with it, the delayed-scaling FP8 step 6%
 FAST_QUOTIENT = True
-# True: delayed scaling's operand is one kernel on CUDA (`_delayed_kernel`'s last program to end finishes it,
-# which a count of the programs that have ended tells: `_counter`), not the pass followed by one program; the
-# same codes, scale, amax and history (its registers held by DELAYED_FINISH_IN_PASS_MAXNREG). Not yet timed on a
-# GPU: off
-DELAYED_FINISH_IN_PASS = False
-# True: current scaling's amax pass needs no cleared buffer (one kernel fewer per operand: the fill): per tensor
-# its last program merges its programs' maxima; per row the cast merges each row's maxima from the amax pass's
-# programs along the row. The same amax. Not yet timed: off
-AMAX_MERGED_IN_PASS = False
-AMAX_MERGE_P = 256  # the maxima the merging program reads at a time
 # True: a per-row operand (row-major codes) is one kernel that holds whole rows (amax, then cast, per program)
 # instead of an amax pass with atomics into a cleared buffer, then the cast; the same codes. Off: in a compiled
 # 600M step under the paper policy on an H200 the step ran slower with it
@@ -559,25 +493,13 @@ def triton_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_r
             x, s, codes.view(torch.uint8), M, K, x.stride(0), x.stride(1), codes.stride(0),
             TOP=57344.0 if e5m2 else 448.0, E5M2=e5m2, K_TILES=triton.cdiv(K, r["BLOCK_K"]), **r)
         return codes, codes_t, s
-    parts = 1
     if measured is not None:  # max |x| as fp32 (NaN where x holds one): its bits are what the amax pass makes
         measured = measured.to(torch.float32).reshape(1).contiguous().view(torch.int32)
     else:
+        measured = torch.zeros(M if per_row else 1, dtype=torch.int32, device=x.device)
         a = amax_blocks or AMAX_BLOCKS
         grid = (triton.cdiv(M, a["BLOCK_M"]), triton.cdiv(K, a["BLOCK_K"] * a["CHUNKS"]))
-        count = _counter(x.device) if AMAX_MERGED_IN_PASS and not per_row else None
-        if AMAX_MERGED_IN_PASS and per_row:  # each row's maxima, a slice of M per program along K, none cleared
-            parts = grid[1]
-            measured = torch.empty(parts * M, dtype=torch.int32, device=x.device)
-            _amax_kernel[grid](x, measured, M, K, x.stride(0), x.stride(1), PER_ROW=True, **a, MERGE=True)
-        elif count is not None:  # the amax, then each program's maximum, none cleared
-            slots = torch.empty(1 + grid[0] * grid[1], dtype=torch.int32, device=x.device)
-            measured = slots[:1]
-            _amax_kernel[grid](x, measured, M, K, x.stride(0), x.stride(1), PER_ROW=False, **a, part_ptr=slots[1:],
-                               count_ptr=count, MERGE=True, MERGE_P=AMAX_MERGE_P)
-        else:  # atomics into a cleared buffer
-            measured = torch.zeros(M if per_row else 1, dtype=torch.int32, device=x.device)
-            _amax_kernel[grid](x, measured, M, K, x.stride(0), x.stride(1), PER_ROW=per_row, **a)
+        _amax_kernel[grid](x, measured, M, K, x.stride(0), x.stride(1), PER_ROW=per_row, **a)
     rows = M + (-M) % PAD if transposed and not values else M
     c = cast_blocks or (CAST_BLOCKS_TRANSPOSED if transposed else CAST_BLOCKS)
     grid = (triton.cdiv(rows, c["BLOCK_M"]), triton.cdiv(K, c["BLOCK_K"]))
@@ -588,7 +510,7 @@ def triton_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_r
                        codes_t.stride(0) if transposed else 0, TOP=6.0 if e2m1 else 57344.0 if e5m2 else 448.0,
                        E5M2=e5m2, PER_ROW=per_row, DELAYED=amax is not None, ROWMAJOR=rowmajor, TRANSPOSED=transposed,
                        GATHERED=gathered, VALUES=values, FAST=FAST_QUOTIENT, EVEN=_even(M, K, rows, c), E2M1=e2m1,
-                       **c, parts=parts)
+                       **c)
     return codes, codes_t, s
 
 
@@ -717,30 +639,10 @@ def values(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None, rowma
     return _call(t, fmt, amax, rowmajor, transposed, values=True)
 
 
-COUNTER_SLOTS = 4096  # counts of ended programs a device keeps, each 0 between the kernels that use it
-_COUNTERS: dict[torch.device, list] = {}
-
-
-def _counter(device: torch.device) -> torch.Tensor | None:
-    # a count of a pass's ended programs for one kernel to use (0 before it, and again after it): the next of
-    # the device's slots in turn, so that kernels in flight at once on different streams (or a CUDA graph's
-    # replay and kernels outside it) use different counts unless COUNTER_SLOTS calls lie between them. None
-    # while a CUDA graph is being captured before the slots exist (made then, they would live in its memory)
-    slots = _COUNTERS.get(device)
-    if slots is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        slots = _COUNTERS[device] = [torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device), 0]
-    pool, i = slots
-    slots[1] = (i + 1) % COUNTER_SLOTS
-    return pool[i:i + 1]
-
-
 def triton_delayed_operand(x: torch.Tensor, history: torch.Tensor, e5m2: bool, rowmajor: bool, transposed: bool,
                            cast_blocks: dict | None = None):
-    """The delayed operator's result from Triton (CUDA): the pass, then one program that finishes it (or,
-    under ``DELAYED_FINISH_IN_PASS``, the pass's last program); ``(codes, codes_t, s, used)``, ``history``
-    pushed in place. ``cast_blocks``: as :func:`triton_operand`'s."""
+    """The delayed operator's result from Triton (CUDA): the pass, then one program that finishes it;
+    ``(codes, codes_t, s, used)``, ``history`` pushed in place. ``cast_blocks``: as :func:`triton_operand`'s."""
     M, K = x.shape
     codes, codes_t, s = _outputs(x, e5m2, False, rowmajor, transposed)
     used = torch.empty((), dtype=torch.float32, device=x.device)
@@ -754,15 +656,10 @@ def triton_delayed_operand(x: torch.Tensor, history: torch.Tensor, e5m2: bool, r
     H = history.numel()
     const = dict(TOP=57344.0 if e5m2 else 448.0, E5M2=e5m2, ROWMAJOR=rowmajor, TRANSPOSED=transposed,
                  HB=triton.next_power_of_2(H))
-    count = _counter(x.device) if DELAYED_FINISH_IN_PASS else None
-    f = DELAYED_FINISH_IN_PASS_BLOCKS
-    _delayed_kernel[grid](x, history, partial, s, used, partial if count is None else count, out, out_t, M, K, rows, H,
-                          *strides, **const, **c, FAST=FAST_QUOTIENT, EVEN=_even(M, K, rows, c),
-                          FINISH=count is not None, FINISH_P=f["BLOCK_P"], FINISH_M=f["BLOCK_M"], FINISH_K=f["BLOCK_K"],
-                          **({} if count is None else {"maxnreg": DELAYED_FINISH_IN_PASS_MAXNREG}))
-    if count is None:
-        _delayed_finish[(1,)](x, history, partial, s, used, out, out_t, M, K, rows, H, n, *strides, **const,
-                              **DELAYED_FINISH_BLOCKS)
+    _delayed_kernel[grid](x, history, partial, out, out_t, M, K, rows, H, *strides, **const, **c, FAST=FAST_QUOTIENT,
+                          EVEN=_even(M, K, rows, c))
+    _delayed_finish[(1,)](x, history, partial, s, used, out, out_t, M, K, rows, H, n, *strides, **const,
+                          **DELAYED_FINISH_BLOCKS)
     return codes, codes_t, s, used
 
 
