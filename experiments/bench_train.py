@@ -28,6 +28,7 @@ tensor cores tried before bf16 (``lowprec.kernels.AUTO_ORDER_INT8``: BitNet's in
 ``...:paper@rows-one-kernel``: per-row FP8 operands in one kernel each; ``...:paper@bf16-values``: the bf16
 GEMMs' FP8 operands from the FP8 passes; ``...:paper@bf16-stored``: their per-row operands read from the stored
 tensor; ``...:paper@e2m1-passes``: the FP4 E2M1 weights' operands from the FP8 passes;
+``...:paper@bf16-requantizes``: the bf16 GEMMs quantizing again what an FP8 GEMM quantized;
 ``...:fp8@ieee-division`` (and ``fp8_delayed``, ``paper``): the FP8 casts dividing by IEEE division (see
 :func:`settings`).
 Each of ours prints its layers' plans. ``--profile`` adds, after each row, where one more step's GPU
@@ -67,6 +68,7 @@ VARIANTS += [f"{m}:fp8@{s}" for m in ("windowed", "hybrid")
 VARIANTS += [f"{m}:paper@{s}" for s in ("rows-one-kernel", "bf16-values", "bf16-stored") for m in ("windowed", "hybrid")]
 VARIANTS += [f"{m}:{p}@ieee-division" for m in ("windowed", "hybrid") for p in ("fp8", "fp8_delayed", "paper")]
 VARIANTS += [f"{m}:paper@e2m1-passes" for m in ("windowed", "hybrid")]
+VARIANTS += [f"{m}:paper@bf16-requantizes" for m in ("windowed", "hybrid")]
 
 
 @contextlib.contextmanager
@@ -82,7 +84,9 @@ def settings(variant: str):
     ``@bf16-stored``: their per-row operands quantized from the tensor as stored
     (``Bf16TensorCore.row_operands_read_stored``); ``@ieee-division``: the FP8 casts' quotients from IEEE
     division everywhere (``lowprec.fp8_cast.FAST_QUOTIENT`` off); ``@e2m1-passes``: an FP4 E2M1 weight's operands (E4M3 codes, bf16 values) made by the FP8 operand's
-    passes (``lowprec.kernels.E2M1_FROM_PASSES``)."""
+    passes (``lowprec.kernels.E2M1_FROM_PASSES``); ``@bf16-requantizes``: a bf16 tensor-core GEMM quantizing its
+    operands itself where an FP8 GEMM of the layer quantized the same tensor in the same format
+    (``lowprec.plan.BF16_TAKES_FP8_CODES`` off)."""
     suffix = variant.partition("@")[2]
     fp8 = lowprec.kernels.Fp8
     known = {"": [], "int8": [(lowprec.kernels, "AUTO_ORDER", lowprec.kernels.AUTO_ORDER_INT8)],
@@ -93,7 +97,8 @@ def settings(variant: str):
              "bf16-values": [(lowprec.kernels.Bf16TensorCore, "fp8_values_from_passes", True)],
              "bf16-stored": [(lowprec.kernels.Bf16TensorCore, "row_operands_read_stored", True)],
              "ieee-division": [(lowprec.fp8_cast, "FAST_QUOTIENT", False)],
-             "e2m1-passes": [(lowprec.kernels, "E2M1_FROM_PASSES", True)]}
+             "e2m1-passes": [(lowprec.kernels, "E2M1_FROM_PASSES", True)],
+             "bf16-requantizes": [(lowprec.plan, "BF16_TAKES_FP8_CODES", False)]}
     if suffix not in known:
         raise ValueError(f"{variant}: unknown suffix @{suffix} (known: {', '.join('@' + k for k in known if k)})")
     before = [(obj, name, getattr(obj, name)) for obj, name, _ in known[suffix]]

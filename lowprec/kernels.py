@@ -414,7 +414,8 @@ class Bf16TensorCore(GemmKernel):
     def transposed(self, op):
         """Per-row scales fold into the values, as quantizing the transposed tensor would: the
         element values are exact in bf16, so the fp32 products and their bf16 rounding are the same.
-        An int8 kernel's operand (integers within +-127) is taken in bf16 the same way."""
+        An int8 kernel's operand (integers within +-127) and an FP8 kernel's row-major one (E4M3/E5M2
+        codes) are taken in bf16 the same way."""
         v, outer = op
         if outer is None or outer.numel() == 1:
             return v.to(torch.bfloat16).t(), outer

@@ -145,15 +145,23 @@ class GemmPlan:
         return f"{text} [{self.device}]"
 
 
+# True: a bf16 tensor-core GEMM takes an FP8 GEMM's operand of the same tensor and format (its codes in bf16,
+# per-row scales folded in: the same values) instead of quantizing the tensor again; False: it quantizes it
+# itself (the plans as they were, for a side-by-side measurement). Read when a plan is built
+BF16_TAKES_FP8_CODES = True
+
+
 def _reusable(src: GemmSpec, dst: GemmSpec, fmt_src, fmt_dst) -> bool:
-    """Whether ``dst`` can take the operand ``src`` quantized, transposed: the same kernel (or an int8
-    operand for the bf16 kernel: its integers are exact in bf16) and format, and no per-row scale that
-    the transposition would put along an FP8 GEMM's contraction (the reference and bf16 kernels fold
+    """Whether ``dst`` can take the operand ``src`` quantized, transposed: the same kernel and format, or
+    the same format from an int8 or FP8 kernel for the bf16 kernel (int8 integers and E4M3/E5M2 codes are
+    exact in bf16: its operand is the codes in bf16, as quantizing again gives), and no per-row scale
+    that the transposition would put along an FP8 GEMM's contraction (the reference and bf16 kernels fold
     such scales into the values, exactly as quantizing again would)."""
-    same = src.kernel == dst.kernel or (src.kernel, dst.kernel) == ("int8_tensorcore", "bf16_tensorcore")
-    if not same or fmt_src != fmt_dst or src.kernel == "bf16":
+    into_bf16 = dst.kernel == "bf16_tensorcore" and (src.kernel == "int8_tensorcore"
+                                                     or (BF16_TAKES_FP8_CODES and src.kernel.startswith("fp8")))
+    if not (src.kernel == dst.kernel or into_bf16) or fmt_src != fmt_dst or src.kernel == "bf16":
         return False
-    return not src.kernel.startswith("fp8") or fmt_src.granularity != "row"
+    return not dst.kernel.startswith("fp8") or fmt_src.granularity != "row"
 
 
 def build_plan(precision: LayerPrecision, in_features: int, out_features: int, device) -> GemmPlan:

@@ -187,3 +187,34 @@ def test_int8_fprop_equals_the_bf16_kernel(monkeypatch, storage, compiled):
         assert (k0, k1) == ("bf16_tensorcore", "int8_tensorcore")
         for u, v in zip(a, b):
             assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("weight", ["fp8_e4m3", {"format": "fp4_e2m1", "granularity": "row"}], ids=str)
+def test_bf16_gemms_take_the_fp8_gemms_codes(weight):
+    """Per-token FP8 activations: wgrad runs on bf16 tensor cores (the per-token scales lie along its
+    contraction) and takes fprop's input codes and dgrad's gradient codes in bf16, their scales folded
+    in; with a per-row FP4 E2M1 weight dgrad runs there too and takes fprop's E4M3 weight codes. Codes
+    in bf16 are exact, and folding is what quantizing again does, so the output and gradients equal
+    those of the same plan with each GEMM quantizing its operands itself, bit for bit (eager). 200
+    tokens: not a multiple of 16."""
+    import dataclasses
+
+    fp8_gpu()
+    precision = LayerPrecision.from_fields({"weight": weight, **ACT_ROW})
+    x, w, b, dy = data(200, 512, 1024)
+    results = []
+    for reuse in (True, False):
+        layer = layer_from(precision, w, b)
+        plan = layer.plan
+        assert plan.fprop.kernel == "fp8_rowwise" and plan.wgrad.kernel == "bf16_tensorcore"
+        assert plan.reuse_input and plan.reuse_grad and plan.reuse_weight
+        if not reuse:  # each GEMM on another kernel than its source quantizes its operand itself
+            layer._plan = dataclasses.replace(plan, reuse_input=False,
+                                              reuse_grad=plan.dgrad.kernel == plan.wgrad.kernel,
+                                              reuse_weight=plan.fprop.kernel == plan.dgrad.kernel)
+        xx = x.clone().requires_grad_(True)
+        y = layer(xx)
+        y.backward(dy)
+        results.append((y, xx.grad, layer.weight.grad))
+    for u, v in zip(*results):
+        assert torch.equal(u, v)

@@ -82,7 +82,9 @@ def test_exactness_and_reuse():
     assert plan.reuse_weight and plan.reuse_input and plan.reuse_grad
     plan, _ = kernels_of({"weight": "fp8_e4m3", **TOKEN})
     assert not plan.wgrad.exact  # per-token scales folded into the values: one more bf16 rounding
-    assert plan.reuse_weight and not plan.reuse_input and not plan.reuse_grad
+    assert (plan.fprop.kernel, plan.dgrad.kernel, plan.wgrad.kernel) == ("fp8_rowwise",) * 2 + ("bf16_tensorcore",)
+    # wgrad takes fprop's and dgrad's FP8 codes in bf16, their per-token scales folded in
+    assert plan.reuse_weight and plan.reuse_input and plan.reuse_grad
     plan, _ = kernels_of({"weight": "nvfp4", "input": "nvfp4", "grad": "nvfp4"})
     assert all(g.exact for g in plan.gemms)  # E2M1 x E4M3 block scales fit bf16; the tensor scale is outer
     assert "*" not in plan.describe()
