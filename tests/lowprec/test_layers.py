@@ -246,3 +246,52 @@ def test_int8_fprop_in_a_layer_is_the_exact_integer_product(monkeypatch, storage
         assert torch.equal(gx0, gx1) and torch.equal(gw0, gw1)
         torch._dynamo.reset()
         assert torch.equal(torch.compile(q, fullgraph=True)(x), y1)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("weight", ["fp8_e4m3", {"format": "fp4_e2m1", "granularity": "row"}], ids=str)
+def test_bf16_gemms_take_the_fp8_gemms_codes(weight, compiled, monkeypatch):
+    """A layer run on the CPU with its Hopper plan (FP8 GEMMs through ``torch._scaled_mm``, per-token
+    activations): wgrad runs on the bf16 kernel (the per-token scales lie along its contraction) and
+    takes fprop's input codes and dgrad's gradient codes in bf16, scales folded in; with a per-row FP4
+    weight dgrad runs there too and takes fprop's E4M3 weight codes. Codes are exact in bf16 and folding
+    is what quantizing again does, so the output and gradients equal, bit for bit, those of the same
+    plan with those GEMMs quantizing their operands themselves, eager and under inductor. Eager, the
+    bf16 kernel quantizes nothing itself when it takes the codes."""
+    import dataclasses
+
+    from lowprec.kernels import KERNELS
+
+    calls = []
+    if not compiled:  # counts the bf16 kernel's own operands (a side effect a compiled graph cannot hold)
+        bf16 = type(KERNELS["bf16_tensorcore"])
+        quantize = bf16.operand
+        monkeypatch.setattr(bf16, "operand", lambda self, *a, **k: calls.append(a[1]) or quantize(self, *a, **k))
+    precision = LayerPrecision.from_fields({"weight": weight, "input": "fp8_e4m3", "grad": "fp8_e5m2"})
+    torch.manual_seed(1)
+    x, dy = torch.randn(40, 64).bfloat16(), torch.randn(40, 128).bfloat16()
+    results = []
+    for reuse in (True, False):
+        torch.manual_seed(0)  # the same weights, in a layer of its own (its gradient apart)
+        layer = QLinear.from_float(torch.nn.Linear(64, 128).bfloat16(), precision)
+        plan = layer.plan_for("sm90")
+        assert plan.fprop.kernel == "fp8_rowwise" and plan.wgrad.kernel == "bf16_tensorcore"
+        assert plan.reuse_input and plan.reuse_grad and plan.reuse_weight
+        if not reuse:
+            plan = dataclasses.replace(plan, reuse_input=False, reuse_grad=plan.dgrad.kernel == plan.wgrad.kernel,
+                                       reuse_weight=plan.fprop.kernel == plan.dgrad.kernel)
+        layer._plan = plan
+        fn = torch.compile(layer, fullgraph=True) if compiled else layer
+        calls.clear()
+        xx = x.clone().requires_grad_(True)
+        y = fn(xx)
+        y.backward(dy)
+        results.append((y, xx.grad, layer.weight.grad))
+        assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
+        if not compiled:  # the bf16 kernel's own operands: where dgrad runs on it, the gradient's (wgrad takes
+            # it), and without reuse the input's and the weight's too; else none, or the gradient's and the input's
+            own = plan.dgrad.kernel == "bf16_tensorcore"
+            assert len(calls) == (int(own) if reuse else 2 + own), (reuse, calls)
+        torch._dynamo.reset()
+    for u, v in zip(*results, strict=True):
+        assert torch.equal(u, v)
