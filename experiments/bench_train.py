@@ -29,6 +29,7 @@ tensor cores tried before bf16 (``lowprec.kernels.AUTO_ORDER_INT8``: BitNet's in
 GEMMs' FP8 operands from the FP8 passes; ``...:paper@bf16-stored``: their per-row operands read from the stored
 tensor; ``...:paper@e2m1-passes``: the FP4 E2M1 weights' operands from the FP8 passes;
 ``...:paper@bf16-requantizes``: the bf16 GEMMs quantizing again what an FP8 GEMM quantized;
+``windowed:<policy>@multi-kernel`` (and ``hybrid:``): inductor's multi-kernel reductions;
 ``...:fp8@ieee-division`` (and ``fp8_delayed``, ``paper``): the FP8 casts dividing by IEEE division (see
 :func:`settings`).
 Each of ours prints its layers' plans. ``--profile`` adds, after each row, where one more step's GPU
@@ -46,6 +47,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
@@ -69,6 +71,7 @@ VARIANTS += [f"{m}:paper@{s}" for s in ("rows-one-kernel", "bf16-values", "bf16-
 VARIANTS += [f"{m}:{p}@ieee-division" for m in ("windowed", "hybrid") for p in ("fp8", "fp8_delayed", "paper")]
 VARIANTS += [f"{m}:paper@e2m1-passes" for m in ("windowed", "hybrid")]
 VARIANTS += [f"{m}:paper@bf16-requantizes" for m in ("windowed", "hybrid")]
+VARIANTS += [f"{m}:{p}@multi-kernel" for m in ("windowed", "hybrid") for p in POLICIES]
 
 
 @contextlib.contextmanager
@@ -86,7 +89,10 @@ def settings(variant: str):
     division everywhere (``lowprec.fp8_cast.FAST_QUOTIENT`` off); ``@e2m1-passes``: an FP4 E2M1 weight's operands (E4M3 codes, bf16 values) made by the FP8 operand's
     passes (``lowprec.kernels.E2M1_FROM_PASSES``); ``@bf16-requantizes``: a bf16 tensor-core GEMM quantizing its
     operands itself where an FP8 GEMM of the layer quantized the same tensor in the same format
-    (``lowprec.plan.BF16_TAKES_FP8_CODES`` off)."""
+    (``lowprec.plan.BF16_TAKES_FP8_CODES`` off); ``@multi-kernel``: inductor compiles each reduction whose rows
+    fit 16 times its usual limit both as one pass over rows held whole and as its usual loops, and keeps the
+    faster on the first call (``torch._inductor.config.triton.multi_kernel``: a row quantized with its own
+    amax otherwise takes three loops over its producer's inputs)."""
     suffix = variant.partition("@")[2]
     fp8 = lowprec.kernels.Fp8
     known = {"": [], "int8": [(lowprec.kernels, "AUTO_ORDER", lowprec.kernels.AUTO_ORDER_INT8)],
@@ -98,7 +104,8 @@ def settings(variant: str):
              "bf16-stored": [(lowprec.kernels.Bf16TensorCore, "row_operands_read_stored", True)],
              "ieee-division": [(lowprec.fp8_cast, "FAST_QUOTIENT", False)],
              "e2m1-passes": [(lowprec.kernels, "E2M1_FROM_PASSES", True)],
-             "bf16-requantizes": [(lowprec.plan, "BF16_TAKES_FP8_CODES", False)]}
+             "bf16-requantizes": [(lowprec.plan, "BF16_TAKES_FP8_CODES", False)],
+             "multi-kernel": [(torch._inductor.config.triton, "multi_kernel", 1)]}
     if suffix not in known:
         raise ValueError(f"{variant}: unknown suffix @{suffix} (known: {', '.join('@' + k for k in known if k)})")
     before = [(obj, name, getattr(obj, name)) for obj, name, _ in known[suffix]]

@@ -53,3 +53,30 @@ def test_amax_variants_switch_the_fp8_amax_and_put_it_back(monkeypatch):
     with pytest.raises(ValueError, match="unknown suffix @nope"):
         with bench.settings("windowed:fp8@nope"):
             pass
+
+
+def test_plan_and_compiler_variants_switch_their_setting_and_put_it_back():
+    """``@bf16-requantizes`` builds Hopper plans whose bf16 GEMMs quantize again what an FP8 GEMM of the
+    layer quantized (no reuse across kernels), the default plans reuse those codes; ``@multi-kernel``
+    turns inductor's multi-kernel reductions on inside its ``settings`` only."""
+    from lowprec import LayerPrecision
+    from lowprec.plan import build_plan
+
+    attention = LayerPrecision.from_fields({"weight": "fp8_e4m3", "input": "fp8_e4m3", "grad": "fp8_e5m2"})
+
+    def reuse():
+        plan = build_plan(attention, 2048, 2048, "sm90")
+        assert (plan.fprop.kernel, plan.wgrad.kernel) == ("fp8_rowwise", "bf16_tensorcore")
+        return plan.reuse_input, plan.reuse_grad
+
+    assert reuse() == (True, True)
+    with bench.settings("windowed:paper@bf16-requantizes"):
+        assert reuse() == (False, False)
+    assert reuse() == (True, True)
+    triton = torch._inductor.config.triton
+    before = triton.multi_kernel
+    with bench.settings("windowed:bf16@multi-kernel"):
+        assert triton.multi_kernel == 1
+    assert triton.multi_kernel == before == 0
+    assert {v for v in bench.VARIANTS if v.endswith("@multi-kernel")} == {
+        f"{m}:{p}@multi-kernel" for m in ("windowed", "hybrid") for p in bench.POLICIES}
