@@ -27,8 +27,8 @@ last bit of a quotient: the compiler's fp32 division is not IEEE's).
 amax pass, the cast); delayed scaling as two passes, the history's update as compiled tensor operations
 (:func:`lowprec.scaling.delayed_amax`) then the operator with that amax (which still takes the tensor's amax
 for its NaN rule); and delayed scaling in one pass (:func:`lowprec.fp8_cast.delayed_operands`: the pass, then
-one program that finishes it), the history full (the steady state); each way's codes checked against the others'
-byte for byte.
+one program that finishes it), the history full (the steady state); each way's codes checked against the
+others' byte for byte.
 
 ``--quotient`` times the operand in both layouts under current scaling (the amax pass and the cast) with the
 cast's quotients x / s from IEEE division, from the scale's reciprocal with one correction
@@ -244,8 +244,8 @@ def delayed(shapes: list[tuple[int, int]], fmt, calls: int, history: int = 16, d
                 raise SystemExit(f"{rows}x{cols}: the delayed codes differ")
         t_cur, t_two, t_one = (kernel_us(lambda way=way: way(x, h), calls) for way in ways.values())
         moved = min_bytes(rows, cols, "both") - rows * cols * 2  # one read of the tensor, not two
-        print(f"| {rows}x{cols} | {t_cur:.1f} | {t_two:.1f} | {t_one:.1f} | {t_cur / t_one:.2f}x | {t_two / t_one:.2f}x | "
-              f"{moved / t_one / 1e3:,.0f} GB/s |", flush=True)
+        print(f"| {rows}x{cols} | {t_cur:.1f} | {t_two:.1f} | {t_one:.1f} | {t_cur / t_one:.2f}x | "
+              f"{t_two / t_one:.2f}x | {moved / t_one / 1e3:,.0f} GB/s |", flush=True)
 
 
 def quotients(shapes: list[tuple[int, int]], fmt, calls: int, device: str = "cuda") -> None:
@@ -308,8 +308,8 @@ def main(argv=None):
         delayed(shapes, fmt, args.calls)
         return
     if args.quotient:
-        print(f"# FP8 operand ({args.format}, per-tensor scale, both layouts) of bf16 and fp32 tensors, IEEE division against "
-              f"the reciprocal, {environment()}, {datetime.date.today()}")
+        print(f"# FP8 operand ({args.format}, per-tensor scale, both layouts) of bf16 and fp32 tensors, IEEE division "
+              f"against the reciprocal, {environment()}, {datetime.date.today()}")
         quotients(shapes, fmt, args.calls)
         return
     if args.sweep:

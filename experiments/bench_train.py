@@ -86,13 +86,14 @@ def settings(variant: str):
     formats made by the FP8 operand's passes (``lowprec.kernels.Bf16TensorCore.fp8_values_from_passes``);
     ``@bf16-stored``: their per-row operands quantized from the tensor as stored
     (``Bf16TensorCore.row_operands_read_stored``); ``@ieee-division``: the FP8 casts' quotients from IEEE
-    division everywhere (``lowprec.fp8_cast.FAST_QUOTIENT`` off); ``@e2m1-passes``: an FP4 E2M1 weight's operands (E4M3 codes, bf16 values) made by the FP8 operand's
-    passes (``lowprec.kernels.E2M1_FROM_PASSES``); ``@bf16-requantizes``: a bf16 tensor-core GEMM quantizing its
-    operands itself where an FP8 GEMM of the layer quantized the same tensor in the same format
-    (``lowprec.plan.BF16_TAKES_FP8_CODES`` off); ``@multi-kernel``: inductor compiles each reduction whose rows
-    fit 16 times its usual limit both as one pass over rows held whole and as its usual loops, and keeps the
-    faster on the first call (``torch._inductor.config.triton.multi_kernel``: a row quantized with its own
-    amax otherwise takes three loops over its producer's inputs)."""
+    division everywhere (``lowprec.fp8_cast.FAST_QUOTIENT`` off); ``@e2m1-passes``: an FP4 E2M1 weight's
+    operands (E4M3 codes, bf16 values) made by the FP8 operand's passes (``lowprec.kernels.E2M1_FROM_PASSES``);
+    ``@bf16-requantizes``: a bf16 tensor-core GEMM quantizing its operands itself where an FP8 GEMM of the
+    layer quantized the same tensor in the same format (``lowprec.plan.BF16_TAKES_FP8_CODES`` off);
+    ``@multi-kernel``: inductor compiles each reduction whose rows fit 16 times its usual limit both as one
+    pass over rows held whole and as its usual loops, and keeps the faster on the first call
+    (``torch._inductor.config.triton.multi_kernel``: a row quantized with its own amax otherwise takes three
+    loops over its producer's inputs)."""
     suffix = variant.partition("@")[2]
     fp8 = lowprec.kernels.Fp8
     known = {"": [], "int8": [(lowprec.kernels, "AUTO_ORDER", lowprec.kernels.AUTO_ORDER_INT8)],

@@ -36,10 +36,10 @@ rounded to E2M1 before its cast (:func:`e2m1_operand`: E4M3 codes, which hold ev
 Under delayed scaling (:func:`delayed_operands`, the operator ``lowprec::fp8_operand_delayed``) the scale
 comes from an amax history known before the pass, so the tensor is read once: each program of the pass
 writes its codes and its tile's largest |x| (finite, and all) in slots of its own; one program after it
-merges them, pushes the finite amax into the history and writes the scale (NaN where the tensor holds a NaN or
-an infinity), writing every code again itself only where those written do not stand (the scale is not the
-pass's: an empty history, a NaN scale). The codes, scale and history are those of :func:`lowprec.scaling.delayed_amax` followed by
-:func:`operands` with that amax, bit for bit.
+merges them, pushes the finite amax into the history and writes the scale (NaN where the tensor holds a
+NaN or an infinity), writing every code again itself only where those written do not stand (the scale is
+not the pass's: an empty history, a NaN scale). The codes, scale and history are those of
+:func:`lowprec.scaling.delayed_amax` followed by :func:`operands` with that amax, bit for bit.
 
 A weight that reaches its GEMMs as a data-parallel run's ranks hold it (gathered in its FP8 format,
 dequantized to bf16, fp16 or fp32: :func:`lowprec.fsdp.as_gathered`) is read from its master (``gathered=``): the
