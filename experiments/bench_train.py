@@ -30,7 +30,8 @@ GEMMs' FP8 operands from the FP8 passes; ``...:paper@bf16-stored``: their per-ro
 tensor; ``...:paper@e2m1-passes``: the FP4 E2M1 weights' operands from the FP8 passes;
 ``...:paper@bf16-requantizes``: the bf16 GEMMs quantizing again what an FP8 GEMM quantized;
 ``windowed:<policy>@multi-kernel`` (and ``hybrid:``): inductor's multi-kernel reductions;
-``...:fp8@ieee-division`` (and ``fp8_delayed``, ``paper``): the FP8 casts dividing by IEEE division (see
+``...:fp8@ieee-division`` (and ``fp8_delayed``, ``paper``): the FP8 casts dividing by IEEE division;
+``...:paper@tensor-activations``: the paper policy with per-tensor scaled activations and gradients (see
 :func:`settings`).
 Each of ours prints its layers' plans. ``--profile`` adds, after each row, where one more step's GPU
 time went and which Python lines made the host wait (:mod:`experiments.gpu_profile`).
@@ -72,6 +73,18 @@ VARIANTS += [f"{m}:{p}@ieee-division" for m in ("windowed", "hybrid") for p in (
 VARIANTS += [f"{m}:paper@e2m1-passes" for m in ("windowed", "hybrid")]
 VARIANTS += [f"{m}:paper@bf16-requantizes" for m in ("windowed", "hybrid")]
 VARIANTS += [f"{m}:{p}@multi-kernel" for m in ("windowed", "hybrid") for p in POLICIES]
+VARIANTS += [f"{m}:paper@tensor-activations" for m in ("windowed", "hybrid")]
+
+
+def per_tensor_activations(cfg):
+    """A policy config with each input and gradient format given by a bare name (per-token scales for
+    activations: :func:`lowprec.precision.parse_format`) scaled per tensor instead."""
+    cfg = OmegaConf.to_container(cfg)
+    for fields in [cfg.get("default") or {}, *cfg.get("rules", [])]:
+        for key in ("input", "grad"):
+            if isinstance(fields.get(key), str) and fields[key] not in ("none", "fp32", "bf16", "fp16"):
+                fields[key] = {"format": fields[key], "granularity": "tensor"}
+    return OmegaConf.create(cfg)
 
 
 @contextlib.contextmanager
@@ -93,7 +106,8 @@ def settings(variant: str):
     ``@multi-kernel``: inductor compiles each reduction whose rows fit 16 times its usual limit both as one
     pass over rows held whole and as its usual loops, and keeps the faster on the first call
     (``torch._inductor.config.triton.multi_kernel``: a row quantized with its own amax otherwise takes three
-    loops over its producer's inputs)."""
+    loops over its producer's inputs); ``@tensor-activations`` (built by :func:`per_tensor_activations`):
+    the policy with one scale per tensor for each input and gradient it scales per token."""
     suffix = variant.partition("@")[2]
     fp8 = lowprec.kernels.Fp8
     known = {"": [], "int8": [(lowprec.kernels, "AUTO_ORDER", lowprec.kernels.AUTO_ORDER_INT8)],
@@ -106,7 +120,8 @@ def settings(variant: str):
              "ieee-division": [(lowprec.fp8_cast, "FAST_QUOTIENT", False)],
              "e2m1-passes": [(lowprec.kernels, "E2M1_FROM_PASSES", True)],
              "bf16-requantizes": [(lowprec.plan, "BF16_TAKES_FP8_CODES", False)],
-             "multi-kernel": [(torch._inductor.config.triton, "multi_kernel", 1)]}
+             "multi-kernel": [(torch._inductor.config.triton, "multi_kernel", 1)],
+             "tensor-activations": []}  # a policy of its own: _build
     if suffix not in known:
         raise ValueError(f"{variant}: unknown suffix @{suffix} (known: {', '.join('@' + k for k in known if k)})")
     before = [(obj, name, getattr(obj, name)) for obj, name, _ in known[suffix]]
@@ -151,7 +166,10 @@ def _build(variant: str, size: dict, rnn_graphs: bool, param_dtype: str, blocks_
         memory=kind == "hybrid", dropout=0.0, chunk=64 if T >= 64 else T, compressor_hidden=d // 2, xattn_heads=H,
         rnn_cuda_graphs=rnn_graphs, compile_blocks_once=blocks_once)
     model = hybrid.HybridLM(cfg)
-    report = lowprec.apply_policy(model, OmegaConf.load(CONFIGS / "precision" / f"{policy}.yaml"))
+    policy_cfg = OmegaConf.load(CONFIGS / "precision" / f"{policy}.yaml")
+    if variant.endswith("@tensor-activations"):
+        policy_cfg = per_tensor_activations(policy_cfg)
+    report = lowprec.apply_policy(model, policy_cfg)
     model.cuda()
     if param_dtype != "master":
         from .parallel import DTYPES, compute_in_param_dtype

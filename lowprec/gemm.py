@@ -34,7 +34,7 @@ from . import gemv
 from .common import to_dtype
 from .formats import Format
 from .fsdp import as_gathered
-from .kernels import GEMV_MAX_ROWS, KERNELS
+from .kernels import GEMV_MAX_ROWS, KERNELS, same_operand
 from .plan import GemmPlan
 from .qtensor import QTensor
 from .scaling import delayed_amax, quantize_dequantize
@@ -276,14 +276,14 @@ class QLinearFunction(torch.autograd.Function):
         native = plan.precision.storage == "native"
         gemv = _gemv_applies(plan, x2)
         A = A_t = B = B_t = None
-        # a later GEMM takes an operand made in both layouts only from its own kernel (another kernel's
-        # takes the row-major operand and transposes it itself: `GemmKernel.transposed`)
-        if plan.reuse_input and not gemv and plan.fprop.kernel == plan.wgrad.kernel:
+        # a later GEMM takes an operand made in both layouts only from a kernel making its operands
+        # (another kernel takes the row-major operand and transposes it itself: `GemmKernel.transposed`)
+        if plan.reuse_input and not gemv and same_operand(plan.fprop.kernel, plan.wgrad.kernel, plan.fprop.a):
             A, A_t, amax_x = _operand_pair(plan.fprop.kernel, x2, plan.fprop.a, "nearest", hist_x)
         else:
             amax_x = delayed_amax(hist_x, x2)
         if (plan.reuse_weight and not native and not gemv and torch.compiler.is_compiling()
-                and plan.fprop.kernel == plan.dgrad.kernel):
+                and same_operand(plan.fprop.kernel, plan.dgrad.kernel, plan.fprop.b)):
             # dgrad's weight operand from fprop's pass (eager steps share fprop's through the layer's cache)
             k, fmt = KERNELS[plan.fprop.kernel], plan.fprop.b
             if gathered is not None:
@@ -320,7 +320,7 @@ class QLinearFunction(torch.autograd.Function):
         dx = dw = G = G_t = None
         wgrad = ctx.needs_input_grad[1] or ctx.needs_input_grad[5]
         if (ctx.needs_input_grad[0] and wgrad and plan.reuse_grad
-                and plan.dgrad.kernel == plan.wgrad.kernel):  # wgrad's operand of dy from the same pass
+                and same_operand(plan.dgrad.kernel, plan.wgrad.kernel, plan.dgrad.a)):  # wgrad's dy operand, same pass
             G, G_t, amax_g = _operand_pair(plan.dgrad.kernel, dy, plan.dgrad.a, plan.precision.grad_rounding,
                                            io.grad_history)
         else:

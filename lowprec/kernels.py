@@ -645,6 +645,16 @@ AUTO_ORDER = ("fp8_tensorwise", "fp8_rowwise", "bf16_tensorcore", "emulated")
 AUTO_ORDER_INT8 = ("fp8_tensorwise", "fp8_rowwise", "int8_tensorcore", "bf16_tensorcore", "emulated")
 
 
+def same_operand(k1: str, k2: str, fmt) -> bool:
+    """Whether kernels ``k1`` and ``k2`` make the same operand of a tensor in ``fmt`` (codes, scale and
+    layouts), so that one may take the other's: the same kernel, or the two FP8 kernels with a per-tensor
+    scale (the row-wise one takes a per-tensor operand beside a per-row one, e.g. a per-tensor input
+    times a weight scaled per output channel)."""
+    if k1 == k2:
+        return True
+    return {k1, k2} == {"fp8_tensorwise", "fp8_rowwise"} and fmt is not None and fmt.granularity == "tensor"
+
+
 def select(gemm: str, a, b, device, shape) -> tuple[str, str]:
     """(kernel name, reason): the first kernel of ``AUTO_ORDER`` that supports this GEMM."""
     passed = []
@@ -656,6 +666,7 @@ def select(gemm: str, a, b, device, shape) -> tuple[str, str]:
     raise AssertionError("the emulated kernel supports every GEMM")  # pragma: no cover
 
 
-__all__ = ["KERNELS", "Kernel", "GemmKernel", "AUTO_ORDER", "AUTO_ORDER_INT8", "select", "fp8_grid", "int8_grid",
+__all__ = ["KERNELS", "Kernel", "GemmKernel", "AUTO_ORDER", "AUTO_ORDER_INT8", "select", "same_operand", "fp8_grid",
+           "int8_grid",
            "bf16_exact", "split", "split_qtensor",
            "GEMV_MAX_ROWS", "TRANSPOSED"]

@@ -152,14 +152,16 @@ BF16_TAKES_FP8_CODES = True
 
 
 def _reusable(src: GemmSpec, dst: GemmSpec, fmt_src, fmt_dst) -> bool:
-    """Whether ``dst`` can take the operand ``src`` quantized, transposed: the same kernel and format, or
+    """Whether ``dst`` can take the operand ``src`` quantized, transposed: the same kernel and format (or
+    the other FP8 kernel, for a per-tensor format: :func:`lowprec.kernels.same_operand`), or
     the same format from an int8 or FP8 kernel for the bf16 kernel (int8 integers and E4M3/E5M2 codes are
     exact in bf16: its operand is the codes in bf16, as quantizing again gives), and no per-row scale
     that the transposition would put along an FP8 GEMM's contraction (the reference and bf16 kernels fold
     such scales into the values, exactly as quantizing again would)."""
     into_bf16 = dst.kernel == "bf16_tensorcore" and (src.kernel == "int8_tensorcore"
                                                      or (BF16_TAKES_FP8_CODES and src.kernel.startswith("fp8")))
-    if not (src.kernel == dst.kernel or into_bf16) or fmt_src != fmt_dst or src.kernel == "bf16":
+    if not (kernels.same_operand(src.kernel, dst.kernel, fmt_src) or into_bf16) or fmt_src != fmt_dst \
+            or src.kernel == "bf16":
         return False
     return not dst.kernel.startswith("fp8") or fmt_src.granularity != "row"
 
