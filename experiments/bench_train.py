@@ -107,8 +107,9 @@ def settings(variant: str):
     pass over rows held whole and as its usual loops, and keeps the faster on the first call
     (``torch._inductor.config.triton.multi_kernel``: a row quantized with its own amax otherwise takes three
     loops over its producer's inputs); ``@tensor-activations`` (built by :func:`per_tensor_activations`):
-    the policy with one scale per tensor for each input and gradient it scales per token."""
-    suffix = variant.partition("@")[2]
+    the policy with one scale per tensor for each input and gradient it scales per token. Suffixes combine
+    with ``+`` (``windowed:paper@tensor-activations+e2m1-passes``)."""
+    suffixes = variant.partition("@")[2].split("+")
     fp8 = lowprec.kernels.Fp8
     known = {"": [], "int8": [(lowprec.kernels, "AUTO_ORDER", lowprec.kernels.AUTO_ORDER_INT8)],
              "amax-pass": [(fp8, "amax_in_graph", False)],
@@ -122,11 +123,13 @@ def settings(variant: str):
              "bf16-requantizes": [(lowprec.plan, "BF16_TAKES_FP8_CODES", False)],
              "multi-kernel": [(torch._inductor.config.triton, "multi_kernel", 1)],
              "tensor-activations": []}  # a policy of its own: _build
-    if suffix not in known:
-        raise ValueError(f"{variant}: unknown suffix @{suffix} (known: {', '.join('@' + k for k in known if k)})")
-    before = [(obj, name, getattr(obj, name)) for obj, name, _ in known[suffix]]
+    for suffix in suffixes:
+        if suffix not in known or (suffix == "" and len(suffixes) > 1):
+            raise ValueError(f"{variant}: unknown suffix @{suffix} (known: {', '.join('@' + k for k in known if k)})")
+    changes = [change for suffix in suffixes for change in known[suffix]]
+    before = [(obj, name, getattr(obj, name)) for obj, name, _ in changes]
     try:
-        for obj, name, value in known[suffix]:
+        for obj, name, value in changes:
             setattr(obj, name, value)
         yield
     finally:
@@ -167,7 +170,7 @@ def _build(variant: str, size: dict, rnn_graphs: bool, param_dtype: str, blocks_
         rnn_cuda_graphs=rnn_graphs, compile_blocks_once=blocks_once)
     model = hybrid.HybridLM(cfg)
     policy_cfg = OmegaConf.load(CONFIGS / "precision" / f"{policy}.yaml")
-    if variant.endswith("@tensor-activations"):
+    if "tensor-activations" in variant.partition("@")[2].split("+"):
         policy_cfg = per_tensor_activations(policy_cfg)
     report = lowprec.apply_policy(model, policy_cfg)
     model.cuda()
@@ -249,10 +252,20 @@ def _measure(variant, size, iters, mode, rnn_graphs, param_dtype, profile, block
     return row
 
 
+def variant_name(text: str) -> str:
+    """``text`` if it names a variant of ``VARIANTS``, or one whose suffixes, each listed with its base,
+    are joined with ``+``; else ``argparse.ArgumentTypeError``."""
+    base, _, suffix = text.partition("@")
+    if all((f"{base}@{s}" if s else base) in VARIANTS for s in suffix.split("+")) and (suffix == "" or "" not in suffix.split("+")):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown variant {text!r} (known: {', '.join(VARIANTS)}; suffixes combine with '+')")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    ap.add_argument("--variants", nargs="+", default=VARIANTS, type=variant_name,
+                    help="variants (default: all); a listed one's suffixes may be combined with '+'")
     ap.add_argument("--iters", type=int, default=10, help="steps in one timed window")
     ap.add_argument("--repeats", type=int, default=3, help="timed windows; tokens/s from the median window")
     ap.add_argument("--mode", default=None,

@@ -180,6 +180,23 @@ def _grad_operand(dy, plan: GemmPlan, amax=None, fusable=False):
                                                          amax=_for(fmt, amax))
 
 
+# True: where dgrad runs on the bf16 kernel and wgrad on an FP8 one with the same per-tensor gradient format
+# (per-tensor activations beside a weight scaled per output channel, whose scale lies along dgrad's
+# contraction), the FP8 kernel's pass makes the gradient's codes in both layouts and dgrad takes the row-major
+# ones in bf16: the same values (the codes are exact in bf16), one quantization of the gradient instead of
+# two. False: each of the two GEMMs quantizes the gradient itself
+BF16_DGRAD_TAKES_WGRAD_CODES = True
+
+
+def _grad_from_wgrad(plan: GemmPlan) -> bool:
+    """Whether backward makes the gradient's operands with wgrad's FP8 kernel and dgrad's bf16 kernel takes
+    them (``BF16_DGRAD_TAKES_WGRAD_CODES``)."""
+    dg, wg = plan.dgrad, plan.wgrad
+    return (BF16_DGRAD_TAKES_WGRAD_CODES and not plan.reuse_grad and dg.kernel == "bf16_tensorcore"
+            and wg.kernel.startswith("fp8") and dg.a is not None and dg.a == wg.a and dg.a.granularity == "tensor"
+            and plan.precision.grad_rounding == "nearest")
+
+
 def _operand_pair(kernel: str, t, fmt, rounding: str, history=None):
     """``(op, op_t, amax)``: ``t``'s operand for ``kernel`` and, where the kernel makes both in one pass,
     the transposed one a later GEMM reuses (else None: that GEMM transposes ``op`` itself); under
@@ -323,6 +340,10 @@ class QLinearFunction(torch.autograd.Function):
                 and same_operand(plan.dgrad.kernel, plan.wgrad.kernel, plan.dgrad.a)):  # wgrad's dy operand, same pass
             G, G_t, amax_g = _operand_pair(plan.dgrad.kernel, dy, plan.dgrad.a, plan.precision.grad_rounding,
                                            io.grad_history)
+        elif ctx.needs_input_grad[0] and wgrad and _grad_from_wgrad(plan):  # both from wgrad's FP8 pass
+            G8, G_t, amax_g = _operand_pair(plan.wgrad.kernel, dy, plan.wgrad.a, "nearest", io.grad_history)
+            G_t = G_t if G_t is not None else KERNELS[plan.wgrad.kernel].transposed(G8)
+            G = (G8[0].to(torch.bfloat16), G8[1])
         else:
             amax_g = delayed_amax(io.grad_history, dy)
         if ctx.needs_input_grad[0]:

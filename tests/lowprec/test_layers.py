@@ -298,36 +298,40 @@ def test_bf16_gemms_take_the_fp8_gemms_codes(weight, compiled, monkeypatch):
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_per_tensor_input_is_shared_by_the_two_fp8_kernels(compiled, monkeypatch):
+def test_per_tensor_operands_are_shared_across_kernels(compiled, monkeypatch):
     """Per-tensor E4M3 input and E5M2 gradient, FP4 weight scaled per output channel, the Hopper plan on
-    the CPU: fprop runs row-wise FP8 (the per-tensor input beside the per-row weight), wgrad tensor-wise FP8,
-    and wgrad takes the input codes fprop's pass made in both layouts (one quantization of the input, no
-    saved input): output and gradients equal, bit for bit, those of the same plan with wgrad quantizing the
-    saved input itself, eager and under inductor. Eager, the input is quantized once, not twice."""
+    the CPU: fprop runs row-wise FP8 (the per-tensor input beside the per-row weight), dgrad bf16 (the
+    weight's scale lies along its contraction), wgrad tensor-wise FP8. wgrad takes the input codes fprop's
+    kernel made, and dgrad the gradient codes wgrad's kernel made, in bf16: output and gradients equal, bit
+    for bit, those of the same plan with each GEMM quantizing its operands itself, eager and under inductor.
+    Eager, the input and the gradient are each quantized once, not twice."""
     import dataclasses
 
+    import lowprec.gemm
     from lowprec.kernels import KERNELS
 
     calls = []
-    if not compiled:  # counts the FP8 kernels' operands of the input (a side effect a compiled graph cannot hold)
-        fp8 = type(KERNELS["fp8_tensorwise"])
-        operand, operands = fp8.operand, fp8.operands
-        monkeypatch.setattr(fp8, "operand", lambda self, t, *a, **k: calls.append(t.shape) or operand(self, t, *a, **k))
-        monkeypatch.setattr(fp8, "operands", lambda self, t, *a, **k: calls.append(t.shape) or operands(self, t, *a, **k))
+    if not compiled:  # counts the operands the kernels make (a side effect a compiled graph cannot hold)
+        for name in ("fp8_tensorwise", "bf16_tensorcore"):
+            cls = type(KERNELS[name])
+            for method in ("operand", "operands"):
+                f = getattr(cls, method)
+                monkeypatch.setattr(cls, method, lambda self, t, *a, _f=f, **k: calls.append(t.shape) or _f(self, t, *a, **k))
     tensor = lambda name: {"format": name, "granularity": "tensor"}  # noqa: E731
     precision = LayerPrecision.from_fields({"weight": {"format": "fp4_e2m1", "granularity": "row"},
                                             "input": tensor("fp8_e4m3"), "grad": tensor("fp8_e5m2")})
     torch.manual_seed(1)
     x, dy = torch.randn(40, 64).bfloat16(), torch.randn(40, 128).bfloat16()
     results = []
-    for reuse in (True, False):
+    for share in (True, False):
+        monkeypatch.setattr(lowprec.gemm, "BF16_DGRAD_TAKES_WGRAD_CODES", share)
         torch.manual_seed(0)
         layer = QLinear.from_float(torch.nn.Linear(64, 128).bfloat16(), precision)
         plan = layer.plan_for("sm90")
         kernels = (plan.fprop.kernel, plan.dgrad.kernel, plan.wgrad.kernel)
         assert kernels == ("fp8_rowwise", "bf16_tensorcore", "fp8_tensorwise"), kernels
         assert plan.reuse_input and plan.reuse_weight and not plan.reuse_grad
-        if not reuse:
+        if not share:
             plan = dataclasses.replace(plan, reuse_input=False)
         layer._plan = plan
         fn = torch.compile(layer, fullgraph=True) if compiled else layer
@@ -336,8 +340,8 @@ def test_per_tensor_input_is_shared_by_the_two_fp8_kernels(compiled, monkeypatch
         y = fn(xx)
         y.backward(dy)
         results.append((y, xx.grad, layer.weight.grad))
-        if not compiled:  # the input (40, 64) quantized by FP8 kernels: once shared, else once by each GEMM
-            assert calls.count(x.shape) == (1 if reuse else 2), calls
+        if not compiled:  # the input (40, 64) and the gradient (40, 128): quantized once shared, else twice
+            assert (calls.count(x.shape), calls.count(dy.shape)) == ((1, 1) if share else (2, 2)), calls
         torch._dynamo.reset()
     for u, v in zip(*results, strict=True):
         assert torch.equal(u, v)
