@@ -31,7 +31,8 @@ tensor; ``...:paper@e2m1-passes``: the FP4 E2M1 weights' operands from the FP8 p
 ``...:paper@bf16-requantizes``: the bf16 GEMMs quantizing again what an FP8 GEMM quantized;
 ``windowed:<policy>@multi-kernel`` (and ``hybrid:``): inductor's multi-kernel reductions;
 ``...:fp8@ieee-division`` (and ``fp8_delayed``, ``paper``): the FP8 casts dividing by IEEE division;
-``...:paper@tensor-activations``: the paper policy with per-tensor scaled activations and gradients (see
+``...:paper@tensor-activations``: the paper policy with per-tensor scaled activations and gradients;
+``...:paper@dgrad-requantizes``: a bf16 dgrad quantizing again the gradient an FP8 wgrad quantized (see
 :func:`settings`).
 Each of ours prints its layers' plans. ``--profile`` adds, after each row, where one more step's GPU
 time went and which Python lines made the host wait (:mod:`experiments.gpu_profile`).
@@ -73,7 +74,7 @@ VARIANTS += [f"{m}:{p}@ieee-division" for m in ("windowed", "hybrid") for p in (
 VARIANTS += [f"{m}:paper@e2m1-passes" for m in ("windowed", "hybrid")]
 VARIANTS += [f"{m}:paper@bf16-requantizes" for m in ("windowed", "hybrid")]
 VARIANTS += [f"{m}:{p}@multi-kernel" for m in ("windowed", "hybrid") for p in POLICIES]
-VARIANTS += [f"{m}:paper@tensor-activations" for m in ("windowed", "hybrid")]
+VARIANTS += [f"{m}:paper@{s}" for m in ("windowed", "hybrid") for s in ("tensor-activations", "dgrad-requantizes")]
 
 
 def per_tensor_activations(cfg):
@@ -107,7 +108,9 @@ def settings(variant: str):
     pass over rows held whole and as its usual loops, and keeps the faster on the first call
     (``torch._inductor.config.triton.multi_kernel``: a row quantized with its own amax otherwise takes three
     loops over its producer's inputs); ``@tensor-activations`` (built by :func:`per_tensor_activations`):
-    the policy with one scale per tensor for each input and gradient it scales per token. Suffixes combine
+    the policy with one scale per tensor for each input and gradient it scales per token;
+    ``@dgrad-requantizes``: a bf16 dgrad quantizing the gradient itself where its layer's FP8 wgrad quantizes
+    it in the same per-tensor format (``lowprec.gemm.BF16_DGRAD_TAKES_WGRAD_CODES`` off). Suffixes combine
     with ``+`` (``windowed:paper@tensor-activations+e2m1-passes``)."""
     suffixes = variant.partition("@")[2].split("+")
     fp8 = lowprec.kernels.Fp8
@@ -122,6 +125,7 @@ def settings(variant: str):
              "e2m1-passes": [(lowprec.kernels, "E2M1_FROM_PASSES", True)],
              "bf16-requantizes": [(lowprec.plan, "BF16_TAKES_FP8_CODES", False)],
              "multi-kernel": [(torch._inductor.config.triton, "multi_kernel", 1)],
+             "dgrad-requantizes": [(lowprec.gemm, "BF16_DGRAD_TAKES_WGRAD_CODES", False)],
              "tensor-activations": []}  # a policy of its own: _build
     for suffix in suffixes:
         if suffix not in known or (suffix == "" and len(suffixes) > 1):

@@ -106,6 +106,10 @@ def test_tensor_activation_variant_and_combined_suffixes(monkeypatch):
     with bench.settings("windowed:paper@e2m1-passes+rows-one-kernel"):
         assert kernels.E2M1_FROM_PASSES and lowprec.fp8_cast.ROWS_IN_ONE_KERNEL
     assert not kernels.E2M1_FROM_PASSES and not lowprec.fp8_cast.ROWS_IN_ONE_KERNEL
+    assert lowprec.gemm.BF16_DGRAD_TAKES_WGRAD_CODES
+    with bench.settings("windowed:paper@tensor-activations+dgrad-requantizes"):
+        assert not lowprec.gemm.BF16_DGRAD_TAKES_WGRAD_CODES
+    assert lowprec.gemm.BF16_DGRAD_TAKES_WGRAD_CODES
     for bad in ("windowed:paper@e2m1-passes+nope", "windowed:paper@+e2m1-passes"):
         with pytest.raises(ValueError, match="unknown suffix"):
             with bench.settings(bad):
