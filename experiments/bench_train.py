@@ -27,11 +27,11 @@ tensor cores tried before bf16 (``lowprec.kernels.AUTO_ORDER_INT8``: BitNet's in
 ``...:fp8@amax-pass`` / ``@amax-stored`` / ``@amax-inline``: where the FP8 operands' amax is taken;
 ``...:paper@rows-one-kernel``: per-row FP8 operands in one kernel each; ``...:paper@bf16-values``: the bf16
 GEMMs' FP8 operands from the FP8 passes; ``...:paper@bf16-stored``: their per-row operands read from the stored
-tensor; ``...:paper@e2m1-passes``: the FP4 E2M1 weights' operands from the FP8 passes;
+tensor; ``...:paper@e2m1-general``: the FP4 E2M1 weights' operands from the general quantizer;
 ``...:paper@bf16-requantizes``: the bf16 GEMMs quantizing again what an FP8 GEMM quantized;
 ``windowed:<policy>@multi-kernel`` (and ``hybrid:``): inductor's multi-kernel reductions;
 ``...:fp8@ieee-division`` (and ``fp8_delayed``, ``paper``): the FP8 casts dividing by IEEE division;
-``...:paper@tensor-activations``: the paper policy with per-tensor scaled activations and gradients;
+``...:paper@token-activations``: the paper policy with per-token scaled activations and gradients;
 ``...:paper@dgrad-requantizes``: a bf16 dgrad quantizing again the gradient an FP8 wgrad quantized (see
 :func:`settings`).
 Each of ours prints its layers' plans. ``--profile`` adds, after each row, where one more step's GPU
@@ -71,20 +71,20 @@ VARIANTS += [f"{m}:fp8@{s}" for m in ("windowed", "hybrid")
              for s in ("amax-pass", "amax-stored", "amax-inline")]
 VARIANTS += [f"{m}:paper@{s}" for s in ("rows-one-kernel", "bf16-values", "bf16-stored") for m in ("windowed", "hybrid")]
 VARIANTS += [f"{m}:{p}@ieee-division" for m in ("windowed", "hybrid") for p in ("fp8", "fp8_delayed", "paper")]
-VARIANTS += [f"{m}:paper@e2m1-passes" for m in ("windowed", "hybrid")]
+VARIANTS += [f"{m}:paper@e2m1-general" for m in ("windowed", "hybrid")]
 VARIANTS += [f"{m}:paper@bf16-requantizes" for m in ("windowed", "hybrid")]
 VARIANTS += [f"{m}:{p}@multi-kernel" for m in ("windowed", "hybrid") for p in POLICIES]
-VARIANTS += [f"{m}:paper@{s}" for m in ("windowed", "hybrid") for s in ("tensor-activations", "dgrad-requantizes")]
+VARIANTS += [f"{m}:paper@{s}" for m in ("windowed", "hybrid") for s in ("token-activations", "dgrad-requantizes")]
 
 
-def per_tensor_activations(cfg):
-    """A policy config with each input and gradient format given by a bare name (per-token scales for
-    activations: :func:`lowprec.precision.parse_format`) scaled per tensor instead."""
-    cfg = OmegaConf.to_container(cfg)
+def per_token_activations(cfg):
+    """A policy config whose input and gradient formats scaled per tensor are scaled per token (per row)
+    instead."""
+    cfg = OmegaConf.to_container(cfg, resolve=True)
     for fields in [cfg.get("default") or {}, *cfg.get("rules", [])]:
         for key in ("input", "grad"):
-            if isinstance(fields.get(key), str) and fields[key] not in ("none", "fp32", "bf16", "fp16"):
-                fields[key] = {"format": fields[key], "granularity": "tensor"}
+            if isinstance(fields.get(key), dict) and fields[key].get("granularity") == "tensor":
+                fields[key] = {**fields[key], "granularity": "row"}
     return OmegaConf.create(cfg)
 
 
@@ -100,18 +100,19 @@ def settings(variant: str):
     formats made by the FP8 operand's passes (``lowprec.kernels.Bf16TensorCore.fp8_values_from_passes``);
     ``@bf16-stored``: their per-row operands quantized from the tensor as stored
     (``Bf16TensorCore.row_operands_read_stored``); ``@ieee-division``: the FP8 casts' quotients from IEEE
-    division everywhere (``lowprec.fp8_cast.FAST_QUOTIENT`` off); ``@e2m1-passes``: an FP4 E2M1 weight's
-    operands (E4M3 codes, bf16 values) made by the FP8 operand's passes (``lowprec.kernels.E2M1_FROM_PASSES``);
+    division everywhere (``lowprec.fp8_cast.FAST_QUOTIENT`` off); ``@e2m1-general``: an FP4 E2M1 weight's
+    operands (E4M3 codes, bf16 values) made by the general quantizer's tensor operations instead of the FP8
+    operand's passes (``lowprec.kernels.E2M1_FROM_PASSES`` off);
     ``@bf16-requantizes``: a bf16 tensor-core GEMM quantizing its operands itself where an FP8 GEMM of the
     layer quantized the same tensor in the same format (``lowprec.plan.BF16_TAKES_FP8_CODES`` off);
     ``@multi-kernel``: inductor compiles each reduction whose rows fit 16 times its usual limit both as one
     pass over rows held whole and as its usual loops, and keeps the faster on the first call
     (``torch._inductor.config.triton.multi_kernel``: a row quantized with its own amax otherwise takes three
-    loops over its producer's inputs); ``@tensor-activations`` (built by :func:`per_tensor_activations`):
-    the policy with one scale per tensor for each input and gradient it scales per token;
+    loops over its producer's inputs); ``@token-activations`` (built by :func:`per_token_activations`):
+    the policy with one scale per token for each input and gradient it scales per tensor;
     ``@dgrad-requantizes``: a bf16 dgrad quantizing the gradient itself where its layer's FP8 wgrad quantizes
     it in the same per-tensor format (``lowprec.gemm.BF16_DGRAD_TAKES_WGRAD_CODES`` off). Suffixes combine
-    with ``+`` (``windowed:paper@tensor-activations+e2m1-passes``)."""
+    with ``+`` (``windowed:paper@token-activations+e2m1-general``)."""
     suffixes = variant.partition("@")[2].split("+")
     fp8 = lowprec.kernels.Fp8
     known = {"": [], "int8": [(lowprec.kernels, "AUTO_ORDER", lowprec.kernels.AUTO_ORDER_INT8)],
@@ -122,11 +123,11 @@ def settings(variant: str):
              "bf16-values": [(lowprec.kernels.Bf16TensorCore, "fp8_values_from_passes", True)],
              "bf16-stored": [(lowprec.kernels.Bf16TensorCore, "row_operands_read_stored", True)],
              "ieee-division": [(lowprec.fp8_cast, "FAST_QUOTIENT", False)],
-             "e2m1-passes": [(lowprec.kernels, "E2M1_FROM_PASSES", True)],
+             "e2m1-general": [(lowprec.kernels, "E2M1_FROM_PASSES", False)],
              "bf16-requantizes": [(lowprec.plan, "BF16_TAKES_FP8_CODES", False)],
              "multi-kernel": [(torch._inductor.config.triton, "multi_kernel", 1)],
              "dgrad-requantizes": [(lowprec.gemm, "BF16_DGRAD_TAKES_WGRAD_CODES", False)],
-             "tensor-activations": []}  # a policy of its own: _build
+             "token-activations": []}  # a policy of its own: _build
     for suffix in suffixes:
         if suffix not in known or (suffix == "" and len(suffixes) > 1):
             raise ValueError(f"{variant}: unknown suffix @{suffix} (known: {', '.join('@' + k for k in known if k)})")
@@ -174,8 +175,8 @@ def _build(variant: str, size: dict, rnn_graphs: bool, param_dtype: str, blocks_
         rnn_cuda_graphs=rnn_graphs, compile_blocks_once=blocks_once)
     model = hybrid.HybridLM(cfg)
     policy_cfg = OmegaConf.load(CONFIGS / "precision" / f"{policy}.yaml")
-    if "tensor-activations" in variant.partition("@")[2].split("+"):
-        policy_cfg = per_tensor_activations(policy_cfg)
+    if "token-activations" in variant.partition("@")[2].split("+"):
+        policy_cfg = per_token_activations(policy_cfg)
     report = lowprec.apply_policy(model, policy_cfg)
     model.cuda()
     if param_dtype != "master":

@@ -316,13 +316,13 @@ class Unquantized(Matmul):
         return (t.t() if transposed else t), None
 
 
-# True: an FP4 E2M1 operand with a per-tensor or per-row absmax scale (the paper policy's feed-forward and head
-# weights) is made by the FP8 operand's two Triton passes (lowprec.fp8_cast.e2m1_operand: E4M3 codes for the
-# FP8 kernels; lowprec.fp8_cast.e2m1_values: bf16 values for bf16_tensorcore); False (the default): by the
+# True (the default): an FP4 E2M1 operand with a per-tensor or per-row absmax scale (the paper policy's
+# feed-forward and head weights) is made by the FP8 operand's two Triton passes (lowprec.fp8_cast.e2m1_operand:
+# E4M3 codes for the FP8 kernels; lowprec.fp8_cast.e2m1_values: bf16 values for bf16_tensorcore); False: by the
 # general quantizer's tensor operations, which the compiler fuses into kernels of its own. The same codes and
-# values either way; a compiled 600M step under the paper policy on an H200 ran 3% slower with the passes (each
-# weight's amax taken once for its FP8 operand and once more for its bf16 one)
-E2M1_FROM_PASSES = False
+# values either way; in one process on an H200 a compiled 600M step under the paper policy took 2-3% less time
+# with the passes (its bf16 dgrad takes fprop's E4M3 codes: one amax and one cast per weight)
+E2M1_FROM_PASSES = True
 
 
 def _e2m1_from_passes(t, fmt, rounding) -> bool:

@@ -84,11 +84,12 @@ def test_plan_and_compiler_variants_switch_their_setting_and_put_it_back():
         f"{m}:{p}@multi-kernel" for m in ("windowed", "hybrid") for p in bench.POLICIES}
 
 
-def test_tensor_activation_variant_and_combined_suffixes(monkeypatch):
-    """``@tensor-activations`` builds the paper policy with per-tensor scaled inputs and gradients (the
-    attention all tensor-wise FP8; the feed-forward's fprop row-wise beside its per-row FP4 weight, its wgrad
-    tensor-wise), the plain variant per-token ones; suffixes combine with ``+``, each set inside ``settings``
-    and put back; the command line takes listed variants and their combinations, and rejects the others."""
+def test_token_activation_variant_and_combined_suffixes(monkeypatch):
+    """The paper policy scales activations and gradients per tensor (the attention all tensor-wise FP8; the
+    feed-forward's fprop row-wise beside its per-row FP4 weight, its dgrad bf16, its wgrad tensor-wise);
+    ``@token-activations`` builds it with per-token ones (every wgrad on bf16 tensor cores); suffixes combine
+    with ``+``, each set inside ``settings`` and put back; the command line takes listed variants and their
+    combinations, and rejects the others."""
     monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, device=None: self)  # stay on the CPU
     monkeypatch.setattr(lowprec.plan.DeviceSpec, "of", classmethod(lambda cls, device: cls("cuda", (9, 0))))
 
@@ -96,25 +97,25 @@ def test_tensor_activation_variant_and_combined_suffixes(monkeypatch):
         return {name: (m.plan.fprop.kernel, m.plan.dgrad.kernel, m.plan.wgrad.kernel, m.plan.fprop.a.granularity)
                 for name, m in model.named_modules() if name in ("blocks.0.attn.q", "blocks.0.ffn.up")}
 
-    model, *_ = bench.build("windowed:paper@tensor-activations+e2m1-passes", TINY)
+    model, *_ = bench.build("windowed:paper", TINY)
     assert plans(model) == {"blocks.0.attn.q": ("fp8_tensorwise",) * 3 + ("tensor",),
                             "blocks.0.ffn.up": ("fp8_rowwise", "bf16_tensorcore", "fp8_tensorwise", "tensor")}
-    model, *_ = bench.build("windowed:paper", TINY)
+    model, *_ = bench.build("windowed:paper@token-activations+e2m1-general", TINY)
     assert plans(model) == {"blocks.0.attn.q": ("fp8_rowwise", "fp8_rowwise", "bf16_tensorcore", "row"),
                             "blocks.0.ffn.up": ("fp8_rowwise", "bf16_tensorcore", "bf16_tensorcore", "row")}
-    assert not kernels.E2M1_FROM_PASSES and not lowprec.fp8_cast.ROWS_IN_ONE_KERNEL
-    with bench.settings("windowed:paper@e2m1-passes+rows-one-kernel"):
-        assert kernels.E2M1_FROM_PASSES and lowprec.fp8_cast.ROWS_IN_ONE_KERNEL
-    assert not kernels.E2M1_FROM_PASSES and not lowprec.fp8_cast.ROWS_IN_ONE_KERNEL
+    assert kernels.E2M1_FROM_PASSES and not lowprec.fp8_cast.ROWS_IN_ONE_KERNEL
+    with bench.settings("windowed:paper@e2m1-general+rows-one-kernel"):
+        assert not kernels.E2M1_FROM_PASSES and lowprec.fp8_cast.ROWS_IN_ONE_KERNEL
+    assert kernels.E2M1_FROM_PASSES and not lowprec.fp8_cast.ROWS_IN_ONE_KERNEL
     assert lowprec.gemm.BF16_DGRAD_TAKES_WGRAD_CODES
-    with bench.settings("windowed:paper@tensor-activations+dgrad-requantizes"):
+    with bench.settings("windowed:paper@dgrad-requantizes"):
         assert not lowprec.gemm.BF16_DGRAD_TAKES_WGRAD_CODES
     assert lowprec.gemm.BF16_DGRAD_TAKES_WGRAD_CODES
-    for bad in ("windowed:paper@e2m1-passes+nope", "windowed:paper@+e2m1-passes"):
+    for bad in ("windowed:paper@e2m1-general+nope", "windowed:paper@+e2m1-general"):
         with pytest.raises(ValueError, match="unknown suffix"):
             with bench.settings(bad):
                 pass
-    assert bench.variant_name("hybrid:paper@tensor-activations+e2m1-passes") == "hybrid:paper@tensor-activations+e2m1-passes"
-    for bad in ("windowed:fp8@e2m1-passes", "windowed:paper@tensor-activations+", "windowed:nope"):
+    assert bench.variant_name("hybrid:paper@token-activations+e2m1-general") == "hybrid:paper@token-activations+e2m1-general"
+    for bad in ("windowed:fp8@e2m1-general", "windowed:paper@token-activations+", "windowed:nope"):
         with pytest.raises(argparse.ArgumentTypeError, match="unknown variant"):
             bench.variant_name(bad)
