@@ -10,7 +10,9 @@ For ``y = x W^T + b`` with ``x: (M, K)`` (M tokens), ``W: (N, K)``::
 (:mod:`lowprec.kernels`), so nothing here decides anything. Activation gradients pass straight
 through to ``x`` (identity STE); the weight gradient is multiplied by the weight pseudo-gradient
 of ``LayerPrecision.ste`` (latent storage). What backward reuses from forward (FP8 codes of the
-weight and the input) is the plan's ``reuse_*``.
+weight and the input) is the plan's ``reuse_*``; where dgrad runs on bf16 tensor cores beside an FP8 wgrad
+with the same per-tensor gradient format, dgrad takes the gradient's codes wgrad's pass makes
+(``BF16_DGRAD_TAKES_WGRAD_CODES``).
 
 The autograd function receives tensors, the plan and a :class:`LayerIO` (the layer's operand cache,
 telemetry and the gradient's amax history), never the module. A native weight's gradient is the
@@ -293,8 +295,8 @@ class QLinearFunction(torch.autograd.Function):
         native = plan.precision.storage == "native"
         gemv = _gemv_applies(plan, x2)
         A = A_t = B = B_t = None
-        # a later GEMM takes an operand made in both layouts only from a kernel making its operands
-        # (another kernel takes the row-major operand and transposes it itself: `GemmKernel.transposed`)
+        # a later GEMM takes an operand made in both layouts only from a kernel that makes the same operand
+        # (`same_operand`; another kernel takes the row-major one and transposes it itself: `GemmKernel.transposed`)
         if plan.reuse_input and not gemv and same_operand(plan.fprop.kernel, plan.wgrad.kernel, plan.fprop.a):
             A, A_t, amax_x = _operand_pair(plan.fprop.kernel, x2, plan.fprop.a, "nearest", hist_x)
         else:

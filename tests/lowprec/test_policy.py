@@ -156,15 +156,18 @@ def test_preset_loads_and_resolves_hybrid_names(name):
 
 
 def test_paper_preset_allocation():
+    """FP8 attention, embeddings and fusion, FP4 E2M1 feed-forward and head weights with a scale per output
+    row, FP8 activations and gradients with one scale per tensor, fp16 RNN."""
     p = load("paper")
+    tensor = dict(granularity="tensor")
     for n in ("blocks.5.attn.q", "blocks.5.attn.o", "fusion.xattn.k", "fusion.gate", "embed.tok", "embed.pos"):
         prec = p.resolve(n)
-        assert (prec.weight, prec.grad) == (E4M3, format("fp8_e5m2", **ROW)), n
-        assert prec.input == (None if n.startswith("embed") else format("fp8_e4m3", **ROW)), n
+        assert (prec.weight, prec.grad) == (E4M3, format("fp8_e5m2", **tensor)), n
+        assert prec.input == (None if n.startswith("embed") else format("fp8_e4m3", **tensor)), n
     for n in ("blocks.5.ffn.up", "blocks.5.ffn.down", "head"):
         prec = p.resolve(n)
         assert prec.weight == format("fp4_e2m1", **ROW) and prec.weight.effective_bits == 4
-        assert (prec.input, prec.grad) == (format("fp8_e4m3", **ROW), format("fp8_e5m2", **ROW))
+        assert (prec.input, prec.grad) == (format("fp8_e4m3", **tensor), format("fp8_e5m2", **tensor))
     for n in ("rnn.lstm.3.ih", "rnn.lstm.3.hh", "rnn.compressor.fc2"):
         prec = p.resolve(n)
         assert (prec.weight, prec.input, prec.grad) == (FORMATS["fp16"],) * 3
