@@ -32,7 +32,8 @@ tensor; ``...:paper@e2m1-general``: the FP4 E2M1 weights' operands from the gene
 ``windowed:<policy>@multi-kernel`` (and ``hybrid:``): inductor's multi-kernel reductions;
 ``...:fp8@ieee-division`` (and ``fp8_delayed``, ``paper``): the FP8 casts dividing by IEEE division;
 ``...:paper@token-activations``: the paper policy with per-token scaled activations and gradients;
-``...:paper@dgrad-requantizes``: a bf16 dgrad quantizing again the gradient an FP8 wgrad quantized (see
+``...:paper@dgrad-requantizes``: a bf16 dgrad quantizing again the gradient an FP8 wgrad quantized;
+``...:paper@dgrad-folds-scale``: the bf16 dgrad folding the gradient's scale into the weight's values (see
 :func:`settings`).
 Each of ours prints its layers' plans. ``--profile`` adds, after each row, where one more step's GPU
 time went and which Python lines made the host wait (:mod:`experiments.gpu_profile`).
@@ -74,7 +75,8 @@ VARIANTS += [f"{m}:{p}@ieee-division" for m in ("windowed", "hybrid") for p in (
 VARIANTS += [f"{m}:paper@e2m1-general" for m in ("windowed", "hybrid")]
 VARIANTS += [f"{m}:paper@bf16-requantizes" for m in ("windowed", "hybrid")]
 VARIANTS += [f"{m}:{p}@multi-kernel" for m in ("windowed", "hybrid") for p in POLICIES]
-VARIANTS += [f"{m}:paper@{s}" for m in ("windowed", "hybrid") for s in ("token-activations", "dgrad-requantizes")]
+VARIANTS += [f"{m}:paper@{s}" for m in ("windowed", "hybrid")
+             for s in ("token-activations", "dgrad-requantizes", "dgrad-folds-scale")]
 
 
 def per_token_activations(cfg):
@@ -111,7 +113,9 @@ def settings(variant: str):
     loops over its producer's inputs); ``@token-activations`` (built by :func:`per_token_activations`):
     the policy with one scale per token for each input and gradient it scales per tensor;
     ``@dgrad-requantizes``: a bf16 dgrad quantizing the gradient itself where its layer's FP8 wgrad quantizes
-    it in the same per-tensor format (``lowprec.gemm.BF16_DGRAD_TAKES_WGRAD_CODES`` off). Suffixes combine
+    it in the same per-tensor format (``lowprec.gemm.BF16_DGRAD_TAKES_WGRAD_CODES`` off); ``@dgrad-folds-scale``:
+    such a dgrad folding the gradient's per-tensor scale into its weight operand's values, so that its GEMM
+    writes bf16 (``lowprec.gemm.BF16_DGRAD_FOLDS_GRAD_SCALE`` on). Suffixes combine
     with ``+`` (``windowed:paper@token-activations+e2m1-general``)."""
     suffixes = variant.partition("@")[2].split("+")
     fp8 = lowprec.kernels.Fp8
@@ -127,6 +131,7 @@ def settings(variant: str):
              "bf16-requantizes": [(lowprec.plan, "BF16_TAKES_FP8_CODES", False)],
              "multi-kernel": [(torch._inductor.config.triton, "multi_kernel", 1)],
              "dgrad-requantizes": [(lowprec.gemm, "BF16_DGRAD_TAKES_WGRAD_CODES", False)],
+             "dgrad-folds-scale": [(lowprec.gemm, "BF16_DGRAD_FOLDS_GRAD_SCALE", True)],
              "token-activations": []}  # a policy of its own: _build
     for suffix in suffixes:
         if suffix not in known or (suffix == "" and len(suffixes) > 1):

@@ -238,13 +238,30 @@ def _fprop(x2, w, amax_x, amax_w, plan: GemmPlan, io: LayerIO, A=None, B=None, g
 
 
 
-def _dgrad(dy, w, B_fprop, amax_g, plan: GemmPlan, io: LayerIO, out_dtype, G=None, B=None, gathered=None):
+# True: a dgrad on bf16 tensor cores whose weight operand folds a per-row scale into its values (a weight scaled
+# per output channel, whose scale lies along dgrad's contraction) and whose gradient operand has a per-tensor
+# scale folds that scale into the weight's values too, bf16(codes * row scale * gradient scale), so the GEMM
+# writes its bf16 output itself instead of an fp32 product that a pass then scales and rounds. One bf16
+# rounding of the weight operand either way (of a product with one factor more), so the results differ from
+# the default's in the last bits, not in accuracy. False (the default; not yet measured on a GPU): the
+# gradient's scale multiplies the fp32 product
+BF16_DGRAD_FOLDS_GRAD_SCALE = False
+
+
+def _dgrad(dy, w, B_fprop, amax_g, plan: GemmPlan, io: LayerIO, out_dtype, G=None, B=None, gathered=None,
+           fold=False):
     """``dx = Q(dy) Q(W)`` -> ``(dx, G, B)``, the quantized operands of ``dy`` and ``W``.
     ``B_fprop``: fprop's weight operand where the plan reuses it, else None. ``G`` / ``B``: the
     operand of ``dy`` / dgrad's weight operand where the caller computed it already. ``gathered``:
-    as ``QLinearFunction``'s."""
+    as ``QLinearFunction``'s. ``fold``: ``BF16_DGRAD_FOLDS_GRAD_SCALE`` applies (this call's weight operand
+    is its own: the returned ``B`` then holds the gradient's scale)."""
     k = KERNELS[plan.dgrad.kernel]
     G = G if G is not None else _grad_operand(dy, plan, amax_g)
+    if (B is None and fold and B_fprop is not None and plan.dgrad.kernel == "bf16_tensorcore"
+            and G[1] is not None and G[1].numel() == 1 and B_fprop[1] is not None and B_fprop[1].numel() > 1):
+        v, row = B_fprop  # fprop's codes and their per-row scale: both scales into the values, one rounding
+        B = ((v.float() * (row.reshape(-1, 1).float() * G[1].float().reshape(()))).to(torch.bfloat16).t(), None)
+        return k.mm((G[0], None), B, out_dtype), G, B
     if B is None:
         B = k.transposed(B_fprop) if B_fprop is not None else None
         B = B if B is not None else _weight_operand(k, plan.dgrad.b, True, plan, w, io, gathered=gathered)
@@ -350,7 +367,7 @@ class QLinearFunction(torch.autograd.Function):
             amax_g = delayed_amax(io.grad_history, dy)
         if ctx.needs_input_grad[0]:
             dx, G, _ = _dgrad(dy, w, (wb, ws) if keep_w and not w_t else None, amax_g, plan, io, x_dtype, G,
-                              (wb, ws) if w_t else None, gathered)
+                              (wb, ws) if w_t else None, gathered, fold=BF16_DGRAD_FOLDS_GRAD_SCALE)
         if wgrad:
             kept = (xa, xs) if keep_x else None
             dw = _wgrad(dy, x2, None if x_t else kept, G, amax_g, w_a, plan, kept if x_t else None, G_t,

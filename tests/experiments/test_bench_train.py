@@ -108,9 +108,10 @@ def test_token_activation_variant_and_combined_suffixes(monkeypatch):
         assert not kernels.E2M1_FROM_PASSES and lowprec.fp8_cast.ROWS_IN_ONE_KERNEL
     assert kernels.E2M1_FROM_PASSES and not lowprec.fp8_cast.ROWS_IN_ONE_KERNEL
     assert lowprec.gemm.BF16_DGRAD_TAKES_WGRAD_CODES
-    with bench.settings("windowed:paper@dgrad-requantizes"):
-        assert not lowprec.gemm.BF16_DGRAD_TAKES_WGRAD_CODES
-    assert lowprec.gemm.BF16_DGRAD_TAKES_WGRAD_CODES
+    assert not lowprec.gemm.BF16_DGRAD_FOLDS_GRAD_SCALE
+    with bench.settings("windowed:paper@dgrad-requantizes+dgrad-folds-scale"):
+        assert not lowprec.gemm.BF16_DGRAD_TAKES_WGRAD_CODES and lowprec.gemm.BF16_DGRAD_FOLDS_GRAD_SCALE
+    assert lowprec.gemm.BF16_DGRAD_TAKES_WGRAD_CODES and not lowprec.gemm.BF16_DGRAD_FOLDS_GRAD_SCALE
     for bad in ("windowed:paper@e2m1-general+nope", "windowed:paper@+e2m1-general"):
         with pytest.raises(ValueError, match="unknown suffix"):
             with bench.settings(bad):

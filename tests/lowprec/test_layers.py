@@ -345,3 +345,43 @@ def test_per_tensor_operands_are_shared_across_kernels(compiled, monkeypatch):
         torch._dynamo.reset()
     for u, v in zip(*results, strict=True):
         assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_bf16_dgrad_folding_the_gradient_scale(compiled, monkeypatch):
+    """The paper policy's feed-forward with its Hopper plan on the CPU (dgrad on bf16 tensor cores, its weight
+    operand fprop's E4M3 codes with the per-row scale folded in), with ``BF16_DGRAD_FOLDS_GRAD_SCALE``: the
+    gradient's per-tensor scale folds into the weight's values as well. The output and the weight gradient are
+    those of the default bit for bit (only dgrad changes); dx, with it and without, is within the bound of one
+    bf16 rounding of the weight operand (relative 2^-9 of each product, 2^-8 taken) and of up to two of the
+    output (2^-9 each: the unfolded CPU path rounds the product to bf16 before scaling it), against the product
+    of the same quantized operands in float64."""
+    import lowprec.gemm
+    from lowprec.scaling import quantize_dequantize
+
+    tensor = lambda name: {"format": name, "granularity": "tensor"}  # noqa: E731
+    precision = LayerPrecision.from_fields({"weight": {"format": "fp4_e2m1", "granularity": "row"},
+                                            "input": tensor("fp8_e4m3"), "grad": tensor("fp8_e5m2")})
+    torch.manual_seed(1)
+    x, dy = torch.randn(40, 64).bfloat16(), torch.randn(40, 128).bfloat16()
+    results = {}
+    for fold in (False, True):
+        monkeypatch.setattr(lowprec.gemm, "BF16_DGRAD_FOLDS_GRAD_SCALE", fold)
+        torch.manual_seed(0)
+        layer = QLinear.from_float(torch.nn.Linear(64, 128, bias=False).bfloat16(), precision)
+        layer._plan = layer.plan_for("sm90")
+        assert layer._plan.dgrad.kernel == "bf16_tensorcore" and layer._plan.reuse_weight
+        fn = torch.compile(layer, fullgraph=True) if compiled else layer
+        xx = x.clone().requires_grad_(True)
+        y = fn(xx)
+        y.backward(dy)
+        results[fold] = (y, xx.grad, layer.weight.grad)
+        torch._dynamo.reset()
+    assert torch.equal(results[True][0], results[False][0]) and torch.equal(results[True][2], results[False][2])
+    g = quantize_dequantize(dy, precision.grad)[0].double()
+    w = quantize_dequantize(layer.weight.detach(), precision.weight)[0].double()
+    ref, size = g @ w, g.abs() @ w.abs()
+    for fold, (_, dx, _) in results.items():
+        err = (dx.double() - ref).abs()
+        assert (err <= 2**-8 * size + 2**-8 * ref.abs()).all(), (fold, (err / size).max())
+    assert not torch.equal(results[True][1], results[False][1])  # the folded path is taken: other last bits
