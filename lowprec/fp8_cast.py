@@ -61,7 +61,7 @@ import torch
 from .formats import Format
 from .formats import format as get_format
 from .rounding import round_to_grid, torch_dtype_of
-from .scaling import delayed_amax
+from .scaling import delayed_amax, scale_from_stat
 
 try:  # Triton ships with CUDA builds of torch; the CPU build runs without it
     import triton
@@ -539,6 +539,13 @@ def reference_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, pe
 def _fp8_operand(x: torch.Tensor, amax: torch.Tensor | None, e5m2: bool, per_row: bool, rowmajor: bool,
                  transposed: bool, gathered: int, measured: torch.Tensor | None = None, values: bool = False,
                  e2m1: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if e2m1 and gathered:  # the master's codes, the gathered tensor's scales (inside the operator: eager arithmetic)
+        codes, codes_t, s = _fp8_operand_of(x, amax, e5m2, per_row, rowmajor, transposed, 0, measured, values, e2m1)
+        return codes, codes_t, gathered_e2m1_scale(s, _E2M1_FORMATS[per_row])
+    return _fp8_operand_of(x, amax, e5m2, per_row, rowmajor, transposed, gathered, measured, values, e2m1)
+
+
+def _fp8_operand_of(x, amax, e5m2, per_row, rowmajor, transposed, gathered, measured, values, e2m1):
     if x.is_cuda and triton is not None:
         return triton_operand(x, amax, e5m2, per_row, rowmajor, transposed, gathered, measured, values=values,
                               e2m1=e2m1)
@@ -564,7 +571,10 @@ def _call(t: torch.Tensor, fmt: Format, amax, rowmajor: bool, transposed: bool, 
         raise ValueError("fp8_cast: per-row scales lie along the contraction of the transposed layout")
     if values and (gathered is not None or measured is not None):
         raise ValueError("fp8_cast: bf16 values are made from the tensor itself (no gathered weight, no measured amax)")
-    if gathered is not None and (per_row or amax is not None or gathered not in GATHERED_DTYPES):
+    if e2m1 and gathered is not None and (gathered != torch.bfloat16 or amax is not None):
+        raise ValueError(f"fp8_cast: a gathered E2M1 weight is read dequantized to bf16 with its own amax, not into "
+                         f"{gathered}{' with a delayed amax' if amax is not None else ''}")
+    if gathered is not None and not e2m1 and (per_row or amax is not None or gathered not in GATHERED_DTYPES):
         delayed = "with a delayed amax " if amax is not None else ""
         raise ValueError(f"fp8_cast: a gathered weight is read with its own per-tensor scale into one of "
                          f"{GATHERED_DTYPES}, not {fmt} {delayed}into {gathered}")
@@ -603,21 +613,36 @@ def operands(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None, gat
     return (codes, s), (codes_t, s)
 
 
-def _e2m1_call(name: str, t: torch.Tensor, fmt: Format, amax, rowmajor: bool, transposed: bool, values: bool):
+def _e2m1_call(name: str, t: torch.Tensor, fmt: Format, amax, rowmajor: bool, transposed: bool, values: bool,
+               gathered: torch.dtype | None = None):
     if not is_e2m1(fmt) or not t.is_floating_point():
         raise ValueError(f"fp8_cast.{name}: {fmt} on a tensor of shape {tuple(t.shape)} is not one it makes "
                          "(an FP4 E2M1 format scaled per tensor or per row, a non-empty 2-D floating tensor)")
-    return _call(t, fmt, amax, rowmajor, transposed, values=values, e2m1=True)
+    return _call(t, fmt, amax, rowmajor, transposed, gathered, values=values, e2m1=True)
 
 
-def e2m1_operand(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None, transposed: bool = False):
+def e2m1_operand(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None, transposed: bool = False,
+                 gathered: torch.dtype | None = None):
     """``(codes, outer)`` of ``t`` (2-D) in an FP4 E2M1 format (:func:`is_e2m1`) as E4M3 codes, which hold
     every E2M1 value exactly, under the format's scales, laid out as :func:`operand` lays them out: the
     general quantizer's values cast to E4M3, bit for bit (a NaN's code aside, written ``0x7F``), in the same
     two passes as an FP8 operand's (the amax, then the scale, the division, the rounding to E2M1 and the
-    codes). ``amax``: a delayed per-tensor amax."""
-    codes, codes_t, s = _e2m1_call("e2m1_operand", t, fmt, amax, not transposed, transposed, False)
+    codes). ``amax``: a delayed per-tensor amax. ``gathered=torch.bfloat16`` (no ``amax``): the operand of
+    ``t``'s codes in ``fmt`` dequantized to bf16 (what :func:`lowprec.fsdp.as_gathered` hands a layer),
+    from ``t`` itself (:func:`gathered_e2m1_scale`)."""
+    codes, codes_t, s = _e2m1_call("e2m1_operand", t, fmt, amax, not transposed, transposed, False, gathered)
     return (codes_t if transposed else codes), s
+
+
+def gathered_e2m1_scale(s: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """The scales of an E2M1 operand of ``g = as_gathered(t, fmt, bf16)`` from ``s``, those of ``t``'s: ``g``'s
+    values are bf16(code × s), each within 2^-9 of code × s, so ``g``'s amax is bf16(6 s) (its code-6
+    element: every row or tensor holds one, or is all zeros with s = 1), its scale bf16(6 s) / 6, and each of
+    its values divided by that scale lies within 2^-8 of its code, nearer to it than to any other E2M1
+    value: ``g``'s codes are ``t``'s. That holds while code × s stays a normal number (|t|'s row amax above
+    2^-121); a row holding a NaN or an infinity has a NaN scale in both."""
+    top = (s * 6.0).to(torch.bfloat16).float()  # g's amax: its code-6 element, as dequantize computes it
+    return torch.where(torch.isfinite(top), scale_from_stat(top, fmt), float("nan"))
 
 
 def e2m1_values(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None, rowmajor: bool = True,
@@ -715,5 +740,6 @@ _E2M1 = _E2M1_FORMATS[False]
 
 
 __all__ = ["GATHERED_DTYPES", "PAD", "applies", "delayed_operands", "e2m1_operand", "e2m1_values", "fp8_dtype",
+           "gathered_e2m1_scale",
            "is_e2m1", "operand", "operands", "reference_cast", "reference_delayed_operand", "reference_operand",
            "scales", "triton_delayed_operand", "triton_operand", "values"]

@@ -542,11 +542,16 @@ class Fp8(_CodesKernel):
         return super().operand(t, fmt, rounding=rounding, amax=amax)  # the general quantizer: the same codes
 
     def reads_gathered(self, fmt, dtype):
+        if fp8_cast.is_e2m1(fmt):  # from the FP8 passes, in bf16 (lowprec.fp8_cast.gathered_e2m1_scale)
+            return E2M1_FROM_PASSES and dtype == torch.bfloat16
         return fp8_cast.fp8_dtype(fmt) is not None and fmt.granularity == "tensor" and dtype in fp8_cast.GATHERED_DTYPES
 
     def gathered_operands(self, w, fmt, dtype, *, rowmajor=True, transposed=True):
         if not self.reads_gathered(fmt, dtype):
             raise ValueError(f"{self.name}: a weight gathered in {fmt} and read in {dtype} is not one it reads")
+        if fp8_cast.is_e2m1(fmt):
+            return tuple(fp8_cast.e2m1_operand(w, fmt, transposed=t, gathered=dtype) if want else None
+                         for t, want in ((False, rowmajor), (True, transposed)))
         if rowmajor and transposed:
             return fp8_cast.operands(w, fmt, gathered=dtype)
         op = fp8_cast.operand(w, fmt, transposed=transposed, gathered=dtype)

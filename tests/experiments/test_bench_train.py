@@ -120,3 +120,21 @@ def test_token_activation_variant_and_combined_suffixes(monkeypatch):
     for bad in ("windowed:fp8@e2m1-general", "windowed:paper@token-activations+", "windowed:nope"):
         with pytest.raises(argparse.ArgumentTypeError, match="unknown variant"):
             bench.variant_name(bad)
+
+
+def test_bf16_parameters_read_the_fp4_weights_from_their_masters(monkeypatch):
+    """``--param-dtype bf16`` under the paper policy with Hopper plans: every FP4 E2M1 weight (feed-forward,
+    head) and every FP8 one is told it reaches its layer gathered in its format and dequantized to bf16, and
+    its layer makes its operands from the master (``gathered_applies``) instead of being handed the
+    dequantized tensor."""
+    from lowprec.gemm import gathered_applies
+
+    monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, device=None: self)  # stay on the CPU
+    monkeypatch.setattr(lowprec.plan.DeviceSpec, "of", classmethod(lambda cls, device: cls("cuda", (9, 0))))
+    model, *_ = bench.build("windowed:paper", TINY, param_dtype="bf16")
+    layers = {name: m for name, m in model.named_modules() if hasattr(m, "plan") and m.precision.weight is not None
+              and m.precision.weight.name in ("fp4_e2m1", "fp8_e4m3") and hasattr(m, "gathered_as")}
+    fp4 = [n for n, m in layers.items() if m.precision.weight.name == "fp4_e2m1"]
+    assert fp4 and "head" in fp4 and any(".ffn." in n for n in fp4)
+    for name, m in layers.items():
+        assert m.gathered_as is not None and gathered_applies(m.plan, m.gathered_as), name

@@ -631,6 +631,28 @@ def test_a_gathered_weights_operand_is_that_of_its_dequantized_codes(device, nam
             _assert_same(both[1], fp8_cast.operand(g, fmt, transposed=True))
 
 
+@pytest.mark.parametrize("master", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("granularity", ["row", "tensor"])
+def test_a_gathered_e2m1_weights_operand_is_that_of_its_dequantized_codes(device, granularity, master):
+    """An FP4 E2M1 weight gathered in its format and dequantized to bf16 (lowprec.fsdp.as_gathered): its E4M3
+    codes and scales made from the master equal, byte for byte, those made from the gathered tensor, in each
+    layout (per row: the row-major one), over 30 decades of scale, rows holding a NaN or an infinity, and
+    all-zero weights. One case lies below the range where that holds (row amax under 2^-121: a fp32 master
+    of decade -40, subnormal) and is skipped."""
+    from lowprec.fsdp import as_gathered
+
+    fmt = lowprec.format("fp4_e2m1", granularity=granularity)
+    for w in _gathered_cases(master, device):
+        if w.abs().amax() < 2.0**-100:
+            continue
+        g = as_gathered(w, fmt, torch.bfloat16)
+        for transposed in (False, True) if granularity == "tensor" else (False,):
+            _assert_same(fp8_cast.e2m1_operand(w, fmt, transposed=transposed, gathered=torch.bfloat16),
+                         fp8_cast.e2m1_operand(g, fmt, transposed=transposed))
+    with pytest.raises(ValueError, match="dequantized to bf16"):
+        fp8_cast.e2m1_operand(w, fmt, gathered=torch.float16)
+
+
 def test_a_gathered_weight_is_read_per_tensor_with_its_own_amax():
     w = torch.randn(4, 8)
     with pytest.raises(ValueError, match="gathered weight"):
@@ -680,6 +702,47 @@ def test_a_layer_reads_its_gathered_weight_from_the_master(device, compiled):
 
     with torch.no_grad():
         layer.bias.copy_(torch.randn(96))
+    got, want = run(True), run(False)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and torch.equal(g, w)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_an_e2m1_layer_reads_its_gathered_weight_from_the_master(device, compiled):
+    """The paper policy's feed-forward layer (FP4 E2M1 weight scaled per row, per-tensor E4M3 input and E5M2
+    gradient) with its Hopper plan (on the CPU too: FP8 GEMMs through ``torch._scaled_mm``), told that its
+    weight reaches it gathered in bf16: its operands are made from the master, and the output, the input's
+    gradient and the master's gradient are those of the layer handed ``as_gathered(master)``, bit for bit,
+    eager and compiled."""
+    from lowprec.fsdp import as_gathered
+    from lowprec.gemm import gathered_applies
+    from lowprec.nn import QLinear
+
+    tensor = lambda name: {"format": name, "granularity": "tensor"}  # noqa: E731
+    fields = {"weight": {"format": "fp4_e2m1", "granularity": "row"}, "input": tensor("fp8_e4m3"),
+              "grad": tensor("fp8_e5m2")}
+    torch.manual_seed(0)
+    layer = QLinear(64, 96, bias=False, precision=lowprec.LayerPrecision.from_fields(fields)).to(device)
+    layer._plan = layer.plan_for("sm90")
+    fmt = layer.precision.operand("fprop", "weight")
+    assert gathered_applies(layer.plan, (fmt, torch.bfloat16))
+    x = torch.randn(40, 64, device=device, dtype=torch.bfloat16)
+    dy = torch.randn(40, 96, device=device, dtype=torch.bfloat16)
+
+    def run(gathered):
+        layer.zero_grad(set_to_none=True)
+        layer.gathered_as = (fmt, torch.bfloat16) if gathered else None
+        xi = x.clone().requires_grad_()
+
+        def f(xi):
+            if gathered:
+                return layer(xi)
+            return torch.func.functional_call(layer, {"weight": as_gathered(layer.weight, fmt, torch.bfloat16)}, (xi,))
+        y = (torch.compile(f, fullgraph=True) if compiled else f)(xi)
+        y.backward(dy)
+        torch._dynamo.reset()
+        return y, xi.grad, layer.weight.grad
+
     got, want = run(True), run(False)
     for g, w in zip(got, want, strict=True):
         assert g.dtype == w.dtype and torch.equal(g, w)
