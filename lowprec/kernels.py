@@ -325,6 +325,13 @@ class Unquantized(Matmul):
 E2M1_FROM_PASSES = True
 
 
+# True (the default): an FP4 E2M1 weight that reaches its layer gathered in its format and dequantized to bf16
+# (one process computing in bf16 parameters as a sharded run's ranks do) has its FP8 operand made from its
+# master, the dequantized copy not written (the same codes and scales: lowprec.fp8_cast.gathered_e2m1_scale);
+# False: the layer is handed the dequantized copy and quantizes it (one more quantization of the weight a step)
+E2M1_GATHERED_FROM_MASTER = True
+
+
 def _e2m1_from_passes(t, fmt, rounding) -> bool:
     return (E2M1_FROM_PASSES and fp8_cast.is_e2m1(fmt, rounding) and t.dim() == 2 and t.numel() > 0
             and t.is_floating_point())
@@ -543,7 +550,7 @@ class Fp8(_CodesKernel):
 
     def reads_gathered(self, fmt, dtype):
         if fp8_cast.is_e2m1(fmt):  # from the FP8 passes, in bf16 (lowprec.fp8_cast.gathered_e2m1_scale)
-            return E2M1_FROM_PASSES and dtype == torch.bfloat16
+            return E2M1_FROM_PASSES and E2M1_GATHERED_FROM_MASTER and dtype == torch.bfloat16
         return fp8_cast.fp8_dtype(fmt) is not None and fmt.granularity == "tensor" and dtype in fp8_cast.GATHERED_DTYPES
 
     def gathered_operands(self, w, fmt, dtype, *, rowmajor=True, transposed=True):

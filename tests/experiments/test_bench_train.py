@@ -138,3 +138,6 @@ def test_bf16_parameters_read_the_fp4_weights_from_their_masters(monkeypatch):
     assert fp4 and "head" in fp4 and any(".ffn." in n for n in fp4)
     for name, m in layers.items():
         assert m.gathered_as is not None and gathered_applies(m.plan, m.gathered_as), name
+    with bench.settings("windowed:paper@e2m1-gathered-copy"):  # the FP4 ones are handed the dequantized copy
+        assert [n for n, m in layers.items() if not gathered_applies(m.plan, m.gathered_as)] == fp4
+    assert all(gathered_applies(m.plan, m.gathered_as) for m in layers.values())
