@@ -2,8 +2,10 @@
 no interpreter, torch or Hydra start-up per run. Runs that several tests only read are trained
 once per session (``trained_run``); a test that changes a run works on its own copy (``copy_run``)."""
 import os
+import queue
 import shutil
 import socket
+import time
 import traceback
 from pathlib import Path
 
@@ -87,15 +89,20 @@ def copy_run(tmp_path):
     return copy
 
 
+RANKS_TIMEOUT_S = 900  # a test's ranks that have not all reported by then fail it (none of them takes a minute)
+
+
 def _fork_ranks(body, world: int) -> list[tuple[bool, object, dict]]:
     """``body(rank, side)`` in ``world`` forked processes that find each other through torchrun's
     environment variables (a free port), one torch thread each; per rank, in rank order: (ok, what
-    ``body`` returned or its traceback, ``side``: what ``body`` put there, also when it failed)."""
+    ``body`` returned or its traceback, ``side``: what ``body`` put there, also when it failed). A rank
+    that dies without reporting (a native abort, a signal) fails with its exit code, the others are stopped;
+    ranks still running after ``RANKS_TIMEOUT_S`` are stopped and fail, instead of hanging the suite."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("fork")
-    q = ctx.SimpleQueue()
+    q = ctx.Queue()
 
     def main(rank):
         side: dict = {}
@@ -118,9 +125,33 @@ def _fork_ranks(body, world: int) -> list[tuple[bool, object, dict]]:
     procs = [ctx.Process(target=main, args=(r,)) for r in range(world)]
     for p in procs:
         p.start()
-    results = {r: (ok, out, side) for r, ok, out, side in (q.get() for _ in procs)}
+    results: dict = {}
+    deadline = time.monotonic() + RANKS_TIMEOUT_S
+    while len(results) < world:
+        try:
+            r, ok, out, side = q.get(timeout=1.0)
+            results[r] = (ok, out, side)
+            continue
+        except queue.Empty:
+            pass
+        dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode not in (None, 0)]
+        late = time.monotonic() > deadline
+        if dead or late:
+            for r, p in enumerate(procs):
+                if r in results:
+                    continue
+                if p.is_alive():
+                    p.kill()
+                why = (f"rank {r} exited with code {p.exitcode} without reporting" if r in dead else
+                       f"rank {r} stopped: no result within {RANKS_TIMEOUT_S} s" if late else
+                       f"rank {r} stopped: rank(s) {dead} died without reporting")
+                results[r] = (False, why, {})
+            break
     for p in procs:
         p.join(timeout=60)
+        if p.is_alive():  # reported, then stuck on its way out
+            p.kill()
+            p.join()
     return [results[r] for r in range(world)]
 
 
