@@ -303,8 +303,9 @@ def test_per_tensor_operands_are_shared_across_kernels(compiled, monkeypatch):
     the CPU: fprop runs row-wise FP8 (the per-tensor input beside the per-row weight), dgrad bf16 (the
     weight's scale lies along its contraction), wgrad tensor-wise FP8. wgrad takes the input codes fprop's
     kernel made, and dgrad the gradient codes wgrad's kernel made, in bf16: output and gradients equal, bit
-    for bit, those of the same plan with each GEMM quantizing its operands itself, eager and under inductor.
-    Eager, the input and the gradient are each quantized once, not twice."""
+    for bit, those of the same plan with each GEMM quantizing its operands itself, eager and under inductor
+    (compiled, also those of the eager unshared layer). Eager, the input and the gradient are each quantized
+    once, not twice."""
     import dataclasses
 
     import lowprec.gemm
@@ -343,8 +344,17 @@ def test_per_tensor_operands_are_shared_across_kernels(compiled, monkeypatch):
         if not compiled:  # the input (40, 64) and the gradient (40, 128): quantized once shared, else twice
             assert (calls.count(x.shape), calls.count(dy.shape)) == ((1, 1) if share else (2, 2)), calls
         torch._dynamo.reset()
-    for u, v in zip(*results, strict=True):
-        assert torch.equal(u, v)
+    if compiled:  # and those of the eager layer quantizing each operand itself (the reference)
+        monkeypatch.setattr(lowprec.gemm, "BF16_DGRAD_TAKES_WGRAD_CODES", False)
+        layer._plan = plan
+        xx = x.clone().requires_grad_(True)
+        layer.weight.grad = None
+        y = layer(xx)
+        y.backward(dy)
+        results.append((y, xx.grad, layer.weight.grad))
+    for other in results[1:]:
+        for u, v in zip(results[0], other, strict=True):
+            assert torch.equal(u, v)
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
