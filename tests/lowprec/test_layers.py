@@ -395,3 +395,37 @@ def test_bf16_dgrad_folding_the_gradient_scale(compiled, monkeypatch):
         err = (dx.double() - ref).abs()
         assert (err <= 2**-8 * size + 2**-8 * ref.abs()).all(), (fold, (err / size).max())
     assert not torch.equal(results[True][1], results[False][1])  # the folded path is taken: other last bits
+
+
+def test_shared_gradient_codes_under_delayed_scaling(monkeypatch):
+    """The feed-forward precision of the paper policy under delayed scaling, its Hopper plan on the CPU: with
+    the bf16 dgrad taking the gradient codes of the FP8 wgrad's pass (which pushes the gradient's amax into
+    its history) the outputs, input and weight gradients of four steps, over six decades of input and
+    gradient scale, and the amax histories equal, bit for bit, those with each GEMM quantizing the gradient
+    under the same delayed amax itself."""
+    import lowprec.gemm
+
+    tensor = lambda name: {"format": name, "granularity": "tensor"}  # noqa: E731
+    precision = LayerPrecision.from_fields({"weight": {"format": "fp4_e2m1", "granularity": "row"},
+                                            "input": tensor("fp8_e4m3"), "grad": tensor("fp8_e5m2"),
+                                            "scaling": "delayed"})
+    runs = {}
+    for share in (True, False):
+        monkeypatch.setattr(lowprec.gemm, "BF16_DGRAD_TAKES_WGRAD_CODES", share)
+        torch.manual_seed(0)
+        layer = QLinear.from_float(torch.nn.Linear(64, 128, bias=False).bfloat16(), precision)
+        layer._plan = layer.plan_for("sm90")
+        assert lowprec.gemm._grad_from_wgrad(layer.plan) == share
+        g = torch.Generator().manual_seed(3)
+        out = []
+        for step in range(4):
+            x = (torch.randn(40, 64, generator=g) * 10.0 ** (step - 2)).bfloat16().requires_grad_()
+            dy = (torch.randn(40, 128, generator=g) * 10.0 ** (1 - step)).bfloat16()
+            y = layer(x)
+            y.backward(dy)
+            out += [y.detach(), x.grad, layer.weight.grad]
+            layer.weight.grad = None
+        runs[share] = out + [b.clone() for _, b in sorted(layer.named_buffers())]
+    assert len(runs[True]) == 14
+    for a, b in zip(runs[True], runs[False], strict=True):
+        assert torch.equal(a, b)
