@@ -671,7 +671,6 @@ def test_a_layer_reads_its_gathered_weight_from_the_master(device, compiled):
     gradient and the master's gradient, bit for bit, eager and compiled. On a GPU with FP8 tensor
     cores its operands are made from the master (compiled, fprop's pass also makes dgrad's layout);
     the CPU's plan hands its GEMMs the dequantized weight, as the swap does."""
-    from lowprec.fsdp import as_gathered
     from lowprec.gemm import gathered_applies
     from lowprec.nn import QLinear
 
@@ -682,8 +681,20 @@ def test_a_layer_reads_its_gathered_weight_from_the_master(device, compiled):
     fmt = layer.precision.operand("fprop", "weight")
     if device == "cuda":
         assert gathered_applies(layer.plan, (fmt, torch.bfloat16))
-    x = torch.randn(40, 64, device=device, dtype=torch.bfloat16)
-    dy = torch.randn(40, 96, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn(96))
+    _assert_gathered_as_copy(layer, fmt, compiled, backend="aot_eager" if device == "cpu" else "inductor")
+
+
+def _assert_gathered_as_copy(layer, fmt, compiled: bool, backend: str = "inductor"):
+    """``layer`` told that its weight reaches it gathered in ``fmt`` and dequantized to bf16 computes, eager or
+    compiled, the output, the input's gradient and the master's gradient, bit for bit, of the same layer
+    handed ``as_gathered(master)`` (and its bias in bf16)."""
+    from lowprec.fsdp import as_gathered
+
+    device = layer.weight.device
+    x = torch.randn(40, layer.in_features, device=device, dtype=torch.bfloat16)
+    dy = torch.randn(40, layer.out_features, device=device, dtype=torch.bfloat16)
 
     def run(gathered):
         layer.zero_grad(set_to_none=True)
@@ -693,15 +704,15 @@ def test_a_layer_reads_its_gathered_weight_from_the_master(device, compiled):
         def f(xi):
             if gathered:
                 return layer(xi)
-            weight = as_gathered(layer.weight, fmt, torch.bfloat16)
-            return torch.func.functional_call(layer, {"weight": weight, "bias": layer.bias.to(torch.bfloat16)}, (xi,))
-        backend = "aot_eager" if device == "cpu" else "inductor"
+            params = {"weight": as_gathered(layer.weight, fmt, torch.bfloat16)}
+            if layer.bias is not None:
+                params["bias"] = layer.bias.to(torch.bfloat16)
+            return torch.func.functional_call(layer, params, (xi,))
         y = (torch.compile(f, fullgraph=True, backend=backend) if compiled else f)(xi)
         y.backward(dy)
+        torch._dynamo.reset()
         return y, xi.grad, layer.weight.grad
 
-    with torch.no_grad():
-        layer.bias.copy_(torch.randn(96))
     got, want = run(True), run(False)
     for g, w in zip(got, want, strict=True):
         assert g.dtype == w.dtype and torch.equal(g, w)
@@ -714,7 +725,6 @@ def test_an_e2m1_layer_reads_its_gathered_weight_from_the_master(device, compile
     weight reaches it gathered in bf16: its operands are made from the master, and the output, the input's
     gradient and the master's gradient are those of the layer handed ``as_gathered(master)``, bit for bit,
     eager and compiled."""
-    from lowprec.fsdp import as_gathered
     from lowprec.gemm import gathered_applies
     from lowprec.nn import QLinear
 
@@ -726,26 +736,7 @@ def test_an_e2m1_layer_reads_its_gathered_weight_from_the_master(device, compile
     layer._plan = layer.plan_for("sm90")
     fmt = layer.precision.operand("fprop", "weight")
     assert gathered_applies(layer.plan, (fmt, torch.bfloat16))
-    x = torch.randn(40, 64, device=device, dtype=torch.bfloat16)
-    dy = torch.randn(40, 96, device=device, dtype=torch.bfloat16)
-
-    def run(gathered):
-        layer.zero_grad(set_to_none=True)
-        layer.gathered_as = (fmt, torch.bfloat16) if gathered else None
-        xi = x.clone().requires_grad_()
-
-        def f(xi):
-            if gathered:
-                return layer(xi)
-            return torch.func.functional_call(layer, {"weight": as_gathered(layer.weight, fmt, torch.bfloat16)}, (xi,))
-        y = (torch.compile(f, fullgraph=True) if compiled else f)(xi)
-        y.backward(dy)
-        torch._dynamo.reset()
-        return y, xi.grad, layer.weight.grad
-
-    got, want = run(True), run(False)
-    for g, w in zip(got, want, strict=True):
-        assert g.dtype == w.dtype and torch.equal(g, w)
+    _assert_gathered_as_copy(layer, fmt, compiled)
 
 
 @pytest.mark.gpu
