@@ -269,8 +269,8 @@ def _measure(variant, size, iters, mode, rnn_graphs, param_dtype, profile, block
 def variant_name(text: str) -> str:
     """``text`` if it names a variant of ``VARIANTS``, or one whose suffixes, each listed with its base,
     are joined with ``+``; else ``argparse.ArgumentTypeError``."""
-    base, _, suffix = text.partition("@")
-    if all((f"{base}@{s}" if s else base) in VARIANTS for s in suffix.split("+")) and (suffix == "" or "" not in suffix.split("+")):
+    base, at, suffix = text.partition("@")
+    if (all(s and f"{base}@{s}" in VARIANTS for s in suffix.split("+")) if at else base in VARIANTS):
         return text
     raise argparse.ArgumentTypeError(f"unknown variant {text!r} (known: {', '.join(VARIANTS)}; suffixes combine with '+')")
 

@@ -43,8 +43,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def back_to_back_ms(fn, iters: int = 20, warmup: int = 3) -> float:
     """Mean ms per call of ``fn()`` over ``iters`` calls issued back to back after ``warmup`` calls,
     one device synchronization before and one after (CUDA events), as a training loop runs them: the
-    host issues a call while the device still runs the one before, so a call whose host time is below
-    its device time costs only its device time."""
+    host issues a call while the GPU still runs the one before, so a call whose host time is below its
+    GPU time costs only its GPU time."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()

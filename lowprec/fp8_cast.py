@@ -634,6 +634,16 @@ def e2m1_operand(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None,
     return (codes_t if transposed else codes), s
 
 
+def e2m1_operands(t: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None,
+                  gathered: torch.dtype | None = None):
+    """Both layouts of :func:`e2m1_operand` from one pass (per-tensor scales): ``((codes, outer), (codes_t,
+    outer))``. ``amax``, ``gathered``: as for :func:`e2m1_operand`."""
+    if fmt.granularity != "tensor":
+        raise ValueError(f"fp8_cast.e2m1_operands: both layouts need a per-tensor scale, not {fmt}")
+    codes, codes_t, s = _e2m1_call("e2m1_operands", t, fmt, amax, True, True, False, gathered)
+    return (codes, s), (codes_t, s)
+
+
 def gathered_e2m1_scale(s: torch.Tensor, fmt: Format) -> torch.Tensor:
     """The scales of an E2M1 operand of ``g = as_gathered(t, fmt, bf16)`` from ``s``, those of ``t``'s: ``g``'s
     values are bf16(code × s), each within 2^-9 of code × s, so ``g``'s amax is bf16(6 s) (its code-6
@@ -739,7 +749,6 @@ _E2M1_FORMATS = {r: get_format("fp4_e2m1", granularity="row" if r else "tensor")
 _E2M1 = _E2M1_FORMATS[False]
 
 
-__all__ = ["GATHERED_DTYPES", "PAD", "applies", "delayed_operands", "e2m1_operand", "e2m1_values", "fp8_dtype",
-           "gathered_e2m1_scale",
-           "is_e2m1", "operand", "operands", "reference_cast", "reference_delayed_operand", "reference_operand",
+__all__ = ["GATHERED_DTYPES", "PAD", "applies", "delayed_operands", "e2m1_operand", "e2m1_operands", "e2m1_values",
+           "fp8_dtype", "gathered_e2m1_scale", "is_e2m1", "operand", "operands", "reference_cast", "reference_delayed_operand", "reference_operand",
            "scales", "triton_delayed_operand", "triton_operand", "values"]

@@ -556,12 +556,10 @@ class Fp8(_CodesKernel):
     def gathered_operands(self, w, fmt, dtype, *, rowmajor=True, transposed=True):
         if not self.reads_gathered(fmt, dtype):
             raise ValueError(f"{self.name}: a weight gathered in {fmt} and read in {dtype} is not one it reads")
-        if fp8_cast.is_e2m1(fmt):
-            return tuple(fp8_cast.e2m1_operand(w, fmt, transposed=t, gathered=dtype) if want else None
-                         for t, want in ((False, rowmajor), (True, transposed)))
-        if rowmajor and transposed:
-            return fp8_cast.operands(w, fmt, gathered=dtype)
-        op = fp8_cast.operand(w, fmt, transposed=transposed, gathered=dtype)
+        e2m1 = fp8_cast.is_e2m1(fmt)
+        if rowmajor and transposed:  # both layouts from one pass
+            return (fp8_cast.e2m1_operands if e2m1 else fp8_cast.operands)(w, fmt, gathered=dtype)
+        op = (fp8_cast.e2m1_operand if e2m1 else fp8_cast.operand)(w, fmt, transposed=transposed, gathered=dtype)
         return (None, op) if transposed else (op, None)
 
     @staticmethod

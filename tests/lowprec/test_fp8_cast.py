@@ -649,6 +649,10 @@ def test_a_gathered_e2m1_weights_operand_is_that_of_its_dequantized_codes(device
         for transposed in (False, True) if granularity == "tensor" else (False,):
             _assert_same(fp8_cast.e2m1_operand(w, fmt, transposed=transposed, gathered=torch.bfloat16),
                          fp8_cast.e2m1_operand(g, fmt, transposed=transposed))
+        if granularity == "tensor":  # both layouts from one pass
+            both = fp8_cast.e2m1_operands(w, fmt, gathered=torch.bfloat16)
+            _assert_same(both[0], fp8_cast.e2m1_operand(g, fmt))
+            _assert_same(both[1], fp8_cast.e2m1_operand(g, fmt, transposed=True))
     with pytest.raises(ValueError, match="dequantized to bf16"):
         fp8_cast.e2m1_operand(w, fmt, gathered=torch.float16)
 

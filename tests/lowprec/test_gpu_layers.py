@@ -10,6 +10,8 @@ pytestmark = pytest.mark.gpu
 ACT = {"input": {"format": "fp8_e4m3", "granularity": "tensor"}, "grad": {"format": "fp8_e5m2", "granularity": "tensor"}}
 ACT_ROW = {"input": "fp8_e4m3", "grad": "fp8_e5m2"}  # per-token scales
 ACT_NV = {"input": "nvfp4", "grad": "nvfp4"}
+# the paper policy's feed-forward precision: FP4 E2M1 weights scaled per output row, per-tensor activations
+PAPER_FFN = LayerPrecision.from_fields({"weight": {"format": "fp4_e2m1", "granularity": "row"}, **ACT})
 WEIGHTS = ["fp8_e4m3", "ternary", "binary", "fp4_e2m1", {"format": "fp4_e2m1", "granularity": "row"}, "nvfp4",
            "mxfp8", "mxfp4", "int8"]
 NATIVE = ["ternary", "binary", "fp8_e4m3", "nvfp4"]
@@ -233,9 +235,7 @@ def test_per_tensor_operands_are_shared_across_kernels(compiled, monkeypatch):
     import lowprec.gemm
 
     fp8_gpu()
-    tensor = lambda name: {"format": name, "granularity": "tensor"}  # noqa: E731
-    precision = LayerPrecision.from_fields({"weight": {"format": "fp4_e2m1", "granularity": "row"},
-                                            "input": tensor("fp8_e4m3"), "grad": tensor("fp8_e5m2")})
+    precision = PAPER_FFN
     x, w, b, dy = data(200, 512, 1024)
     results = {}
     for share, run_compiled in ((False, False), (True, compiled)):
@@ -268,9 +268,7 @@ def test_bf16_dgrad_folding_the_gradient_scale(compiled, monkeypatch):
     from lowprec.scaling import quantize_dequantize
 
     fp8_gpu()
-    tensor = lambda name: {"format": name, "granularity": "tensor"}  # noqa: E731
-    precision = LayerPrecision.from_fields({"weight": {"format": "fp4_e2m1", "granularity": "row"},
-                                            "input": tensor("fp8_e4m3"), "grad": tensor("fp8_e5m2")})
+    precision = PAPER_FFN
     x, w, b, dy = data(200, 512, 1024)
     results = {}
     for fold in (False, True):

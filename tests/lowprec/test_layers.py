@@ -1,4 +1,6 @@
 """QLinear / QEmbedding: numerics of the three GEMMs, storage, STE, delayed scaling, telemetry."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,6 +8,12 @@ import torch.nn.functional as F
 import lowprec
 from lowprec import LayerPrecision
 from lowprec.nn import QEmbedding, QLinear
+
+# the paper policy's feed-forward precision: FP4 E2M1 weights scaled per output row, per-tensor E4M3 inputs
+# and E5M2 gradients
+PAPER_FFN = LayerPrecision.from_fields({"weight": {"format": "fp4_e2m1", "granularity": "row"},
+                                        "input": {"format": "fp8_e4m3", "granularity": "tensor"},
+                                        "grad": {"format": "fp8_e5m2", "granularity": "tensor"}})
 
 fq = lambda t, name: lowprec.quantize_dequantize(t, name)[0]  # noqa: E731
 FP8 = {"weight": "fp8_e4m3", "input": "fp8_e4m3", "grad": "fp8_e5m2"}
@@ -318,9 +326,7 @@ def test_per_tensor_operands_are_shared_across_kernels(compiled, monkeypatch):
             for method in ("operand", "operands"):
                 f = getattr(cls, method)
                 monkeypatch.setattr(cls, method, lambda self, t, *a, _f=f, **k: calls.append(t.shape) or _f(self, t, *a, **k))
-    tensor = lambda name: {"format": name, "granularity": "tensor"}  # noqa: E731
-    precision = LayerPrecision.from_fields({"weight": {"format": "fp4_e2m1", "granularity": "row"},
-                                            "input": tensor("fp8_e4m3"), "grad": tensor("fp8_e5m2")})
+    precision = PAPER_FFN
     torch.manual_seed(1)
     x, dy = torch.randn(40, 64).bfloat16(), torch.randn(40, 128).bfloat16()
     results = []
@@ -369,9 +375,7 @@ def test_bf16_dgrad_folding_the_gradient_scale(compiled, monkeypatch):
     import lowprec.gemm
     from lowprec.scaling import quantize_dequantize
 
-    tensor = lambda name: {"format": name, "granularity": "tensor"}  # noqa: E731
-    precision = LayerPrecision.from_fields({"weight": {"format": "fp4_e2m1", "granularity": "row"},
-                                            "input": tensor("fp8_e4m3"), "grad": tensor("fp8_e5m2")})
+    precision = PAPER_FFN
     torch.manual_seed(1)
     x, dy = torch.randn(40, 64).bfloat16(), torch.randn(40, 128).bfloat16()
     results = {}
@@ -405,10 +409,7 @@ def test_shared_gradient_codes_under_delayed_scaling(monkeypatch):
     under the same delayed amax itself."""
     import lowprec.gemm
 
-    tensor = lambda name: {"format": name, "granularity": "tensor"}  # noqa: E731
-    precision = LayerPrecision.from_fields({"weight": {"format": "fp4_e2m1", "granularity": "row"},
-                                            "input": tensor("fp8_e4m3"), "grad": tensor("fp8_e5m2"),
-                                            "scaling": "delayed"})
+    precision = dataclasses.replace(PAPER_FFN, scaling="delayed")
     runs = {}
     for share in (True, False):
         monkeypatch.setattr(lowprec.gemm, "BF16_DGRAD_TAKES_WGRAD_CODES", share)
