@@ -34,7 +34,7 @@ tensor; ``...:paper@e2m1-general``: the FP4 E2M1 weights' operands from the gene
 ``...:paper@token-activations``: the paper policy with per-token scaled activations and gradients;
 ``...:paper@dgrad-requantizes``: a bf16 dgrad quantizing again the gradient an FP8 wgrad quantized;
 ``...:paper@dgrad-folds-scale``: the bf16 dgrad folding the gradient's scale into the weight's values;
-``...:paper@e2m1-gathered-copy``: FP4 weights handed to their layers as dequantized bf16 copies (see
+``...:paper@e2m1-from-master``: FP4 weights' operands made from their masters, not their dequantized bf16 copies (see
 :func:`settings`).
 Each of ours prints its layers' plans. ``--profile`` adds, after each row, where one more step's GPU
 time went and which Python lines made the host wait (:mod:`experiments.gpu_profile`).
@@ -47,7 +47,9 @@ import contextlib
 import datetime
 import gc
 import statistics
+import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -77,7 +79,7 @@ VARIANTS += [f"{m}:paper@e2m1-general" for m in ("windowed", "hybrid")]
 VARIANTS += [f"{m}:paper@bf16-requantizes" for m in ("windowed", "hybrid")]
 VARIANTS += [f"{m}:{p}@multi-kernel" for m in ("windowed", "hybrid") for p in POLICIES]
 VARIANTS += [f"{m}:paper@{s}" for m in ("windowed", "hybrid")
-             for s in ("token-activations", "dgrad-requantizes", "dgrad-folds-scale", "e2m1-gathered-copy")]
+             for s in ("token-activations", "dgrad-requantizes", "dgrad-folds-scale", "e2m1-from-master")]
 
 
 def per_token_activations(cfg):
@@ -116,9 +118,9 @@ def settings(variant: str):
     ``@dgrad-requantizes``: a bf16 dgrad quantizing the gradient itself where its layer's FP8 wgrad quantizes
     it in the same per-tensor format (``lowprec.gemm.BF16_DGRAD_TAKES_WGRAD_CODES`` off); ``@dgrad-folds-scale``:
     such a dgrad folding the gradient's per-tensor scale into its weight operand's values, so that its GEMM
-    writes bf16 (``lowprec.gemm.BF16_DGRAD_FOLDS_GRAD_SCALE`` on); ``@e2m1-gathered-copy``: with
-    ``--param-dtype bf16``, an FP4 E2M1 weight handed to its layer as the dequantized copy of its gathered
-    codes instead of read from its master (``lowprec.kernels.E2M1_GATHERED_FROM_MASTER`` off). Suffixes combine
+    writes bf16 (``lowprec.gemm.BF16_DGRAD_FOLDS_GRAD_SCALE`` on); ``@e2m1-from-master``: with
+    ``--param-dtype bf16``, an FP4 E2M1 weight's operands made from its master instead of from the dequantized
+    copy of its gathered codes (``lowprec.kernels.E2M1_GATHERED_FROM_MASTER`` on). Suffixes combine
     with ``+`` (``windowed:paper@token-activations+e2m1-general``)."""
     suffixes = variant.partition("@")[2].split("+")
     fp8 = lowprec.kernels.Fp8
@@ -135,7 +137,7 @@ def settings(variant: str):
              "multi-kernel": [(torch._inductor.config.triton, "multi_kernel", 1)],
              "dgrad-requantizes": [(lowprec.gemm, "BF16_DGRAD_TAKES_WGRAD_CODES", False)],
              "dgrad-folds-scale": [(lowprec.gemm, "BF16_DGRAD_FOLDS_GRAD_SCALE", True)],
-             "e2m1-gathered-copy": [(lowprec.kernels, "E2M1_GATHERED_FROM_MASTER", False)],
+             "e2m1-from-master": [(lowprec.kernels, "E2M1_GATHERED_FROM_MASTER", True)],
              "token-activations": []}  # a policy of its own: _build
     for suffix in suffixes:
         if suffix not in known or (suffix == "" and len(suffixes) > 1):
@@ -313,7 +315,8 @@ def main(argv=None):
             except ImportError as e:
                 print(f"| {name} | {variant} | - | - | - | - | - | - | - | not run: {e} |", flush=True)
                 continue
-            except Exception as e:  # one failing variant must not hide the others' rows
+            except Exception as e:  # one failing variant must not hide the others' rows (its traceback: stderr)
+                traceback.print_exc(file=sys.stderr)
                 print(f"| {name} | {variant} | - | - | - | - | - | - | - | failed: {type(e).__name__}: {str(e)[:160]} |",
                       flush=True)
                 gc.collect()

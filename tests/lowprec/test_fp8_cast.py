@@ -723,12 +723,12 @@ def _assert_gathered_as_copy(layer, fmt, compiled: bool, backend: str = "inducto
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_an_e2m1_layer_reads_its_gathered_weight_from_the_master(device, compiled):
+def test_an_e2m1_layer_reads_its_gathered_weight_from_the_master(device, compiled, monkeypatch):
     """The paper policy's feed-forward layer (FP4 E2M1 weight scaled per row, per-tensor E4M3 input and E5M2
     gradient) with its Hopper plan (on the CPU too: FP8 GEMMs through ``torch._scaled_mm``), told that its
     weight reaches it gathered in bf16: its operands are made from the master, and the output, the input's
     gradient and the master's gradient are those of the layer handed ``as_gathered(master)``, bit for bit,
-    eager and compiled."""
+    eager and compiled (``E2M1_GATHERED_FROM_MASTER`` on; off, the default, the layer is handed the copy)."""
     from lowprec.gemm import gathered_applies
     from lowprec.nn import QLinear
 
@@ -739,6 +739,8 @@ def test_an_e2m1_layer_reads_its_gathered_weight_from_the_master(device, compile
     layer = QLinear(64, 96, bias=False, precision=lowprec.LayerPrecision.from_fields(fields)).to(device)
     layer._plan = layer.plan_for("sm90")
     fmt = layer.precision.operand("fprop", "weight")
+    assert not gathered_applies(layer.plan, (fmt, torch.bfloat16))
+    monkeypatch.setattr(lowprec.kernels, "E2M1_GATHERED_FROM_MASTER", True)
     assert gathered_applies(layer.plan, (fmt, torch.bfloat16))
     _assert_gathered_as_copy(layer, fmt, compiled)
 
