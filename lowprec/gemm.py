@@ -81,8 +81,9 @@ def _weight_operand(kernel, fmt, transposed, plan: GemmPlan, w, io: LayerIO, ama
     through the layer's cache while the weight is unchanged. ``gathered``: as ``QLinearFunction``'s."""
     p = plan.precision
     if gathered is not None:
+        # (a tuple indexed by an int: torch 2.11's dynamo raises on a bool index, breaking the graph)
         make = lambda: kernel.gathered_operands(w, fmt, gathered[1], rowmajor=not transposed,  # noqa: E731
-                                                transposed=transposed)[transposed]
+                                                transposed=transposed)[1 if transposed else 0]
     elif p.storage == "native":
         q = _native(plan, w)
         if fmt == p.weight:  # as stored: re-deriving a scale from dequantized codes could change it
