@@ -329,8 +329,7 @@ E2M1_FROM_PASSES = True
 # computing in bf16 parameters as a sharded run's ranks do) has its FP8 operand made from its master, the
 # dequantized copy not written (the same codes and scales: lowprec.fp8_cast.gathered_e2m1_scale). False (the
 # default): the layer is handed the dequantized copy and quantizes it (one more quantization of the weight a
-# step). Off because a step compiled with mode="reduce-overhead" (CUDA graphs) fails or re-records with it on
-# (torch 2.11: 600M bench step "storage data ptrs are not allocated in pool"; at 30M a quarter of the speed)
+# step). Off until it is measured faster than the copy (experiments.bench_train's @e2m1-from-master)
 E2M1_GATHERED_FROM_MASTER = False
 
 
