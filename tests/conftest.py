@@ -20,6 +20,28 @@ def _devices():
     return devs
 
 
+def _cpu_takes_row_scales() -> bool:
+    """Whether this torch's CPU ``torch._scaled_mm`` takes per-row scales (torch 2.13's does; 2.11's asserts
+    that both scales are single numbers)."""
+    a = torch.zeros(16, 16, dtype=torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+_CPU_ROW_SCALES = _cpu_takes_row_scales()
+
+
+@pytest.fixture
+def cpu_row_scales():
+    """For a test that runs a Hopper plan's per-row FP8 GEMMs on the CPU: skips where this torch's CPU
+    ``torch._scaled_mm`` cannot run them."""
+    if not _CPU_ROW_SCALES:
+        pytest.skip("this torch's CPU torch._scaled_mm takes only per-tensor scales (per-row ones: torch 2.13)")
+
+
 @pytest.fixture(params=_devices())
 def device(request):
     """Runs a test on the CPU and, marked `gpu`, on CUDA."""

@@ -52,7 +52,7 @@ def _across(p) -> bool:
 
 
 @pytest.mark.parametrize("activations", ["tensor", "token"])
-def test_operands_shared_across_kernels_change_no_bit(monkeypatch, activations):
+def test_operands_shared_across_kernels_change_no_bit(monkeypatch, activations, cpu_row_scales):
     """With operands shared across kernels the tiny hybrid's loss and every gradient equal, bit for bit,
     those with each GEMM quantizing its operands itself (eager). The policy as shipped (per-tensor
     activations): the feed-forward's and head's wgrad take fprop's input codes (row-wise and tensor-wise FP8

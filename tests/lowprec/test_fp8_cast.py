@@ -723,7 +723,7 @@ def _assert_gathered_as_copy(layer, fmt, compiled: bool, backend: str = "inducto
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_an_e2m1_layer_reads_its_gathered_weight_from_the_master(device, compiled, monkeypatch):
+def test_an_e2m1_layer_reads_its_gathered_weight_from_the_master(device, compiled, monkeypatch, request):
     """The paper policy's feed-forward layer (FP4 E2M1 weight scaled per row, per-tensor E4M3 input and E5M2
     gradient) with its Hopper plan (on the CPU too: FP8 GEMMs through ``torch._scaled_mm``), told that its
     weight reaches it gathered in bf16: its operands are made from the master, and the output, the input's
@@ -735,6 +735,8 @@ def test_an_e2m1_layer_reads_its_gathered_weight_from_the_master(device, compile
     tensor = lambda name: {"format": name, "granularity": "tensor"}  # noqa: E731
     fields = {"weight": {"format": "fp4_e2m1", "granularity": "row"}, "input": tensor("fp8_e4m3"),
               "grad": tensor("fp8_e5m2")}
+    if device.type == "cpu":
+        request.getfixturevalue("cpu_row_scales")
     torch.manual_seed(0)
     layer = QLinear(64, 96, bias=False, precision=lowprec.LayerPrecision.from_fields(fields)).to(device)
     layer._plan = layer.plan_for("sm90")

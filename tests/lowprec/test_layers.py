@@ -258,7 +258,7 @@ def test_int8_fprop_in_a_layer_is_the_exact_integer_product(monkeypatch, storage
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("weight", ["fp8_e4m3", {"format": "fp4_e2m1", "granularity": "row"}], ids=str)
-def test_bf16_gemms_take_the_fp8_gemms_codes(weight, compiled, monkeypatch):
+def test_bf16_gemms_take_the_fp8_gemms_codes(weight, compiled, monkeypatch, cpu_row_scales):
     """A layer run on the CPU with its Hopper plan (FP8 GEMMs through ``torch._scaled_mm``, per-token
     activations): wgrad runs on the bf16 kernel (the per-token scales lie along its contraction) and
     takes fprop's input codes and dgrad's gradient codes in bf16, scales folded in; with a per-row FP4
@@ -306,7 +306,7 @@ def test_bf16_gemms_take_the_fp8_gemms_codes(weight, compiled, monkeypatch):
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_per_tensor_operands_are_shared_across_kernels(compiled, monkeypatch):
+def test_per_tensor_operands_are_shared_across_kernels(compiled, monkeypatch, cpu_row_scales):
     """Per-tensor E4M3 input and E5M2 gradient, FP4 weight scaled per output channel, the Hopper plan on
     the CPU: fprop runs row-wise FP8 (the per-tensor input beside the per-row weight), dgrad bf16 (the
     weight's scale lies along its contraction), wgrad tensor-wise FP8. wgrad takes the input codes fprop's
@@ -364,7 +364,7 @@ def test_per_tensor_operands_are_shared_across_kernels(compiled, monkeypatch):
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_bf16_dgrad_folding_the_gradient_scale(compiled, monkeypatch):
+def test_bf16_dgrad_folding_the_gradient_scale(compiled, monkeypatch, cpu_row_scales):
     """The paper policy's feed-forward with its Hopper plan on the CPU (dgrad on bf16 tensor cores, its weight
     operand fprop's E4M3 codes with the per-row scale folded in), with ``BF16_DGRAD_FOLDS_GRAD_SCALE``: the
     gradient's per-tensor scale folds into the weight's values as well. The output and the weight gradient are
@@ -401,7 +401,7 @@ def test_bf16_dgrad_folding_the_gradient_scale(compiled, monkeypatch):
     assert not torch.equal(results[True][1], results[False][1])  # the folded path is taken: other last bits
 
 
-def test_shared_gradient_codes_under_delayed_scaling(monkeypatch):
+def test_shared_gradient_codes_under_delayed_scaling(monkeypatch, cpu_row_scales):
     """The feed-forward precision of the paper policy under delayed scaling, its Hopper plan on the CPU: with
     the bf16 dgrad taking the gradient codes of the FP8 wgrad's pass (which pushes the gradient's amax into
     its history) the outputs, input and weight gradients of four steps, over six decades of input and
