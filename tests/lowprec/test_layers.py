@@ -256,6 +256,15 @@ def test_int8_fprop_in_a_layer_is_the_exact_integer_product(monkeypatch, storage
         assert torch.equal(torch.compile(q, fullgraph=True)(x), y1)
 
 
+def _forward_backward(layer, x, dy, compiled: bool):
+    """``layer`` (compiled whole where ``compiled``) on a copy of ``x``, backward from ``dy``: ``(y, dx, dW)``."""
+    xx = x.clone().requires_grad_(True)
+    y = (torch.compile(layer, fullgraph=True) if compiled else layer)(xx)
+    y.backward(dy)
+    torch._dynamo.reset()
+    return y, xx.grad, layer.weight.grad
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("weight", ["fp8_e4m3", {"format": "fp4_e2m1", "granularity": "row"}], ids=str)
 def test_bf16_gemms_take_the_fp8_gemms_codes(weight, compiled, monkeypatch, cpu_row_scales):
@@ -289,18 +298,13 @@ def test_bf16_gemms_take_the_fp8_gemms_codes(weight, compiled, monkeypatch, cpu_
             plan = dataclasses.replace(plan, reuse_input=False, reuse_grad=plan.dgrad.kernel == plan.wgrad.kernel,
                                        reuse_weight=plan.fprop.kernel == plan.dgrad.kernel)
         layer._plan = plan
-        fn = torch.compile(layer, fullgraph=True) if compiled else layer
         calls.clear()
-        xx = x.clone().requires_grad_(True)
-        y = fn(xx)
-        y.backward(dy)
-        results.append((y, xx.grad, layer.weight.grad))
+        results.append(_forward_backward(layer, x, dy, compiled))
         assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
         if not compiled:  # the bf16 kernel's own operands: where dgrad runs on it, the gradient's (wgrad takes
             # it), and without reuse the input's and the weight's too; else none, or the gradient's and the input's
             own = plan.dgrad.kernel == "bf16_tensorcore"
             assert len(calls) == (int(own) if reuse else 2 + own), (reuse, calls)
-        torch._dynamo.reset()
     for u, v in zip(*results, strict=True):
         assert torch.equal(u, v)
 
@@ -341,23 +345,15 @@ def test_per_tensor_operands_are_shared_across_kernels(compiled, monkeypatch, cp
         if not share:
             plan = dataclasses.replace(plan, reuse_input=False)
         layer._plan = plan
-        fn = torch.compile(layer, fullgraph=True) if compiled else layer
         calls.clear()
-        xx = x.clone().requires_grad_(True)
-        y = fn(xx)
-        y.backward(dy)
-        results.append((y, xx.grad, layer.weight.grad))
+        results.append(_forward_backward(layer, x, dy, compiled))
         if not compiled:  # the input (40, 64) and the gradient (40, 128): quantized once shared, else twice
             assert (calls.count(x.shape), calls.count(dy.shape)) == ((1, 1) if share else (2, 2)), calls
-        torch._dynamo.reset()
     if compiled:  # and those of the eager layer quantizing each operand itself (the reference)
         monkeypatch.setattr(lowprec.gemm, "BF16_DGRAD_TAKES_WGRAD_CODES", False)
         layer._plan = plan
-        xx = x.clone().requires_grad_(True)
         layer.weight.grad = None
-        y = layer(xx)
-        y.backward(dy)
-        results.append((y, xx.grad, layer.weight.grad))
+        results.append(_forward_backward(layer, x, dy, compiled=False))
     for other in results[1:]:
         for u, v in zip(results[0], other, strict=True):
             assert torch.equal(u, v)
@@ -385,12 +381,7 @@ def test_bf16_dgrad_folding_the_gradient_scale(compiled, monkeypatch, cpu_row_sc
         layer = QLinear.from_float(torch.nn.Linear(64, 128, bias=False).bfloat16(), precision)
         layer._plan = layer.plan_for("sm90")
         assert layer._plan.dgrad.kernel == "bf16_tensorcore" and layer._plan.reuse_weight
-        fn = torch.compile(layer, fullgraph=True) if compiled else layer
-        xx = x.clone().requires_grad_(True)
-        y = fn(xx)
-        y.backward(dy)
-        results[fold] = (y, xx.grad, layer.weight.grad)
-        torch._dynamo.reset()
+        results[fold] = _forward_backward(layer, x, dy, compiled)
     assert torch.equal(results[True][0], results[False][0]) and torch.equal(results[True][2], results[False][2])
     g = quantize_dequantize(dy, precision.grad)[0].double()
     w = quantize_dequantize(layer.weight.detach(), precision.weight)[0].double()
