@@ -256,6 +256,15 @@ def test_int8_fprop_in_a_layer_is_the_exact_integer_product(monkeypatch, storage
         assert torch.equal(torch.compile(q, fullgraph=True)(x), y1)
 
 
+def _hopper_layer(precision):
+    """A 64 -> 128 ``QLinear`` without bias, the same weights at every call (seed 0), with its Hopper plan
+    (run on the CPU through ``torch._scaled_mm``)."""
+    torch.manual_seed(0)
+    layer = QLinear.from_float(torch.nn.Linear(64, 128, bias=False).bfloat16(), precision)
+    layer._plan = layer.plan_for("sm90")
+    return layer
+
+
 def _forward_backward(layer, x, dy, compiled: bool):
     """``layer`` (compiled whole where ``compiled``) on a copy of ``x``, backward from ``dy``: ``(y, dx, dW)``."""
     xx = x.clone().requires_grad_(True)
@@ -377,9 +386,7 @@ def test_bf16_dgrad_folding_the_gradient_scale(compiled, monkeypatch, cpu_row_sc
     results = {}
     for fold in (False, True):
         monkeypatch.setattr(lowprec.gemm, "BF16_DGRAD_FOLDS_GRAD_SCALE", fold)
-        torch.manual_seed(0)
-        layer = QLinear.from_float(torch.nn.Linear(64, 128, bias=False).bfloat16(), precision)
-        layer._plan = layer.plan_for("sm90")
+        layer = _hopper_layer(precision)
         assert layer._plan.dgrad.kernel == "bf16_tensorcore" and layer._plan.reuse_weight
         results[fold] = _forward_backward(layer, x, dy, compiled)
     assert torch.equal(results[True][0], results[False][0]) and torch.equal(results[True][2], results[False][2])
@@ -404,9 +411,7 @@ def test_shared_gradient_codes_under_delayed_scaling(monkeypatch, cpu_row_scales
     runs = {}
     for share in (True, False):
         monkeypatch.setattr(lowprec.gemm, "BF16_DGRAD_TAKES_WGRAD_CODES", share)
-        torch.manual_seed(0)
-        layer = QLinear.from_float(torch.nn.Linear(64, 128, bias=False).bfloat16(), precision)
-        layer._plan = layer.plan_for("sm90")
+        layer = _hopper_layer(precision)
         assert lowprec.gemm._grad_from_wgrad(layer.plan) == share
         g = torch.Generator().manual_seed(3)
         out = []
