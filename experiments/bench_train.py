@@ -33,9 +33,9 @@ tensor; ``...:paper@e2m1-general``: the FP4 E2M1 weights' operands from the gene
 ``...:fp8@ieee-division`` (and ``fp8_delayed``, ``paper``): the FP8 casts dividing by IEEE division;
 ``...:paper@token-activations``: the paper policy with per-token scaled activations and gradients;
 ``...:paper@dgrad-requantizes``: a bf16 dgrad quantizing again the gradient an FP8 wgrad quantized;
-``...:paper@dgrad-folds-scale``: the bf16 dgrad folding the gradient's scale into the weight's values;
-``...:paper@e2m1-from-master``: FP4 weights' operands made from their masters, not their dequantized bf16 copies (see
-:func:`settings`).
+``...:paper@dgrad-scales-product``: the bf16 dgrad scaling its fp32 product, not folding the gradient's scale into the
+weight's values; ``...:paper@e2m1-from-copy``: FP4 weights' operands made from their dequantized bf16 copies, not
+their masters (see :func:`settings`).
 Each of ours prints its layers' plans. ``--profile`` adds, after each row, where one more step's GPU
 time went and which Python lines made the host wait (:mod:`experiments.gpu_profile`).
 """
@@ -79,7 +79,7 @@ VARIANTS += [f"{m}:paper@e2m1-general" for m in ("windowed", "hybrid")]
 VARIANTS += [f"{m}:paper@bf16-requantizes" for m in ("windowed", "hybrid")]
 VARIANTS += [f"{m}:{p}@multi-kernel" for m in ("windowed", "hybrid") for p in POLICIES]
 VARIANTS += [f"{m}:paper@{s}" for m in ("windowed", "hybrid")
-             for s in ("token-activations", "dgrad-requantizes", "dgrad-folds-scale", "e2m1-from-master")]
+             for s in ("token-activations", "dgrad-requantizes", "dgrad-scales-product", "e2m1-from-copy")]
 
 
 def per_token_activations(cfg):
@@ -116,11 +116,11 @@ def settings(variant: str):
     loops over its producer's inputs); ``@token-activations`` (built by :func:`per_token_activations`):
     the policy with one scale per token for each input and gradient it scales per tensor;
     ``@dgrad-requantizes``: a bf16 dgrad quantizing the gradient itself where its layer's FP8 wgrad quantizes
-    it in the same per-tensor format (``lowprec.gemm.BF16_DGRAD_TAKES_WGRAD_CODES`` off); ``@dgrad-folds-scale``:
-    such a dgrad folding the gradient's per-tensor scale into its weight operand's values, so that its GEMM
-    writes bf16 (``lowprec.gemm.BF16_DGRAD_FOLDS_GRAD_SCALE`` on); ``@e2m1-from-master``: with
-    ``--param-dtype bf16``, an FP4 E2M1 weight's operands made from its master instead of from the dequantized
-    copy of its gathered codes (``lowprec.kernels.E2M1_GATHERED_FROM_MASTER`` on). Suffixes combine
+    it in the same per-tensor format (``lowprec.gemm.BF16_DGRAD_TAKES_WGRAD_CODES`` off); ``@dgrad-scales-product``:
+    such a dgrad multiplying its fp32 product by the gradient's per-tensor scale in a pass of its own instead of
+    folding the scale into its weight operand's values (``lowprec.gemm.BF16_DGRAD_FOLDS_GRAD_SCALE`` off);
+    ``@e2m1-from-copy``: with ``--param-dtype bf16``, an FP4 E2M1 weight's operands made from the dequantized
+    copy of its gathered codes instead of from its master (``lowprec.kernels.E2M1_GATHERED_FROM_MASTER`` off). Suffixes combine
     with ``+`` (``windowed:paper@token-activations+e2m1-general``)."""
     suffixes = variant.partition("@")[2].split("+")
     fp8 = lowprec.kernels.Fp8
@@ -136,8 +136,8 @@ def settings(variant: str):
              "bf16-requantizes": [(lowprec.plan, "BF16_TAKES_FP8_CODES", False)],
              "multi-kernel": [(torch._inductor.config.triton, "multi_kernel", 1)],
              "dgrad-requantizes": [(lowprec.gemm, "BF16_DGRAD_TAKES_WGRAD_CODES", False)],
-             "dgrad-folds-scale": [(lowprec.gemm, "BF16_DGRAD_FOLDS_GRAD_SCALE", True)],
-             "e2m1-from-master": [(lowprec.kernels, "E2M1_GATHERED_FROM_MASTER", True)],
+             "dgrad-scales-product": [(lowprec.gemm, "BF16_DGRAD_FOLDS_GRAD_SCALE", False)],
+             "e2m1-from-copy": [(lowprec.kernels, "E2M1_GATHERED_FROM_MASTER", False)],
              "token-activations": []}  # a policy of its own: _build
     for suffix in suffixes:
         if suffix not in known or (suffix == "" and len(suffixes) > 1):

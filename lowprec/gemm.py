@@ -239,14 +239,15 @@ def _fprop(x2, w, amax_x, amax_w, plan: GemmPlan, io: LayerIO, A=None, B=None, g
 
 
 
-# True: a dgrad on bf16 tensor cores whose weight operand folds a per-row scale into its values (a weight scaled
-# per output channel, whose scale lies along dgrad's contraction) and whose gradient operand has a per-tensor
-# scale folds that scale into the weight's values too, bf16(codes * row scale * gradient scale), so the GEMM
-# writes its bf16 output itself instead of an fp32 product that a pass then scales and rounds. One bf16
-# rounding of the weight operand either way (of a product with one factor more), so the results differ from
-# the default's in the last bits, not in accuracy. False (the default; not yet measured on a GPU): the
-# gradient's scale multiplies the fp32 product
-BF16_DGRAD_FOLDS_GRAD_SCALE = False
+# True (the default): a dgrad on bf16 tensor cores whose weight operand folds a per-row scale into its values
+# (a weight scaled per output channel, whose scale lies along dgrad's contraction) and whose gradient operand
+# has a per-tensor scale folds that scale into the weight's values too, bf16(codes * row scale * gradient
+# scale), so the GEMM writes its bf16 output itself instead of an fp32 product that a pass then scales and
+# rounds. One bf16 rounding of the weight operand either way (of a product with one factor more), so the
+# results differ from the other way's in the last bits, not in accuracy. False: the gradient's scale
+# multiplies the fp32 product. In one process on an H200 a compiled 600M step under the paper policy took 2%
+# less time folded (experiments.bench_train's @dgrad-scales-product)
+BF16_DGRAD_FOLDS_GRAD_SCALE = True
 
 
 def _dgrad(dy, w, B_fprop, amax_g, plan: GemmPlan, io: LayerIO, out_dtype, G=None, B=None, gathered=None,

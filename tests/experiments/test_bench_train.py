@@ -107,11 +107,13 @@ def test_token_activation_variant_and_combined_suffixes(monkeypatch):
     with bench.settings("windowed:paper@e2m1-general+rows-one-kernel"):
         assert not kernels.E2M1_FROM_PASSES and lowprec.fp8_cast.ROWS_IN_ONE_KERNEL
     assert kernels.E2M1_FROM_PASSES and not lowprec.fp8_cast.ROWS_IN_ONE_KERNEL
-    assert lowprec.gemm.BF16_DGRAD_TAKES_WGRAD_CODES
-    assert not lowprec.gemm.BF16_DGRAD_FOLDS_GRAD_SCALE
-    with bench.settings("windowed:paper@dgrad-requantizes+dgrad-folds-scale"):
-        assert not lowprec.gemm.BF16_DGRAD_TAKES_WGRAD_CODES and lowprec.gemm.BF16_DGRAD_FOLDS_GRAD_SCALE
-    assert lowprec.gemm.BF16_DGRAD_TAKES_WGRAD_CODES and not lowprec.gemm.BF16_DGRAD_FOLDS_GRAD_SCALE
+    assert lowprec.gemm.BF16_DGRAD_TAKES_WGRAD_CODES and lowprec.gemm.BF16_DGRAD_FOLDS_GRAD_SCALE
+    assert kernels.E2M1_GATHERED_FROM_MASTER
+    with bench.settings("windowed:paper@dgrad-requantizes+dgrad-scales-product+e2m1-from-copy"):
+        assert not lowprec.gemm.BF16_DGRAD_TAKES_WGRAD_CODES and not lowprec.gemm.BF16_DGRAD_FOLDS_GRAD_SCALE
+        assert not kernels.E2M1_GATHERED_FROM_MASTER
+    assert lowprec.gemm.BF16_DGRAD_TAKES_WGRAD_CODES and lowprec.gemm.BF16_DGRAD_FOLDS_GRAD_SCALE
+    assert kernels.E2M1_GATHERED_FROM_MASTER
     for bad in ("windowed:paper@e2m1-general+nope", "windowed:paper@+e2m1-general"):
         with pytest.raises(ValueError, match="unknown suffix"):
             with bench.settings(bad):
@@ -125,8 +127,8 @@ def test_token_activation_variant_and_combined_suffixes(monkeypatch):
 def test_bf16_parameters_read_the_fp8_weights_from_their_masters(monkeypatch):
     """``--param-dtype bf16`` under the paper policy with Hopper plans: every FP4 E2M1 weight (feed-forward,
     head) and every FP8 one is told it reaches its layer gathered in its format and dequantized to bf16; the
-    FP8 ones' layers make their operands from the master (``gathered_applies``), the FP4 ones' are handed
-    the dequantized tensor, and with ``@e2m1-from-master`` read their masters too."""
+    layers make their operands from the master (``gathered_applies``), but with ``@e2m1-from-copy`` the FP4
+    ones' are handed the dequantized tensor."""
     from lowprec.gemm import gathered_applies
 
     monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, device=None: self)  # stay on the CPU
@@ -137,6 +139,6 @@ def test_bf16_parameters_read_the_fp8_weights_from_their_masters(monkeypatch):
     fp4 = [n for n, m in layers.items() if m.precision.weight.name == "fp4_e2m1"]
     assert fp4 and "head" in fp4 and any(".ffn." in n for n in fp4) and len(fp4) < len(layers)
     assert all(m.gathered_as is not None for m in layers.values())
-    assert [n for n, m in layers.items() if not gathered_applies(m.plan, m.gathered_as)] == fp4
-    with bench.settings("windowed:paper@e2m1-from-master"):
-        assert all(gathered_applies(m.plan, m.gathered_as) for m in layers.values())
+    assert all(gathered_applies(m.plan, m.gathered_as) for m in layers.values())
+    with bench.settings("windowed:paper@e2m1-from-copy"):
+        assert [n for n, m in layers.items() if not gathered_applies(m.plan, m.gathered_as)] == fp4

@@ -728,7 +728,7 @@ def test_an_e2m1_layer_reads_its_gathered_weight_from_the_master(device, compile
     gradient) with its Hopper plan (on the CPU too: FP8 GEMMs through ``torch._scaled_mm``), told that its
     weight reaches it gathered in bf16: its operands are made from the master, and the output, the input's
     gradient and the master's gradient are those of the layer handed ``as_gathered(master)``, bit for bit,
-    eager and compiled (``E2M1_GATHERED_FROM_MASTER`` on; off, the default, the layer is handed the copy)."""
+    eager and compiled (``E2M1_GATHERED_FROM_MASTER``, the default; off, the layer is handed the copy)."""
     from lowprec.gemm import gathered_applies
     from lowprec.nn import QLinear
 
@@ -741,9 +741,10 @@ def test_an_e2m1_layer_reads_its_gathered_weight_from_the_master(device, compile
     layer = QLinear(64, 96, bias=False, precision=lowprec.LayerPrecision.from_fields(fields)).to(device)
     layer._plan = layer.plan_for("sm90")
     fmt = layer.precision.operand("fprop", "weight")
+    assert gathered_applies(layer.plan, (fmt, torch.bfloat16))
+    monkeypatch.setattr(lowprec.kernels, "E2M1_GATHERED_FROM_MASTER", False)
     assert not gathered_applies(layer.plan, (fmt, torch.bfloat16))
     monkeypatch.setattr(lowprec.kernels, "E2M1_GATHERED_FROM_MASTER", True)
-    assert gathered_applies(layer.plan, (fmt, torch.bfloat16))
     _assert_gathered_as_copy(layer, fmt, compiled)
 
 
