@@ -120,8 +120,8 @@ def settings(variant: str):
     such a dgrad multiplying its fp32 product by the gradient's per-tensor scale in a pass of its own instead of
     folding the scale into its weight operand's values (``lowprec.gemm.BF16_DGRAD_FOLDS_GRAD_SCALE`` off);
     ``@e2m1-from-copy``: with ``--param-dtype bf16``, an FP4 E2M1 weight's operands made from the dequantized
-    copy of its gathered codes instead of from its master (``lowprec.kernels.E2M1_GATHERED_FROM_MASTER`` off). Suffixes combine
-    with ``+`` (``windowed:paper@token-activations+e2m1-general``)."""
+    copy of its gathered codes instead of from its master (``lowprec.kernels.E2M1_GATHERED_FROM_MASTER`` off).
+    Suffixes combine with ``+`` (``windowed:paper@token-activations+e2m1-general``)."""
     suffixes = variant.partition("@")[2].split("+")
     fp8 = lowprec.kernels.Fp8
     known = {"": [], "int8": [(lowprec.kernels, "AUTO_ORDER", lowprec.kernels.AUTO_ORDER_INT8)],

@@ -261,9 +261,10 @@ def test_per_tensor_operands_are_shared_across_kernels(compiled, monkeypatch):
 def test_bf16_dgrad_folding_the_gradient_scale(compiled, monkeypatch):
     """The paper policy's feed-forward on the GPU with ``BF16_DGRAD_FOLDS_GRAD_SCALE`` (the default) and
     without: folded, dgrad's weight operand takes the gradient's per-tensor scale into its values and its GEMM
-    writes bf16. The output and the weight gradient are the same bit for bit; dx, folded and not, is within the bound of one bf16 rounding
-    of the weight operand (relative 2^-9 of each product, 2^-8 taken) and one of the output (2^-9, 2^-8 taken),
-    against the product of the same quantized operands in float64. 200 tokens: not a multiple of 16."""
+    writes bf16. The output and the weight gradient are the same bit for bit; dx, folded and not, is within the
+    bound of one bf16 rounding of the weight operand (relative 2^-9 of each product, 2^-8 taken) and one of the
+    output (2^-9, 2^-8 taken), against the product of the same quantized operands in float64. 200 tokens: not a
+    multiple of 16."""
     import lowprec.gemm
     from lowprec.scaling import quantize_dequantize
 

@@ -373,10 +373,10 @@ def test_bf16_dgrad_folding_the_gradient_scale(compiled, monkeypatch, cpu_row_sc
     """The paper policy's feed-forward with its Hopper plan on the CPU (dgrad on bf16 tensor cores, its weight
     operand fprop's E4M3 codes with the per-row scale folded in), with ``BF16_DGRAD_FOLDS_GRAD_SCALE`` (the
     default) and without: folded, the gradient's per-tensor scale goes into the weight's values as well. The
-    output and the weight gradient are the same bit for bit (only dgrad changes); dx, folded and not, is within the bound of one
-    bf16 rounding of the weight operand (relative 2^-9 of each product, 2^-8 taken) and of up to two of the
-    output (2^-9 each: the unfolded CPU path rounds the product to bf16 before scaling it), against the product
-    of the same quantized operands in float64."""
+    output and the weight gradient are the same bit for bit (only dgrad changes); dx, folded and not, is within
+    the bound of one bf16 rounding of the weight operand (relative 2^-9 of each product, 2^-8 taken) and of up
+    to two of the output (2^-9 each: the unfolded CPU path rounds the product to bf16 before scaling it),
+    against the product of the same quantized operands in float64."""
     import lowprec.gemm
     from lowprec.scaling import quantize_dequantize
 
