@@ -7,6 +7,8 @@ from torch import nn
 import lowprec
 import optim
 
+from . import conftest
+
 
 def native_layer(kind: str, out_f: int = 8, in_f: int = 16, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
@@ -111,14 +113,7 @@ def teacher_student(kind: str, opt_fn, steps: int = 200, seed: int = 0):
         teacher = torch.randint(0, 3, (16, 64), generator=g) - 1.0
     y = X @ (0.1 * teacher).T
     layer = native_layer(kind, 16, 64, seed=seed + 1)
-    opt = opt_fn(layer)
-    losses = []
-    for _ in range(steps):
-        loss = (layer(X) - y).pow(2).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = conftest.fit(layer, opt_fn(layer), X, y, steps)
     return losses, codes_of(layer), teacher
 
 

@@ -10,6 +10,8 @@ import lowprec
 import optim
 from optim import moments
 
+from . import conftest
+
 
 def native_layer(fmt: str, out_f: int, in_f: int, weight: torch.Tensor | None = None, seed: int = 0):
     torch.manual_seed(seed)
@@ -132,14 +134,7 @@ def regression(fmt: str, moment_dtype: str, steps: int = 200, seed: int = 0):
     y = X @ teacher.T
     layer = native_layer(fmt, 16, 64, seed=seed + 1)
     opt = optim.SRAdamW([layer], lr=1e-2, weight_decay=0.0, moment_dtype=moment_dtype)
-    losses = []
-    for _ in range(steps):
-        loss = (layer(X) - y).pow(2).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return conftest.fit(layer, opt, X, y, steps)
 
 
 # The teacher is Gaussian, not on any grid: the loss floor is the format's own rounding error of
