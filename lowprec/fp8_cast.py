@@ -750,5 +750,6 @@ _E2M1 = _E2M1_FORMATS[False]
 
 
 __all__ = ["GATHERED_DTYPES", "PAD", "applies", "delayed_operands", "e2m1_operand", "e2m1_operands", "e2m1_values",
-           "fp8_dtype", "gathered_e2m1_scale", "is_e2m1", "operand", "operands", "reference_cast", "reference_delayed_operand", "reference_operand",
-           "scales", "triton_delayed_operand", "triton_operand", "values"]
+           "fp8_dtype", "gathered_e2m1_scale", "is_e2m1", "operand", "operands", "reference_cast",
+           "reference_delayed_operand", "reference_operand", "scales", "triton_delayed_operand", "triton_operand",
+           "values"]

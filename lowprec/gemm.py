@@ -262,7 +262,7 @@ def _dgrad(dy, w, B_fprop, amax_g, plan: GemmPlan, io: LayerIO, out_dtype, G=Non
     if (B is None and fold and B_fprop is not None and plan.dgrad.kernel == "bf16_tensorcore"
             and G[1] is not None and G[1].numel() == 1 and B_fprop[1] is not None and B_fprop[1].numel() > 1):
         v, row = B_fprop  # fprop's codes and their per-row scale: both scales into the values, one rounding
-        B = ((v.float() * (row.reshape(-1, 1).float() * G[1].float().reshape(()))).to(torch.bfloat16).t(), None)
+        B = k.transposed((v, row.reshape(-1, 1).float() * G[1].float().reshape(())))
         return k.mm((G[0], None), B, out_dtype), G, B
     if B is None:
         B = k.transposed(B_fprop) if B_fprop is not None else None

@@ -679,6 +679,4 @@ def select(gemm: str, a, b, device, shape) -> tuple[str, str]:
 
 
 __all__ = ["KERNELS", "Kernel", "GemmKernel", "AUTO_ORDER", "AUTO_ORDER_INT8", "select", "same_operand", "fp8_grid",
-           "int8_grid",
-           "bf16_exact", "split", "split_qtensor",
-           "GEMV_MAX_ROWS", "TRANSPOSED"]
+           "int8_grid", "bf16_exact", "split", "split_qtensor", "GEMV_MAX_ROWS", "TRANSPOSED"]
