@@ -88,10 +88,10 @@ def _same(t: Tensor) -> Tensor:
 class LinearGemms:
     """A plain `nn.Linear` `hh` (no bias) in the protocol of `lowprec.gemm.RecurrentGemms`, which
     `LSTMRecurrence` calls: weights = (W,), `fprop(x, weights, a) -> (x Wᵀ, saved)`,
-    `dgrad(dy, weights, saved, need_dx, g) -> dy W`, `wgrad(dy, x, weights) -> (dyᵀ x,)`,
+    `dgrad(dy, weights, saved, need_dx, g) -> dy W`, `wgrad(dy, x, weights, operands) -> (dyᵀ x,)`,
     `fprop_saved(weights, rows, device)` (a step's `saved`, derived again), `end_forward()` (after
-    the forward loop), `grad_slots`, `stateless`, `recording`, `input_cast`, `grad_cast`,
-    `operand_is_input`."""
+    the forward loop), `steps_operands(ad)` (which of wgrad's operands the loops keep from the steps),
+    `grad_slots`, `stateless`, `recording`, `input_cast`, `grad_cast`, `operand_is_input`."""
 
     @staticmethod
     def fprop(x, weights, a=None):
@@ -102,8 +102,12 @@ class LinearGemms:
         return (dy if g is None else g) @ weights[0] if need_dx else None
 
     @staticmethod
-    def wgrad(dy, x, weights):
+    def wgrad(dy, x, weights, operands=(False, False)):
         return (dy.t() @ x,)
+
+    @staticmethod
+    def steps_operands(ad):
+        return False, False  # dy and x are the operands as they are: nothing a step made to keep
 
     grad_slots = (0,)  # the weights wgrad returns a gradient for
     stateless = True  # no state that a step updates (the compiled operators need that)
@@ -209,17 +213,19 @@ def _cells(fused: bool):
 def _recurrence_forward(gx, h, c, valid, ad, gemms, weights, fused: bool = False):
     """The forward loop of `LSTMRecurrence` -> (y, h_T, c_T, hs_prev, cs_prev, acts, tanh_cs, saved):
     y (B, T, d) = h_1..T, the state after the last step, what the backward needs stacked over the
-    steps (h_{t-1} in ad, c_{t-1}, the activated gates (T, 4, B, d), tanh(c_t)), and each step's
+    steps (h_{t-1} in ad, or its fprop operand where wgrad takes that: `steps_operands`; c_{t-1}, the
+    activated gates (T, 4, B, d), tanh(c_t)), and each step's
     `saved` from `gemms.fprop`, concatenated. ``fused``: as `_cells`."""
     cell = _cells(fused)[0]
     cast = gemms.input_cast  # each step's GEMM input operand, computed by the step before (its cell)
     a = None if cast is None else cast(h.to(ad))
     same = gemms.operand_is_input and a is not None  # the operand is h in ad itself
+    keep_operand = gemms.steps_operands(ad)[1]  # what is kept of h_{t-1}: its operand, which wgrad takes
     hs_prev, cs_prev, acts, tanh_cs, ys, saved = [], [], [], [], [], []
     for t, gx_t in enumerate(gx.unbind(1)):
         h_in = a if same else h.to(ad)
         hh_t, saved_t = gemms.fprop(h_in, weights, a)
-        hs_prev.append(h_in)
+        hs_prev.append(a[0] if keep_operand else h_in)
         cs_prev.append(c)
         h, c, acts_t, tanh_c, a = cell(gx_t, hh_t, h, c, None if valid is None else valid[t], ad, cast)
         acts.append(acts_t)
@@ -244,11 +250,15 @@ def _recurrence_backward(dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, gem
     same = gemms.operand_is_input and cast is not None  # that operand is da_t in ad itself
     sd = dh.dtype
     das = [None] * T
+    take_grads, take_inputs = gemms.steps_operands(ad)
+    gs = [None] * T if need_w and take_grads else None  # the steps' dgrad operands, which wgrad takes stacked
     for t in range(T - 1, -1, -1):
         # dh enters each step in ad, as dgrad returned it: the cell's first op, dh + dy_t, adds it in
         # the state dtype (an exact widening, the same sum as casting it first)
         das[t], dc, dh_held, dc_held, g = cell_backward(dh, dc, dy[:, t], acts[t], tanh_cs[t], cs_prev[t],
                                                         None if valid is None else valid[t], ad, cast)
+        if gs is not None:
+            gs[t] = g[0]
         saved_t = saved[t * n_saved:(t + 1) * n_saved]
         if t == 0 and not need_state:
             if need_w:  # h_0, c_0 need no gradient: no last dgrad (the step's record still made)
@@ -260,7 +270,8 @@ def _recurrence_backward(dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, gem
     da = torch.stack(das, dim=1)  # (B, T, 4d)
     dws = (None,) * len(weights)
     if need_w:  # one GEMM over all T·B rows
-        dws = gemms.wgrad(da.transpose(0, 1).reshape(T * B, -1).to(ad), hs_prev.reshape(T * B, d), weights)
+        g = torch.stack(gs).reshape(T * B, -1) if gs is not None else da.transpose(0, 1).reshape(T * B, -1).to(ad)
+        dws = gemms.wgrad(g, hs_prev.reshape(T * B, d), weights, (gs is not None, take_inputs))
     return da, dh.to(sd), dc, dws
 
 

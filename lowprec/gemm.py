@@ -537,10 +537,33 @@ class RecurrentGemms:
             return (None, None)
         return _weight_operand(KERNELS[plan.fprop.kernel], plan.fprop.b, False, plan, self._w(weights), self.io)
 
-    def wgrad(self, dy, x, weights):
+    def steps_operands(self, ad: torch.dtype) -> tuple[bool, bool]:
+        """``(grad, input)``: whether wgrad's operand of the stacked gradients / inputs is the steps' own
+        dgrad / fprop operands stacked, so that a caller may keep those (``grad_cast`` / ``input_cast``
+        made each of them at its step) and hand them to ``wgrad`` instead of the T·M rows it would
+        quantize again. So where the plan has wgrad share that operand with the other GEMM (same kernel,
+        same format) on the bf16 kernel, for a format that rounds each element alone (no scale: bf16,
+        fp16) or none: the operand of the stacked rows is then the stacked rows' operands, bit for bit.
+        The input side only for activations ``ad`` in bf16 (the operand's dtype: the caller keeps it in
+        place of the step's input, which it keeps in ``ad``), and not where the packed GEMV runs."""
+        p = self.plan
+
+        def shared(gemm, fmt, reuse):
+            return (reuse and gemm.kernel == p.wgrad.kernel == "bf16_tensorcore" and gemm.a == fmt
+                    and (fmt is None or not fmt.is_scaled))
+        grad = self.grad_cast is not None and shared(p.dgrad, p.wgrad.a, p.reuse_grad)
+        x = (self.input_cast is not None and p.gemv is None and ad == torch.bfloat16
+             and shared(p.fprop, p.wgrad.b, p.reuse_input))
+        return grad, x
+
+    def wgrad(self, dy, x, weights, operands: tuple[bool, bool] = (False, False)):
         """The weight gradient of all steps: ``dy`` (T·M, N) and ``x`` (T·M, K), the steps stacked
-        -> gradients for ``weights`` (the weight's, or the native carrier's, the rest None)."""
-        dw = _wgrad(dy.contiguous(), x, None, None, None, weights[0], self.plan)
+        -> gradients for ``weights`` (the weight's, or the native carrier's, the rest None).
+        ``operands``: whether ``dy`` / ``x`` are the stacked steps' operands already
+        (``steps_operands``), which wgrad then takes as they are."""
+        k = KERNELS[self.plan.wgrad.kernel]
+        G_t, A_t = (k.transposed((t, None)) if taken else None for t, taken in zip((dy, x), operands))
+        dw = _wgrad(dy.contiguous(), x, None, None, None, weights[0], self.plan, A_t=A_t, G_t=G_t)
         return (None, None, None, dw) if self.native else (dw, None, None, None)
 
 

@@ -164,6 +164,14 @@ def _fp16_rounded(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(x), x, out)
 
 
+def _bf16_rounded(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x`` rounded to the nearest bf16 value, ties to even, in fp32, computed on the bits (as
+    :func:`_fp16_rounded`, which see); the identity on values that are bf16 already; NaN kept."""
+    bits = x.view(torch.int32)
+    out = ((bits + (0x7FFF + ((bits >> 16) & 1))) & -0x10000).view(torch.float32)
+    return torch.where(torch.isnan(x), x, out)
+
+
 def _bf16_values(t: torch.Tensor, fmt: Format) -> torch.Tensor:
     """The bf16 tensor-core operand values of ``t`` for a plain-cast ``fmt`` (see ``_plain_cast``):
     the saturating cast, then bf16 (through fp32, as the general path: NaN bits). Under
@@ -171,6 +179,8 @@ def _bf16_values(t: torch.Tensor, fmt: Format) -> torch.Tensor:
     kernel gets the same values; eager, the two casts (fewer kernels) give them."""
     if _plain_cast(fmt) == torch.float16 and t.dtype != torch.float16 and torch.compiler.is_compiling():
         x = t.float()
+        if t.dtype == torch.bfloat16:  # inductor folds y.to(bf16).float() in one graph into y: rounded again
+            x = _bf16_rounded(x)
         x = torch.where(torch.isfinite(x), x.clamp(-fmt.max_value, fmt.max_value), x)
         return _fp16_rounded(x).to(torch.bfloat16)
     v = _saturating_cast(t, fmt)

@@ -394,15 +394,24 @@ def test_weight_operands_derived_once_per_loop_where_no_cache_keeps_them(monkeyp
         assert torch.equal(a, b), i
 
 
-# (precision fields, described device, the kernel fprop and dgrad run on): unscaled casts on the
-# bf16 tensor cores; int8 inputs with a scale per token (a row reduction); FP8 with per-tensor scales
-# (a whole-tensor amax) on the FP8 tensor cores (torch._scaled_mm runs on the CPU too)
+# (precision fields, described device, the kernel fprop and dgrad run on, the activation dtype, which of
+# wgrad's operands the loops keep from the steps: `RecurrentGemms.steps_operands`): unscaled casts on the
+# bf16 tensor cores (each element rounded alone: wgrad takes the steps' gradient operands, and with bf16
+# activations their input operands too); int8 inputs with a scale per token (a row reduction); FP8 with
+# per-tensor scales (a whole-tensor amax: the stacked steps take one scale of their own) on the FP8
+# tensor cores (torch._scaled_mm runs on the CPU too)
 CELL_OPERANDS = {
-    "bf16": ({"weight": "bf16", "input": "bf16", "grad": "bf16"}, "sm80", "bf16_tensorcore"),
-    "fp16": ({"weight": "fp16", "input": "fp16", "grad": "fp16"}, "sm80", "bf16_tensorcore"),
-    "int8-per-token": ({"weight": "int8", "input": "int8", "grad": "bf16"}, "sm80", "bf16_tensorcore"),
+    "bf16": ({"weight": "bf16", "input": "bf16", "grad": "bf16"}, "sm80", "bf16_tensorcore", torch.float32,
+             (True, False)),
+    "fp16": ({"weight": "fp16", "input": "fp16", "grad": "fp16"}, "sm80", "bf16_tensorcore", torch.float32,
+             (True, False)),
+    "fp16-bf16-activations": ({"weight": "fp16", "input": "fp16", "grad": "fp16"}, "sm80", "bf16_tensorcore",
+                              torch.bfloat16, (True, True)),
+    "int8-per-token": ({"weight": "int8", "input": "int8", "grad": "bf16"}, "sm80", "bf16_tensorcore",
+                       torch.float32, (True, False)),
     "fp8-per-tensor": ({"weight": "fp8_e4m3", "input": {"format": "fp8_e4m3", "granularity": "tensor"},
-                        "grad": {"format": "fp8_e5m2", "granularity": "tensor"}}, "sm90", "fp8_tensorwise"),
+                        "grad": {"format": "fp8_e5m2", "granularity": "tensor"}}, "sm90", "fp8_tensorwise",
+                       torch.float32, (False, False)),
 }
 
 
@@ -412,10 +421,11 @@ def test_the_cells_compute_the_next_gemm_operand(fmt, fused, device):
     """The recurrent GEMMs offer their input and gradient operands as functions of the step's
     output (on the CPU: plans described for a GPU, run on CPU tensors), and each step's cell
     computes the next GEMM's operand (compiled: inside the cell's graph, the amax reduction of a
-    scaled format included). Forward outputs, saved tensors and every gradient are bit-identical
-    to the loop in which the GEMMs quantize their operands themselves, with the cells as eager
-    functions and compiled (inductor's C++ kernels on the CPU, Triton's on CUDA; with Triton a
-    scaled format's to a few fp32 ulps, see below)."""
+    scaled format included); where each element is rounded alone, wgrad takes the steps' operands
+    stacked. Forward outputs, saved tensors and every gradient are bit-identical to the loop in
+    which the GEMMs quantize their operands themselves (a kept input operand: the operand of the
+    input that loop keeps), with the cells as eager functions and compiled (inductor's C++ kernels
+    on the CPU, Triton's on CUDA; with Triton a scaled format's to a few fp32 ulps, see below)."""
     from hybrid.rnn import _recurrence_backward, _recurrence_forward
     from lowprec.gemm import RecurrentGemms
 
@@ -426,7 +436,7 @@ def test_the_cells_compute_the_next_gemm_operand(fmt, fused, device):
     class CastsItself(RecurrentGemms):
         input_cast = grad_cast = None
 
-    fields, described, kernel = CELL_OPERANDS[fmt]
+    fields, described, kernel, ad, kept = CELL_OPERANDS[fmt]
     if not cpu and kernel.startswith("fp8") and torch.cuda.get_device_capability(device) < (8, 9):
         pytest.skip("FP8 tensor cores need compute capability 8.9")
     torch.manual_seed(0)
@@ -436,24 +446,28 @@ def test_the_cells_compute_the_next_gemm_operand(fmt, fused, device):
     assert plan.fprop.kernel == plan.dgrad.kernel == kernel
     offers, plain = RecurrentGemms(plan, layer._io), CastsItself(plan, layer._io)
     assert offers.input_cast is not None and offers.grad_cast is not None and plain.input_cast is None
+    assert offers.steps_operands(ad) == kept and plain.steps_operands(ad) == (False, False)
     weights = (layer.weight.detach(), None, None, None)
     gx, h, c = (torch.randn(*shape, device=device) for shape in ((3, 5, 4 * d), (3, d), (3, d)))
     valid = torch.arange(5, device=device) < 4
     dy, dh, dc = (torch.randn(*shape, device=device) for shape in ((3, 5, d), (3, d), (3, d)))
     results = []
     for gemms in (offers, plain):
-        fwd = _recurrence_forward(gx, h, c, valid, torch.float32, gemms, weights, fused)
+        fwd = _recurrence_forward(gx, h, c, valid, ad, gemms, weights, fused)
         hs_prev, cs_prev, acts, tanh_cs, saved = fwd[3:]
         da, dh0, dc0, dws = _recurrence_backward(dy, dh, dc, valid, hs_prev, cs_prev, acts, tanh_cs, gemms, weights,
                                                  saved, need_state=True, need_w=True, fused=fused)
         results.append([*fwd[:7], da, dh0, dc0, dws[0]])
+    if kept[1]:  # the kept h_{t-1}: their fprop operands, as the GEMM makes them of the kept inputs
+        assert results[0][3].dtype == results[1][3].dtype == ad
+        results[1][3] = KERNELS[kernel].operand(results[1][3].flatten(0, 1), plan.fprop.a)[0].view_as(results[1][3])
     # Exact, except where Triton's kernels compute a scaled operand: a compiled cell that also reduces
     # its output to a scale evaluates the cell (h_t, da_t) in more than one kernel, which may round
     # an ulp apart (FMA contraction is the backend's choice per kernel). Measured on an H200: at most
     # 4.8e-7 (a few fp32 ulps of values up to 3.4). The bound allows that, not an operand element
     # moved to the neighbouring grid point (1/127 of a row's amax for int8, 2^-3 of the element for
     # E4M3: differences of ~1e-3 and more), nor a wrong scale or operand.
-    exact = cpu or not fused or fmt in ("bf16", "fp16")
+    exact = cpu or not fused or fmt in ("bf16", "fp16", "fp16-bf16-activations")
     for i, (a, b) in enumerate(zip(*results, strict=True)):
         if exact:
             assert torch.equal(a, b), i

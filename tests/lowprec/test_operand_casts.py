@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lowprec
-from lowprec.kernels import _bf16_values, _fp16_rounded
+from lowprec.kernels import _bf16_rounded, _bf16_values, _fp16_rounded
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -69,6 +69,38 @@ def test_compiled_fp16_operand_is_the_eager_one(device):
     expect = x.clamp(-65504, 65504).to(torch.float16).float().to(torch.bfloat16)
     assert torch.equal(compiled(x).view(torch.int16), expect.view(torch.int16))
     assert torch.equal(_bf16_values(x, fmt).view(torch.int16), expect.view(torch.int16))
+
+
+def test_bf16_rounding_on_the_bits_is_the_cast():
+    """`_bf16_rounded` is ``x.to(bfloat16).float()`` bit for bit (random fp32 bit patterns of every
+    exponent, explicit halfway points: ties to even; overflow to inf; inf kept), the identity on bf16
+    values; NaN stays NaN."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randint(-2**31, 2**31 - 1, (1_000_000,), generator=gen, dtype=torch.int64).to(torch.int32)
+    x = x.view(torch.float32)
+    b = torch.randn(4096, generator=gen).to(torch.bfloat16)
+    halfway = (b.float() + torch.nextafter(b, torch.full_like(b, float("inf"))).float()) / 2  # exact in fp32
+    top = torch.finfo(torch.float32).max
+    x = torch.cat([x[~torch.isnan(x)], halfway, -halfway, torch.tensor([top, -top, float("inf"), float("-inf")])])
+    assert torch.equal(_bf16_rounded(x).view(torch.int32), x.to(torch.bfloat16).float().view(torch.int32))
+    assert torch.equal(_bf16_rounded(b.float()), b.float())
+    assert torch.isnan(_bf16_rounded(torch.tensor([float("nan")]))).all()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compiled_fp16_operand_of_a_bf16_value_made_in_the_same_graph(device):
+    """A graph that rounds fp32 values to bf16 and takes the fp16 format's operand of them (an LSTM
+    cell computing its next GEMM's input in bf16 activations) gets the eager operand of the bf16
+    values: inductor folds the widening of a value it has just narrowed into the unrounded value, so
+    without rounding it again the operand would be fp16(y), not fp16(bf16(y))."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    fmt = lowprec.format("fp16")
+    y = (_fp32_values_in_fp16_range(200_000, 3) * 1.5).to(device)  # some beyond the range: saturated
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: _bf16_values(t.to(torch.bfloat16), fmt), fullgraph=True)
+    expect = _bf16_values(y.to(torch.bfloat16), fmt)
+    assert torch.equal(compiled(y).view(torch.int16), expect.view(torch.int16))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
