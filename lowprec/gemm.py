@@ -543,14 +543,14 @@ class RecurrentGemms:
         made each of them at its step) and hand them to ``wgrad`` instead of the T·M rows it would
         quantize again. So where the plan has wgrad share that operand with the other GEMM (same kernel,
         same format) on the bf16 kernel, for a format that rounds each element alone (no scale: bf16,
-        fp16) or none: the operand of the stacked rows is then the stacked rows' operands, bit for bit.
+        fp16): the operand of the stacked rows is then the stacked rows' operands, bit for bit.
         The input side only for activations ``ad`` in bf16 (the operand's dtype: the caller keeps it in
         place of the step's input, which it keeps in ``ad``), and not where the packed GEMV runs."""
         p = self.plan
 
         def shared(gemm, fmt, reuse):
             return (reuse and gemm.kernel == p.wgrad.kernel == "bf16_tensorcore" and gemm.a == fmt
-                    and (fmt is None or not fmt.is_scaled))
+                    and fmt is not None and not fmt.is_scaled)
         grad = self.grad_cast is not None and shared(p.dgrad, p.wgrad.a, p.reuse_grad)
         x = (self.input_cast is not None and p.gemv is None and ad == torch.bfloat16
              and shared(p.fprop, p.wgrad.b, p.reuse_input))
