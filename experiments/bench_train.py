@@ -37,7 +37,9 @@ tensor; ``...:paper@e2m1-general``: the FP4 E2M1 weights' operands from the gene
 weight's values; ``...:paper@e2m1-from-copy``: FP4 weights' operands made from their dequantized bf16 copies, not
 their masters (see :func:`settings`).
 Each of ours prints its layers' plans. ``--profile`` adds, after each row, where one more step's GPU
-time went and which Python lines made the host wait (:mod:`experiments.gpu_profile`).
+time went, by kernel and by the operator that launched it (under ``--mode reduce-overhead`` the step's CUDA
+graph is one launch: the default mode shows the operators), and which Python lines made the host wait
+(:mod:`experiments.gpu_profile`).
 """
 
 from __future__ import annotations
@@ -255,9 +257,10 @@ def _measure(variant, size, iters, mode, rnn_graphs, param_dtype, profile, block
                mfu=6 * n_params * tps / PEAK_BF16,
                peak_gib=torch.cuda.max_memory_allocated() / 2**30, first_s=first_s, note=note, profile=[])
     if profile:
-        from .gpu_profile import host_syncs, profile_call, step_report, sync_report
+        from .gpu_profile import host_syncs, operator_report, profile_call, step_report, sync_report
 
-        row["profile"] = step_report(*profile_call(step, torch.cuda.synchronize))
+        prof, wall = profile_call(step, torch.cuda.synchronize, shapes=True)
+        row["profile"] = step_report(prof, wall) + operator_report(prof)
         syncs = host_syncs(step)
         torch.cuda.synchronize()
         row["profile"] += sync_report(syncs)

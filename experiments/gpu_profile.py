@@ -1,14 +1,19 @@
 """Where one training step's time goes on a GPU: the benchmarks' ``--profile``.
 
-    lines = step_report(*profile_call(step, torch.cuda.synchronize))   # kernels, idle time, host waits
-    where = host_syncs(step)                                            # the Python lines that waited
+    prof, wall = profile_call(step, torch.cuda.synchronize, shapes=True)
+    lines = step_report(prof, wall)          # kernels, idle time, host waits
+    lines += operator_report(prof)           # the operators whose kernels took the time
+    where = host_syncs(step)                 # the Python lines that waited
 
 ``step_report`` reads one profiled call: its wall time, the time some kernel or copy ran (the
 union of their intervals), how many kernels and copies (memcpy, memset) ran, the collectives'
 kernel time and the part of it beside no other kernel, the host's waits for the device (CUDA
 runtime calls whose name says ``Synchronize``, the final synchronization of the measurement
 included), the kernels' time and count by kind (GEMM, attention, FP8 operand passes, compiled
-reductions and pointwise kernels, ...: :func:`kernel_kinds`), the kernels taking most time, and the host's own time in its CPU-side operations. ``host_syncs`` runs a call under
+reductions and pointwise kernels, ...: :func:`kernel_kinds`), the kernels taking most time, and the host's own
+time in its CPU-side operations. ``operator_report`` gives the kernels' time by the operator that launched them
+(an ATen operator, a custom operator, a compiled kernel's launch) and its input shapes: where a kind's time
+comes from in the model. ``host_syncs`` runs a call under
 ``torch.cuda.set_sync_debug_mode("warn")`` and returns where each synchronizing operation was
 called from: a step that should queue its work without waiting (the trainer's step does) names
 its offenders there.
@@ -22,8 +27,8 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["host_syncs", "kernel_kinds", "profile_call", "step_report", "sync_report", "sync_sites",
-           "union_length"]
+__all__ = ["host_syncs", "kernel_kinds", "operator_report", "profile_call", "step_report", "sync_report",
+           "sync_sites", "union_length"]
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:
@@ -36,14 +41,15 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def profile_call(fn: Callable[[], object], sync: Callable[[], None]):
+def profile_call(fn: Callable[[], object], sync: Callable[[], None], shapes: bool = False):
     """``fn()`` once under ``torch.profiler`` (CPU and, where there is one, CUDA activity), between
-    two ``sync()``: ``(profile, wall seconds)``."""
+    two ``sync()``: ``(profile, wall seconds)``. ``shapes``: the operators' input shapes recorded too
+    (for :func:`operator_report`; the host then spends a little longer on each operator)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     sync()
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=shapes) as prof:
         t = time.perf_counter()
         fn()
         sync()
@@ -83,6 +89,26 @@ def step_report(prof, wall_s: float, top: int = 15, top_host: int = 10) -> list[
                  f"{sum(e.count for e in host)} CPU-side operations")
     for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:top_host]:
         lines.append(f"host {e.self_cpu_time_total / 1e3:8.2f} ms {e.count:5d} x  {e.key[:90]}")
+    return lines
+
+
+def operator_report(prof, top: int = 15) -> list[str]:
+    """Printable lines: the ``top`` operators by the device time of the kernels each launched itself (not
+    through an operator it called), with their calls and input shapes (recorded where :func:`profile_call`
+    had ``shapes``), after a line with the total they account for. An operator is what the host called: an
+    ATen operator, a custom operator (its own launches: ``hybrid::lstm_recurrence`` its cells' kernels, its
+    GEMMs under ``aten::mm``), a compiled graph's kernel launch. A CUDA graph's replay is one launch
+    (``cudaGraphLaunch``) of all its kernels: profile without CUDA graphs to see its operators."""
+    rows = [e for e in prof.key_averages(group_by_input_shape=True)
+            if e.cpu_time_total > 0 and e.self_device_time_total > 0]
+    rows.sort(key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in rows)
+    lines = [f"operators: {total / 1e3:.1f} ms of kernel time launched by {sum(e.count for e in rows)} calls of "
+             f"{len({e.key for e in rows})} operators"]
+    for e in rows[:top]:
+        shapes = ", ".join(str(list(s)) for s in e.input_shapes if s) if e.input_shapes else ""
+        lines.append(f"op {e.self_device_time_total / 1e3:8.2f} ms {e.count:5d} x  {e.key[:60]}"
+                     + (f"  {shapes[:100]}" if shapes else ""))
     return lines
 
 

@@ -6,8 +6,8 @@ import warnings
 import pytest
 import torch
 
-from experiments.gpu_profile import (host_syncs, kernel_kinds, profile_call, step_report, sync_report, sync_sites,
-                                     union_length)
+from experiments.gpu_profile import (host_syncs, kernel_kinds, operator_report, profile_call, step_report,
+                                     sync_report, sync_sites, union_length)
 
 
 def test_union_length_counts_overlaps_once():
@@ -71,6 +71,35 @@ def test_profile_counts_kernels_and_finds_the_line_that_waits():
     assert host_syncs(queued) == []
     line = inspect.getsourcelines(waits)[1] + 2        # the line of .item()
     assert host_syncs(waits) == [(f"{__file__}:{line}", 1)]
+
+
+def test_operator_report_without_kernels():
+    """A call that ran no kernel (the CPU) has no operator to name: the total line alone, at zero."""
+    a = torch.randn(64, 64)
+    prof, _ = profile_call(lambda: a @ a, lambda: None, shapes=True)
+    assert operator_report(prof) == ["operators: 0.0 ms of kernel time launched by 0 calls of 0 operators"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_operator_report_names_the_operators_and_their_shapes():
+    """Each kernel's time goes to the operator that launched it, grouped by input shapes: two products of
+    one shape and one of another make two ``aten::mm`` lines (2 and 1 calls), the sum its own line."""
+    a, b, c = (torch.randn(*s, device="cuda") for s in ((256, 512), (512, 128), (128, 64)))
+    torch.cuda.synchronize()
+
+    def call():
+        (a @ b) @ c
+        a @ b
+        a.sum()
+
+    prof, _ = profile_call(call, torch.cuda.synchronize, shapes=True)
+    lines = operator_report(prof)
+    ops = {tuple(re.fullmatch(r"op +[\d.]+ ms +(\d+) x  (\S+)(?:  (.*))?", ln).group(2, 1, 3)) for ln in lines[1:]}
+    assert ("aten::mm", "2", "[256, 512], [512, 128]") in ops, lines
+    assert ("aten::mm", "1", "[256, 128], [128, 64]") in ops, lines
+    assert any(op == "aten::sum" for op, _, _ in ops), lines
+    assert re.fullmatch(r"operators: [\d.]+ ms of kernel time launched by \d+ calls of \d+ operators", lines[0])
 
 
 def test_step_report_names_the_host_operations():
