@@ -57,13 +57,21 @@ def profile_call(fn: Callable[[], object], sync: Callable[[], None], shapes: boo
     return prof, wall
 
 
+def _annotation(e) -> bool:
+    """Whether a device-side event is a range the profiler marks on the GPU's timeline (a compiled graph's
+    call, ``Optimizer.step#...``, a ``record_function``), not a kernel: it spans the kernels launched
+    inside it (and the gaps between them)."""
+    return bool(getattr(e, "is_user_annotation", False)) or e.name.startswith("## ")
+
+
 def step_report(prof, wall_s: float, top: int = 15, top_host: int = 10) -> list[str]:
     """Printable lines about one profiled call (see the module doc): the summary, the host's
     waits, the ``top`` kernels by time, then the host's own time (``host ...`` lines: the time
     spent in CPU-side operations minus that of the operations they called, in all and for the
     ``top_host`` largest; a step whose GPU idles is bound by these)."""
     events = prof.events()
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0]
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0
+               and not _annotation(e)]
     comm = [(e.time_range.start, e.time_range.end) for e in kernels if "nccl" in e.name.lower()]
     other = [(e.time_range.start, e.time_range.end) for e in kernels if "nccl" not in e.name.lower()]
     busy, comm_t, other_t = union_length(comm + other), union_length(comm), union_length(other)

@@ -73,6 +73,26 @@ def test_profile_counts_kernels_and_finds_the_line_that_waits():
     assert host_syncs(waits) == [(f"{__file__}:{line}", 1)]
 
 
+def test_step_report_leaves_the_device_side_ranges_out():
+    """Ranges the profiler marks on the GPU's timeline (a compiled graph's call, by its name; the optimizer's
+    step, flagged as a user annotation) span kernels and the gaps between them: neither counts as a kernel
+    nor as busy time (here two kernels busy 0.3 ms of a 1 ms call)."""
+    from types import SimpleNamespace
+
+    def event(name, start, end, annotation=False):
+        span = SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start)
+        return SimpleNamespace(name=name, device_type=torch.autograd.DeviceType.CUDA, is_user_annotation=annotation,
+                               time_range=span)
+
+    events = [event("## Call CompiledFxGraph f0 ##", 0.0, 900.0), event("Optimizer.step#AdamW.step", 900.0, 1000.0, True),
+              event("triton_poi_fused_add_0", 100.0, 200.0), event("nvjet_sm90_tst_128x64_64x8_1x2_h_bz_TNT", 300.0, 500.0)]
+    prof = SimpleNamespace(events=lambda: events, key_averages=lambda: [])
+    lines = step_report(prof, 1e-3)
+    assert lines[0] == ("wall 1.0 ms: GPU idle 0.7 ms; compute kernels 0.3 ms; collectives 0.0 ms, 0.0 ms of them "
+                        "beside no compute kernel; 2 kernels, 0 copies"), lines[0]
+    assert lines[2] == "by kind: gemm 0.20 ms 1 x; compiled pointwise 0.10 ms 1 x", lines[2]
+
+
 def test_operator_report_without_kernels():
     """A call that ran no kernel (the CPU) has no operator to name: the total line alone, at zero."""
     a = torch.randn(64, 64)
