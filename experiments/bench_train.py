@@ -35,7 +35,8 @@ tensor; ``...:paper@e2m1-general``: the FP4 E2M1 weights' operands from the gene
 ``...:paper@dgrad-requantizes``: a bf16 dgrad quantizing again the gradient an FP8 wgrad quantized;
 ``...:paper@dgrad-scales-product``: the bf16 dgrad scaling its fp32 product, not folding the gradient's scale into the
 weight's values; ``...:paper@e2m1-from-copy``: FP4 weights' operands made from their dequantized bf16 copies, not
-their masters (see :func:`settings`).
+their masters; ``hybrid:paper@lstm-wgrad-requantizes``: the LSTM's weight gradient quantizing its stacked steps
+again instead of taking the operands they made (see :func:`settings`).
 Each of ours prints its layers' plans. ``--profile`` adds, after each row, where one more step's GPU
 time went, by kernel and by the operator that launched it (under ``--mode reduce-overhead`` the step's CUDA
 graph is one launch: the default mode shows the operators), and which Python lines made the host wait
@@ -82,6 +83,7 @@ VARIANTS += [f"{m}:paper@bf16-requantizes" for m in ("windowed", "hybrid")]
 VARIANTS += [f"{m}:{p}@multi-kernel" for m in ("windowed", "hybrid") for p in POLICIES]
 VARIANTS += [f"{m}:paper@{s}" for m in ("windowed", "hybrid")
              for s in ("token-activations", "dgrad-requantizes", "dgrad-scales-product", "e2m1-from-copy")]
+VARIANTS += ["hybrid:paper@lstm-wgrad-requantizes"]
 
 
 def per_token_activations(cfg):
@@ -122,7 +124,9 @@ def settings(variant: str):
     such a dgrad multiplying its fp32 product by the gradient's per-tensor scale in a pass of its own instead of
     folding the scale into its weight operand's values (``lowprec.gemm.BF16_DGRAD_FOLDS_GRAD_SCALE`` off);
     ``@e2m1-from-copy``: with ``--param-dtype bf16``, an FP4 E2M1 weight's operands made from the dequantized
-    copy of its gathered codes instead of from its master (``lowprec.kernels.E2M1_GATHERED_FROM_MASTER`` off).
+    copy of its gathered codes instead of from its master (``lowprec.kernels.E2M1_GATHERED_FROM_MASTER`` off);
+    ``@lstm-wgrad-requantizes``: the LSTM recurrence's one wgrad GEMM quantizing the stacked steps again instead of
+    taking the operands the steps made (``lowprec.gemm.RECURRENT_WGRAD_TAKES_STEPS`` off).
     Suffixes combine with ``+`` (``windowed:paper@token-activations+e2m1-general``)."""
     suffixes = variant.partition("@")[2].split("+")
     fp8 = lowprec.kernels.Fp8
@@ -140,6 +144,7 @@ def settings(variant: str):
              "dgrad-requantizes": [(lowprec.gemm, "BF16_DGRAD_TAKES_WGRAD_CODES", False)],
              "dgrad-scales-product": [(lowprec.gemm, "BF16_DGRAD_FOLDS_GRAD_SCALE", False)],
              "e2m1-from-copy": [(lowprec.kernels, "E2M1_GATHERED_FROM_MASTER", False)],
+             "lstm-wgrad-requantizes": [(lowprec.gemm, "RECURRENT_WGRAD_TAKES_STEPS", False)],
              "token-activations": []}  # a policy of its own: _build
     for suffix in suffixes:
         if suffix not in known or (suffix == "" and len(suffixes) > 1):

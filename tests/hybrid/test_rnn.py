@@ -447,6 +447,8 @@ def test_the_cells_compute_the_next_gemm_operand(fmt, fused, device):
     offers, plain = RecurrentGemms(plan, layer._io), CastsItself(plan, layer._io)
     assert offers.input_cast is not None and offers.grad_cast is not None and plain.input_cast is None
     assert offers.steps_operands(ad) == kept and plain.steps_operands(ad) == (False, False)
+    with unittest.mock.patch.object(lowprec.gemm, "RECURRENT_WGRAD_TAKES_STEPS", False):
+        assert offers.steps_operands(ad) == (False, False)
     weights = (layer.weight.detach(), None, None, None)
     gx, h, c = (torch.randn(*shape, device=device) for shape in ((3, 5, 4 * d), (3, d), (3, d)))
     valid = torch.arange(5, device=device) < 4
