@@ -114,7 +114,7 @@ def operator_report(prof, top: int = 15) -> list[str]:
     lines = [f"operators: {total / 1e3:.1f} ms of kernel time launched by {sum(e.count for e in rows)} calls of "
              f"{len({e.key for e in rows})} operators"]
     for e in rows[:top]:
-        shapes = ", ".join(str(list(s)) for s in e.input_shapes if s) if e.input_shapes else ""
+        shapes = ", ".join(str(list(s)) for s in e.input_shapes or () if s)
         lines.append(f"op {e.self_device_time_total / 1e3:8.2f} ms {e.count:5d} x  {e.key[:60]}"
                      + (f"  {shapes[:100]}" if shapes else ""))
     return lines
