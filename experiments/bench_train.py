@@ -36,7 +36,8 @@ tensor; ``...:paper@e2m1-general``: the FP4 E2M1 weights' operands from the gene
 ``...:paper@dgrad-scales-product``: the bf16 dgrad scaling its fp32 product, not folding the gradient's scale into the
 weight's values; ``...:paper@e2m1-from-copy``: FP4 weights' operands made from their dequantized bf16 copies, not
 their masters; ``hybrid:paper@lstm-wgrad-requantizes``: the LSTM's weight gradient quantizing its stacked steps
-again instead of taking the operands they made (see :func:`settings`).
+again instead of taking the operands they made; ``hybrid:paper@plain-cast-ops``: the LSTM's fp16 weight operand
+made by tensor operations, not one kernel (see :func:`settings`).
 Each of ours prints its layers' plans. ``--profile`` adds, after each row, where one more step's GPU
 time went, by kernel and by the operator that launched it (under ``--mode reduce-overhead`` the step's CUDA
 graph is one launch: the default mode shows the operators), and which Python lines made the host wait
@@ -83,7 +84,7 @@ VARIANTS += [f"{m}:paper@bf16-requantizes" for m in ("windowed", "hybrid")]
 VARIANTS += [f"{m}:{p}@multi-kernel" for m in ("windowed", "hybrid") for p in POLICIES]
 VARIANTS += [f"{m}:paper@{s}" for m in ("windowed", "hybrid")
              for s in ("token-activations", "dgrad-requantizes", "dgrad-scales-product", "e2m1-from-copy")]
-VARIANTS += ["hybrid:paper@lstm-wgrad-requantizes"]
+VARIANTS += ["hybrid:paper@lstm-wgrad-requantizes", "hybrid:paper@plain-cast-ops"]
 
 
 def per_token_activations(cfg):
@@ -126,7 +127,9 @@ def settings(variant: str):
     ``@e2m1-from-copy``: with ``--param-dtype bf16``, an FP4 E2M1 weight's operands made from the dequantized
     copy of its gathered codes instead of from its master (``lowprec.kernels.E2M1_GATHERED_FROM_MASTER`` off);
     ``@lstm-wgrad-requantizes``: the LSTM recurrence's one wgrad GEMM quantizing the stacked steps again instead of
-    taking the operands the steps made (``lowprec.gemm.RECURRENT_WGRAD_TAKES_STEPS`` off).
+    taking the operands the steps made (``lowprec.gemm.RECURRENT_WGRAD_TAKES_STEPS`` off); ``@plain-cast-ops``: an
+    unscaled format's operand values made eagerly on CUDA by a chain of tensor operations instead of one kernel
+    (``lowprec.kernels.PLAIN_CAST_IN_ONE_KERNEL`` off: the LSTM's fp16 weight operand, derived once per loop).
     Suffixes combine with ``+`` (``windowed:paper@token-activations+e2m1-general``)."""
     suffixes = variant.partition("@")[2].split("+")
     fp8 = lowprec.kernels.Fp8
@@ -145,6 +148,7 @@ def settings(variant: str):
              "dgrad-scales-product": [(lowprec.gemm, "BF16_DGRAD_FOLDS_GRAD_SCALE", False)],
              "e2m1-from-copy": [(lowprec.kernels, "E2M1_GATHERED_FROM_MASTER", False)],
              "lstm-wgrad-requantizes": [(lowprec.gemm, "RECURRENT_WGRAD_TAKES_STEPS", False)],
+             "plain-cast-ops": [(lowprec.kernels, "PLAIN_CAST_IN_ONE_KERNEL", False)],
              "token-activations": []}  # a policy of its own: _build
     for suffix in suffixes:
         if suffix not in known or (suffix == "" and len(suffixes) > 1):

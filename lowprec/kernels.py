@@ -59,6 +59,12 @@ from .scaling import (
     to_groups,
 )
 
+try:  # Triton ships with CUDA builds of torch; the CPU build runs without it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    triton = None
+
 GEMV_MAX_ROWS = gemv.GEMV_MAX_ROWS
 # operands of each GEMM that are transposed, i.e. whose quantization rows lie along the contraction
 TRANSPOSED = {"fprop": (False, False), "dgrad": (False, True), "wgrad": (True, True)}
@@ -185,6 +191,48 @@ def _bf16_values(t: torch.Tensor, fmt: Format) -> torch.Tensor:
         return _fp16_rounded(x).to(torch.bfloat16)
     v = _saturating_cast(t, fmt)
     return v if v.dtype == torch.bfloat16 else v.float().to(torch.bfloat16)
+
+
+# Eager, on CUDA, `_plain_values` writes the bf16 operand values of an unscaled fp16 or bf16 format in one
+# Triton kernel (one read of the tensor, one write of the values) instead of the cast's chain of tensor
+# operations (to fp32, the finite test, the clamp, the selection, the casts: about eight passes, with fp32
+# temporaries); the same values. A recurrence derives its weight's operand this way once per loop.
+PLAIN_CAST_IN_ONE_KERNEL = True
+_PLAIN_BLOCK = 4096  # elements a program
+
+if triton is not None:
+    @triton.jit
+    def _plain_values_kernel(x_ptr, y_ptr, n, TOP: tl.constexpr, FP16: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.where(tl.abs(x) < float("inf"), tl.minimum(tl.maximum(x, -TOP), TOP), x)  # finite: saturated
+        if FP16:  # rounded to nearest even (Triton's downcast), then widened exactly
+            x = x.to(tl.float16).to(tl.float32)
+        tl.store(y_ptr + offs, x.to(tl.bfloat16), mask=mask)
+
+
+def _plain_values_applies(t: torch.Tensor, fmt: Format) -> bool:
+    """Whether `_plain_values` writes ``t``'s values in its one kernel: CUDA with Triton, eager (a compiled
+    graph fuses the tensor operations itself), an fp16 or bf16 target, a contiguous, nonempty float tensor
+    that is not bf16 already for the bf16 format (that is its own operand)."""
+    dt = _plain_cast(fmt)
+    return (PLAIN_CAST_IN_ONE_KERNEL and triton is not None and t.is_cuda and not torch.compiler.is_compiling()
+            and dt in (torch.float16, torch.bfloat16) and not t.dtype == dt == torch.bfloat16
+            and t.dtype in (torch.float32, torch.bfloat16, torch.float16) and t.is_contiguous() and t.numel() > 0)
+
+
+def _plain_values(t: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """`_bf16_values` (the values, NaN kept: its bits may be another NaN's), in one kernel where
+    `_plain_values_applies`."""
+    if not _plain_values_applies(t, fmt):
+        return _bf16_values(t, fmt)
+    y = torch.empty(t.shape, dtype=torch.bfloat16, device=t.device)
+    with torch.cuda.device(t.device):
+        _plain_values_kernel[(triton.cdiv(t.numel(), _PLAIN_BLOCK),)](
+            t, y, t.numel(), TOP=float(fmt.max_value), FP16=_plain_cast(fmt) == torch.float16, BLOCK=_PLAIN_BLOCK,
+            num_warps=8)
+    return y
 
 
 @functools.cache
@@ -404,11 +452,12 @@ class Bf16TensorCore(GemmKernel):
             v, outer = t, None
             v = v.t() if transposed else v
         elif rounding == "nearest" and _plain_cast(fmt) is not None and (
-                t.numel() <= CHUNK_ELEMENTS or t.dtype == _plain_cast(fmt) == torch.bfloat16):
+                t.numel() <= CHUNK_ELEMENTS or t.dtype == _plain_cast(fmt) == torch.bfloat16
+                or _plain_values_applies(t, fmt)):
             # an unscaled format torch has a dtype for: the saturating cast, in few passes (a
-            # recurrence calls this at every step); the same values as the general path. A large
-            # tensor not already in bf16 goes piece by piece below (no float32 copies of it)
-            v = _bf16_values(t, fmt)
+            # recurrence calls this at every step) or one kernel; the same values as the general
+            # path. A large tensor otherwise goes piece by piece below (no float32 copies of it)
+            v = _plain_values(t, fmt)
             return (v.t() if transposed else v), None
         elif t.numel() > CHUNK_ELEMENTS and not torch.compiler.is_compiling() and fmt.scale != "nvfp4":
             # eager, e.g. a 16384 x 65536 weight: bf16 values written piece by piece, no float32

@@ -114,10 +114,10 @@ def test_token_activation_variant_and_combined_suffixes(monkeypatch):
         assert not kernels.E2M1_GATHERED_FROM_MASTER
     assert lowprec.gemm.BF16_DGRAD_TAKES_WGRAD_CODES and lowprec.gemm.BF16_DGRAD_FOLDS_GRAD_SCALE
     assert kernels.E2M1_GATHERED_FROM_MASTER
-    assert lowprec.gemm.RECURRENT_WGRAD_TAKES_STEPS
-    with bench.settings("hybrid:paper@lstm-wgrad-requantizes"):
-        assert not lowprec.gemm.RECURRENT_WGRAD_TAKES_STEPS
-    assert lowprec.gemm.RECURRENT_WGRAD_TAKES_STEPS
+    assert lowprec.gemm.RECURRENT_WGRAD_TAKES_STEPS and kernels.PLAIN_CAST_IN_ONE_KERNEL
+    with bench.settings("hybrid:paper@lstm-wgrad-requantizes+plain-cast-ops"):
+        assert not lowprec.gemm.RECURRENT_WGRAD_TAKES_STEPS and not kernels.PLAIN_CAST_IN_ONE_KERNEL
+    assert lowprec.gemm.RECURRENT_WGRAD_TAKES_STEPS and kernels.PLAIN_CAST_IN_ONE_KERNEL
     for bad in ("windowed:paper@e2m1-general+nope", "windowed:paper@+e2m1-general"):
         with pytest.raises(ValueError, match="unknown suffix"):
             with bench.settings(bad):

@@ -124,3 +124,47 @@ def test_bf16_output_comes_from_the_gemm(device):
     s = torch.tensor([0.5], device=device)
     scaled = k.mm((a, s), (b, None), torch.bfloat16)
     assert torch.equal(scaled, (k.mm((a, None), (b, None), torch.float32) * s).bfloat16())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt_name", ["fp16", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_plain_values_in_one_kernel_are_the_cast(dtype, fmt_name):
+    """Eager on CUDA, an unscaled format's bf16 operand values come from one Triton kernel: bit for bit the
+    tensor operations' values (random fp32 patterns of every exponent within fp16's range, halfway points,
+    subnormals, the range's ends, values beyond it: saturated, infinities kept), NaN where the input holds
+    NaN (its bits carry nothing); a bf16 tensor is its own bf16 operand, no kernel."""
+    from lowprec.kernels import _plain_values, _plain_values_applies
+
+    fmt = lowprec.format(fmt_name)
+    special = torch.tensor([float("inf"), -float("inf"), float("nan"), 3e38, -3e38, 1e5, -7e4])
+    x = torch.cat([_fp32_values_in_fp16_range(1_000_000, 4), _fp32_values_in_fp16_range(100_000, 5) * 3, special])
+    t = x.to(dtype).cuda()
+    assert _plain_values_applies(t, fmt) == (not dtype == torch.bfloat16 == lowprec.kernels._plain_cast(fmt))
+    got, ref = _plain_values(t, fmt), _bf16_values(t, fmt)
+    assert got.dtype == torch.bfloat16 and got.shape == t.shape
+    nan = torch.isnan(ref)
+    assert torch.equal(torch.isnan(got), nan) and int(nan.sum()) == 1
+    assert torch.equal(got[~nan].view(torch.int16), ref[~nan].view(torch.int16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_large_weight_takes_one_kernel_for_its_plain_operand():
+    """The bf16 tensor-core kernel's fp16 operand of an fp32 tensor larger than the piecewise quantizer's
+    chunk is one launch of the one-kernel cast (the tensor operations would take about eight passes per
+    chunk), with the same values as those operations."""
+    from lowprec.kernels import KERNELS
+    from lowprec.scaling import CHUNK_ELEMENTS
+
+    fmt = lowprec.format("fp16")
+    w = torch.randn(CHUNK_ELEMENTS // 4096 + 1, 4096, device="cuda") * 3e4  # some beyond fp16's range
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        v, outer = KERNELS["bf16_tensorcore"].operand(w, fmt, transposed=True)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == 1 and "_plain_values_kernel" in kernels[0], kernels
+    assert outer is None and v.shape == (4096, w.shape[0])
+    assert torch.equal(v.t().view(torch.int16), _bf16_values(w, fmt).view(torch.int16))
