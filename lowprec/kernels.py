@@ -195,8 +195,9 @@ def _bf16_values(t: torch.Tensor, fmt: Format) -> torch.Tensor:
 
 # Eager, on CUDA, `_plain_values` writes the bf16 operand values of an unscaled fp16 or bf16 format in one
 # Triton kernel (one read of the tensor, one write of the values) instead of the cast's chain of tensor
-# operations (to fp32, the finite test, the clamp, the selection, the casts: about eight passes, with fp32
-# temporaries); the same values. A recurrence derives its weight's operand this way once per loop.
+# operations (to fp32, the finite test, the clamp, the selection, the casts: ten passes over a bf16 tensor,
+# with fp32 temporaries; beyond CHUNK_ELEMENTS, chunk by chunk); the same values. A recurrence derives its
+# weight's operand this way once per loop.
 PLAIN_CAST_IN_ONE_KERNEL = True
 _PLAIN_BLOCK = 4096  # elements a program
 

@@ -153,8 +153,8 @@ def test_plain_values_in_one_kernel_are_the_cast(dtype, fmt_name):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_large_weight_takes_one_kernel_for_its_plain_operand():
     """The bf16 tensor-core kernel's fp16 operand of an fp32 tensor larger than the piecewise quantizer's
-    chunk is one launch of the one-kernel cast (the tensor operations would take about eight passes per
-    chunk), with the same values as those operations."""
+    chunk is one launch of the one-kernel cast (the tensor operations would go chunk by chunk), with
+    the same values as the saturating cast's tensor operations."""
     from lowprec.kernels import KERNELS
     from lowprec.scaling import CHUNK_ELEMENTS
 
