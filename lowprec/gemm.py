@@ -382,8 +382,8 @@ class QLinearFunction(torch.autograd.Function):
 
 # True: a recurrence's one wgrad GEMM takes the operands its steps made where they are its own, bit for bit
 # (`RecurrentGemms.steps_operands`: formats that round each element alone); False: it quantizes the stacked
-# steps again. The 600M hybrid under the paper policy (an fp16 LSTM, bf16 activations) on an H200 read 0.98x of
-# its bf16 step before this existed and 1.05x with it (two commits, each in its own process)
+# steps again. In one process on an H200 the 600M hybrid under the paper policy (an fp16 LSTM, bf16 activations)
+# took 6.9% more tokens/s with it (experiments.bench_train's @lstm-wgrad-requantizes)
 RECURRENT_WGRAD_TAKES_STEPS = True
 
 

@@ -59,12 +59,7 @@ from .scaling import (
     to_groups,
 )
 
-try:  # Triton ships with CUDA builds of torch; the CPU build runs without it
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised on machines without triton
-    triton = None
-
+triton = fp8_cast.triton  # None without Triton (the CPU build of torch)
 GEMV_MAX_ROWS = gemv.GEMV_MAX_ROWS
 # operands of each GEMM that are transposed, i.e. whose quantization rows lie along the contraction
 TRANSPOSED = {"fprop": (False, False), "dgrad": (False, True), "wgrad": (True, True)}
@@ -202,6 +197,8 @@ PLAIN_CAST_IN_ONE_KERNEL = True
 _PLAIN_BLOCK = 4096  # elements a program
 
 if triton is not None:
+    tl = triton.language
+
     @triton.jit
     def _plain_values_kernel(x_ptr, y_ptr, n, TOP: tl.constexpr, FP16: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
