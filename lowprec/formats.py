@@ -35,9 +35,20 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+import torch
+
 KINDS = ("float", "int", "ternary", "binary")
 SCALE_RULES = ("none", "absmax", "absmean", "e8m0", "nvfp4")
 GRANULARITIES = ("tensor", "row", "block")
+
+# torch dtypes whose own cast *is* a float grid's nearest-even rounding: (exp_bits, man_bits) -> dtype
+TORCH_FLOAT_GRIDS = {
+    (4, 3): torch.float8_e4m3fn,
+    (5, 2): torch.float8_e5m2,
+    (5, 10): torch.float16,
+    (8, 7): torch.bfloat16,
+}
+_KEYS: dict[tuple, int] = {}  # a format's fields -> its number (``Format.__eq__``)
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,12 @@ class Format:
     element grid, before scaling). scale: scale rule. granularity: which elements share a scale.
     block: block length along the last dimension when ``granularity="block"``.
     scale_bits: bits of one stored scale.
+
+    Derived at construction: ``is_scaled`` (a scale rule other than ``none``); ``torch_dtype``, the
+    torch dtype whose own cast is this grid's nearest-even rounding (fp32, bf16, fp16, E4M3, E5M2) or
+    None; ``fp8_codes``, that dtype where it is E4M3 or E5M2 with its full range and the format is
+    absmax-scaled per tensor or per row (its codes are that dtype's), else None; ``e2m1_codes``, whether
+    the format is FP4 E2M1 (largest value 6) absmax-scaled per tensor or per row.
     """
 
     name: str
@@ -87,6 +104,29 @@ class Format:
             bad("bits must equal 1 + exp_bits + man_bits")
         if self.scale == "none" and (self.kind in ("ternary", "binary", "int") or self.bits < 8):
             bad(f"a {self.kind} {self.bits}-bit format needs a scale rule (its codes cannot hold NaN)")
+        # facts derived from the fields, set once here: the layers read them at every call, and under
+        # torch.compile an attribute read is one traced instruction where the expression is dozens
+        derived = object.__setattr__
+        derived(self, "_key", _KEYS.setdefault(dataclasses.astuple(self), len(_KEYS)))
+        derived(self, "is_scaled", self.scale != "none")
+        dt = None
+        if self.kind == "float":
+            dt = torch.float32 if self.bits == 32 else TORCH_FLOAT_GRIDS.get((self.exp_bits, self.man_bits))
+        derived(self, "torch_dtype", dt)
+        absmax = self.kind == "float" and self.scale == "absmax" and self.granularity in ("tensor", "row")
+        derived(self, "fp8_codes", dt if absmax and dt in (torch.float8_e4m3fn, torch.float8_e5m2)
+                and self.max_value == torch.finfo(dt).max else None)
+        derived(self, "e2m1_codes", absmax and (self.exp_bits, self.man_bits) == (2, 1) and self.max_value == 6.0)
+
+    def __eq__(self, other) -> bool:
+        # the same fields (as the generated comparison), by their number: one comparison instead of ten
+        return self is other or (type(other) is Format and self._key == other._key)
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __reduce__(self):  # a copy or an unpickled format is built anew: its derived facts are this process's
+        return (Format, tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
 
     # ---- derived numbers ---------------------------------------------------------------
     @property
@@ -121,10 +161,6 @@ class Format:
     def has_nan(self) -> bool:
         """E2M1 has no NaN code: NaN there is carried by the (NaN) scale of its group."""
         return self.kind == "float" and self.bits >= 8
-
-    @property
-    def is_scaled(self) -> bool:
-        return self.scale != "none"
 
     def with_scaling(self, granularity: str, block: int | None = None) -> "Format":
         """The same element grid with another scale granularity, e.g. per-row fp8."""

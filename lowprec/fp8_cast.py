@@ -60,7 +60,7 @@ import torch
 
 from .formats import Format
 from .formats import format as get_format
-from .rounding import round_to_grid, torch_dtype_of
+from .rounding import round_to_grid
 from .scaling import delayed_amax, scale_from_stat
 
 try:  # Triton ships with CUDA builds of torch; the CPU build runs without it
@@ -71,29 +71,19 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
 
 PAD = 16  # the transposed layout's last (token) dimension is padded to a multiple of this
 GATHERED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what a gathered weight may be dequantized to
-_DTYPES = {(4, 3): torch.float8_e4m3fn, (5, 2): torch.float8_e5m2}
 _NAN_CODE = 0x7F
 
 
 def fp8_dtype(fmt: Format | None, rounding: str = "nearest") -> torch.dtype | None:
     """The FP8 dtype of the codes :func:`operand` makes for ``fmt`` (an E4M3 or E5M2 float with its
     dtype's range, absmax-scaled per tensor or per row, rounded to nearest), else None."""
-    if fmt is None or rounding != "nearest" or fmt.kind != "float" or fmt.scale != "absmax":
-        return None
-    if fmt.granularity not in ("tensor", "row"):
-        return None
-    dt = _DTYPES.get((fmt.exp_bits, fmt.man_bits))
-    if dt is None or torch_dtype_of(fmt) != dt or fmt.max_value != torch.finfo(dt).max:
-        return None
-    return dt
+    return None if fmt is None or rounding != "nearest" else fmt.fp8_codes
 
 
 def is_e2m1(fmt: Format | None, rounding: str = "nearest") -> bool:
     """Whether ``fmt`` is FP4 E2M1 (largest value 6) absmax-scaled per tensor or per row, rounded to nearest:
     its values, every one exact in E4M3, make E4M3 codes under the same scales (:func:`e2m1_operand`)."""
-    return (fmt is not None and rounding == "nearest" and fmt.kind == "float" and fmt.scale == "absmax"
-            and fmt.granularity in ("tensor", "row") and (fmt.exp_bits, fmt.man_bits) == (2, 1)
-            and fmt.max_value == 6.0)
+    return fmt is not None and rounding == "nearest" and fmt.e2m1_codes
 
 
 def applies(t: torch.Tensor, fmt: Format | None, rounding: str = "nearest") -> bool:
@@ -558,17 +548,10 @@ def _(x, amax, e5m2, per_row, rowmajor, transposed, gathered, measured=None, val
     return _outputs(x, e5m2, per_row, rowmajor, transposed, values)
 
 
-def _call(t: torch.Tensor, fmt: Format, amax, rowmajor: bool, transposed: bool, gathered: torch.dtype | None = None,
-          measured: torch.Tensor | None = None, values: bool = False, e2m1: bool = False):
-    # e2m1: fmt is one of `is_e2m1`, whose codes are E4M3
-    dt = torch.float8_e4m3fn if e2m1 else fp8_dtype(fmt)
-    if dt is None or t.dim() != 2 or t.numel() == 0:
-        raise ValueError(f"fp8_cast: {fmt} on a tensor of shape {tuple(t.shape)} is not one it makes (see applies)")
-    per_row = fmt.granularity == "row"
+def _check_extras(fmt: Format, amax, per_row: bool, gathered, measured, values: bool, e2m1: bool) -> None:
+    """``_call``'s checks of a delayed amax, a gathered weight and a measured amax (each needs one of them)."""
     if per_row and amax is not None:
         raise ValueError("fp8_cast: a delayed amax applies to per-tensor scales only")
-    if per_row and transposed and t.shape[0] != 1 and not values:
-        raise ValueError("fp8_cast: per-row scales lie along the contraction of the transposed layout")
     if values and (gathered is not None or measured is not None):
         raise ValueError("fp8_cast: bf16 values are made from the tensor itself (no gathered weight, no measured amax)")
     if e2m1 and gathered is not None and (gathered != torch.bfloat16 or amax is not None):
@@ -581,8 +564,21 @@ def _call(t: torch.Tensor, fmt: Format, amax, rowmajor: bool, transposed: bool, 
     if measured is not None and (per_row or amax is not None or gathered is not None or measured.numel() != 1):
         raise ValueError("fp8_cast: a measured amax is one number, max |t|, for a per-tensor scale with no delayed "
                          "amax and no gathered weight")
-    if amax is not None:
-        amax = amax.to(torch.float32)
+
+
+def _call(t: torch.Tensor, fmt: Format, amax, rowmajor: bool, transposed: bool, gathered: torch.dtype | None = None,
+          measured: torch.Tensor | None = None, values: bool = False, e2m1: bool = False):
+    # e2m1: fmt is one of `is_e2m1`, whose codes are E4M3
+    dt = torch.float8_e4m3fn if e2m1 else fp8_dtype(fmt)
+    if dt is None or t.dim() != 2 or t.numel() == 0:
+        raise ValueError(f"fp8_cast: {fmt} on a tensor of shape {tuple(t.shape)} is not one it makes (see applies)")
+    per_row = fmt.granularity == "row"
+    if per_row and transposed and t.shape[0] != 1 and not values:
+        raise ValueError("fp8_cast: per-row scales lie along the contraction of the transposed layout")
+    if amax is not None or gathered is not None or measured is not None:
+        _check_extras(fmt, amax, per_row, gathered, measured, values, e2m1)
+        if amax is not None:
+            amax = amax.to(torch.float32)
     code = 0 if gathered is None else 1 + GATHERED_DTYPES.index(gathered)
     return _fp8_operand(t, amax, dt == torch.float8_e5m2, per_row, rowmajor, transposed, code, measured, values,
                         e2m1)

@@ -721,7 +721,10 @@ def same_operand(k1: str, k2: str, fmt) -> bool:
     times a weight scaled per output channel)."""
     if k1 == k2:
         return True
-    return {k1, k2} == {"fp8_tensorwise", "fp8_rowwise"} and fmt is not None and fmt.granularity == "tensor"
+    return k1 in _FP8_KERNELS and k2 in _FP8_KERNELS and fmt is not None and fmt.granularity == "tensor"
+
+
+_FP8_KERNELS = ("fp8_tensorwise", "fp8_rowwise")
 
 
 def select(gemm: str, a, b, device, shape) -> tuple[str, str]:

@@ -25,14 +25,6 @@ from .formats import Format
 
 ROUNDINGS = ("nearest", "stochastic")
 
-# torch dtypes whose own cast *is* the format's nearest-even rounding.
-_TORCH_DTYPES = {
-    ("float", 4, 3): torch.float8_e4m3fn,
-    ("float", 5, 2): torch.float8_e5m2,
-    ("float", 5, 10): torch.float16,
-    ("float", 8, 7): torch.bfloat16,
-}
-
 
 def check_rounding(rounding: str) -> None:
     if rounding not in ROUNDINGS:
@@ -40,10 +32,9 @@ def check_rounding(rounding: str) -> None:
 
 
 def torch_dtype_of(fmt: Format) -> torch.dtype | None:
-    """The torch dtype that stores ``fmt``'s elements exactly, if torch has one."""
-    if fmt.kind == "float" and fmt.bits == 32:
-        return torch.float32
-    return _TORCH_DTYPES.get((fmt.kind, fmt.exp_bits, fmt.man_bits))
+    """The torch dtype that stores ``fmt``'s elements exactly, if torch has one (one whose own cast is
+    the format's nearest-even rounding)."""
+    return fmt.torch_dtype
 
 
 def uniform_like(v: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -190,14 +190,16 @@ def quantize_dequantize(x: torch.Tensor, fmt, *, rounding: str = "nearest", gene
     return xq, s_elem
 
 
-@torch.no_grad()
 def delayed_amax(history: torch.Tensor | None, t: torch.Tensor):
     """Delayed scaling (Transformer Engine's DelayedScaling): the amax used now is the max of the
     history (this tensor's own amax while the history is empty: all zeros); this tensor's amax over
     its finite elements is then pushed into the history, newest first, in place. None without a
     history."""
-    if history is None:
-        return None
+    return None if history is None else _push_amax(history, t)
+
+
+@torch.no_grad()
+def _push_amax(history: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     now = torch.where(torch.isfinite(t), t.detach().abs(), 0).amax().float() if t.numel() else history.new_zeros(())
     past = history.amax()
     used = torch.where(past > 0, past, now)

@@ -58,7 +58,8 @@ class QLinear(NativeWeightMixin, nn.Module):
         self._replan()
 
     def _record(self, operand, x, fmt):
-        maybe_record(self, operand, x, fmt)
+        if self.telemetry_slot is not None:  # else nothing to record (and, compiled, nothing more to trace)
+            maybe_record(self, operand, x, fmt)
 
     def _recording(self) -> bool:
         return recording(self)
