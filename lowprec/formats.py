@@ -32,6 +32,7 @@ float formats keep NaN and +-inf elementwise and saturate finite values at ``max
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -49,6 +50,7 @@ TORCH_FLOAT_GRIDS = {
     (8, 7): torch.bfloat16,
 }
 _KEYS: dict[tuple, int] = {}  # a format's fields -> its number (``Format.__eq__``)
+_NUMBERS = itertools.count()  # (a number taken from it is never taken again, whichever thread asks)
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,7 @@ class Format:
         # facts derived from the fields, set once here: the layers read them at every call, and under
         # torch.compile an attribute read is one traced instruction where the expression is dozens
         derived = object.__setattr__
-        derived(self, "_key", _KEYS.setdefault(dataclasses.astuple(self), len(_KEYS)))
+        derived(self, "_key", _KEYS.setdefault(dataclasses.astuple(self), next(_NUMBERS)))
         derived(self, "is_scaled", self.scale != "none")
         dt = None
         if self.kind == "float":
@@ -127,6 +129,12 @@ class Format:
 
     def __reduce__(self):  # a copy or an unpickled format is built anew: its derived facts are this process's
         return (Format, tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+
+    def __setstate__(self, state: dict) -> None:
+        # a format pickled as its fields' values (by an earlier release: a checkpoint's QTensors): derive the rest
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, state[f.name])
+        self.__post_init__()
 
     # ---- derived numbers ---------------------------------------------------------------
     @property

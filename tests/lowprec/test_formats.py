@@ -1,5 +1,6 @@
 """Every format against its reference, bit for bit: torch float8 casts, ml_dtypes E2M1,
 and straightforward per-block re-implementations of OCP MX v1.0 and NVFP4."""
+import dataclasses
 import math
 
 import ml_dtypes
@@ -55,6 +56,104 @@ def test_unknown_and_malformed_formats():
     with pytest.raises(ValueError, match="unknown format"):
         lowprec.quantize(torch.ones(3), "fp9")
 
+
+
+def _variants():
+    """Every registered format with each granularity it admits, and a few field changes that keep it valid."""
+    f = lowprec.format
+    out = []
+    for name, fmt in lowprec.FORMATS.items():
+        out.append(fmt)
+        if fmt.granularity != "block" and fmt.scale in ("absmax", "absmean"):
+            out += [f(name, granularity="row"), f(name, granularity="block", block=64)]
+        out.append(f(name, max_value=fmt.max_value / 2))
+    out.append(dataclasses.replace(f("fp8_e4m3"), name="other"))
+    return out
+
+
+def test_equality_and_hash_are_the_fields():
+    """Formats compare and hash by their fields alone (as a dataclass would): equal fields, equal
+    formats, whether built apart, copied or unpickled; any field changed, a different one."""
+    import copy
+    import pickle
+
+    formats = _variants()
+    for a in formats:
+        for b in formats:
+            same = dataclasses.astuple(a) == dataclasses.astuple(b)
+            assert (a == b) is same and (a != b) is (not same), (a, b)
+            if same:
+                assert hash(a) == hash(b)
+        built = lowprec.Format(**dataclasses.asdict(a))
+        assert built == a and hash(built) == hash(a) and built is not a
+        for twin in (copy.copy(a), copy.deepcopy(a), pickle.loads(pickle.dumps(a))):
+            assert twin == a and hash(twin) == hash(a)
+            assert (twin.torch_dtype, twin.fp8_codes, twin.e2m1_codes, twin.is_scaled) == \
+                   (a.torch_dtype, a.fp8_codes, a.e2m1_codes, a.is_scaled)
+        assert a != a.name and a != dataclasses.astuple(a)
+    assert len(set(formats)) == len({dataclasses.astuple(a) for a in formats})
+
+
+def test_formats_pickled_by_another_process_compare_by_their_fields():
+    """Another process builds formats in another order (their numbers differ): unpickled here, they still
+    equal the same formats built here."""
+    import pickle
+    import subprocess
+    import sys
+
+    code = ("import pickle, sys, lowprec; f = lowprec.format; "
+            "sys.stdout.buffer.write(pickle.dumps([f('int8', granularity='row'), f('fp8_e4m3', granularity='row')]))")
+    made = pickle.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout)
+    here = [lowprec.format("fp8_e4m3", granularity="row", max_value=224.0), lowprec.format("fp8_e4m3", granularity="row"),
+            lowprec.format("int8", granularity="row")]
+    assert made == here[:0:-1] and made[0] != here[0] and hash(made[1]) == hash(here[1])
+
+
+def test_a_format_saved_as_its_fields_loads():
+    """A checkpoint whose formats were pickled as their fields' values (as an earlier release wrote
+    QTensors) loads under ``torch.load(weights_only=True)`` into formats equal to those built here."""
+    import copyreg
+    import io
+    import pickle
+    import types
+
+    class FieldsPickler(pickle.Pickler):
+        def reducer_override(self, obj):
+            if type(obj) is lowprec.Format:
+                return copyreg.__newobj__, (lowprec.Format,), dataclasses.asdict(obj)
+            return NotImplemented
+
+    fmts = [lowprec.format("fp4_e2m1", granularity="row"), lowprec.format("nvfp4")]
+    q = lowprec.quantize(torch.randn(4, 64), fmts[0])
+    buf = io.BytesIO()
+    torch.save({"q": q, "fmts": fmts}, buf, pickle_module=types.SimpleNamespace(Pickler=FieldsPickler, __name__="pickle"))
+    loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    assert loaded["fmts"] == fmts and loaded["q"].fmt == fmts[0] and hash(loaded["q"].fmt) == hash(fmts[0])
+    assert [(f.e2m1_codes, f.is_scaled, f.torch_dtype) for f in loaded["fmts"]] == [(True, True, None), (False, True, None)]
+    assert torch.equal(loaded["q"].dequantize(), q.dequantize())
+
+
+def test_derived_facts():
+    """The facts each format derives at construction, from their definitions."""
+    f = lowprec.format
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+              "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "mxfp8": torch.float8_e4m3fn}
+    for name, fmt in lowprec.FORMATS.items():
+        assert fmt.torch_dtype is dtypes.get(name), name
+        assert fmt.is_scaled is (fmt.scale != "none"), name
+    # FP8 codes: E4M3/E5M2 with the dtype's full range, absmax-scaled per tensor or per row
+    assert f("fp8_e4m3").fp8_codes is torch.float8_e4m3fn and f("fp8_e5m2").fp8_codes is torch.float8_e5m2
+    assert f("fp8_e4m3", granularity="row").fp8_codes is torch.float8_e4m3fn
+    for fmt in (f("mxfp8"), f("fp8_e4m3", granularity="block", block=32), f("fp8_e4m3", max_value=240.0),
+                f("fp8_e4m3", scale="none"), f("bf16"), f("fp4_e2m1"), f("int8")):
+        assert fmt.fp8_codes is None, fmt
+    # E2M1: largest value 6, absmax-scaled per tensor or per row
+    assert f("fp4_e2m1").e2m1_codes is True and f("fp4_e2m1", granularity="row").e2m1_codes is True
+    for fmt in (f("nvfp4"), f("mxfp4"), f("fp4_e2m1", granularity="block", block=32), f("fp4_e2m1", max_value=4.0),
+                f("fp8_e4m3"), f("ternary")):
+        assert fmt.e2m1_codes is False, fmt
+    with pytest.raises(Exception):
+        f("fp8_e4m3").fp8_codes = None  # frozen, derived facts too
 
 # ---- FP8: exhaustive ----------------------------------------------------------------------
 @pytest.mark.parametrize("name", FP8)
