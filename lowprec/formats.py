@@ -43,7 +43,7 @@ SCALE_RULES = ("none", "absmax", "absmean", "e8m0", "nvfp4")
 GRANULARITIES = ("tensor", "row", "block")
 
 # torch dtypes whose own cast *is* a float grid's nearest-even rounding: (exp_bits, man_bits) -> dtype
-TORCH_FLOAT_GRIDS = {
+_TORCH_FLOAT_GRIDS = {
     (4, 3): torch.float8_e4m3fn,
     (5, 2): torch.float8_e5m2,
     (5, 10): torch.float16,
@@ -113,7 +113,7 @@ class Format:
         derived(self, "is_scaled", self.scale != "none")
         dt = None
         if self.kind == "float":
-            dt = torch.float32 if self.bits == 32 else TORCH_FLOAT_GRIDS.get((self.exp_bits, self.man_bits))
+            dt = torch.float32 if self.bits == 32 else _TORCH_FLOAT_GRIDS.get((self.exp_bits, self.man_bits))
         derived(self, "torch_dtype", dt)
         absmax = self.kind == "float" and self.scale == "absmax" and self.granularity in ("tensor", "row")
         derived(self, "fp8_codes", dt if absmax and dt in (torch.float8_e4m3fn, torch.float8_e5m2)

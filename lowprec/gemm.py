@@ -554,9 +554,9 @@ class RecurrentGemms:
         The input side only for activations ``ad`` in bf16 (the operand's dtype: the caller keeps it in
         place of the step's input, which it keeps in ``ad``), and not where the packed GEMV runs. Neither
         with ``RECURRENT_WGRAD_TAKES_STEPS`` off."""
-        p = self.plan
         if not RECURRENT_WGRAD_TAKES_STEPS:
             return False, False
+        p = self.plan
 
         def shared(gemm, fmt, reuse):
             return (reuse and gemm.kernel == p.wgrad.kernel == "bf16_tensorcore" and gemm.a == fmt

@@ -48,7 +48,6 @@ import torch.nn.functional as F
 from . import fp8_cast, gemv
 from .common import to_dtype
 from .formats import Format
-from .rounding import torch_dtype_of
 from .scaling import (
     CHUNK_ELEMENTS,
     delayed_amax,
@@ -138,7 +137,7 @@ def _plain_cast(fmt: Format) -> torch.dtype | None:
     infinities (bf16, fp16, fp8 E5M2), else None."""
     if fmt.kind != "float" or fmt.is_scaled or not fmt.has_inf or fmt.bits >= 32:
         return None
-    return torch_dtype_of(fmt)
+    return fmt.torch_dtype
 
 
 def _saturating_cast(t: torch.Tensor, fmt: Format) -> torch.Tensor:

@@ -27,7 +27,7 @@ from .formats import Format, format as get_format
 from . import scaling as _scaling
 from .packing import pack_codes, unpack_codes
 from .scaling import E8M0_NAN, Groups, check_input, e8m0_to_float, from_groups, quantize_groups, to_groups
-from .rounding import check_rounding, torch_dtype_of
+from .rounding import check_rounding
 
 # E2M1 magnitudes by 3-bit code (exponent e = code >> 1, mantissa m = code & 1): e = 0 is
 # subnormal, m / 2; otherwise 2^(e-1) (1 + m / 2), so codes 0..7 are 0, 0.5, 1, 1.5, 2, 3, 4, 6.
@@ -217,7 +217,7 @@ def quantize(x: torch.Tensor, fmt, *, rounding: str = "nearest", generator: torc
     else:  # byte-wide or wider: keep the (padded) logical layout, as torch kernels expect
         lead = tuple(groups.shape[:-1]) if len(groups.shape) else ()
         data = values.reshape(lead + (groups.padded_last,))
-        data = data.to(torch.int8 if fmt.kind == "int" else torch_dtype_of(fmt))
+        data = data.to(torch.int8 if fmt.kind == "int" else fmt.torch_dtype)
     if fmt.is_scaled and stored is not None:
         stored = stored.reshape(groups.scale_shape(fmt))
     return QTensor(data, stored, g, fmt, groups.shape, groups.padded_last)

@@ -31,12 +31,6 @@ def check_rounding(rounding: str) -> None:
         raise ValueError(f"unknown rounding {rounding!r}; choose one of {ROUNDINGS}")
 
 
-def torch_dtype_of(fmt: Format) -> torch.dtype | None:
-    """The torch dtype that stores ``fmt``'s elements exactly, if torch has one (one whose own cast is
-    the format's nearest-even rounding)."""
-    return fmt.torch_dtype
-
-
 def uniform_like(v: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """U[0, 1) noise shaped like ``v``, from ``generator`` (reproducible) or the global RNG."""
     return torch.rand(v.shape, generator=generator, device=v.device, dtype=torch.float32)
@@ -142,7 +136,7 @@ def round_binary(v: torch.Tensor, rounding: str, generator=None) -> torch.Tensor
 def round_to_grid(v: torch.Tensor, fmt: Format, rounding: str, generator=None) -> torch.Tensor:
     """Round element-domain values ``v`` to ``fmt``'s element grid (float32 out)."""
     if fmt.kind == "float":
-        if rounding == "nearest" and (dt := torch_dtype_of(fmt)) is not None and fmt.bits < 32:
+        if rounding == "nearest" and (dt := fmt.torch_dtype) is not None and fmt.bits < 32:
             # torch's cast is the reference; clamping first makes it saturate like the spec.
             finite = torch.isfinite(v)
             out = torch.where(finite, v.clamp(-fmt.max_value, fmt.max_value), v).to(dt).to(torch.float32)

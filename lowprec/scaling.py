@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .formats import Format
 from .formats import format as get_format
-from .rounding import check_rounding, round_to_grid, torch_dtype_of
+from .rounding import check_rounding, round_to_grid
 
 ABSMEAN_EPS = 1e-5  # BitNet b1.58's guard: scale = max(mean|W|, 1e-5)
 E8M0_BIAS = 127
@@ -263,7 +263,7 @@ def _cast_fake_quant(x: torch.Tensor, fmt: Format) -> torch.Tensor:
     fp16) with no scale or a per-tensor/row absmax scale, nearest rounding, current scaling: a few
     elementwise ops instead of the general path's dozen, bit-identical to it (tested). Non-finite
     input needs no pass of its own: it makes the group's amax, hence its scale, non-finite."""
-    dt, mx = torch_dtype_of(fmt), fmt.max_value
+    dt, mx = fmt.torch_dtype, fmt.max_value
     x = x.to(torch.float32)
     if not fmt.is_scaled:
         y = x.clamp(-mx, mx)
@@ -277,7 +277,7 @@ def _cast_fake_quant(x: torch.Tensor, fmt: Format) -> torch.Tensor:
 
 
 def _casts_exactly(x: torch.Tensor, fmt: Format, rounding: str, amax) -> bool:
-    return (rounding == "nearest" and amax is None and fmt.kind == "float" and torch_dtype_of(fmt) is not None
+    return (rounding == "nearest" and amax is None and fmt.kind == "float" and fmt.torch_dtype is not None
             and fmt.bits < 32 and (not fmt.is_scaled or (fmt.scale == "absmax" and fmt.granularity in ("tensor", "row")))
             and x.dim() > 0 and x.numel() <= CHUNK_ELEMENTS and x.is_floating_point())
 
